@@ -1,0 +1,3 @@
+"""Client-method plug-ins: one file each, registered by name with ``@CLIENTS.register``."""
+
+from clients import fedavg, fedprox  # noqa: F401

@@ -1,0 +1,63 @@
+"""The client-method contract: a local objective and what the client sends back.
+
+A plug-in in ``clients/`` subclasses :class:`ClientMethod`, overrides :meth:`objective` (and, where it
+sends more than weights, :meth:`fit` or :meth:`query`) and registers itself in one line with
+``@CLIENTS.register("name")``. Its ``options`` dict declares the config keys it accepts under ``client.``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlt.train import (Augment, Objective, OptimConfig, TensorData, cross_entropy_objective,
+                         instance_balanced_sampler, train)
+
+
+@dataclass
+class FitResult:
+    """What a client returns from a train message: its weights, metrics (``num-examples`` included)
+    and any extra records (a key -> {name: array or list}) a strategy reads."""
+
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float | int | list]
+    extra_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+class ClientMethod:
+    """Plain local SGD on cross-entropy (the FedAvg client). Subclasses change the objective."""
+
+    options: dict[str, Any] = {}
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.opts = cfg["client"]
+
+    def optim(self, config: dict) -> OptimConfig:
+        t = self.cfg["train"]
+        return OptimConfig(lr=float(config.get("lr", t["lr"])), momentum=t["momentum"],
+                           weight_decay=t["weight_decay"], nesterov=t["nesterov"], batch_size=t["batch_size"])
+
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        """The local loss of one batch. ``model`` still holds the global weights when this is called."""
+        return cross_entropy_objective
+
+    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+            augment: Augment) -> FitResult:
+        """Train ``model`` (holding the global weights) on the client's data."""
+        objective = self.objective(model, data, config)
+        t = self.cfg["train"]
+        result = train(model, data, objective, opt=self.optim(config), generator=generator, augment=augment,
+                       epochs=None if t["local_steps"] else t["local_epochs"], steps=t["local_steps"],
+                       sampler=instance_balanced_sampler)
+        return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps})
+
+    def query(self, action: str, model: nn.Module, data: TensorData, config: dict,
+              generator: torch.Generator, augment: Augment) -> FitResult:
+        """Answer a strategy's query (e.g. a prior-estimation round, feature statistics)."""
+        raise NotImplementedError(f"client method {type(self).__name__} does not answer query {action!r}")

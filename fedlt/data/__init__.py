@@ -1,0 +1,1 @@
+"""Data: sources, long-tailed subsets, client partitions, batched augmentation."""

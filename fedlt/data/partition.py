@@ -1,0 +1,70 @@
+"""Client partitions of a (long-tailed) training set: Dirichlet label skew, shards, IID.
+
+Each function returns one index array per client; together they cover every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlt.errors import FedLTError
+
+
+def _check(n: int, num_clients: int, min_size: int = 1) -> None:
+    if num_clients < 1:
+        raise FedLTError(f"partition.num_clients must be >= 1, got {num_clients}")
+    if num_clients * min_size > n:
+        raise FedLTError(f"cannot give {num_clients} clients at least {min_size} samples each "
+                         f"from {n} training samples")
+
+
+def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
+                        min_size: int = 10, balance: bool = True, max_tries: int = 1000) -> list[np.ndarray]:
+    """Dirichlet(α) label skew in the NIID-Bench form used by GBME (METHODS.md §1.4).
+
+    For each class c: q ~ Dir(α·1_K); with ``balance`` q_k ← 0 for clients already holding ≥ N/K
+    samples; the shuffled indices of c are cut at cumsum(q)·n_c. Redrawn until min_k n_k ≥ ``min_size``.
+    """
+    if alpha <= 0:
+        raise FedLTError(f"partition.alpha must be > 0, got {alpha}")
+    n, classes = len(labels), np.unique(labels)
+    _check(n, num_clients, min_size)
+    by_class = {c: np.flatnonzero(labels == c) for c in classes}
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(by_class[c])
+            q = rng.dirichlet(np.full(num_clients, alpha))
+            if balance:
+                q = q * np.array([len(p) < n / num_clients for p in parts])
+                q = q / q.sum()
+            cuts = (np.cumsum(q) * len(idx)).astype(int)[:-1]
+            for k, piece in enumerate(np.split(idx, cuts)):
+                parts[k].extend(piece.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise FedLTError(f"no Dirichlet(α={alpha}) partition into {num_clients} clients with at least {min_size} "
+                     f"samples each after {max_tries} draws; raise alpha or lower num_clients/min_size")
+
+
+def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Shards (McMahan et al., 2017): sort by label, cut into K·s near-equal shards, deal s at random to each client."""
+    if shards_per_client < 1:
+        raise FedLTError(f"partition.shards_per_client must be >= 1, got {shards_per_client}")
+    _check(len(labels), num_clients * shards_per_client)
+    order = np.lexsort((rng.permutation(len(labels)), labels))  # by label, random within a label
+    shards = np.array_split(order, num_clients * shards_per_client)
+    deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+
+
+def iid_partition(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A seeded random split into near-equal clients."""
+    _check(len(labels), num_clients)
+    return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_clients)]
+
+
+def partition_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Client × class count matrix."""
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])

@@ -1,0 +1,30 @@
+"""Evaluate a model on the experiment's balanced test set, with an optional post-hoc logit transform."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlt.metrics import evaluate_logits, reliability_bins
+from fedlt.train import TensorData, predict_logits
+
+
+def evaluate_model(model: nn.Module, test: TensorData, train_counts: np.ndarray, batch_size: int = 1024,
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   with_bins: bool = False) -> dict:
+    logits = predict_logits(model, test, batch_size)
+    if transform is not None:
+        logits = transform(logits)
+    out = evaluate_logits(logits, test.labels.cpu(), train_counts)
+    if with_bins:
+        out["reliability"] = reliability_bins(torch.softmax(logits, 1).numpy(), test.labels.cpu().numpy())
+    return out
+
+
+def progress_line(prefix: str, m: dict, seconds: float) -> str:
+    groups = " ".join(f"{g}={m[g] * 100:5.1f}" if m[g] is not None else f"{g}=  n/a" for g in ("many", "medium", "few"))
+    return (f"{prefix} loss={m['loss']:.3f} acc={m['accuracy'] * 100:5.2f} bal={m['balanced_accuracy'] * 100:5.2f} "
+            f"{groups} ({seconds:.1f}s)")

@@ -1,0 +1,117 @@
+"""From a resolved config to the data of one experiment: long-tailed training set, balanced test set,
+client partition. Deterministic in the config's seed; cached per process (every Flower client actor
+rebuilds the same experiment once and keeps it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedlt.data import partition as P
+from fedlt.data.longtail import longtail_counts, longtail_indices
+from fedlt.data.sources import Split, load_source
+from fedlt.errors import FedLTError
+from fedlt.models import SplitModel, build_model
+from fedlt.registry import DATASETS
+from fedlt.train import Augment, TensorData
+
+# Independent random streams, all derived from the config's seed.
+STREAM_LONGTAIL, STREAM_PARTITION, STREAM_COHORT, STREAM_CLIENT, STREAM_INIT, STREAM_CENTRAL = 1, 2, 3, 4, 5, 6
+
+
+def seeded_rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+def torch_generator(seed: int, *stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class Experiment:
+    train: Split  # long-tailed, in memory
+    test: Split  # balanced, in memory
+    parts: list[np.ndarray]  # client -> indices into train
+    mean: torch.Tensor
+    std: torch.Tensor
+    in_channels: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        return self.train.class_counts
+
+    def partition_counts(self) -> np.ndarray:
+        return P.partition_counts(self.train.labels, self.parts, self.num_classes)
+
+    def tensor_data(self, split: str = "train", indices: np.ndarray | None = None,
+                    device: torch.device | str = "cpu") -> TensorData:
+        s = self.train if split == "train" else self.test
+        images, labels = s.images, torch.from_numpy(s.labels)
+        if indices is not None:
+            idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+            images, labels = images[idx], labels[idx]
+        return TensorData(images, labels, self.mean, self.std, self.num_classes).to(torch.device(device))
+
+    def client_data(self, client: int, device: torch.device | str = "cpu") -> TensorData:
+        return self.tensor_data("train", self.parts[client], device)
+
+
+def build_experiment(cfg: dict) -> Experiment:
+    """Load the source, cut the long-tailed subset, partition it across clients."""
+    data, part, seed = cfg["data"], cfg["partition"], cfg["seed"]
+    meta = DATASETS.meta[data["name"]] if data["name"] in DATASETS else {}
+    splits = load_source(data["name"], data["root"], data["train_list"], data["test_list"], data["image_size"])
+    train, test = splits["train"], splits["test"]
+    if data["profile"] != "none":
+        n_max = meta.get("n_max") or int(train.class_counts.max())
+        counts = longtail_counts(n_max, train.num_classes, data["imbalance_factor"], data["profile"])
+        train = train.subset(longtail_indices(train.labels, counts, seeded_rng(seed, STREAM_LONGTAIL)))
+    train, test = train.materialize(), test.materialize()
+    rng = seeded_rng(seed, STREAM_PARTITION)
+    k = part["num_clients"]
+    if k > len(train):
+        raise FedLTError(f"partition.num_clients={k} is more than the {len(train)} training samples")
+    if part["method"] == "dirichlet":
+        parts = P.dirichlet_partition(train.labels, k, part["alpha"], rng, part["min_size"], part["balance"])
+    elif part["method"] == "shards":
+        parts = P.shard_partition(train.labels, k, part["shards_per_client"], rng)
+    else:
+        parts = P.iid_partition(train.labels, k, rng)
+    channels = train.images.shape[1]
+    mean = torch.tensor(meta.get("mean", (0.5,) * channels), dtype=torch.float32)
+    std = torch.tensor(meta.get("std", (0.25,) * channels), dtype=torch.float32)
+    return Experiment(train, test, parts, mean, std, channels)
+
+
+@lru_cache(maxsize=4)
+def _cached(key: str) -> Experiment:
+    return build_experiment(json.loads(key))
+
+
+def experiment_for(cfg: dict) -> Experiment:
+    """The experiment of ``cfg``, built once per process for the same data/partition/seed."""
+    key = json.dumps({"data": cfg["data"], "partition": cfg["partition"], "seed": cfg["seed"]}, sort_keys=True)
+    return _cached(key)
+
+
+def model_for(cfg: dict, exp: Experiment, **overrides) -> SplitModel:
+    """The config's model (or the data set's default), initialised from the seed."""
+    name = cfg["model"]["name"] or DATASETS.meta[cfg["data"]["name"]]["model"]
+    kw = {"classifier": cfg["model"]["classifier"], "scale": cfg["model"]["scale"], **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seeded_rng(cfg["seed"], STREAM_INIT).integers(2**31)))
+        return build_model(name, exp.num_classes, exp.in_channels, **kw)
+
+
+def augment_for(cfg: dict) -> Augment:
+    return Augment(cfg["data"]["crop_padding"], cfg["data"]["flip"])

@@ -1,0 +1,1 @@
+"""Flower glue: records <-> state dicts, the ClientApp and ServerApp factories, the simulation runner."""

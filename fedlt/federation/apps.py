@@ -1,0 +1,99 @@
+"""Flower ClientApp and ServerApp factories.
+
+In simulation (:mod:`fedlt.federation.runner`) the config travels inside the apps' closures. Under
+``flwr run .`` or a deployed SuperLink the module-level ``client_app`` / ``server_app`` read it from the
+run config: ``config`` (a YAML path), ``overrides`` (space-separated KEY=VALUE) and ``out``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import traceback
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlt.client_method import ClientMethod, FitResult
+from fedlt.config import load_config
+from fedlt.device import resolve_device
+from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
+from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
+from fedlt.registry import CLIENTS
+
+
+def config_from_context(context: Context) -> dict:
+    rc = context.run_config
+    return load_config(rc.get("config") or None, shlex.split(str(rc.get("overrides", ""))))
+
+
+def _reply(msg: Message, result: FitResult, pid: int) -> Message:
+    content = RecordDict({"arrays": to_arrays(result.state),
+                          "metrics": metric_record({**result.metrics, "partition-id": pid})})
+    for key, arrays in result.extra_arrays.items():
+        content[key] = numpy_record(arrays)
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(cfg: dict | None = None) -> ClientApp:
+    """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it."""
+    app = ClientApp()
+
+    def setup(msg: Message, context: Context):
+        c = cfg or config_from_context(context)
+        torch.set_num_threads(max(1, int(c["federation"]["client_cpus"])))
+        pid = int(context.node_config["partition-id"])
+        exp = experiment_for(c)
+        device = resolve_device(c["device"])
+        model = model_for(c, exp).to(device)
+        if "arrays" in msg.content:
+            load_into(model, msg.content["arrays"])
+        method: ClientMethod = CLIENTS.get(c["client"]["name"])(c)
+        config = dict(msg.content["config"])
+        gen = torch_generator(c["seed"], STREAM_CLIENT, int(config.get("server-round", 0)), pid)
+        return c, pid, exp.client_data(pid, device), model, method, config, gen
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        c, pid, data, model, method, config, gen = setup(msg, context)
+        return _reply(msg, method.fit(model, data, config, gen, augment_for(c)), pid)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        config = dict(msg.content["config"])
+        if config["action"] == "partition-id":
+            pid = int(context.node_config["partition-id"])
+            return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        c, pid, data, model, method, config, gen = setup(msg, context)
+        return _reply(msg, method.query(config["action"], model, data, config, gen, augment_for(c)), pid)
+
+    return app
+
+
+def make_server_app(cfg: dict | None = None, out: str | None = None, outcome: dict | None = None) -> ServerApp:
+    """A ServerApp that runs the federated rounds into ``<out>/<run name>``; errors land in ``outcome``."""
+    from fedlt.federation.server import run_rounds
+    from fedlt.rundir import RunDir
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        c = cfg or config_from_context(context)
+        path = out or str(context.run_config.get("out", "runs"))
+        try:
+            summary = run_rounds(grid, c, RunDir(path))
+            if outcome is not None:
+                outcome["summary"] = summary
+        except BaseException as exc:
+            if outcome is not None:
+                outcome["error"] = exc
+                outcome["traceback"] = traceback.format_exc()
+            raise
+
+    return app
+
+
+client_app = make_client_app()
+server_app = make_server_app()

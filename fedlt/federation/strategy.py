@@ -1,0 +1,138 @@
+"""The base of every fedlt server strategy: a Flower ``FedAvg`` with a seeded cohort, per-node messages,
+a failure policy, deterministic aggregation order and a few hooks for long-tail methods.
+
+Hooks a strategy plug-in may override (each optional):
+
+- ``setup(grid, arrays)``: before round 1 (e.g. estimate the global class prior with a query round);
+- ``train_config(server_round, partition_id)``: extra config for one client's train message;
+- ``aggregate_train(server_round, replies)``: Flower's own hook (call ``super()`` for FedAvg);
+- ``transform_logits(logits)``: a post-hoc change to the global model's test logits;
+- ``summary_extras()``: what the strategy adds to ``summary.json`` (estimated prior, groups …);
+- ``state_dict()`` / ``load_state_dict(state)``: server-side state, saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlt.experiment import STREAM_COHORT, seeded_rng
+
+
+class ClientFailure(RuntimeError):
+    """A client raised, and the run tolerates no more failures: the run stops with the client's traceback."""
+
+
+def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
+    """Partition ids of round ``server_round``: max(1, round(fraction·K)) distinct clients, sorted, drawn from a generator seeded by (seed, round) so a resumed run draws the same cohorts."""
+    size = max(1, int(round(fraction * num_clients)))
+    rng = seeded_rng(seed, STREAM_COHORT, server_round)
+    return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
+
+
+class FedLTStrategy(FedAvg):
+    """FedAvg (McMahan et al., 2017): w ← Σ_k (n_k / Σ_j n_j)·w_k over the round's cohort."""
+
+    client: str = "fedavg"  # the client method this strategy pairs with
+    options: dict[str, Any] = {}
+
+    def __init__(self, cfg: dict, num_classes: int, **flower_kwargs: Any) -> None:
+        super().__init__(fraction_train=cfg["federation"]["fraction"], fraction_evaluate=1.0,
+                         min_train_nodes=1, min_available_nodes=1, **flower_kwargs)
+        self.cfg = cfg
+        self.opts = cfg["strategy"]
+        self.num_classes = num_classes
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        self.failures = 0
+        self.max_failures = cfg["federation"]["max_failures"]
+        self.last_cohort: list[int] = []
+
+    # ------------------------------------------------------------------ plumbing
+    def bind(self, node_of: dict[int, int]) -> None:
+        self.node_of = dict(node_of)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.node_of)
+
+    def cohort(self, server_round: int) -> list[int]:
+        return sample_cohort(self.cfg["seed"], server_round, self.num_clients, self.fraction_train)
+
+    def messages(self, pids: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str,
+                 server_round: int) -> list[Message]:
+        """One message per client: the shared arrays and config plus its own ``train_config``."""
+        out = []
+        for pid in pids:
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, "partition-id": pid,
+                                **self.train_config(server_round, pid)})
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            out.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
+        return out
+
+    def check_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Drop error replies within the failure budget, else raise :class:`ClientFailure`; sort the rest by
+        partition id so that aggregation sums in the same order every run."""
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                self.failures += 1
+                if self.failures > self.max_failures:
+                    raise ClientFailure(f"client on node {msg.metadata.src_node_id} failed "
+                                        f"(failure {self.failures}, federation.max_failures={self.max_failures}):\n"
+                                        f"{msg.error.reason}")
+                print(f"warning: client failure {self.failures}/{self.max_failures} tolerated: "
+                      f"{msg.error.reason.strip().splitlines()[-1] if msg.error.reason else ''}", flush=True)
+            else:
+                ok.append(msg)
+        return sorted(ok, key=lambda m: next(iter(m.content.metric_records.values()))["partition-id"])
+
+    def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
+              timeout: float = 3600) -> list[Message]:
+        """Send a query ``action`` to clients and return their (checked, sorted) replies."""
+        cfg = ConfigRecord({"action": action, **(config or {})})
+        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, 0)
+        return self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
+
+    # ------------------------------------------------------------------ Flower hooks
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.last_cohort = self.cohort(server_round)
+        return self.messages(self.last_cohort, arrays, config, MessageType.TRAIN, server_round)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, self.check_replies(replies))
+
+    def summary(self) -> None:  # Flower's log summary; fedlt prints its own progress
+        pass
+
+    # ------------------------------------------------------------------ fedlt hooks
+    def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        return arrays
+
+    def train_config(self, server_round: int, partition_id: int) -> dict:
+        return {}
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def summary_extras(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"failures": self.failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.failures = state.get("failures", 0)
+
+
+def weighted_mean(values: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Σ_k w_k·v_k / Σ_k w_k."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.tensordot(w / w.sum(), np.stack(values), axes=1)

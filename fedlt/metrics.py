@@ -1,0 +1,88 @@
+"""Evaluation on the balanced test set: top-1, balanced accuracy, per-class, many/medium/few, ECE.
+
+Pure numpy/torch; takes logits and labels, so it applies to any model and any post-hoc adjustment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MANY_THRESHOLD = 100  # a class with more than 100 training samples is many-shot
+FEW_THRESHOLD = 20  # fewer than 20 is few-shot; 20..100 inclusive is medium (Kang et al., `shot_acc`)
+GROUPS = ("many", "medium", "few")
+
+
+def class_groups(train_counts: np.ndarray) -> tuple[np.ndarray, str]:
+    """Group id per class (0 many, 1 medium, 2 few) and the rule used.
+
+    Count rule: many > 100, few < 20, medium 20–100 (METHODS.md §1.2). Where it leaves a group
+    empty (10-class sets), class-index thirds g(c) = ⌊3c/C⌋ instead.
+    """
+    counts = np.asarray(train_counts)
+    by_count = np.where(counts > MANY_THRESHOLD, 0, np.where(counts < FEW_THRESHOLD, 2, 1))
+    if all((by_count == g).any() for g in range(3)):
+        return by_count, "count (many >100, medium 20-100, few <20)"
+    c = len(counts)
+    return (3 * np.arange(c)) // c, "class-index thirds (count rule leaves a group empty)"
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class; NaN for a class absent from ``labels``."""
+    correct = np.bincount(labels, weights=(pred == labels).astype(float), minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+    """ECE = Σ_b (|B_b|/n)·|acc(B_b) − conf(B_b)| over equal-width, right-closed bins of max-softmax confidence."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)  # (lo, hi]
+    ece = 0.0
+    for b in range(num_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> dict[str, list[float]]:
+    """Per-bin count, accuracy and confidence (for reliability diagrams)."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
+    out: dict[str, list[float]] = {"count": [], "accuracy": [], "confidence": []}
+    for b in range(num_bins):
+        m = bins == b
+        out["count"].append(int(m.sum()))
+        out["accuracy"].append(float(correct[m].mean()) if m.any() else 0.0)
+        out["confidence"].append(float(conf[m].mean()) if m.any() else 0.0)
+    return out
+
+
+def evaluate_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                    train_counts: np.ndarray) -> dict:
+    """All metrics of a run from test logits (N, C), test labels (N,) and training counts (C,)."""
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    labels_np = np.asarray(torch.as_tensor(labels).cpu().numpy(), dtype=np.int64)
+    num_classes = logits.shape[1]
+    probs = torch.softmax(logits, dim=1).numpy()
+    pred = probs.argmax(axis=1)
+    per_class = per_class_accuracy(pred, labels_np, num_classes)
+    groups, rule = class_groups(train_counts)
+    out = {
+        "accuracy": float((pred == labels_np).mean()),
+        "balanced_accuracy": float(np.nanmean(per_class)),
+        "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels_np)).item()),
+        "ece": expected_calibration_error(probs, labels_np),
+        "group_rule": rule,
+        "per_class": [None if np.isnan(a) else float(a) for a in per_class],
+    }
+    for g, name in enumerate(GROUPS):
+        accs = per_class[groups == g]
+        out[name] = float(np.nanmean(accs)) if len(accs) and not np.all(np.isnan(accs)) else None
+    return out

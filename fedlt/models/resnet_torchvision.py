@@ -1,0 +1,32 @@
+"""torchvision ResNet-18/50 for ImageNet-scale images, split into features and classifier."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision import models as tvm
+
+from fedlt.models.base import SplitModel, make_classifier
+from fedlt.registry import MODELS
+
+
+def _split(net: tvm.ResNet, num_classes: int, classifier: str, scale: float) -> SplitModel:
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    features = nn.Sequential(net, nn.Flatten())
+    return SplitModel(features, make_classifier(dim, num_classes, classifier, scale), dim)
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+    net = tvm.resnet18(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return _split(net, num_classes, classifier, scale)
+
+
+@MODELS.register("resnet50")
+def resnet50(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+    net = tvm.resnet50(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return _split(net, num_classes, classifier, scale)

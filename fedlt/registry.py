@@ -1,0 +1,84 @@
+"""Name -> object registries for models, data sets, losses, client methods and strategies.
+
+A plug-in registers itself in one line::
+
+    @STRATEGIES.register("my_strategy")
+    class MyStrategy(FedLTStrategy): ...
+
+Third-party packages add theirs through the entry-point group ``fedlt.plugins``: each entry point
+names a module, which is imported (and so registers what it defines) the first time a registry is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from fedlt.errors import FedLTError
+
+T = TypeVar("T")
+ENTRY_POINT_GROUP = "fedlt.plugins"
+_BUILTIN_PLUGIN_PACKAGES = ("clients", "strategies")
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the built-in plug-in packages and every module named in the ``fedlt.plugins`` entry points."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import fedlt.data.catalog  # noqa: F401  (registers the data sets)
+    import fedlt.models  # noqa: F401  (registers the models)
+    import fedlt.centralized  # noqa: F401  (registers the centralized methods)
+    for package in _BUILTIN_PLUGIN_PACKAGES:
+        importlib.import_module(package)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+
+
+class Registry(Generic[T]):
+    """A named table of objects of one kind, with optional metadata per entry."""
+
+    def __init__(self, kind: str, plural: str | None = None) -> None:
+        self.kind = kind
+        self.plural = plural or kind + "s"
+        self._items: dict[str, T] = {}
+        self.meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, obj: T | None = None, **meta: Any) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
+
+        def add(o: T) -> T:
+            if name in self._items and self._items[name] is not o:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = o
+            self.meta[name] = meta
+            return o
+
+        return add if obj is None else add(obj)
+
+    def get(self, name: str) -> T:
+        load_plugins()
+        if name not in self._items:
+            raise FedLTError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        load_plugins()
+        return iter(sorted(self._items))
+
+
+MODELS: Registry[Callable[..., Any]] = Registry("model")
+DATASETS: Registry[Callable[..., Any]] = Registry("data set")
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", "losses")
+CLIENTS: Registry[Any] = Registry("client method")
+STRATEGIES: Registry[Any] = Registry("strategy", "strategies")
+CENTRALIZED: Registry[Any] = Registry("centralized method")
+
+ALL = (DATASETS, MODELS, LOSSES, CLIENTS, STRATEGIES, CENTRALIZED)

@@ -1,0 +1,201 @@
+"""The one local-training loop of fedlt: client methods and centralized baselines all call :func:`train`.
+
+Data sit on the training device as uint8 (:class:`TensorData`); each step draws a batch by index,
+augments it in one batched call (random crop + flip) and normalises it. On CUDA the forward pass runs
+under bf16 autocast with channels_last. What a method changes is its :data:`Objective` (the loss of a
+batch) and its :data:`Sampler` (the order of indices in an epoch); the loop stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlt.data.augment import normalize, random_crop_flip
+
+
+@dataclass
+class TensorData:
+    """Images (uint8, N×C×H×W) and labels on one device, with the normalisation to apply."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "TensorData":
+        return TensorData(self.images.to(device), self.labels.to(device), self.mean.to(device),
+                          self.std.to(device), self.num_classes)
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> "TensorData":
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        return TensorData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)
+
+
+@dataclass
+class Augment:
+    """Per-image random crop (zero padding) and horizontal flip, batched."""
+
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.crop_padding == 0 and not self.flip:
+            return x
+        return random_crop_flip(x, self.crop_padding, generator, self.flip)
+
+
+class Objective(Protocol):
+    """The loss of one batch: ``objective(model, x, y) -> scalar``. ``x`` is normalised and augmented."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+def cross_entropy_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L = −log softmax(model(x))_y, averaged over the batch."""
+    return F.cross_entropy(model(x).float(), y)
+
+
+Sampler = Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]
+"""``sampler(labels, generator, epoch) -> indices`` for one epoch (length: one pass over the data)."""
+
+
+def instance_balanced_sampler(labels: torch.Tensor, generator: torch.Generator, epoch: int) -> torch.Tensor:
+    """Every sample once per epoch, in a random order."""
+    return torch.randperm(len(labels), generator=generator)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and weight decay; linear warm-up, then a step or cosine schedule."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    warmup_epochs: float = 0.0
+    schedule: str = "constant"  # constant | step | cosine
+    milestones: list[float] = field(default_factory=list)  # epochs, for "step"
+    gamma: float = 0.1
+
+    def lr_at(self, epoch: float, total_epochs: float) -> float:
+        """lr at fractional ``epoch`` of ``total_epochs`` (warm-up is linear from lr/warmup to lr)."""
+        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
+            return self.lr * (math.floor(epoch) + 1) / math.ceil(self.warmup_epochs)
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            span = max(total_epochs - self.warmup_epochs, 1e-12)
+            return 0.5 * self.lr * (1 + math.cos(math.pi * min((epoch - self.warmup_epochs) / span, 1.0)))
+        if self.schedule != "constant":
+            raise ValueError(f"unknown lr schedule {self.schedule!r}")
+        return self.lr
+
+
+def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           nesterov=opt.nesterov and opt.momentum > 0)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def prepare_batch(data: TensorData, idx: torch.Tensor, augment: Augment | None,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather a batch by index, normalise, augment; channels_last on CUDA."""
+    idx = idx.to(data.images.device)
+    x = normalize(data.images[idx], data.mean, data.std)
+    if augment is not None:
+        x = augment(x, generator)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, data.labels[idx]
+
+
+def train(model: nn.Module, data: TensorData, objective: Objective = cross_entropy_objective, *,
+          opt: OptimConfig, epochs: float | None = None, steps: int | None = None,
+          generator: torch.Generator, augment: Augment | None = None,
+          sampler: Sampler = instance_balanced_sampler, optimizer: torch.optim.Optimizer | None = None,
+          start_epoch: float = 0.0, total_epochs: float | None = None,
+          on_epoch_end: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes (or ``steps`` batches) over ``data``.
+
+    The lr follows ``opt`` at the global position ``start_epoch + progress`` of ``total_epochs``,
+    so a caller may split one schedule over several calls (a centralized run that checkpoints, or
+    federated rounds that share a schedule). Batches of one sample are dropped (BatchNorm).
+    """
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    device = data.images.device
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = optimizer or make_optimizer(model, opt)
+    n, bs = len(data), opt.batch_size
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
+    total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / steps_per_epoch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+    loss_sum, seen, step, epoch = torch.zeros((), device=device), 0, 0, 0
+    while step < total_steps:
+        order = sampler(data.labels.cpu(), generator, int(start_epoch) + epoch)
+        for start in range(0, len(order), bs):
+            if step >= total_steps:
+                break
+            idx = order[start:start + bs]
+            if len(idx) < 2:
+                continue
+            lr = opt.lr_at(start_epoch + step / steps_per_epoch, total_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = prepare_batch(data, idx, augment, generator)
+            with autocast:
+                loss = objective(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
+            step += 1
+        epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, (loss_sum / max(seen, 1)).item())
+    return TrainResult(loss=(loss_sum / max(seen, 1)).item(), num_examples=seen, steps=step)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: TensorData, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on every sample of ``data`` (no augmentation), as float32 on the CPU."""
+    model.eval()
+    device = data.images.device
+    model.to(device)
+    out = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.images[start:start + batch_size], data.mean, data.std)
+        with autocast:
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, data.num_classes)

@@ -1,0 +1,41 @@
+"""FedAvgM (Hsu et al., 2019): Δ_t = w_t − FedAvg(w_k), v_t = β·v_{t−1} + Δ_t, w_{t+1} = w_t − η·v_t.
+
+β = 0, η = 1 is FedAvg; CReFF's baseline uses β = 0.97 (METHODS.md §3.1). Built on Flower's ``FedAvgM``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
+
+from fedlt.federation.strategy import FedLTStrategy
+from fedlt.registry import STRATEGIES
+
+
+@STRATEGIES.register("fedavgm")
+class FedAvgM(FedLTStrategy, FlowerFedAvgM):
+    options = {"server_lr": 1.0, "momentum": 0.9}
+
+    def __init__(self, cfg: dict, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.server_learning_rate = float(self.opts["server_lr"])
+        self.server_momentum = float(self.opts["momentum"])
+        self.server_opt = self.server_momentum != 0.0 or self.server_learning_rate != 1.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        if self.current_arrays is None:
+            self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "current": None if self.current_arrays is None else
+                self.current_arrays.to_numpy_ndarrays(), "keys": None if self.current_arrays is None else
+                list(self.current_arrays.keys()), "momentum": self.momentum_vector}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("current") is not None:
+            self.current_arrays = ArrayRecord({k: Array(v) for k, v in zip(state["keys"], state["current"])})
+        self.momentum_vector = state.get("momentum")
