@@ -87,6 +87,8 @@ NULLABLE: dict[str, tuple[type, ...]] = {
     "centralized.weight_decay": (float, int), "centralized.nesterov": (bool,),
 }
 PLUGIN_SECTIONS = ("strategy", "client")
+# A centralized method's ``options`` become valid keys under ``centralized.`` beside the fixed ones.
+CENTRALIZED_FIXED = tuple(DEFAULTS["centralized"])
 CHOICES = {
     "mode": ("federated", "centralized", "both"),
     "data.profile": ("exp", "step", "none"),
@@ -178,6 +180,8 @@ def _check_section(cfg: dict, defaults: dict, prefix: str = "") -> None:
     for key in cfg:
         dotted = f"{prefix}{key}"
         if key not in defaults:
+            if prefix == "centralized.":
+                continue  # checked against the method's options in _check_plugin_options
             raise FedLTError(f"unknown config key {dotted!r}")
         if isinstance(defaults[key], dict):
             if dotted in PLUGIN_SECTIONS:
@@ -188,7 +192,7 @@ def _check_section(cfg: dict, defaults: dict, prefix: str = "") -> None:
 
 
 def _check_plugin_options(cfg: dict) -> None:
-    from fedlt.registry import CLIENTS, STRATEGIES
+    from fedlt.registry import CENTRALIZED, CLIENTS, STRATEGIES
 
     strategy = STRATEGIES.get(cfg["strategy"]["name"])
     if cfg["client"]["name"] is None:
@@ -206,6 +210,17 @@ def _check_plugin_options(cfg: dict) -> None:
                 given[key] = copy.deepcopy(default)
             elif default is not None:
                 given[key] = _check_type(f"{section}.{key}", given[key], default)
+    method = CENTRALIZED.get(cfg["centralized"]["method"])
+    options = getattr(method, "options", {})
+    for key in cfg["centralized"]:
+        if key not in CENTRALIZED_FIXED and key not in options:
+            raise FedLTError(f"unknown config key 'centralized.{key}' for centralized method "
+                             f"{cfg['centralized']['method']!r}; its own keys: {', '.join(sorted(options)) or 'none'}")
+    for key, default in options.items():
+        if key not in cfg["centralized"]:
+            cfg["centralized"][key] = copy.deepcopy(default)
+        elif default is not None:
+            cfg["centralized"][key] = _check_type(f"centralized.{key}", cfg["centralized"][key], default)
 
 
 def _positive(cfg: dict, key: str, strict: bool = True) -> None:
@@ -216,7 +231,7 @@ def _positive(cfg: dict, key: str, strict: bool = True) -> None:
 
 def validate(cfg: dict) -> dict:
     """Check every key, type and range; fill plug-in defaults. Raises :class:`FedLTError`."""
-    from fedlt.registry import CENTRALIZED, DATASETS, MODELS
+    from fedlt.registry import DATASETS, MODELS
 
     _check_section(cfg, DEFAULTS)
     for key, choices in CHOICES.items():
@@ -225,7 +240,6 @@ def validate(cfg: dict) -> dict:
     DATASETS.get(cfg["data"]["name"])
     if cfg["model"]["name"] is not None:
         MODELS.get(cfg["model"]["name"])
-    CENTRALIZED.get(cfg["centralized"]["method"])
     if cfg["data"]["imbalance_factor"] < 1:
         raise FedLTError(f"data.imbalance_factor must be >= 1 (N_max/N_min), got {cfg['data']['imbalance_factor']}")
     if cfg["partition"]["alpha"] <= 0:

@@ -32,6 +32,7 @@ def load_plugins() -> None:
     import fedlt.data.catalog  # noqa: F401  (registers the data sets)
     import fedlt.models  # noqa: F401  (registers the models)
     import fedlt.centralized  # noqa: F401  (registers the centralized methods)
+    import fedlt.losses  # noqa: F401  (registers the losses)
     for package in _BUILTIN_PLUGIN_PACKAGES:
         importlib.import_module(package)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
