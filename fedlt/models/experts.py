@@ -1,0 +1,90 @@
+"""Multi-expert models: a shared stem, then per-expert later stages and classifiers; output = mean of the
+experts' logits (RIDE / BalPoE / MDCS / GBME layout).
+
+GBME (Zeng et al., ICCV 2023) on CIFAR: ResNet-32 with a shared conv1/bn1/layer1 (16 channels) and per
+expert layer2 (24 channels), layer3 (48 channels) and a cosine classifier with scale 30.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedlt.models.base import make_classifier
+from fedlt.models.cnn import _norm
+from fedlt.models.resnet_cifar import make_stage
+from fedlt.registry import MODELS
+
+
+class Expert(nn.Module):
+    """One branch: ``features`` (stem output -> h) and ``classifier`` (h -> logits)."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+        self.feature_dim = feature_dim
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(s))
+
+
+class MultiExpertModel(nn.Module):
+    """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)). ``expert_logits`` gives the (M, N, C) stack."""
+
+    def __init__(self, stem: nn.Module, experts: list[Expert]) -> None:
+        super().__init__()
+        self.stem = stem
+        self.experts = nn.ModuleList(experts)
+        self.feature_dim = experts[0].feature_dim
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        return torch.stack([e(s) for e in self.experts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expert_logits(x).mean(0)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated expert features (M·d)."""
+        s = self.stem(x)
+        return torch.cat([e.features(s) for e in self.experts], dim=1)
+
+
+@MODELS.register("resnet32_experts")
+def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
+                     classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
+    """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head."""
+    n = 5
+    stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                         nn.ReLU(inplace=True), make_stage(widths[0], widths[0], n, 1))
+    experts = []
+    for _ in range(num_experts):
+        features = nn.Sequential(make_stage(widths[0], widths[1], n, 2), make_stage(widths[1], widths[2], n, 2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        experts.append(Expert(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
+    model = MultiExpertModel(stem, experts)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    return model
+
+
+@MODELS.register("small_cnn_experts")
+def small_cnn_experts(num_classes: int, in_channels: int = 1, num_experts: int = 3, width: int = 32,
+                      norm: str = "group", classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
+    """The small CNN with a shared first conv block and per-expert second block, FC(128) and head."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    experts = []
+    for _ in range(num_experts):
+        features = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=norm == "none"), _norm(norm, 2 * width),
+            nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * width * 16, 128), nn.ReLU(inplace=True))
+        experts.append(Expert(features, make_classifier(128, num_classes, classifier, scale), 128))
+    return MultiExpertModel(stem, experts)
