@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "gamma": 0.1,
     },
     "eval": {"batch_size": 1024},
+    "sweep": {},  # dotted key -> list of values; expanded by fedlt.sweep (which checks its contents)
 }
 
 NULLABLE: dict[str, tuple[type, ...]] = {
@@ -184,7 +185,7 @@ def _check_section(cfg: dict, defaults: dict, prefix: str = "") -> None:
                 continue  # checked against the method's options in _check_plugin_options
             raise FedLTError(f"unknown config key {dotted!r}")
         if isinstance(defaults[key], dict):
-            if dotted in PLUGIN_SECTIONS:
+            if dotted in PLUGIN_SECTIONS or dotted == "sweep":
                 continue
             _check_section(cfg[key], defaults[key], dotted + ".")
         else:

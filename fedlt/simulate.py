@@ -1,13 +1,15 @@
 """``python -m fedlt.simulate``: run one config (federated, centralized or both) into run directories.
 
-    python -m fedlt.simulate [--config FILE] [--out DIR] [KEY=VALUE ...]
+    python -m fedlt.simulate [--config FILE] [--out DIR] [KEY=VALUE ...] [sweep.KEY=[V1,V2,...] ...]
     python -m fedlt.simulate --list
+
+A ``sweep:`` mapping in the config (or ``sweep.KEY=[...]`` overrides) runs every combination of the
+listed values, each into its own run directory; finished runs are skipped (see fedlt/sweep.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -17,41 +19,58 @@ from fedlt.errors import FedLTError
 
 def run_dirs(cfg: dict, out: str) -> list[tuple[str, dict, Path]]:
     """(mode, config of that run, run directory) for each run that ``cfg`` asks for."""
-    runs = []
-    if cfg["mode"] in ("federated", "both"):
-        c = copy.deepcopy(cfg)
-        c["mode"] = "federated"
-        runs.append(("federated", c, Path(out) / f"{cfg['name']}-fed-{cfg['strategy']['name']}"))
-    if cfg["mode"] in ("centralized", "both"):
-        c = copy.deepcopy(cfg)
-        c["mode"] = "centralized"
-        runs.append(("centralized", c, Path(out) / f"{cfg['name']}-cen-{cfg['centralized']['method']}"))
-    return runs
+    from fedlt.sweep import plan
+
+    return [(r.mode, r.cfg, r.path) for r in plan([(cfg, {})], out)]
+
+
+def check_data(cfgs: list[dict]) -> None:
+    """Build the data of every distinct data/partition/seed once: fail early on missing data or an
+    impossible partition, before any run starts."""
+    from fedlt.experiment import experiment_for
+
+    seen = set()
+    for cfg in cfgs:
+        exp = experiment_for(cfg)
+        line = (f"data: {cfg['data']['name']} long-tailed (IF={cfg['data']['imbalance_factor']:g}): {len(exp.train)} "
+                f"train / {len(exp.test)} test, {exp.num_classes} classes; {cfg['partition']['num_clients']} clients "
+                f"({cfg['partition']['method']}, alpha={cfg['partition']['alpha']:g})")
+        if line not in seen:
+            seen.add(line)
+            print(line, flush=True)
 
 
 def run_config(cfg: dict, out: str, verbose: bool = False) -> list[dict]:
     """Run every part of ``cfg``; a finished run directory with the same config is skipped."""
+    return run_sweep([(cfg, {})], out, verbose)
+
+
+def run_sweep(combos: list[tuple[dict, dict]], out: str, verbose: bool = False) -> list[dict]:
+    """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`) one after another;
+    a finished run directory with the same config is skipped, an unfinished one resumes."""
+    import json
+
     from fedlt.centralized import run_centralized
-    from fedlt.experiment import experiment_for
     from fedlt.federation.runner import run_federated
     from fedlt.rundir import RunDir
+    from fedlt.sweep import plan
 
-    exp = experiment_for(cfg)  # fail early on missing data or an impossible partition
-    print(f"data: {cfg['data']['name']} long-tailed (IF={cfg['data']['imbalance_factor']:g}): {len(exp.train)} train / "
-          f"{len(exp.test)} test, {exp.num_classes} classes; {cfg['partition']['num_clients']} clients "
-          f"({cfg['partition']['method']}, alpha={cfg['partition']['alpha']:g})", flush=True)
+    runs = plan(combos, out)
+    check_data([c for c, _ in combos])
     summaries = []
-    for mode, c, path in run_dirs(cfg, out):
+    for i, r in enumerate(runs, 1):
+        mode, c, path = r.mode, r.cfg, r.path
+        count = f" ({i}/{len(runs)})" if len(combos) > 1 else ""
+        label = {"run": path.name} if len(combos) > 1 else {}
         run = RunDir(path)
         if run.done and run.same_config(c):
-            print(f"[{mode}] {path} already finished; skipped", flush=True)
-            import json
-            summaries.append(json.loads((path / "summary.json").read_text()))
+            print(f"[{mode}] {path} already finished; skipped{count}", flush=True)
+            summaries.append({**json.loads((path / "summary.json").read_text()), **label})
             continue
         t0 = time.time()
         s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
-        print(f"[{mode}] finished in {time.time() - t0:.1f}s -> {path}", flush=True)
-        summaries.append(s)
+        print(f"[{mode}] finished in {time.time() - t0:.1f}s -> {path}{count}", flush=True)
+        summaries.append({**s, **label})
     return summaries
 
 
@@ -59,10 +78,11 @@ def format_table(summaries: list[dict]) -> str:
     def pct(v):
         return "  n/a" if v is None else f"{100 * v:5.1f}"
 
-    lines = [f"{'run':<28} {'acc':>5} {'bal':>5} {'many':>5} {'med':>5} {'few':>5} {'ECE':>5}"]
-    for s in summaries:
-        label = f"{s['mode']}:{s['method']}"
-        lines.append(f"{label:<28} {pct(s['accuracy'])} {pct(s['balanced_accuracy'])} {pct(s['many'])} "
+    labels = [s.get("run") or f"{s['mode']}:{s['method']}" for s in summaries]
+    width = max([28] + [len(x) + 1 for x in labels])
+    lines = [f"{'run':<{width}} {'acc':>5} {'bal':>5} {'many':>5} {'med':>5} {'few':>5} {'ECE':>5}"]
+    for label, s in zip(labels, summaries):
+        lines.append(f"{label:<{width}} {pct(s['accuracy'])} {pct(s['balanced_accuracy'])} {pct(s['many'])} "
                      f"{pct(s['medium'])} {pct(s['few'])} {pct(s['ece'])}")
     if summaries:
         lines.append(f"groups: {summaries[0]['group_rule']}")
@@ -79,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedlt.simulate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Keys are dotted paths into the config, e.g. federation.rounds=5 "
-                                            "partition.alpha=0.1 strategy.name=fedprox strategy.mu=0.1")
+                                            "partition.alpha=0.1 strategy.name=fedprox strategy.mu=0.1; "
+                                            "sweep.seed=[0,1] sweep.partition.alpha=[0.1,1] runs all four "
+                                            "combinations")
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml when it exists)")
     parser.add_argument("--out", default="runs", help="folder for the run directories (default: runs)")
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")
@@ -90,13 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_registered())
             return 0
-        from fedlt.config import load_config
+        from fedlt.sweep import expand
 
         path = args.config
         if path is None and Path("configs/default.yaml").is_file():
             path = "configs/default.yaml"
-        cfg = load_config(path, args.overrides)
-        summaries = run_config(cfg, args.out, args.verbose)
+        summaries = run_sweep(expand(path, args.overrides), args.out, args.verbose)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

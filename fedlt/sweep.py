@@ -1,0 +1,178 @@
+"""Sweeps: a config whose ``sweep:`` mapping lists values for dotted keys runs every combination.
+
+    sweep:
+      seed: [0, 1, 2]
+      partition.alpha: [0.1, 0.5]
+      strategy.name: [fedavg, fedprox]
+
+or on the command line ``sweep.seed=[0,1] sweep.partition.alpha=[0.1,0.5]``. Every combination is
+resolved and validated like a plain config (``load_config`` with the values as overrides) before any
+training starts. Each becomes one federated and/or one centralized run (``mode``), in a run directory
+whose name encodes the varied values, e.g. ``default-seed1-alpha0.1-fed-fedavg``. A run's config.yaml
+holds no ``sweep`` key: it is the plain config of that run.
+
+Runs that the combinations share are run once: the centralized run ignores the federated keys
+(``partition``, ``federation``, ``strategy``, ``client``) and the federated run ignores
+``centralized``, so sweeping only federated keys gives one centralized run per remaining combination.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlt.config import dump_config, load_config
+from fedlt.errors import FedLTError
+
+FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
+CENTRALIZED_ONLY = ("centralized",)
+# Short names of keys in run directory names; other keys use their last part.
+SHORT = {"data.imbalance_factor": "if", "partition.num_clients": "clients", "data.name": "data",
+         "model.name": "model", "strategy.name": "", "centralized.method": ""}
+# Keys that the run directory's suffix (-fed-<strategy>, -cen-<method>) already names.
+IN_SUFFIX = {"federated": "strategy.name", "centralized": "centralized.method"}
+
+
+@dataclass
+class PlannedRun:
+    mode: str  # federated | centralized
+    cfg: dict  # resolved config of this run (mode set, no sweep key)
+    path: Path
+    values: dict[str, Any]  # the swept values that this run depends on
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, Any]]:
+    """``sweep.KEY=[..]`` items (KEY may be dotted) apart from the plain overrides."""
+    from fedlt.config import parse_override
+
+    plain, sweep = [], {}
+    for item in overrides or []:
+        if item.startswith("sweep.") and "=" in item:
+            key, value = parse_override(item)
+            sweep[key[len("sweep."):]] = value
+        else:
+            plain.append(item)
+    return plain, sweep
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{partition: {alpha: [..]}}`` and ``{"partition.alpha": [..]}`` both -> ``{"partition.alpha": [..]}``."""
+    out = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def sweep_axes(sweep: dict) -> dict[str, list]:
+    """Check the sweep mapping: each key lists at least one value."""
+    axes = flatten(sweep)
+    for key, values in axes.items():
+        if key == "sweep" or key.startswith("sweep."):
+            raise FedLTError(f"sweep key {key!r}: a sweep cannot sweep itself")
+        if not isinstance(values, list) or not values:
+            raise FedLTError(f"sweep key {key!r} must list at least one value, e.g. {key}: [a, b]; got {values!r}")
+    return axes
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: the value comes back with its type
+
+
+def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[dict, dict]]:
+    """Every combination of the sweep as (resolved config without ``sweep``, {key: value}).
+
+    Without a sweep: one config and no values. A combination that fails validation raises a one-line
+    :class:`FedLTError` naming it, before anything is run.
+    """
+    plain, cli_sweep = split_overrides(overrides)
+    base = load_config(path, plain)
+    axes = sweep_axes({**flatten(base.get("sweep") or {}), **cli_sweep})
+    if not axes:
+        base.pop("sweep", None)
+        return [(base, {})]
+    out = []
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo))
+        try:
+            cfg = load_config(path, plain + [_override(k, v) for k, v in values.items()])
+        except FedLTError as exc:
+            desc = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise FedLTError(f"sweep combination {desc}: {exc}") from None
+        cfg.pop("sweep", None)
+        out.append((cfg, values))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "-".join(_fmt(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9._+]+", "_", str(value))
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Name of each key in run directory names; the full key (dots as _) where last parts collide."""
+    last = {k: SHORT.get(k, k.split(".")[-1]) for k in keys}
+    clash = {v for v in last.values() if v and list(last.values()).count(v) > 1}
+    return {k: (k.replace(".", "_") if v in clash else v) for k, v in last.items()}
+
+
+def run_name(name: str, mode: str, cfg: dict, values: dict[str, Any], short: dict[str, str]) -> str:
+    parts = [name] + [f"{short[k]}{_fmt(v)}" for k, v in values.items() if k != IN_SUFFIX[mode]]
+    suffix = f"fed-{cfg['strategy']['name']}" if mode == "federated" else f"cen-{cfg['centralized']['method']}"
+    return "-".join(parts + [suffix])
+
+
+def _relevant(mode: str, key: str) -> bool:
+    ignored = CENTRALIZED_ONLY if mode == "federated" else FEDERATED_ONLY
+    return key.split(".")[0] not in ignored
+
+
+def identity(mode: str, cfg: dict) -> str:
+    """What the run of ``mode`` depends on: its config without the other mode's sections."""
+    ignored = CENTRALIZED_ONLY if mode == "federated" else FEDERATED_ONLY
+    return dump_config({k: v for k, v in cfg.items() if k not in ignored})
+
+
+def plan(combos: list[tuple[dict, dict]], out: str | Path) -> list[PlannedRun]:
+    """The runs of the combinations, in order, each distinct run once.
+
+    A run that several combinations share keeps the config of the first one (so a restarted sweep
+    finds the same config.yaml). Two different runs that would share a directory are an error.
+    """
+    short = short_names(list(combos[0][1])) if combos else {}
+    runs: list[PlannedRun] = []
+    seen: dict[str, PlannedRun] = {}
+    by_path: dict[Path, str] = {}
+    for cfg, values in combos:
+        if cfg.get("sweep"):
+            raise FedLTError("this config lists a sweep: expand it with fedlt.sweep.expand first")
+        modes = ("federated", "centralized") if cfg["mode"] == "both" else (cfg["mode"],)
+        for mode in modes:
+            c = copy.deepcopy(cfg)
+            c["mode"] = mode
+            c.pop("sweep", None)
+            key = identity(mode, c)
+            if key in seen:
+                continue
+            mine = {k: v for k, v in values.items() if _relevant(mode, k)}
+            path = Path(out) / run_name(cfg["name"], mode, c, mine, short)
+            if path in by_path and by_path[path] != key:
+                raise FedLTError(f"two different runs of the sweep would share the run directory {path}; "
+                                 f"give the swept values distinct names")
+            by_path[path] = key
+            seen[key] = PlannedRun(mode, c, path, mine)
+            runs.append(seen[key])
+    return runs

@@ -1,0 +1,178 @@
+"""The comparison report, built from small synthetic run directories (no training)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from fedlt import compare
+from fedlt.config import DEFAULTS
+from fedlt.report import FIGURES, find_run_dirs, load_runs, read_run, RunError, write_report
+
+C, K = 10, 4
+TRAIN = [int(500 * 0.6 ** c) + 5 for c in range(C)]
+
+
+def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rounds=3):
+    """A finished run directory whose numbers derive from ``acc``."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.pop("sweep", None)
+    cfg.update(name="t", seed=seed, mode=mode)
+    cfg["model"]["name"] = "small_cnn"
+    cfg["partition"].update(alpha=alpha, num_clients=K)
+    cfg["federation"]["rounds"] = rounds
+    cfg["strategy"]["name"] = method if mode == "federated" else "fedavg"
+    cfg["client"]["name"] = "fedavg"
+    cfg["centralized"].update(method=method if mode == "centralized" else "ce", epochs=2.0)
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (d / "env.json").write_text(json.dumps({"device": "cpu", "cpu_threads": 2, "torch": "2.x", "flwr": "1.42.0"}))
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(1, [1 / K] * K, size=sum(TRAIN)).T @ np.repeat(np.eye(C), TRAIN, axis=0)
+    (d / "partition.json").write_text(json.dumps({
+        "method": "dirichlet" if mode == "federated" else "pooled", "num_clients": K,
+        "train_class_counts": TRAIN, "test_class_counts": [100] * C, "client_sizes": counts.sum(1).tolist(),
+        "client_class_counts": counts.astype(int).tolist()}))
+    step = "round" if mode == "federated" else "epoch"
+    with open(d / "metrics.jsonl", "w") as f:
+        for t in range(1, rounds + 1):
+            f.write(json.dumps({step: t, "accuracy": acc * t / rounds, "balanced_accuracy": acc * t / rounds,
+                                "loss": 1.0, "many": acc, "medium": acc, "few": acc, "ece": 0.1}) + "\n")
+    per_class = list(np.clip(np.linspace(acc + 0.3, acc - 0.3, C), 0, 1))
+    bins = {"count": [0] * 5 + [10] * 10, "accuracy": [0.0] * 5 + list(np.linspace(0.3, 0.9, 10)),
+            "confidence": [0.0] * 5 + list(np.linspace(0.37, 0.97, 10))}
+    summary = {"mode": mode, "method": method, "seed": seed, "accuracy": acc, "balanced_accuracy": acc - 0.01,
+               "many": min(1.0, acc + 0.2), "medium": acc, "few": None if acc < 0.2 else acc - 0.2,
+               "ece": 0.05 + acc / 10, "group_rule": "class-index thirds", "per_class": per_class,
+               "reliability": bins, "train_class_counts": TRAIN, "wall_clock_seconds": 12.0, "loss": 1.0}
+    if prior:
+        true = (np.array(TRAIN) / sum(TRAIN)).tolist()
+        summary.update(estimated_prior=(np.array(true) * (1 + 0.1 * rng.standard_normal(C))).tolist(),
+                       true_prior=true, prior_l1=0.05, prior_kl=0.01)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "done").write_text("")
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    acc = {("fedavg", 0): 0.40, ("fedavg", 1): 0.46, ("ce", 0): 0.60, ("ce", 1): 0.64, ("fedprior", 0): 0.50}
+    make_run(root, "fa0", "federated", "fedavg", 0, acc["fedavg", 0])
+    make_run(root, "fa1", "federated", "fedavg", 1, acc["fedavg", 1])
+    make_run(root, "ce0", "centralized", "ce", 0, acc["ce", 0])
+    make_run(root, "ce1", "centralized", "ce", 1, acc["ce", 1])
+    make_run(root, "nested/fp0", "federated", "fedprior", 0, acc["fedprior", 0], prior=True, alpha=0.1)
+    return root, acc
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {(r["mode"], r["method"]): r for r in csv.DictReader(f)}
+
+
+def test_table_matches_summaries(runs, tmp_path):
+    root, acc = runs
+    assert compare.main([str(root), "--out", str(tmp_path / "rep")]) == 0
+    rows = read_csv(tmp_path / "rep" / "summary.csv")
+    assert set(rows) == {("federated", "fedavg"), ("centralized", "ce"), ("federated", "fedprior")}
+    for method, mode in (("fedavg", "federated"), ("ce", "centralized")):
+        a, b = acc[method, 0], acc[method, 1]
+        mean, std = (a + b) / 2, math.sqrt(((a - (a + b) / 2) ** 2 + (b - (a + b) / 2) ** 2) / (2 - 1))
+        r = rows[mode, method]
+        assert float(r["accuracy_mean"]) == pytest.approx(mean)
+        assert float(r["accuracy_std"]) == pytest.approx(std)
+        assert float(r["balanced_accuracy_mean"]) == pytest.approx(mean - 0.01)
+        assert float(r["many_mean"]) == pytest.approx((min(1, a + 0.2) + min(1, b + 0.2)) / 2)
+        assert float(r["few_mean"]) == pytest.approx(mean - 0.2)
+        assert float(r["ece_mean"]) == pytest.approx(0.05 + mean / 10)
+        assert float(r["ece_std"]) == pytest.approx(std / 10)
+        assert r["n_seeds"] == "2" and r["seeds"] == "0 1"
+        md = (tmp_path / "rep" / "table.md").read_text()
+        assert f"{100 * mean:.1f} ± {100 * std:.1f}" in md
+    best_cen = (acc["ce", 0] + acc["ce", 1]) / 2
+    fedavg_mean = (acc["fedavg", 0] + acc["fedavg", 1]) / 2
+    assert float(rows["federated", "fedavg"]["gap_to_best_centralized"]) == pytest.approx(fedavg_mean - best_cen)
+    assert float(rows["centralized", "ce"]["gap_to_best_centralized"]) == pytest.approx(0.0)
+    one = rows["federated", "fedprior"]  # one seed: no std, α shown
+    assert one["accuracy_std"] == "" and one["alpha"] == "0.1" and one["clients"] == str(K)
+    assert rows["centralized", "ce"]["alpha"] == ""
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| Seeds | 0, 1 |" in report and "class-index thirds" in report and "cpu" in report
+
+
+def test_every_figure_written_and_embedded(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "rep"
+    write_report(load_runs([root])[0], out)
+    report = (out / "report.md").read_text()
+    for stem in FIGURES:
+        if stem == "partition":  # one file per partition setting: α=0.5 and α=0.1
+            stems = ["partition-alpha0.1-K4", "partition-alpha0.5-K4"]
+        else:
+            stems = [stem]
+        for s in stems:
+            for ext in ("png", "pdf"):
+                f = out / f"{s}.{ext}"
+                assert f.is_file() and f.stat().st_size > 1000, f
+            assert f"]({s}.png)" in report
+
+
+def test_prior_figure_skipped_with_note(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "a", "federated", "fedavg", 0, 0.3)
+    make_run(root, "b", "centralized", "ce", 0, 0.5)
+    out = tmp_path / "rep"
+    write_report(load_runs([root])[0], out)
+    assert not (out / "prior.png").exists()
+    assert "estimates a global class prior" in (out / "report.md").read_text()
+    assert (out / "partition.png").is_file() and (out / "partition.pdf").is_file()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "unfinished"])
+def test_bad_run_dir_named_and_others_reported(runs, tmp_path, capsys, damage):
+    root, _ = runs
+    bad = make_run(root, "bad", "federated", "fedavg", 2, 0.9)
+    if damage == "corrupt":
+        (bad / "summary.json").write_text('{"mode": "federated", "accuracy": ')
+    elif damage == "missing":
+        (bad / "summary.json").unlink()
+    else:
+        (bad / "done").unlink()
+    out = tmp_path / "rep"
+    assert compare.main([str(root), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and err[0].startswith("error: ")
+    assert {"corrupt": "summary.json is not valid JSON", "missing": "missing summary.json",
+            "unfinished": "unfinished"}[damage] in err[0]
+    rows = read_csv(out / "summary.csv")
+    assert rows["federated", "fedavg"]["n_seeds"] == "2"  # the bad seed-2 run is left out
+    assert len(rows) == 3
+    assert str(bad) in (out / "report.md").read_text()
+
+
+def test_no_readable_run_exits_nonzero(tmp_path, capsys):
+    bad = make_run(tmp_path, "only", "centralized", "ce", 0, 0.5)
+    (bad / "config.yaml").write_text("a: [unclosed")
+    assert compare.main([str(bad), str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err
+    assert "config.yaml is not valid YAML" in err and "nowhere" in err
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_find_run_dirs(runs, tmp_path):
+    root, _ = runs
+    found = find_run_dirs(root)
+    assert [p.name for p in found] == ["ce0", "ce1", "fa0", "fa1", "fp0"]
+    assert find_run_dirs(root / "fa0") == [root / "fa0"]
+    assert read_run(root / "fa0").seed == 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="holds no run directories"):
+        find_run_dirs(tmp_path / "empty")
