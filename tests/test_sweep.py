@@ -1,0 +1,108 @@
+"""Sweeps: expansion, run names, deduplication, validation and skipping finished runs (no training)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fedlt import simulate
+from fedlt.errors import FedLTError
+from fedlt.rundir import RunDir
+from fedlt.sweep import expand, plan
+
+
+def names(runs):
+    return [r.path.name for r in runs]
+
+
+def test_product_of_lists_and_names(tmp_path):
+    combos = expand(None, ["name=d", "sweep.seed=[0,1]", "sweep.partition.alpha=[0.1,1.0]"])
+    assert [v for _, v in combos] == [{"seed": s, "partition.alpha": a} for s in (0, 1) for a in (0.1, 1.0)]
+    for cfg, v in combos:
+        assert cfg["seed"] == v["seed"] and cfg["partition"]["alpha"] == v["partition.alpha"]
+        assert "sweep" not in cfg
+    runs = plan(combos, tmp_path)
+    assert names(runs) == ["d-seed0-alpha0.1-fed-fedavg", "d-seed0-cen-ce", "d-seed0-alpha1-fed-fedavg",
+                           "d-seed1-alpha0.1-fed-fedavg", "d-seed1-cen-ce", "d-seed1-alpha1-fed-fedavg"]
+    assert [r.mode for r in runs].count("centralized") == 2  # the centralized run ignores α: deduplicated
+    assert all(r.cfg["mode"] == r.mode for r in runs)
+
+
+def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: y\nmode: federated\nsweep:\n  strategy.name: [fedavg, fedprox]\n"
+                 "  data:\n    imbalance_factor: [10, 100]\n")
+    combos = expand(f, [])
+    assert len(combos) == 4
+    runs = plan(combos, tmp_path)
+    assert names(runs) == ["y-if10-fed-fedavg", "y-if100-fed-fedavg", "y-if10-fed-fedprox", "y-if100-fed-fedprox"]
+    # each combination is resolved from scratch: fedprox gets its own client method and options
+    prox = runs[2].cfg
+    assert prox["client"]["name"] == "fedprox" and "mu" in prox["strategy"]
+    assert runs[0].cfg["client"]["name"] == "fedavg" and "mu" not in runs[0].cfg["strategy"]
+
+
+def test_federated_run_deduplicated_over_centralized_keys(tmp_path):
+    runs = plan(expand(None, ["name=d", "sweep.centralized.epochs=[1,2]"]), tmp_path)
+    assert names(runs) == ["d-fed-fedavg", "d-epochs1-cen-ce", "d-epochs2-cen-ce"]
+
+
+def test_no_sweep_is_the_plain_config(tmp_path):
+    runs = plan(expand(None, ["name=p"]), tmp_path)
+    assert names(runs) == ["p-fed-fedavg", "p-cen-ce"]
+    assert "sweep" not in runs[0].cfg
+
+
+@pytest.mark.parametrize("item, message", [
+    ("sweep.partition.alpha=[0.5,-1]", "sweep combination partition.alpha=-1: partition.alpha must be > 0"),
+    ("sweep.seed=3", "sweep key 'seed' must list at least one value"),
+    ("sweep.seed=[]", "sweep key 'seed' must list at least one value"),
+    ("sweep.partition.nope=[1]", "sweep combination partition.nope=1: unknown config key 'partition.nope'"),
+    ("sweep.strategy.name=[fedavg,nosuch]", "sweep combination strategy.name=nosuch"),
+])
+def test_validation_error_before_training(item, message, tmp_path, monkeypatch, capsys):
+    with pytest.raises(FedLTError, match="^" + re.escape(message)):
+        expand(None, [item])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(simulate, "run_sweep", lambda *a, **k: pytest.fail("ran before validating the sweep"))
+    assert simulate.main(["--out", str(tmp_path / "runs"), item]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + message[:20])
+
+
+def fake_runners(monkeypatch, calls):
+    """Runners that write a finished run directory the way the real ones do, and count their calls."""
+    import fedlt.centralized
+    import fedlt.federation.runner
+
+    def finish(cfg, run):
+        calls.append(run.path.name)
+        run.write_config(cfg)
+        summary = {"mode": cfg["mode"], "method": "x", "seed": cfg["seed"], "accuracy": 0.5,
+                   "balanced_accuracy": 0.5, "many": 0.5, "medium": 0.5, "few": 0.5, "ece": 0.1, "group_rule": "g"}
+        run.write_summary(summary)
+        return summary
+
+    monkeypatch.setattr(fedlt.federation.runner, "run_federated", lambda cfg, path, verbose=False: finish(cfg, RunDir(path)))
+    monkeypatch.setattr(fedlt.centralized, "run_centralized", finish)
+    monkeypatch.setattr(simulate, "check_data", lambda cfgs: None)
+
+
+def test_finished_runs_skipped_and_unfinished_rerun(tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+    fake_runners(monkeypatch, calls)
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", "runs", "name=s", "sweep.seed=[0,1]", "sweep.partition.alpha=[0.1,1]"]
+    assert simulate.main(args) == 0
+    assert len(calls) == 6 and len(set(calls)) == 6
+    assert simulate.main(args) == 0  # a restart redoes nothing
+    assert len(calls) == 6
+    assert capsys.readouterr().out.count("already finished; skipped") == 6
+    (tmp_path / "runs" / "s-seed1-alpha1-fed-fedavg" / "done").unlink()  # interrupted before the end
+    assert simulate.main(args) == 0
+    assert calls[6:] == ["s-seed1-alpha1-fed-fedavg"]
+    assert simulate.main(args + ["federation.rounds=7"]) == 0  # a changed config is not "finished"
+    assert {c for c in calls[:6] if "-fed-" in c} <= set(calls[7:])
+    cfg = (tmp_path / "runs" / "s-seed0-cen-ce" / "config.yaml").read_text()
+    assert "sweep" not in cfg and "seed: 0" in cfg and "mode: centralized" in cfg
