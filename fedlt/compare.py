@@ -13,23 +13,29 @@ import shlex
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedlt.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory, or a folder of them")
-    parser.add_argument("--out", required=True, help="folder for the report (created)")
-    args = parser.parse_args(argv)
+def make_report(paths: list, out: str, command: str | None = None) -> int:
+    """Write the report of the runs under ``paths`` into ``out``; print unreadable runs to stderr and the
+    report's path to stdout. Returns the exit status: 1 when no run could be read."""
     from fedlt.report import load_runs, write_report
 
-    runs, errors = load_runs(args.runs)
+    runs, errors = load_runs(paths)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not runs:
         print("error: no run could be read; no report written", file=sys.stderr)
         return 1
-    command = "python -m fedlt.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    report = write_report(runs, args.out, errors, command)
-    print(f"report of {len(runs)} runs: {report}")
+    report = write_report(runs, out, errors, command)
+    print(f"report of {len(runs)} runs: {report}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedlt.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory, or a folder of them")
+    parser.add_argument("--out", required=True, help="folder for the report (created)")
+    args = parser.parse_args(argv)
+    command = "python -m fedlt.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return make_report(args.runs, args.out, command)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ listed values, each into its own run directory; finished runs are skipped (see f
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="folder for the run directories (default: runs)")
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
+                                                         "into DIR (as python -m fedlt.compare does)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
@@ -117,11 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config
         if path is None and Path("configs/default.yaml").is_file():
             path = "configs/default.yaml"
-        summaries = run_sweep(expand(path, args.overrides), args.out, args.verbose)
+        combos = expand(path, args.overrides)
+        summaries = run_sweep(combos, args.out, args.verbose)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(summaries))
+    if args.report:
+        from fedlt.compare import make_report
+        from fedlt.sweep import plan
+
+        return make_report([r.path for r in plan(combos, args.out)], args.report,
+                           "python -m fedlt.simulate " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 

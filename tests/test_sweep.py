@@ -106,3 +106,16 @@ def test_finished_runs_skipped_and_unfinished_rerun(tmp_path, monkeypatch, capsy
     assert {c for c in calls[:6] if "-fed-" in c} <= set(calls[7:])
     cfg = (tmp_path / "runs" / "s-seed0-cen-ce" / "config.yaml").read_text()
     assert "sweep" not in cfg and "seed: 0" in cfg and "mode: centralized" in cfg
+
+
+def test_report_of_exactly_these_runs(tmp_path, monkeypatch):
+    import fedlt.compare
+
+    fake_runners(monkeypatch, [])
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(fedlt.compare, "make_report",
+                        lambda paths, out, command: seen.update(paths=[p.name for p in paths], out=out) or 0)
+    assert simulate.main(["--out", "runs", "name=r", "sweep.seed=[0,1]", "--report", "runs/report"]) == 0
+    assert seen == {"paths": ["r-seed0-fed-fedavg", "r-seed0-cen-ce", "r-seed1-fed-fedavg", "r-seed1-cen-ce"],
+                    "out": "runs/report"}
