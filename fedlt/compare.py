@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory, or a folder of them")
     parser.add_argument("--out", required=True, help="folder for the report (created)")
     args = parser.parse_args(argv)
-    command = "python -m fedlt.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m fedlt.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
     return make_report(args.runs, args.out, command)
 
 

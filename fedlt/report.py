@@ -196,13 +196,13 @@ class Row:
         if name == "data":
             return str(g("data.name"))
         if name == "beta":
-            return "–" if g("data.profile") == "none" else f"{g('data.imbalance_factor'):g}"
+            return "–" if g("data.profile") == "none" else _fmt_value(g("data.imbalance_factor"))
         if self.mode == "centralized":
             return "–"
         if name == "alpha":
             method = g("partition.method")
             if method == "dirichlet":
-                return f"{g('partition.alpha'):g}"
+                return _fmt_value(g("partition.alpha"))
             return "IID" if method == "iid" else f"{g('partition.shards_per_client')} shards"
         return str(g("partition.num_clients"))
 
@@ -248,16 +248,22 @@ def build_rows(runs: list[Run]) -> list[Row]:
         by_method.setdefault((row.mode, row.method), []).append(row)
     for same in by_method.values():
         keys = sorted({k for row in same for k in row.setting})
-        varying = [k for k in keys if k not in COLUMN_KEYS and len({json.dumps(r.get(k), default=str) for r in same}) > 1]
+        varying = [k for k in keys
+                   if k not in COLUMN_KEYS and len({json.dumps(r.get(k), default=str) for r in same}) > 1]
         for row in same:
             row.other_items = [(k, _fmt_value(row.get(k))) for k in varying if k in row.setting]
-    rows.sort(key=lambda r: (r.data_key, r.mode != "centralized", r.method, str(r.get("partition.method")),
-                             r.get("partition.alpha") or 0, r.get("partition.num_clients") or 0, r.other))
+    rows.sort(key=lambda r: (str(r.get("data.name")), _num(r.get("data.imbalance_factor")), r.data_key,
+                             r.mode != "centralized", r.method, str(r.get("partition.method")),
+                             _num(r.get("partition.alpha")), _num(r.get("partition.num_clients")), r.other))
     return rows
 
 
 def _fmt_value(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return f"{v:g}" if isinstance(v, float) else "?" if v is None else str(v)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else 0.0
 
 
 def row_labels(rows: list[Row]) -> list[str]:
@@ -296,7 +302,8 @@ def markdown_table(rows: list[Row]) -> str:
            ["Δ best central"]
     if not any(r.other for r in rows):
         head.remove("Other")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 7 else "--:" for i in range(len(head))) + "|"]
+    text = ("Mode", "Method", "Data", "Other")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in text else "--:" for h in head) + "|"]
     for r in rows:
         cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
                  r.column("alpha"), r.column("clients")] + (["Other"] if "Other" in head else []) + \
@@ -380,14 +387,15 @@ def fig_accuracy_rounds(rows: list[Row], labels: list[str], out: Path, stem: str
     centralized row's final accuracy as a horizontal line."""
     fed = [(r, lab) for r, lab in zip(rows, labels) if r.mode == "federated"]
     cen = [(r, lab) for r, lab in zip(rows, labels) if r.mode == "centralized"]
-    if not fed and not cen:
+    if not fed:
         return []
     plt = _plt()
     legend = [lab for _, lab in fed] + [f"{lab} (final)" for _, lab in cen]
     fig, ax = plt.subplots(figsize=(WIDTH, _height(2.3, legend)))
     max_round = 1
     for i, (r, lab) in enumerate(fed):
-        curves = [{m["round"]: m["accuracy"] for m in run.metrics if "round" in m} for run in r.runs]
+        curves = [{m["round"]: m["accuracy"] for m in run.metrics if "round" in m and m.get("accuracy") is not None}
+                  for run in r.runs]
         rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not rounds:
             continue
@@ -586,6 +594,8 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
                                              f"torch {e.get('torch', '?')}", f"flwr {e.get('flwr', '?')}",
                                              e.get("platform", "")) if x) for e in env}) or ["unknown (no env.json)"]
     models = _values(runs, "model.name")
+    dirichlet = [r for r in fed if flatten(r.config).get("partition.method") == "dirichlet"]
+    seconds = sum(float(r.summary.get("wall_clock_seconds") or 0) for r in runs)
     items = [
         ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
         ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
@@ -593,15 +603,16 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
         ("Imbalance factor β = N_max/N_min", _join(_values(runs, "data.imbalance_factor"))),
         ("Model", _join(models, "data set default")),
         ("Partition", f"{_join(_values(fed, 'partition.method'))}; Dirichlet α: "
-                      f"{_join(_values([r for r in fed if r.config['partition']['method'] == 'dirichlet'], 'partition.alpha'))}"),
+                      f"{_join(_values(dirichlet, 'partition.alpha'))}"),
         ("Clients K", _join(_values(fed, "partition.num_clients"))
          + f" (fraction per round: {_join(_values(fed, 'federation.fraction'))})"),
-        ("Rounds", _join(_values(fed, "federation.rounds")) + f" (local epochs: {_join(_values(fed, 'train.local_epochs'))})"),
+        ("Rounds", _join(_values(fed, "federation.rounds"))
+         + f" (local epochs: {_join(_values(fed, 'train.local_epochs'))})"),
         ("Centralized epochs", _join(_values(cen, "centralized.epochs"))),
         ("Seeds", _join(sorted({r.seed for r in runs}, key=str))),
         ("Group rule", _join(sorted({str(r.summary.get("group_rule", "?")) for r in runs}))),
         ("Hardware", "; ".join(hardware)),
-        ("Wall clock", f"{sum(float(r.summary.get('wall_clock_seconds') or 0) for r in runs) / 60:.1f} min over all runs"),
+        ("Wall clock", f"{seconds / 60:.1f} min of training and evaluation over all runs"),
     ]
     return "| Setting | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in items)
 
@@ -609,7 +620,7 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
 def _slug(text: str) -> str:
     import re
 
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
 
 
 def _data_title(row: Row) -> str:
@@ -639,17 +650,19 @@ def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = No
     for rs in by_data.values():
         labels = row_labels(rs)
         name = _data_title(rs[0])
-        sfx = f"-{_slug(name)}" if multi else ""
+        beta = rs[0].column("beta")
+        sfx = (f"-{_slug(rs[0].column('data'))}" + ("" if beta == "–" else f"-beta{beta}")) if multi else ""
         head = f"### {name}\n\n" if multi else ""
         part = [head]
         files = fig_accuracy_rounds(rs, labels, out, f"accuracy_rounds{sfx}", f"Test accuracy per round ({name})")
         part.append(_figure(files, "Accuracy per round",
                             "Test accuracy of the global model after each round (mean over seeds; band: min–max "
                             "over seeds). Horizontal lines: final accuracy of the centralized baselines "
-                            "(mean over seeds)."))
+                            "(mean over seeds)." if files else "No federated run in this setting."))
         files = fig_group_accuracy(rs, labels, out, f"group_accuracy{sfx}", f"Accuracy by class group ({name})")
+        rule = rs[0].runs[0].summary.get("group_rule")
         part.append(_figure(files, "Many / medium / few-shot accuracy",
-                            f"Mean over seeds; error bars: sample std. Groups: {rs[0].runs[0].summary.get('group_rule')}."))
+                            f"Mean over seeds; error bars: sample std. Groups: {rule}."))
         files = fig_per_class(rs, labels, out, f"per_class{sfx}", f"Per-class accuracy ({name})")
         part.append(_figure(files, "Per-class accuracy against training-set size",
                             "Each marker is one class (final model, mean over seeds); the x-axis is the class's "

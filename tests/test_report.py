@@ -61,9 +61,7 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
     return d
 
 
-@pytest.fixture
-def runs(tmp_path):
-    root = tmp_path / "runs"
+def make_runs(root):
     acc = {("fedavg", 0): 0.40, ("fedavg", 1): 0.46, ("ce", 0): 0.60, ("ce", 1): 0.64, ("fedprior", 0): 0.50}
     make_run(root, "fa0", "federated", "fedavg", 0, acc["fedavg", 0])
     make_run(root, "fa1", "federated", "fedavg", 1, acc["fedavg", 1])
@@ -73,15 +71,29 @@ def runs(tmp_path):
     return root, acc
 
 
+@pytest.fixture
+def runs(tmp_path):
+    return make_runs(tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The report of five runs (two seeds of FedAvg and centralized CE, one seed of a prior-estimating
+    strategy), written once by the command line."""
+    tmp = tmp_path_factory.mktemp("report")
+    root, acc = make_runs(tmp / "runs")
+    assert compare.main([str(root), "--out", str(tmp / "rep")]) == 0
+    return tmp / "rep", acc
+
+
 def read_csv(path):
     with open(path) as f:
         return {(r["mode"], r["method"]): r for r in csv.DictReader(f)}
 
 
-def test_table_matches_summaries(runs, tmp_path):
-    root, acc = runs
-    assert compare.main([str(root), "--out", str(tmp_path / "rep")]) == 0
-    rows = read_csv(tmp_path / "rep" / "summary.csv")
+def test_table_matches_summaries(report):
+    out, acc = report
+    rows = read_csv(out / "summary.csv")
     assert set(rows) == {("federated", "fedavg"), ("centralized", "ce"), ("federated", "fedprior")}
     for method, mode in (("fedavg", "federated"), ("ce", "centralized")):
         a, b = acc[method, 0], acc[method, 1]
@@ -95,7 +107,7 @@ def test_table_matches_summaries(runs, tmp_path):
         assert float(r["ece_mean"]) == pytest.approx(0.05 + mean / 10)
         assert float(r["ece_std"]) == pytest.approx(std / 10)
         assert r["n_seeds"] == "2" and r["seeds"] == "0 1"
-        md = (tmp_path / "rep" / "table.md").read_text()
+        md = (out / "table.md").read_text()
         assert f"{100 * mean:.1f} ± {100 * std:.1f}" in md
     best_cen = (acc["ce", 0] + acc["ce", 1]) / 2
     fedavg_mean = (acc["fedavg", 0] + acc["fedavg", 1]) / 2
@@ -104,15 +116,14 @@ def test_table_matches_summaries(runs, tmp_path):
     one = rows["federated", "fedprior"]  # one seed: no std, α shown
     assert one["accuracy_std"] == "" and one["alpha"] == "0.1" and one["clients"] == str(K)
     assert rows["centralized", "ce"]["alpha"] == ""
-    report = (tmp_path / "rep" / "report.md").read_text()
-    assert "| Seeds | 0, 1 |" in report and "class-index thirds" in report and "cpu" in report
+    text = (out / "report.md").read_text()
+    assert "| Seeds | 0, 1 |" in text and "class-index thirds" in text and "cpu" in text
+    assert md.strip() in text
 
 
-def test_every_figure_written_and_embedded(runs, tmp_path):
-    root, _ = runs
-    out = tmp_path / "rep"
-    write_report(load_runs([root])[0], out)
-    report = (out / "report.md").read_text()
+def test_every_figure_written_and_embedded(report):
+    out, _ = report
+    text = (out / "report.md").read_text()
     for stem in FIGURES:
         if stem == "partition":  # one file per partition setting: α=0.5 and α=0.1
             stems = ["partition-alpha0.1-K4", "partition-alpha0.5-K4"]
@@ -122,7 +133,7 @@ def test_every_figure_written_and_embedded(runs, tmp_path):
             for ext in ("png", "pdf"):
                 f = out / f"{s}.{ext}"
                 assert f.is_file() and f.stat().st_size > 1000, f
-            assert f"]({s}.png)" in report
+            assert f"]({s}.png)" in text
 
 
 def test_prior_figure_skipped_with_note(tmp_path):
@@ -136,26 +147,47 @@ def test_prior_figure_skipped_with_note(tmp_path):
     assert (out / "partition.png").is_file() and (out / "partition.pdf").is_file()
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing", "unfinished"])
-def test_bad_run_dir_named_and_others_reported(runs, tmp_path, capsys, damage):
-    root, _ = runs
+DAMAGE = {"corrupt": "summary.json is not valid JSON", "missing": "missing summary.json",
+          "unfinished": "unfinished run", "bad-metrics": "metrics.jsonl line 2 is not valid JSON",
+          "no-config": "missing config.yaml"}
+
+
+def damaged_run(root, damage):
     bad = make_run(root, "bad", "federated", "fedavg", 2, 0.9)
     if damage == "corrupt":
         (bad / "summary.json").write_text('{"mode": "federated", "accuracy": ')
     elif damage == "missing":
         (bad / "summary.json").unlink()
-    else:
+    elif damage == "unfinished":
         (bad / "done").unlink()
+    elif damage == "bad-metrics":
+        lines = (bad / "metrics.jsonl").read_text().splitlines()
+        (bad / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20] + "\n")
+    else:
+        (bad / "config.yaml").unlink()
+    return bad
+
+
+def test_bad_run_dir_named_and_others_reported(runs, tmp_path, capsys):
+    root, _ = runs
+    bad = damaged_run(root, "corrupt")
     out = tmp_path / "rep"
     assert compare.main([str(root), "--out", str(out)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(bad) in err[0] and err[0].startswith("error: ")
-    assert {"corrupt": "summary.json is not valid JSON", "missing": "missing summary.json",
-            "unfinished": "unfinished"}[damage] in err[0]
+    assert err == [f"error: {bad}: summary.json is not valid JSON (Expecting value at line 1)"]
     rows = read_csv(out / "summary.csv")
     assert rows["federated", "fedavg"]["n_seeds"] == "2"  # the bad seed-2 run is left out
     assert len(rows) == 3
     assert str(bad) in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_each_damage_one_line_naming_the_run(runs, damage):
+    root, _ = runs
+    bad = damaged_run(root, damage)
+    good, errors = load_runs([root])
+    assert len(good) == 5 and len(errors) == 1
+    assert errors[0].startswith(f"{bad}: ") and DAMAGE[damage] in errors[0] and "\n" not in errors[0]
 
 
 def test_no_readable_run_exits_nonzero(tmp_path, capsys):

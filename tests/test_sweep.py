@@ -84,7 +84,8 @@ def fake_runners(monkeypatch, calls):
         run.write_summary(summary)
         return summary
 
-    monkeypatch.setattr(fedlt.federation.runner, "run_federated", lambda cfg, path, verbose=False: finish(cfg, RunDir(path)))
+    monkeypatch.setattr(fedlt.federation.runner, "run_federated",
+                        lambda cfg, path, verbose=False: finish(cfg, RunDir(path)))
     monkeypatch.setattr(fedlt.centralized, "run_centralized", finish)
     monkeypatch.setattr(simulate, "check_data", lambda cfgs: None)
 
