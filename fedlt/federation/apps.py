@@ -20,7 +20,7 @@ from fedlt.config import load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
 from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
-from fedlt.registry import CLIENTS
+from fedlt.registry import CLIENTS, import_plugins
 
 
 def config_from_context(context: Context) -> dict:
@@ -42,6 +42,7 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
 
     def setup(msg: Message, context: Context):
         c = cfg or config_from_context(context)
+        import_plugins(c["plugins"])
         torch.set_num_threads(max(1, int(c["federation"]["client_cpus"])))
         pid = int(context.node_config["partition-id"])
         exp = experiment_for(c)
