@@ -8,6 +8,7 @@ run config: ``config`` (a YAML path), ``overrides`` (space-separated KEY=VALUE) 
 from __future__ import annotations
 
 import shlex
+import time
 import traceback
 
 import torch
@@ -58,7 +59,10 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         c, pid, data, model, method, config, gen = setup(msg, context)
-        return _reply(msg, method.fit(model, data, config, gen, augment_for(c)), pid)
+        t0 = time.perf_counter()
+        result = method.fit(model, data, config, gen, augment_for(c))
+        result.metrics["fit_seconds"] = time.perf_counter() - t0
+        return _reply(msg, result, pid)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
