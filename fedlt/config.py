@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "mode": "both",  # federated | centralized | both
     "device": "auto",
+    "plugins": [],  # extra plug-in modules to import (server and clients), e.g. my_lab.my_strategy
     "data": {
         "name": "fashion_mnist",
         "root": None,
@@ -232,9 +233,10 @@ def _positive(cfg: dict, key: str, strict: bool = True) -> None:
 
 def validate(cfg: dict) -> dict:
     """Check every key, type and range; fill plug-in defaults. Raises :class:`FedLTError`."""
-    from fedlt.registry import DATASETS, MODELS
+    from fedlt.registry import DATASETS, MODELS, import_plugins
 
     _check_section(cfg, DEFAULTS)
+    import_plugins(cfg["plugins"])
     for key, choices in CHOICES.items():
         if get_dotted(cfg, key) not in choices:
             raise FedLTError(f"config key {key!r} must be one of {', '.join(choices)}, got {get_dotted(cfg, key)!r}")

@@ -39,6 +39,16 @@ def load_plugins() -> None:
         ep.load()
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import the plug-in modules a config names (``plugins: [...]``); each registers what it defines."""
+    load_plugins()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise FedLTError(f"cannot import plug-in module {name!r}: {exc}") from None
+
+
 class Registry(Generic[T]):
     """A named table of objects of one kind, with optional metadata per entry."""
 

@@ -8,6 +8,7 @@ run config: ``config`` (a YAML path), ``overrides`` (space-separated KEY=VALUE) 
 from __future__ import annotations
 
 import shlex
+import time
 import traceback
 
 import torch
@@ -20,7 +21,7 @@ from fedlt.config import load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
 from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
-from fedlt.registry import CLIENTS
+from fedlt.registry import CLIENTS, import_plugins
 
 
 def config_from_context(context: Context) -> dict:
@@ -42,6 +43,7 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
 
     def setup(msg: Message, context: Context):
         c = cfg or config_from_context(context)
+        import_plugins(c["plugins"])
         torch.set_num_threads(max(1, int(c["federation"]["client_cpus"])))
         pid = int(context.node_config["partition-id"])
         exp = experiment_for(c)
@@ -57,7 +59,10 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         c, pid, data, model, method, config, gen = setup(msg, context)
-        return _reply(msg, method.fit(model, data, config, gen, augment_for(c)), pid)
+        t0 = time.perf_counter()
+        result = method.fit(model, data, config, gen, augment_for(c))
+        result.metrics["fit_seconds"] = time.perf_counter() - t0
+        return _reply(msg, result, pid)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -83,8 +83,9 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
     for server_round in range(start, rounds + 1):
         t0 = time.time()
         config = ConfigRecord({"lr": round_lr(cfg, server_round)})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid))
+        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid)))
         t_train = time.time() - t0
+        fit_seconds = sum(m.content["metrics"].get("fit_seconds", 0.0) for m in replies if not m.has_error())
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: no client returned weights")
@@ -96,7 +97,8 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
         row = {"round": server_round, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
                "balanced_accuracy": metrics["balanced_accuracy"], **{g: metrics[g] for g in GROUPS},
                "ece": metrics["ece"], "train_loss": (train_metrics or {}).get("train_loss"),
-               "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train}
+               "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
+               "client_fit_seconds": fit_seconds}
         run.append_metrics(row)
         print(progress_line(f"[federated {cfg['strategy']['name']}] round {server_round}/{rounds}", metrics, seconds),
               flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -131,8 +130,3 @@ class FedLTStrategy(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         self.failures = state.get("failures", 0)
 
-
-def weighted_mean(values: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Σ_k w_k·v_k / Σ_k w_k."""
-    w = np.asarray(weights, dtype=np.float64)
-    return np.tensordot(w / w.sum(), np.stack(values), axes=1)

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (Debian/Ubuntu, Python 3.11):
+#   make demo   installs everything, runs the default Fashion-MNIST-LT experiment (FedAvg vs centralized)
+#   make test   installs everything, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test clean
+
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+setup: $(FASHION) $(VENV)/.installed
+
+demo: setup
+	$(PY) -m fedlt.simulate --config configs/default.yaml --out runs
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs

@@ -1,0 +1,16 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# Plug-in modules written for the tests live in tests/plugins; Flower's client actors import them too.
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir() and not os.environ.get("CI"),
+                                   reason="Debian's dataset-fashion-mnist is not installed")

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, needs_fashion
+from fedlt.config import load_config
+from fedlt.simulate import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("foo.bar=1", "unknown config key 'foo.bar'"),
+    ("partition.colour=red", "unknown config key 'partition.colour'"),
+    ("federation.rounds=many", "'federation.rounds' must be int"),
+    ("train.lr=fast", "'train.lr' must be float"),
+    ("partition.alpha=0", "partition.alpha must be > 0"),
+    ("partition.alpha=-1", "partition.alpha must be > 0"),
+    ("data.imbalance_factor=0.5", "imbalance_factor must be >= 1"),
+    ("federation.fraction=0", "federation.fraction must be in (0, 1]"),
+    ("federation.fraction=1.5", "federation.fraction must be in (0, 1]"),
+    ("strategy.name=nope", "unknown strategy 'nope'"),
+    ("strategy.mu=1", "unknown config key 'strategy.mu' for strategy 'fedavg'"),
+    ("mode=sideways", "'mode' must be one of"),
+    ("data.name=mnist", "unknown data set 'mnist'"),
+])
+def test_bad_config_is_a_one_line_error(capsys, override, message):
+    code, out = run_cli(capsys, "--config", str(ROOT / "configs/default.yaml"), override)
+    assert code == 2
+    assert out.err.startswith("error: ") and message in out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+def test_missing_data_set_is_a_one_line_error(capsys, tmp_path):
+    code, out = run_cli(capsys, "--out", str(tmp_path), f"data.root={tmp_path}/nowhere")
+    assert code == 2 and "nowhere" in out.err and "dataset-fashion-mnist" in out.err
+    assert out.err.count("\n") == 1
+
+
+@needs_fashion
+def test_more_clients_than_samples_is_a_one_line_error(capsys, tmp_path):
+    code, out = run_cli(capsys, "--out", str(tmp_path), "partition.num_clients=20000")
+    assert code == 2 and "20000" in out.err and out.err.count("\n") == 1
+
+
+def test_missing_config_file(capsys):
+    code, out = run_cli(capsys, "--config", "no/such.yaml")
+    assert code == 2 and "no/such.yaml" in out.err
+
+
+def test_real_command_line_exits_nonzero_without_traceback():
+    p = subprocess.run([sys.executable, "-m", "fedlt.simulate", "partition.alpha=0"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == "error: partition.alpha must be > 0, got 0.0"
+
+
+def test_list_shows_every_registry(capsys):
+    code, out = run_cli(capsys, "--list")
+    assert code == 0
+    for word in ("fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "resnet32", "small_cnn", "resnet18",
+                 "fedavg", "fedprox", "fedavgm", "ce"):
+        assert word in out.out
+
+
+def test_overrides_and_types():
+    cfg = load_config(ROOT / "configs/default.yaml", ["partition.alpha=1", "federation.rounds=3",
+                                                       "strategy.name=fedprox", "strategy.mu=0.1"])
+    assert cfg["partition"]["alpha"] == 1.0 and isinstance(cfg["partition"]["alpha"], float)
+    assert cfg["federation"]["rounds"] == 3
+    assert cfg["client"]["name"] == "fedprox"  # the strategy brings its paired client
+    assert cfg["strategy"]["mu"] == 0.1
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,105 @@
+"""Federated runs through Flower's simulation engine on a small Fashion-MNIST-LT, and the strategy's
+aggregation on hand-made replies."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Metadata
+
+from conftest import needs_fashion
+from fedlt.config import load_config
+from fedlt.federation.runner import run_federated
+from fedlt.federation.strategy import ClientFailure, FedLTStrategy, sample_cohort
+
+SMALL = ["mode=federated", "partition.num_clients=4", "federation.rounds=3", "federation.fraction=0.75",
+         "train.local_steps=25", "train.batch_size=32", "model.name=small_cnn", "data.imbalance_factor=100"]
+RUN_FILES = ("config.yaml", "env.json", "partition.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
+
+
+def small_cfg(*extra):
+    return load_config(None, SMALL + list(extra))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fed") / "run"
+    return path, run_federated(small_cfg(), str(path))
+
+
+@needs_fashion
+def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
+    path, summary = first_run
+    for name in RUN_FILES:
+        assert (path / name).is_file(), name
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "accuracy", "balanced_accuracy", "many", "medium", "few"):
+        assert key in rows[0]
+    assert summary["accuracy"] > 0.2  # chance is 0.1 on the balanced test set
+    for key in ("accuracy", "balanced_accuracy", "many", "medium", "few", "per_class", "ece", "group_rule",
+                "wall_clock_seconds"):
+        assert key in json.loads((path / "summary.json").read_text())
+    part = json.loads((path / "partition.json").read_text())
+    assert np.sum(part["client_class_counts"]) == 14886 and len(part["client_class_counts"]) == 4
+    assert [r["clients"] for r in rows] == [sample_cohort(0, t, 4, 0.75) for t in (1, 2, 3)]
+
+
+@needs_fashion
+def test_same_seed_gives_identical_numbers(first_run, tmp_path):
+    _, a = first_run
+    b = run_federated(small_cfg(), str(tmp_path / "again"))
+    for key in ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "per_class"):
+        assert a[key] == b[key], key
+
+
+@needs_fashion
+def test_interrupted_run_resumes_to_the_same_result(first_run, tmp_path):
+    _, reference = first_run
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    cfg = small_cfg("plugins=[plugins_for_tests]", "strategy.name=interrupt_once", "strategy.stop_round=3",
+                    f"strategy.flag={flag}", "client.name=fedavg")
+    path = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="interrupted before round 3"):
+        run_federated(cfg, str(path))
+    assert not (path / "summary.json").exists()
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed = run_federated(cfg, str(path))
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 3
+    for key in ("accuracy", "per_class", "ece"):
+        assert resumed[key] == reference[key], key
+
+
+@needs_fashion
+def test_a_failing_client_fails_the_run_with_its_traceback(tmp_path):
+    cfg = small_cfg("plugins=[plugins_for_tests]", "client.name=failing_client", "federation.fraction=1.0",
+                    "federation.rounds=1")
+    with pytest.raises(ClientFailure, match="deliberate failure on partition 1"):
+        run_federated(cfg, str(tmp_path / "run"))
+
+
+def reply(pid: int, n: int, value: float) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2, 2), value)}),
+                          "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "train_loss": value})})
+    msg = Message(content=content, dst_node_id=0, message_type="train")
+    return msg
+
+
+def test_fedavg_aggregate_is_the_weighted_mean():
+    cfg = small_cfg()
+    strategy = FedLTStrategy(cfg, 10)
+    replies = [reply(2, 30, 4.0), reply(0, 10, 1.0), reply(1, 60, -2.0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (10 * 1.0 + 60 * -2.0 + 30 * 4.0) / 100
+    assert np.allclose(arrays["w"].numpy(), expected)
+    assert metrics["train_loss"] == pytest.approx(expected)
+
+
+def test_cohorts_are_seeded_distinct_and_sized():
+    a = sample_cohort(0, 5, 100, 0.2)
+    assert a == sample_cohort(0, 5, 100, 0.2) and len(a) == 20 and len(set(a)) == 20
+    assert a != sample_cohort(0, 6, 100, 0.2) and a != sample_cohort(1, 5, 100, 0.2)
+    assert sample_cohort(0, 1, 3, 0.01) and len(sample_cohort(0, 1, 3, 1.0)) == 3

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from fedlt.metrics import class_groups, evaluate_logits, expected_calibration_error
+
+
+def test_count_rule_groups():
+    groups, rule = class_groups(np.array([500, 101, 100, 20, 19, 1]))
+    assert groups.tolist() == [0, 0, 1, 1, 2, 2]
+    assert rule.startswith("count")
+
+
+def test_thirds_when_count_rule_leaves_a_group_empty():
+    groups, rule = class_groups(np.array([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]))
+    assert groups.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rule.startswith("class-index thirds")
+
+
+def test_accuracy_balanced_and_groups_on_hand_made_predictions():
+    # 3 classes; test labels unbalanced on purpose so that top-1 != balanced accuracy
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 0, 0])  # class 0: 3/4, class 1: 1/2, class 2: 0/2
+    logits = torch.full((8, 3), -5.0)
+    logits[torch.arange(8), torch.as_tensor(pred)] = 5.0
+    m = evaluate_logits(logits, labels, train_counts=np.array([500, 50, 5]))
+    assert m["accuracy"] == pytest.approx(4 / 8)
+    assert m["balanced_accuracy"] == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+    assert m["per_class"] == pytest.approx([0.75, 0.5, 0.0])
+    assert (m["many"], m["medium"], m["few"]) == pytest.approx((0.75, 0.5, 0.0))
+
+
+def test_ece_hand_computed():
+    # confidences 0.9 (correct), 0.9 (wrong), 0.6 (correct), 0.3 (wrong) in 15 bins of width 1/15
+    probs = np.array([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.3, 0.3, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bins: {0.9, 0.9}: acc 0.5, conf 0.9; {0.6}: acc 1, conf 0.6; {0.4}: acc 0 (pred 2), conf 0.4
+    expected = 0.5 * abs(0.5 - 0.9) + 0.25 * abs(1 - 0.6) + 0.25 * abs(0 - 0.4)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+
+
+def test_reliability_bins_put_full_confidence_in_the_last_bin():
+    from fedlt.metrics import reliability_bins
+
+    bins = reliability_bins(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([0, 1]))
+    assert bins["count"][14] == 1 and bins["accuracy"][14] == 1.0
+    assert bins["count"][7] == 1  # 0.5 lies in (7/15, 8/15]
+    assert sum(bins["count"]) == 2

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from fedlt.data.augment import random_crop_flip
+from fedlt.models import build_model
+from fedlt.train import Augment, OptimConfig, TensorData, predict_logits, train
+
+
+def test_resnet32_has_about_046m_parameters_and_split_parts():
+    m = build_model("resnet32", 10, 3)
+    n = sum(p.numel() for p in m.parameters())
+    assert 0.45e6 < n < 0.48e6
+    x = torch.randn(2, 3, 32, 32)
+    h = m.features(x)
+    assert h.shape == (2, 64)
+    assert torch.allclose(m.classifier(h), m(x))
+
+
+@pytest.mark.parametrize("name,c,s", [("small_cnn", 1, 28), ("resnet18", 3, 64), ("resnet50", 3, 64)])
+def test_every_model_exposes_features_and_classifier(name, c, s):
+    m = build_model(name, 7, c).eval()
+    x = torch.randn(2, c, s, s)
+    assert m.classifier(m.features(x)).shape == (2, 7)
+
+
+def test_crop_with_padding_is_a_shift_with_zero_fill():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(64, 1, 1, 1) + 1
+    out = random_crop_flip(x, padding=1, generator=torch.Generator().manual_seed(0), flip=False)
+    assert out.shape == x.shape
+    for img in out:  # every output is the input shifted by (dy, dx) in {-1,0,1}², zeros entering
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if torch.equal(img[0], torch.nn.functional.pad(x[0, 0], (1, 1, 1, 1))[1 + dy:5 + dy, 1 + dx:5 + dx])]
+        assert matches
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 1  # per-image offsets
+
+
+def test_flip_flips_about_half():
+    x = torch.arange(4.0).reshape(1, 1, 1, 4).repeat(200, 1, 1, 1)
+    out = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(0))
+    flipped = (out[:, 0, 0, 0] == 3).sum().item()
+    assert 60 < flipped < 140 and ((out[:, 0, 0, 0] == 0) | (out[:, 0, 0, 0] == 3)).all()
+
+
+def test_lr_schedule_warmup_step_cosine():
+    opt = OptimConfig(lr=0.1, warmup_epochs=5, schedule="step", milestones=[160, 180], gamma=0.01)
+    assert opt.lr_at(0, 200) == pytest.approx(0.02) and opt.lr_at(4.5, 200) == pytest.approx(0.1)
+    assert opt.lr_at(100, 200) == pytest.approx(0.1)
+    assert opt.lr_at(170, 200) == pytest.approx(1e-3) and opt.lr_at(190, 200) == pytest.approx(1e-5)
+    cos = OptimConfig(lr=1.0, schedule="cosine")
+    assert cos.lr_at(0, 10) == pytest.approx(1.0) and cos.lr_at(5, 10) == pytest.approx(0.5)
+
+
+def toy_data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    images[labels == 1, :, :4, :] = 200  # class 1: bright top half
+    images += torch.randint(0, 30, images.shape, generator=g, dtype=torch.uint8)
+    return TensorData(images, labels, torch.tensor([0.5]), torch.tensor([0.5]), 2)
+
+
+def test_train_learns_a_separable_toy_problem_and_is_deterministic():
+    def run():
+        torch.manual_seed(0)
+        m = build_model("small_cnn", 2, 1, width=8)
+        r = train(m, toy_data(), opt=OptimConfig(lr=0.05, batch_size=32), epochs=6,
+                  generator=torch.Generator().manual_seed(1), augment=Augment(1, True))
+        return m, r
+    m1, r1 = run()
+    m2, r2 = run()
+    acc = (predict_logits(m1, toy_data(seed=1)).argmax(1) == toy_data(seed=1).labels).float().mean()
+    assert acc > 0.95
+    assert r1.steps == 6 * 8 and r1.loss == r2.loss
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_train_by_steps():
+    m = build_model("small_cnn", 2, 1, width=4)
+    r = train(m, toy_data(), opt=OptimConfig(batch_size=32), steps=5, generator=torch.Generator().manual_seed(0))
+    assert r.steps == 5 and r.num_examples == 160
