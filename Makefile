@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(FASHION) $(VENV)/.installed
 
 demo: setup
-	$(PY) -m fedlt.simulate --config configs/default.yaml --out runs
+	$(PY) -m fedlt.simulate --config configs/default.yaml --out runs --report runs/report
 
 test: setup
 	$(PY) -m pytest -q tests
