@@ -174,6 +174,7 @@ class Row:
     gap: float | None = None  # accuracy minus the best centralized accuracy of the data setting
     # (key, value) of the keys that tell apart rows of the same method, e.g. ("strategy.mu", "0.1")
     other_items: list[tuple[str, str]] = field(default_factory=list)
+    repeated: list[Run] = field(default_factory=list)  # runs of the same config and seed, left out
 
     @property
     def other(self) -> str:
@@ -228,10 +229,15 @@ class Row:
 def build_rows(runs: list[Run]) -> list[Row]:
     """Group runs into rows (same mode, method and setting up to the seed), with statistics and gaps."""
     groups: dict[str, list[Run]] = {}
+    repeated: dict[str, list[Run]] = {}
     for r in sorted(runs, key=lambda r: (str(r.seed), str(r.path))):
         key = json.dumps([r.mode, r.summary["method"], r.setting()], sort_keys=True, default=str)
+        if any(str(x.seed) == str(r.seed) for x in groups.get(key, [])):
+            repeated.setdefault(key, []).append(r)  # the same run again (e.g. under another name)
+            continue
         groups.setdefault(key, []).append(r)
-    rows = [Row(g[0].mode, str(g[0].summary["method"]), g[0].setting(), g) for g in groups.values()]
+    rows = [Row(g[0].mode, str(g[0].summary["method"]), g[0].setting(), g, repeated=repeated.get(k, []))
+            for k, g in groups.items()]
     for row in rows:
         row.stats = {m: mean_std([r.summary.get(m) for r in row.runs]) for m in METRICS}
     best: dict[str, float] = {}
@@ -717,7 +723,8 @@ def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = No
         lines += ["## Runs that could not be read", ""] + [f"- {e}" for e in errors] + [""]
     lines += ["## Run directories", ""]
     for r, lab in zip(rows, row_labels(rows)):
-        lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs))
+        lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs)
+                     + "".join(f" (left out `{x.path}`: same config and seed as a run above)" for x in r.repeated))
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -199,6 +199,16 @@ def test_no_readable_run_exits_nonzero(tmp_path, capsys):
     assert not (tmp_path / "rep" / "report.md").exists()
 
 
+def test_same_run_twice_counted_once(runs, tmp_path):
+    root, acc = runs
+    make_run(root, "zz/fa0", "federated", "fedavg", 0, 0.99)  # seed 0 again, later in path order
+    out = tmp_path / "rep"
+    write_report(load_runs([root])[0], out)
+    row = read_csv(out / "summary.csv")["federated", "fedavg"]
+    assert row["n_seeds"] == "2" and float(row["accuracy_mean"]) == pytest.approx((acc["fedavg", 0] + 0.46) / 2)
+    assert "left out `" in (out / "report.md").read_text()
+
+
 def test_find_run_dirs(runs, tmp_path):
     root, _ = runs
     found = find_run_dirs(root)
