@@ -79,18 +79,19 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
         run.truncate_metrics("round", ckpt["round"])
         print(f"[federated {cfg['strategy']['name']}] resuming after round {ckpt['round']}", flush=True)
 
+    strategy.global_arrays = arrays
     metrics = None
     for server_round in range(start, rounds + 1):
         t0 = time.time()
         config = ConfigRecord({"lr": round_lr(cfg, server_round)})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid))
+        new_arrays, train_metrics = strategy.run_round(server_round, arrays, config, grid)
         t_train = time.time() - t0
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: no client returned weights")
-        arrays = new_arrays
+        arrays = strategy.global_arrays = new_arrays
         load_into(model, arrays)
-        metrics = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits)
+        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+                                 strategy.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
         row = {"round": server_round, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
@@ -105,7 +106,8 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
                                  "strategy": strategy.state_dict(), "elapsed": elapsed})
 
     load_into(model, arrays)
-    final = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
+    strategy.global_arrays = arrays
+    final = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
                            with_bins=True)
     summary = {"mode": "federated", "method": cfg["strategy"]["name"], "client": cfg["client"]["name"],
                "seed": cfg["seed"], "rounds": rounds, "wall_clock_seconds": elapsed,

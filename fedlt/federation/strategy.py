@@ -4,8 +4,12 @@ a failure policy, deterministic aggregation order and a few hooks for long-tail 
 Hooks a strategy plug-in may override (each optional):
 
 - ``setup(grid, arrays)``: before round 1 (e.g. estimate the global class prior with a query round);
+- ``run_round(server_round, arrays, config, grid)``: one whole round (default: configure_train, one
+  send-and-receive, aggregate_train); a strategy with sub-rounds (GBME's expert phase) or extra query
+  rounds (CReFF) overrides it;
 - ``train_config(server_round, partition_id)``: extra config for one client's train message;
 - ``aggregate_train(server_round, replies)``: Flower's own hook (call ``super()`` for FedAvg);
+- ``eval_model(model)``: the model to evaluate, given the global model (e.g. with a re-trained classifier);
 - ``transform_logits(logits)``: a post-hoc change to the global model's test logits;
 - ``summary_extras()``: what the strategy adds to ``summary.json`` (estimated prior, groups …);
 - ``state_dict()`` / ``load_state_dict(state)``: server-side state, saved with each checkpoint.
@@ -52,6 +56,7 @@ class FedLTStrategy(FedAvg):
         self.failures = 0
         self.max_failures = cfg["federation"]["max_failures"]
         self.last_cohort: list[int] = []
+        self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
 
     # ------------------------------------------------------------------ plumbing
     def bind(self, node_of: dict[int, int]) -> None:
@@ -93,10 +98,10 @@ class FedLTStrategy(FedAvg):
         return sorted(ok, key=lambda m: next(iter(m.content.metric_records.values()))["partition-id"])
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
-              timeout: float = 3600) -> list[Message]:
+              timeout: float = 3600, server_round: int = 0) -> list[Message]:
         """Send a query ``action`` to clients and return their (checked, sorted) replies."""
         cfg = ConfigRecord({"action": action, **(config or {})})
-        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, 0)
+        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
         return self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
 
     # ------------------------------------------------------------------ Flower hooks
@@ -115,6 +120,15 @@ class FedLTStrategy(FedAvg):
     # ------------------------------------------------------------------ fedlt hooks
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         return arrays
+
+    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One round: the new global arrays and the aggregated train metrics."""
+        replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid))
+        return self.aggregate_train(server_round, replies)
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
     def train_config(self, server_round: int, partition_id: int) -> dict:
         return {}
