@@ -2,3 +2,4 @@
 
 from clients import fedavg, fedprox  # noqa: F401
 from clients import gbme  # noqa: F401
+from clients import fedlc, local_loss  # noqa: F401
