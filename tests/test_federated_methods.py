@@ -21,11 +21,9 @@ if not CIFAR_JPEG.is_dir():
 
 
 # --------------------------------------------------------------------------- tiny federated runs
-@pytest.fixture(scope="module")
-def tiny_lists(tmp_path_factory):
-    if not (CIFAR_JPEG / "train.txt").is_file():
-        pytest.skip("no CIFAR-10 JPEG copy")
-    root = tmp_path_factory.mktemp("tiny")
+def write_tiny_lists(root: Path) -> Path:
+    """Long-tailed train list (40·0.1^(c/9) images of class c, 159 in all) and 10 test images per class."""
+    root.mkdir(parents=True, exist_ok=True)
     for split, per_class in (("train", lambda c: int(40 * 0.1 ** (c / 9))), ("test", lambda c: 10)):
         by = collections.defaultdict(list)
         for line in (CIFAR_JPEG / f"{split}.txt").read_text().splitlines():
@@ -34,6 +32,13 @@ def tiny_lists(tmp_path_factory):
         lines = [l for c in range(10) for l in by[c][:per_class(c)]]
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_lists(tmp_path_factory):
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    return write_tiny_lists(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_config(lists: Path, *overrides: str) -> dict:
