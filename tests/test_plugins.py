@@ -101,3 +101,37 @@ def test_docs_example_runs_in_a_simulation(example_installed, tmp_path):
     assert summary["method"] == "global_prior_bs" and summary["client"] == "global_prior_bs" and len(rows) == 2
     assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["prior_kl"] == summary["prior_kl"]
+
+
+FED_CONFIGS = sorted((ROOT / "configs" / "federated").rglob("*.yaml"))
+
+
+def test_federated_configs_cover_the_grid():
+    names = {p.stem for p in FED_CONFIGS}
+    assert {"gbme_cifar10_lt", "gbme_cifar100_lt", "creff_cifar10_lt"} <= names
+    for data in ("cifar10", "cifar100"):
+        for imbalance in (100, 50):
+            for alpha in (0.5, 1.0):
+                for method in ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "creff", "ccvr", "posthoc"):
+                    assert f"{data}-if{imbalance}-a{alpha}-{method}" in names
+
+
+def test_grid_files_match_their_generator(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_grid", ROOT / "configs" / "federated" / "make_grid.py")
+    make_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_grid)
+    import yaml
+
+    for p in (ROOT / "configs" / "federated" / "grid").glob("*.yaml"):
+        data, imbalance, alpha, method = p.stem.split("-")
+        assert yaml.safe_load(p.read_text()) == make_grid.config(data, int(imbalance[2:]), float(alpha[1:]), method)
+
+
+@pytest.mark.parametrize("path", FED_CONFIGS, ids=lambda p: p.stem)
+def test_federated_config_validates(path):
+    cfg = load_config(path)
+    assert cfg["mode"] == "federated"
+    if cfg["strategy"]["name"] == "gbme":
+        assert cfg["model"]["name"].endswith("_experts") and cfg["client"]["name"] == "gbme"
