@@ -70,7 +70,11 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
         if config["action"] == "partition-id":
             pid = int(context.node_config["partition-id"])
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        from fedlt.federation.queries import QUERIES  # computations every client answers (prior, features …)
+
         c, pid, data, model, method, config, gen = setup(msg, context)
+        if config["action"] in QUERIES:
+            return _reply(msg, QUERIES.get(config["action"])(c, model, data, config, gen, augment_for(c)), pid)
         return _reply(msg, method.query(config["action"], model, data, config, gen, augment_for(c)), pid)
 
     return app

@@ -79,26 +79,27 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
         run.truncate_metrics("round", ckpt["round"])
         print(f"[federated {cfg['strategy']['name']}] resuming after round {ckpt['round']}", flush=True)
 
+    strategy.global_arrays = arrays
     metrics = None
     for server_round in range(start, rounds + 1):
         t0 = time.time()
         config = ConfigRecord({"lr": round_lr(cfg, server_round)})
-        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid)))
+        strategy.fit_seconds = 0.0
+        new_arrays, train_metrics = strategy.run_round(server_round, arrays, config, grid)
         t_train = time.time() - t0
-        fit_seconds = sum(m.content["metrics"].get("fit_seconds", 0.0) for m in replies if not m.has_error())
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: no client returned weights")
-        arrays = new_arrays
+        arrays = strategy.global_arrays = new_arrays
         load_into(model, arrays)
-        metrics = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits)
+        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+                                 strategy.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
         row = {"round": server_round, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
                "balanced_accuracy": metrics["balanced_accuracy"], **{g: metrics[g] for g in GROUPS},
                "ece": metrics["ece"], "train_loss": (train_metrics or {}).get("train_loss"),
                "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
-               "client_fit_seconds": fit_seconds}
+               "client_fit_seconds": strategy.fit_seconds}
         run.append_metrics(row)
         print(progress_line(f"[federated {cfg['strategy']['name']}] round {server_round}/{rounds}", metrics, seconds),
               flush=True)
@@ -107,7 +108,8 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
                                  "strategy": strategy.state_dict(), "elapsed": elapsed})
 
     load_into(model, arrays)
-    final = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
+    strategy.global_arrays = arrays
+    final = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
                            with_bins=True)
     summary = {"mode": "federated", "method": cfg["strategy"]["name"], "client": cfg["client"]["name"],
                "seed": cfg["seed"], "rounds": rounds, "wall_clock_seconds": elapsed,

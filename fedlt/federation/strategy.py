@@ -4,8 +4,12 @@ a failure policy, deterministic aggregation order and a few hooks for long-tail 
 Hooks a strategy plug-in may override (each optional):
 
 - ``setup(grid, arrays)``: before round 1 (e.g. estimate the global class prior with a query round);
+- ``run_round(server_round, arrays, config, grid)``: one whole round (default: configure_train, one
+  send-and-receive, aggregate_train); a strategy with sub-rounds (GBME's expert phase) or extra query
+  rounds (CReFF) overrides it;
 - ``train_config(server_round, partition_id)``: extra config for one client's train message;
 - ``aggregate_train(server_round, replies)``: Flower's own hook (call ``super()`` for FedAvg);
+- ``eval_model(model)``: the model to evaluate, given the global model (e.g. with a re-trained classifier);
 - ``transform_logits(logits)``: a post-hoc change to the global model's test logits;
 - ``summary_extras()``: what the strategy adds to ``summary.json`` (estimated prior, groups …);
 - ``state_dict()`` / ``load_state_dict(state)``: server-side state, saved with each checkpoint.
@@ -35,6 +39,11 @@ def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: floa
     return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
 
 
+def _metrics(msg: Message) -> MetricRecord:
+    """The (one) MetricRecord of a client's reply."""
+    return next(iter(msg.content.metric_records.values()))
+
+
 class FedLTStrategy(FedAvg):
     """FedAvg (McMahan et al., 2017): w ← Σ_k (n_k / Σ_j n_j)·w_k over the round's cohort."""
 
@@ -51,6 +60,8 @@ class FedLTStrategy(FedAvg):
         self.failures = 0
         self.max_failures = cfg["federation"]["max_failures"]
         self.last_cohort: list[int] = []
+        self.fit_seconds = 0.0  # clients' own training time in the replies checked since the loop reset it
+        self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
 
     # ------------------------------------------------------------------ plumbing
     def bind(self, node_of: dict[int, int]) -> None:
@@ -89,13 +100,14 @@ class FedLTStrategy(FedAvg):
                       f"{msg.error.reason.strip().splitlines()[-1] if msg.error.reason else ''}", flush=True)
             else:
                 ok.append(msg)
-        return sorted(ok, key=lambda m: next(iter(m.content.metric_records.values()))["partition-id"])
+                self.fit_seconds += float(_metrics(msg).get("fit_seconds", 0.0))
+        return sorted(ok, key=lambda m: _metrics(m)["partition-id"])
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
-              timeout: float = 3600) -> list[Message]:
+              timeout: float = 3600, server_round: int = 0) -> list[Message]:
         """Send a query ``action`` to clients and return their (checked, sorted) replies."""
         cfg = ConfigRecord({"action": action, **(config or {})})
-        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, 0)
+        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
         return self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
 
     # ------------------------------------------------------------------ Flower hooks
@@ -114,6 +126,15 @@ class FedLTStrategy(FedAvg):
     # ------------------------------------------------------------------ fedlt hooks
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         return arrays
+
+    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One round: the new global arrays and the aggregated train metrics."""
+        replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid))
+        return self.aggregate_train(server_round, replies)
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
     def train_config(self, server_round: int, partition_id: int) -> dict:
         return {}

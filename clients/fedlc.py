@@ -1,0 +1,32 @@
+"""FedLC client (Zhang et al., ICML 2022; METHODS.md §3.3): CE over the calibrated logits
+z_c − τ·n_{k,c}^{−1/4}, with n_{k,c} the client's own count of class c floored at 1e-8 (a class the client
+lacks is pushed down by 100·τ and drops out of the softmax). Not Balanced Softmax: the offset is n^{−1/4}."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlt.client_method import ClientMethod
+from fedlt.registry import CLIENTS
+from fedlt.train import Objective, TensorData
+
+
+def fedlc_offsets(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ·max(n_c, 1e-8)^{−1/4}."""
+    return tau * torch.clamp(torch.as_tensor(counts, dtype=torch.float32), min=1e-8) ** -0.25
+
+
+def fedlc_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:
+    return F.cross_entropy(logits.float() - fedlc_offsets(counts, tau).to(logits.device), y)
+
+
+@CLIENTS.register("fedlc")
+class FedLCClient(ClientMethod):
+    options = {"tau": 0.5}
+
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        tau = float(config.get("fedlc-tau", self.opts["tau"]))
+        counts = data.class_counts.to(data.images.device)
+        return lambda m, x, y: fedlc_loss(m(x), y, counts, tau)

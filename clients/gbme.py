@@ -1,0 +1,37 @@
+"""GBME client (Zeng et al., ICCV 2023; METHODS.md §3.2): Balanced Softmax with the server's estimated global
+prior π̂ on every expert of a multi-expert model.
+
+- joint phase (config ``expert`` = -1): L = Σ_m CE(z_m + log π̂, y), all experts and the stem train;
+- expert phase (``expert`` = m): L = CE(z_m + log π̂, y); the other experts' branches are frozen (no
+  gradient, no weight decay, no BatchNorm statistics: they are not run), the shared stem trains.
+No hidden loss multiplier (GBME's D4). The server sends ``log-prior`` (C floats) and ``expert``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlt.client_method import ClientMethod
+from fedlt.registry import CLIENTS
+from fedlt.train import Objective, TensorData
+
+
+def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """Σ_m CE(z_m + log π̂, y) over an (M, N, C) stack of expert logits (batch mean per expert)."""
+    return sum(F.cross_entropy(z.float() + log_pi, y) for z in expert_logits)
+
+
+@CLIENTS.register("gbme")
+class GBMEClient(ClientMethod):
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        if not hasattr(model, "expert_logits"):
+            raise TypeError("the gbme client needs a multi-expert model (e.g. model.name=resnet32_experts)")
+        log_pi = torch.as_tensor(list(config["log-prior"]), dtype=torch.float32, device=data.images.device)
+        expert = int(config.get("expert", -1))
+        if expert < 0:
+            return lambda m, x, y: gbme_loss(m.expert_logits(x), y, log_pi)
+        for i, branch in enumerate(model.experts):
+            branch.requires_grad_(i == expert)
+        return lambda m, x, y: F.cross_entropy(m.experts[expert](m.stem(x)).float() + log_pi, y)

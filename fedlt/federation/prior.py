@@ -1,0 +1,127 @@
+"""Server-side estimation of the global class prior from classifier updates, and GBME's client grouping
+(METHODS.md §3.2 (a)-(b), §1.5).
+
+Every client trains one local epoch of plain cross-entropy from the initial model θ0 and returns its
+classifier weight W_k in (d, C) layout (multi-expert models: mean over experts). The server computes
+ΔW_k = W_k − W0, s_kc = Σ_d ΔW_k[d, c] (≤ 0 -> 1e-5), p̂_k = s_k / Σ_c s_kc, n̂_k = round(p̂_k·n_k),
+N̂_c = max(5, Σ_k n̂_kc) and π̂ = N̂ / Σ_c N̂_c. Nothing here changes its inputs in place (GBME's D3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SCORE_FLOOR = 1e-5
+COUNT_FLOOR = 5
+
+
+def classifier_weight_dc(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """The classifier weight as a (d, C) float64 copy: ``nn.Linear`` stores (C, d), ``NormedLinear`` (d, C).
+    A model with several ``classifier`` modules (experts) gives their mean."""
+    from fedlt.models.base import NormedLinear
+
+    state = model.state_dict() if state is None else state
+    mats = []
+    for name, module in model.named_modules():
+        if name == "classifier" or name.endswith(".classifier"):
+            w = state[f"{name}.weight"].detach().cpu().double().numpy().copy()
+            if isinstance(module, nn.Linear):
+                w = w.T
+            elif not isinstance(module, NormedLinear):
+                raise TypeError(f"unknown classifier type {type(module).__name__} at {name!r}")
+            mats.append(w)
+    if not mats:
+        raise TypeError(f"{type(model).__name__} has no module named 'classifier'")
+    return np.mean(np.stack(mats), axis=0)
+
+
+@dataclass
+class PriorEstimate:
+    p_hat: np.ndarray  # (K, C) estimated label distribution of each client
+    n_hat: np.ndarray  # (K, C) estimated counts
+    counts: np.ndarray  # (C,) N̂_c
+    pi_hat: np.ndarray  # (C,)
+
+    def to_dict(self) -> dict:
+        return {"pi_hat": self.pi_hat.tolist(), "estimated_counts": self.counts.tolist(),
+                "client_p_hat": self.p_hat.tolist()}
+
+
+def class_scores(delta_w: np.ndarray) -> np.ndarray:
+    """s_c = Σ_d ΔW[d, c], with s_c ≤ 0 replaced by 1e-5."""
+    s = np.asarray(delta_w, dtype=np.float64).sum(axis=0)
+    return np.where(s <= 0, SCORE_FLOOR, s)
+
+
+def estimate_prior(w0: np.ndarray, client_weights: list[np.ndarray], client_sizes: list[int]) -> PriorEstimate:
+    """π̂ from the initial (d, C) classifier weight ``w0``, each client's weight after one CE epoch and n_k."""
+    w0 = np.array(w0, dtype=np.float64, copy=True)
+    p_hat, n_hat = [], []
+    for w, n in zip(client_weights, client_sizes):
+        s = class_scores(np.asarray(w, dtype=np.float64) - w0)
+        p = s / s.sum()
+        p_hat.append(p)
+        n_hat.append(np.round(p * n))
+    p_hat, n_hat = np.stack(p_hat), np.stack(n_hat)
+    counts = np.maximum(COUNT_FLOOR, n_hat.sum(axis=0))
+    return PriorEstimate(p_hat, n_hat, counts, counts / counts.sum())
+
+
+def group_clients(p_hat: np.ndarray, counts: np.ndarray, num_groups: int) -> tuple[list[list[int]], np.ndarray]:
+    """score_k = Σ_c N̂_c·p̂_kc; clients sorted by score (descending, ties by id) cut into ``num_groups``
+    contiguous groups (group 0 head-heavy). Returns (groups, scores)."""
+    scores = np.asarray(p_hat, dtype=np.float64) @ np.asarray(counts, dtype=np.float64)
+    order = sorted(range(len(scores)), key=lambda k: (-scores[k], k))
+    return [g.tolist() for g in np.array_split(np.asarray(order, dtype=np.int64), num_groups)], scores
+
+
+def prior_error(pi: np.ndarray, pi_hat: np.ndarray) -> dict[str, float]:
+    """L1 = Σ_c |π̂_c − π_c| and KL(π‖π̂) = Σ_c π_c log(π_c / π̂_c) (terms with π_c = 0 are 0)."""
+    pi, pi_hat = np.asarray(pi, dtype=np.float64), np.asarray(pi_hat, dtype=np.float64)
+    pi, pi_hat = pi / pi.sum(), pi_hat / pi_hat.sum()
+    mask = pi > 0
+    return {"l1": float(np.abs(pi_hat - pi).sum()),
+            "kl": float((pi[mask] * np.log(pi[mask] / pi_hat[mask])).sum())}
+
+
+def sample_expert_cohort(rng: np.random.Generator, group: list[int], num_clients: int, size: int,
+                         group_fraction: float) -> list[int]:
+    """GBME's expert cohort without D5: ⌊β_g·S⌋ distinct clients of ``group`` (at most the group), the rest
+    drawn from the other clients of all K, so exactly min(S, K) distinct clients. Sorted."""
+    size = min(size, num_clients)
+    n_group = min(int(np.floor(group_fraction * size)), len(group))
+    chosen = rng.choice(np.asarray(group, dtype=np.int64), size=n_group, replace=False).tolist() if n_group else []
+    rest = np.asarray([k for k in range(num_clients) if k not in set(chosen)], dtype=np.int64)
+    chosen += rng.choice(rest, size=size - n_group, replace=False).tolist()
+    return sorted(int(k) for k in chosen)
+
+
+# --------------------------------------------------------------------------- the query round (server side)
+def run_prior_estimation(strategy, grid, arrays) -> tuple[PriorEstimate, list[int]]:
+    """Ask every client (all K) for one CE epoch from ``arrays`` (θ0) and estimate π̂ from their classifier
+    weights. ``arrays`` is only read. Returns the estimate and the partition ids that answered."""
+    from fedlt.experiment import experiment_for, model_for
+    from fedlt.federation.records import load_into
+    from fedlt.federation.server import round_lr
+
+    exp = experiment_for(strategy.cfg)
+    model = load_into(model_for(strategy.cfg, exp), arrays)
+    w0 = classifier_weight_dc(model)
+    replies = strategy.query(grid, list(range(strategy.num_clients)), arrays, "prior-epoch",
+                             {"lr": round_lr(strategy.cfg, 1)})
+    weights = [r.content["classifier"]["weight"].numpy() for r in replies]
+    sizes = [int(r.content["metrics"]["num-examples"]) for r in replies]
+    pids = [int(r.content["metrics"]["partition-id"]) for r in replies]
+    return estimate_prior(w0, weights, sizes), pids
+
+
+def prior_report(estimate: PriorEstimate, true_counts: np.ndarray) -> dict:
+    """What a run reports about its estimate: π̂, N̂, the true π, L1 and KL(π‖π̂)."""
+    pi = np.asarray(true_counts, dtype=np.float64) / np.sum(true_counts)
+    err = prior_error(pi, estimate.pi_hat)
+    return {"pi_hat": estimate.pi_hat.tolist(), "estimated_counts": estimate.counts.tolist(),
+            "true_prior": pi.tolist(), "prior_l1": err["l1"], "prior_kl": err["kl"]}

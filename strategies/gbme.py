@@ -1,0 +1,126 @@
+"""GBME (Zeng et al., ICCV 2023; METHODS.md §3.2), without the release's defects D1-D6.
+
+(a) before round 1, all K clients train one CE epoch from θ0; the server estimates π̂ from their classifier
+    updates (fedlt/federation/prior.py); θ0 is never modified (D3);
+(b) clients are sorted by score_k = Σ_c N̂_c·p̂_kc (descending) and cut into M contiguous groups;
+(c) rounds t ≤ ⌈joint_fraction·T⌉ (0-based t < 0.6T): FedAvg every round (D1) of all experts on
+    Σ_m CE(z_m + log π̂, y);
+(d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with exactly S distinct clients,
+    ⌊β_g·S⌋ of them from group m (D5), loss CE(z_m + log π̂, y) with no multiplier (D4);
+(e) prediction argmax z̄ (the model's mean output); no post-hoc adjustment.
+summary.json gets π̂, its L1/KL error, the groups and each expert's test accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord
+from flwr.serverapp import Grid
+
+from fedlt.experiment import STREAM_COHORT, experiment_for, model_for, seeded_rng
+from fedlt.federation.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
+                                    sample_expert_cohort)
+from fedlt.federation.records import load_into
+from fedlt.federation.strategy import FedLTStrategy
+from fedlt.registry import STRATEGIES
+from fedlt.train import predict_logits
+
+
+@STRATEGIES.register("gbme")
+class GBME(FedLTStrategy):
+    client = "gbme"
+    options = {"joint_fraction": 0.6, "beta_g": 0.8}
+
+    def __init__(self, cfg: dict, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.prior: PriorEstimate | None = None
+        self.groups: list[list[int]] = []
+        self.scores: list[float] = []
+        self.expert = -1
+
+    def joint_phase(self, server_round: int) -> bool:
+        return server_round - 1 < self.opts["joint_fraction"] * self.cfg["federation"]["rounds"]
+
+    # ------------------------------------------------------------------ (a), (b)
+    def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        model = model_for(self.cfg, experiment_for(self.cfg))
+        if not hasattr(model, "expert_logits"):
+            raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts or small_cnn_experts")
+        self.prior, _ = run_prior_estimation(self, grid, arrays)
+        groups, scores = group_clients(self.prior.p_hat, self.prior.counts, model.num_experts)
+        self.groups, self.scores = groups, scores.tolist()
+        return arrays
+
+    def train_config(self, server_round: int, partition_id: int) -> dict:
+        if self.prior is None:  # the estimation query itself
+            return {}
+        return {"log-prior": np.log(self.prior.pi_hat).tolist(), "expert": self.expert}
+
+    # ------------------------------------------------------------------ (c), (d)
+    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.joint_phase(server_round):
+            self.expert = -1
+            return super().run_round(server_round, arrays, config, grid)
+        size = max(1, int(round(self.fraction_train * self.num_clients)))
+        cohorts, losses = [], {}
+        metrics = None
+        for m, group in enumerate(self.groups):
+            rng = seeded_rng(self.cfg["seed"], STREAM_COHORT, server_round, m + 1)
+            cohort = sample_expert_cohort(rng, group, self.num_clients, size, self.opts["beta_g"])
+            self.expert = m
+            msgs = self.messages(cohort, arrays, config, MessageType.TRAIN, server_round)
+            new, metrics = self.aggregate_train(server_round, grid.send_and_receive(msgs))
+            if new is None:
+                raise RuntimeError(f"round {server_round}, expert {m}: no client returned weights")
+            arrays = new
+            cohorts.append(cohort)
+            losses[f"expert{m}_train_loss"] = (metrics or {}).get("train_loss")
+        self.expert = -1
+        self.last_cohort = cohorts
+        out = MetricRecord({k: v for k, v in {**dict(metrics or {}), **losses}.items() if v is not None})
+        return arrays, out
+
+    # ------------------------------------------------------------------ reports
+    def expert_accuracy(self) -> list[float]:
+        exp = experiment_for(self.cfg)
+        model = load_into(model_for(self.cfg, exp), self.global_arrays)
+        test = exp.tensor_data("test")
+        model.eval()
+        with torch.no_grad():
+            accs = []
+            for m in range(model.num_experts):
+                wrapped = _ExpertView(model, m)
+                logits = predict_logits(wrapped, test, self.cfg["eval"]["batch_size"])
+                accs.append(float((logits.argmax(1) == test.labels).float().mean()))
+        return accs
+
+    def summary_extras(self) -> dict:
+        out = {"expert_groups": self.groups, "client_scores": self.scores}
+        if self.prior is not None:
+            out.update(prior_report(self.prior, experiment_for(self.cfg).train_counts))
+        if self.global_arrays is not None:
+            out["expert_accuracy"] = self.expert_accuracy()
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "prior": None if self.prior is None else self.prior.__dict__,
+                "groups": self.groups, "scores": self.scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("prior") is not None:
+            self.prior = PriorEstimate(**{k: np.asarray(v) for k, v in state["prior"].items()})
+        self.groups, self.scores = state.get("groups", []), state.get("scores", [])
+
+
+class _ExpertView(torch.nn.Module):
+    """Expert m alone: x -> z_m."""
+
+    def __init__(self, model, m: int) -> None:
+        super().__init__()
+        self.model, self.m = model, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.experts[self.m](self.model.stem(x))

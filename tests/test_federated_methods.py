@@ -1,0 +1,320 @@
+"""Federated long-tail methods: client objectives on hand-written numbers and one Flower simulation per
+strategy on tiny data (CIFAR-10 JPEG subset, 4 clients, 2 rounds, 2 local steps)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlt.config import load_config
+
+CIFAR_JPEG = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg"
+if not CIFAR_JPEG.is_dir():
+    CIFAR_JPEG = Path("/work/shared/data/cifar10-jpeg")
+
+
+# --------------------------------------------------------------------------- tiny federated runs
+def write_tiny_lists(root: Path) -> Path:
+    """Long-tailed train list (40·0.1^(c/9) images of class c, 159 in all) and 10 test images per class."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", lambda c: int(40 * 0.1 ** (c / 9))), ("test", lambda c: 10)):
+        by = collections.defaultdict(list)
+        for line in (CIFAR_JPEG / f"{split}.txt").read_text().splitlines():
+            if line.strip():
+                by[int(line.split()[-1])].append(line)
+        lines = [l for c in range(10) for l in by[c][:per_class(c)]]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_lists(tmp_path_factory):
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    return write_tiny_lists(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(lists: Path, *overrides: str) -> dict:
+    base = [f"data.name=cifar10_files", f"data.root={CIFAR_JPEG}", f"data.train_list={lists / 'train.txt'}",
+            f"data.test_list={lists / 'test.txt'}", "data.profile=none", "partition.num_clients=4",
+            "partition.min_size=2", "federation.rounds=2", "federation.fraction=0.5", "train.local_steps=2",
+            "model.name=small_cnn", "mode=federated", "eval.batch_size=256"]
+    return load_config(None, base + list(overrides))
+
+
+def simulate(cfg: dict, path: Path) -> tuple[dict, list[dict]]:
+    torch.set_num_threads(1)
+    from fedlt.federation.runner import run_federated
+
+    summary = run_federated(cfg, str(path))
+    rows = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return summary, rows
+
+
+# --------------------------------------------------------------------------- GBME
+def test_gbme_joint_loss_by_hand():
+    from clients.gbme import gbme_loss
+
+    z = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])  # M=2, N=1, C=2
+    log_pi = torch.log(torch.tensor([0.8, 0.2]))
+    y = torch.tensor([0])
+    expected = sum(-math.log(math.exp(a + math.log(0.8)) / (math.exp(a + math.log(0.8)) + math.exp(b + math.log(0.2))))
+                   for a, b in ((1.0, 0.0), (0.0, 2.0)))
+    assert gbme_loss(z, y, log_pi).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gbme_expert_phase_freezes_other_branches():
+    from clients.gbme import GBMEClient
+    from fedlt.models.experts import small_cnn_experts
+    from fedlt.train import TensorData
+
+    cfg = load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"])
+    model = small_cnn_experts(3, 1, num_experts=3)
+    data = TensorData(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), torch.zeros(1),
+                      torch.ones(1), 3)
+    obj = GBMEClient(cfg).objective(model, data, {"log-prior": [-1.0, -1.0, -1.0], "expert": 1})
+    assert [any(p.requires_grad for p in e.parameters()) for e in model.experts] == [False, True, False]
+    assert all(p.requires_grad for p in model.stem.parameters())
+    x = torch.randn(4, 1, 28, 28)
+    loss = obj(model, x, data.labels)
+    z1 = model.experts[1](model.stem(x))
+    assert loss.item() == pytest.approx(F.cross_entropy(z1 - 1.0, data.labels).item(), rel=1e-5)  # no ×5 (D4)
+
+
+@pytest.fixture(scope="module")
+def gbme_run(tiny_lists, tmp_path_factory):
+    cfg = tiny_config(tiny_lists, "strategy.name=gbme", "model.name=small_cnn_experts", "strategy.joint_fraction=0.5")
+    return simulate(cfg, tmp_path_factory.mktemp("gbme") / "run")
+
+
+def test_gbme_simulation(gbme_run):
+    summary, rows = gbme_run
+    assert summary["client"] == "gbme"
+    pi_hat = np.asarray(summary["pi_hat"])
+    assert pi_hat.shape == (10,) and pi_hat.sum() == pytest.approx(1) and (pi_hat > 0).all()
+    assert summary["prior_l1"] >= 0 and summary["prior_kl"] >= 0
+    assert min(summary["estimated_counts"]) >= 5
+    groups = summary["expert_groups"]
+    assert len(groups) == 3 and sorted(k for g in groups for k in g) == [0, 1, 2, 3]
+    scores = summary["client_scores"]
+    order = [k for g in groups for k in g]
+    assert all(scores[a] >= scores[b] for a, b in zip(order, order[1:]))
+    assert len(summary["expert_accuracy"]) == 3 and all(0 <= a <= 1 for a in summary["expert_accuracy"])
+    assert isinstance(rows[0]["clients"][0], int)  # round 1: joint phase, one cohort
+    assert len(rows[1]["clients"]) == 3 and all(len(c) == len(set(c)) == 2 for c in rows[1]["clients"])  # expert phase
+
+
+# --------------------------------------------------------------------------- FedAvg aggregation
+def test_fedavg_aggregation_is_weighted_mean():
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedlt.federation.strategy import FedLTStrategy, weighted_mean
+
+    cfg = load_config(None, ["federation.fraction=1.0"])
+    strategy = FedLTStrategy(cfg, 10)
+    replies = []
+    for pid, (w, n) in enumerate(((1.0, 10), (4.0, 30))):
+        content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), w)}),
+                              "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "train_loss": w})})
+        replies.append(Message(content=content, dst_node_id=pid + 1, message_type="train"))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 3.25])  # (10·1 + 30·4)/40
+    np.testing.assert_allclose(weighted_mean([np.ones(2), 4 * np.ones(2)], [10, 30]), [3.25, 3.25])
+    assert metrics["train_loss"] == pytest.approx(3.25)
+
+
+# --------------------------------------------------------------------------- logit calibration
+def test_fedlc_loss_by_hand():
+    from clients.fedlc import fedlc_loss, fedlc_offsets
+
+    counts = torch.tensor([16.0, 1.0, 0.0])
+    np.testing.assert_allclose(fedlc_offsets(counts, 0.5).numpy(), [0.25, 0.5, 0.5 * 1e2], rtol=1e-5)
+    z = torch.tensor([[1.0, 2.0, 3.0]])
+    a, b, c = 1 - 0.25, 2 - 0.5, 3 - 50
+    expected = -(a - math.log(math.exp(a) + math.exp(b) + math.exp(c)))
+    assert fedlc_loss(z, torch.tensor([0]), counts, 0.5).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_local_loss_maps_zoo_arguments():
+    from clients.local_loss import LocalLossClient, loss_kwargs
+    from fedlt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_loss
+    from fedlt.train import TensorData
+
+    counts = torch.tensor([3.0, 1.0])
+    assert set(loss_kwargs(balanced_softmax_loss, counts, 2.0)) == {"log_pi"}
+    assert loss_kwargs(logit_adjusted_loss, counts, 2.0)["tau"] == 2.0
+    cfg = load_config(None, ["client.name=local_loss", "client.loss=balanced_softmax"])
+    data = TensorData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1]), torch.zeros(1),
+                      torch.ones(1), 2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 0, 1])
+    obj = LocalLossClient(cfg).objective(model, data, {})
+    expected = F.cross_entropy(model(x) + torch.log(torch.tensor([0.75, 0.25])), y)
+    assert obj(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_posthoc_calibration_subtracts_log_prior():
+    from strategies.posthoc_calibration import calibrate
+
+    z = torch.tensor([[2.0, 1.0]])
+    out = calibrate(z, np.array([0.8, 0.2]), 1.0)
+    np.testing.assert_allclose(out.numpy(), [[2 - math.log(0.8), 1 - math.log(0.2)]], rtol=1e-6)
+    assert out.argmax(1).item() == 1
+
+
+def test_wrappers_nest_and_check_base_options():
+    from fedlt.errors import FedLTError
+    from fedlt.registry import STRATEGIES
+
+    cfg = load_config(None, ["strategy.name=dp_server_fixed", "strategy.base=posthoc_calibration",
+                             "strategy.base_options={base: ccvr, base_options: {base: fedprox, base_options: {mu: 0.5}}}"])
+    s = STRATEGIES.get("dp_server_fixed")(cfg, 10)
+    assert type(s).__name__ == "DPFixedMixin[PosthocMixin[CCVRMixin[FedProx]]]"
+    assert s.opts["mu"] == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
+    assert s.ccvr_opts["num_virtual"] == 200 and s.posthoc_tau == 1.0
+    bad = load_config(None, ["strategy.name=posthoc_calibration", "strategy.base_options={nope: 1}"])
+    with pytest.raises(FedLTError, match="nope"):
+        STRATEGIES.get("posthoc_calibration")(bad, 10)
+
+
+# --------------------------------------------------------------------------- CCVR
+def test_pooled_stats_equal_union_statistics():
+    from fedlt.federation.features import pool_class_stats
+    from fedlt.federation.queries import class_feature_stats
+
+    rng = np.random.default_rng(0)
+    C, d = 3, 4
+    hs = [torch.as_tensor(rng.normal(size=(n, d)) + k) for k, n in enumerate((7, 5, 1))]
+    ys = [torch.as_tensor(rng.integers(0, 2, size=len(h))) for h in hs]  # class 2 held by nobody
+    stats = [class_feature_stats(h, y, C) for h, y in zip(hs, ys)]
+    mu, cov, counts = pool_class_stats(*(np.stack([s[k] for s in stats]) for k in ("mean", "cov", "count")))
+    h_all, y_all = torch.cat(hs), torch.cat(ys)
+    for c in range(2):
+        hc = h_all[y_all == c].numpy()
+        assert counts[c] == len(hc)
+        np.testing.assert_allclose(mu[c], hc.mean(0), atol=1e-10)
+        np.testing.assert_allclose(cov[c], np.cov(hc, rowvar=False), atol=1e-10)  # unbiased (n − 1)
+    assert counts[2] == 0 and not mu[2].any() and not cov[2].any()
+
+
+def test_virtual_sampling_same_count_per_class():
+    from fedlt.federation.features import sample_virtual
+
+    mu = np.array([[0.0, 0.0], [5.0, -5.0], [0.0, 0.0]])
+    cov = np.stack([np.eye(2), np.diag([4.0, 0.0]), np.eye(2)])  # class 1 singular: the ridge makes it sampleable
+    feats, labels = sample_virtual(mu, cov, np.array([10, 3, 0]), 4000, 1e-4, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels).tolist() == [4000, 4000]  # class 2 has no data: no virtual features
+    f1 = feats[labels == 1].double()
+    np.testing.assert_allclose(f1.mean(0).numpy(), [5, -5], atol=0.1)
+    np.testing.assert_allclose(f1.var(0).numpy(), [4, 1e-4], rtol=0.1)
+
+
+def test_fit_classifier_learns_separable_features():
+    from fedlt.federation.features import fit_classifier
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(50, 2, generator=g) + 3, torch.randn(50, 2, generator=g) - 3])
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    clf0 = torch.nn.Linear(2, 2)
+    before = clf0.weight.detach().clone()
+    clf = fit_classifier(clf0, feats, labels, 5, 0.1, 16, g)
+    assert (clf(feats).argmax(1) == labels).float().mean() > 0.95
+    assert torch.equal(clf0.weight, before)
+
+
+# --------------------------------------------------------------------------- CReFF
+def test_average_class_grads_over_holders_only():
+    from fedlt.federation.features import average_class_grads
+
+    gw = [np.full((2, 2, 3), 1.0), np.full((2, 2, 3), 3.0)]
+    gb = [np.full((2, 2), 1.0), np.full((2, 2), 3.0)]
+    has = [np.array([1, 1]), np.array([1, 0])]
+    w, b, present = average_class_grads(gw, gb, has)
+    assert (w[0] == 2).all() and (w[1] == 1).all() and (b[0] == 2).all() and (b[1] == 1).all()
+    assert present.tolist() == [True, True]
+
+
+def test_gradient_distance_and_matching():
+    from fedlt.federation.features import gradient_distance, match_features
+
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert gradient_distance(t, torch.tensor([1.0, 1.0]), t, torch.tensor([1.0, 1.0])).item() == pytest.approx(0, abs=1e-6)
+    assert gradient_distance(-t, torch.tensor([1.0, 1.0]), t, torch.tensor([-1.0, -1.0])).item() == pytest.approx(6)
+    torch.manual_seed(0)
+    W, b = torch.randn(3, 4), torch.zeros(3)
+    real = torch.rand(20, 4) + torch.tensor([2.0, 0, 0, 0])
+    Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    tw, tb = torch.autograd.grad(F.cross_entropy(real @ Wr.T + br, torch.zeros(20, dtype=torch.long)), [Wr, br])
+    target_w, target_b = torch.zeros(3, 3, 4), torch.zeros(3, 3)
+    target_w[0], target_b[0] = tw, tb
+    present = np.array([True, False, False])
+    f0 = torch.randn(3, 5, 4)
+
+    def dist(f):
+        Wg, bg = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        gw, gb = torch.autograd.grad(F.cross_entropy(f[0] @ Wg.T + bg, torch.zeros(5, dtype=torch.long)), [Wg, bg])
+        return gradient_distance(gw, gb, tw, tb).item()
+
+    f1 = match_features(f0, W, b, target_w, target_b, present, 50, 0.1)
+    assert dist(f1) < dist(f0)
+    assert torch.equal(f1[1:], f0[1:])  # absent classes untouched
+
+
+# --------------------------------------------------------------------------- DP accountant
+def test_rdp_accountant():
+    from fedlt.federation.dp import epsilon, sgm_rdp
+
+    assert sgm_rdp(1.0, 2.0, 5) == pytest.approx(5 / 8)
+    # q = 1: the binomial sum has one term, the same closed form
+    assert sgm_rdp(1 - 1e-12, 2.0, 5) == pytest.approx(5 / 8, rel=1e-6)
+    eps, order = epsilon(1.0, 2.0, 3, 1e-5)
+    assert eps == pytest.approx(min(3 * a / 8 + math.log(1e5) / (a - 1) for a in range(2, 257)))
+    # Abadi et al.'s MNIST setting (q = 256/60000, σ = 1.1, 60 epochs, δ = 1e-5): ε ≈ 3 with integer orders
+    assert 2.8 < epsilon(256 / 60000, 1.1, 14062, 1e-5)[0] < 3.2
+    assert epsilon(0.1, 1.0, 10, 1e-5)[0] < epsilon(0.2, 1.0, 10, 1e-5)[0] < epsilon(0.2, 1.0, 20, 1e-5)[0]
+
+
+# --------------------------------------------------------------------------- composed run: DP ∘ posthoc ∘ CCVR ∘ FedLC
+@pytest.fixture(scope="module")
+def composed_run(tiny_lists, tmp_path_factory):
+    cfg = tiny_config(tiny_lists, "strategy.name=dp_server_fixed", "strategy.base=posthoc_calibration",
+                      "strategy.base_options={base: ccvr, base_options: {base: fedlc, num_virtual: 20, epochs: 2}}",
+                      "client.name=fedlc", "strategy.noise_multiplier=0.5", "strategy.clipping_norm=5")
+    return simulate(cfg, tmp_path_factory.mktemp("composed") / "run")
+
+
+def test_composed_simulation(composed_run):
+    summary, rows = composed_run
+    assert summary["client"] == "fedlc" and len(rows) == 2
+    # posthoc calibration: π̂ against π, metrics with π̂ (the run's own) and with the true π
+    assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0 and summary["prior_kl"] >= 0
+    assert summary["posthoc_estimated_prior"]["accuracy"] == pytest.approx(summary["accuracy"])
+    assert {"uncalibrated", "true_prior"} <= {k[len("posthoc_"):] for k in summary if k.startswith("posthoc_")}
+    # CCVR calibrated after the last round
+    assert summary["ccvr_rounds"] == [2] and "accuracy" in summary["ccvr_uncalibrated"]
+    # DP: two releases at q = 2/4
+    p = summary["privacy"]
+    assert p["releases"] == 2 and p["sampling_rate"] == 0.5 and p["delta"] == 0.25 and 0 < p["epsilon"] < math.inf
+
+
+# --------------------------------------------------------------------------- CReFF (+ a zoo loss on every client)
+@pytest.fixture(scope="module")
+def creff_run(tiny_lists, tmp_path_factory):
+    cfg = tiny_config(tiny_lists, "strategy.name=creff", "strategy.num_features=10", "strategy.match_steps=5",
+                      "strategy.crt_epochs=5", "strategy.repeats=2", "strategy.batch_real=8",
+                      "client.name=local_loss", "client.loss=balanced_softmax")
+    return simulate(cfg, tmp_path_factory.mktemp("creff") / "run")
+
+
+def test_creff_simulation(creff_run):
+    summary, rows = creff_run
+    assert summary["client"] == "local_loss" and len(rows) == 2
+    assert "accuracy" in summary["creff_base_classifier"]
+    assert 0 <= summary["accuracy"] <= 1

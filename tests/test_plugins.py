@@ -1,0 +1,137 @@
+"""Plug-in architecture: built-in registration, strategy -> paired client, third-party modules through the
+``fedlt.plugins`` entry-point group, and the worked example of docs/plugins.md in a Flower simulation."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import fedlt.registry as registry
+from fedlt.config import load_config
+from fedlt.errors import FedLTError
+from fedlt.registry import CLIENTS, STRATEGIES
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "docs" / "examples"
+FEDERATED = ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "posthoc_calibration", "ccvr", "creff",
+             "dp_server_fixed")
+
+
+@pytest.mark.parametrize("name", FEDERATED)
+def test_every_strategy_registered_and_its_options_validate(name):
+    cfg = load_config(None, [f"strategy.name={name}"])
+    cls = STRATEGIES.get(name)
+    assert set(getattr(cls, "options", {})) <= set(cfg["strategy"])
+    assert cfg["client"]["name"] == getattr(cls, "client", "fedavg")
+
+
+def test_strategy_brings_its_client_unless_overridden():
+    assert load_config(None, ["strategy.name=gbme"])["client"]["name"] == "gbme"
+    assert load_config(None, ["strategy.name=fedlc"])["client"]["name"] == "fedlc"
+    cfg = load_config(None, ["strategy.name=gbme", "client.name=local_loss", "client.loss=la"])
+    assert cfg["client"] == {"name": "local_loss", "loss": "la", "tau": 1.0}
+    with pytest.raises(FedLTError, match="beta_g"):
+        load_config(None, ["strategy.name=fedavg", "strategy.beta_g=0.5"])
+
+
+class FakeEntryPoint:
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value, self.group = name, value, registry.ENTRY_POINT_GROUP
+
+    def load(self):
+        return __import__(self.value)
+
+
+def test_third_party_module_through_entry_point(monkeypatch, tmp_path):
+    (tmp_path / "fedlt_fake_plugin.py").write_text(
+        "from fedlt.federation.strategy import FedLTStrategy\nfrom fedlt.registry import STRATEGIES\n"
+        "@STRATEGIES.register('fake_third_party')\nclass Fake(FedLTStrategy):\n    options = {'knob': 3}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+
+    def fake_entry_points(group=None, **kw):
+        seen.append(group)
+        return [FakeEntryPoint("fake", "fedlt_fake_plugin")] if group == registry.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert "fake_third_party" in STRATEGIES
+    assert seen == [registry.ENTRY_POINT_GROUP]
+    assert load_config(None, ["strategy.name=fake_third_party"])["strategy"]["knob"] == 3
+
+
+def test_docs_example_is_short_and_documented():
+    src = (EXAMPLE / "global_prior_bs.py").read_text()
+    assert len(src.splitlines()) < 100
+    assert "global_prior_bs.py" in (ROOT / "docs" / "plugins.md").read_text()
+
+
+@pytest.fixture
+def example_installed(tmp_path, monkeypatch):
+    """The example as a third-party distribution: a dist-info with a ``fedlt.plugins`` entry point on the path
+    of this process and of the simulation's worker processes (PYTHONPATH)."""
+    dist = tmp_path / "fedlt_example-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedlt-example\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedlt.plugins]\nglobal_prior_bs = global_prior_bs\n")
+    paths = [str(tmp_path), str(EXAMPLE)]
+    for p in paths:
+        monkeypatch.syspath_prepend(p)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths + [os.environ.get("PYTHONPATH", ""), str(ROOT)]))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert any(ep.value == "global_prior_bs" for ep in importlib.metadata.entry_points(group="fedlt.plugins"))
+    yield
+    sys.modules.pop("global_prior_bs", None)
+
+
+def test_docs_example_runs_in_a_simulation(example_installed, tmp_path):
+    from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
+
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    lists = write_tiny_lists(tmp_path / "lists")
+    cfg = tiny_config(lists, "strategy.name=global_prior_bs", "strategy.tau=0.5")
+    assert cfg["client"]["name"] == "global_prior_bs" and "global_prior_bs" in CLIENTS
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert summary["method"] == "global_prior_bs" and summary["client"] == "global_prior_bs" and len(rows) == 2
+    assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["prior_kl"] == summary["prior_kl"]
+
+
+FED_CONFIGS = sorted((ROOT / "configs" / "federated").rglob("*.yaml"))
+
+
+def test_federated_configs_cover_the_grid():
+    names = {p.stem for p in FED_CONFIGS}
+    assert {"gbme_cifar10_lt", "gbme_cifar100_lt", "creff_cifar10_lt"} <= names
+    for data in ("cifar10", "cifar100"):
+        for imbalance in (100, 50):
+            for alpha in (0.5, 1.0):
+                for method in ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "creff", "ccvr", "posthoc"):
+                    assert f"{data}-if{imbalance}-a{alpha}-{method}" in names
+
+
+def test_grid_files_match_their_generator(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_grid", ROOT / "configs" / "federated" / "make_grid.py")
+    make_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_grid)
+    import yaml
+
+    for p in (ROOT / "configs" / "federated" / "grid").glob("*.yaml"):
+        data, imbalance, alpha, method = p.stem.split("-")
+        assert yaml.safe_load(p.read_text()) == make_grid.config(data, int(imbalance[2:]), float(alpha[1:]), method)
+
+
+@pytest.mark.parametrize("path", FED_CONFIGS, ids=lambda p: p.stem)
+def test_federated_config_validates(path):
+    cfg = load_config(path)
+    assert cfg["mode"] == "federated"
+    if cfg["strategy"]["name"] == "gbme":
+        assert cfg["model"]["name"].endswith("_experts") and cfg["client"]["name"] == "gbme"

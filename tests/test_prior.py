@@ -1,0 +1,99 @@
+"""Server-side prior estimation, grouping and expert cohorts on hand-made inputs (METHODS.md §3.2, §1.5)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedlt.federation.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
+                                    prior_report, sample_expert_cohort)
+from fedlt.models.base import NormedLinear
+from fedlt.models.experts import small_cnn_experts
+
+
+def test_class_scores_sum_over_features_and_clip():
+    dw = np.array([[1.0, -2.0, 0.0], [2.0, 1.0, 0.0]])  # (d=2, C=3)
+    np.testing.assert_allclose(class_scores(dw), [3.0, 1e-5, 1e-5])
+
+
+def test_estimate_prior_by_hand():
+    w0 = np.zeros((2, 3))
+    w1 = np.array([[3.0, 1.0, -1.0], [3.0, 0.0, -1.0]])  # s = [6, 1, clip] -> p ≈ [6, 1, 1e-5]/7
+    w2 = np.array([[0.0, 0.0, 2.0], [0.0, 2.0, 2.0]])  # s = [clip, 2, 4] -> p ≈ [0, 1/3, 2/3]
+    est = estimate_prior(w0, [w1, w2], [70, 30])
+    np.testing.assert_allclose(est.p_hat[0], np.array([6, 1, 1e-5]) / (7 + 1e-5))
+    np.testing.assert_allclose(est.n_hat, [[60, 10, 0], [0, 10, 20]])
+    np.testing.assert_allclose(est.counts, [60, 20, 20])
+    np.testing.assert_allclose(est.pi_hat, [0.6, 0.2, 0.2])
+
+
+def test_count_floor_of_five():
+    w0 = np.zeros((1, 3))
+    est = estimate_prior(w0, [np.array([[100.0, 1.0, -5.0]])], [101])  # n̂ = [100, 1, 0]
+    np.testing.assert_allclose(est.counts, [100, 5, 5])
+    np.testing.assert_allclose(est.pi_hat, np.array([100, 5, 5]) / 110)
+
+
+def test_estimate_does_not_mutate_inputs():
+    w0, w = np.ones((2, 2)), np.full((2, 2), 3.0)
+    w0c, wc = w0.copy(), w.copy()
+    estimate_prior(w0, [w], [10])
+    np.testing.assert_array_equal(w0, w0c)
+    np.testing.assert_array_equal(w, wc)
+
+
+def test_classifier_layouts_and_expert_mean():
+    lin = nn.Linear(4, 3)
+    model = nn.Module()
+    model.classifier = lin
+    np.testing.assert_allclose(classifier_weight_dc(model), lin.weight.detach().numpy().T, rtol=1e-6)
+    normed = nn.Module()
+    normed.classifier = NormedLinear(4, 3)
+    assert classifier_weight_dc(normed).shape == (4, 3)
+    experts = small_cnn_experts(3, 1, num_experts=2)
+    expected = np.mean([e.classifier.weight.detach().double().numpy() for e in experts.experts], axis=0)
+    before = [e.classifier.weight.detach().clone() for e in experts.experts]
+    np.testing.assert_allclose(classifier_weight_dc(experts), expected)
+    for b, e in zip(before, experts.experts):  # D3: the model is read, never changed
+        assert torch.equal(b, e.classifier.weight)
+
+
+def test_weight_change_recovers_counts():
+    """The estimator's premise: a CE step on non-negative features raises the column sums of held classes."""
+    torch.manual_seed(0)
+    clf = nn.Linear(8, 3)
+    w0 = clf.weight.detach().numpy().T.copy()
+    h, y = torch.rand(40, 8), torch.tensor([0] * 30 + [1] * 10)
+    opt = torch.optim.SGD(clf.parameters(), lr=0.1)
+    nn.functional.cross_entropy(clf(h), y).backward()
+    opt.step()
+    est = estimate_prior(w0, [clf.weight.detach().numpy().T], [40])
+    assert est.n_hat[0, 0] > est.n_hat[0, 1] > 0 and est.n_hat[0, 2] == 0
+
+
+def test_grouping_sorted_descending_contiguous():
+    p_hat = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    counts = np.array([100.0, 10.0])  # scores: 10, 100, 55, 91, 28
+    groups, scores = group_clients(p_hat, counts, 3)
+    np.testing.assert_allclose(scores, [10, 100, 55, 91, 28])
+    assert groups == [[1, 3], [2, 4], [0]]
+
+
+def test_prior_error():
+    err = prior_error([0.5, 0.5], [0.75, 0.25])
+    assert err["l1"] == pytest.approx(0.5)
+    assert err["kl"] == pytest.approx(0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25))
+    assert prior_error([1, 0], [0.5, 0.5])["kl"] == pytest.approx(np.log(2))
+    rep = prior_report(estimate_prior(np.zeros((1, 2)), [np.array([[3.0, 1.0]])], [40]), np.array([3, 1]))
+    assert rep["prior_l1"] == pytest.approx(0) and rep["true_prior"] == [0.75, 0.25]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_expert_cohort_exactly_s_distinct(seed):
+    rng = np.random.default_rng(seed)
+    group = list(range(10, 43))
+    cohort = sample_expert_cohort(rng, group, 100, 20, 0.8)
+    assert len(cohort) == len(set(cohort)) == 20
+    assert sum(k in group for k in cohort) >= 16  # ⌊0.8·20⌋ from the group, plus any drawn again from all K
+    small = sample_expert_cohort(rng, [0, 1], 4, 3, 0.8)  # group smaller than ⌊β·S⌋
+    assert len(set(small)) == 3 and {0, 1} <= set(small)
