@@ -112,24 +112,6 @@ def test_gbme_simulation(gbme_run):
 
 
 # --------------------------------------------------------------------------- FedAvg aggregation
-def test_fedavg_aggregation_is_weighted_mean():
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-
-    from fedlt.federation.strategy import FedLTStrategy, weighted_mean
-
-    cfg = load_config(None, ["federation.fraction=1.0"])
-    strategy = FedLTStrategy(cfg, 10)
-    replies = []
-    for pid, (w, n) in enumerate(((1.0, 10), (4.0, 30))):
-        content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), w)}),
-                              "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "train_loss": w})})
-        replies.append(Message(content=content, dst_node_id=pid + 1, message_type="train"))
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 3.25])  # (10·1 + 30·4)/40
-    np.testing.assert_allclose(weighted_mean([np.ones(2), 4 * np.ones(2)], [10, 30]), [3.25, 3.25])
-    assert metrics["train_loss"] == pytest.approx(3.25)
-
-
 # --------------------------------------------------------------------------- logit calibration
 def test_fedlc_loss_by_hand():
     from clients.fedlc import fedlc_loss, fedlc_offsets
