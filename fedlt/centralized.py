@@ -27,9 +27,9 @@ from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model, progress_line
 from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, experiment_for, model_for, torch_generator
-from fedlt.losses import (bal_bce_loss, balpoe_loss, class_weights, focal_loss, label_aware_epsilons,
-                          label_aware_smoothing_loss, ldam_loss, ldam_margins, log_prior, logit_adjusted_loss,
-                          mdcs_loss, mixup_batch, mixup_cross_entropy, posthoc_adjust, sigmoid_bias_init,
+from fedlt.losses import (bal_bce_loss, balpoe_loss, class_weights, cross_entropy_loss, focal_loss,
+                          label_aware_epsilons, label_aware_smoothing_loss, ldam_loss, ldam_margins, log_prior,
+                          logit_adjusted_loss, mdcs_loss, mixup_batch, posthoc_adjust, sigmoid_bias_init,
                           weighted_cross_entropy)
 from fedlt.metrics import GROUPS
 from fedlt.models.base import NormedLinear
@@ -42,10 +42,20 @@ from fedlt.train import (Augment, Objective, OptimConfig, Sampler, TensorData, c
 STREAM_METHOD = 7  # the method's own random stream (mixup, classifier re-initialisation)
 
 
+class StrongView:
+    """Crop/flip, then AutoAugment (CIFAR policy, one sub-policy per ``chunk`` images) + Cutout(``cutout``)."""
+
+    def __init__(self, weak: Augment, mean: torch.Tensor, std: torch.Tensor, cutout: int, chunk: int) -> None:
+        self.weak, self.mean, self.std, self.cutout, self.chunk = weak, mean, std, cutout, chunk
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return strong_augment(self.weak(x, generator), self.mean, self.std, generator, self.cutout, self.chunk)
+
+
 class CentralizedMethod:
     """Cross-entropy with instance-balanced sampling (the reference every long-tail method is measured against)."""
 
-    options: dict[str, Any] = {"sampler": "instance"}
+    options: dict[str, Any] = {"sampler": "instance", "autoaugment": False, "cutout": 16, "augment_chunk": 1}
     two_stage = False
 
     def __init__(self, cfg: dict, train_counts: np.ndarray) -> None:
@@ -69,7 +79,11 @@ class CentralizedMethod:
         return make_sampler(self.opt["sampler"], self.epochs)
 
     def augment(self, data: TensorData) -> Augment:
-        return augment_for(self.cfg)
+        """Crop/flip; with ``autoaugment`` (the long recipes) + AutoAugment + Cutout(``cutout``) per image."""
+        weak = augment_for(self.cfg)
+        if not self.opt["autoaugment"]:
+            return weak
+        return StrongView(weak, data.mean, data.std, self.opt["cutout"], self.opt["augment_chunk"])
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
@@ -208,14 +222,13 @@ class PosthocLA(CentralizedMethod):
         return posthoc_adjust(logits, self.log_pi, self.opt["tau"])
 
 
-def _mixup_objective(method: CentralizedMethod, alpha: float, loss_fn) -> Objective:
-    """λ·loss(model(x̃), y_a) + (1 − λ)·loss(model(x̃), y_b), λ ~ Beta(α, α) from the method's rng."""
+def _mixup_objective(method: CentralizedMethod, alpha: float, loss_fn, experts: bool = False) -> Objective:
+    """λ·loss(out, y_a) + (1 − λ)·loss(out, y_b) with out = model(x̃) (or ``model.expert_logits(x̃)``),
+    x̃ = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α) from the method's rng (α = 0: no mixup)."""
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xm, ya, yb, lam = mixup_batch(x, y, alpha, method.rng)
-        out = model(xm) if loss_fn is None else model.expert_logits(xm)
-        if loss_fn is None:
-            return mixup_cross_entropy(out, ya, yb, lam)
-        return lam * loss_fn(out, ya) + (1 - lam) * loss_fn(out, yb) if lam < 1 else loss_fn(out, ya)
+        out = model.expert_logits(xm) if experts else model(xm)
+        return loss_fn(out, ya) if lam == 1.0 else lam * loss_fn(out, ya) + (1 - lam) * loss_fn(out, yb)
     return objective
 
 
@@ -226,7 +239,7 @@ class Mixup(CentralizedMethod):
     options = {**CentralizedMethod.options, "mixup_alpha": 1.0}
 
     def objective(self, epoch: int) -> Objective:
-        return _mixup_objective(self, self.opt["mixup_alpha"], None)
+        return _mixup_objective(self, self.opt["mixup_alpha"], cross_entropy_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ class MiSLAS(DecoupledMethod):
     shift_bn = True
 
     def objective(self, epoch: int) -> Objective:
-        return _mixup_objective(self, self.opt["mixup_alpha"], None)
+        return _mixup_objective(self, self.opt["mixup_alpha"], cross_entropy_loss)
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         return LWSClassifier(head, self.num_classes, train_inner=True)
@@ -395,7 +408,8 @@ class ExpertMethod(CentralizedMethod):
         if not name.endswith("_experts"):
             name += "_experts"
         if name not in MODELS:
-            raise FedLTError(f"{self.cfg['centralized']['method']} needs a multi-expert model; {name!r} is not registered")
+            raise FedLTError(f"{self.cfg['centralized']['method']} needs a multi-expert model; "
+                             f"{name!r} is not registered")
         cfg = {**self.cfg, "model": {**self.cfg["model"], "name": name}}
         return model_for(cfg, exp, classifier="cosine", scale=self.opt["expert_scale"],
                          num_experts=self.num_experts())
@@ -413,18 +427,14 @@ class BalPoE(ExpertMethod):
 
     def objective(self, epoch: int) -> Objective:
         taus = self.opt["taus"]
-        return _mixup_objective(self, self.opt["mixup_alpha"], lambda z, y: balpoe_loss(z, y, self.log_pi, taus))
+        return _mixup_objective(self, self.opt["mixup_alpha"], lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
 
 
-class TwoViews:
-    """Stack [weak; strong] views of a batch (2B rows): weak = crop/flip, strong = weak + AutoAugment + Cutout."""
-
-    def __init__(self, weak: Augment, mean: torch.Tensor, std: torch.Tensor, cutout: int, chunk: int) -> None:
-        self.weak, self.mean, self.std, self.cutout, self.chunk = weak, mean, std, cutout, chunk
+class TwoViews(StrongView):
+    """Stack [weak; strong] views of a batch (2B rows): weak = crop/flip, strong = crop/flip + AutoAugment + Cutout."""
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        w1, w2 = self.weak(x, generator), self.weak(x, generator)
-        return torch.cat([w1, strong_augment(w2, self.mean, self.std, generator, self.cutout, self.chunk)])
+        return torch.cat([self.weak(x, generator), super().__call__(x, generator)])
 
 
 @CENTRALIZED.register("mdcs")
@@ -433,8 +443,8 @@ class MDCS(ExpertMethod):
     self-distillation (weak teacher → strong student, confident instances), weight
     0.6·min(epoch/(ramp_fraction·epochs), 1) (20 of 400 epochs → 0.05; 20 of 200 → 0.1)."""
 
-    options = {**ExpertMethod.options, "lambdas": [-0.5, 1.0, 2.5], "kl_weight": 0.6, "ramp_fraction": 0.1,
-               "cutout": 16, "augment_chunk": 1}
+    options = {**{k: v for k, v in ExpertMethod.options.items() if k != "autoaugment"},  # views fixed below
+               "lambdas": [-0.5, 1.0, 2.5], "kl_weight": 0.6, "ramp_fraction": 0.1}
 
     def num_experts(self) -> int:
         return len(self.opt["lambdas"])

@@ -129,6 +129,17 @@ def test_smoke_one_epoch(method, tmp_path, monkeypatch):
     assert len(rows) == 1 + len(extra)
 
 
+def test_autoaugment_option(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("balanced_softmax", "centralized.autoaugment=true", "centralized.cutout=4")
+    method = CENTRALIZED.get("balanced_softmax")(cfg, np.array([40, 16, 8, 4]))
+    aug = method.augment(C.experiment_for(cfg).tensor_data())
+    assert isinstance(aug, C.StrongView) and aug.cutout == 4
+    assert math.isfinite(C.run_centralized(cfg, RunDir(tmp_path))["accuracy"])
+    assert "autoaugment" not in CENTRALIZED.get("mdcs").options  # MDCS fixes its own two views
+
+
 def test_stage2_resumes(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())

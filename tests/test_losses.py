@@ -92,7 +92,8 @@ def test_bal_bce():
 def test_mixup_cross_entropy_and_batch():
     z = t([[L3, 0.0]])  # p = (0.75, 0.25)
     # 0.7·(−log 0.75) + 0.3·(−log 0.25) = 0.6172658
-    assert mixup_cross_entropy(z, torch.tensor([0]), torch.tensor([1]), 0.7).item() == pytest.approx(0.6172658, abs=1e-6)
+    loss = mixup_cross_entropy(z, torch.tensor([0]), torch.tensor([1]), 0.7)
+    assert loss.item() == pytest.approx(0.6172658, abs=1e-6)
     x = torch.arange(6, dtype=torch.float32)[:, None]
     y = torch.arange(6)
     xm, ya, yb, lam = mixup_batch(x, y, 1.0, np.random.default_rng(0))

@@ -28,7 +28,8 @@ def test_progressive_probabilities():
 
 
 def labels():
-    return torch.cat([torch.full((int(n),), c) for c, n in enumerate(COUNTS)])[torch.randperm(129, generator=torch.Generator().manual_seed(1))]
+    lab = torch.cat([torch.full((int(n),), c) for c, n in enumerate(COUNTS)])
+    return lab[torch.randperm(129, generator=torch.Generator().manual_seed(1))]
 
 
 @pytest.mark.parametrize("name,expected", [("class_balanced", [1 / 3, 1 / 3, 1 / 3]),
