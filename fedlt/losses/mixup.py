@@ -31,8 +31,8 @@ def mixup_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tens
 
 
 def label_aware_epsilons(counts, eps_head: float = 0.4, eps_tail: float = 0.1) -> torch.Tensor:
-    """MiSLAS "concave" smoothing: ε_c = ε_tail + (ε_head − ε_tail)·sin(π(n_c − n_min) / (2(n_max − n_min))).
-    """
+    """MiSLAS "concave" label-aware smoothing:
+    ε_c = ε_tail + (ε_head − ε_tail)·sin(π(n_c − n_min) / (2(n_max − n_min)))."""
     n = torch.as_tensor(counts, dtype=torch.float64)
     span = max(float(n.max() - n.min()), 1e-12)
     return (eps_tail + (eps_head - eps_tail) * torch.sin(math.pi * (n - n.min()) / (2 * span))).float()
@@ -40,8 +40,8 @@ def label_aware_epsilons(counts, eps_head: float = 0.4, eps_tail: float = 0.1) -
 
 def label_aware_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor,
                                epsilons: torch.Tensor) -> torch.Tensor:
-    """L = mean_i [(1 − ε_{y_i})·(−log p_{i,y_i}) + ε_{y_i}·mean_c(−log p_{i,c})] (MiSLAS ``LabelAwareSmoothing``).
-    """
+    """MiSLAS ``LabelAwareSmoothing``:
+    L = mean_i [(1 − ε_{y_i})·(−log p_{i,y_i}) + ε_{y_i}·mean_c(−log p_{i,c})]."""
     logp = F.log_softmax(logits.float(), dim=1)
     eps = epsilons.to(logits.device)[targets]
     nll = -logp.gather(1, targets[:, None]).squeeze(1)
