@@ -33,3 +33,57 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
 def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """uint8 (N, C, H, W) -> (x/255 − mean)/std in ``dtype``."""
     return ((x_uint8.to(dtype) / 255.0) - mean.to(dtype)[None, :, None, None]) / std.to(dtype)[None, :, None, None]
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor, 2017), per image: zero a size×size square centred at a uniform pixel,
+    clipped at the border (so the square may be partly outside). Applied after normalisation, as in the
+    reference code, so the hole has the mean colour."""
+    n, _, h, w = x.shape
+    if size <= 0:
+        return x
+    dev = x.device
+    cy = torch.randint(0, h, (n,), generator=generator, device="cpu").to(dev)
+    cx = torch.randint(0, w, (n,), generator=generator, device="cpu").to(dev)
+    ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_y = (ys[None, :] >= (cy - size // 2)[:, None]) & (ys[None, :] < (cy - size // 2 + size)[:, None])
+    in_x = (xs[None, :] >= (cx - size // 2)[:, None]) & (xs[None, :] < (cx - size // 2 + size)[:, None])
+    hole = in_y[:, :, None] & in_x[:, None, :]  # (n, h, w)
+    return x.masked_fill(hole[:, None], 0.0)
+
+
+def auto_augment(x01: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 1,
+                 policy: str = "cifar10") -> torch.Tensor:
+    """AutoAugment (Cubuk et al., CVPR 2019) on a float batch in [0, 1], with its own random policy per chunk.
+
+    torchvision's ``v2.AutoAugment`` draws ONE sub-policy (and one magnitude sign, one probability draw)
+    per call, i.e. per batch. Here the batch is cut into chunks of ``chunk`` images and each chunk is one
+    call, so ``chunk=1`` (the default) gives every image its own sub-policy exactly like the per-sample
+    reference pipelines; larger chunks trade that independence for fewer kernel launches. torchvision uses
+    the global torch RNG, so each call runs inside ``fork_rng`` seeded from ``generator`` (reproducible, and
+    the caller's global RNG is left untouched).
+    """
+    from torchvision.transforms import v2
+
+    aa = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+    seeds = torch.randint(0, 2**62, (max(1, -(-len(x01) // chunk)),), generator=generator, device="cpu")
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for i, start in enumerate(range(0, len(x01), chunk)):
+            torch.manual_seed(int(seeds[i]))
+            out.append(aa(x01[start:start + chunk]))
+    return torch.cat(out) if out else x01
+
+
+def strong_augment(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None,
+                   cutout_size: int = 16, chunk: int = 1) -> torch.Tensor:
+    """The strong view of the long recipes: AutoAugment (CIFAR policy) + Cutout on a normalised batch.
+
+    ``x`` is normalised (and usually already cropped/flipped); it is mapped back to [0, 1] for AutoAugment,
+    normalised again, then Cutout(``cutout_size``) is applied.
+    """
+    m = mean.to(x.device, x.dtype)[None, :, None, None]
+    s = std.to(x.device, x.dtype)[None, :, None, None]
+    x01 = (x * s + m).clamp(0, 1)
+    x = (auto_augment(x01, generator, chunk) - m) / s
+    return cutout(x, cutout_size, generator)

@@ -27,3 +27,12 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, log_pi: t
 
 LOSSES.register("la", logit_adjusted_loss)
 LOSSES.register("balanced_softmax", balanced_softmax_loss)
+
+
+def posthoc_adjust(logits: torch.Tensor, log_pi: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al.): predict argmax_c (z_c − τ·log π_c) for a model trained with
+    plain CE. The sign is opposite to the loss mode; never apply both to one model."""
+    return logits - tau * log_pi.to(logits.device)
+
+
+LOSSES.register("posthoc_la", posthoc_adjust)

@@ -1,0 +1,120 @@
+"""Regenerate the "Centralized baselines" table of docs/results.md: every centralized method on
+Fashion-MNIST-LT (IF = 100), several seeds, mean ± std of overall / many / medium / few accuracy.
+
+    python benchmarks/centralized_table.py --out runs/centralized_table            # the stated budget
+    python benchmarks/centralized_table.py --methods ce,la --seeds 0 KEY=VALUE ... # a subset / overrides
+    python benchmarks/centralized_table.py --collect                                # table of the finished runs
+
+Runs go through :func:`fedlt.simulate.run_config`, so a finished run directory is reused (the table can be
+rebuilt, or extended to more methods, without retraining) and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la", "crt",
+           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs"]
+# The CPU budget of the table (2 shared CPU cores): small CNN, 2 epochs, SGD lr 0.1 cosine, batch 128; one
+# classifier epoch for the decoupled second stages. DRW switches on for the last epoch (round(0.5·2) = 1),
+# MDCS's consistency weight is 0 in epoch 1 and 0.6 in epoch 2.
+BUDGET = ["mode=centralized", "model.name=small_cnn", "centralized.epochs=2", "centralized.lr=0.1",
+          "centralized.batch_size=128", "centralized.schedule=cosine", "device=cpu"]
+STAGE2 = {"crt": 1, "lws": 1, "mislas": 1}
+EXTRA = {"ldam_drw": ["centralized.drw_fraction=0.5"], "mdcs": ["centralized.ramp_fraction=0.5"]}
+# Stage 1 of these methods is plain CE training from the same seed and random streams, bit-identical on the
+# CPU to the ce run (crt's stage-1 metrics equal ce's in the logs); to save CPU they start from ce's final
+# checkpoint, so only their second stage (or post-hoc transform) runs.
+FROM_CE = ("posthoc_la", "crt", "tau_norm", "lws")
+
+
+def start_from_ce(cfg: dict, out: str, seed: int) -> None:
+    """Seed the run directory of ``cfg`` with the finished ce run's checkpoint (stage 1 done)."""
+    import shutil
+
+    from fedlt.rundir import RunDir
+
+    method = cfg["centralized"]["method"]
+    ce, dest = Path(out) / "ce" / f"s{seed}-cen-ce", Path(out) / method / f"s{seed}-cen-{method}"
+    if not (ce / "done").is_file() or (dest / "checkpoint.pt").is_file():
+        return
+    run = RunDir(dest)
+    run.write_config(cfg)
+    for name in ("env.json", "partition.json", "metrics.jsonl", "checkpoint.pt"):
+        shutil.copy(ce / name, dest / name)
+
+
+def run_all(methods: list[str], seeds: list[int], out: str, overrides: list[str]) -> dict[str, list[dict]]:
+    from fedlt.config import load_config
+    from fedlt.simulate import run_config
+
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in seeds:  # seed-major: a partial run still covers every method
+        for method in methods:
+            extra = [f"centralized.stage2_epochs={STAGE2[method]}"] if method in STAGE2 else []
+            cfg = load_config(None, [*BUDGET, f"centralized.method={method}", f"seed={seed}",
+                                     f"name=s{seed}", *extra, *EXTRA.get(method, []), *overrides])
+            if method in FROM_CE:
+                start_from_ce(cfg, out, seed)
+            t0 = time.time()
+            summary = run_config(cfg, f"{out}/{method}")[0]
+            print(f"{method} seed {seed}: acc {summary['accuracy']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            results[method].append(summary)
+    return results
+
+
+def collect(methods: list[str], seeds: list[int], out: str) -> dict[str, list[dict]]:
+    """The summaries of the finished runs under ``out`` (no training; missing runs are left out)."""
+    results: dict[str, list[dict]] = {}
+    for method in methods:
+        for seed in seeds:
+            f = Path(out) / method / f"s{seed}-cen-{method}" / "summary.json"
+            if f.is_file():
+                results.setdefault(method, []).append(json.loads(f.read_text()))
+    return results
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    def cell(rows, key):
+        v = np.array([r[key] for r in rows], dtype=float) * 100
+        return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+
+    lines = ["| method | seeds | overall | many | medium | few | ECE | s/run |", "|---|---|---|---|---|---|---|---|"]
+    for method, rows in results.items():
+        secs = np.mean([r["wall_clock_seconds"] for r in rows])
+        cells = " | ".join(cell(rows, k) for k in ("accuracy", "many", "medium", "few", "ece"))
+        lines.append(f"| {method} | {len(rows)} | {cells} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/centralized_table")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--collect", action="store_true", help="only tabulate the finished runs under --out")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    results = collect(methods, seeds, args.out) if args.collect else run_all(methods, seeds, args.out, args.overrides)
+    text = table(results)
+    print(text)
+    with open(f"{args.out}/table.md", "w") as f:
+        f.write(text + "\n")
+    with open(f"{args.out}/results.json", "w") as f:
+        json.dump({m: [{k: r[k] for k in ("seed", "accuracy", "many", "medium", "few", "ece", "wall_clock_seconds")}
+                       for r in rows] for m, rows in results.items()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Losses of multi-expert models: BalPoE (Sanchez Aimar et al., CVPR 2023) and MDCS (Zhao et al., ICCV 2023).
+
+``expert_logits`` is the (M, B, C) stack of :meth:`fedlt.models.experts.MultiExpertModel.expert_logits`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fedlt.registry import LOSSES
+
+
+def _adjusted(expert_logits: torch.Tensor, log_pi: torch.Tensor, taus) -> torch.Tensor:
+    t = torch.as_tensor(taus, dtype=torch.float32, device=expert_logits.device)
+    return expert_logits.float() + t[:, None, None] * log_pi.to(expert_logits.device)[None, None, :]
+
+
+def balpoe_loss(expert_logits: torch.Tensor, targets: torch.Tensor, log_pi: torch.Tensor,
+                taus=(0.0, 1.0, 2.0)) -> torch.Tensor:
+    """L = (1/M)·Σ_k CE(z_k + τ_k·log π, y), τ = (0, 1, 2); test: argmax of the mean of the raw z_k.
+
+    Keep mean τ = 1 when M changes (the ensemble then targets the balanced error).
+    """
+    z = _adjusted(expert_logits, log_pi, taus)
+    return torch.stack([F.cross_entropy(zk, targets) for zk in z]).mean()
+
+
+def confident_kl(teacher: torch.Tensor, student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Consistency self-distillation on confident instances (MDCS CS + CIS), temperature 1.
+
+    KL(softmax(teacher).detach() ‖ softmax(student)) summed over classes and averaged over the samples whose
+    teacher argmax equals the label (0 when there are none).
+    """
+    teacher, student = teacher.float().detach(), student.float()
+    mask = teacher.argmax(1) == targets
+    if not bool(mask.any()):
+        return student.sum() * 0.0
+    p_t = F.softmax(teacher[mask], 1)
+    kl = (p_t * (F.log_softmax(teacher[mask], 1) - F.log_softmax(student[mask], 1))).sum(1)
+    return kl.mean()
+
+
+def mdcs_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, targets: torch.Tensor,
+              log_pi: torch.Tensor, lambdas=(-0.5, 1.0, 2.5), kl_weight: float = 0.6) -> torch.Tensor:
+    """MDCS (fistyee/MDCS ``MDCSLoss``): diversity loss + consistency self-distillation.
+
+    With z_k^v = logits of expert k on view v (1 weak teacher, 2 strong student) shifted by λ_k·log π
+    (λ = (−0.5, 1, 2.5); log n differs by a constant the softmax ignores):
+    L = Σ_k [CE(z_k^1, y) + CE(z_k^2, y)] + w·Σ_k KL_conf(z_k^1 → z_k^2), with w = 0.6·min(epoch/20, 1)
+    given by the caller as ``kl_weight``.
+    """
+    z1 = _adjusted(weak_logits, log_pi, lambdas)
+    z2 = _adjusted(strong_logits, log_pi, lambdas)
+    ce = sum(F.cross_entropy(a, targets) + F.cross_entropy(b, targets) for a, b in zip(z1, z2))
+    kl = sum(confident_kl(a, b, targets) for a, b in zip(z1, z2))
+    return ce + kl_weight * kl
+
+
+LOSSES.register("balpoe", balpoe_loss)
+LOSSES.register("mdcs", mdcs_loss)

@@ -1,0 +1,52 @@
+"""Mixup (Zhang et al., ICLR 2018) and MiSLAS's label-aware smoothing (Zhong et al., CVPR 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedlt.registry import LOSSES
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """x̃ = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α) once per batch; returns (x̃, y, y[perm], λ).
+
+    α ≤ 0 turns mixup off (λ = 1, identity permutation).
+    """
+    if alpha <= 0:
+        return x, y, y, 1.0
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+def mixup_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:
+    """L = λ·CE(z, y_a) + (1 − λ)·CE(z, y_b), batch mean."""
+    logits = logits.float()
+    return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+def label_aware_epsilons(counts, eps_head: float = 0.4, eps_tail: float = 0.1) -> torch.Tensor:
+    """MiSLAS "concave" label-aware smoothing:
+    ε_c = ε_tail + (ε_head − ε_tail)·sin(π(n_c − n_min) / (2(n_max − n_min)))."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    span = max(float(n.max() - n.min()), 1e-12)
+    return (eps_tail + (eps_head - eps_tail) * torch.sin(math.pi * (n - n.min()) / (2 * span))).float()
+
+
+def label_aware_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor,
+                               epsilons: torch.Tensor) -> torch.Tensor:
+    """MiSLAS ``LabelAwareSmoothing``:
+    L = mean_i [(1 − ε_{y_i})·(−log p_{i,y_i}) + ε_{y_i}·mean_c(−log p_{i,c})]."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    eps = epsilons.to(logits.device)[targets]
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    return ((1 - eps) * nll + eps * (-logp.mean(1))).mean()
+
+
+LOSSES.register("mixup", mixup_cross_entropy)
+LOSSES.register("label_aware_smoothing", label_aware_smoothing_loss)

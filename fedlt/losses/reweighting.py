@@ -1,0 +1,67 @@
+"""Cross-entropy, focal loss and class re-weighting (inverse frequency, class-balanced effective number).
+
+Mean convention of the weighted losses: **PyTorch weighted mean**, L = Σ_i w_{y_i}·ℓ_i / Σ_i w_{y_i}, which is
+what ``F.cross_entropy(weight=w)`` computes and what LDAM-DRW's DRW stage uses (not the batch mean
+(1/B)·Σ_i w_{y_i}·ℓ_i, which changes the effective learning rate).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fedlt.registry import LOSSES
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L = −log softmax(z)_y, averaged over the batch (ERM, the reference of every long-tail method)."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 1.0,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Focal loss (Lin et al., ICCV 2017) on the softmax, as in LDAM-DRW's ``FocalLoss``.
+
+    ℓ_i = (1 − p_{y_i})^γ · CE_i with p_y = exp(−CE_i) (CE_i weighted by w_{y_i} when ``weight`` is given);
+    L = (1/B)·Σ_i ℓ_i. γ = 1 by default (LDAM's code); γ = 0 is plain CE.
+    """
+    ce = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none")
+    p = torch.exp(-ce)
+    return ((1 - p) ** gamma * ce).mean()
+
+
+def class_weights(counts, beta: float | None = None) -> torch.Tensor:
+    """Per-class weights normalised to Σ_c w_c = C.
+
+    ``beta=None`` (or 1): inverse frequency, w_c ∝ 1/n_c. Otherwise the class-balanced weights of Cui et al.
+    (CVPR 2019): w_c ∝ (1 − β) / (1 − β^{n_c}) = 1 / E_c, the inverse effective number of samples;
+    β = 0 gives uniform weights.
+    """
+    n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
+    if beta is None or beta >= 1:
+        w = 1.0 / n
+    else:
+        w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n))
+    return (w / w.sum() * len(n)).float()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L = Σ_i w_{y_i}·CE_i / Σ_i w_{y_i} (PyTorch weighted mean; see the module docstring)."""
+    return F.cross_entropy(logits.float(), targets, weight=weights.to(logits.device))
+
+
+def reweighted_loss(logits: torch.Tensor, targets: torch.Tensor, counts) -> torch.Tensor:
+    """Inverse-frequency re-weighted CE: w_c ∝ 1/n_c normalised to Σ w = C, PyTorch weighted mean."""
+    return weighted_cross_entropy(logits, targets, class_weights(counts))
+
+
+def class_balanced_loss(logits: torch.Tensor, targets: torch.Tensor, counts, beta: float = 0.9999) -> torch.Tensor:
+    """Class-Balanced CE (Cui et al., CVPR 2019): w_c = (1 − β)/(1 − β^{n_c}) normalised to Σ w = C,
+    PyTorch weighted mean. β = 0.9999 is the script default."""
+    return weighted_cross_entropy(logits, targets, class_weights(counts, beta))
+
+
+LOSSES.register("ce", cross_entropy_loss)
+LOSSES.register("focal", focal_loss)
+LOSSES.register("reweight", reweighted_loss)
+LOSSES.register("cb", class_balanced_loss)

@@ -1,0 +1,179 @@
+"""Centralized method zoo: formulas of the classifier adjustments, strong augmentation, a 1-epoch smoke run
+of every method on a tiny synthetic set (through ``run_centralized``), resumability across stages, configs."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedlt.centralized as C
+from fedlt.config import load_config
+from fedlt.data.augment import auto_augment, cutout, strong_augment
+from fedlt.data.sources import Split
+from fedlt.experiment import Experiment
+from fedlt.registry import CENTRALIZED
+from fedlt.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la", "crt",
+           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs"]
+
+
+def test_every_method_is_registered():
+    assert set(METHODS) <= set(CENTRALIZED)
+
+
+def test_tau_norm_weight():
+    w = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # row norms 5 and 2
+    assert C.tau_normalized_weight(w, 1.0).flatten().tolist() == pytest.approx([0.6, 0.8, 0.0, 1.0])
+    # τ = 0.5: w / sqrt(‖w‖) = (3/√5, 4/√5), (0, 2/√2)
+    assert C.tau_normalized_weight(w, 0.5).flatten().tolist() == pytest.approx([1.3416408, 1.7888544, 0.0, 1.4142136])
+    head = nn.Linear(2, 2)
+    head.weight.data.copy_(w)
+    h = torch.tensor([[1.0, 1.0]])
+    # bias dropped: (0.6 + 0.8, 0 + 1)
+    assert C.TauNormLinear(head, 1.0)(h)[0].tolist() == pytest.approx([1.4, 1.0])
+
+
+def test_lws_classifier_and_frozen_features():
+    head = nn.Linear(2, 2)
+    head.weight.data.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    head.bias.data.copy_(torch.tensor([1.0, -1.0]))
+    lws = C.LWSClassifier(head, 2)
+    lws.scales.data.copy_(torch.tensor([2.0, 0.5]))
+    # f_c·(w_c^T h + b_c) with h = (1, 3): 2·(1 + 1), 0.5·(3 − 1)
+    assert lws(torch.tensor([[1.0, 3.0]]))[0].tolist() == pytest.approx([4.0, 1.0])
+    assert [p.requires_grad for p in lws.parameters()] == [True, False, False]
+    bn = nn.BatchNorm1d(2)
+    frozen = C.FrozenFeatures(bn).train()
+    assert not bn.training and not any(p.requires_grad for p in bn.parameters())
+    assert C.FrozenFeatures(nn.BatchNorm1d(2), shift_bn=True).train().inner.training
+
+
+def test_posthoc_and_ldam_transforms():
+    cfg = load_config(None, ["mode=centralized", "centralized.method=posthoc_la"])
+    m = CENTRALIZED.get("posthoc_la")(cfg, np.array([3, 1]))
+    # z − log π with π = (0.75, 0.25)
+    assert m.transform_logits(torch.zeros(1, 2))[0].tolist() == pytest.approx([0.2876821, 1.3862944], abs=1e-6)
+    cfg = load_config(None, ["mode=centralized", "centralized.method=ldam_drw", "centralized.epochs=200"])
+    m = CENTRALIZED.get("ldam_drw")(cfg, np.array([3, 1]))
+    assert m.drw_epoch() == 160  # 0.8 of 200
+    assert m.transform_logits(torch.ones(1, 2)).tolist() == [[30.0, 30.0]]
+
+
+def test_mdcs_ramp():
+    cfg = load_config(None, ["mode=centralized", "centralized.method=mdcs", "centralized.epochs=200"])
+    m = CENTRALIZED.get("mdcs")(cfg, np.array([3, 1]))
+    # 0.6·min(epoch/20, 1)
+    assert [m.kl_weight(e) for e in (0, 10, 20, 100)] == pytest.approx([0.0, 0.3, 0.6, 0.6])
+
+
+def test_cutout_square():
+    x = torch.ones(64, 1, 10, 10)
+    out = cutout(x, 4, torch.Generator().manual_seed(0))
+    holes = (out == 0).sum((1, 2, 3))
+    assert holes.max().item() == 16 and holes.min().item() >= 4  # clipped at the border, at least 2×2 left
+    for img in out[:, 0]:
+        rows, cols = torch.nonzero(img == 0, as_tuple=True)
+        assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # one rectangle
+
+
+def test_auto_augment_per_image_vs_per_batch():
+    x = torch.rand(1, 3, 16, 16).expand(32, 3, 16, 16).contiguous()
+    per_image = auto_augment(x, torch.Generator().manual_seed(0), chunk=1)
+    per_batch = auto_augment(x, torch.Generator().manual_seed(0), chunk=32)
+    distinct = lambda y: len({tuple(v.flatten()[:64].tolist()) for v in y})  # noqa: E731
+    assert distinct(per_batch) == 1  # torchvision draws one sub-policy per call
+    assert distinct(per_image) > 4  # one per image here
+    again = auto_augment(x, torch.Generator().manual_seed(0), chunk=1)
+    assert torch.equal(per_image, again)
+    out = strong_augment(torch.zeros(4, 1, 8, 8), torch.tensor([0.5]), torch.tensor([0.25]),
+                         torch.Generator().manual_seed(0), cutout_size=4)
+    assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def tiny_experiment(num_classes=4, size=12):
+    g = torch.Generator().manual_seed(0)
+    counts = [40, 16, 8, 4][:num_classes]
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    test_labels = np.repeat(np.arange(num_classes), 8)
+
+    def images(lab):
+        base = torch.randint(0, 60, (len(lab), 1, size, size), generator=g, dtype=torch.uint8)
+        return base + torch.as_tensor(lab, dtype=torch.uint8)[:, None, None, None] * 50  # learnable by brightness
+
+    train = Split(labels=labels, num_classes=num_classes, images=images(labels))
+    test = Split(labels=test_labels, num_classes=num_classes, images=images(test_labels))
+    return Experiment(train, test, [np.arange(len(labels))], torch.tensor([0.5]), torch.tensor([0.25]), 1)
+
+
+def tiny_cfg(method, *extra):
+    return load_config(None, ["mode=centralized", f"centralized.method={method}", "centralized.epochs=1",
+                              "centralized.batch_size=16", "model.name=small_cnn", "device=cpu", *extra])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_one_epoch(method, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    extra = ["centralized.stage2_epochs=1"] if method in ("crt", "lws", "mislas") else []
+    cfg = tiny_cfg(method, *extra)
+    summary = C.run_centralized(cfg, RunDir(tmp_path))
+    for key in ("accuracy", "balanced_accuracy", "loss", "ece"):
+        assert math.isfinite(summary[key]), key
+    assert all(summary[g] is None or math.isfinite(summary[g]) for g in ("many", "medium", "few"))
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 + len(extra)
+
+
+def test_autoaugment_option(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("balanced_softmax", "centralized.autoaugment=true", "centralized.cutout=4")
+    method = CENTRALIZED.get("balanced_softmax")(cfg, np.array([40, 16, 8, 4]))
+    aug = method.augment(C.experiment_for(cfg).tensor_data())
+    assert isinstance(aug, C.StrongView) and aug.cutout == 4
+    assert math.isfinite(C.run_centralized(cfg, RunDir(tmp_path))["accuracy"])
+    assert "autoaugment" not in CENTRALIZED.get("mdcs").options  # MDCS fixes its own two views
+
+
+def test_stage2_resumes(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("lws", "centralized.epochs=2", "centralized.stage2_epochs=2")
+    full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
+    run = RunDir(tmp_path / "cut")
+    ckpts = []
+    orig = RunDir.save_checkpoint
+
+    def save(self, state):
+        orig(self, state)
+        ckpts.append(state["epoch"])
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        C.run_centralized(cfg, run)
+    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
+    resumed = C.run_centralized(cfg, run)
+    assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
+
+
+def test_sampler_option_and_unknown_key():
+    cfg = tiny_cfg("focal", "centralized.sampler=sqrt", "centralized.focal_gamma=2")
+    assert cfg["centralized"]["sampler"] == "sqrt" and cfg["centralized"]["focal_gamma"] == 2.0
+    from fedlt.errors import FedLTError
+    with pytest.raises(FedLTError):
+        tiny_cfg("ce", "centralized.focal_gamma=2")
+    with pytest.raises(FedLTError):
+        CENTRALIZED.get("ce")(tiny_cfg("ce", "centralized.sampler=nope"), np.array([3, 1]))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_config_validates(path):
+    cfg = load_config(path)
+    assert cfg["centralized"]["method"] in CENTRALIZED
