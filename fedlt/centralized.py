@@ -14,7 +14,6 @@ resumable across the switch: checkpoints record the stage.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 

@@ -49,6 +49,7 @@ def test_lws_classifier_and_frozen_features():
     assert [p.requires_grad for p in lws.parameters()] == [True, False, False]
     bn = nn.BatchNorm1d(2)
     frozen = C.FrozenFeatures(bn).train()
+    assert frozen.training
     assert not bn.training and not any(p.requires_grad for p in bn.parameters())
     assert C.FrozenFeatures(nn.BatchNorm1d(2), shift_bn=True).train().inner.training
 
