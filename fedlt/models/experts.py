@@ -10,29 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedlt.models.base import make_classifier
+from fedlt.models.base import SplitModel, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.resnet_cifar import make_stage
 from fedlt.registry import MODELS
 
 
-class Expert(nn.Module):
-    """One branch: ``features`` (stem output -> h) and ``classifier`` (h -> logits)."""
-
-    def __init__(self, features: nn.Module, classifier: nn.Module, feature_dim: int) -> None:
-        super().__init__()
-        self.features = features
-        self.classifier = classifier
-        self.feature_dim = feature_dim
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(s))
-
-
 class MultiExpertModel(nn.Module):
-    """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)). ``expert_logits`` gives the (M, N, C) stack."""
+    """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)); each expert is a :class:`SplitModel` on the stem's
+    output. ``expert_logits`` gives the (M, N, C) stack."""
 
-    def __init__(self, stem: nn.Module, experts: list[Expert]) -> None:
+    def __init__(self, stem: nn.Module, experts: list[SplitModel]) -> None:
         super().__init__()
         self.stem = stem
         self.experts = nn.ModuleList(experts)
@@ -66,7 +54,7 @@ def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 
     for _ in range(num_experts):
         features = nn.Sequential(make_stage(widths[0], widths[1], n, 2), make_stage(widths[1], widths[2], n, 2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        experts.append(Expert(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
+        experts.append(SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
     model = MultiExpertModel(stem, experts)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -86,5 +74,5 @@ def small_cnn_experts(num_classes: int, in_channels: int = 1, num_experts: int =
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=norm == "none"), _norm(norm, 2 * width),
             nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
             nn.Linear(2 * width * 16, 128), nn.ReLU(inplace=True))
-        experts.append(Expert(features, make_classifier(128, num_classes, classifier, scale), 128))
+        experts.append(SplitModel(features, make_classifier(128, num_classes, classifier, scale), 128))
     return MultiExpertModel(stem, experts)

@@ -16,17 +16,18 @@ def _split(net: tvm.ResNet, num_classes: int, classifier: str, scale: float) -> 
     return SplitModel(features, make_classifier(dim, num_classes, classifier, scale), dim)
 
 
-@MODELS.register("resnet18")
-def resnet18(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
-    net = tvm.resnet18(weights=None)
+def _torchvision_resnet(arch, num_classes: int, in_channels: int, classifier: str, scale: float) -> SplitModel:
+    net = arch(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return _split(net, num_classes, classifier, scale)
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+    return _torchvision_resnet(tvm.resnet18, num_classes, in_channels, classifier, scale)
 
 
 @MODELS.register("resnet50")
 def resnet50(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
-    net = tvm.resnet50(weights=None)
-    if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    return _split(net, num_classes, classifier, scale)
+    return _torchvision_resnet(tvm.resnet50, num_classes, in_channels, classifier, scale)
