@@ -13,8 +13,6 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -208,9 +206,6 @@ def load_file_list(root: str | None, train_list: str, test_list: str, image_size
 
 
 # --------------------------------------------------------------------------- registry
-LoaderFn = Callable[..., dict[str, Split]]
-
-
 def load_source(name: str, root: str | None = None, train_list: str = "train.txt", test_list: str = "test.txt",
                 image_size: int | None = None) -> dict[str, Split]:
     """Load a data set by registry name (see ``fedlt.registry.DATASETS``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 
 
 def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -41,6 +41,3 @@ def metric_record(values: dict) -> MetricRecord:
         out[k] = v
     return MetricRecord(out)
 
-
-def config_record(values: dict) -> ConfigRecord:
-    return ConfigRecord({k: v for k, v in values.items() if v is not None})
