@@ -24,13 +24,12 @@ from torch import nn
 from fedlt.data.augment import strong_augment
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
-from fedlt.evaluation import evaluate_model, progress_line
+from fedlt.evaluation import evaluate_model, metrics_row, progress_line
 from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, experiment_for, model_for, torch_generator
 from fedlt.losses import (bal_bce_loss, balpoe_loss, class_weights, cross_entropy_loss, focal_loss,
                           label_aware_epsilons, label_aware_smoothing_loss, ldam_loss, ldam_margins, log_prior,
                           logit_adjusted_loss, mdcs_loss, mixup_batch, posthoc_adjust, sigmoid_bias_init,
                           weighted_cross_entropy)
-from fedlt.metrics import GROUPS
 from fedlt.models.base import NormedLinear
 from fedlt.registry import CENTRALIZED, DATASETS, MODELS
 from fedlt.rundir import RunDir
@@ -545,9 +544,8 @@ def run_centralized(cfg: dict, run: RunDir) -> dict:
         m = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], method.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
-        run.append_metrics({"epoch": epoch + 1, "stage": stage, "loss": m["loss"], "accuracy": m["accuracy"],
-                            "balanced_accuracy": m["balanced_accuracy"], **{g: m[g] for g in GROUPS},
-                            "ece": m["ece"], "train_loss": result.loss, "seconds": seconds})
+        run.append_metrics({"epoch": epoch + 1, "stage": stage, **metrics_row(m), "train_loss": result.loss,
+                            "seconds": seconds})
         print(progress_line(f"[centralized {name}] epoch {epoch + 1}/{total}", m, seconds), flush=True)
         run.save_checkpoint({"epoch": epoch + 1, "stage": stage, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "generator": gen.get_state(),

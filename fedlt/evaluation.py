@@ -24,6 +24,14 @@ def evaluate_model(model: nn.Module, test: TensorData, train_counts: np.ndarray,
     return out
 
 
+ROW_KEYS = ("loss", "accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
+
+
+def metrics_row(m: dict) -> dict:
+    """The per-round / per-epoch metrics that go into ``metrics.jsonl`` (no per-class lists)."""
+    return {k: m[k] for k in ROW_KEYS}
+
+
 def progress_line(prefix: str, m: dict, seconds: float) -> str:
     groups = " ".join(f"{g}={m[g] * 100:5.1f}" if m[g] is not None else f"{g}=  n/a" for g in ("many", "medium", "few"))
     return (f"{prefix} loss={m['loss']:.3f} acc={m['accuracy'] * 100:5.2f} bal={m['balanced_accuracy'] * 100:5.2f} "

@@ -15,11 +15,10 @@ from flwr.serverapp import Grid
 
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
-from fedlt.evaluation import evaluate_model, progress_line
+from fedlt.evaluation import evaluate_model, metrics_row, progress_line
 from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.records import load_into, to_arrays
 from fedlt.federation.strategy import FedLTStrategy
-from fedlt.metrics import GROUPS
 from fedlt.registry import STRATEGIES
 from fedlt.rundir import RunDir
 
@@ -95,9 +94,8 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
                                  strategy.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
-        row = {"round": server_round, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
-               "balanced_accuracy": metrics["balanced_accuracy"], **{g: metrics[g] for g in GROUPS},
-               "ece": metrics["ece"], "train_loss": (train_metrics or {}).get("train_loss"),
+        row = {"round": server_round, **metrics_row(metrics),
+               "train_loss": (train_metrics or {}).get("train_loss"),
                "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
                "client_fit_seconds": strategy.fit_seconds}
         run.append_metrics(row)
