@@ -212,6 +212,8 @@ def _check_plugin_options(cfg: dict) -> None:
                 given[key] = copy.deepcopy(default)
             elif default is not None:
                 given[key] = _check_type(f"{section}.{key}", given[key], default)
+        if hasattr(plugin, "check_options"):  # the plug-in's own ranges, as one-line FedLTErrors
+            plugin.check_options(given)
     method = CENTRALIZED.get(cfg["centralized"]["method"])
     options = getattr(method, "options", {})
     for key in cfg["centralized"]:

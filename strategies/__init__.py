@@ -4,4 +4,4 @@ from strategies import fedavg, fedavgm, fedprox  # noqa: F401
 from strategies import gbme  # noqa: F401
 from strategies import fedlc, posthoc_calibration  # noqa: F401
 from strategies import ccvr, creff  # noqa: F401
-from strategies import dp_server_fixed  # noqa: F401
+from strategies import dp_client_fixed, dp_server_fixed  # noqa: F401

@@ -3,12 +3,12 @@
 summary.json gets ``privacy``: (ε, δ = 1/K unless ``delta`` > 0) from the RDP accountant."""
 
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DPFixedMixin
+from fedlt.federation.dp import DP_OPTIONS, check_dp_options, DPFixedMixin
 from fedlt.registry import STRATEGIES
 
 
 @STRATEGIES.register("dp_server_fixed")
 class DPServerFixed(StrategyWrapper):
     mixin = DPFixedMixin
-    options = {**StrategyWrapper.options, "clipping_norm": 1.0, "noise_multiplier": 1.0, "uniform_weights": True,
-               "delta": 0.0}
+    options = {**StrategyWrapper.options, **DP_OPTIONS}
+    check_options = staticmethod(check_dp_options)

@@ -14,3 +14,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os
 
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir() and not os.environ.get("CI"),
                                    reason="Debian's dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture
+def message_identity(monkeypatch):
+    """Flower's Message() reads the process's task identity, which only a running app sets: give it one
+    so that tests can build messages by hand in any order."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, getattr(TaskIdentity, attr) or 0)

@@ -300,3 +300,57 @@ def test_creff_simulation(creff_run):
     assert summary["client"] == "local_loss" and len(rows) == 2
     assert "accuracy" in summary["creff_base_classifier"]
     assert 0 <= summary["accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------- DP with client-side clipping
+def test_client_clipping_mod_clips_train_updates_that_ask_for_it(message_identity):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from fedlt.federation.dp import client_clipping_mod
+
+    w0 = {"a": torch.zeros(3), "b": torch.ones(2)}
+    update = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 4.0])}  # ‖Δ‖ = 5
+
+    def call(message_type: str, config: dict) -> dict:
+        msg = Message(RecordDict({"arrays": ArrayRecord(w0), "config": ConfigRecord(config)}),
+                      dst_node_id=0, message_type=message_type)
+
+        def call_next(m, ctx):
+            new = {k: w0[k] + update[k] for k in w0}
+            return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord({"n": 1})}), reply_to=m)
+
+        ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        out = client_clipping_mod(msg, ctx, call_next)
+        return out.content["arrays"].to_torch_state_dict()
+
+    clipped = call("train", {KEY_CLIPPING_NORM: 1.0, "lr": 0.1})
+    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0, 0.0]))  # Δ · 1/5
+    assert torch.allclose(clipped["b"], torch.tensor([1.0, 1.8]))
+    assert torch.allclose(call("train", {KEY_CLIPPING_NORM: 10.0})["a"], update["a"])  # ‖Δ‖ < C: unchanged
+    assert torch.allclose(call("train", {"lr": 0.1})["a"], update["a"])  # no DP asked: untouched
+    assert torch.allclose(call("query", {KEY_CLIPPING_NORM: 1.0})["a"], update["a"])  # only train replies
+
+
+def test_dp_client_fixed_simulation_moves_the_model_at_most_c_per_round(tiny_lists, tmp_path):
+    from fedlt.experiment import experiment_for, model_for
+
+    C = 1e-3
+    cfg = tiny_config(tiny_lists, "strategy.name=dp_client_fixed", f"strategy.clipping_norm={C}",
+                      "strategy.noise_multiplier=0")
+    summary, rows = simulate(cfg, tmp_path / "run")
+    w0 = model_for(cfg, experiment_for(cfg)).state_dict()
+    w2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    moved = torch.sqrt(sum(((w2[k].double() - w0[k].double()) ** 2).sum() for k in w0)).item()
+    # without noise, each round's global step is the mean of updates clipped to C on the clients
+    assert 0 < moved <= 2 * C * (1 + 1e-4)
+    assert summary["privacy"]["clipping"] == "client" and summary["privacy"]["releases"] == 2
+    assert summary["privacy"]["epsilon"] == math.inf  # σ = 0: no privacy, said as such
+
+
+def test_dp_options_are_checked_before_training():
+    from fedlt.errors import FedLTError
+
+    for bad in ("strategy.clipping_norm=0", "strategy.noise_multiplier=-1", "strategy.delta=1"):
+        with pytest.raises(FedLTError, match=bad.split("=")[0]):
+            load_config(None, ["strategy.name=dp_client_fixed", bad])

@@ -88,7 +88,7 @@ def reply(pid: int, n: int, value: float) -> Message:
     return msg
 
 
-def test_fedavg_aggregate_is_the_weighted_mean():
+def test_fedavg_aggregate_is_the_weighted_mean(message_identity):
     cfg = small_cfg()
     strategy = FedLTStrategy(cfg, 10)
     replies = [reply(2, 30, 4.0), reply(0, 10, 1.0), reply(1, 60, -2.0)]

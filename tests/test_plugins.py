@@ -19,7 +19,7 @@ from fedlt.registry import CLIENTS, STRATEGIES
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples"
 FEDERATED = ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "posthoc_calibration", "ccvr", "creff",
-             "dp_server_fixed")
+             "dp_server_fixed", "dp_client_fixed")
 
 
 @pytest.mark.parametrize("name", FEDERATED)

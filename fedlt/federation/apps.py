@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import load_config
 from fedlt.device import resolve_device
+from fedlt.federation.dp import client_clipping_mod
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
 from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
 from fedlt.registry import CLIENTS, import_plugins
@@ -39,7 +40,7 @@ def _reply(msg: Message, result: FitResult, pid: int) -> Message:
 
 def make_client_app(cfg: dict | None = None) -> ClientApp:
     """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it."""
-    app = ClientApp()
+    app = ClientApp(mods=[client_clipping_mod])  # clips train replies only when the strategy asks (DP)
 
     def setup(msg: Message, context: Context):
         c = cfg or config_from_context(context)

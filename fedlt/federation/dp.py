@@ -4,6 +4,14 @@
 runs the base strategy with Flower's ``DifferentialPrivacyServerSideFixedClipping`` on every aggregation:
 each client's update w_k − w_t is clipped to L2 norm C, the (uniform, ``uniform_weights``) mean is taken
 and N(0, (σ·C/S)²) noise is added (Flower's own code; its numpy noise is seeded per release here).
+``strategy.name=dp_client_fixed`` is the same mechanism with the clipping done by each client before it
+replies (Flower's ``DifferentialPrivacyClientSideFixedClipping`` on the server, Flower's
+``fixedclipping_mod`` on the client, applied by :func:`client_clipping_mod` to train messages that carry
+a clipping norm), so the server never sees an unclipped update.
+
+What the accountant covers: the model updates of the training rounds. Query rounds that other wrappers
+add (GBME's prior estimate, CCVR's feature statistics, CReFF's class gradients) release more and are not
+privatised or counted.
 
 Privacy spent: user-level (ε, δ) of T' releases of the sampled Gaussian mechanism with sampling rate
 q = S/K and noise multiplier σ, by Rényi DP (Mironov, Talwar, Zhang 2019) over integer orders α:
@@ -20,12 +28,27 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping)
 
+from fedlt.errors import FedLTError
 from fedlt.experiment import seeded_rng
 
 ORDERS = tuple(range(2, 257))
+DP_OPTIONS = {"clipping_norm": 1.0, "noise_multiplier": 1.0, "uniform_weights": True, "delta": 0.0}
+
+
+def check_dp_options(opts: dict) -> None:
+    """Refuse, before any training, what Flower's wrappers would refuse only at the first aggregation."""
+    if opts["clipping_norm"] <= 0:
+        raise FedLTError(f"strategy.clipping_norm must be > 0, got {opts['clipping_norm']}")
+    if opts["noise_multiplier"] < 0:
+        raise FedLTError(f"strategy.noise_multiplier must be >= 0, got {opts['noise_multiplier']}")
+    if not 0 <= opts["delta"] < 1:
+        raise FedLTError(f"strategy.delta must be in [0, 1) (0: 1/number of clients), got {opts['delta']}")
 STREAM_DP = 7
 
 
@@ -58,6 +81,10 @@ class _Inner:
 
 
 class DPFixedMixin:
+    """Server-side clipping: Flower's wrapper clips each reply's update, averages and adds the noise."""
+
+    flower_wrapper = DifferentialPrivacyServerSideFixedClipping
+
     def wrap_init(self, opts: dict) -> None:
         self.dp_opts = opts
         self.dp_releases = 0
@@ -75,8 +102,8 @@ class DPFixedMixin:
             for r in replies:
                 r.content["metrics"][self.weighted_by_key] = 1
         base = super().aggregate_train
-        dp = DifferentialPrivacyServerSideFixedClipping(_Inner(base), float(self.dp_opts["noise_multiplier"]),
-                                                        float(self.dp_opts["clipping_norm"]), self.dp_sampled)
+        dp = self.flower_wrapper(_Inner(base), float(self.dp_opts["noise_multiplier"]),
+                                 float(self.dp_opts["clipping_norm"]), self.dp_sampled)
         dp.current_arrays = self.dp_current
         state = np.random.get_state()
         np.random.seed(seeded_rng(self.cfg["seed"], STREAM_DP, server_round, self.dp_releases).integers(2**32))
@@ -95,6 +122,8 @@ class DPFixedMixin:
         return {"epsilon": eps, "delta": delta, "rdp_order": order, "releases": self.dp_releases, "sampling_rate": q,
                 "noise_multiplier": float(self.dp_opts["noise_multiplier"]),
                 "clipping_norm": float(self.dp_opts["clipping_norm"]),
+                "clipping": "client" if self.flower_wrapper is DifferentialPrivacyClientSideFixedClipping else "server",
+                "covers": "model updates of the training rounds (not query rounds)",
                 "accountant": "RDP of the Poisson-sampled Gaussian mechanism, integer orders 2..256"}
 
     def summary_extras(self) -> dict:
@@ -106,3 +135,24 @@ class DPFixedMixin:
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.dp_releases, self.dp_sampled = state.get("dp_releases", 0), state.get("dp_sampled", 1)
+
+
+class DPClientFixedMixin(DPFixedMixin):
+    """Client-side clipping: train messages carry the clipping norm, clients clip (``client_clipping_mod``),
+    Flower's wrapper averages and adds the noise."""
+
+    flower_wrapper = DifferentialPrivacyClientSideFixedClipping
+
+    def messages(self, pids, arrays, config, message_type, server_round) -> list[Message]:
+        if message_type == MessageType.TRAIN:
+            config = ConfigRecord({**dict(config), KEY_CLIPPING_NORM: float(self.dp_opts["clipping_norm"])})
+        return super().messages(pids, arrays, config, message_type, server_round)
+
+
+def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """ClientApp mod: Flower's ``fixedclipping_mod`` on train messages whose config names a clipping norm
+    (sent by ``dp_client_fixed``): the reply's update w_k − w_t is scaled by min(1, C / ‖w_k − w_t‖₂)."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
