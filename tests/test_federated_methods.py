@@ -354,3 +354,91 @@ def test_dp_options_are_checked_before_training():
     for bad in ("strategy.clipping_norm=0", "strategy.noise_multiplier=-1", "strategy.delta=1"):
         with pytest.raises(FedLTError, match=bad.split("=")[0]):
             load_config(None, ["strategy.name=dp_client_fixed", bad])
+
+
+# --------------------------------------------------------------------------- FedProx, FedAvgM, FedLC
+def test_fedprox_objective_by_hand():
+    from clients.fedprox import FedProxClient
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    objective = FedProxClient(load_config(None, ["strategy.name=fedprox"])).objective(model, None,
+                                                                                      {"proximal-mu": 0.4})
+    with torch.no_grad():  # move away from the round's global weights: ‖w − w_t‖² = 0.5² + 1² = 1.25
+        model.weight[0, 0] += 0.5
+        model.bias[1] -= 1.0
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    expected = F.cross_entropy(model(x), y).item() + 0.5 * 0.4 * 1.25
+    assert objective(model, x, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_fedavgm_server_momentum_by_hand(message_identity):
+    from flwr.app import ArrayRecord
+
+    from strategies.fedavgm import FedAvgM
+    from test_federation import reply
+
+    def make():
+        s = FedAvgM(load_config(None, ["strategy.name=fedavgm", "strategy.momentum=0.5", "strategy.server_lr=1"]), 10)
+        s.current_arrays = ArrayRecord({"w": torch.full((2, 2), 1.0)})  # w_0 (configure_train sets it)
+        return s
+
+    s = make()
+    w1, _ = s.aggregate_train(1, [reply(0, 10, 0.0), reply(1, 30, 0.0)])  # Δ = 1, v = 1, w = 1 − 1
+    assert np.allclose(w1["w"].numpy(), 0.0)
+    w2, _ = s.aggregate_train(2, [reply(0, 10, -2.0), reply(1, 30, -2 / 3)])  # mean −1: Δ = 1, v = 1.5
+    assert np.allclose(w2["w"].numpy(), -1.5)
+    resumed = make()
+    resumed.load_state_dict(s.state_dict())  # the checkpointed momentum and weights carry on identically
+    a, _ = s.aggregate_train(3, [reply(0, 1, 0.0)])
+    b, _ = resumed.aggregate_train(3, [reply(0, 1, 0.0)])
+    assert np.allclose(a["w"].numpy(), -1.5 - (0.5 * 1.5 - 1.5)) and np.array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+
+
+def distance(a: dict, b: dict) -> float:
+    return math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a))
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(tiny_lists, tmp_path_factory):
+    """The same tiny federation under fedavg, fedprox (μ = 30), fedlc (τ = 0) and fedavgm (β = 0.9)."""
+    from fedlt.experiment import experiment_for, model_for
+
+    root = tmp_path_factory.mktemp("baselines")
+    runs = {}
+    for name, extra in (("fedavg", []), ("fedprox", ["strategy.mu=30"]), ("fedlc", ["strategy.tau=0"]),
+                        ("fedavgm", ["strategy.momentum=0.9"])):
+        cfg = tiny_config(tiny_lists, f"strategy.name={name}", *extra)
+        summary, rows = simulate(cfg, root / name)
+        runs[name] = (summary, rows, final_weights(root / name), root / name)
+    runs["w0"] = model_for(cfg, experiment_for(cfg)).state_dict()
+    return runs
+
+
+def test_fedprox_simulation_pulls_clients_towards_the_global_model(baseline_runs):
+    w0 = baseline_runs["w0"]
+    summary, rows, w, _ = baseline_runs["fedprox"]
+    assert summary["client"] == "fedprox" and len(rows) == 2
+    # μ = 30 reaches the clients: the model moves well under FedAvg's distance from w_0
+    assert distance(w, w0) < 0.8 * distance(baseline_runs["fedavg"][2], w0)
+
+
+def test_fedlc_simulation_with_tau_zero_is_fedavg(baseline_runs):
+    summary, rows, w, _ = baseline_runs["fedlc"]
+    assert summary["client"] == "fedlc"
+    # τ reaches the clients (their default is 0.5), and τ = 0 makes the calibrated loss plain CE
+    fedavg = baseline_runs["fedavg"]
+    assert all(torch.equal(w[k], fedavg[2][k]) for k in w) and summary["accuracy"] == fedavg[0]["accuracy"]
+
+
+def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
+    summary, rows, w, path = baseline_runs["fedavgm"]
+    state = torch.load(path / "checkpoint.pt", weights_only=False)["strategy"]
+    assert state["momentum"] is not None and len(state["momentum"]) == len(w)
+    # the server's current weights are the checkpointed global model, and momentum made it differ from FedAvg
+    assert all(np.array_equal(c, w[k].numpy()) for k, c in zip(state["keys"], state["current"]))
+    assert distance(w, baseline_runs["fedavg"][2]) > 0
