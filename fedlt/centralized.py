@@ -24,7 +24,7 @@ from torch import nn
 from fedlt.data.augment import strong_augment
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
-from fedlt.evaluation import evaluate_model, metrics_row, progress_line
+from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
 from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, experiment_for, model_for, torch_generator
 from fedlt.losses import (bal_bce_loss, balpoe_loss, class_weights, cross_entropy_loss, focal_loss,
                           label_aware_epsilons, label_aware_smoothing_loss, ldam_loss, ldam_margins, log_prior,
@@ -541,12 +541,14 @@ def run_centralized(cfg: dict, run: RunDir) -> dict:
             result = train(model, data, method.stage2_objective(epoch - stage1), opt=opt2, epochs=1.0,
                            generator=gen, augment=augment_for(cfg), sampler=method.stage2_sampler(),
                            optimizer=optimizer, start_epoch=epoch - stage1, total_epochs=stage2)
-        m = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], method.transform_logits)
+        m = None
+        if due(epoch + 1, total, cfg["eval"]["every"]):
+            m = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], method.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
-        run.append_metrics({"epoch": epoch + 1, "stage": stage, **metrics_row(m), "train_loss": result.loss,
-                            "seconds": seconds})
-        print(progress_line(f"[centralized {name}] epoch {epoch + 1}/{total}", m, seconds), flush=True)
+        run.append_metrics({"epoch": epoch + 1, "stage": stage, **(metrics_row(m) if m else {}),
+                            "train_loss": result.loss, "seconds": seconds})
+        print(progress_line(f"[centralized {name}] epoch {epoch + 1}/{total}", m, seconds, result.loss), flush=True)
         run.save_checkpoint({"epoch": epoch + 1, "stage": stage, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                              "method": method.state_dict(), "elapsed": elapsed})

@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [],
         "gamma": 0.1,
     },
-    "eval": {"batch_size": 1024},
+    "eval": {"batch_size": 1024, "every": 1},
     "sweep": {},  # dotted key -> list of values; expanded by fedlt.sweep (which checks its contents)
 }
 
@@ -254,7 +254,7 @@ def validate(cfg: dict) -> dict:
         raise FedLTError(f"federation.fraction must be in (0, 1], got {frac}")
     for key in ("partition.num_clients", "federation.rounds", "train.batch_size", "train.lr",
                 "eval.batch_size", "centralized.epochs", "train.local_epochs", "federation.client_cpus",
-                "federation.checkpoint_every"):
+                "federation.checkpoint_every", "eval.every"):
         _positive(cfg, key)
     for key in ("train.weight_decay", "train.momentum", "federation.max_failures", "data.crop_padding",
                 "partition.min_size", "centralized.warmup_epochs"):

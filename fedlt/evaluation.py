@@ -32,7 +32,17 @@ def metrics_row(m: dict) -> dict:
     return {k: m[k] for k in ROW_KEYS}
 
 
-def progress_line(prefix: str, m: dict, seconds: float) -> str:
+def due(step: int, total: int, every: int) -> bool:
+    """Whether round/epoch ``step`` (1-based) of ``total`` is an ``every``-th one or the last (when to evaluate,
+    when to checkpoint)."""
+    return step % every == 0 or step == total
+
+
+def progress_line(prefix: str, m: dict | None, seconds: float, train_loss: float | None = None) -> str:
+    """One progress line: test metrics, or the training loss alone where the step was not evaluated."""
+    if m is None:
+        loss = "n/a" if train_loss is None else f"{train_loss:.3f}"
+        return f"{prefix} train_loss={loss} (not evaluated, eval.every) ({seconds:.1f}s)"
     groups = " ".join(f"{g}={m[g] * 100:5.1f}" if m[g] is not None else f"{g}=  n/a" for g in ("many", "medium", "few"))
     return (f"{prefix} loss={m['loss']:.3f} acc={m['accuracy'] * 100:5.2f} bal={m['balanced_accuracy'] * 100:5.2f} "
             f"{groups} ({seconds:.1f}s)")

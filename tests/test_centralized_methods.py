@@ -1,6 +1,7 @@
 """Centralized method zoo: formulas of the classifier adjustments, strong augmentation, a 1-epoch smoke run
 of every method on a tiny synthetic set (through ``run_centralized``), resumability across stages, configs."""
 
+import json
 import math
 from pathlib import Path
 
@@ -178,3 +179,13 @@ def test_sampler_option_and_unknown_key():
 def test_config_validates(path):
     cfg = load_config(path)
     assert cfg["centralized"]["method"] in CENTRALIZED
+
+
+def test_eval_every_skips_evaluations_but_not_training(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    every = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3", "eval.every=2"), RunDir(tmp_path / "every"))
+    full = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3"), RunDir(tmp_path / "full"))
+    rows = [json.loads(r) for r in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [("accuracy" in r, "train_loss" in r) for r in rows] == [(False, True), (True, True), (True, True)]
+    assert every["accuracy"] == full["accuracy"] and every["per_class"] == full["per_class"]

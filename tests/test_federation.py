@@ -48,11 +48,14 @@ def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
 
 
 @needs_fashion
-def test_same_seed_gives_identical_numbers(first_run, tmp_path):
+def test_same_seed_gives_identical_numbers_whatever_the_eval_schedule(first_run, tmp_path):
     _, a = first_run
-    b = run_federated(small_cfg(), str(tmp_path / "again"))
+    b = run_federated(small_cfg("eval.every=2"), str(tmp_path / "again"))
     for key in ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "per_class"):
         assert a[key] == b[key], key
+    rows = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert ["accuracy" in r for r in rows] == [False, True, True]  # every 2nd round and the last
+    assert rows[-1]["accuracy"] == b["accuracy"] and all(r["train_loss"] > 0 for r in rows)
 
 
 @needs_fashion

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
-from fedlt.evaluation import evaluate_model, metrics_row, progress_line
+from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
 from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.records import load_into, to_arrays
 from fedlt.federation.strategy import FedLTStrategy
@@ -79,7 +79,6 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
         print(f"[federated {cfg['strategy']['name']}] resuming after round {ckpt['round']}", flush=True)
 
     strategy.global_arrays = arrays
-    metrics = None
     for server_round in range(start, rounds + 1):
         t0 = time.time()
         config = ConfigRecord({"lr": round_lr(cfg, server_round)})
@@ -90,25 +89,28 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
             raise RuntimeError(f"round {server_round}: no client returned weights")
         arrays = strategy.global_arrays = new_arrays
         load_into(model, arrays)
-        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
-                                 strategy.transform_logits)
+        metrics = None
+        if due(server_round, rounds, cfg["eval"]["every"]):
+            metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+                                     strategy.transform_logits, with_bins=server_round == rounds)
         seconds = time.time() - t0
         elapsed += seconds
-        row = {"round": server_round, **metrics_row(metrics),
-               "train_loss": (train_metrics or {}).get("train_loss"),
+        train_loss = (train_metrics or {}).get("train_loss")
+        row = {"round": server_round, **(metrics_row(metrics) if metrics else {}), "train_loss": train_loss,
                "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
                "client_fit_seconds": strategy.fit_seconds}
         run.append_metrics(row)
-        print(progress_line(f"[federated {cfg['strategy']['name']}] round {server_round}/{rounds}", metrics, seconds),
-              flush=True)
-        if server_round % cfg["federation"]["checkpoint_every"] == 0 or server_round == rounds:
+        print(progress_line(f"[federated {cfg['strategy']['name']}] round {server_round}/{rounds}", metrics, seconds,
+                            train_loss), flush=True)
+        if due(server_round, rounds, cfg["federation"]["checkpoint_every"]):
             run.save_checkpoint({"round": server_round, "model": model.state_dict(),
                                  "strategy": strategy.state_dict(), "elapsed": elapsed})
 
     load_into(model, arrays)
     strategy.global_arrays = arrays
-    final = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
-                           with_bins=True)
+    final = metrics if start <= rounds else evaluate_model(  # the last round's evaluation, or a finished run's
+        strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
+        with_bins=True)
     summary = {"mode": "federated", "method": cfg["strategy"]["name"], "client": cfg["client"]["name"],
                "seed": cfg["seed"], "rounds": rounds, "wall_clock_seconds": elapsed,
                "train_class_counts": exp.train_counts.tolist(), **final, **strategy.summary_extras()}
