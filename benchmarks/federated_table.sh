@@ -8,11 +8,9 @@ OUT=${1:-runs/fed_table}
 PY=${PY:-.venv/bin/python}
 COMMON=(mode=federated federation.rounds=10 sweep.seed=[0,1,2])
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist \
-    "sweep.strategy.name=[fedavg,fedprox,fedavgm,fedlc,ccvr,posthoc_calibration]"
+    "sweep.strategy.name=[fedavg,fedprox,fedavgm,fedlc,ccvr,posthoc_calibration,creff]"
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-bslocal client.name=local_loss client.loss=balanced_softmax
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist strategy.name=gbme model.name=small_cnn_experts
-$PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist strategy.name=creff \
-    strategy.num_features=50 strategy.match_steps=20 strategy.crt_epochs=30
 $PY -m fedlt.simulate --out "$OUT" mode=centralized centralized.epochs=8 sweep.seed=[0,1,2] name=fmnist \
     "sweep.centralized.method=[ce,balanced_softmax]"
 $PY -m fedlt.compare "$OUT" --out "$OUT/report"

@@ -9,6 +9,9 @@
     ⌊β_g·S⌋ of them from group m (D5), loss CE(z_m + log π̂, y) with no multiplier (D4);
 (e) prediction argmax z̄ (the model's mean output); no post-hoc adjustment.
 summary.json gets π̂, its L1/KL error, the groups and each expert's test accuracy.
+
+``strategy.prior=oracle`` is an ablation, not GBME: the losses use the true global training prior π (which no
+server knows) instead of π̂; estimation and grouping are unchanged. It measures what the estimator costs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
+from fedlt.errors import FedLTError
 from fedlt.experiment import STREAM_COHORT, experiment_for, model_for, seeded_rng
 from fedlt.federation.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
                                     sample_expert_cohort)
@@ -30,7 +34,13 @@ from fedlt.train import predict_logits
 @STRATEGIES.register("gbme")
 class GBME(FedLTStrategy):
     client = "gbme"
-    options = {"joint_fraction": 0.6, "beta_g": 0.8}
+    options = {"joint_fraction": 0.6, "beta_g": 0.8, "prior": "estimated"}
+
+    @staticmethod
+    def check_options(opts: dict) -> None:
+        if opts["prior"] not in ("estimated", "oracle"):
+            raise FedLTError(f"strategy.prior must be 'estimated' (GBME) or 'oracle' (the true prior, an ablation), "
+                             f"got {opts['prior']!r}")
 
     def __init__(self, cfg: dict, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
@@ -52,10 +62,17 @@ class GBME(FedLTStrategy):
         self.groups, self.scores = groups, scores.tolist()
         return arrays
 
+    def balancing_prior(self) -> np.ndarray:
+        """The π in the clients' CE(z + log π, y): π̂, or the true training prior under ``prior=oracle``."""
+        if self.opts["prior"] == "oracle":
+            counts = experiment_for(self.cfg).train_counts
+            return counts / counts.sum()
+        return self.prior.pi_hat
+
     def train_config(self, server_round: int, partition_id: int) -> dict:
         if self.prior is None:  # the estimation query itself
             return {}
-        return {"log-prior": np.log(self.prior.pi_hat).tolist(), "expert": self.expert}
+        return {"log-prior": np.log(self.balancing_prior()).tolist(), "expert": self.expert}
 
     # ------------------------------------------------------------------ (c), (d)
     def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -442,3 +442,21 @@ def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
     # the server's current weights are the checkpointed global model, and momentum made it differ from FedAvg
     assert all(np.array_equal(c, w[k].numpy()) for k, c in zip(state["keys"], state["current"]))
     assert distance(w, baseline_runs["fedavg"][2]) > 0
+
+
+def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
+    from fedlt.errors import FedLTError
+    from fedlt.experiment import experiment_for
+    from fedlt.federation.prior import PriorEstimate
+    from strategies.gbme import GBME
+
+    pi_hat = np.full(10, 0.1)
+    for prior in ("estimated", "oracle"):
+        cfg = load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts", f"strategy.prior={prior}"])
+        s = GBME(cfg, 10)
+        s.prior = PriorEstimate(np.zeros((1, 10)), np.zeros((1, 10)), np.zeros(10), pi_hat)
+        counts = experiment_for(cfg).train_counts
+        expected = np.log(counts / counts.sum()) if prior == "oracle" else np.log(pi_hat)
+        np.testing.assert_allclose(s.train_config(3, 0)["log-prior"], expected)
+    with pytest.raises(FedLTError, match="strategy.prior"):
+        load_config(None, ["strategy.name=gbme", "strategy.prior=true"])
