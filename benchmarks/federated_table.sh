@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The federated table of docs/results.md: Fashion-MNIST-LT β=100, α=0.5, 10 clients, 5 per round,
 # 10 rounds of 1 local epoch, seeds 0-2, every strategy; then the comparison report of those runs.
-# CPU only; about 1 minute per run on 2 idle cores. Run from the repository root:
+# CPU only; 2-5 minutes per run on 2 idle cores (GBME and CReFF the longest). Run from the repository root:
 #     bash benchmarks/federated_table.sh [OUT]
 set -euo pipefail
 OUT=${1:-runs/fed_table}
@@ -13,4 +13,9 @@ $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-bslocal client.nam
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist strategy.name=gbme model.name=small_cnn_experts
 $PY -m fedlt.simulate --out "$OUT" mode=centralized centralized.epochs=8 sweep.seed=[0,1,2] name=fmnist \
     "sweep.centralized.method=[ce,balanced_softmax]"
+# ablations behind the discussion of GBME: the true prior in its losses; FedAvg + Balanced Softmax on π̂
+$PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-oracle strategy.name=gbme model.name=small_cnn_experts \
+    strategy.prior=oracle
+PYTHONPATH="$PWD/docs/examples${PYTHONPATH:+:$PYTHONPATH}" $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist \
+    "plugins=[global_prior_bs]" strategy.name=global_prior_bs
 $PY -m fedlt.compare "$OUT" --out "$OUT/report"
