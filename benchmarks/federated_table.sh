@@ -18,4 +18,6 @@ $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-oracle strategy.na
     strategy.prior=oracle
 PYTHONPATH="$PWD/docs/examples${PYTHONPATH:+:$PYTHONPATH}" $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist \
     "plugins=[global_prior_bs]" strategy.name=global_prior_bs
+# and of CReFF: 10x the gradient-matching steps per round (see benchmarks/creff_features.py)
+$PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-match1000 strategy.name=creff strategy.match_steps=1000
 $PY -m fedlt.compare "$OUT" --out "$OUT/report"
