@@ -11,6 +11,8 @@ Measures, in one run on the same machine:
              FedAvg and the same evaluation (the baseline);
 and prints seconds per round for both, their ratio, and the engine's share of a Flower round:
 1 − Σ client fit seconds / (parallel clients × seconds from sending the round to the last reply).
+With ``--eval-every N`` it also runs Flower with ``eval.every=N`` and prints the mean seconds of all rounds
+against the same mean with evaluation every round.
 """
 
 from __future__ import annotations
@@ -61,10 +63,20 @@ def in_process_rounds(cfg: dict, rounds: int) -> list[float]:
     return times
 
 
+def flower_rounds(cfg: dict) -> tuple[list[dict], float]:
+    """metrics.jsonl rows of a Flower run of ``cfg`` and its wall-clock seconds (engine start included)."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        run_federated(cfg, str(Path(out) / "run"))
+        total = time.perf_counter() - t0
+        return [json.loads(x) for x in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()], total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--eval-every", type=int, default=0, help="also time a run with eval.every=N")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, ["mode=federated", f"federation.rounds={args.rounds}", *args.overrides])
@@ -72,11 +84,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     experiment_for(cfg)
 
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        run_federated(cfg, str(Path(out) / "run"))
-        total = time.perf_counter() - t0
-        rows = [json.loads(x) for x in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows, total = flower_rounds(cfg)
     steady = rows[1:] or rows
     flower = statistics.mean(r["seconds"] for r in steady)
     share = statistics.mean(1 - r["client_fit_seconds"] / (slots * r["train_seconds"]) for r in steady)
@@ -91,6 +99,12 @@ def main() -> None:
     print(f"in-process rounds 2+: {base:.2f} s/round (baseline)")
     print(f"ratio flower / in-process: {flower / base:.2f}")
     print(f"engine share of a flower round (outside local training): {100 * share:.0f} %")
+    if args.eval_every:
+        sparse, _ = flower_rounds({**cfg, "eval": {**cfg["eval"], "every": args.eval_every}})
+        every_round = statistics.mean(r["seconds"] for r in steady)
+        sparse_mean = statistics.mean(r["seconds"] for r in sparse[1:] or sparse)
+        print(f"flower eval.every={args.eval_every}: rounds 2+: {sparse_mean:.2f} s/round; "
+              f"ratio to eval.every=1: {sparse_mean / every_round:.2f}")
 
 
 if __name__ == "__main__":
