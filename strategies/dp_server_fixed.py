@@ -3,7 +3,7 @@
 summary.json gets ``privacy``: (ε, δ = 1/K unless ``delta`` > 0) from the RDP accountant."""
 
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DP_OPTIONS, check_dp_options, DPFixedMixin
+from fedlt.federation.dp import DP_OPTIONS, DPFixedMixin, check_dp_options
 from fedlt.registry import STRATEGIES
 
 

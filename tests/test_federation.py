@@ -106,3 +106,18 @@ def test_cohorts_are_seeded_distinct_and_sized():
     assert a == sample_cohort(0, 5, 100, 0.2) and len(a) == 20 and len(set(a)) == 20
     assert a != sample_cohort(0, 6, 100, 0.2) and a != sample_cohort(1, 5, 100, 0.2)
     assert sample_cohort(0, 1, 3, 0.01) and len(sample_cohort(0, 1, 3, 1.0)) == 3
+
+
+@needs_fashion
+def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it(first_run, tmp_path):
+    import shutil
+
+    path, reference = first_run
+    copy = tmp_path / "run"
+    shutil.copytree(path, copy)
+    for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
+        (copy / name).unlink(missing_ok=True)
+    again = run_federated(small_cfg(), str(copy))
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 3  # no round ran again
+    for key in ("accuracy", "per_class", "ece", "reliability"):
+        assert again[key] == reference[key], key

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import load_config
 from fedlt.device import resolve_device
-from fedlt.federation.dp import client_clipping_mod
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
+from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
 from fedlt.registry import CLIENTS, import_plugins
 

@@ -38,6 +38,7 @@ from fedlt.errors import FedLTError
 from fedlt.experiment import seeded_rng
 
 ORDERS = tuple(range(2, 257))
+STREAM_DP = 7
 DP_OPTIONS = {"clipping_norm": 1.0, "noise_multiplier": 1.0, "uniform_weights": True, "delta": 0.0}
 
 
@@ -49,7 +50,6 @@ def check_dp_options(opts: dict) -> None:
         raise FedLTError(f"strategy.noise_multiplier must be >= 0, got {opts['noise_multiplier']}")
     if not 0 <= opts["delta"] < 1:
         raise FedLTError(f"strategy.delta must be in [0, 1) (0: 1/number of clients), got {opts['delta']}")
-STREAM_DP = 7
 
 
 def sgm_rdp(q: float, sigma: float, alpha: int) -> float:
@@ -84,6 +84,7 @@ class DPFixedMixin:
     """Server-side clipping: Flower's wrapper clips each reply's update, averages and adds the noise."""
 
     flower_wrapper = DifferentialPrivacyServerSideFixedClipping
+    clipping = "server"
 
     def wrap_init(self, opts: dict) -> None:
         self.dp_opts = opts
@@ -122,7 +123,7 @@ class DPFixedMixin:
         return {"epsilon": eps, "delta": delta, "rdp_order": order, "releases": self.dp_releases, "sampling_rate": q,
                 "noise_multiplier": float(self.dp_opts["noise_multiplier"]),
                 "clipping_norm": float(self.dp_opts["clipping_norm"]),
-                "clipping": "client" if self.flower_wrapper is DifferentialPrivacyClientSideFixedClipping else "server",
+                "clipping": self.clipping,
                 "covers": "model updates of the training rounds (not query rounds)",
                 "accountant": "RDP of the Poisson-sampled Gaussian mechanism, integer orders 2..256"}
 
@@ -142,6 +143,7 @@ class DPClientFixedMixin(DPFixedMixin):
     Flower's wrapper averages and adds the noise."""
 
     flower_wrapper = DifferentialPrivacyClientSideFixedClipping
+    clipping = "client"
 
     def messages(self, pids, arrays, config, message_type, server_round) -> list[Message]:
         if message_type == MessageType.TRAIN:

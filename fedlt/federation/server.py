@@ -106,13 +106,12 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
             run.save_checkpoint({"round": server_round, "model": model.state_dict(),
                                  "strategy": strategy.state_dict(), "elapsed": elapsed})
 
-    load_into(model, arrays)
-    strategy.global_arrays = arrays
-    final = metrics if start <= rounds else evaluate_model(  # the last round's evaluation, or a finished run's
-        strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"], strategy.transform_logits,
-        with_bins=True)
+    if start > rounds:  # a finished run started again: no round ran (else the last round's metrics, with bins)
+        load_into(model, arrays)
+        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+                                 strategy.transform_logits, with_bins=True)
     summary = {"mode": "federated", "method": cfg["strategy"]["name"], "client": cfg["client"]["name"],
                "seed": cfg["seed"], "rounds": rounds, "wall_clock_seconds": elapsed,
-               "train_class_counts": exp.train_counts.tolist(), **final, **strategy.summary_extras()}
+               "train_class_counts": exp.train_counts.tolist(), **metrics, **strategy.summary_extras()}
     run.write_summary(summary)
     return summary
