@@ -101,10 +101,9 @@ def main() -> None:
     print(f"engine share of a flower round (outside local training): {100 * share:.0f} %")
     if args.eval_every:
         sparse, _ = flower_rounds({**cfg, "eval": {**cfg["eval"], "every": args.eval_every}})
-        every_round = statistics.mean(r["seconds"] for r in steady)
         sparse_mean = statistics.mean(r["seconds"] for r in sparse[1:] or sparse)
         print(f"flower eval.every={args.eval_every}: rounds 2+: {sparse_mean:.2f} s/round; "
-              f"ratio to eval.every=1: {sparse_mean / every_round:.2f}")
+              f"ratio to eval.every=1: {sparse_mean / flower:.2f}")
 
 
 if __name__ == "__main__":
