@@ -41,7 +41,7 @@ def start_from_ce(cfg: dict, out: str, seed: int) -> None:
 
     from fedlt.rundir import RunDir
 
-    method = cfg["centralized"]["method"]
+    method = cfg.centralized.method
     ce, dest = Path(out) / "ce" / f"s{seed}-cen-ce", Path(out) / method / f"s{seed}-cen-{method}"
     if not (ce / "done").is_file() or (dest / "checkpoint.pt").is_file():
         return

@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     for run in args.runs:
         cfg = load_config(run / "config.yaml")
-        o = cfg["strategy"]
+        o = cfg.strategy
         exp = experiment_for(cfg)
         ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
         model = model_for(cfg, exp)
@@ -51,7 +51,7 @@ def main() -> None:
         model.eval()
         feats = ckpt["strategy"]["creff_features"]
         C, n, d = feats.shape
-        init = torch.randn(C, n, d, generator=torch_generator(cfg["seed"], STREAM_CENTRAL, 102, 0))
+        init = torch.randn(C, n, d, generator=torch_generator(cfg.seed, STREAM_CENTRAL, 102, 0))
         train = exp.tensor_data("train")
         idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:args.per_class] for c in range(C)])
         with torch.no_grad():

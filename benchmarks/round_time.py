@@ -42,23 +42,23 @@ def in_process_rounds(cfg: dict, rounds: int) -> list[float]:
     exp = experiment_for(cfg)
     test = exp.tensor_data("test")
     model = model_for(cfg, exp)
-    method = CLIENTS.get(cfg["client"]["name"])(cfg)
+    method = CLIENTS.get(cfg.client.name)(cfg)
     times = []
     for t in range(1, rounds + 1):
         t0 = time.perf_counter()
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         states, sizes = [], []
-        for pid in sample_cohort(cfg["seed"], t, cfg["partition"]["num_clients"], cfg["federation"]["fraction"]):
+        for pid in sample_cohort(cfg.seed, t, cfg.partition.num_clients, cfg.federation.fraction):
             model.load_state_dict(global_state)
             data = exp.client_data(pid)
             r = method.fit(model, data, {"lr": round_lr(cfg, t), "partition-id": pid},
-                           torch_generator(cfg["seed"], STREAM_CLIENT, t, pid), augment_for(cfg))
+                           torch_generator(cfg.seed, STREAM_CLIENT, t, pid), augment_for(cfg))
             states.append(r.state)
             sizes.append(len(data))
         total = sum(sizes)
         model.load_state_dict({k: sum(s[k].double() * n / total for s, n in zip(states, sizes)).to(v.dtype)
                                for k, v in global_state.items()})
-        evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"])
+        evaluate_model(model, test, exp.train_counts, cfg.eval.batch_size)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, ["mode=federated", f"federation.rounds={args.rounds}", *args.overrides])
-    slots = max(1, int(torch.get_num_threads() // cfg["federation"]["client_cpus"]))
+    slots = max(1, int(torch.get_num_threads() // cfg.federation.client_cpus))
     torch.set_num_threads(torch.get_num_threads())
     experiment_for(cfg)
 
@@ -92,7 +92,7 @@ def main() -> None:
     base = statistics.mean(baseline[1:] or baseline)
 
     print(f"config: {args.config} {' '.join(args.overrides)}; {args.rounds} rounds, "
-          f"{cfg['partition']['num_clients']} clients, fraction {cfg['federation']['fraction']}; "
+          f"{cfg.partition.num_clients} clients, fraction {cfg.federation.fraction}; "
           f"torch threads {torch.get_num_threads()}, parallel client actors {slots}")
     print(f"flower     round 1 (actor start-up): {rows[0]['seconds']:.2f} s; rounds 2+: {flower:.2f} s/round; "
           f"whole run incl. engine start {total:.1f} s")
@@ -100,7 +100,7 @@ def main() -> None:
     print(f"ratio flower / in-process: {flower / base:.2f}")
     print(f"engine share of a flower round (outside local training): {100 * share:.0f} %")
     if args.eval_every:
-        sparse, _ = flower_rounds({**cfg, "eval": {**cfg["eval"], "every": args.eval_every}})
+        sparse, _ = flower_rounds({**cfg, "eval": {**cfg.eval, "every": args.eval_every}})
         sparse_mean = statistics.mean(r["seconds"] for r in sparse[1:] or sparse)
         print(f"flower eval.every={args.eval_every}: rounds 2+: {sparse_mean:.2f} s/round; "
               f"ratio to eval.every=1: {sparse_mean / flower:.2f}")

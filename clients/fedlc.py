@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
@@ -24,9 +25,10 @@ def fedlc_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau:
 
 @CLIENTS.register("fedlc")
 class FedLCClient(ClientMethod):
-    options = {"tau": 0.5}
+    class Options(ClientMethod.Options):
+        tau: float = Field(0.5, ge=0, description="calibration strength τ (a FedLC strategy sends its own)")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        tau = float(config.get("fedlc-tau", self.opts["tau"]))
+        tau = float(config.get("fedlc-tau", self.opts.tau))
         counts = data.class_counts.to(data.images.device)
         return lambda m, x, y: fedlc_loss(m(x), y, counts, tau)

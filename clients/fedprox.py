@@ -4,6 +4,7 @@ difference to the round's global weights w_t (not Flower's docstring sum of unsq
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
@@ -19,10 +20,11 @@ def proximal_term(model: nn.Module, global_params: list[torch.Tensor]) -> torch.
 
 @CLIENTS.register("fedprox")
 class FedProxClient(ClientMethod):
-    options = {"mu": 0.01}
+    class Options(ClientMethod.Options):
+        mu: float = Field(0.01, ge=0, description="proximal weight μ (a FedProx strategy sends its own)")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        mu = float(config.get("proximal-mu", self.opts["mu"]))
+        mu = float(config.get("proximal-mu", self.opts.mu))
         global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

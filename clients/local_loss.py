@@ -13,6 +13,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
@@ -30,14 +31,16 @@ def loss_kwargs(fn, counts: torch.Tensor, tau: float) -> dict:
 
 @CLIENTS.register("local_loss")
 class LocalLossClient(ClientMethod):
-    options = {"loss": "balanced_softmax", "tau": 1.0}
+    class Options(ClientMethod.Options):
+        loss: str = Field("balanced_softmax", description="a loss of the zoo (ce or any registered loss)")
+        tau: float = Field(1.0, ge=0, description="τ of losses that take one (logit adjustment)")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        name = self.opts["loss"]
+        name = self.opts.loss
         if name == "ce":
             return lambda m, x, y: F.cross_entropy(m(x).float(), y)
         fn = LOSSES.get(name)
         counts = data.class_counts.float()
         kw = {k: v.to(data.images.device) if torch.is_tensor(v) else v
-              for k, v in loss_kwargs(fn, counts, float(self.opts["tau"])).items()}
+              for k, v in loss_kwargs(fn, counts, self.opts.tau).items()}
         return lambda m, x, y: fn(m(x), y, **kw)

@@ -2,7 +2,7 @@
 
 A centralized method (registered in ``CENTRALIZED``) is a :class:`CentralizedMethod`: it builds its model,
 and gives an objective, a sampler, an augmentation and an optional post-hoc logit transform, all from the
-training class counts. Its ``options`` (defaults) are valid ``centralized.<key>`` config keys. Every method
+training class counts. Its ``Options`` model declares its ``centralized.<key>`` config keys. Every method
 accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progressive, see :mod:`fedlt.samplers`).
 
 Two-stage methods (:class:`DecoupledMethod`: cRT, τ-norm, LWS, MiSLAS) train stage 1 for
@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from fedlt.data.augment import strong_augment
+from fedlt.config import Config
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
 from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
@@ -31,7 +33,8 @@ from fedlt.losses import (bal_bce_loss, balpoe_loss, class_weights, cross_entrop
                           logit_adjusted_loss, mdcs_loss, mixup_batch, posthoc_adjust, sigmoid_bias_init,
                           weighted_cross_entropy)
 from fedlt.models.base import NormedLinear
-from fedlt.registry import CENTRALIZED, DATASETS, MODELS
+from fedlt.options import CentralizedOptions
+from fedlt.registry import CENTRALIZED, MODELS
 from fedlt.rundir import RunDir
 from fedlt.samplers import make_sampler
 from fedlt.train import (Augment, Objective, OptimConfig, Sampler, TensorData, cross_entropy_objective,
@@ -53,18 +56,17 @@ class StrongView:
 class CentralizedMethod:
     """Cross-entropy with instance-balanced sampling (the reference every long-tail method is measured against)."""
 
-    options: dict[str, Any] = {"sampler": "instance", "autoaugment": False, "cutout": 16, "augment_chunk": 1}
+    Options = CentralizedOptions  # a method with keys of its own subclasses this (``class Options(...)``)
     two_stage = False
 
-    def __init__(self, cfg: dict, train_counts: np.ndarray) -> None:
+    def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:
         self.cfg = cfg
         self.train_counts = train_counts
-        self.opt = {**self.options, **cfg["centralized"]}
-        self.epochs = float(cfg["centralized"]["epochs"])
+        self.opt = cfg.centralized
+        self.epochs = float(cfg.centralized.epochs)
         self.num_classes = len(train_counts)
         self.log_pi = log_prior(torch.as_tensor(train_counts))
-        self.rng = np.random.default_rng([cfg["seed"], STREAM_CENTRAL, STREAM_METHOD])
-        make_sampler(self.opt["sampler"])  # fail early on an unknown name
+        self.rng = np.random.default_rng([cfg.seed, STREAM_CENTRAL, STREAM_METHOD])
 
     # --- stage 1 ---
     def build_model(self, exp: Experiment) -> nn.Module:
@@ -74,14 +76,14 @@ class CentralizedMethod:
         return cross_entropy_objective
 
     def sampler(self) -> Sampler:
-        return make_sampler(self.opt["sampler"], self.epochs)
+        return make_sampler(self.opt.sampler, self.epochs)
 
     def augment(self, data: TensorData) -> Augment:
         """Crop/flip; with ``autoaugment`` (the long recipes) + AutoAugment + Cutout(``cutout``) per image."""
         weak = augment_for(self.cfg)
-        if not self.opt["autoaugment"]:
+        if not self.opt.autoaugment:
             return weak
-        return StrongView(weak, data.mean, data.std, self.opt["cutout"], self.opt["augment_chunk"])
+        return StrongView(weak, data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
@@ -121,10 +123,11 @@ def _loss_objective(loss_fn) -> Objective:
 class Focal(CentralizedMethod):
     """Focal loss (1 − p_y)^γ·CE (Lin et al., ICCV 2017), γ = 1."""
 
-    options = {**CentralizedMethod.options, "focal_gamma": 1.0}  # ``gamma`` is the lr decay factor
+    class Options(CentralizedOptions):
+        focal_gamma: float = Field(1.0, ge=0, description="focusing parameter γ (``gamma`` is the lr decay)")
 
     def objective(self, epoch: int) -> Objective:
-        return _loss_objective(lambda z, y: focal_loss(z, y, self.opt["focal_gamma"]))
+        return _loss_objective(lambda z, y: focal_loss(z, y, self.opt.focal_gamma))
 
 
 @CENTRALIZED.register("reweight")
@@ -143,10 +146,11 @@ class Reweight(CentralizedMethod):
 class ClassBalanced(Reweight):
     """Class-Balanced CE (Cui et al., CVPR 2019): w_c ∝ (1 − β)/(1 − β^{n_c}), β = 0.9999."""
 
-    options = {**CentralizedMethod.options, "beta": 0.9999}
+    class Options(CentralizedOptions):
+        beta: float = Field(0.9999, ge=0, lt=1, description="β of the effective number (1 − β^n)/(1 − β)")
 
     def weights(self) -> torch.Tensor:
-        return class_weights(self.train_counts, self.opt["beta"])
+        return class_weights(self.train_counts, self.opt.beta)
 
 
 @CENTRALIZED.register("ldam_drw")
@@ -157,31 +161,36 @@ class LDAMDRW(CentralizedMethod):
     with β = 0.9999. Test logits are s·cos (argmax unchanged; loss and ECE on the trained scale).
     """
 
-    options = {**CentralizedMethod.options, "max_margin": 0.5, "s": 30.0, "drw_fraction": 0.8, "beta": 0.9999}
+    class Options(CentralizedOptions):
+        max_margin: float = Field(0.5, gt=0, description="largest margin Δ (the rarest class)")
+        s: float = Field(30.0, gt=0, description="logit scale s")
+        drw_fraction: float = Field(0.8, ge=0, le=1, description="fraction of the epochs before re-weighting")
+        beta: float = Field(0.9999, ge=0, lt=1, description="β of the class-balanced DRW weights")
 
     def build_model(self, exp: Experiment) -> nn.Module:
         return model_for(self.cfg, exp, classifier="cosine", scale=1.0)
 
     def drw_epoch(self) -> int:
-        return int(round(self.opt["drw_fraction"] * self.epochs))
+        return int(round(self.opt.drw_fraction * self.epochs))
 
     def objective(self, epoch: int) -> Objective:
-        margins = ldam_margins(self.train_counts, self.opt["max_margin"])
-        w = class_weights(self.train_counts, self.opt["beta"]) if epoch >= self.drw_epoch() else None
-        return _loss_objective(lambda z, y: ldam_loss(z, y, margins, self.opt["s"], w))
+        margins = ldam_margins(self.train_counts, self.opt.max_margin)
+        w = class_weights(self.train_counts, self.opt.beta) if epoch >= self.drw_epoch() else None
+        return _loss_objective(lambda z, y: ldam_loss(z, y, margins, self.opt.s, w))
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.opt["s"] * logits
+        return self.opt.s * logits
 
 
 @CENTRALIZED.register("la")
 class LogitAdjusted(CentralizedMethod):
     """Logit-adjusted loss CE(z + τ·log π, y) (Menon et al., ICLR 2021), τ = 1; predict argmax z."""
 
-    options = {**CentralizedMethod.options, "tau": 1.0}
+    class Options(CentralizedOptions):
+        tau: float = Field(1.0, ge=0, description="adjustment strength τ")
 
     def objective(self, epoch: int) -> Objective:
-        return _loss_objective(lambda z, y: logit_adjusted_loss(z, y, self.log_pi, self.opt["tau"]))
+        return _loss_objective(lambda z, y: logit_adjusted_loss(z, y, self.log_pi, self.opt.tau))
 
 
 @CENTRALIZED.register("balanced_softmax")
@@ -197,7 +206,8 @@ class BalBCE(CentralizedMethod):
     """Bal-BCE (LiVT, CVPR 2023): C·mean BCE(z + log(π/(1−π)), smoothed one-hot), ε = 0.1; linear bias
     initialised to −log(C − 1)."""
 
-    options = {**CentralizedMethod.options, "smoothing": 0.1}
+    class Options(CentralizedOptions):
+        smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing ε of the BCE targets")
 
     def build_model(self, exp: Experiment) -> nn.Module:
         model = model_for(self.cfg, exp)
@@ -207,17 +217,18 @@ class BalBCE(CentralizedMethod):
         return model
 
     def objective(self, epoch: int) -> Objective:
-        return _loss_objective(lambda z, y: bal_bce_loss(z, y, self.train_counts, self.opt["smoothing"]))
+        return _loss_objective(lambda z, y: bal_bce_loss(z, y, self.train_counts, self.opt.smoothing))
 
 
 @CENTRALIZED.register("posthoc_la")
 class PosthocLA(CentralizedMethod):
     """Plain CE training, then post-hoc logit adjustment at test: argmax (z − τ·log π), τ = 1."""
 
-    options = {**CentralizedMethod.options, "tau": 1.0}
+    class Options(CentralizedOptions):
+        tau: float = Field(1.0, ge=0, description="adjustment strength τ")
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return posthoc_adjust(logits, self.log_pi, self.opt["tau"])
+        return posthoc_adjust(logits, self.log_pi, self.opt.tau)
 
 
 def _mixup_objective(method: CentralizedMethod, alpha: float, loss_fn, experts: bool = False) -> Objective:
@@ -234,10 +245,11 @@ def _mixup_objective(method: CentralizedMethod, alpha: float, loss_fn, experts: 
 class Mixup(CentralizedMethod):
     """Mixup (Zhang et al., ICLR 2018): CE on x̃ = λx + (1−λ)x', λ ~ Beta(α, α), α = 1 (MiSLAS CIFAR)."""
 
-    options = {**CentralizedMethod.options, "mixup_alpha": 1.0}
+    class Options(CentralizedOptions):
+        mixup_alpha: float = Field(1.0, ge=0, description="λ ~ Beta(α, α); 0: no mixup")
 
     def objective(self, epoch: int) -> Objective:
-        return _mixup_objective(self, self.opt["mixup_alpha"], cross_entropy_loss)
+        return _mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,20 +313,20 @@ class TauNormLinear(nn.Module):
 class DecoupledMethod(CentralizedMethod):
     """Stage 1 (the parent's objective) for ``epochs``, then a classifier stage on the frozen backbone."""
 
-    options = {**CentralizedMethod.options, "stage2_epochs": 10, "stage2_lr": None,
-               "stage2_sampler": "class_balanced"}
+    class Options(CentralizedOptions):
+        stage2_epochs: int = Field(10, ge=0, description="classifier epochs on the frozen backbone")
+        stage2_lr: float | None = Field(None, gt=0, description="stage-2 learning rate (None: stage 1's)")
+        stage2_sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
+            "class_balanced", description="sampler of stage 2")
+
     two_stage = True
     shift_bn = False
 
-    def __init__(self, cfg: dict, train_counts: np.ndarray) -> None:
-        super().__init__(cfg, train_counts)
-        make_sampler(self.opt.get("stage2_sampler", "class_balanced"))
-
     def stage2_epochs(self) -> int:
-        return int(self.opt.get("stage2_epochs", 0))
+        return self.opt.stage2_epochs
 
     def stage2_sampler(self) -> Sampler:
-        return make_sampler(self.opt["stage2_sampler"], self.stage2_epochs())
+        return make_sampler(self.opt.stage2_sampler, self.stage2_epochs())
 
     def start_stage2(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "features", None), nn.Module) or isinstance(model.features, FrozenFeatures):
@@ -347,7 +359,8 @@ class CRT(DecoupledMethod):
 class TauNorm(DecoupledMethod):
     """τ-norm (Kang et al.): no training; w_c ← w_c/‖w_c‖^τ with a fixed τ = 1 (no validation split)."""
 
-    options = {**CentralizedMethod.options, "tau": 1.0}
+    class Options(CentralizedOptions):
+        tau: float = Field(1.0, ge=0, description="normalisation power τ (fixed: no validation split)")
 
     def stage2_epochs(self) -> int:
         return 0
@@ -355,14 +368,15 @@ class TauNorm(DecoupledMethod):
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         if not isinstance(head, nn.Linear):
             raise FedLTError("tau_norm needs a linear classifier (on a cosine classifier it changes nothing)")
-        return TauNormLinear(head, self.opt["tau"])
+        return TauNormLinear(head, self.opt.tau)
 
 
 @CENTRALIZED.register("lws")
 class LWS(DecoupledMethod):
     """Learnable weight scaling (Kang et al.): keep W and b, learn one scale per class with CB sampling."""
 
-    options = {**DecoupledMethod.options, "stage2_epochs": 5}
+    class Options(DecoupledMethod.Options):
+        stage2_epochs: int = Field(5, ge=0, description="scale-learning epochs on the frozen backbone")
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         return LWSClassifier(head, self.num_classes)
@@ -374,17 +388,21 @@ class MiSLAS(DecoupledMethod):
     with CB sampling and label-aware smoothing (ε_head 0.4, ε_tail 0.1), BN statistics shifted (kept in
     train mode) on the frozen backbone."""
 
-    options = {**DecoupledMethod.options, "mixup_alpha": 1.0, "eps_head": 0.4, "eps_tail": 0.1}
+    class Options(DecoupledMethod.Options):
+        mixup_alpha: float = Field(1.0, ge=0, description="stage-1 mixup α")
+        eps_head: float = Field(0.4, ge=0, lt=1, description="label smoothing of the largest class")
+        eps_tail: float = Field(0.1, ge=0, lt=1, description="label smoothing of the smallest class")
+
     shift_bn = True
 
     def objective(self, epoch: int) -> Objective:
-        return _mixup_objective(self, self.opt["mixup_alpha"], cross_entropy_loss)
+        return _mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         return LWSClassifier(head, self.num_classes, train_inner=True)
 
     def stage2_objective(self, epoch: int) -> Objective:
-        eps = label_aware_epsilons(self.train_counts, self.opt["eps_head"], self.opt["eps_tail"])
+        eps = label_aware_epsilons(self.train_counts, self.opt.eps_head, self.opt.eps_tail)
         return _loss_objective(lambda z, y: label_aware_smoothing_loss(z, y, eps))
 
 
@@ -396,20 +414,19 @@ class ExpertMethod(CentralizedMethod):
     """A method on :class:`~fedlt.models.experts.MultiExpertModel`: ``model.name`` (or the data set's default)
     with ``_experts`` appended, cosine classifiers with scale ``expert_scale``; test = mean of raw logits."""
 
-    options = {**CentralizedMethod.options, "expert_scale": 30.0}
+    class Options(CentralizedOptions):
+        expert_scale: float = Field(30.0, gt=0, description="scale s of the experts' cosine heads")
 
     def num_experts(self) -> int:
         raise NotImplementedError
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        name = self.cfg["model"]["name"] or DATASETS.meta[self.cfg["data"]["name"]]["model"]
+        name = self.cfg.model.name
         if not name.endswith("_experts"):
             name += "_experts"
         if name not in MODELS:
-            raise FedLTError(f"{self.cfg['centralized']['method']} needs a multi-expert model; "
-                             f"{name!r} is not registered")
-        cfg = {**self.cfg, "model": {**self.cfg["model"], "name": name}}
-        return model_for(cfg, exp, classifier="cosine", scale=self.opt["expert_scale"],
+            raise FedLTError(f"{self.cfg.centralized.method} needs a multi-expert model; {name!r} is not registered")
+        return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
                          num_experts=self.num_experts())
 
 
@@ -418,14 +435,16 @@ class BalPoE(ExpertMethod):
     """Balanced product of experts (Sanchez Aimar et al., CVPR 2023): (1/M)·Σ_k CE(z_k + τ_k·log π, y),
     τ = (0, 1, 2); optional mixup (the paper uses α = 0.4–0.8; 0 here by default)."""
 
-    options = {**ExpertMethod.options, "taus": [0.0, 1.0, 2.0], "mixup_alpha": 0.0}
+    class Options(ExpertMethod.Options):
+        taus: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="each expert's τ_k")
+        mixup_alpha: float = Field(0.0, ge=0, description="mixup α (0: no mixup)")
 
     def num_experts(self) -> int:
-        return len(self.opt["taus"])
+        return len(self.opt.taus)
 
     def objective(self, epoch: int) -> Objective:
-        taus = self.opt["taus"]
-        return _mixup_objective(self, self.opt["mixup_alpha"], lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
+        taus = self.opt.taus
+        return _mixup_objective(self, self.opt.mixup_alpha, lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
 
 
 class TwoViews(StrongView):
@@ -441,21 +460,30 @@ class MDCS(ExpertMethod):
     self-distillation (weak teacher → strong student, confident instances), weight
     0.6·min(epoch/(ramp_fraction·epochs), 1) (20 of 400 epochs → 0.05; 20 of 200 → 0.1)."""
 
-    options = {**{k: v for k, v in ExpertMethod.options.items() if k != "autoaugment"},  # views fixed below
-               "lambdas": [-0.5, 1.0, 2.5], "kl_weight": 0.6, "ramp_fraction": 0.1}
+    class Options(ExpertMethod.Options):
+        lambdas: list[float] = Field([-0.5, 1.0, 2.5], min_length=1, description="each expert's λ_k")
+        kl_weight: float = Field(0.6, ge=0, description="weight of the consistency KL term")
+        ramp_fraction: float = Field(0.1, ge=0, le=1, description="fraction of the epochs over which the KL ramps up")
+
+        @field_validator("autoaugment")
+        @classmethod
+        def _views_fixed(cls, value: bool) -> bool:
+            if value:
+                raise ValueError("mdcs always trains on a weak and a strong view; autoaugment is not an option here")
+            return value
 
     def num_experts(self) -> int:
-        return len(self.opt["lambdas"])
+        return len(self.opt.lambdas)
 
     def augment(self, data: TensorData) -> Augment:
-        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt["cutout"], self.opt["augment_chunk"])
+        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
 
     def kl_weight(self, epoch: int) -> float:
-        ramp = self.opt["ramp_fraction"] * self.epochs
-        return self.opt["kl_weight"] * (min(epoch / ramp, 1.0) if ramp > 0 else 1.0)
+        ramp = self.opt.ramp_fraction * self.epochs
+        return self.opt.kl_weight * (min(epoch / ramp, 1.0) if ramp > 0 else 1.0)
 
     def objective(self, epoch: int) -> Objective:
-        w, lambdas = self.kl_weight(epoch), self.opt["lambdas"]
+        w, lambdas = self.kl_weight(epoch), self.opt.lambdas
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             z = model.expert_logits(x)
@@ -467,39 +495,40 @@ class MDCS(ExpertMethod):
 # The run
 
 
-def centralized_optim(cfg: dict) -> OptimConfig:
-    c, t = cfg["centralized"], cfg["train"]
+def centralized_optim(cfg: Config) -> OptimConfig:
+    c, t = cfg.centralized, cfg.train
 
-    def pick(key: str, fallback: str | None = None) -> Any:
-        return c[key] if c.get(key) is not None else t[fallback or key]
+    def pick(key: str) -> Any:
+        value = getattr(c, key)
+        return value if value is not None else getattr(t, key)
 
     return OptimConfig(lr=pick("lr"), momentum=pick("momentum"), weight_decay=pick("weight_decay"),
-                       nesterov=pick("nesterov"), batch_size=pick("batch_size"), warmup_epochs=c["warmup_epochs"],
-                       schedule=c["schedule"], milestones=list(c["milestones"]), gamma=c["gamma"])
+                       nesterov=pick("nesterov"), batch_size=pick("batch_size"), warmup_epochs=c.warmup_epochs,
+                       schedule=c.schedule, milestones=list(c.milestones), gamma=c.gamma)
 
 
-def stage2_optim(cfg: dict, method: CentralizedMethod) -> OptimConfig:
+def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
     """Stage 2: stage 1's SGD settings, lr ``stage2_lr`` (default: stage 1's lr), cosine, no warm-up."""
     base = centralized_optim(cfg)
-    lr = method.opt.get("stage2_lr")
+    lr = getattr(method.opt, "stage2_lr", None)
     return OptimConfig(lr=base.lr if lr is None else float(lr), momentum=base.momentum,
                        weight_decay=base.weight_decay, nesterov=base.nesterov, batch_size=base.batch_size,
                        schedule="cosine")
 
 
-def run_centralized(cfg: dict, run: RunDir) -> dict:
+def run_centralized(cfg: Config, run: RunDir) -> dict:
     """Train ``centralized.method`` on the pooled long-tailed set, epoch by epoch, resumable; return the summary."""
     exp = experiment_for(cfg)
-    device = resolve_device(cfg["device"])
-    method: CentralizedMethod = CENTRALIZED.get(cfg["centralized"]["method"])(cfg, exp.train_counts)
+    device = resolve_device(cfg.device)
+    method: CentralizedMethod = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
     model: nn.Module = method.build_model(exp).to(device)
     opt, opt2 = centralized_optim(cfg), stage2_optim(cfg, method)
     optimizer = make_optimizer(model, opt)
     data: TensorData = exp.tensor_data("train", device=device)
     test = exp.tensor_data("test", device=device)
-    epochs = cfg["centralized"]["epochs"]
-    gen = torch_generator(cfg["seed"], STREAM_CENTRAL)
-    name = cfg["centralized"]["method"]
+    epochs = cfg.centralized.epochs
+    gen = torch_generator(cfg.seed, STREAM_CENTRAL)
+    name = cfg.centralized.method
     augment = method.augment(data)
     stage1, stage2 = int(np.ceil(epochs)), method.stage2_epochs()
 
@@ -542,8 +571,8 @@ def run_centralized(cfg: dict, run: RunDir) -> dict:
                            generator=gen, augment=augment_for(cfg), sampler=method.stage2_sampler(),
                            optimizer=optimizer, start_epoch=epoch - stage1, total_epochs=stage2)
         m = None
-        if due(epoch + 1, total, cfg["eval"]["every"]):
-            m = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], method.transform_logits)
+        if due(epoch + 1, total, cfg.eval.every):
+            m = evaluate_model(model, test, exp.train_counts, cfg.eval.batch_size, method.transform_logits)
         seconds = time.time() - t0
         elapsed += seconds
         run.append_metrics({"epoch": epoch + 1, "stage": stage, **(metrics_row(m) if m else {}),
@@ -555,9 +584,9 @@ def run_centralized(cfg: dict, run: RunDir) -> dict:
     if method.two_stage and stage == 1:  # a second stage without training (τ-norm)
         begin_stage2()
 
-    final = evaluate_model(model, test, exp.train_counts, cfg["eval"]["batch_size"], method.transform_logits,
+    final = evaluate_model(model, test, exp.train_counts, cfg.eval.batch_size, method.transform_logits,
                            with_bins=True)
-    summary = {"mode": "centralized", "method": name, "seed": cfg["seed"], "epochs": epochs,
+    summary = {"mode": "centralized", "method": name, "seed": cfg.seed, "epochs": epochs,
                "stage2_epochs": stage2, "wall_clock_seconds": elapsed,
                "train_class_counts": exp.train_counts.tolist(), **final}
     run.write_summary(summary)

@@ -2,7 +2,7 @@
 
 A plug-in in ``clients/`` subclasses :class:`ClientMethod`, overrides :meth:`objective` (and, where it
 sends more than weights, :meth:`fit` or :meth:`query`) and registers itself in one line with
-``@CLIENTS.register("name")``. Its ``options`` dict declares the config keys it accepts under ``client.``.
+``@CLIENTS.register("name")``. Its ``Options`` model declares the config keys it accepts under ``client.``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlt.config import Config
+from fedlt.options import ClientOptions
 from fedlt.train import (Augment, Objective, OptimConfig, TensorData, cross_entropy_objective,
                          instance_balanced_sampler, train)
 
@@ -31,16 +33,16 @@ class FitResult:
 class ClientMethod:
     """Plain local SGD on cross-entropy (the FedAvg client). Subclasses change the objective."""
 
-    options: dict[str, Any] = {}
+    Options = ClientOptions  # a method with keys of its own subclasses this (``class Options(...)``)
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.opts = cfg["client"]
+        self.opts = cfg.client
 
     def optim(self, config: dict) -> OptimConfig:
-        t = self.cfg["train"]
-        return OptimConfig(lr=float(config.get("lr", t["lr"])), momentum=t["momentum"],
-                           weight_decay=t["weight_decay"], nesterov=t["nesterov"], batch_size=t["batch_size"])
+        t = self.cfg.train
+        return OptimConfig(lr=float(config.get("lr", t.lr)), momentum=t.momentum,
+                           weight_decay=t.weight_decay, nesterov=t.nesterov, batch_size=t.batch_size)
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         """The local loss of one batch. ``model`` still holds the global weights when this is called."""
@@ -50,9 +52,9 @@ class ClientMethod:
             augment: Augment) -> FitResult:
         """Train ``model`` (holding the global weights) on the client's data."""
         objective = self.objective(model, data, config)
-        t = self.cfg["train"]
+        t = self.cfg.train
         result = train(model, data, objective, opt=self.optim(config), generator=generator, augment=augment,
-                       epochs=None if t["local_steps"] else t["local_epochs"], steps=t["local_steps"],
+                       epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps,
                        sampler=instance_balanced_sampler)
         return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
                          metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps})

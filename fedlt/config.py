@@ -1,118 +1,123 @@
-"""Configs are data: a YAML file over the defaults below, plus ``dotted.key=value`` overrides, validated
-before any training. An unknown key, a wrong type or an impossible value is a :class:`FedLTError`.
+"""The run's configuration: one typed :class:`Config`, read from YAML plus ``dotted.key=value`` overrides.
 
-Plug-ins declare their own keys: a strategy's or client method's ``options`` (a dict of defaults)
-become valid keys under ``strategy.`` or ``client.``.
+Configs are data. A YAML file and the overrides give a nested mapping; :func:`resolve` turns it into a
+:class:`Config` before any training:
+
+- the fixed sections (``partition``, ``train``, ``federation``, ``eval``) are pydantic models below;
+- the part sections (``data``, ``model``, ``strategy``, ``client``, ``centralized``) are validated by the
+  ``Options`` of the part their name selects (:mod:`fedlt.options`), so a part's own defaults hold unless
+  the user sets a key (``model.classifier`` of a multi-expert model is ``cosine``, of ResNet-32 ``linear``);
+- ``client.name`` defaults to the strategy's paired client, ``model.name`` to the data set's model;
+- an unknown key, a wrong type, NaN or a value out of range is a one-line :class:`FedLTError`; a key that
+  the selected part does not declare names the parts that do.
+
+Code reads attributes (``cfg.federation.rounds``, ``cfg.strategy.mu``). ``config.yaml`` in a run directory
+is :func:`dump_config` of the resolved config.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
 from fedlt.errors import FedLTError
-
-# Every key, with its default. The type of a key is the type of its default; None-valued defaults
-# name their type in NULLABLE.
-DEFAULTS: dict[str, Any] = {
-    "name": "run",
-    "seed": 0,
-    "mode": "both",  # federated | centralized | both
-    "device": "auto",
-    "plugins": [],  # extra plug-in modules to import (server and clients), e.g. my_lab.my_strategy
-    "data": {
-        "name": "fashion_mnist",
-        "root": None,
-        "train_list": "train.txt",
-        "test_list": "test.txt",
-        "image_size": None,
-        "imbalance_factor": 100.0,
-        "profile": "exp",  # exp | step | none (use the training set as it is)
-        "crop_padding": 4,
-        "flip": True,
-    },
-    "partition": {
-        "method": "dirichlet",  # dirichlet | shards | iid
-        "num_clients": 10,
-        "alpha": 0.5,
-        "min_size": 10,
-        "balance": True,
-        "shards_per_client": 2,
-    },
-    "model": {"name": None, "classifier": "linear", "scale": 1.0},
-    "train": {  # local training of every client
-        "local_epochs": 1.0,
-        "local_steps": None,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "nesterov": False,
-        "batch_size": 64,
-    },
-    "federation": {
-        "rounds": 20,
-        "fraction": 1.0,
-        "lr_schedule": "constant",  # over rounds: constant | step | cosine
-        "lr_milestones": [],  # rounds, for step
-        "lr_gamma": 0.1,
-        "max_failures": 0,  # client failures tolerated over the run before it stops
-        "client_cpus": 1.0,
-        "client_gpus": None,  # GPU fraction per client; None: 0.25 with a GPU, else 0
-        "checkpoint_every": 1,
-    },
-    "strategy": {"name": "fedavg"},
-    "client": {"name": None},  # None: the strategy's paired client method
-    "centralized": {
-        "method": "ce",
-        "epochs": 10.0,
-        "lr": None,  # None: train.lr
-        "batch_size": None,  # None: train.batch_size
-        "momentum": None,
-        "weight_decay": None,
-        "nesterov": None,
-        "warmup_epochs": 0.0,
-        "schedule": "cosine",  # constant | step | cosine
-        "milestones": [],
-        "gamma": 0.1,
-    },
-    "eval": {"batch_size": 1024, "every": 1},
-    "sweep": {},  # dotted key -> list of values; expanded by fedlt.sweep (which checks its contents)
-}
-
-NULLABLE: dict[str, tuple[type, ...]] = {
-    "data.root": (str,), "data.image_size": (int,), "model.name": (str,), "train.local_steps": (int,),
-    "federation.client_gpus": (float, int), "client.name": (str,), "centralized.lr": (float, int),
-    "centralized.batch_size": (int,), "centralized.momentum": (float, int),
-    "centralized.weight_decay": (float, int), "centralized.nesterov": (bool,),
-}
-PLUGIN_SECTIONS = ("strategy", "client")
-# A centralized method's ``options`` become valid keys under ``centralized.`` beside the fixed ones.
-CENTRALIZED_FIXED = tuple(DEFAULTS["centralized"])
-CHOICES = {
-    "mode": ("federated", "centralized", "both"),
-    "data.profile": ("exp", "step", "none"),
-    "partition.method": ("dirichlet", "shards", "iid"),
-    "federation.lr_schedule": ("constant", "step", "cosine"),
-    "centralized.schedule": ("constant", "step", "cosine"),
-    "model.classifier": ("linear", "cosine"),
-}
+from fedlt.options import (CentralizedOptions, ClientOptions, DataOptions, ModelOptions, Options, StrategyOptions,
+                           option_rows)
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        dotted = f"{prefix}{key}"
-        if isinstance(out.get(key), dict) and key in out:
-            if not isinstance(value, dict):
-                raise FedLTError(f"config key {dotted!r} must be a mapping, got {value!r}")
-            out[key] = _merge(out[key], value, dotted + ".")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+class PartitionConfig(Options):
+    """How the long-tailed training set is split across clients."""
 
+    method: Literal["dirichlet", "shards", "iid"] = Field("dirichlet", description="dirichlet | shards | iid")
+    num_clients: int = Field(10, gt=0, description="number of clients K")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (smaller: more skew)")
+    min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many")
+    balance: bool = Field(True, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding ≥ N/K)")
+    shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client")
+
+
+class TrainConfig(Options):
+    """Every client's local training."""
+
+    local_epochs: float = Field(1.0, gt=0, description="local epochs per round (unless local_steps)")
+    local_steps: int | None = Field(None, gt=0, description="local SGD steps per round (replaces local_epochs)")
+    lr: float = Field(0.05, gt=0, description="client learning rate (round 1 of federation.lr_schedule)")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    batch_size: int = Field(64, gt=0, description="local batch size")
+
+
+class FederationConfig(Options):
+    """Rounds, participation, the clients' lr over rounds, failures and resources."""
+
+    rounds: int = Field(20, gt=0, description="federated rounds T")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled per round, in (0, 1]")
+    lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")
+    lr_milestones: list[int] = Field(default_factory=list, description="rounds at which a step schedule decays")
+    lr_gamma: float = Field(0.1, gt=0, description="decay factor of the step schedule")
+    max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray)")
+    client_gpus: float | None = Field(None, ge=0, description="GPU fraction per client (None: 0.25 with a GPU, else 0)")
+    checkpoint_every: int = Field(1, gt=0, description="checkpoint every N rounds (and after the last)")
+
+
+class EvalConfig(Options):
+    """Test-set evaluation."""
+
+    batch_size: int = Field(1024, gt=0, description="evaluation batch size")
+    every: int = Field(1, gt=0, description="evaluate every N rounds / epochs (and after the last)")
+
+
+class Config(Options):
+    """One run: data, partition, model, federated and centralized training, evaluation."""
+
+    name: str = Field("run", description="run name (first part of the run directory's name)")
+    seed: int = Field(0, ge=0, description="every random choice flows from it")
+    mode: Literal["federated", "centralized", "both"] = Field("both", description="federated | centralized | both")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    plugins: list[str] = Field(default_factory=list, description="extra plug-in modules to import")
+    data: SerializeAsAny[DataOptions] = Field(default_factory=DataOptions)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: SerializeAsAny[ModelOptions] = Field(default_factory=ModelOptions)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    strategy: SerializeAsAny[StrategyOptions] = Field(default_factory=StrategyOptions)
+    client: SerializeAsAny[ClientOptions] = Field(default_factory=ClientOptions)
+    centralized: SerializeAsAny[CentralizedOptions] = Field(default_factory=CentralizedOptions)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: dict[str, Any] = Field(default_factory=dict, description="dotted key -> list of values (fedlt.sweep)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with whole fields replaced (e.g. ``cfg.replace(mode="federated")``), not re-validated."""
+        return self.model_copy(update=sections)
+
+
+FIXED_SECTIONS: dict[str, type[Options]] = {"partition": PartitionConfig, "train": TrainConfig,
+                                            "federation": FederationConfig, "eval": EvalConfig}
+
+
+def _part_sections() -> dict[str, tuple[Any, str]]:
+    """section -> (registry of its parts, the key that names the part)."""
+    from fedlt.registry import CENTRALIZED, CLIENTS, DATASETS, MODELS, STRATEGIES
+
+    return {"data": (DATASETS, "name"), "model": (MODELS, "name"), "strategy": (STRATEGIES, "name"),
+            "client": (CLIENTS, "name"), "centralized": (CENTRALIZED, "method")}
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", YAML-parsed value)."""
@@ -126,142 +131,189 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def set_dotted(cfg: dict, key: str, value: Any) -> None:
-    node = cfg
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b] = value`` for key ``a.b``, creating the mappings on the way."""
+    node = raw
     parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise FedLTError(f"unknown config key {key!r}")
-        node = node[part]
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FedLTError(f"config key {'.'.join(parts[:i + 1])!r} is not a section, so {key!r} cannot be set")
+        node = child
     node[parts[-1]] = value
 
 
-def get_dotted(cfg: dict, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FedLTError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FedLTError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise FedLTError(f"config file {path} must hold a mapping at the top level")
+    return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- YAML file <- overrides, then :func:`validate`. Returns the resolved config."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FedLTError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise FedLTError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise FedLTError(f"config file {path} must hold a mapping at the top level")
-    cfg = _merge(DEFAULTS, raw)
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file <- overrides, resolved and validated (:func:`resolve`)."""
+    raw = copy.deepcopy(read_yaml(path)) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
-        set_dotted(cfg, key, value)
-    return validate(cfg)
+        set_dotted(raw, key, value)
+    return resolve(raw)
 
 
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    if value is None:
-        if key in NULLABLE or default is None:
-            return None
-        raise FedLTError(f"config key {key!r} may not be null")
-    types = NULLABLE.get(key) or (type(default),)
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and bool not in types:
-        raise FedLTError(f"config key {key!r} must be {types[0].__name__}, got {value!r}")
-    if not isinstance(value, types):
-        raise FedLTError(f"config key {key!r} must be {types[0].__name__}, got {value!r}")
-    return value
+# ------------------------------------------------------------------------------------------ validating
+
+def _describe(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return repr(value)
+    return repr(value) if not isinstance(value, dict) else "a mapping"
 
 
-def _check_section(cfg: dict, defaults: dict, prefix: str = "") -> None:
-    for key in cfg:
-        dotted = f"{prefix}{key}"
-        if key not in defaults:
-            if prefix == "centralized.":
-                continue  # checked against the method's options in _check_plugin_options
-            raise FedLTError(f"unknown config key {dotted!r}")
-        if isinstance(defaults[key], dict):
-            if dotted in PLUGIN_SECTIONS or dotted == "sweep":
-                continue
-            _check_section(cfg[key], defaults[key], dotted + ".")
-        else:
-            cfg[key] = _check_type(dotted, cfg[key], defaults[key])
+RULES = {"int_parsing": "must be int", "int_type": "must be int", "int_from_float": "must be int",
+         "float_parsing": "must be float", "float_type": "must be float", "bool_parsing": "must be bool",
+         "bool_type": "must be bool", "string_type": "must be str", "list_type": "must be a list",
+         "dict_type": "must be a mapping", "finite_number": "must be a finite number",
+         "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
+         "less_than_equal": "must be <= {le}", "literal_error": "must be one of {expected}",
+         "too_short": "must list at least {min_length} value(s)"}
 
 
-def _check_plugin_options(cfg: dict) -> None:
-    from fedlt.registry import CENTRALIZED, CLIENTS, STRATEGIES
-
-    strategy = STRATEGIES.get(cfg["strategy"]["name"])
-    if cfg["client"]["name"] is None:
-        cfg["client"]["name"] = getattr(strategy, "client", "fedavg")
-    client = CLIENTS.get(cfg["client"]["name"])
-    for section, plugin in (("strategy", strategy), ("client", client)):
-        options = {"name": cfg[section]["name"], **getattr(plugin, "options", {})}
-        given = cfg[section]
-        for key in given:
-            if key not in options:
-                raise FedLTError(f"unknown config key '{section}.{key}' for {section} {options['name']!r}; "
-                                 f"its keys: {', '.join(sorted(options))}")
-        for key, default in options.items():
-            if key not in given:
-                given[key] = copy.deepcopy(default)
-            elif default is not None:
-                given[key] = _check_type(f"{section}.{key}", given[key], default)
-        if hasattr(plugin, "check_options"):  # the plug-in's own ranges, as one-line FedLTErrors
-            plugin.check_options(given)
-    method = CENTRALIZED.get(cfg["centralized"]["method"])
-    options = getattr(method, "options", {})
-    for key in cfg["centralized"]:
-        if key not in CENTRALIZED_FIXED and key not in options:
-            raise FedLTError(f"unknown config key 'centralized.{key}' for centralized method "
-                             f"{cfg['centralized']['method']!r}; its own keys: {', '.join(sorted(options)) or 'none'}")
-    for key, default in options.items():
-        if key not in cfg["centralized"]:
-            cfg["centralized"][key] = copy.deepcopy(default)
-        elif default is not None:
-            cfg["centralized"][key] = _check_type(f"centralized.{key}", cfg["centralized"][key], default)
+def _error(section: str, exc: ValidationError, owner: str = "") -> FedLTError:
+    """The first error of ``exc`` as one line naming the dotted key and the rule."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    key = f"{section}.{loc}" if section else loc
+    if err["type"] == "extra_forbidden":
+        return FedLTError(_unknown_key_message(section, loc, owner))
+    rule = RULES.get(err["type"])
+    if rule is not None:
+        ctx = {k: f"{v:g}" if isinstance(v, (int, float)) else str(v).replace("'", "")
+               for k, v in (err.get("ctx") or {}).items()}
+        rule = rule.format(**ctx)
+    else:
+        msg = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        rule = msg[0].lower() + msg[1:]
+    return FedLTError(f"config key {key!r} {rule}, got {_describe(err.get('input'))}")
 
 
-def _positive(cfg: dict, key: str, strict: bool = True) -> None:
-    v = get_dotted(cfg, key)
-    if v is not None and (v <= 0 if strict else v < 0):
-        raise FedLTError(f"config key {key!r} must be {'>' if strict else '>='} 0, got {v}")
+def _unknown_key_message(section: str, key: str, owner: str) -> str:
+    """``client.mu is not an option of client method 'fedavg'; fedprox takes it as strategy.mu``."""
+    dotted = f"{section}.{key}" if section else key
+    if not section or section in FIXED_SECTIONS:
+        return f"unknown config key {dotted!r}"
+    takers = []
+    for other, (registry, _) in _part_sections().items():
+        names = [name for name in registry if key.split(".")[0] in registry.options(name).model_fields]
+        if names:
+            kind = registry.plural if len(names) > 1 else registry.kind
+            takers.append(f"{kind} {', '.join(names)} take{'s' if len(names) == 1 else ''} it as {other}.{key}")
+    where = f"; {'; '.join(takers)}" if takers else ""
+    registry = _part_sections()[section.split(".")[0]][0]
+    return f"unknown config key {dotted!r}: not an option of {registry.kind} {owner!r}{where}"
 
 
-def validate(cfg: dict) -> dict:
-    """Check every key, type and range; fill plug-in defaults. Raises :class:`FedLTError`."""
-    from fedlt.registry import DATASETS, MODELS, import_plugins
-
-    _check_section(cfg, DEFAULTS)
-    import_plugins(cfg["plugins"])
-    for key, choices in CHOICES.items():
-        if get_dotted(cfg, key) not in choices:
-            raise FedLTError(f"config key {key!r} must be one of {', '.join(choices)}, got {get_dotted(cfg, key)!r}")
-    DATASETS.get(cfg["data"]["name"])
-    if cfg["model"]["name"] is not None:
-        MODELS.get(cfg["model"]["name"])
-    if cfg["data"]["imbalance_factor"] < 1:
-        raise FedLTError(f"data.imbalance_factor must be >= 1 (N_max/N_min), got {cfg['data']['imbalance_factor']}")
-    if cfg["partition"]["alpha"] <= 0:
-        raise FedLTError(f"partition.alpha must be > 0, got {cfg['partition']['alpha']}")
-    frac = cfg["federation"]["fraction"]
-    if not 0 < frac <= 1:
-        raise FedLTError(f"federation.fraction must be in (0, 1], got {frac}")
-    for key in ("partition.num_clients", "federation.rounds", "train.batch_size", "train.lr",
-                "eval.batch_size", "centralized.epochs", "train.local_epochs", "federation.client_cpus",
-                "federation.checkpoint_every", "eval.every"):
-        _positive(cfg, key)
-    for key in ("train.weight_decay", "train.momentum", "federation.max_failures", "data.crop_padding",
-                "partition.min_size", "centralized.warmup_epochs"):
-        _positive(cfg, key, strict=False)
-    _check_plugin_options(cfg)
-    return cfg
+def validate_section(section: str, raw: Any, options: type[Options], owner: str = "") -> Options:
+    """``raw`` (a mapping) validated by ``options``; errors as one-line :class:`FedLTError`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FedLTError(f"config key {section!r} must be a mapping, got {raw!r}")
+    try:
+        return options.model_validate(raw)
+    except ValidationError as exc:
+        raise _error(section, exc, owner) from None
 
 
-def dump_config(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+def resolve(raw: dict) -> Config:
+    """Validate a nested mapping into a :class:`Config` (parts' ``Options`` filled). Raises :class:`FedLTError`."""
+    from fedlt.registry import DATASETS, STRATEGIES, import_plugins
+
+    if not isinstance(raw, dict):
+        raise FedLTError("a config must be a mapping")
+    raw = copy.deepcopy(raw)
+    parts = _part_sections()
+    for key, value in raw.items():
+        if key not in Config.model_fields:
+            inner = f".{next(iter(value))}" if isinstance(value, dict) and value else ""
+            raise FedLTError(f"unknown config key {key + inner!r}")
+    plain = {k: v for k, v in raw.items() if k not in parts and k not in FIXED_SECTIONS}
+    try:
+        top = Config.model_validate(plain)
+    except ValidationError as exc:
+        raise _error("", exc) from None
+    import_plugins(top.plugins)
+    sections: dict[str, Options] = {}
+    for section, options in FIXED_SECTIONS.items():
+        sections[section] = validate_section(section, raw.get(section), options)
+
+    given = {s: dict(raw.get(s) or {}) if isinstance(raw.get(s) or {}, dict) else raw.get(s) for s in parts}
+    for section in parts:
+        if not isinstance(given[section], dict):
+            raise FedLTError(f"config key {section!r} must be a mapping, got {given[section]!r}")
+    # the names that select the parts, with the defaults that depend on other sections
+    data_name = given["data"].get("name", DataOptions.model_fields["name"].default)
+    DATASETS.get(str(data_name))
+    if given["model"].get("name") is None:
+        given["model"]["name"] = DATASETS.meta[data_name]["model"]
+    strategy_name = given["strategy"].get("name", StrategyOptions.model_fields["name"].default)
+    if given["client"].get("name") is None:
+        given["client"]["name"] = getattr(STRATEGIES.get(str(strategy_name)), "client", "fedavg")
+    for section, (registry, name_key) in parts.items():
+        name = given[section].get(name_key, ClientOptions.model_fields["name"].default)
+        if name is None:
+            name = Config.model_fields[section].default_factory().model_dump()[name_key]
+        if not isinstance(name, str):
+            raise FedLTError(f"config key '{section}.{name_key}' must be a name, got {name!r}")
+        registry.get(name)
+        sections[section] = validate_section(section, {**given[section], name_key: name}, registry.options(name),
+                                             name)
+    return top.replace(**sections)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A :class:`Config` from a resolved config's plain mapping (``cfg.model_dump()``), e.g. in a client process."""
+    return resolve(data)
+
+
+# ------------------------------------------------------------------------------------------ documenting
+
+def key_rows(part: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every config key, or of one part's section (``--keys PART``):
+    PART is a section (``train``) or a registered part's name (``fedprox``, ``resnet32``, ``ldam_drw``)."""
+    rows: list[tuple[str, str, str, str]] = []
+    top = [r for r in option_rows(Config, "") if r[0] not in FIXED_SECTIONS and r[0] not in _part_sections()]
+    if part is None:
+        rows += top
+    for section, options in FIXED_SECTIONS.items():
+        if part in (None, section):
+            rows += option_rows(options, f"{section}.")
+    for section, (registry, _) in _part_sections().items():
+        if part in (None, section):
+            rows += option_rows(registry.base_options, f"{section}.")
+        for name in registry:
+            if part in (None, section, name):
+                options = registry.options(name)
+                own = [r for r in option_rows(options, f"{section}.")
+                       if part == name or r[0].split(".", 1)[1] not in registry.base_options.model_fields
+                       or r[2] != repr(registry.base_options.model_fields[r[0].split(".", 1)[1]].default)]
+                rows += [(k, t, d, f"[{registry.kind} {name}] {desc}") for k, t, d, desc in own]
+    if not rows:
+        raise FedLTError(f"--keys {part}: no section or registered part of that name (see --list)")
+    return rows
+
+
+def format_keys(part: str | None = None) -> str:
+    rows = key_rows(part)
+    kw, tw, dw = (min(max(len(r[i]) for r in rows), cap) for i, cap in ((0, 36), (1, 28), (2, 16)))
+    return "\n".join(f"{k:<{kw}}  {t:<{tw}}  {d:<{dw}}  {desc}" for k, t, d, desc in rows)

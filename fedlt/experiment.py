@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedlt.config import Config, config_from_dict
 from fedlt.data import partition as P
 from fedlt.data.longtail import longtail_counts, longtail_indices
 from fedlt.data.sources import Split, load_source
@@ -66,25 +67,26 @@ class Experiment:
         return self.tensor_data("train", self.parts[client], device)
 
 
-def build_experiment(cfg: dict) -> Experiment:
+def build_experiment(cfg: Config) -> Experiment:
     """Load the source, cut the long-tailed subset, partition it across clients."""
-    data, part, seed = cfg["data"], cfg["partition"], cfg["seed"]
-    meta = DATASETS.meta[data["name"]] if data["name"] in DATASETS else {}
-    splits = load_source(data["name"], data["root"], data["train_list"], data["test_list"], data["image_size"])
+    data, part, seed = cfg.data, cfg.partition, cfg.seed
+    meta = DATASETS.meta[data.name] if data.name in DATASETS else {}
+    splits = load_source(data.name, data.root, getattr(data, "train_list", "train.txt"),
+                         getattr(data, "test_list", "test.txt"), getattr(data, "image_size", None))
     train, test = splits["train"], splits["test"]
-    if data["profile"] != "none":
+    if data.profile != "none":
         n_max = meta.get("n_max") or int(train.class_counts.max())
-        counts = longtail_counts(n_max, train.num_classes, data["imbalance_factor"], data["profile"])
+        counts = longtail_counts(n_max, train.num_classes, data.imbalance_factor, data.profile)
         train = train.subset(longtail_indices(train.labels, counts, seeded_rng(seed, STREAM_LONGTAIL)))
     train, test = train.materialize(), test.materialize()
     rng = seeded_rng(seed, STREAM_PARTITION)
-    k = part["num_clients"]
+    k = part.num_clients
     if k > len(train):
         raise FedLTError(f"partition.num_clients={k} is more than the {len(train)} training samples")
-    if part["method"] == "dirichlet":
-        parts = P.dirichlet_partition(train.labels, k, part["alpha"], rng, part["min_size"], part["balance"])
-    elif part["method"] == "shards":
-        parts = P.shard_partition(train.labels, k, part["shards_per_client"], rng)
+    if part.method == "dirichlet":
+        parts = P.dirichlet_partition(train.labels, k, part.alpha, rng, part.min_size, part.balance)
+    elif part.method == "shards":
+        parts = P.shard_partition(train.labels, k, part.shards_per_client, rng)
     else:
         parts = P.iid_partition(train.labels, k, rng)
     channels = train.images.shape[1]
@@ -95,23 +97,25 @@ def build_experiment(cfg: dict) -> Experiment:
 
 @lru_cache(maxsize=4)
 def _cached(key: str) -> Experiment:
-    return build_experiment(json.loads(key))
+    return build_experiment(config_from_dict(json.loads(key)))
 
 
-def experiment_for(cfg: dict) -> Experiment:
+def experiment_for(cfg: Config) -> Experiment:
     """The experiment of ``cfg``, built once per process for the same data/partition/seed."""
-    key = json.dumps({"data": cfg["data"], "partition": cfg["partition"], "seed": cfg["seed"]}, sort_keys=True)
+    key = json.dumps({"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
+                      "seed": cfg.seed, "plugins": cfg.plugins}, sort_keys=True)
     return _cached(key)
 
 
-def model_for(cfg: dict, exp: Experiment, **overrides) -> SplitModel:
-    """The config's model (or the data set's default), initialised from the seed."""
-    name = cfg["model"]["name"] or DATASETS.meta[cfg["data"]["name"]]["model"]
-    kw = {"classifier": cfg["model"]["classifier"], "scale": cfg["model"]["scale"], **overrides}
+def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides) -> SplitModel:
+    """The config's model (``name`` instead, where given), initialised from the seed; ``overrides`` replace
+    the model's options (``classifier="cosine"``)."""
+    name = name or cfg.model.name
+    kw = {**cfg.model.model_dump(exclude={"name"}), **overrides}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seeded_rng(cfg["seed"], STREAM_INIT).integers(2**31)))
+        torch.manual_seed(int(seeded_rng(cfg.seed, STREAM_INIT).integers(2**31)))
         return build_model(name, exp.num_classes, exp.in_channels, **kw)
 
 
-def augment_for(cfg: dict) -> Augment:
-    return Augment(cfg["data"]["crop_padding"], cfg["data"]["flip"])
+def augment_for(cfg: Config) -> Augment:
+    return Augment(cfg.data.crop_padding, cfg.data.flip)

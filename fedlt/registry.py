@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from fedlt.errors import FedLTError
+from fedlt.options import (CentralizedOptions, ClientOptions, DataOptions, HeadOptions, Options,
+                           StrategyOptions)
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "fedlt.plugins"
@@ -52,9 +54,10 @@ def import_plugins(modules: list[str]) -> None:
 class Registry(Generic[T]):
     """A named table of objects of one kind, with optional metadata per entry."""
 
-    def __init__(self, kind: str, plural: str | None = None) -> None:
+    def __init__(self, kind: str, plural: str | None = None, base_options: type[Options] = Options) -> None:
         self.kind = kind
         self.plural = plural or kind + "s"
+        self.base_options = base_options
         self._items: dict[str, T] = {}
         self.meta: dict[str, dict[str, Any]] = {}
 
@@ -76,6 +79,12 @@ class Registry(Generic[T]):
             raise FedLTError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
         return self._items[name]
 
+    def options(self, name: str) -> type[Options]:
+        """The ``Options`` model of entry ``name``: its class attribute ``Options``, else the ``options=`` it was
+        registered with, else the registry's base."""
+        obj = self.get(name)
+        return getattr(obj, "Options", None) or self.meta[name].get("options") or self.base_options
+
     def __contains__(self, name: str) -> bool:
         load_plugins()
         return name in self._items
@@ -85,11 +94,11 @@ class Registry(Generic[T]):
         return iter(sorted(self._items))
 
 
-MODELS: Registry[Callable[..., Any]] = Registry("model")
-DATASETS: Registry[Callable[..., Any]] = Registry("data set")
+MODELS: Registry[Callable[..., Any]] = Registry("model", base_options=HeadOptions)
+DATASETS: Registry[Callable[..., Any]] = Registry("data set", base_options=DataOptions)
 LOSSES: Registry[Callable[..., Any]] = Registry("loss", "losses")
-CLIENTS: Registry[Any] = Registry("client method")
-STRATEGIES: Registry[Any] = Registry("strategy", "strategies")
-CENTRALIZED: Registry[Any] = Registry("centralized method")
+CLIENTS: Registry[Any] = Registry("client method", base_options=ClientOptions)
+STRATEGIES: Registry[Any] = Registry("strategy", "strategies", base_options=StrategyOptions)
+CENTRALIZED: Registry[Any] = Registry("centralized method", base_options=CentralizedOptions)
 
 ALL = (DATASETS, MODELS, LOSSES, CLIENTS, STRATEGIES, CENTRALIZED)

@@ -33,9 +33,9 @@ def check_data(cfgs: list[dict]) -> None:
     seen = set()
     for cfg in cfgs:
         exp = experiment_for(cfg)
-        line = (f"data: {cfg['data']['name']} long-tailed (IF={cfg['data']['imbalance_factor']:g}): {len(exp.train)} "
-                f"train / {len(exp.test)} test, {exp.num_classes} classes; {cfg['partition']['num_clients']} clients "
-                f"({cfg['partition']['method']}, alpha={cfg['partition']['alpha']:g})")
+        line = (f"data: {cfg.data.name} long-tailed (IF={cfg.data.imbalance_factor:g}): {len(exp.train)} "
+                f"train / {len(exp.test)} test, {exp.num_classes} classes; {cfg.partition.num_clients} clients "
+                f"({cfg.partition.method}, alpha={cfg.partition.alpha:g})")
         if line not in seen:
             seen.add(line)
             print(line, flush=True)
@@ -102,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Keys are dotted paths into the config, e.g. federation.rounds=5 "
                                             "partition.alpha=0.1 strategy.name=fedprox strategy.mu=0.1; "
                                             "sweep.seed=[0,1] sweep.partition.alpha=[0.1,1] runs all four "
-                                            "combinations")
+                                            "combinations. --keys lists every key with its type, default and "
+                                            "meaning.")
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml when it exists)")
     parser.add_argument("--out", default="runs", help="folder for the run directories (default: runs)")
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")
+    parser.add_argument("--keys", nargs="?", const="", metavar="PART",
+                        help="list every config key (name, type, default, description), or those of one section "
+                             "or registered part (--keys train, --keys fedprox, --keys ldam_drw)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
                                                          "into DIR (as python -m fedlt.compare does)")
@@ -114,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.list:
             print(list_registered())
+            return 0
+        if args.keys is not None:
+            from fedlt.config import format_keys
+
+            print(format_keys(args.keys or None))
             return 0
         from fedlt.sweep import expand
 

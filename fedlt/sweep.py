@@ -18,7 +18,6 @@ Runs that the combinations share are run once: the centralized run ignores the f
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import re
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlt.config import dump_config, load_config
+from fedlt.config import Config, load_config
 from fedlt.errors import FedLTError
 
 FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
@@ -41,7 +40,7 @@ IN_SUFFIX = {"federated": "strategy.name", "centralized": "centralized.method"}
 @dataclass
 class PlannedRun:
     mode: str  # federated | centralized
-    cfg: dict  # resolved config of this run (mode set, no sweep key)
+    cfg: Config  # resolved config of this run (mode set, no sweep)
     path: Path
     values: dict[str, Any]  # the swept values that this run depends on
 
@@ -87,7 +86,7 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"  # JSON is YAML: the value comes back with its type
 
 
-def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[dict, dict]]:
+def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[Config, dict]]:
     """Every combination of the sweep as (resolved config without ``sweep``, {key: value}).
 
     Without a sweep: one config and no values. A combination that fails validation raises a one-line
@@ -95,10 +94,9 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
     """
     plain, cli_sweep = split_overrides(overrides)
     base = load_config(path, plain)
-    axes = sweep_axes({**flatten(base.get("sweep") or {}), **cli_sweep})
+    axes = sweep_axes({**flatten(base.sweep), **cli_sweep})
     if not axes:
-        base.pop("sweep", None)
-        return [(base, {})]
+        return [(base.replace(sweep={}), {})]
     out = []
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo))
@@ -107,8 +105,7 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
         except FedLTError as exc:
             desc = ", ".join(f"{k}={v}" for k, v in values.items())
             raise FedLTError(f"sweep combination {desc}: {exc}") from None
-        cfg.pop("sweep", None)
-        out.append((cfg, values))
+        out.append((cfg.replace(sweep={}), values))
     return out
 
 
@@ -129,9 +126,9 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: (k.replace(".", "_") if v in clash else v) for k, v in last.items()}
 
 
-def run_name(name: str, mode: str, cfg: dict, values: dict[str, Any], short: dict[str, str]) -> str:
+def run_name(name: str, mode: str, cfg: Config, values: dict[str, Any], short: dict[str, str]) -> str:
     parts = [name] + [f"{short[k]}{_fmt(v)}" for k, v in values.items() if k != IN_SUFFIX[mode]]
-    suffix = f"fed-{cfg['strategy']['name']}" if mode == "federated" else f"cen-{cfg['centralized']['method']}"
+    suffix = f"fed-{cfg.strategy.name}" if mode == "federated" else f"cen-{cfg.centralized.method}"
     return "-".join(parts + [suffix])
 
 
@@ -140,13 +137,13 @@ def _relevant(mode: str, key: str) -> bool:
     return key.split(".")[0] not in ignored
 
 
-def identity(mode: str, cfg: dict) -> str:
+def identity(mode: str, cfg: Config) -> str:
     """What the run of ``mode`` depends on: its config without the other mode's sections."""
     ignored = CENTRALIZED_ONLY if mode == "federated" else FEDERATED_ONLY
-    return dump_config({k: v for k, v in cfg.items() if k not in ignored})
+    return json.dumps(cfg.model_dump(mode="json", exclude=set(ignored)), sort_keys=True)
 
 
-def plan(combos: list[tuple[dict, dict]], out: str | Path) -> list[PlannedRun]:
+def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]:
     """The runs of the combinations, in order, each distinct run once.
 
     A run that several combinations share keeps the config of the first one (so a restarted sweep
@@ -157,18 +154,16 @@ def plan(combos: list[tuple[dict, dict]], out: str | Path) -> list[PlannedRun]:
     seen: dict[str, PlannedRun] = {}
     by_path: dict[Path, str] = {}
     for cfg, values in combos:
-        if cfg.get("sweep"):
+        if cfg.sweep:
             raise FedLTError("this config lists a sweep: expand it with fedlt.sweep.expand first")
-        modes = ("federated", "centralized") if cfg["mode"] == "both" else (cfg["mode"],)
+        modes = ("federated", "centralized") if cfg.mode == "both" else (cfg.mode,)
         for mode in modes:
-            c = copy.deepcopy(cfg)
-            c["mode"] = mode
-            c.pop("sweep", None)
+            c = cfg.replace(mode=mode, sweep={})
             key = identity(mode, c)
             if key in seen:
                 continue
             mine = {k: v for k, v in values.items() if _relevant(mode, k)}
-            path = Path(out) / run_name(cfg["name"], mode, c, mine, short)
+            path = Path(out) / run_name(cfg.name, mode, c, mine, short)
             if path in by_path and by_path[path] != key:
                 raise FedLTError(f"two different runs of the sweep would share the run directory {path}; "
                                  f"give the swept values distinct names")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from pydantic import Field
 from torch import nn
 
 from fedlt.errors import FedLTError
@@ -24,7 +25,7 @@ from fedlt.registry import STRATEGIES
 
 
 class CCVRMixin:
-    def wrap_init(self, opts: dict) -> None:
+    def wrap_init(self, opts: "CCVR.Options") -> None:
         self.ccvr_opts = opts
         self.ccvr_classifier: dict | None = None
         self.ccvr_for: ArrayRecord | None = None
@@ -33,8 +34,8 @@ class CCVRMixin:
     def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
         new, metrics = super().run_round(server_round, arrays, config, grid)
-        every = int(self.ccvr_opts["every"])
-        if new is not None and (server_round == self.cfg["federation"]["rounds"]
+        every = self.ccvr_opts.every
+        if new is not None and (server_round == self.cfg.federation.rounds
                                 or (every > 0 and server_round % every == 0)):
             self.calibrate(grid, new, server_round)
         return new, metrics
@@ -48,10 +49,9 @@ class CCVRMixin:
         stats = [r.content["stats"] for r in replies]
         mu, cov, counts = pool_class_stats(*(np.stack([s[k].numpy() for s in stats]) for k in ("mean", "cov", "count")))
         o = self.ccvr_opts
-        gen = torch_generator(self.cfg["seed"], STREAM_CENTRAL, 101, server_round)
-        feats, labels = sample_virtual(mu, cov, counts, int(o["num_virtual"]), float(o["ridge"]), gen)
-        clf = fit_classifier(model.classifier, feats, labels, int(o["epochs"]), float(o["lr"]), int(o["batch_size"]),
-                             gen, float(o["momentum"]))
+        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 101, server_round)
+        feats, labels = sample_virtual(mu, cov, counts, o.num_virtual, o.ridge, gen)
+        clf = fit_classifier(model.classifier, feats, labels, o.epochs, o.lr, o.batch_size, gen, o.momentum)
         self.ccvr_classifier = {k: v.detach().clone() for k, v in clf.state_dict().items()}
         self.ccvr_for = arrays
         self.ccvr_rounds.append(server_round)
@@ -76,5 +76,12 @@ class CCVRMixin:
 @STRATEGIES.register("ccvr")
 class CCVR(StrategyWrapper):
     mixin = CCVRMixin
-    options = {**StrategyWrapper.options, "every": 0, "num_virtual": 200, "ridge": 1e-4, "epochs": 10, "lr": 0.01,
-               "momentum": 0.9, "batch_size": 64}
+
+    class Options(StrategyWrapper.Options):
+        every: int = Field(0, ge=0, description="also calibrate every N rounds (0: after the last round only)")
+        num_virtual: int = Field(200, gt=0, description="virtual features drawn per class")
+        ridge: float = Field(1e-4, ge=0, description="ridge added to each pooled covariance")
+        epochs: int = Field(10, gt=0, description="classifier re-fitting epochs")
+        lr: float = Field(0.01, gt=0, description="classifier re-fitting learning rate")
+        momentum: float = Field(0.9, ge=0, description="classifier re-fitting momentum")
+        batch_size: int = Field(64, gt=0, description="classifier re-fitting batch size")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from pydantic import Field
 from torch import nn
 
 from fedlt.errors import FedLTError
@@ -26,7 +27,7 @@ from fedlt.registry import STRATEGIES
 
 
 class CReFFMixin:
-    def wrap_init(self, opts: dict) -> None:
+    def wrap_init(self, opts: "CReFF.Options") -> None:
         self.creff_opts = opts
         self.creff_features: torch.Tensor | None = None
         self.creff_classifier: dict | None = None
@@ -42,25 +43,25 @@ class CReFFMixin:
             state.update({f"classifier.{k}": v for k, v in self.creff_classifier.items()})
         W, b = state["classifier.weight"].float(), state["classifier.bias"].float()
         replies = self.query(grid, self.cohort(server_round), to_arrays(state), "class-grads",
-                             {"batch": int(o["batch_real"]), "repeats": int(o["repeats"])}, server_round=server_round)
+                             {"batch": o.batch_real, "repeats": o.repeats}, server_round=server_round)
         new, metrics = super().run_round(server_round, arrays, config, grid)
         grads = [r.content["grads"] for r in replies]
         gw, gb, present = average_class_grads([g["weight"].numpy() for g in grads], [g["bias"].numpy() for g in grads],
                                               [g["has"].numpy() for g in grads])
-        gen = torch_generator(self.cfg["seed"], STREAM_CENTRAL, 102, server_round)
+        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, server_round)
         if self.creff_features is None:
-            init = torch_generator(self.cfg["seed"], STREAM_CENTRAL, 102, 0)
-            self.creff_features = torch.randn(C, int(o["num_features"]), W.shape[1], generator=init)
+            init = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, 0)
+            self.creff_features = torch.randn(C, o.num_features, W.shape[1], generator=init)
         self.creff_features = match_features(self.creff_features, W, b, torch.as_tensor(gw, dtype=torch.float32),
-                                             torch.as_tensor(gb, dtype=torch.float32), present, int(o["match_steps"]),
-                                             float(o["match_lr"]))
+                                             torch.as_tensor(gb, dtype=torch.float32), present, o.match_steps,
+                                             o.match_lr)
         fresh = nn.Linear(W.shape[1], C)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
             fresh.reset_parameters()
         feats = self.creff_features.reshape(-1, W.shape[1])
         labels = torch.arange(C).repeat_interleave(self.creff_features.shape[1])
-        clf = fit_classifier(fresh, feats, labels, int(o["crt_epochs"]), float(o["crt_lr"]), int(o["crt_batch"]), gen)
+        clf = fit_classifier(fresh, feats, labels, o.crt_epochs, o.crt_lr, o.crt_batch, gen)
         self.creff_classifier = {k: v.detach().clone() for k, v in clf.state_dict().items()}
         self.creff_for = new
         return new, metrics
@@ -86,5 +87,13 @@ class CReFFMixin:
 @STRATEGIES.register("creff")
 class CReFF(StrategyWrapper):
     mixin = CReFFMixin
-    options = {**StrategyWrapper.options, "num_features": 100, "match_steps": 100, "match_lr": 0.1,
-               "crt_epochs": 300, "crt_lr": 0.01, "crt_batch": 32, "batch_real": 32, "repeats": 10}
+
+    class Options(StrategyWrapper.Options):
+        num_features: int = Field(100, gt=0, description="federated features per class")
+        match_steps: int = Field(100, gt=0, description="gradient-matching steps per round")
+        match_lr: float = Field(0.1, gt=0, description="gradient-matching learning rate")
+        crt_epochs: int = Field(300, gt=0, description="classifier re-training epochs on the federated features")
+        crt_lr: float = Field(0.01, gt=0, description="classifier re-training learning rate")
+        crt_batch: int = Field(32, gt=0, description="classifier re-training batch size")
+        batch_real: int = Field(32, gt=0, description="real images per class for a client's class gradient")
+        repeats: int = Field(10, gt=0, description="draws averaged into a client's class gradient")

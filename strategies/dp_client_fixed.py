@@ -4,12 +4,11 @@ strategy.noise_multiplier=1``. Each client clips its own update to norm C before
 adds N(0, (σ·C/S)²) to the mean. summary.json gets ``privacy`` as for ``dp_server_fixed``."""
 
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DP_OPTIONS, DPClientFixedMixin, check_dp_options
+from fedlt.federation.dp import DPOptions, DPClientFixedMixin
 from fedlt.registry import STRATEGIES
 
 
 @STRATEGIES.register("dp_client_fixed")
 class DPClientFixed(StrategyWrapper):
     mixin = DPClientFixedMixin
-    options = {**StrategyWrapper.options, **DP_OPTIONS}
-    check_options = staticmethod(check_dp_options)
+    Options = DPOptions

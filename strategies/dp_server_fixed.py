@@ -3,12 +3,11 @@
 summary.json gets ``privacy``: (ε, δ = 1/K unless ``delta`` > 0) from the RDP accountant."""
 
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DP_OPTIONS, DPFixedMixin, check_dp_options
+from fedlt.federation.dp import DPOptions, DPFixedMixin
 from fedlt.registry import STRATEGIES
 
 
 @STRATEGIES.register("dp_server_fixed")
 class DPServerFixed(StrategyWrapper):
     mixin = DPFixedMixin
-    options = {**StrategyWrapper.options, **DP_OPTIONS}
-    check_options = staticmethod(check_dp_options)
+    Options = DPOptions

@@ -9,18 +9,23 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 
+from pydantic import Field
+
+from fedlt.config import Config
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
 
 
 @STRATEGIES.register("fedavgm")
 class FedAvgM(FedLTStrategy, FlowerFedAvgM):
-    options = {"server_lr": 1.0, "momentum": 0.9}
+    class Options(FedLTStrategy.Options):
+        server_lr: float = Field(1.0, gt=0, description="server learning rate η")
+        momentum: float = Field(0.9, ge=0, description="server momentum β")
 
-    def __init__(self, cfg: dict, num_classes: int) -> None:
+    def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
-        self.server_learning_rate = float(self.opts["server_lr"])
-        self.server_momentum = float(self.opts["momentum"])
+        self.server_learning_rate = self.opts.server_lr
+        self.server_momentum = self.opts.momentum
         self.server_opt = self.server_momentum != 0.0 or self.server_learning_rate != 1.0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

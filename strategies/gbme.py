@@ -16,12 +16,15 @@ server knows) instead of π̂; estimation and grouping are unchanged. It measure
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.serverapp import Grid
+from pydantic import Field
 
-from fedlt.errors import FedLTError
+from fedlt.config import Config
 from fedlt.experiment import STREAM_COHORT, experiment_for, model_for, seeded_rng
 from fedlt.federation.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
                                     sample_expert_cohort)
@@ -34,15 +37,14 @@ from fedlt.train import predict_logits
 @STRATEGIES.register("gbme")
 class GBME(FedLTStrategy):
     client = "gbme"
-    options = {"joint_fraction": 0.6, "beta_g": 0.8, "prior": "estimated"}
 
-    @staticmethod
-    def check_options(opts: dict) -> None:
-        if opts["prior"] not in ("estimated", "oracle"):
-            raise FedLTError(f"strategy.prior must be 'estimated' (GBME) or 'oracle' (the true prior, an ablation), "
-                             f"got {opts['prior']!r}")
+    class Options(FedLTStrategy.Options):
+        joint_fraction: float = Field(0.6, ge=0, le=1, description="fraction of the rounds in the joint phase")
+        beta_g: float = Field(0.8, ge=0, le=1, description="share of an expert's cohort drawn from its own group")
+        prior: Literal["estimated", "oracle"] = Field(
+            "estimated", description="estimated (GBME) or oracle (the true training prior, an ablation)")
 
-    def __init__(self, cfg: dict, num_classes: int) -> None:
+    def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
         self.prior: PriorEstimate | None = None
         self.groups: list[list[int]] = []
@@ -50,7 +52,7 @@ class GBME(FedLTStrategy):
         self.expert = -1
 
     def joint_phase(self, server_round: int) -> bool:
-        return server_round - 1 < self.opts["joint_fraction"] * self.cfg["federation"]["rounds"]
+        return server_round - 1 < self.opts.joint_fraction * self.cfg.federation.rounds
 
     # ------------------------------------------------------------------ (a), (b)
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
@@ -64,7 +66,7 @@ class GBME(FedLTStrategy):
 
     def balancing_prior(self) -> np.ndarray:
         """The π in the clients' CE(z + log π, y): π̂, or the true training prior under ``prior=oracle``."""
-        if self.opts["prior"] == "oracle":
+        if self.opts.prior == "oracle":
             counts = experiment_for(self.cfg).train_counts
             return counts / counts.sum()
         return self.prior.pi_hat
@@ -84,8 +86,8 @@ class GBME(FedLTStrategy):
         cohorts, losses = [], {}
         metrics = None
         for m, group in enumerate(self.groups):
-            rng = seeded_rng(self.cfg["seed"], STREAM_COHORT, server_round, m + 1)
-            cohort = sample_expert_cohort(rng, group, self.num_clients, size, self.opts["beta_g"])
+            rng = seeded_rng(self.cfg.seed, STREAM_COHORT, server_round, m + 1)
+            cohort = sample_expert_cohort(rng, group, self.num_clients, size, self.opts.beta_g)
             self.expert = m
             msgs = self.messages(cohort, arrays, config, MessageType.TRAIN, server_round)
             new, metrics = self.aggregate_train(server_round, grid.send_and_receive(msgs))
@@ -109,7 +111,7 @@ class GBME(FedLTStrategy):
             accs = []
             for m in range(model.num_experts):
                 wrapped = _ExpertView(model, m)
-                logits = predict_logits(wrapped, test, self.cfg["eval"]["batch_size"])
+                logits = predict_logits(wrapped, test, self.cfg.eval.batch_size)
                 accs.append(float((logits.argmax(1) == test.labels).float().mean()))
         return accs
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
+from pydantic import Field
 
 from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.compose import StrategyWrapper
@@ -31,8 +32,8 @@ def calibrate(logits: torch.Tensor, prior: np.ndarray, tau: float = 1.0) -> torc
 
 
 class PosthocMixin:
-    def wrap_init(self, opts: dict) -> None:
-        self.posthoc_tau = float(opts["tau"])
+    def wrap_init(self, opts: "PosthocCalibration.Options") -> None:
+        self.posthoc_tau = opts.tau
         self.posthoc_prior: PriorEstimate | None = None
 
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
@@ -50,7 +51,7 @@ class PosthocMixin:
         if self.global_arrays is not None:
             model = self.eval_model(load_into(model_for(self.cfg, exp), self.global_arrays))
             test = exp.tensor_data("test")
-            raw = super().transform_logits(predict_logits(model, test, self.cfg["eval"]["batch_size"]))
+            raw = super().transform_logits(predict_logits(model, test, self.cfg.eval.batch_size))
             keys = ("accuracy", "balanced_accuracy", *GROUPS)
             for name, logits in (("uncalibrated", raw),
                                  ("estimated_prior", calibrate(raw, self.posthoc_prior.pi_hat, self.posthoc_tau)),
@@ -71,4 +72,6 @@ class PosthocMixin:
 @STRATEGIES.register("posthoc_calibration")
 class PosthocCalibration(StrategyWrapper):
     mixin = PosthocMixin
-    options = {**StrategyWrapper.options, "tau": 1.0}
+
+    class Options(StrategyWrapper.Options):
+        tau: float = Field(1.0, ge=0, description="calibration strength: predict argmax z − τ·log π̂")

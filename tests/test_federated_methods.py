@@ -159,11 +159,10 @@ def test_wrappers_nest_and_check_base_options():
                              "strategy.base_options={base: ccvr, base_options: {base: fedprox, base_options: {mu: 0.5}}}"])
     s = STRATEGIES.get("dp_server_fixed")(cfg, 10)
     assert type(s).__name__ == "DPFixedMixin[PosthocMixin[CCVRMixin[FedProx]]]"
-    assert s.opts["mu"] == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
-    assert s.ccvr_opts["num_virtual"] == 200 and s.posthoc_tau == 1.0
-    bad = load_config(None, ["strategy.name=posthoc_calibration", "strategy.base_options={nope: 1}"])
-    with pytest.raises(FedLTError, match="nope"):
-        STRATEGIES.get("posthoc_calibration")(bad, 10)
+    assert s.opts.mu == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
+    assert s.ccvr_opts.num_virtual == 200 and s.posthoc_tau == 1.0
+    with pytest.raises(FedLTError, match="strategy.base_options.nope"):  # refused when the config is read
+        load_config(None, ["strategy.name=posthoc_calibration", "strategy.base_options={nope: 1}"])
 
 
 # --------------------------------------------------------------------------- CCVR

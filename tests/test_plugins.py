@@ -26,16 +26,16 @@ FEDERATED = ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "posthoc_calibrati
 def test_every_strategy_registered_and_its_options_validate(name):
     cfg = load_config(None, [f"strategy.name={name}"])
     cls = STRATEGIES.get(name)
-    assert set(getattr(cls, "options", {})) <= set(cfg["strategy"])
-    assert cfg["client"]["name"] == getattr(cls, "client", "fedavg")
+    assert isinstance(cfg.strategy, cls.Options) and set(cls.Options.model_fields) == set(cfg.strategy.model_dump())
+    assert cfg.client.name == getattr(cls, "client", "fedavg")
 
 
 def test_strategy_brings_its_client_unless_overridden():
-    assert load_config(None, ["strategy.name=gbme"])["client"]["name"] == "gbme"
-    assert load_config(None, ["strategy.name=fedlc"])["client"]["name"] == "fedlc"
+    assert load_config(None, ["strategy.name=gbme"]).client.name == "gbme"
+    assert load_config(None, ["strategy.name=fedlc"]).client.name == "fedlc"
     cfg = load_config(None, ["strategy.name=gbme", "client.name=local_loss", "client.loss=la"])
-    assert cfg["client"] == {"name": "local_loss", "loss": "la", "tau": 1.0}
-    with pytest.raises(FedLTError, match="beta_g"):
+    assert cfg.client.model_dump() == {"name": "local_loss", "loss": "la", "tau": 1.0}
+    with pytest.raises(FedLTError, match="beta_g.*strategy gbme takes it as strategy.beta_g"):
         load_config(None, ["strategy.name=fedavg", "strategy.beta_g=0.5"])
 
 
@@ -50,7 +50,8 @@ class FakeEntryPoint:
 def test_third_party_module_through_entry_point(monkeypatch, tmp_path):
     (tmp_path / "fedlt_fake_plugin.py").write_text(
         "from fedlt.federation.strategy import FedLTStrategy\nfrom fedlt.registry import STRATEGIES\n"
-        "@STRATEGIES.register('fake_third_party')\nclass Fake(FedLTStrategy):\n    options = {'knob': 3}\n")
+        "@STRATEGIES.register('fake_third_party')\nclass Fake(FedLTStrategy):\n"
+        "    class Options(FedLTStrategy.Options):\n        knob: int = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
 
@@ -62,7 +63,7 @@ def test_third_party_module_through_entry_point(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     assert "fake_third_party" in STRATEGIES
     assert seen == [registry.ENTRY_POINT_GROUP]
-    assert load_config(None, ["strategy.name=fake_third_party"])["strategy"]["knob"] == 3
+    assert load_config(None, ["strategy.name=fake_third_party"]).strategy.knob == 3
 
 
 def test_docs_example_is_short_and_documented():
@@ -96,7 +97,7 @@ def test_docs_example_runs_in_a_simulation(example_installed, tmp_path):
         pytest.skip("no CIFAR-10 JPEG copy")
     lists = write_tiny_lists(tmp_path / "lists")
     cfg = tiny_config(lists, "strategy.name=global_prior_bs", "strategy.tau=0.5")
-    assert cfg["client"]["name"] == "global_prior_bs" and "global_prior_bs" in CLIENTS
+    assert cfg.client.name == "global_prior_bs" and "global_prior_bs" in CLIENTS
     summary, rows = simulate(cfg, tmp_path / "run")
     assert summary["method"] == "global_prior_bs" and summary["client"] == "global_prior_bs" and len(rows) == 2
     assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0
@@ -132,6 +133,6 @@ def test_grid_files_match_their_generator(tmp_path):
 @pytest.mark.parametrize("path", FED_CONFIGS, ids=lambda p: p.stem)
 def test_federated_config_validates(path):
     cfg = load_config(path)
-    assert cfg["mode"] == "federated"
-    if cfg["strategy"]["name"] == "gbme":
-        assert cfg["model"]["name"].endswith("_experts") and cfg["client"]["name"] == "gbme"
+    assert cfg.mode == "federated"
+    if cfg.strategy.name == "gbme":
+        assert cfg.model.name.endswith("_experts") and cfg.client.name == "gbme"

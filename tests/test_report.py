@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fedlt import compare
-from fedlt.config import DEFAULTS
+from fedlt.config import Config
 from fedlt.report import FIGURES, find_run_dirs, load_runs, read_run, RunError, write_report
 
 C, K = 10, 4
@@ -23,14 +23,12 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
     """A finished run directory whose numbers derive from ``acc``."""
     d = root / name
     d.mkdir(parents=True)
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.pop("sweep", None)
-    cfg.update(name="t", seed=seed, mode=mode)
-    cfg["model"]["name"] = "small_cnn"
+    cfg = Config().model_dump(mode="json", exclude={"sweep"})  # the fixed sections' defaults
+    cfg.update(name="t", seed=seed, mode=mode, model={"name": "small_cnn", "classifier": "linear", "scale": 1.0})
     cfg["partition"].update(alpha=alpha, num_clients=K)
     cfg["federation"]["rounds"] = rounds
-    cfg["strategy"]["name"] = method if mode == "federated" else "fedavg"
-    cfg["client"]["name"] = "fedavg"
+    cfg["strategy"] = {"name": method if mode == "federated" else "fedavg"}
+    cfg["client"] = {"name": "fedavg"}
     cfg["centralized"].update(method=method if mode == "centralized" else "ce", epochs=2.0)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (d / "env.json").write_text(json.dumps({"device": "cpu", "cpu_threads": 2, "torch": "2.x", "flwr": "1.42.0"}))

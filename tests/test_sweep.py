@@ -20,13 +20,13 @@ def test_product_of_lists_and_names(tmp_path):
     combos = expand(None, ["name=d", "sweep.seed=[0,1]", "sweep.partition.alpha=[0.1,1.0]"])
     assert [v for _, v in combos] == [{"seed": s, "partition.alpha": a} for s in (0, 1) for a in (0.1, 1.0)]
     for cfg, v in combos:
-        assert cfg["seed"] == v["seed"] and cfg["partition"]["alpha"] == v["partition.alpha"]
+        assert cfg.seed == v["seed"] and cfg.partition.alpha == v["partition.alpha"]
         assert "sweep" not in cfg
     runs = plan(combos, tmp_path)
     assert names(runs) == ["d-seed0-alpha0.1-fed-fedavg", "d-seed0-cen-ce", "d-seed0-alpha1-fed-fedavg",
                            "d-seed1-alpha0.1-fed-fedavg", "d-seed1-cen-ce", "d-seed1-alpha1-fed-fedavg"]
     assert [r.mode for r in runs].count("centralized") == 2  # the centralized run ignores α: deduplicated
-    assert all(r.cfg["mode"] == r.mode for r in runs)
+    assert all(r.cfg.mode == r.mode for r in runs)
 
 
 def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
@@ -39,8 +39,8 @@ def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
     assert names(runs) == ["y-if10-fed-fedavg", "y-if100-fed-fedavg", "y-if10-fed-fedprox", "y-if100-fed-fedprox"]
     # each combination is resolved from scratch: fedprox gets its own client method and options
     prox = runs[2].cfg
-    assert prox["client"]["name"] == "fedprox" and "mu" in prox["strategy"]
-    assert runs[0].cfg["client"]["name"] == "fedavg" and "mu" not in runs[0].cfg["strategy"]
+    assert prox.client.name == "fedprox" and prox.strategy.mu == 0.01
+    assert runs[0].cfg.client.name == "fedavg" and not hasattr(runs[0].cfg.strategy, "mu")
 
 
 def test_federated_run_deduplicated_over_centralized_keys(tmp_path):
@@ -55,7 +55,7 @@ def test_no_sweep_is_the_plain_config(tmp_path):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("sweep.partition.alpha=[0.5,-1]", "sweep combination partition.alpha=-1: partition.alpha must be > 0"),
+    ("sweep.partition.alpha=[0.5,-1]", "sweep combination partition.alpha=-1: config key 'partition.alpha' must be > 0"),
     ("sweep.seed=3", "sweep key 'seed' must list at least one value"),
     ("sweep.seed=[]", "sweep key 'seed' must list at least one value"),
     ("sweep.partition.nope=[1]", "sweep combination partition.nope=1: unknown config key 'partition.nope'"),
@@ -79,7 +79,7 @@ def fake_runners(monkeypatch, calls):
     def finish(cfg, run):
         calls.append(run.path.name)
         run.write_config(cfg)
-        summary = {"mode": cfg["mode"], "method": "x", "seed": cfg["seed"], "accuracy": 0.5,
+        summary = {"mode": cfg.mode, "method": "x", "seed": cfg.seed, "accuracy": 0.5,
                    "balanced_accuracy": 0.5, "many": 0.5, "medium": 0.5, "few": 0.5, "ece": 0.1, "group_rule": "g"}
         run.write_summary(summary)
         return summary

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from fedlt.client_method import ClientMethod
+from fedlt.config import Config
 from fedlt.experiment import experiment_for
 from fedlt.federation.prior import PriorEstimate, prior_report, run_prior_estimation
 from fedlt.federation.strategy import FedLTStrategy
@@ -36,9 +39,11 @@ class GlobalPriorBSClient(ClientMethod):
 @STRATEGIES.register("global_prior_bs")
 class GlobalPriorBS(FedLTStrategy):
     client = "global_prior_bs"  # `strategy.name=global_prior_bs` brings this client
-    options = {"tau": 1.0}  # becomes the config key strategy.tau
 
-    def __init__(self, cfg: dict, num_classes: int) -> None:
+    class Options(FedLTStrategy.Options):  # its keys: strategy.tau (and strategy.name)
+        tau: float = Field(1.0, ge=0, description="strength τ of the global-prior adjustment")
+
+    def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
         self.prior: PriorEstimate | None = None
 
@@ -50,7 +55,7 @@ class GlobalPriorBS(FedLTStrategy):
     def train_config(self, server_round: int, partition_id: int) -> dict:
         if self.prior is None:  # the estimation query itself
             return {}
-        return {"log-prior": np.log(self.prior.pi_hat).tolist(), "tau": float(self.opts["tau"])}
+        return {"log-prior": np.log(self.prior.pi_hat).tolist(), "tau": self.opts.tau}
 
     def summary_extras(self) -> dict:
         return prior_report(self.prior, experiment_for(self.cfg).train_counts)

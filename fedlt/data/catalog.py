@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from fedlt.data import sources
+from fedlt.options import FileListOptions
 from fedlt.registry import DATASETS
 
 
@@ -32,9 +33,9 @@ DATASETS.register("cifar100", partial(_cifar, 100), num_classes=100, n_max=500, 
                   **CIFAR100)
 # Image root + file list: ImageNet-LT / Places-LT / iNaturalist-2018 lists, or the CIFAR-10 JPEG copy.
 # Their lists are long-tailed already (imbalance_factor is ignored unless the list is balanced).
-DATASETS.register("file_list", _file_list, num_classes=None, n_max=None, model="resnet18", channels=3, **IMAGENET)
-DATASETS.register("cifar10_files", _file_list, num_classes=10, n_max=5000, model="resnet32", channels=3, **CIFAR10)
-DATASETS.register("imagenet_lt", _file_list, num_classes=1000, n_max=None, model="resnet50", channels=3, **IMAGENET)
-DATASETS.register("places_lt", _file_list, num_classes=365, n_max=None, model="resnet50", channels=3, **IMAGENET)
-DATASETS.register("inaturalist2018", _file_list, num_classes=8142, n_max=None, model="resnet50", channels=3,
+DATASETS.register("file_list", _file_list, options=FileListOptions, num_classes=None, n_max=None, model="resnet18", channels=3, **IMAGENET)
+DATASETS.register("cifar10_files", _file_list, options=FileListOptions, num_classes=10, n_max=5000, model="resnet32", channels=3, **CIFAR10)
+DATASETS.register("imagenet_lt", _file_list, options=FileListOptions, num_classes=1000, n_max=None, model="resnet50", channels=3, **IMAGENET)
+DATASETS.register("places_lt", _file_list, options=FileListOptions, num_classes=365, n_max=None, model="resnet50", channels=3, **IMAGENET)
+DATASETS.register("inaturalist2018", _file_list, options=FileListOptions, num_classes=8142, n_max=None, model="resnet50", channels=3,
                   **IMAGENET)

@@ -7,7 +7,9 @@ run config: ``config`` (a YAML path), ``overrides`` (space-separated KEY=VALUE) 
 
 from __future__ import annotations
 
+import json
 import shlex
+from functools import lru_cache
 import time
 import traceback
 
@@ -17,15 +19,20 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlt.client_method import ClientMethod, FitResult
-from fedlt.config import load_config
+from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
 from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
-from fedlt.registry import CLIENTS, import_plugins
+from fedlt.registry import CLIENTS
 
 
-def config_from_context(context: Context) -> dict:
+@lru_cache(maxsize=4)
+def _config(data: str) -> Config:
+    return config_from_dict(json.loads(data))
+
+
+def config_from_context(context: Context) -> Config:
     rc = context.run_config
     return load_config(rc.get("config") or None, shlex.split(str(rc.get("overrides", ""))))
 
@@ -38,23 +45,26 @@ def _reply(msg: Message, result: FitResult, pid: int) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(cfg: dict | None = None) -> ClientApp:
-    """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it."""
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it.
+
+    The config travels as plain data and is validated again in the client's process (where the plug-ins it
+    names are imported first), so no plug-in class needs to be importable before that."""
     app = ClientApp(mods=[client_clipping_mod])  # clips train replies only when the strategy asks (DP)
+    data = None if cfg is None else json.dumps(cfg.model_dump(mode="json"))
 
     def setup(msg: Message, context: Context):
-        c = cfg or config_from_context(context)
-        import_plugins(c["plugins"])
-        torch.set_num_threads(max(1, int(c["federation"]["client_cpus"])))
+        c = _config(data) if data is not None else config_from_context(context)
+        torch.set_num_threads(max(1, int(c.federation.client_cpus)))
         pid = int(context.node_config["partition-id"])
         exp = experiment_for(c)
-        device = resolve_device(c["device"])
+        device = resolve_device(c.device)
         model = model_for(c, exp).to(device)
         if "arrays" in msg.content:
             load_into(model, msg.content["arrays"])
-        method: ClientMethod = CLIENTS.get(c["client"]["name"])(c)
+        method: ClientMethod = CLIENTS.get(c.client.name)(c)
         config = dict(msg.content["config"])
-        gen = torch_generator(c["seed"], STREAM_CLIENT, int(config.get("server-round", 0)), pid)
+        gen = torch_generator(c.seed, STREAM_CLIENT, int(config.get("server-round", 0)), pid)
         return c, pid, exp.client_data(pid, device), model, method, config, gen
 
     @app.train()
@@ -81,7 +91,7 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     return app
 
 
-def make_server_app(cfg: dict | None = None, out: str | None = None, outcome: dict | None = None) -> ServerApp:
+def make_server_app(cfg: Config | None = None, out: str | None = None, outcome: dict | None = None) -> ServerApp:
     """A ServerApp that runs the federated rounds into ``<out>/<run name>``; errors land in ``outcome``."""
     from fedlt.federation.server import run_rounds
     from fedlt.rundir import RunDir

@@ -12,20 +12,36 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fedlt.errors import FedLTError
+from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator
+
+from fedlt.config import Config
+from fedlt.options import StrategyOptions
 from fedlt.registry import STRATEGIES
 
 
-def base_config(cfg: dict, base: str, base_options: dict) -> dict:
-    """``cfg`` with its strategy section replaced by the base's (defaults filled, unknown keys refused)."""
-    options = getattr(STRATEGIES.get(base), "options", {})
-    unknown = sorted(set(base_options) - set(options) - {"name"})
-    if unknown:
-        raise FedLTError(f"unknown key(s) {', '.join(unknown)} in strategy.base_options for base strategy {base!r}; "
-                         f"its keys: {', '.join(sorted(options)) or 'none'}")
-    out = copy.deepcopy(cfg)
-    out["strategy"] = {"name": base, **copy.deepcopy(options), **copy.deepcopy(base_options)}
-    return out
+class WrapperOptions(StrategyOptions):
+    """A wrapper's keys: the strategy it wraps and that strategy's own keys (validated by its ``Options``)."""
+
+    base: str = Field("fedavg", description="the wrapped strategy (any registered one, a wrapper too)")
+    base_options: SerializeAsAny[StrategyOptions] = Field(
+        default_factory=dict, validate_default=True, description="the wrapped strategy's own keys, e.g. {mu: 0.1}")
+
+    @field_validator("base_options", mode="before")
+    @classmethod
+    def _validate_base(cls, value: Any, info: ValidationInfo) -> StrategyOptions:
+        if isinstance(value, StrategyOptions):
+            return value
+        from fedlt.config import validate_section
+
+        base = info.data.get("base", "fedavg")
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of the base strategy's keys")
+        return validate_section("strategy.base_options", {**value, "name": base}, STRATEGIES.options(base), base)
+
+
+def base_config(cfg: Config) -> Config:
+    """``cfg`` with its (wrapper's) strategy section replaced by the wrapped strategy's."""
+    return cfg.replace(strategy=cfg.strategy.base_options)
 
 
 class StrategyWrapper:
@@ -34,9 +50,9 @@ class StrategyWrapper:
 
     mixin: type = object
     client = "fedavg"
-    options: dict[str, Any] = {"base": "fedavg", "base_options": {}}
+    Options = WrapperOptions
 
-    def __new__(cls, cfg: dict, num_classes: int):
+    def __new__(cls, cfg: Config, num_classes: int):
         combined, init_cfg, inits = resolve(cfg)
         strategy = combined(init_cfg, num_classes)
         for mixin, opts in inits:
@@ -44,13 +60,13 @@ class StrategyWrapper:
         return strategy
 
 
-def resolve(cfg: dict) -> tuple[type, dict, list[tuple[type, dict]]]:
+def resolve(cfg: Config) -> tuple[type, Config, list[tuple[type, WrapperOptions]]]:
     """(class to build, its config, [(mixin, wrapper options)] innermost first) for ``cfg``'s strategy."""
-    cls = STRATEGIES.get(cfg["strategy"]["name"])
+    cls = STRATEGIES.get(cfg.strategy.name)
     if not (isinstance(cls, type) and issubclass(cls, StrategyWrapper)):
         return cls, cfg, []
-    opts = cfg["strategy"]
-    inner, init_cfg, inits = resolve(base_config(cfg, opts["base"], opts["base_options"]))
+    opts = cfg.strategy
+    inner, init_cfg, inits = resolve(base_config(cfg))
     combined = type(f"{cls.mixin.__name__}[{inner.__name__}]", (cls.mixin, inner), {})
     return combined, init_cfg, inits + [(cls.mixin, opts)]
 
@@ -65,7 +81,7 @@ def global_model_metrics(strategy, eval_model, transform_logits) -> dict:
 
     exp = experiment_for(strategy.cfg)
     model = eval_model(load_into(model_for(strategy.cfg, exp), strategy.global_arrays))
-    m = evaluate_model(model, exp.tensor_data("test"), exp.train_counts, strategy.cfg["eval"]["batch_size"],
+    m = evaluate_model(model, exp.tensor_data("test"), exp.train_counts, strategy.cfg.eval.batch_size,
                        transform_logits)
     return {k: m[k] for k in ("accuracy", "balanced_accuracy", *GROUPS)}
 

@@ -31,25 +31,24 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read
+from pydantic import Field
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
-from fedlt.errors import FedLTError
+from fedlt.federation.compose import WrapperOptions
 from fedlt.experiment import seeded_rng
 
 ORDERS = tuple(range(2, 257))
 STREAM_DP = 7
-DP_OPTIONS = {"clipping_norm": 1.0, "noise_multiplier": 1.0, "uniform_weights": True, "delta": 0.0}
 
 
-def check_dp_options(opts: dict) -> None:
-    """Refuse, before any training, what Flower's wrappers would refuse only at the first aggregation."""
-    if opts["clipping_norm"] <= 0:
-        raise FedLTError(f"strategy.clipping_norm must be > 0, got {opts['clipping_norm']}")
-    if opts["noise_multiplier"] < 0:
-        raise FedLTError(f"strategy.noise_multiplier must be >= 0, got {opts['noise_multiplier']}")
-    if not 0 <= opts["delta"] < 1:
-        raise FedLTError(f"strategy.delta must be in [0, 1) (0: 1/number of clients), got {opts['delta']}")
+class DPOptions(WrapperOptions):
+    """The keys of the DP wrappers (``dp_server_fixed``, ``dp_client_fixed``) beside the wrapped strategy's."""
+
+    clipping_norm: float = Field(1.0, gt=0, description="clipping norm C of each client's update")
+    noise_multiplier: float = Field(1.0, ge=0, description="noise multiplier σ (noise std σ·C/S on the mean)")
+    uniform_weights: bool = Field(True, description="average updates with equal weights (the accountant needs it)")
+    delta: float = Field(0.0, ge=0, lt=1, description="δ of the (ε, δ) report (0: 1/number of clients)")
 
 
 def sgm_rdp(q: float, sigma: float, alpha: int) -> float:
@@ -86,7 +85,7 @@ class DPFixedMixin:
     flower_wrapper = DifferentialPrivacyServerSideFixedClipping
     clipping = "server"
 
-    def wrap_init(self, opts: dict) -> None:
+    def wrap_init(self, opts: DPOptions) -> None:
         self.dp_opts = opts
         self.dp_releases = 0
         self.dp_current: ArrayRecord | None = None
@@ -99,15 +98,15 @@ class DPFixedMixin:
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self.check_replies(replies)
-        if self.dp_opts["uniform_weights"]:
+        if self.dp_opts.uniform_weights:
             for r in replies:
                 r.content["metrics"][self.weighted_by_key] = 1
         base = super().aggregate_train
-        dp = self.flower_wrapper(_Inner(base), float(self.dp_opts["noise_multiplier"]),
-                                 float(self.dp_opts["clipping_norm"]), self.dp_sampled)
+        dp = self.flower_wrapper(_Inner(base), self.dp_opts.noise_multiplier,
+                                 self.dp_opts.clipping_norm, self.dp_sampled)
         dp.current_arrays = self.dp_current
         state = np.random.get_state()
-        np.random.seed(seeded_rng(self.cfg["seed"], STREAM_DP, server_round, self.dp_releases).integers(2**32))
+        np.random.seed(seeded_rng(self.cfg.seed, STREAM_DP, server_round, self.dp_releases).integers(2**32))
         try:
             out = dp.aggregate_train(server_round, replies)
         finally:
@@ -118,11 +117,11 @@ class DPFixedMixin:
 
     def privacy_spent(self) -> dict:
         q = self.dp_sampled / self.num_clients
-        delta = float(self.dp_opts["delta"]) or 1.0 / self.num_clients
-        eps, order = epsilon(q, float(self.dp_opts["noise_multiplier"]), self.dp_releases, delta)
+        delta = self.dp_opts.delta or 1.0 / self.num_clients
+        eps, order = epsilon(q, self.dp_opts.noise_multiplier, self.dp_releases, delta)
         return {"epsilon": eps, "delta": delta, "rdp_order": order, "releases": self.dp_releases, "sampling_rate": q,
-                "noise_multiplier": float(self.dp_opts["noise_multiplier"]),
-                "clipping_norm": float(self.dp_opts["clipping_norm"]),
+                "noise_multiplier": self.dp_opts.noise_multiplier,
+                "clipping_norm": self.dp_opts.clipping_norm,
                 "clipping": self.clipping,
                 "covers": "model updates of the training rounds (not query rounds)",
                 "accountant": "RDP of the Poisson-sampled Gaussian mechanism, integer orders 2..256"}
@@ -147,7 +146,7 @@ class DPClientFixedMixin(DPFixedMixin):
 
     def messages(self, pids, arrays, config, message_type, server_round) -> list[Message]:
         if message_type == MessageType.TRAIN:
-            config = ConfigRecord({**dict(config), KEY_CLIPPING_NORM: float(self.dp_opts["clipping_norm"])})
+            config = ConfigRecord({**dict(config), KEY_CLIPPING_NORM: self.dp_opts.clipping_norm})
         return super().messages(pids, arrays, config, message_type, server_round)
 
 

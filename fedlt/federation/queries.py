@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.client_method import FitResult
+from fedlt.config import Config
 from fedlt.data.augment import normalize
 from fedlt.federation.prior import classifier_weight_dc
 from fedlt.registry import Registry
@@ -25,11 +26,11 @@ QUERIES: Registry = Registry("client query", "client queries")
 
 
 @QUERIES.register("prior-epoch")
-def prior_epoch(cfg: dict, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+def prior_epoch(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
                 augment: Augment) -> FitResult:
-    t = cfg["train"]
-    opt = OptimConfig(lr=float(config.get("lr", t["lr"])), momentum=t["momentum"], weight_decay=t["weight_decay"],
-                      nesterov=t["nesterov"], batch_size=t["batch_size"])
+    t = cfg.train
+    opt = OptimConfig(lr=float(config.get("lr", t.lr)), momentum=t.momentum, weight_decay=t.weight_decay,
+                      nesterov=t.nesterov, batch_size=t.batch_size)
     result = train(model, data, cross_entropy_objective, opt=opt, epochs=1.0, generator=generator, augment=augment)
     return FitResult(state={}, metrics={"num-examples": len(data), "train_loss": result.loss},
                      extra_arrays={"classifier": {"weight": classifier_weight_dc(model)}})
@@ -60,7 +61,7 @@ def class_feature_stats(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> d
 
 
 @QUERIES.register("feature-stats")
-def feature_stats(cfg: dict, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+def feature_stats(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
                   augment: Augment) -> FitResult:
     h = features_of(model, data)
     return FitResult(state={}, metrics={"num-examples": len(data)},
@@ -68,7 +69,7 @@ def feature_stats(cfg: dict, model: nn.Module, data: TensorData, config: dict, g
 
 
 @QUERIES.register("class-grads")
-def class_grads(cfg: dict, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+def class_grads(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
                 augment: Augment) -> FitResult:
     """For each class c the client holds: ∇_(W, b) CE(classifier(features(x)), c) on ``batch`` real images of c
     (backbone in eval mode, augmented), averaged over ``repeats`` draws (CReFF step 1)."""

@@ -11,21 +11,22 @@ import warnings
 
 import torch
 
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.federation.apps import make_client_app, make_server_app
 from fedlt.federation.strategy import ClientFailure
 
 
-def backend_config(cfg: dict) -> dict:
-    fed = cfg["federation"]
-    gpus = fed["client_gpus"]
+def backend_config(cfg: Config) -> dict:
+    fed = cfg.federation
+    gpus = fed.client_gpus
     if gpus is None:
-        gpus = 0.25 if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else 0.0
-    return {"client_resources": {"num_cpus": fed["client_cpus"], "num_gpus": gpus},
+        gpus = 0.25 if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else 0.0
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
             "init_args": {"logging_level": logging.ERROR, "log_to_driver": True}}
 
 
-def run_federated(cfg: dict, run_path: str, verbose: bool = False) -> dict:
+def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     """Simulate ``cfg`` with Flower; return the summary. A failing client or server re-raises here."""
     from flwr.simulation import run_simulation
 
@@ -40,7 +41,7 @@ def run_federated(cfg: dict, run_path: str, verbose: bool = False) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
-                           num_supernodes=cfg["partition"]["num_clients"], backend_config=backend_config(cfg),
+                           num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg),
                            verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)

@@ -13,6 +13,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedlt.config import Config
 from fedlt.device import environment, resolve_device
 from fedlt.errors import FedLTError
 from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
@@ -23,13 +24,13 @@ from fedlt.registry import STRATEGIES
 from fedlt.rundir import RunDir
 
 
-def round_lr(cfg: dict, server_round: int) -> float:
+def round_lr(cfg: Config, server_round: int) -> float:
     """The clients' lr in round t (1-based), from ``federation.lr_schedule`` over the rounds."""
-    fed, lr = cfg["federation"], cfg["train"]["lr"]
-    if fed["lr_schedule"] == "step":
-        return lr * fed["lr_gamma"] ** sum(server_round > m for m in fed["lr_milestones"])
-    if fed["lr_schedule"] == "cosine":
-        return 0.5 * lr * (1 + math.cos(math.pi * (server_round - 1) / max(fed["rounds"], 1)))
+    fed, lr = cfg.federation, cfg.train.lr
+    if fed.lr_schedule == "step":
+        return lr * fed.lr_gamma ** sum(server_round > m for m in fed.lr_milestones)
+    if fed.lr_schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * (server_round - 1) / max(fed.rounds, 1)))
     return lr
 
 
@@ -55,28 +56,28 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict
     return node_of
 
 
-def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
+def run_rounds(grid: Grid, cfg: Config, run: RunDir) -> dict:
     """Run (or resume) the federated part of ``cfg`` into ``run``; return the summary."""
     exp = experiment_for(cfg)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     model = model_for(cfg, exp)
-    strategy: FedLTStrategy = STRATEGIES.get(cfg["strategy"]["name"])(cfg, exp.num_classes)
-    strategy.bind(discover_nodes(grid, cfg["partition"]["num_clients"]))
+    strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
+    strategy.bind(discover_nodes(grid, cfg.partition.num_clients))
     test = exp.tensor_data("test", device=device)
-    rounds = cfg["federation"]["rounds"]
+    rounds = cfg.federation.rounds
 
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
     if ckpt is None:
         run.reset()
         run.write_config(cfg)
         run.write_env(environment(device))
-        run.write_partition(exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg["partition"]["method"])
+        run.write_partition(exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
         arrays, start, elapsed = strategy.setup(grid, to_arrays(model.state_dict())), 1, 0.0
     else:
         strategy.load_state_dict(ckpt["strategy"])
         arrays, start, elapsed = to_arrays(ckpt["model"]), ckpt["round"] + 1, ckpt["elapsed"]
         run.truncate_metrics("round", ckpt["round"])
-        print(f"[federated {cfg['strategy']['name']}] resuming after round {ckpt['round']}", flush=True)
+        print(f"[federated {cfg.strategy.name}] resuming after round {ckpt['round']}", flush=True)
 
     strategy.global_arrays = arrays
     for server_round in range(start, rounds + 1):
@@ -90,8 +91,8 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
         arrays = strategy.global_arrays = new_arrays
         load_into(model, arrays)
         metrics = None
-        if due(server_round, rounds, cfg["eval"]["every"]):
-            metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+        if due(server_round, rounds, cfg.eval.every):
+            metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg.eval.batch_size,
                                      strategy.transform_logits, with_bins=server_round == rounds)
         seconds = time.time() - t0
         elapsed += seconds
@@ -100,18 +101,18 @@ def run_rounds(grid: Grid, cfg: dict, run: RunDir) -> dict:
                "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
                "client_fit_seconds": strategy.fit_seconds}
         run.append_metrics(row)
-        print(progress_line(f"[federated {cfg['strategy']['name']}] round {server_round}/{rounds}", metrics, seconds,
+        print(progress_line(f"[federated {cfg.strategy.name}] round {server_round}/{rounds}", metrics, seconds,
                             train_loss), flush=True)
-        if due(server_round, rounds, cfg["federation"]["checkpoint_every"]):
+        if due(server_round, rounds, cfg.federation.checkpoint_every):
             run.save_checkpoint({"round": server_round, "model": model.state_dict(),
                                  "strategy": strategy.state_dict(), "elapsed": elapsed})
 
     if start > rounds:  # a finished run started again: no round ran (else the last round's metrics, with bins)
         load_into(model, arrays)
-        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg["eval"]["batch_size"],
+        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg.eval.batch_size,
                                  strategy.transform_logits, with_bins=True)
-    summary = {"mode": "federated", "method": cfg["strategy"]["name"], "client": cfg["client"]["name"],
-               "seed": cfg["seed"], "rounds": rounds, "wall_clock_seconds": elapsed,
+    summary = {"mode": "federated", "method": cfg.strategy.name, "client": cfg.client.name,
+               "seed": cfg.seed, "rounds": rounds, "wall_clock_seconds": elapsed,
                "train_class_counts": exp.train_counts.tolist(), **metrics, **strategy.summary_extras()}
     run.write_summary(summary)
     return summary

@@ -25,7 +25,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedlt.config import Config
 from fedlt.experiment import STREAM_COHORT, seeded_rng
+from fedlt.options import StrategyOptions
 
 
 class ClientFailure(RuntimeError):
@@ -48,17 +50,17 @@ class FedLTStrategy(FedAvg):
     """FedAvg (McMahan et al., 2017): w ← Σ_k (n_k / Σ_j n_j)·w_k over the round's cohort."""
 
     client: str = "fedavg"  # the client method this strategy pairs with
-    options: dict[str, Any] = {}
+    Options = StrategyOptions  # a strategy with keys of its own subclasses this (``class Options(...)``)
 
-    def __init__(self, cfg: dict, num_classes: int, **flower_kwargs: Any) -> None:
-        super().__init__(fraction_train=cfg["federation"]["fraction"], fraction_evaluate=1.0,
+    def __init__(self, cfg: Config, num_classes: int, **flower_kwargs: Any) -> None:
+        super().__init__(fraction_train=cfg.federation.fraction, fraction_evaluate=1.0,
                          min_train_nodes=1, min_available_nodes=1, **flower_kwargs)
         self.cfg = cfg
-        self.opts = cfg["strategy"]
+        self.opts = cfg.strategy
         self.num_classes = num_classes
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id
         self.failures = 0
-        self.max_failures = cfg["federation"]["max_failures"]
+        self.max_failures = cfg.federation.max_failures
         self.last_cohort: list[int] = []
         self.fit_seconds = 0.0  # clients' own training time in the replies checked since the loop reset it
         self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
@@ -72,7 +74,7 @@ class FedLTStrategy(FedAvg):
         return len(self.node_of)
 
     def cohort(self, server_round: int) -> list[int]:
-        return sample_cohort(self.cfg["seed"], server_round, self.num_clients, self.fraction_train)
+        return sample_cohort(self.cfg.seed, server_round, self.num_clients, self.fraction_train)
 
     def messages(self, pids: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str,
                  server_round: int) -> list[Message]:

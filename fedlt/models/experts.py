@@ -7,13 +7,25 @@ expert layer2 (24 channels), layer3 (48 channels) and a cosine classifier with s
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedlt.models.base import SplitModel, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.resnet_cifar import make_stage
+from fedlt.options import HeadOptions
 from fedlt.registry import MODELS
+
+
+class ExpertOptions(HeadOptions):
+    """A multi-expert model: cosine heads with scale 30 by default (GBME, RIDE), ``num_experts`` branches."""
+
+    classifier: Literal["linear", "cosine"] = Field("cosine", description="each expert's head: linear or cosine")
+    scale: float = Field(30.0, gt=0, description="scale s of the cosine heads")
+    num_experts: int = Field(3, gt=0, description="number of experts M")
 
 
 class MultiExpertModel(nn.Module):
@@ -43,7 +55,7 @@ class MultiExpertModel(nn.Module):
         return torch.cat([e.features(s) for e in self.experts], dim=1)
 
 
-@MODELS.register("resnet32_experts")
+@MODELS.register("resnet32_experts", options=ExpertOptions)
 def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
                      classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
     """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head."""
@@ -62,7 +74,7 @@ def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 
     return model
 
 
-@MODELS.register("small_cnn_experts")
+@MODELS.register("small_cnn_experts", options=ExpertOptions)
 def small_cnn_experts(num_classes: int, in_channels: int = 1, num_experts: int = 3, width: int = 32,
                       norm: str = "group", classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
     """The small CNN with a shared first conv block and per-expert second block, FC(128) and head."""

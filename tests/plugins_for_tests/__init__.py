@@ -26,11 +26,13 @@ class Interrupted(RuntimeError):
 class InterruptOnce(FedLTStrategy):
     """FedAvg that raises once at round ``stop_round`` while the flag file exists (simulates a killed run)."""
 
-    options = {"stop_round": 2, "flag": ""}
+    class Options(FedLTStrategy.Options):
+        stop_round: int = 2
+        flag: str = ""
 
     def configure_train(self, server_round, arrays, config, grid):
-        flag = Path(self.opts["flag"])
-        if server_round == self.opts["stop_round"] and flag.is_file():
+        flag = Path(self.opts.flag)
+        if server_round == self.opts.stop_round and flag.is_file():
             flag.unlink()
             raise Interrupted(f"interrupted before round {server_round}")
         return super().configure_train(server_round, arrays, config, grid)

@@ -1,0 +1,107 @@
+"""Typed options: the base classes every configurable part of fedlt declares its keys with.
+
+A registered part (data set, model, strategy, client method, centralized method) owns one section of the
+config and declares what that section holds as a pydantic model next to its code::
+
+    @STRATEGIES.register("fedprox")
+    class FedProx(FedLTStrategy):
+        class Options(FedLTStrategy.Options):
+            mu: float = Field(0.01, ge=0, description="proximal weight μ")
+
+The section's ``name`` (``method`` for the centralized section) selects the part; the part's ``Options``
+then validates the whole section: types, defaults, ranges and a one-line description per field. Unknown
+keys are refused (:mod:`fedlt.config` says which part would take them). Code reads attributes
+(``cfg.strategy.mu``), never strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    """A validated, immutable group of config keys: unknown keys, NaN and infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+
+
+class DataOptions(Options):
+    """The ``data`` section: what every data set takes; a data set may add its own keys."""
+
+    name: str = Field("fashion_mnist", description="registered data set (--list)")
+    root: str | None = Field(None, description="folder of the data set (None: the data set's default place)")
+    imbalance_factor: float = Field(100.0, ge=1, description="β = N_max / N_min of the long-tailed profile")
+    profile: Literal["exp", "step", "none"] = Field(
+        "exp", description="long-tail profile: exp, step, or none (use the training set as it is)")
+    crop_padding: int = Field(4, ge=0, description="random-crop padding of the training augmentation (0: none)")
+    flip: bool = Field(True, description="random horizontal flip in the training augmentation")
+
+
+class FileListOptions(DataOptions):
+    """Image root + ``relative/path label`` file lists (ImageNet-LT, Places-LT, iNaturalist-2018 format)."""
+
+    train_list: str = Field("train.txt", description="training file list, relative to data.root")
+    test_list: str = Field("test.txt", description="test file list, relative to data.root")
+    image_size: int | None = Field(None, gt=0, description="resize images to this size on decode (None: as stored)")
+
+
+class ModelOptions(Options):
+    """The ``model`` section: the model's name (None: the data set's default) and the builder's own keys."""
+
+    name: str | None = Field(None, description="registered model (--list); None: the data set's default")
+
+
+class HeadOptions(ModelOptions):
+    """A model with one classifier head."""
+
+    classifier: Literal["linear", "cosine"] = Field("linear", description="classifier head: linear or cosine")
+    scale: float = Field(1.0, gt=0, description="scale s of a cosine head (z = s·cos)")
+
+
+class StrategyOptions(Options):
+    """The ``strategy`` section: the server strategy and its own keys."""
+
+    name: str = Field("fedavg", description="registered server strategy (--list)")
+
+
+class ClientOptions(Options):
+    """The ``client`` section: the client method (None: the strategy's paired one) and its own keys."""
+
+    name: str | None = Field(None, description="registered client method (--list); None: the strategy's own")
+
+
+class CentralizedOptions(Options):
+    """The ``centralized`` section: the baseline method, its schedule, and the method's own keys."""
+
+    method: str = Field("ce", description="registered centralized method (--list)")
+    epochs: float = Field(10.0, gt=0, description="training epochs (stage 1 of a two-stage method)")
+    lr: float | None = Field(None, gt=0, description="learning rate (None: train.lr)")
+    batch_size: int | None = Field(None, gt=0, description="batch size (None: train.batch_size)")
+    momentum: float | None = Field(None, ge=0, description="SGD momentum (None: train.momentum)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (None: train.weight_decay)")
+    nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear lr warm-up epochs")
+    schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="lr schedule over the epochs")
+    milestones: list[float] = Field(default_factory=list, description="epochs at which a step schedule decays")
+    gamma: float = Field(0.1, gt=0, description="decay factor of a step schedule")
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
+        "instance", description="class-aware sampler of the training batches (fedlt/samplers.py)")
+    autoaugment: bool = Field(False, description="add AutoAugment (CIFAR policy) + Cutout to crop/flip")
+    cutout: int = Field(16, ge=0, description="Cutout size with autoaugment")
+    augment_chunk: int = Field(1, gt=0, description="images sharing one AutoAugment sub-policy draw")
+
+
+def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every field of ``options``, keys prefixed by ``prefix``."""
+    rows = []
+    for key, field in options.model_fields.items():
+        annotation = field.annotation
+        if get_origin(annotation) is Literal:
+            kind = "|".join(str(a) for a in get_args(annotation))
+        else:
+            kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        default: Any = field.default_factory() if field.default_factory is not None else field.default
+        rows.append((f"{prefix}{key}", kind, repr(default), field.description or ""))
+    return rows
