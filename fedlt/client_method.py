@@ -8,7 +8,6 @@ sends more than weights, :meth:`fit` or :meth:`query`) and registers itself in o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch

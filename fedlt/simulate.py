@@ -15,17 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 
 
-def run_dirs(cfg: dict, out: str) -> list[tuple[str, dict, Path]]:
-    """(mode, config of that run, run directory) for each run that ``cfg`` asks for."""
-    from fedlt.sweep import plan
-
-    return [(r.mode, r.cfg, r.path) for r in plan([(cfg, {})], out)]
-
-
-def check_data(cfgs: list[dict]) -> None:
+def check_data(cfgs: list[Config]) -> None:
     """Build the data of every distinct data/partition/seed once: fail early on missing data or an
     impossible partition, before any run starts."""
     from fedlt.experiment import experiment_for
@@ -41,12 +35,12 @@ def check_data(cfgs: list[dict]) -> None:
             print(line, flush=True)
 
 
-def run_config(cfg: dict, out: str, verbose: bool = False) -> list[dict]:
+def run_config(cfg: Config, out: str, verbose: bool = False) -> list[dict]:
     """Run every part of ``cfg``; a finished run directory with the same config is skipped."""
     return run_sweep([(cfg, {})], out, verbose)
 
 
-def run_sweep(combos: list[tuple[dict, dict]], out: str, verbose: bool = False) -> list[dict]:
+def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False) -> list[dict]:
     """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`) one after another;
     a finished run directory with the same config is skipped, an unfinished one resumes."""
     import json

@@ -136,8 +136,7 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
           opt: OptimConfig, epochs: float | None = None, steps: int | None = None,
           generator: torch.Generator, augment: Augment | None = None,
           sampler: Sampler = instance_balanced_sampler, optimizer: torch.optim.Optimizer | None = None,
-          start_epoch: float = 0.0, total_epochs: float | None = None,
-          on_epoch_end: Callable[[int, float], None] | None = None) -> TrainResult:
+          start_epoch: float = 0.0, total_epochs: float | None = None) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes (or ``steps`` batches) over ``data``.
 
     The lr follows ``opt`` at the global position ``start_epoch + progress`` of ``total_epochs``,
@@ -180,8 +179,6 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
             seen += len(idx)
             step += 1
         epoch += 1
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, (loss_sum / max(seen, 1)).item())
     return TrainResult(loss=(loss_sum / max(seen, 1)).item(), num_examples=seen, steps=step)
 
 

@@ -1,8 +1,9 @@
-"""The federated round loop: discover nodes, set up the strategy, train, evaluate, checkpoint, resume.
+"""The federated rounds: discover nodes, set up the strategy, then one round per step of the shared run
+skeleton (:mod:`fedlt.run_loop`: evaluate, record, checkpoint, resume).
 
-The loop calls the strategy's Flower hooks (``configure_train`` / ``aggregate_train``) itself rather
-than ``Strategy.start`` so that a run can resume from its checkpoint at any round and write its own
-records; a round is exactly what ``Strategy.start`` does, minus federated evaluation.
+A round calls the strategy's Flower hooks (``configure_train`` / ``aggregate_train``) itself rather than
+``Strategy.start`` so that a run can resume from its checkpoint at any round and write its own records; a
+round is exactly what ``Strategy.start`` does, minus federated evaluation.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from __future__ import annotations
 import math
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlt.config import Config
-from fedlt.device import environment, resolve_device
+from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
-from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
-from fedlt.experiment import experiment_for, model_for
+from fedlt.evaluation import evaluate_model
+from fedlt.experiment import Experiment, experiment_for, model_for
 from fedlt.federation.records import load_into, to_arrays
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
+from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
 
 
@@ -56,63 +59,59 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict
     return node_of
 
 
+class FederatedSteps:
+    """The rounds of a federated run (:class:`fedlt.run_loop.Steps`): the strategy's round, then the global model."""
+
+    unit = "round"
+
+    def __init__(self, grid: Grid, cfg: Config, exp: Experiment, device: torch.device) -> None:
+        self.grid, self.cfg, self.exp = grid, cfg, exp
+        self.label = f"federated {cfg.strategy.name}"
+        self.total, self.checkpoint_every = cfg.federation.rounds, cfg.federation.checkpoint_every
+        self.model = model_for(cfg, exp)
+        self.strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
+        self.strategy.bind(discover_nodes(grid, cfg.partition.num_clients))
+        self.test = exp.tensor_data("test", device=device)
+
+    def start(self) -> None:
+        self.strategy.global_arrays = self.strategy.setup(self.grid, to_arrays(self.model.state_dict()))
+
+    def step(self, server_round: int) -> dict:
+        t0 = time.time()
+        self.strategy.fit_seconds = 0.0
+        config = ConfigRecord({"lr": round_lr(self.cfg, server_round)})
+        arrays, train_metrics = self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid)
+        if arrays is None:
+            raise RuntimeError(f"round {server_round}: no client returned weights")
+        self.strategy.global_arrays = arrays
+        load_into(self.model, arrays)
+        return {"train_loss": (train_metrics or {}).get("train_loss"), "clients": self.strategy.last_cohort,
+                "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds}
+
+    def evaluate(self, final: bool) -> dict:
+        return evaluate_model(self.strategy.eval_model(self.model), self.test, self.exp.train_counts,
+                              self.cfg.eval.batch_size, self.strategy.transform_logits, with_bins=final)
+
+    def finish(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.strategy.global_arrays = to_arrays(state["model"])
+        load_into(self.model, self.strategy.global_arrays)
+
+    def summary(self) -> dict:
+        return {"mode": "federated", "method": self.cfg.strategy.name, "client": self.cfg.client.name,
+                "rounds": self.total, "train_class_counts": self.exp.train_counts.tolist(),
+                **self.strategy.summary_extras()}
+
+
 def run_rounds(grid: Grid, cfg: Config, run: RunDir) -> dict:
     """Run (or resume) the federated part of ``cfg`` into ``run``; return the summary."""
     exp = experiment_for(cfg)
     device = resolve_device(cfg.device)
-    model = model_for(cfg, exp)
-    strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
-    strategy.bind(discover_nodes(grid, cfg.partition.num_clients))
-    test = exp.tensor_data("test", device=device)
-    rounds = cfg.federation.rounds
-
-    ckpt = run.load_checkpoint() if run.same_config(cfg) else None
-    if ckpt is None:
-        run.reset()
-        run.write_config(cfg)
-        run.write_env(environment(device))
-        run.write_partition(exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
-        arrays, start, elapsed = strategy.setup(grid, to_arrays(model.state_dict())), 1, 0.0
-    else:
-        strategy.load_state_dict(ckpt["strategy"])
-        arrays, start, elapsed = to_arrays(ckpt["model"]), ckpt["round"] + 1, ckpt["elapsed"]
-        run.truncate_metrics("round", ckpt["round"])
-        print(f"[federated {cfg.strategy.name}] resuming after round {ckpt['round']}", flush=True)
-
-    strategy.global_arrays = arrays
-    for server_round in range(start, rounds + 1):
-        t0 = time.time()
-        config = ConfigRecord({"lr": round_lr(cfg, server_round)})
-        strategy.fit_seconds = 0.0
-        new_arrays, train_metrics = strategy.run_round(server_round, arrays, config, grid)
-        t_train = time.time() - t0
-        if new_arrays is None:
-            raise RuntimeError(f"round {server_round}: no client returned weights")
-        arrays = strategy.global_arrays = new_arrays
-        load_into(model, arrays)
-        metrics = None
-        if due(server_round, rounds, cfg.eval.every):
-            metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg.eval.batch_size,
-                                     strategy.transform_logits, with_bins=server_round == rounds)
-        seconds = time.time() - t0
-        elapsed += seconds
-        train_loss = (train_metrics or {}).get("train_loss")
-        row = {"round": server_round, **(metrics_row(metrics) if metrics else {}), "train_loss": train_loss,
-               "clients": strategy.last_cohort, "seconds": seconds, "train_seconds": t_train,
-               "client_fit_seconds": strategy.fit_seconds}
-        run.append_metrics(row)
-        print(progress_line(f"[federated {cfg.strategy.name}] round {server_round}/{rounds}", metrics, seconds,
-                            train_loss), flush=True)
-        if due(server_round, rounds, cfg.federation.checkpoint_every):
-            run.save_checkpoint({"round": server_round, "model": model.state_dict(),
-                                 "strategy": strategy.state_dict(), "elapsed": elapsed})
-
-    if start > rounds:  # a finished run started again: no round ran (else the last round's metrics, with bins)
-        load_into(model, arrays)
-        metrics = evaluate_model(strategy.eval_model(model), test, exp.train_counts, cfg.eval.batch_size,
-                                 strategy.transform_logits, with_bins=True)
-    summary = {"mode": "federated", "method": cfg.strategy.name, "client": cfg.client.name,
-               "seed": cfg.seed, "rounds": rounds, "wall_clock_seconds": elapsed,
-               "train_class_counts": exp.train_counts.tolist(), **metrics, **strategy.summary_extras()}
-    run.write_summary(summary)
-    return summary
+    partition = (exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
+    return run_steps(cfg, run, FederatedSteps(grid, cfg, exp, device), partition, device)
