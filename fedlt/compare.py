@@ -12,21 +12,7 @@ import argparse
 import shlex
 import sys
 
-
-def make_report(paths: list, out: str, command: str | None = None) -> int:
-    """Write the report of the runs under ``paths`` into ``out``; print unreadable runs to stderr and the
-    report's path to stdout. Returns the exit status: 1 when no run could be read."""
-    from fedlt.report import load_runs, write_report
-
-    runs, errors = load_runs(paths)
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    if not runs:
-        print("error: no run could be read; no report written", file=sys.stderr)
-        return 1
-    report = write_report(runs, out, errors, command)
-    print(f"report of {len(runs)} runs: {report}", flush=True)
-    return 0
+from fedlt.report import make_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,17 @@
 """The run directory: everything needed to trust and redo one run.
 
 config.yaml (resolved), env.json, partition.json, metrics.jsonl (one line per round / epoch),
-summary.json (final metrics), checkpoint.pt (resumable state), done (written last).
+summary.json (final metrics), checkpoint.pt (resumable state), done (written last). Where the
+``tensorboard`` package is installed (``pip install fedlt[tensorboard]``), the numbers of metrics.jsonl
+also go to a TensorBoard event file (events.out.tfevents.*) in the same folder, so that
+``tensorboard --logdir runs`` shows every run's curves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,21 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _summary_writer(path: Path, purge_step: int | None) -> Any:
+    """A TensorBoard ``SummaryWriter`` into ``path``, or None where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(path), purge_step=purge_step)
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._board: Any = None  # the SummaryWriter, opened by the first metrics row; False: no tensorboard
+        self._purge_step: int | None = None  # set by truncate_metrics
 
     @property
     def done(self) -> bool:
@@ -63,19 +78,45 @@ class RunDir:
         })
 
     def append_metrics(self, row: dict) -> None:
+        """Append ``row`` to metrics.jsonl and, where tensorboard is installed, its numbers to the event file:
+        one scalar per key (``accuracy``, ``few``, ``train_loss``, ``seconds`` …) at the step ``row["round"]``
+        (federated) or ``row["epoch"]`` (centralized); None, lists and strings are left out."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
+        step = row.get("round", row.get("epoch"))
+        if step is None:
+            return
+        if self._board is None:
+            self._board = _summary_writer(self.path, self._purge_step) or False
+        if self._board:
+            for key, value in row.items():
+                if key not in ("round", "epoch") and isinstance(value, Real) and not isinstance(value, bool):
+                    self._board.add_scalar(key, float(value), int(step))
+            self._board.flush()
 
     def truncate_metrics(self, key: str, last: int) -> None:
-        """Keep only rows with ``row[key] <= last`` (after resuming from a checkpoint)."""
+        """Keep only rows with ``row[key] <= last`` (after resuming from a checkpoint).
+
+        TensorBoard: event files are append-only, so the rows after ``last`` that the interrupted run
+        logged stay in its event file. The event file of the resumed run starts with a purge at step
+        ``last + 1`` (``SummaryWriter(purge_step=last + 1)``): TensorBoard drops the earlier files' points
+        from that step on and shows each step once, with the resumed run's value."""
         f = self.path / "metrics.jsonl"
         if f.is_file():
             rows = [r for r in (json.loads(x) for x in f.read_text().splitlines() if x) if r[key] <= last]
             f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._close_board()
+        self._purge_step = last + 1
+
+    def _close_board(self) -> None:
+        if self._board:
+            self._board.close()
+        self._board = None
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
         (self.path / "done").write_text("")
+        self._close_board()
 
     def save_checkpoint(self, state: dict) -> None:
         tmp = self.path / "checkpoint.pt.tmp"
@@ -87,5 +128,10 @@ class RunDir:
         return torch.load(f, weights_only=False) if f.is_file() else None
 
     def reset(self) -> None:
+        """Remove the results of an earlier run (a fresh start), its TensorBoard event files included."""
+        self._close_board()
+        self._purge_step = None
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "done"):
             (self.path / name).unlink(missing_ok=True)
+        for events in self.path.glob("events.out.tfevents.*"):
+            events.unlink()

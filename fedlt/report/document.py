@@ -1,0 +1,124 @@
+"""report.md: the settings, the results table, each data setting's figures with captions, and the run
+directories; :func:`write_report` writes it with summary.csv, table.md and the figures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fedlt.report.figures import (FIGURES, fig_accuracy_rounds, fig_group_accuracy, fig_partition, fig_per_class,
+                                  fig_prior, fig_reliability)
+from fedlt.report.runs import Run
+from fedlt.report.tables import Row, build_rows, markdown_table, row_labels, settings_table, write_csv
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
+
+
+def _data_title(row: Row) -> str:
+    beta = row.column("beta")
+    return f"{row.column('data')}" + ("" if beta == "–" else f", β={beta}")
+
+
+def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = None,
+                 command: str | None = None) -> Path:
+    """Write summary.csv, table.md, the figures (PNG + PDF) and report.md into ``out``; return report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stem in FIGURES:  # figures of an earlier report in the same folder
+        for old in [*out.glob(f"{stem}.*"), *out.glob(f"{stem}-*.*")]:
+            if old.suffix in (".png", ".pdf"):
+                old.unlink()
+    rows = build_rows(runs)
+    write_csv(rows, out / "summary.csv")
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table + "\n")
+
+    by_data: dict[str, list[Row]] = {}
+    for r in rows:
+        by_data.setdefault(r.data_key, []).append(r)
+    multi = len(by_data) > 1
+    sections: list[str] = []
+    for rs in by_data.values():
+        labels = row_labels(rs)
+        name = _data_title(rs[0])
+        beta = rs[0].column("beta")
+        sfx = (f"-{_slug(rs[0].column('data'))}" + ("" if beta == "–" else f"-beta{beta}")) if multi else ""
+        head = f"### {name}\n\n" if multi else ""
+        part = [head]
+        files = fig_accuracy_rounds(rs, labels, out, f"accuracy_rounds{sfx}", f"Test accuracy per round ({name})")
+        part.append(_figure(files, "Accuracy per round",
+                            "Test accuracy of the global model after each round (mean over seeds; band: min–max "
+                            "over seeds). Horizontal lines: final accuracy of the centralized baselines "
+                            "(mean over seeds)." if files else "No federated run in this setting."))
+        files = fig_group_accuracy(rs, labels, out, f"group_accuracy{sfx}", f"Accuracy by class group ({name})")
+        rule = rs[0].runs[0].summary.get("group_rule")
+        part.append(_figure(files, "Many / medium / few-shot accuracy",
+                            f"Mean over seeds; error bars: sample std. Groups: {rule}."))
+        files = fig_per_class(rs, labels, out, f"per_class{sfx}", f"Per-class accuracy ({name})")
+        part.append(_figure(files, "Per-class accuracy against training-set size",
+                            "Each marker is one class (final model, mean over seeds); the x-axis is the class's "
+                            "number of training samples in the long-tailed training set."))
+        seen_parts: list[str] = []
+        pfiles: list[str] = []
+        for r in rs:
+            if r.mode != "federated":
+                continue
+            run = r.runs[0]
+            p, k = r.column("alpha"), r.column("clients")
+            desc = (f"Dirichlet α={p}" if p[0].isdigit() else p) + f", K={k}"
+            if desc in seen_parts:
+                continue
+            seen_parts.append(desc)
+            pfiles.append(f"partition{sfx}-{_slug(('alpha' if p[0].isdigit() else '') + p)}-K{k}")
+            fig_partition(run, out, pfiles[-1], f"Client × class partition ({desc}, seed {run.seed})")
+        if len(pfiles) == 1:  # one partition setting: a plain name
+            for ext in ("png", "pdf"):
+                (out / f"{pfiles[0]}.{ext}").replace(out / f"partition{sfx}.{ext}")
+            pfiles = [f"partition{sfx}"]
+        pfiles = [f"{stem}.{ext}" for stem in pfiles for ext in ("png", "pdf")]
+        part.append(_figure(pfiles, "Client × class partition",
+                            "Training samples of each class held by each client (first seed of each partition "
+                            "setting; log colour scale; white: none)."
+                            if pfiles else "No federated run in this setting."))
+        files = fig_prior(rs, labels, out, f"prior{sfx}", f"Global class prior ({name})")
+        part.append(_figure(files, "Estimated vs true global prior",
+                            "Grey bars: true class prior of the long-tailed training set; markers: the prior the "
+                            "strategy estimated (mean over seeds), with its L1 distance to the truth."
+                            if files else "None of these runs estimates a global class prior (no "
+                                          "`estimated_prior` in summary.json); figure skipped."))
+        files = fig_reliability(rs, labels, out, f"reliability{sfx}")
+        part.append(_figure(files, "Reliability diagrams",
+                            "Accuracy of the test predictions in each of 15 confidence bins (pooled over seeds); "
+                            "dashed: perfect calibration; hatched: gap."
+                            if files else "No reliability bins in these runs' summary.json."))
+        sections.append("\n".join(part))
+
+    lines = ["# fedlt comparison report", ""]
+    if command:
+        lines += [f"Generated by `{command}`.", ""]
+    lines += ["## Settings", "", settings_table(runs, rows), "",
+              "## Results", "",
+              "Test metrics of the final model on the balanced test set, in %: mean ± sample standard "
+              "deviation (n − 1) over seeds (no ± for a single seed). *Seeds*: number of seeds in the row. "
+              "*Δ best central*: accuracy minus the best centralized accuracy of the same data setting, in "
+              "percentage points. Lower ECE is better. The same numbers as fractions: "
+              "[summary.csv](summary.csv).", "", table, ""]
+    lines += ["## Figures", "", "Each figure is also saved as PDF (same name).", ""] + sections
+    if errors:
+        lines += ["## Runs that could not be read", ""] + [f"- {e}" for e in errors] + [""]
+    lines += ["## Run directories", ""]
+    for r, lab in zip(rows, row_labels(rows)):
+        lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs)
+                     + "".join(f" (left out `{x.path}`: same config and seed as a run above)" for x in r.repeated))
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _figure(files: list[str], heading: str, caption: str) -> str:
+    pngs = [f for f in files if f.endswith(".png")]
+    body = "".join(f"![{heading}]({f})\n" for f in pngs)
+    pdfs = ", ".join(f"[{f}]({f})" for f in files if f.endswith(".pdf"))
+    return f"#### {heading}\n\n{body}\n{caption}" + (f" PDF: {pdfs}." if pdfs else "") + "\n"

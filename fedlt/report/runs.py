@@ -1,0 +1,144 @@
+"""Reading run directories: find them, read and validate their files, one-line errors for damaged ones.
+
+A finished run directory holds config.yaml, summary.json, metrics.jsonl, partition.json and done (and
+usually env.json); see :mod:`fedlt.rundir`, which writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlt.sweep import CENTRALIZED_ONLY, FEDERATED_ONLY, flatten
+
+# Files every finished run directory holds; a folder holding any of them is taken for a run directory.
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
+SUMMARY_KEYS = ("mode", "method", "accuracy", "balanced_accuracy", "ece", "per_class", "train_class_counts")
+# Config keys that do not change a run's result.
+BOOKKEEPING = ("name", "seed", "mode", "device", "eval.", "sweep", "plugins", "data.root", "data.train_list",
+               "data.test_list", "federation.client_cpus", "federation.client_gpus",
+               "federation.checkpoint_every", "federation.max_failures")
+
+
+class RunError(Exception):
+    """A run directory that cannot be read; the message is one line naming it."""
+
+
+@dataclass
+class Run:
+    """One finished run directory, read."""
+
+    path: Path
+    config: dict
+    summary: dict
+    metrics: list[dict]
+    partition: dict
+    env: dict
+
+    @property
+    def mode(self) -> str:
+        return self.summary["mode"]
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed", self.config.get("seed"))
+
+    def setting(self) -> dict[str, Any]:
+        """The flattened config that decides the result, without the seed and bookkeeping. A centralized
+        run ignores the federated sections (partition, federation, strategy, client), as in
+        :mod:`fedlt.sweep`."""
+        ignored = CENTRALIZED_ONLY if self.mode == "federated" else FEDERATED_ONLY
+        flat = flatten({k: v for k, v in self.config.items() if k not in ignored})
+        return {k: v for k, v in flat.items() if not _bookkeeping(k)}
+
+    def data_key(self) -> str:
+        """The run's *data setting*: its ``data`` and ``model`` sections (as a JSON string)."""
+        s = self.setting()
+        return json.dumps({k: v for k, v in s.items() if k.startswith(("data.", "model."))}, sort_keys=True)
+
+
+def _bookkeeping(key: str) -> bool:
+    return any(key == b or (b.endswith(".") and key.startswith(b)) or key.startswith(b + ".") for b in BOOKKEEPING)
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: {name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read {name} ({exc.__class__.__name__})") from None
+
+
+def read_run(path: str | Path) -> Run:
+    """Read one finished run directory; a missing or corrupt file raises :class:`RunError` naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: not a directory")
+    missing = [n for n in RUN_FILES if not (path / n).is_file()]
+    if missing:
+        what = "unfinished run (no 'done' file)" if missing == ["done"] else f"missing {', '.join(missing)}"
+        raise RunError(f"{path}: {what}")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: config.yaml is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{path}: config.yaml does not hold a mapping")
+    summary = _read_json(path, "summary.json")
+    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
+        lacks = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+        raise RunError(f"{path}: summary.json lacks {', '.join(lacks)}")
+    if summary["mode"] not in ("federated", "centralized"):
+        raise RunError(f"{path}: summary.json has unknown mode {summary['mode']!r}")
+    metrics = []
+    for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"{path}: metrics.jsonl line {i} is not valid JSON") from None
+    partition = _read_json(path, "partition.json")
+    if not isinstance(partition, dict) or "client_class_counts" not in partition:
+        raise RunError(f"{path}: partition.json lacks client_class_counts")
+    env = _read_json(path, "env.json") if (path / "env.json").is_file() else {}
+    return Run(path, config, summary, metrics, partition, env)
+
+
+def find_run_dirs(path: str | Path) -> list[Path]:
+    """``path`` itself if it is a run directory, else the run directories below it (sorted)."""
+    path = Path(path)
+    if any((path / m).exists() for m in RUN_FILES):
+        return [path]
+    if not path.is_dir():
+        raise RunError(f"{path}: no such run directory or folder")
+    found = sorted({p.parent for m in RUN_FILES for p in path.rglob(m)})
+    # a run directory's own subfolders are not runs
+    found = [p for p in found if not any(q != p and q in p.parents for q in found)]
+    if not found:
+        raise RunError(f"{path}: holds no run directories")
+    return found
+
+
+def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
+    """All readable runs under ``paths`` and a one-line error for each unreadable one."""
+    runs, errors, seen = [], [], set()
+    for p in paths:
+        try:
+            dirs = find_run_dirs(p)
+        except RunError as exc:
+            errors.append(str(exc))
+            continue
+        for d in dirs:
+            if d.resolve() in seen:
+                continue
+            seen.add(d.resolve())
+            try:
+                runs.append(read_run(d))
+            except RunError as exc:
+                errors.append(str(exc))
+    return runs, errors

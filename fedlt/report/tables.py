@@ -1,0 +1,267 @@
+"""Rows of the comparison: runs grouped over seeds, their statistics, summary.csv and the markdown tables.
+
+Runs whose configs are equal up to the seed (and bookkeeping such as the run name, device or data root,
+:data:`fedlt.report.runs.BOOKKEEPING`) form one *row*: mean ± sample standard deviation (n − 1) over
+their seeds. The *data setting* of a row is its ``data`` and ``model`` sections: federated and
+centralized rows of the same data setting are compared (the gap to the best centralized accuracy).
+
+numpy, not pandas, does the grouping: a row is keyed by its whole flattened setting and leaves out a
+repeated seed, and its statistics are a mean and a standard deviation of a few numbers each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlt.report.runs import Run
+from fedlt.sweep import flatten
+
+METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
+HEADERS = {"accuracy": "Acc", "balanced_accuracy": "Bal. acc", "many": "Many", "medium": "Med.", "few": "Few",
+           "ece": "ECE"}
+# Keys that the table shows in their own columns.
+COLUMN_KEYS = ("data.name", "data.imbalance_factor", "partition.method", "partition.alpha",
+               "partition.num_clients", "partition.shards_per_client", "strategy.name", "centralized.method")
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of the non-null values; None for no value (the std: for
+    fewer than two)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+@dataclass
+class Row:
+    """Runs of one mode, method and setting that differ only in their seed."""
+
+    mode: str
+    method: str
+    setting: dict[str, Any]
+    runs: list[Run]
+    stats: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    gap: float | None = None  # accuracy minus the best centralized accuracy of the data setting
+    # (key, value) of the keys that tell apart rows of the same method, e.g. ("strategy.mu", "0.1")
+    other_items: list[tuple[str, str]] = field(default_factory=list)
+    repeated: list[Run] = field(default_factory=list)  # runs of the same config and seed, left out
+
+    @property
+    def other(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.other_items)
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+    @property
+    def data_key(self) -> str:
+        return self.runs[0].data_key()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.setting.get(key, default)
+
+    def column(self, name: str) -> str:
+        """The value shown in the table column ``name`` (data, beta, alpha, clients)."""
+        g = self.get
+        if name == "data":
+            return str(g("data.name"))
+        if name == "beta":
+            return "–" if g("data.profile") == "none" else fmt_value(g("data.imbalance_factor"))
+        if self.mode == "centralized":
+            return "–"
+        if name == "alpha":
+            method = g("partition.method")
+            if method == "dirichlet":
+                return fmt_value(g("partition.alpha"))
+            return "IID" if method == "iid" else f"{g('partition.shards_per_client')} shards"
+        return str(g("partition.num_clients"))
+
+    def per_class(self) -> np.ndarray:
+        arr = np.array([[np.nan if a is None else a for a in r.summary["per_class"]] for r in self.runs], float)
+        with np.errstate(all="ignore"):
+            return np.nanmean(arr, axis=0)
+
+    def reliability(self) -> dict[str, np.ndarray] | None:
+        """Bins pooled over the seeds (counts summed, accuracy and confidence count-weighted)."""
+        bins = [r.summary.get("reliability") for r in self.runs]
+        if not bins or any(not isinstance(b, dict) or "count" not in b for b in bins):
+            return None
+        count = np.sum([b["count"] for b in bins], axis=0).astype(float)
+        out = {"count": count}
+        for k in ("accuracy", "confidence"):
+            tot = np.sum([np.asarray(b[k], float) * np.asarray(b["count"], float) for b in bins], axis=0)
+            with np.errstate(all="ignore"):
+                out[k] = np.where(count > 0, tot / np.maximum(count, 1), np.nan)
+        return out
+
+
+def build_rows(runs: list[Run]) -> list[Row]:
+    """Group runs into rows (same mode, method and setting up to the seed), with statistics and gaps."""
+    groups: dict[str, list[Run]] = {}
+    repeated: dict[str, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: (str(r.seed), str(r.path))):
+        key = json.dumps([r.mode, r.summary["method"], r.setting()], sort_keys=True, default=str)
+        if any(str(x.seed) == str(r.seed) for x in groups.get(key, [])):
+            repeated.setdefault(key, []).append(r)  # the same run again (e.g. under another name)
+            continue
+        groups.setdefault(key, []).append(r)
+    rows = [Row(g[0].mode, str(g[0].summary["method"]), g[0].setting(), g, repeated=repeated.get(k, []))
+            for k, g in groups.items()]
+    for row in rows:
+        row.stats = {m: mean_std([r.summary.get(m) for r in row.runs]) for m in METRICS}
+    best: dict[str, float] = {}
+    for row in rows:
+        acc = row.stats["accuracy"][0]
+        if row.mode == "centralized" and acc is not None:
+            best[row.data_key] = max(best.get(row.data_key, -1.0), acc)
+    for row in rows:
+        acc = row.stats["accuracy"][0]
+        row.gap = acc - best[row.data_key] if acc is not None and row.data_key in best else None
+    # keys (beyond the columns) whose values tell apart rows of the same method
+    by_method: dict[tuple, list[Row]] = {}
+    for row in rows:
+        by_method.setdefault((row.mode, row.method), []).append(row)
+    for same in by_method.values():
+        keys = sorted({k for row in same for k in row.setting})
+        varying = [k for k in keys
+                   if k not in COLUMN_KEYS and len({json.dumps(r.get(k), default=str) for r in same}) > 1]
+        for row in same:
+            row.other_items = [(k, fmt_value(row.get(k))) for k in varying if k in row.setting]
+    rows.sort(key=lambda r: (str(r.get("data.name")), _num(r.get("data.imbalance_factor")), r.data_key,
+                             r.mode != "centralized", r.method, str(r.get("partition.method")),
+                             _num(r.get("partition.alpha")), _num(r.get("partition.num_clients")), r.other))
+    return rows
+
+
+def fmt_value(v: Any) -> str:
+    """A config value as the table shows it (floats in ``%g``, ``?`` for a missing one)."""
+    return f"{v:g}" if isinstance(v, float) else "?" if v is None else str(v)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else 0.0
+
+
+def row_labels(rows: list[Row]) -> list[str]:
+    """Short legend labels: mode and method, plus α / K / other only where they differ among ``rows``."""
+    fed = [r for r in rows if r.mode == "federated"]
+    vary_alpha = len({r.column("alpha") for r in fed}) > 1
+    vary_k = len({r.column("clients") for r in fed}) > 1
+    labels = []
+    for row in rows:
+        extra = []
+        if row.mode == "federated" and vary_alpha:
+            a = row.column("alpha")
+            extra.append(f"α={a}" if a[0].isdigit() else a)
+        if row.mode == "federated" and vary_k:
+            extra.append(f"K={row.column('clients')}")
+        extra += [f"{k.split('.')[-1]}={v}" for k, v in row.other_items]
+        name = ("FL " if row.mode == "federated" else "Central ") + row.method
+        labels.append(name + (f" ({', '.join(extra)})" if extra else ""))
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- table
+def pct(v: float | None, digits: int = 1) -> str:
+    """A fraction in % (``–`` for None)."""
+    return "–" if v is None else f"{100 * v:.{digits}f}"
+
+
+def cell(stat: tuple[float | None, float | None]) -> str:
+    """``mean ± std`` in %, ``mean`` for one seed, n/a for none."""
+    mean, std = stat
+    if mean is None:
+        return "n/a"
+    return pct(mean) if std is None else f"{pct(mean)} ± {pct(std)}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Other*
+    column only where some row has keys that tell it apart from rows of the same method."""
+    head = ["Mode", "Method", "Data", "β", "α", "K", "Other", "Seeds"] + [HEADERS[m] for m in METRICS] + \
+           ["Δ best central"]
+    if not any(r.other for r in rows):
+        head.remove("Other")
+    text = ("Mode", "Method", "Data", "Other")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in text else "--:" for h in head) + "|"]
+    for r in rows:
+        cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
+                 r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
+                [str(len(r.runs))] + [cell(r.stats[m]) for m in METRICS] + \
+                ["–" if r.gap is None else f"{100 * r.gap:+.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """One line per row; metrics as fractions (as in summary.json): <metric>_mean, <metric>_std, gap."""
+    cols = ["mode", "method", "data", "imbalance_factor", "alpha", "clients", "other", "n_seeds", "seeds"]
+    cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["gap_to_best_centralized", "runs"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            vals = [r.mode, r.method] + [r.column(c).replace("–", "") for c in ("data", "beta", "alpha", "clients")]
+            vals += [r.other, len(r.runs), " ".join(str(s) for s in r.seeds)]
+            for m in METRICS:
+                mean, std = r.stats[m]
+                vals += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
+            vals += ["" if r.gap is None else repr(r.gap), " ".join(str(x.path) for x in r.runs)]
+            w.writerow(vals)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def _values(runs: list[Run], key: str) -> list:
+    out = []
+    for r in runs:
+        v = flatten(r.config).get(key)
+        if v is not None and v not in out:
+            out.append(v)
+    return sorted(out, key=str)
+
+
+def _join(vals: list, none: str = "–") -> str:
+    return ", ".join(fmt_value(v) for v in vals) if vals else none
+
+
+def settings_table(runs: list[Run], rows: list[Row]) -> str:
+    """The report's *Settings* table: what the runs have in common or span (data, partition, rounds,
+    seeds, hardware, wall clock)."""
+    fed = [r for r in runs if r.mode == "federated"]
+    cen = [r for r in runs if r.mode == "centralized"]
+    env = [r.env for r in runs if r.env]
+    hardware = sorted({", ".join(x for x in (e.get("gpu") or e.get("device", "?"),
+                                             f"{e['cpu_threads']} CPU threads" if e.get("cpu_threads") else "",
+                                             f"torch {e.get('torch', '?')}", f"flwr {e.get('flwr', '?')}",
+                                             e.get("platform", "")) if x) for e in env}) or ["unknown (no env.json)"]
+    models = _values(runs, "model.name")
+    dirichlet = [r for r in fed if flatten(r.config).get("partition.method") == "dirichlet"]
+    seconds = sum(float(r.summary.get("wall_clock_seconds") or 0) for r in runs)
+    items = [
+        ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
+        ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
+                                                     f"test set balanced)"),
+        ("Imbalance factor β = N_max/N_min", _join(_values(runs, "data.imbalance_factor"))),
+        ("Model", _join(models, "data set default")),
+        ("Partition", f"{_join(_values(fed, 'partition.method'))}; Dirichlet α: "
+                      f"{_join(_values(dirichlet, 'partition.alpha'))}"),
+        ("Clients K", _join(_values(fed, "partition.num_clients"))
+         + f" (fraction per round: {_join(_values(fed, 'federation.fraction'))})"),
+        ("Rounds", _join(_values(fed, "federation.rounds"))
+         + f" (local epochs: {_join(_values(fed, 'train.local_epochs'))})"),
+        ("Centralized epochs", _join(_values(cen, "centralized.epochs"))),
+        ("Seeds", _join(sorted({r.seed for r in runs}, key=str))),
+        ("Group rule", _join(sorted({str(r.summary.get("group_rule", "?")) for r in runs}))),
+        ("Hardware", "; ".join(hardware)),
+        ("Wall clock", f"{seconds / 60:.1f} min of training and evaluation over all runs"),
+    ]
+    return "| Setting | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in items)
