@@ -98,7 +98,8 @@ def test_federated_grid_sweeps_cover_every_method():
     assert sorted(values(grid, "data.name", "data.imbalance_factor", "partition.alpha", "strategy.name")) == sorted(
         itertools.product(CIFAR, [100, 50], [0.5, 1.0], GRID_STRATEGIES))
     assert set(values(grid, "model.name", "partition.num_clients", "federation.rounds", "federation.fraction",
-                      "train.local_epochs", "train.lr", "train.batch_size")) == {("resnet18", 40, 500, 0.2, 5, 0.03, 32)}
+                      "train.local_epochs", "train.lr", "train.batch_size")) == {
+        ("resnet18", 40, 500, 0.2, 5, 0.03, 32)}
     assert {c.strategy.base for c, _ in grid if c.strategy.name in ("creff", "ccvr", "posthoc_calibration")} == {
         "fedavg"}
 
