@@ -15,7 +15,7 @@ $(FASHION):
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dp,tensorboard]"
 	touch $@
 
 setup: $(FASHION) $(VENV)/.installed

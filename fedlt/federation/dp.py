@@ -1,4 +1,4 @@
-"""Central differential privacy over any strategy, and a small RDP accountant for the privacy spent.
+"""Central differential privacy over any strategy, and its privacy spent by Opacus' RDP accountant.
 
 ``strategy.name=dp_server_fixed strategy.base=<any> strategy.clipping_norm=C strategy.noise_multiplier=σ``
 runs the base strategy with Flower's ``DifferentialPrivacyServerSideFixedClipping`` on every aggregation:
@@ -14,10 +14,12 @@ add (GBME's prior estimate, CCVR's feature statistics, CReFF's class gradients) 
 privatised or counted.
 
 Privacy spent: user-level (ε, δ) of T' releases of the sampled Gaussian mechanism with sampling rate
-q = S/K and noise multiplier σ, by Rényi DP (Mironov, Talwar, Zhang 2019) over integer orders α:
+q = S/K and noise multiplier σ, by Opacus' Rényi-DP analysis (``opacus.accountants.analysis.rdp``; install
+``fedlt[dp]``): ε_RDP(α) of the Poisson-sampled Gaussian mechanism (Mironov, Talwar, Zhang 2019), composed
+over the T' releases, and turned into (ε, δ) by the conversion of Balle et al. 2020 (Thm. 21), over the
+integer orders α = 2..256:
 
-    A_α = Σ_{k=0..α} C(α, k)·(1 − q)^{α−k}·q^k·exp((k² − k)/(2σ²)),   ε_RDP(α) = log A_α / (α − 1)
-    ε = min_α  T'·ε_RDP(α) + log(1/δ)/(α − 1),  δ = 1/K by default.
+    ε = min_α  T'·ε_RDP(α) + log((α − 1)/α) − (log δ + log α)/(α − 1),  δ = 1/K by default.
 
 The formula is for Poisson sampling; fedlt draws exactly S clients without replacement, so the figure is
 the usual approximation, not a proof. It holds only with uniform client weights (the default here).
@@ -25,16 +27,19 @@ the usual approximation, not a proof. It holds only with uniform client weights 
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read
-from pydantic import Field
+from pydantic import Field, model_validator
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
+from fedlt.errors import FedLTError
 from fedlt.federation.compose import WrapperOptions
 from fedlt.experiment import seeded_rng
 
@@ -50,26 +55,27 @@ class DPOptions(WrapperOptions):
     uniform_weights: bool = Field(True, description="average updates with equal weights (the accountant needs it)")
     delta: float = Field(0.0, ge=0, lt=1, description="δ of the (ε, δ) report (0: 1/number of clients)")
 
-
-def sgm_rdp(q: float, sigma: float, alpha: int) -> float:
-    """ε_RDP(α) of one sampled Gaussian mechanism (integer α ≥ 2), computed in log space."""
-    if q == 0:
-        return 0.0
-    if q == 1:
-        return alpha / (2 * sigma**2)
-    terms = [math.lgamma(alpha + 1) - math.lgamma(k + 1) - math.lgamma(alpha - k + 1) + (alpha - k) * math.log1p(-q)
-             + k * math.log(q) + (k * k - k) / (2 * sigma**2) for k in range(alpha + 1)]
-    m = max(terms)
-    return (m + math.log(sum(math.exp(t - m) for t in terms))) / (alpha - 1)
+    @model_validator(mode="after")
+    def _accountant_installed(self) -> "DPOptions":
+        if importlib.util.find_spec("opacus") is None:
+            raise FedLTError(f"strategy {self.name!r} reports its privacy with Opacus' RDP accountant, which is "
+                             f"not installed: pip install 'fedlt[dp]' (or pip install opacus)")
+        return self
 
 
-def epsilon(q: float, sigma: float, steps: int, delta: float, orders=ORDERS) -> tuple[float, int]:
-    """(ε, best order) after ``steps`` compositions of the sampled Gaussian mechanism."""
+def epsilon(q: float, sigma: float, steps: int, delta: float, orders=ORDERS) -> tuple[float, float]:
+    """(ε, best order) after ``steps`` compositions of the sampled Gaussian mechanism (Opacus' RDP analysis)."""
     if steps == 0:
         return 0.0, orders[0]
     if sigma <= 0:
         return math.inf, orders[0]
-    return min((steps * sgm_rdp(q, sigma, a) + math.log(1 / delta) / (a - 1), a) for a in orders)
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
+    with warnings.catch_warnings():  # α = 2 is often best at fedlt's large q; the order is reported anyway
+        warnings.filterwarnings("ignore", "Optimal order is the smallest alpha")
+        eps, order = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps), np.asarray(order).item()
 
 
 class _Inner:
@@ -124,7 +130,8 @@ class DPFixedMixin:
                 "clipping_norm": self.dp_opts.clipping_norm,
                 "clipping": self.clipping,
                 "covers": "model updates of the training rounds (not query rounds)",
-                "accountant": "RDP of the Poisson-sampled Gaussian mechanism, integer orders 2..256"}
+                "accountant": "opacus.accountants.analysis.rdp: RDP of the Poisson-sampled Gaussian mechanism, "
+                              "integer orders 2..256"}
 
     def summary_extras(self) -> dict:
         return {**super().summary_extras(), "privacy": self.privacy_spent()}

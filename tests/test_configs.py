@@ -1,0 +1,138 @@
+"""The shipped configs: every file validates (every combination of a sweep too), each sweep expands to the
+runs it documents, and the sweeps give exactly the runs of the 168 generated files they replaced."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedlt.config import Config, dump_config, load_config
+from fedlt.sweep import expand, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+BETAS_CENTRALIZED = [100, 50, 10]
+CIFAR = ["cifar10", "cifar100"]
+R32_METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la",
+               "tau_norm", "mixup"]
+DECOUPLED = ["crt", "lws", "mislas"]
+GRID_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedlc", "creff", "ccvr", "posthoc_calibration"]
+
+# the last commit that held configs/centralized/*_if*.yaml (generate.py) and configs/federated/grid/ (make_grid.py)
+GENERATED_AT = "51cda55"
+REPLACED = {"configs/centralized": ["centralized/cifar_lt.yaml", "centralized/cifar_lt_decoupled.yaml",
+                                    "centralized/cifar10_lt_balpoe.yaml", "centralized/cifar100_lt_balpoe.yaml",
+                                    "centralized/cifar_lt_mdcs.yaml"],
+            "configs/federated/grid": ["federated/grid.yaml", "federated/grid_gbme.yaml",
+                                       "federated/grid_bs_local.yaml"]}
+
+
+def unnamed(cfg: Config) -> str:
+    return dump_config(cfg.replace(name="run"))
+
+
+def values(combos, *keys: str) -> list[tuple]:
+    """The values of ``keys`` in every combination, read back from the resolved configs (lists as tuples)."""
+    out = []
+    for cfg, _ in combos:
+        row = []
+        for key in keys:
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            row.append(tuple(obj) if isinstance(obj, list) else obj)
+        out.append(tuple(row))
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_and_every_sweep_combination_validates(path, tmp_path):
+    combos = expand(path)
+    assert combos and all(not cfg.sweep for cfg, _ in combos)
+    # each combination is a run of its own (two with mode both), in a directory of its own
+    runs = plan(combos, tmp_path)
+    assert len(runs) == sum(2 if cfg.mode == "both" else 1 for cfg, _ in combos) == len({r.path for r in runs})
+
+
+def test_centralized_sweeps_cover_every_method_at_every_beta():
+    cfg = "configs/centralized/"
+    r32 = expand(ROOT / cfg / "cifar_lt.yaml")
+    assert len(r32) == 2 * 3 * 11
+    assert sorted(values(r32, "data.name", "data.imbalance_factor", "centralized.method")) == sorted(
+        itertools.product(CIFAR, BETAS_CENTRALIZED, R32_METHODS))
+    assert set(values(r32, "mode", "model.name", "centralized.epochs", "centralized.milestones",
+                      "centralized.gamma", "centralized.batch_size", "centralized.weight_decay")) == {
+        ("centralized", "resnet32", 200, (160, 180), 0.01, 128, 2e-4)}
+
+    decoupled = expand(ROOT / cfg / "cifar_lt_decoupled.yaml")
+    assert sorted(values(decoupled, "data.name", "data.imbalance_factor", "centralized.method")) == sorted(
+        itertools.product(CIFAR, BETAS_CENTRALIZED, DECOUPLED))
+    assert {c.centralized.stage2_epochs for c, _ in decoupled} == {10}  # lws's own default is 5
+    assert {c.centralized.epochs for c, _ in decoupled} == {200}
+
+    for data, mixup in (("cifar10", 0.8), ("cifar100", 0.4)):
+        balpoe = expand(ROOT / cfg / f"{data}_lt_balpoe.yaml")
+        assert sorted(values(balpoe, "data.name", "data.imbalance_factor", "centralized.method",
+                             "centralized.mixup_alpha")) == [(data, b, "balpoe", mixup) for b in (10, 50, 100)]
+        assert {(c.centralized.epochs, c.centralized.autoaugment, c.centralized.batch_size)
+                for c, _ in balpoe} == {(400, True, 128)}
+
+    mdcs = expand(ROOT / cfg / "cifar_lt_mdcs.yaml")
+    assert sorted(values(mdcs, "data.name", "data.imbalance_factor", "centralized.method")) == sorted(
+        itertools.product(CIFAR, BETAS_CENTRALIZED, ["mdcs"]))
+    assert {(c.centralized.epochs, c.centralized.batch_size, c.centralized.ramp_fraction, c.centralized.warmup_epochs)
+            for c, _ in mdcs} == {(400, 64, 0.05, 20)}
+    # 16 methods × 2 data sets × 3 β, each once
+    assert len(r32) + len(decoupled) + 6 + len(mdcs) == 96
+
+
+def test_federated_grid_sweeps_cover_every_method():
+    grid = expand(ROOT / "configs/federated/grid.yaml")
+    assert len(grid) == 2 * 2 * 2 * 7
+    assert sorted(values(grid, "data.name", "data.imbalance_factor", "partition.alpha", "strategy.name")) == sorted(
+        itertools.product(CIFAR, [100, 50], [0.5, 1.0], GRID_STRATEGIES))
+    assert set(values(grid, "model.name", "partition.num_clients", "federation.rounds", "federation.fraction",
+                      "train.local_epochs", "train.lr", "train.batch_size")) == {
+        ("resnet18", 40, 500, 0.2, 5, 0.03, 32)}
+    assert {c.strategy.base for c, _ in grid if c.strategy.name in ("creff", "ccvr", "posthoc_calibration")} == {
+        "fedavg"}
+
+    gbme = expand(ROOT / "configs/federated/grid_gbme.yaml")
+    assert sorted(values(gbme, "data.name", "data.imbalance_factor", "partition.alpha")) == sorted(
+        itertools.product(CIFAR, [100, 50], [0.5, 1.0]))
+    assert set(values(gbme, "strategy.name", "client.name", "model.name", "model.classifier")) == {
+        ("gbme", "gbme", "resnet32_experts", "cosine")}
+
+    bs_local = expand(ROOT / "configs/federated/grid_bs_local.yaml")
+    assert sorted(values(bs_local, "data.name", "data.imbalance_factor", "partition.alpha")) == sorted(
+        itertools.product(CIFAR, [100, 50], [0.5, 1.0]))
+    assert set(values(bs_local, "strategy.name", "client.name", "client.loss")) == {
+        ("fedavg", "local_loss", "balanced_softmax")}
+
+
+def _generated_files(tmp_path: Path) -> Path:
+    """The generated config files as of :data:`GENERATED_AT`, unpacked from git into ``tmp_path``."""
+    try:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", GENERATED_AT, *REPLACED], capture_output=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip(f"needs git and the repository history (commit {GENERATED_AT})")
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    return tmp_path
+
+
+@pytest.mark.parametrize("old_folder", list(REPLACED))
+def test_sweeps_give_the_runs_of_the_generated_files_they_replaced(old_folder, tmp_path):
+    old_files = sorted((_generated_files(tmp_path) / old_folder).glob("*.yaml"))
+    assert len(old_files) == {"configs/centralized": 96, "configs/federated/grid": 72}[old_folder]
+    old = Counter(unnamed(load_config(p)) for p in old_files)
+    new = Counter(unnamed(cfg) for sweep in REPLACED[old_folder] for cfg, _ in expand(ROOT / "configs" / sweep))
+    assert sum(new.values()) == len(old_files) and len(old) == len(old_files)  # no duplicate run on either side
+    assert new == old
