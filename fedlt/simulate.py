@@ -90,14 +90,20 @@ def list_registered() -> str:
     return "\n".join(f"{r.plural}: {', '.join(r)}" for r in ALL)
 
 
+def help_epilog() -> str:
+    """--help's closing text: how keys are given, then every key of the schema (as ``--keys`` prints them)."""
+    from fedlt.config import format_keys
+
+    return ("Keys are dotted paths into the config, e.g. federation.rounds=5 partition.alpha=0.1 "
+            "strategy.name=fedprox strategy.mu=0.1;\nsweep.seed=[0,1] sweep.partition.alpha=[0.1,1] runs all four "
+            "combinations. --keys PART shows one section or part.\n\nkeys (type, default, meaning; [part] keys "
+            "exist only when that part is selected):\n" + format_keys())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedlt.simulate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Keys are dotted paths into the config, e.g. federation.rounds=5 "
-                                            "partition.alpha=0.1 strategy.name=fedprox strategy.mu=0.1; "
-                                            "sweep.seed=[0,1] sweep.partition.alpha=[0.1,1] runs all four "
-                                            "combinations. --keys lists every key with its type, default and "
-                                            "meaning.")
+                                     epilog=help_epilog())
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml when it exists)")
     parser.add_argument("--out", default="runs", help="folder for the run directories (default: runs)")
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")

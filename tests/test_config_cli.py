@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_fashion
+from conftest import FASHION, ROOT, needs_fashion
 from fedlt.config import load_config
 from fedlt.simulate import main
 
@@ -85,3 +85,48 @@ def test_every_shipped_config_validates():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_keys_come_from_the_schema(capsys):
+    code, out = run_cli(capsys, "--keys", "fedprox")
+    assert code == 0
+    line = next(x for x in out.out.splitlines() if x.startswith("strategy.mu "))
+    assert "float" in line and "0.01" in line and "proximal weight" in line
+    code, out = run_cli(capsys, "--keys", "nosuchpart")
+    assert code == 2 and "nosuchpart" in out.err and out.err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for key in ("train.lr", "partition.alpha", "centralized.max_margin", "model.num_experts", "data.train_list"):
+        assert key in help_text
+
+
+def test_every_declared_key_has_a_description():
+    from fedlt.config import FIXED_SECTIONS, Config
+    from fedlt.registry import ALL
+
+    models = [Config, *FIXED_SECTIONS.values()]
+    models += [r.options(name) for r in ALL if r.base_options is not None for name in r]
+    for options in models:
+        for key, field in options.model_fields.items():
+            if key in FIXED_SECTIONS or key in ("data", "model", "strategy", "client", "centralized"):
+                continue  # sections, described by their own models
+            assert field.description, f"{options.__name__}.{key} has no description"
+
+
+def test_a_parts_own_defaults_hold_unless_set():
+    from fedlt.experiment import experiment_for, model_for
+    from fedlt.models.base import NormedLinear
+
+    cfg = load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"])
+    assert (cfg.model.classifier, cfg.model.scale, cfg.model.num_experts) == ("cosine", 30.0, 3)
+    assert load_config(None, ["model.name=small_cnn"]).model.classifier == "linear"
+    assert load_config(None, ["model.name=small_cnn_experts", "model.classifier=linear"]).model.classifier == "linear"
+    if FASHION.is_dir():
+        model = model_for(cfg, experiment_for(cfg))
+        assert all(isinstance(e.classifier, NormedLinear) and e.classifier.scale == 30.0 for e in model.experts)
+
+
+def test_yaml_strings_that_are_numbers_are_accepted():
+    # YAML 1.1 reads 1e-6 (no dot) as a string; it is a float all the same
+    assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
