@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 import fedlt.centralized as C
+import fedlt.centralized.run as R
 from fedlt.config import load_config
 from fedlt.data.augment import auto_augment, cutout, strong_augment
 from fedlt.data.sources import Split
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment
-from fedlt.registry import CENTRALIZED
+from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,27 @@ def test_posthoc_and_ldam_transforms():
     m = CENTRALIZED.get("ldam_drw")(cfg, np.array([3, 1]))
     assert m.drw_epoch() == 160  # 0.8 of 200
     assert m.transform_logits(torch.ones(1, 2)).tolist() == [[30.0, 30.0]]
+
+
+def test_loss_methods_build_their_objective_from_the_registry():
+    counts = np.array([16, 1])
+    model = nn.Linear(2, 2)
+    x, y = torch.tensor([[0.5, 0.2], [0.3, -0.1]]), torch.tensor([0, 1])
+    z = model(x)
+    cases = [("ce", "ce", {}), ("focal", "focal", {"gamma": 1.0}), ("reweight", "reweight", {}),
+             ("cb", "cb", {"beta": 0.9999}), ("la", "la", {"tau": 1.0}), ("balanced_softmax", "balanced_softmax", {}),
+             ("bal_bce", "bal_bce", {"smoothing": 0.1}), ("posthoc_la", "ce", {}), ("crt", "ce", {})]
+    for method, loss, options in cases:
+        m = CENTRALIZED.get(method)(load_config(None, ["mode=centralized", f"centralized.method={method}"]), counts)
+        expected = LOSSES.get(loss)(torch.as_tensor(counts), **options)(z, y)
+        assert m.objective(0)(model, x, y).item() == pytest.approx(expected.item(), rel=1e-6), method
+    # LDAM-DRW: unweighted LDAM before round(0.8·10) = 8 epochs, class-balanced (β = 0.9999) from epoch 8
+    m = CENTRALIZED.get("ldam_drw")(load_config(None, ["mode=centralized", "centralized.method=ldam_drw"]), counts)
+    assert m.loss_options(7)["beta"] is None and m.loss_options(8)["beta"] == 0.9999
+    plain = LOSSES.get("ldam")(torch.as_tensor(counts))(z, y).item()
+    drw = LOSSES.get("ldam")(torch.as_tensor(counts), beta=0.9999)(z, y).item()
+    assert m.objective(7)(model, x, y).item() == pytest.approx(plain)
+    assert m.objective(8)(model, x, y).item() == pytest.approx(drw) and drw != pytest.approx(plain)
 
 
 def test_mdcs_ramp():
@@ -121,7 +143,7 @@ def tiny_cfg(method, *extra):
 @pytest.mark.parametrize("method", METHODS)
 def test_smoke_one_epoch(method, tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     extra = ["centralized.stage2_epochs=1"] if method in ("crt", "lws", "mislas") else []
     cfg = tiny_cfg(method, *extra)
     summary = C.run_centralized(cfg, RunDir(tmp_path))
@@ -134,10 +156,10 @@ def test_smoke_one_epoch(method, tmp_path, monkeypatch):
 
 def test_autoaugment_option(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     cfg = tiny_cfg("balanced_softmax", "centralized.autoaugment=true", "centralized.cutout=4")
     method = CENTRALIZED.get("balanced_softmax")(cfg, np.array([40, 16, 8, 4]))
-    aug = method.augment(C.experiment_for(cfg).tensor_data())
+    aug = method.augment(R.experiment_for(cfg).tensor_data())
     assert isinstance(aug, C.StrongView) and aug.cutout == 4
     assert math.isfinite(C.run_centralized(cfg, RunDir(tmp_path))["accuracy"])
     with pytest.raises(FedLTError, match="centralized.autoaugment"):  # MDCS fixes its own two views
@@ -146,7 +168,7 @@ def test_autoaugment_option(tmp_path, monkeypatch):
 
 def test_stage2_resumes(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     cfg = tiny_cfg("lws", "centralized.epochs=2", "centralized.stage2_epochs=2")
     full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
     run = RunDir(tmp_path / "cut")
@@ -185,7 +207,7 @@ def test_config_validates(path):
 
 def test_eval_every_skips_evaluations_but_not_training(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    monkeypatch.setattr(C, "experiment_for", lambda cfg: tiny_experiment())
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     every = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3", "eval.every=2"), RunDir(tmp_path / "every"))
     full = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3"), RunDir(tmp_path / "full"))
     rows = [json.loads(r) for r in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]

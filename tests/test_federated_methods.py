@@ -124,14 +124,10 @@ def test_fedlc_loss_by_hand():
     assert fedlc_loss(z, torch.tensor([0]), counts, 0.5).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_local_loss_maps_zoo_arguments():
-    from clients.local_loss import LocalLossClient, loss_kwargs
-    from fedlt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_loss
+def test_local_loss_uses_the_local_prior():
+    from clients.local_loss import LocalLossClient
     from fedlt.train import TensorData
 
-    counts = torch.tensor([3.0, 1.0])
-    assert set(loss_kwargs(balanced_softmax_loss, counts, 2.0)) == {"log_pi"}
-    assert loss_kwargs(logit_adjusted_loss, counts, 2.0)["tau"] == 2.0
     cfg = load_config(None, ["client.name=local_loss", "client.loss=balanced_softmax"])
     data = TensorData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1]), torch.zeros(1),
                       torch.ones(1), 2)
@@ -139,6 +135,10 @@ def test_local_loss_maps_zoo_arguments():
     x, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 0, 1])
     obj = LocalLossClient(cfg).objective(model, data, {})
     expected = F.cross_entropy(model(x) + torch.log(torch.tensor([0.75, 0.25])), y)
+    assert obj(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    cfg = load_config(None, ["client.name=local_loss", "client.loss=la", "client.loss_options={tau: 2}"])
+    obj = LocalLossClient(cfg).objective(model, data, {})
+    expected = F.cross_entropy(model(x) + 2 * torch.log(torch.tensor([0.75, 0.25])), y)
     assert obj(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
 
 

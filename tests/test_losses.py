@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlt.losses import (bal_bce_loss, balpoe_loss, class_balanced_loss, class_weights, confident_kl,
+from fedlt.losses import (bal_bce_loss, balanced_softmax_loss, balpoe_loss, class_balanced_loss, class_weights, confident_kl,
                           cross_entropy_loss, focal_loss, label_aware_epsilons, label_aware_smoothing_loss,
                           ldam_loss, ldam_margins, log_prior, logit_adjusted_loss, mdcs_loss, mixup_batch,
                           mixup_cross_entropy, posthoc_adjust, reweighted_loss, sigmoid_bias_init,
@@ -21,9 +21,46 @@ def t(x):
 
 
 def test_every_loss_is_registered():
-    for name in ("ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la",
-                 "mixup", "label_aware_smoothing", "balpoe", "mdcs"):
-        assert name in LOSSES
+    assert list(LOSSES) == ["bal_bce", "balanced_softmax", "cb", "ce", "focal", "la", "label_aware_smoothing", "ldam",
+                            "reweight"]
+    # not loss(logits, targets): a test-time logit transform, a batch transform, multi-expert objectives
+    for name in ("posthoc_la", "mixup", "balpoe", "mdcs"):
+        assert name not in LOSSES
+
+
+def test_registered_factories_give_the_hand_computed_values():
+    """``LOSSES.get(name)(class_counts, **options)(logits, targets)`` on the cases below."""
+    z, y = t([[2.0, 0.0, 0.0]]), torch.tensor([0])
+    counts3 = torch.tensor([100, 10, 1])
+    assert LOSSES.get("ce")(counts3)(z, y).item() == pytest.approx(0.2395448, abs=1e-6)
+    assert LOSSES.get("focal")(counts3)(z, y).item() == pytest.approx(0.0510264, abs=1e-6)
+    assert LOSSES.get("focal")(counts3, gamma=0.0)(z, y).item() == pytest.approx(0.2395448, abs=1e-6)
+    z2, y2 = t([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 2])
+    assert LOSSES.get("reweight")(counts3)(z2, y2).item() == pytest.approx(1.0901067, abs=1e-6)
+    w = [0.2393292, 2.3932288]
+    expected = (w[0] * 0.2395448 + w[1] * L3) / (w[0] + w[1])
+    assert LOSSES.get("cb")(counts3, beta=0.9)(z2, y2).item() == pytest.approx(expected, abs=1e-6)
+    cos, yc = t([[0.5, 0.2], [0.5, 0.2]]), torch.tensor([0, 1])
+    ldam = LOSSES.get("ldam")(torch.tensor([16, 1]))
+    assert ldam(cos, yc).item() == pytest.approx((0.2014133 + 24.0) / 2, abs=1e-5)
+    # β = 0.5 on n = (16, 1): (1 − β)/(1 − β^n) = (0.5000076, 1) -> w ∝ (1, 1.9999695)
+    drw = LOSSES.get("ldam")(torch.tensor([16, 1]), beta=0.5)
+    assert drw(cos, yc).item() == pytest.approx((0.2014133 + 1.9999695 * 24) / 2.9999695, abs=1e-5)
+    zero, y1 = t([[0.0, 0.0]]), torch.tensor([1])
+    assert LOSSES.get("balanced_softmax")(torch.tensor([3, 1]))(zero, y1).item() == pytest.approx(1.3862944, abs=1e-6)
+    # τ = 0.5: CE((0.5 log .75, 0.5 log .25), 1) = log((√.75 + 0.5) / 0.5) = 1.0050526
+    assert LOSSES.get("la")(torch.tensor([3, 1]), tau=0.5)(zero, y1).item() == pytest.approx(1.0050526, abs=1e-6)
+    bal = LOSSES.get("bal_bce")(torch.tensor([3, 1]))
+    assert bal(zero, torch.tensor([0])).item() == pytest.approx(0.6852254, abs=1e-6)
+    las = LOSSES.get("label_aware_smoothing")(torch.tensor([100, 10]))
+    assert las(t([[L3, 0.0]]), torch.tensor([0])).item() == pytest.approx(0.5074045, abs=1e-6)
+
+
+def test_bal_bce_with_an_absent_class_is_finite():
+    # π = (1, 0) clamped to (1 − 1e-12, 1e-12): shifts ±log(1e12 − 1) ≈ ±27.631; class-1 target 0.05 ->
+    # BCE(−27.631, 0.05) ≈ 0.05·27.631; class 0: BCE(27.631, 0.95) ≈ 0.05·27.631; L = 2·mean = 2·0.05·27.631
+    loss = bal_bce_loss(t([[0.0, 0.0]]), torch.tensor([0]), [5, 0], 0.1)
+    assert loss.item() == pytest.approx(0.05 * 2 * 27.631021, abs=1e-4)
 
 
 def test_cross_entropy_and_focal():
@@ -74,7 +111,7 @@ def test_logit_adjusted_balanced_softmax_and_posthoc_signs():
     z, y = t([[0.0, 0.0]]), torch.tensor([1])
     # loss mode: CE(z + log π, 1) = −log 0.25 = 1.3862944
     assert logit_adjusted_loss(z, y, log_pi, 1.0).item() == pytest.approx(1.3862944, abs=1e-6)
-    assert LOSSES.get("balanced_softmax")(z, y, log_pi).item() == pytest.approx(1.3862944, abs=1e-6)
+    assert balanced_softmax_loss(z, y, log_pi).item() == pytest.approx(1.3862944, abs=1e-6)
     # post-hoc: z − τ log π = (0.2876821, 1.3862944): the tail class wins
     assert posthoc_adjust(z, log_pi, 1.0)[0].tolist() == pytest.approx([0.2876821, 1.3862944], abs=1e-6)
     assert posthoc_adjust(z, log_pi, 0.5)[0].tolist() == pytest.approx([0.1438410, 0.6931472], abs=1e-6)

@@ -34,7 +34,7 @@ def test_strategy_brings_its_client_unless_overridden():
     assert load_config(None, ["strategy.name=gbme"]).client.name == "gbme"
     assert load_config(None, ["strategy.name=fedlc"]).client.name == "fedlc"
     cfg = load_config(None, ["strategy.name=gbme", "client.name=local_loss", "client.loss=la"])
-    assert cfg.client.model_dump() == {"name": "local_loss", "loss": "la", "tau": 1.0}
+    assert cfg.client.model_dump() == {"name": "local_loss", "loss": "la", "loss_options": {"tau": 1.0}}
     with pytest.raises(FedLTError, match="beta_g.*strategy gbme takes it as strategy.beta_g"):
         load_config(None, ["strategy.name=fedavg", "strategy.beta_g=0.5"])
 

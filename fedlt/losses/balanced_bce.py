@@ -1,13 +1,20 @@
-"""Bal-BCE (LiVT, Xu et al., CVPR 2023; XuZhengzhuo/LiVT ``Bal_BCE_loss``)."""
+"""Bal-BCE: balanced binary cross-entropy of LiVT (Xu et al., "Learning Imbalanced Data with Vision
+Transformers", CVPR 2023; follows XuZhengzhuo/LiVT ``Bal_BCE_loss``)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from fedlt.losses.base import Loss
+from fedlt.options import Options
 from fedlt.registry import LOSSES
+
+PRIOR_EPS = 1e-12  # π is clamped to [ε, 1 − ε] so that a class absent from the counts keeps a finite shift
 
 
 def smoothed_one_hot(targets: torch.Tensor, num_classes: int, smoothing: float = 0.1) -> torch.Tensor:
@@ -21,10 +28,10 @@ def bal_bce_loss(logits: torch.Tensor, targets: torch.Tensor, counts, smoothing:
     classes and averaged over the batch, with π_c = n_c/N and label-smoothed targets t (ε = 0.1).
 
     Predict argmax z (no shift). With a uniform prior the shift is −log(C−1), the initial bias of a
-    sigmoid head (:func:`sigmoid_bias_init`).
+    sigmoid head (:func:`sigmoid_bias_init`). π is clamped to [1e-12, 1 − 1e-12] (a client's absent class).
     """
     n = torch.as_tensor(counts, dtype=torch.float64)
-    pi = n / n.sum()
+    pi = (n / n.sum()).clamp(PRIOR_EPS, 1 - PRIOR_EPS)
     shift = (torch.log(pi) - torch.log1p(-pi)).float().to(logits.device)
     t = smoothed_one_hot(targets, logits.shape[1], smoothing).to(logits.device)
     return logits.shape[1] * F.binary_cross_entropy_with_logits(logits.float() + shift, t)
@@ -35,4 +42,14 @@ def sigmoid_bias_init(num_classes: int) -> float:
     return -math.log(num_classes - 1)
 
 
-LOSSES.register("bal_bce", bal_bce_loss)
+class BalBCEOptions(Options):
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing ε of the BCE targets")
+
+
+def make_bal_bce_loss(class_counts: torch.Tensor, smoothing: float = 0.1) -> Loss:
+    """Bal-BCE with the prior of ``class_counts`` and label smoothing ε. Its model starts best with the
+    classifier bias at :func:`sigmoid_bias_init` (the centralized ``bal_bce`` method does this)."""
+    return partial(bal_bce_loss, counts=class_counts, smoothing=smoothing)
+
+
+LOSSES.register("bal_bce", make_bal_bce_loss, options=BalBCEOptions)

@@ -1,14 +1,19 @@
-"""Losses of multi-expert models: BalPoE (Sanchez Aimar et al., CVPR 2023) and MDCS (Zhao et al., ICCV 2023).
+"""Losses of multi-expert models.
+
+BalPoE: Sanchez Aimar et al., "Balanced Product of Calibrated Experts for Long-Tailed Recognition", CVPR 2023
+(emasa/BalPoE-CalibratedLT). MDCS: Zhao et al., "MDCS: More Diverse Experts with Consistency
+Self-distillation for Long-tailed Recognition", ICCV 2023 (fistyee/MDCS).
 
 ``expert_logits`` is the (M, B, C) stack of :meth:`fedlt.models.experts.MultiExpertModel.expert_logits`.
+Neither is registered in ``LOSSES``: they need the per-expert logits of a multi-expert model, not the
+(B, C) output ``model(x)`` a ``loss(logits, targets)`` sees, and MDCS also a weak and a strong view of
+each image and an epoch-dependent KL weight. The centralized ``balpoe`` and ``mdcs`` methods use them.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from fedlt.registry import LOSSES
 
 
 def _adjusted(expert_logits: torch.Tensor, log_pi: torch.Tensor, taus) -> torch.Tensor:
@@ -55,7 +60,3 @@ def mdcs_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, targets: t
     ce = sum(F.cross_entropy(a, targets) + F.cross_entropy(b, targets) for a, b in zip(z1, z2))
     kl = sum(confident_kl(a, b, targets) for a, b in zip(z1, z2))
     return ce + kl_weight * kl
-
-
-LOSSES.register("balpoe", balpoe_loss)
-LOSSES.register("mdcs", mdcs_loss)

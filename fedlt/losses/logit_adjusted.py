@@ -1,10 +1,23 @@
-"""Logit-adjusted cross-entropy (Menon et al., ICLR 2021) and Balanced Softmax (Ren et al., NeurIPS 2020)."""
+"""Logit-adjusted cross-entropy and Balanced Softmax.
+
+Logit adjustment: Menon et al., "Long-tail learning via logit adjustment", ICLR 2021
+(google-research/google-research ``logit_adjustment``). Balanced Softmax: Ren et al., "Balanced Meta-Softmax
+for Long-Tailed Visual Recognition", NeurIPS 2020 (jiawei-ren/BalancedMetaSoftmax ``loss/BalancedSoftmaxLoss.py``).
+
+The post-hoc adjustment :func:`posthoc_adjust` is a transform of the test logits, not a loss: it is not
+registered in ``LOSSES`` (the centralized ``posthoc_la`` method uses it).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from fedlt.losses.base import Loss
+from fedlt.options import Options
 from fedlt.registry import LOSSES
 
 
@@ -25,14 +38,28 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, log_pi: t
     return logit_adjusted_loss(logits, targets, log_pi, 1.0)
 
 
-LOSSES.register("la", logit_adjusted_loss)
-LOSSES.register("balanced_softmax", balanced_softmax_loss)
-
-
 def posthoc_adjust(logits: torch.Tensor, log_pi: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Post-hoc logit adjustment (Menon et al.): predict argmax_c (z_c − τ·log π_c) for a model trained with
     plain CE. The sign is opposite to the loss mode; never apply both to one model."""
     return logits - tau * log_pi.to(logits.device)
 
 
-LOSSES.register("posthoc_la", posthoc_adjust)
+# ---------------------------------------------------------------------------- registered factories
+
+
+class LogitAdjustedOptions(Options):
+    tau: float = Field(1.0, ge=0, description="adjustment strength τ")
+
+
+def make_logit_adjusted_loss(class_counts: torch.Tensor, tau: float = 1.0) -> Loss:
+    """CE(z + τ·log π, y) with π the prior of ``class_counts`` (absent classes: log 1e-12)."""
+    return partial(logit_adjusted_loss, log_pi=log_prior(class_counts), tau=tau)
+
+
+def make_balanced_softmax_loss(class_counts: torch.Tensor) -> Loss:
+    """CE(z + log π, y) with π the prior of ``class_counts``."""
+    return partial(balanced_softmax_loss, log_pi=log_prior(class_counts))
+
+
+LOSSES.register("la", make_logit_adjusted_loss, options=LogitAdjustedOptions)
+LOSSES.register("balanced_softmax", make_balanced_softmax_loss)

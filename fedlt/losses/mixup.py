@@ -1,13 +1,24 @@
-"""Mixup (Zhang et al., ICLR 2018) and MiSLAS's label-aware smoothing (Zhong et al., CVPR 2021)."""
+"""Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018; facebookresearch/mixup-cifar10)
+and MiSLAS's label-aware smoothing (Zhong et al., "Improving Calibration for Long-Tailed Recognition",
+CVPR 2021; follows dvlab-research/MiSLAS ``methods.py`` ``LabelAwareSmoothing``).
+
+Mixup mixes the *inputs* of a batch, so it is a batch transform (:func:`mixup_batch`) plus a mixed
+criterion (:func:`mixup_cross_entropy`), not a ``loss(logits, targets)``: it is not registered in ``LOSSES``
+(the centralized ``mixup``, ``mislas`` and ``balpoe`` methods use it). Label-aware smoothing is a loss and is.
+"""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from fedlt.losses.base import Loss
+from fedlt.options import Options
 from fedlt.registry import LOSSES
 
 
@@ -48,5 +59,15 @@ def label_aware_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor,
     return ((1 - eps) * nll + eps * (-logp.mean(1))).mean()
 
 
-LOSSES.register("mixup", mixup_cross_entropy)
-LOSSES.register("label_aware_smoothing", label_aware_smoothing_loss)
+class LabelAwareSmoothingOptions(Options):
+    eps_head: float = Field(0.4, ge=0, lt=1, description="label smoothing of the largest class")
+    eps_tail: float = Field(0.1, ge=0, lt=1, description="label smoothing of the smallest class")
+
+
+def make_label_aware_smoothing_loss(class_counts: torch.Tensor, eps_head: float = 0.4,
+                                    eps_tail: float = 0.1) -> Loss:
+    """Label-aware smoothing with the ε_c of ``class_counts`` (MiSLAS trains its stage-2 classifier with it)."""
+    return partial(label_aware_smoothing_loss, epsilons=label_aware_epsilons(class_counts, eps_head, eps_tail))
+
+
+LOSSES.register("label_aware_smoothing", make_label_aware_smoothing_loss, options=LabelAwareSmoothingOptions)

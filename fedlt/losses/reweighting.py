@@ -1,5 +1,9 @@
 """Cross-entropy, focal loss and class re-weighting (inverse frequency, class-balanced effective number).
 
+Focal loss: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017 (softmax form as in
+kaidic/LDAM-DRW ``losses.py`` ``FocalLoss``). Class-balanced loss: Cui et al., "Class-Balanced Loss Based on
+Effective Number of Samples", CVPR 2019 (richardaecn/class-balanced-loss).
+
 Mean convention of the weighted losses: **PyTorch weighted mean**, L = Σ_i w_{y_i}·ℓ_i / Σ_i w_{y_i}, which is
 what ``F.cross_entropy(weight=w)`` computes and what LDAM-DRW's DRW stage uses (not the batch mean
 (1/B)·Σ_i w_{y_i}·ℓ_i, which changes the effective learning rate).
@@ -7,9 +11,14 @@ what ``F.cross_entropy(weight=w)`` computes and what LDAM-DRW's DRW stage uses (
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from fedlt.losses.base import Loss
+from fedlt.options import Options
 from fedlt.registry import LOSSES
 
 
@@ -61,7 +70,38 @@ def class_balanced_loss(logits: torch.Tensor, targets: torch.Tensor, counts, bet
     return weighted_cross_entropy(logits, targets, class_weights(counts, beta))
 
 
-LOSSES.register("ce", cross_entropy_loss)
-LOSSES.register("focal", focal_loss)
-LOSSES.register("reweight", reweighted_loss)
-LOSSES.register("cb", class_balanced_loss)
+# ---------------------------------------------------------------------------- registered factories
+
+
+def make_cross_entropy_loss(class_counts: torch.Tensor) -> Loss:
+    """Plain CE (the counts are not used)."""
+    return cross_entropy_loss
+
+
+class FocalOptions(Options):
+    gamma: float = Field(1.0, ge=0, description="focusing parameter γ (0: plain CE)")
+
+
+def make_focal_loss(class_counts: torch.Tensor, gamma: float = 1.0) -> Loss:
+    """Focal loss with focusing parameter γ (the counts are not used)."""
+    return partial(focal_loss, gamma=gamma)
+
+
+def make_reweighted_loss(class_counts: torch.Tensor) -> Loss:
+    """Inverse-frequency re-weighted CE on ``class_counts`` (absent classes count as 1)."""
+    return partial(weighted_cross_entropy, weights=class_weights(class_counts))
+
+
+class ClassBalancedOptions(Options):
+    beta: float = Field(0.9999, ge=0, lt=1, description="β of the effective number (1 − β^n)/(1 − β)")
+
+
+def make_class_balanced_loss(class_counts: torch.Tensor, beta: float = 0.9999) -> Loss:
+    """Class-balanced CE on ``class_counts`` with the effective-number β."""
+    return partial(weighted_cross_entropy, weights=class_weights(class_counts, beta))
+
+
+LOSSES.register("ce", make_cross_entropy_loss)
+LOSSES.register("focal", make_focal_loss, options=FocalOptions)
+LOSSES.register("reweight", make_reweighted_loss)
+LOSSES.register("cb", make_class_balanced_loss, options=ClassBalancedOptions)

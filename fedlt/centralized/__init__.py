@@ -1,0 +1,22 @@
+"""Centralized baselines: the same trainer, model, test set and metrics on the pooled long-tailed data.
+
+A centralized method (registered in ``CENTRALIZED``) is a :class:`CentralizedMethod` (:mod:`.base`): it builds
+its model, and gives an objective, a sampler, an augmentation and an optional post-hoc logit transform, all
+from the training class counts. Its ``Options`` model declares its ``centralized.<key>`` config keys. Every
+method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progressive, see :mod:`fedlt.samplers`).
+
+- :mod:`.methods`: single-stage methods, each one loss of :mod:`fedlt.losses` (ce, focal, reweight, cb,
+  ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
+- :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
+- :mod:`.experts`: multi-expert methods (balpoe, mdcs);
+- :mod:`.run`: the epoch loop :func:`run_centralized`.
+"""
+
+from fedlt.centralized.base import CentralizedMethod, StrongView
+from fedlt.centralized import decoupled, experts, methods  # noqa: F401  (register the methods)
+from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight
+from fedlt.centralized.experts import TwoViews
+from fedlt.centralized.run import run_centralized
+
+__all__ = ["CentralizedMethod", "FrozenFeatures", "LWSClassifier", "StrongView", "TauNormLinear", "TwoViews",
+           "run_centralized", "tau_normalized_weight"]

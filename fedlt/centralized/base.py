@@ -1,0 +1,103 @@
+"""The centralized-method contract: :class:`CentralizedMethod`, what the epoch loop (:mod:`.run`) asks a method.
+
+A method builds its model and gives, from the training class counts, an objective, a sampler, an
+augmentation and an optional post-hoc logit transform; a two-stage method (:mod:`.decoupled`) also changes the
+model for a second stage. A method that is "just a loss" only names a registered loss of
+:mod:`fedlt.losses` (``loss``) and its options (``loss_options``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlt.config import Config
+from fedlt.data.augment import strong_augment
+from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, model_for
+from fedlt.losses import log_prior, loss_objective
+from fedlt.options import CentralizedOptions
+from fedlt.registry import LOSSES
+from fedlt.samplers import make_sampler
+from fedlt.train import Augment, Objective, Sampler, TensorData, cross_entropy_objective
+
+STREAM_METHOD = 7  # the method's own random stream (mixup, classifier re-initialisation)
+
+
+class StrongView:
+    """Crop/flip, then AutoAugment (CIFAR policy, one sub-policy per ``chunk`` images) + Cutout(``cutout``)."""
+
+    def __init__(self, weak: Augment, mean: torch.Tensor, std: torch.Tensor, cutout: int, chunk: int) -> None:
+        self.weak, self.mean, self.std, self.cutout, self.chunk = weak, mean, std, cutout, chunk
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return strong_augment(self.weak(x, generator), self.mean, self.std, generator, self.cutout, self.chunk)
+
+
+class CentralizedMethod:
+    """Cross-entropy with instance-balanced sampling (the reference every long-tail method is measured against).
+
+    Stage 1 trains ``LOSSES.get(self.loss)(class_counts, **self.loss_options(epoch))`` on ``model(x)``; a
+    subclass that is just another loss sets ``loss`` and overrides ``loss_options``.
+    """
+
+    Options = CentralizedOptions  # a method with keys of its own subclasses this (``class Options(...)``)
+    two_stage = False
+    loss = "ce"  # the registered loss (fedlt.losses) of stage 1
+
+    def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:
+        self.cfg = cfg
+        self.train_counts = train_counts
+        self.class_counts = torch.as_tensor(train_counts)
+        self.opt = cfg.centralized
+        self.epochs = float(cfg.centralized.epochs)
+        self.num_classes = len(train_counts)
+        self.log_pi = log_prior(self.class_counts)
+        self.rng = np.random.default_rng([cfg.seed, STREAM_CENTRAL, STREAM_METHOD])
+
+    # --- stage 1 ---
+    def build_model(self, exp: Experiment) -> nn.Module:
+        return model_for(self.cfg, exp)
+
+    def loss_options(self, epoch: int) -> dict[str, Any]:
+        """The options of ``loss`` at ``epoch`` (keywords of its factory, from ``self.opt``)."""
+        return {}
+
+    def objective(self, epoch: int) -> Objective:
+        return loss_objective(LOSSES.get(self.loss)(self.class_counts, **self.loss_options(epoch)))
+
+    def sampler(self) -> Sampler:
+        return make_sampler(self.opt.sampler, self.epochs)
+
+    def augment(self, data: TensorData) -> Augment:
+        """Crop/flip; with ``autoaugment`` (the long recipes) + AutoAugment + Cutout(``cutout``) per image."""
+        weak = augment_for(self.cfg)
+        if not self.opt.autoaugment:
+            return weak
+        return StrongView(weak, data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    # --- second stage (DecoupledMethod) ---
+    def stage2_epochs(self) -> int:
+        return 0
+
+    def start_stage2(self, model: nn.Module) -> None:
+        """Change ``model`` for stage 2 (structure first, deterministic; then weights)."""
+
+    def stage2_objective(self, epoch: int) -> Objective:
+        return cross_entropy_objective
+
+    def stage2_sampler(self) -> Sampler:
+        return make_sampler("instance")
+
+    # --- resumable state beyond the model ---
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]

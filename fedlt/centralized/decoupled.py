@@ -1,0 +1,178 @@
+"""Two-stage (decoupled) centralized methods: cRT, τ-norm, LWS (Kang et al., "Decoupling Representation and
+Classifier for Long-Tailed Recognition", ICLR 2020; facebookresearch/classifier-balancing) and MiSLAS
+(Zhong et al., "Improving Calibration for Long-Tailed Recognition", CVPR 2021; dvlab-research/MiSLAS).
+
+Stage 1 trains the whole model for ``centralized.epochs``; then the backbone is frozen
+(:class:`FrozenFeatures`), the classifier changed, and trained for ``centralized.stage2_epochs`` with its own
+optimizer (cosine lr from ``stage2_lr``). The run stays resumable across the switch: checkpoints record the stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fedlt.centralized.base import CentralizedMethod
+from fedlt.centralized.methods import mixup_objective
+from fedlt.errors import FedLTError
+from fedlt.losses import cross_entropy_loss, loss_objective
+from fedlt.models.base import NormedLinear
+from fedlt.options import CentralizedOptions
+from fedlt.registry import CENTRALIZED, LOSSES
+from fedlt.samplers import make_sampler
+from fedlt.train import Objective, Sampler
+
+
+class FrozenFeatures(nn.Module):
+    """A backbone frozen for stage 2: no gradients; BatchNorm statistics frozen (eval mode) unless
+    ``shift_bn`` (MiSLAS), in which case they keep following the stage-2 batches."""
+
+    def __init__(self, inner: nn.Module, shift_bn: bool = False) -> None:
+        super().__init__()
+        self.inner = inner
+        self.shift_bn = shift_bn
+        for p in inner.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenFeatures":
+        super().train(mode)
+        self.inner.train(mode and self.shift_bn)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.inner(x)
+
+
+class LWSClassifier(nn.Module):
+    """Learnable weight scaling (Kang et al.): z_c = f_c·(w_c^T h + b_c), f initialised to 1."""
+
+    def __init__(self, inner: nn.Module, num_classes: int, train_inner: bool = False) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scales = nn.Parameter(torch.ones(num_classes))
+        for p in inner.parameters():
+            p.requires_grad_(train_inner)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scales * self.inner(h)
+
+
+def tau_normalized_weight(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ-norm (Kang et al., ICLR 2020): w_c ← w_c / ‖w_c‖^τ for each row c of a (C, d) weight."""
+    return weight / weight.norm(dim=1, keepdim=True).pow(tau)
+
+
+class TauNormLinear(nn.Module):
+    """z = h·(W / ‖w_c‖^τ)^T, without the bias (as in classifier-balancing's τ-norm evaluation)."""
+
+    def __init__(self, inner: nn.Linear, tau: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.tau = tau
+        for p in inner.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ tau_normalized_weight(self.inner.weight, self.tau).t()
+
+
+class DecoupledMethod(CentralizedMethod):
+    """Stage 1 (the parent's objective) for ``epochs``, then a classifier stage on the frozen backbone."""
+
+    class Options(CentralizedOptions):
+        stage2_epochs: int = Field(10, ge=0, description="classifier epochs on the frozen backbone")
+        stage2_lr: float | None = Field(None, gt=0, description="stage-2 learning rate (None: stage 1's)")
+        stage2_sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
+            "class_balanced", description="sampler of stage 2")
+
+    two_stage = True
+    shift_bn = False
+
+    def stage2_epochs(self) -> int:
+        return self.opt.stage2_epochs
+
+    def stage2_sampler(self) -> Sampler:
+        return make_sampler(self.opt.stage2_sampler, self.stage2_epochs())
+
+    def start_stage2(self, model: nn.Module) -> None:
+        if not isinstance(getattr(model, "features", None), nn.Module) or isinstance(model.features, FrozenFeatures):
+            raise FedLTError(f"{type(self).__name__} needs a model with a features module and a classifier")
+        model.features = FrozenFeatures(model.features, self.shift_bn)
+        model.classifier = self.stage2_classifier(model.classifier)
+
+    def stage2_classifier(self, head: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+
+@CENTRALIZED.register("crt")
+class CRT(DecoupledMethod):
+    """Classifier re-training (Kang et al.): re-initialise the classifier, train it with CB sampling."""
+
+    def stage2_classifier(self, head: nn.Module) -> nn.Module:
+        new = copy.deepcopy(head)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.rng.integers(2**31)))
+            if isinstance(new, nn.Linear):
+                new.reset_parameters()
+            elif isinstance(new, NormedLinear):
+                new.weight.data.copy_(NormedLinear(*new.weight.shape, new.scale).weight.data)
+            else:
+                raise FedLTError(f"crt cannot re-initialise a {type(new).__name__} classifier")
+        return new
+
+
+@CENTRALIZED.register("tau_norm")
+class TauNorm(DecoupledMethod):
+    """τ-norm (Kang et al.): no training; w_c ← w_c/‖w_c‖^τ with a fixed τ = 1 (no validation split)."""
+
+    class Options(CentralizedOptions):
+        tau: float = Field(1.0, ge=0, description="normalisation power τ (fixed: no validation split)")
+
+    def stage2_epochs(self) -> int:
+        return 0
+
+    def stage2_classifier(self, head: nn.Module) -> nn.Module:
+        if not isinstance(head, nn.Linear):
+            raise FedLTError("tau_norm needs a linear classifier (on a cosine classifier it changes nothing)")
+        return TauNormLinear(head, self.opt.tau)
+
+
+@CENTRALIZED.register("lws")
+class LWS(DecoupledMethod):
+    """Learnable weight scaling (Kang et al.): keep W and b, learn one scale per class with CB sampling."""
+
+    class Options(DecoupledMethod.Options):
+        stage2_epochs: int = Field(5, ge=0, description="scale-learning epochs on the frozen backbone")
+
+    def stage2_classifier(self, head: nn.Module) -> nn.Module:
+        return LWSClassifier(head, self.num_classes)
+
+
+@CENTRALIZED.register("mislas")
+class MiSLAS(DecoupledMethod):
+    """MiSLAS (Zhong et al., CVPR 2021; dvlab-research/MiSLAS): mixup stage 1; stage 2 retrains the
+    classifier plus an LWS scale with CB sampling and label-aware smoothing (ε_head 0.4, ε_tail 0.1), BN
+    statistics shifted (kept in train mode) on the frozen backbone."""
+
+    class Options(DecoupledMethod.Options):
+        mixup_alpha: float = Field(1.0, ge=0, description="stage-1 mixup α")
+        eps_head: float = Field(0.4, ge=0, lt=1, description="label smoothing of the largest class")
+        eps_tail: float = Field(0.1, ge=0, lt=1, description="label smoothing of the smallest class")
+
+    shift_bn = True
+
+    def objective(self, epoch: int) -> Objective:
+        return mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
+
+    def stage2_classifier(self, head: nn.Module) -> nn.Module:
+        return LWSClassifier(head, self.num_classes, train_inner=True)
+
+    def stage2_objective(self, epoch: int) -> Objective:
+        loss = LOSSES.get("label_aware_smoothing")(self.class_counts, eps_head=self.opt.eps_head,
+                                                   eps_tail=self.opt.eps_tail)
+        return loss_objective(loss)

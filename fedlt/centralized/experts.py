@@ -1,0 +1,104 @@
+"""Multi-expert centralized methods on :class:`~fedlt.models.experts.MultiExpertModel`: BalPoE
+(Sanchez Aimar et al., "Balanced Product of Calibrated Experts for Long-Tailed Recognition", CVPR 2023;
+emasa/BalPoE-CalibratedLT) and MDCS (Zhao et al., "MDCS: More Diverse Experts with Consistency
+Self-distillation for Long-tailed Recognition", ICCV 2023; fistyee/MDCS).
+
+Their losses (:mod:`fedlt.losses.experts`) read every expert's logits (``model.expert_logits``), so they are
+objectives of these methods, not registered ``loss(logits, targets)`` losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from fedlt.centralized.base import CentralizedMethod, StrongView
+from fedlt.centralized.methods import mixup_objective
+from fedlt.errors import FedLTError
+from fedlt.experiment import Experiment, augment_for, model_for
+from fedlt.losses import balpoe_loss, mdcs_loss
+from fedlt.options import CentralizedOptions
+from fedlt.registry import CENTRALIZED, MODELS
+from fedlt.train import Augment, Objective, TensorData
+
+
+class ExpertMethod(CentralizedMethod):
+    """A method on :class:`~fedlt.models.experts.MultiExpertModel`: ``model.name`` (or the data set's default)
+    with ``_experts`` appended, cosine classifiers with scale ``expert_scale``; test = mean of raw logits."""
+
+    class Options(CentralizedOptions):
+        expert_scale: float = Field(30.0, gt=0, description="scale s of the experts' cosine heads")
+
+    def num_experts(self) -> int:
+        raise NotImplementedError
+
+    def build_model(self, exp: Experiment) -> nn.Module:
+        name = self.cfg.model.name
+        if not name.endswith("_experts"):
+            name += "_experts"
+        if name not in MODELS:
+            raise FedLTError(f"{self.cfg.centralized.method} needs a multi-expert model; {name!r} is not registered")
+        return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
+                         num_experts=self.num_experts())
+
+
+@CENTRALIZED.register("balpoe")
+class BalPoE(ExpertMethod):
+    """Balanced product of experts (BalPoE): (1/M)·Σ_k CE(z_k + τ_k·log π, y), τ = (0, 1, 2); optional mixup
+    (the paper uses α = 0.4–0.8; 0 here by default)."""
+
+    class Options(ExpertMethod.Options):
+        taus: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="each expert's τ_k")
+        mixup_alpha: float = Field(0.0, ge=0, description="mixup α (0: no mixup)")
+
+    def num_experts(self) -> int:
+        return len(self.opt.taus)
+
+    def objective(self, epoch: int) -> Objective:
+        taus = self.opt.taus
+        return mixup_objective(self, self.opt.mixup_alpha, lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
+
+
+class TwoViews(StrongView):
+    """Stack [weak; strong] views of a batch (2B rows): weak = crop/flip, strong = crop/flip + AutoAugment + Cutout."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.cat([self.weak(x, generator), super().__call__(x, generator)])
+
+
+@CENTRALIZED.register("mdcs")
+class MDCS(ExpertMethod):
+    """MDCS: diversity loss with λ = (−0.5, 1, 2.5) plus consistency self-distillation (weak teacher → strong
+    student, confident instances), weight 0.6·min(epoch/(ramp_fraction·epochs), 1) (20 of 400 epochs → 0.05;
+    20 of 200 → 0.1)."""
+
+    class Options(ExpertMethod.Options):
+        lambdas: list[float] = Field([-0.5, 1.0, 2.5], min_length=1, description="each expert's λ_k")
+        kl_weight: float = Field(0.6, ge=0, description="weight of the consistency KL term")
+        ramp_fraction: float = Field(0.1, ge=0, le=1, description="fraction of the epochs over which the KL ramps up")
+
+        @field_validator("autoaugment")
+        @classmethod
+        def _views_fixed(cls, value: bool) -> bool:
+            if value:
+                raise ValueError("mdcs always trains on a weak and a strong view; autoaugment is not an option here")
+            return value
+
+    def num_experts(self) -> int:
+        return len(self.opt.lambdas)
+
+    def augment(self, data: TensorData) -> Augment:
+        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
+
+    def kl_weight(self, epoch: int) -> float:
+        ramp = self.opt.ramp_fraction * self.epochs
+        return self.opt.kl_weight * (min(epoch / ramp, 1.0) if ramp > 0 else 1.0)
+
+    def objective(self, epoch: int) -> Objective:
+        w, lambdas = self.kl_weight(epoch), self.opt.lambdas
+
+        def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            z = model.expert_logits(x)
+            return mdcs_loss(z[:, :len(y)], z[:, len(y):], y, self.log_pi, lambdas, w)
+        return objective

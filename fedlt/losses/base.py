@@ -1,0 +1,33 @@
+"""The one signature of a zoo loss: ``LOSSES.get(name)(class_counts, **options)`` builds ``loss(logits, targets)``."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fedlt.train import Objective
+
+
+class Loss(Protocol):
+    """The loss of one batch from the model's output: ``loss(logits, targets) -> scalar`` (batch mean)."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
+class LossFactory(Protocol):
+    """What ``LOSSES`` holds: ``factory(class_counts, **options) -> Loss``. ``class_counts`` (C,) are the
+    training counts the loss is built for (the pooled set centrally, the client's own on a client); the
+    options are the keyword arguments the entry's ``Options`` model (``LOSSES.options(name)``) declares."""
+
+    def __call__(self, class_counts: torch.Tensor, **options: Any) -> Loss: ...
+
+
+def loss_objective(loss: Loss) -> Objective:
+    """The training objective ``loss(model(x), y)`` of a loss."""
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(model(x), y)
+
+    return objective
