@@ -47,9 +47,9 @@ def main() -> None:
         exp = experiment_for(cfg)
         ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
         model = model_for(cfg, exp)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["state"]["model"])
         model.eval()
-        feats = ckpt["strategy"]["creff_features"]
+        feats = ckpt["state"]["strategy"]["creff_features"]
         C, n, d = feats.shape
         init = torch.randn(C, n, d, generator=torch_generator(cfg.seed, STREAM_CENTRAL, 102, 0))
         train = exp.tensor_data("train")

@@ -177,8 +177,8 @@ def test_stage2_resumes(tmp_path, monkeypatch):
 
     def save(self, state):
         orig(self, state)
-        ckpts.append(state["epoch"])
-        if state["epoch"] == 3:
+        ckpts.append(state["step"])
+        if state["step"] == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunDir, "save_checkpoint", save)

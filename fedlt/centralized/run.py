@@ -1,10 +1,9 @@
-"""The centralized epoch loop: train ``centralized.method`` (:class:`~fedlt.centralized.base.CentralizedMethod`)
-on the pooled long-tailed set with the same trainer, model, test set and metrics as the federated runs;
-resumable epoch by epoch, across the two stages of a decoupled method."""
+"""The centralized epochs: train ``centralized.method`` (:class:`~fedlt.centralized.base.CentralizedMethod`) on the
+pooled long-tailed set with the same trainer, model, test set and metrics as the federated runs, one epoch per
+step of the shared run skeleton (:mod:`fedlt.run_loop`), resumable across the two stages of a decoupled method."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -13,10 +12,11 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.config import Config
-from fedlt.device import environment, resolve_device
-from fedlt.evaluation import due, evaluate_model, metrics_row, progress_line
-from fedlt.experiment import STREAM_CENTRAL, augment_for, experiment_for, torch_generator
+from fedlt.device import resolve_device
+from fedlt.evaluation import evaluate_model
+from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, experiment_for, torch_generator
 from fedlt.registry import CENTRALIZED
+from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
 from fedlt.train import OptimConfig, TensorData, make_optimizer, train
 
@@ -42,78 +42,85 @@ def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
                        schedule="cosine")
 
 
+class CentralizedSteps:
+    """The epochs of a centralized run (:class:`fedlt.run_loop.Steps`): ``ceil(epochs)`` epochs of stage 1, then
+    a decoupled method's ``stage2_epochs`` on the frozen backbone; a checkpoint after every epoch."""
+
+    unit = "epoch"
+    checkpoint_every = 1
+
+    def __init__(self, cfg: Config, exp: Experiment, device: torch.device) -> None:
+        self.cfg, self.exp, self.device = cfg, exp, device
+        self.method: CentralizedMethod = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
+        self.label = f"centralized {cfg.centralized.method}"
+        self.model: nn.Module = self.method.build_model(exp).to(device)
+        self.opt, self.opt2 = centralized_optim(cfg), stage2_optim(cfg, self.method)
+        self.optimizer = make_optimizer(self.model, self.opt)
+        self.data: TensorData = exp.tensor_data("train", device=device)
+        self.test = exp.tensor_data("test", device=device)
+        self.generator = torch_generator(cfg.seed, STREAM_CENTRAL)
+        self.augment = self.method.augment(self.data)
+        self.epochs = cfg.centralized.epochs
+        self.stage1, self.stage2 = int(np.ceil(self.epochs)), self.method.stage2_epochs()
+        self.total = self.stage1 + self.stage2
+        self.stage = 1
+
+    def begin_stage2(self) -> None:
+        self.method.start_stage2(self.model)
+        self.model.to(self.device)
+        if self.stage2 > 0:
+            self.optimizer = make_optimizer(self.model, self.opt2)
+        self.stage = 2
+
+    def start(self) -> None:
+        pass
+
+    def step(self, t: int) -> dict:
+        epoch = t - 1
+        if epoch >= self.stage1 and self.stage == 1:
+            self.begin_stage2()
+        if self.stage == 1:
+            result = train(self.model, self.data, self.method.objective(epoch), opt=self.opt,
+                           epochs=min(1.0, self.epochs - epoch), generator=self.generator, augment=self.augment,
+                           sampler=self.method.sampler(), optimizer=self.optimizer, start_epoch=epoch,
+                           total_epochs=self.epochs)
+        else:
+            result = train(self.model, self.data, self.method.stage2_objective(epoch - self.stage1), opt=self.opt2,
+                           epochs=1.0, generator=self.generator, augment=augment_for(self.cfg),
+                           sampler=self.method.stage2_sampler(), optimizer=self.optimizer,
+                           start_epoch=epoch - self.stage1, total_epochs=self.stage2)
+        return {"stage": self.stage, "train_loss": result.loss}
+
+    def evaluate(self, final: bool) -> dict:
+        return evaluate_model(self.model, self.test, self.exp.train_counts, self.cfg.eval.batch_size,
+                              self.method.transform_logits, with_bins=final)
+
+    def finish(self) -> bool:
+        if self.method.two_stage and self.stage == 1:  # a second stage without training (τ-norm)
+            self.begin_stage2()
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["stage"] == 2:
+            self.begin_stage2()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.method.load_state_dict(state["method"])
+
+    def summary(self) -> dict:
+        return {"mode": "centralized", "method": self.cfg.centralized.method, "epochs": self.epochs,
+                "stage2_epochs": self.stage2, "train_class_counts": self.exp.train_counts.tolist()}
+
+
 def run_centralized(cfg: Config, run: RunDir) -> dict:
     """Train ``centralized.method`` on the pooled long-tailed set, epoch by epoch, resumable; return the summary."""
     exp = experiment_for(cfg)
     device = resolve_device(cfg.device)
-    method: CentralizedMethod = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
-    model: nn.Module = method.build_model(exp).to(device)
-    opt, opt2 = centralized_optim(cfg), stage2_optim(cfg, method)
-    optimizer = make_optimizer(model, opt)
-    data: TensorData = exp.tensor_data("train", device=device)
-    test = exp.tensor_data("test", device=device)
-    epochs = cfg.centralized.epochs
-    gen = torch_generator(cfg.seed, STREAM_CENTRAL)
-    name = cfg.centralized.method
-    augment = method.augment(data)
-    stage1, stage2 = int(np.ceil(epochs)), method.stage2_epochs()
-
-    def begin_stage2() -> torch.optim.Optimizer:
-        method.start_stage2(model)
-        model.to(device)
-        return make_optimizer(model, opt2) if stage2 > 0 else optimizer
-
-    ckpt = run.load_checkpoint() if run.same_config(cfg) else None
-    stage = 1
-    if ckpt is None:
-        run.reset()
-        run.write_config(cfg)
-        run.write_env(environment(device))
-        run.write_partition(exp.train_counts[None, :], exp.train_counts, exp.test.class_counts, "pooled")
-        start, elapsed = 0, 0.0
-    else:
-        stage = ckpt.get("stage", 1)
-        if stage == 2:
-            optimizer = begin_stage2()
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        method.load_state_dict(ckpt.get("method", {}))
-        start, elapsed = ckpt["epoch"], ckpt["elapsed"]
-        run.truncate_metrics("epoch", start)
-        print(f"[centralized {name}] resuming after epoch {start}", flush=True)
-
-    total = stage1 + stage2
-    for epoch in range(start, total):
-        t0 = time.time()
-        if epoch >= stage1 and stage == 1:
-            optimizer, stage = begin_stage2(), 2
-        if stage == 1:
-            result = train(model, data, method.objective(epoch), opt=opt, epochs=min(1.0, epochs - epoch),
-                           generator=gen, augment=augment, sampler=method.sampler(), optimizer=optimizer,
-                           start_epoch=epoch, total_epochs=epochs)
-        else:
-            result = train(model, data, method.stage2_objective(epoch - stage1), opt=opt2, epochs=1.0,
-                           generator=gen, augment=augment_for(cfg), sampler=method.stage2_sampler(),
-                           optimizer=optimizer, start_epoch=epoch - stage1, total_epochs=stage2)
-        m = None
-        if due(epoch + 1, total, cfg.eval.every):
-            m = evaluate_model(model, test, exp.train_counts, cfg.eval.batch_size, method.transform_logits)
-        seconds = time.time() - t0
-        elapsed += seconds
-        run.append_metrics({"epoch": epoch + 1, "stage": stage, **(metrics_row(m) if m else {}),
-                            "train_loss": result.loss, "seconds": seconds})
-        print(progress_line(f"[centralized {name}] epoch {epoch + 1}/{total}", m, seconds, result.loss), flush=True)
-        run.save_checkpoint({"epoch": epoch + 1, "stage": stage, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                             "method": method.state_dict(), "elapsed": elapsed})
-    if method.two_stage and stage == 1:  # a second stage without training (τ-norm)
-        begin_stage2()
-
-    final = evaluate_model(model, test, exp.train_counts, cfg.eval.batch_size, method.transform_logits,
-                           with_bins=True)
-    summary = {"mode": "centralized", "method": name, "seed": cfg.seed, "epochs": epochs,
-               "stage2_epochs": stage2, "wall_clock_seconds": elapsed,
-               "train_class_counts": exp.train_counts.tolist(), **final}
-    run.write_summary(summary)
-    return summary
+    partition = (exp.train_counts[None, :], exp.train_counts, exp.test.class_counts, "pooled")
+    return run_steps(cfg, run, CentralizedSteps(cfg, exp, device), partition, device)
