@@ -157,18 +157,30 @@ def test_wrappers_nest_and_check_base_options():
 
     cfg = load_config(None, ["strategy.name=dp_server_fixed", "strategy.base=posthoc_calibration",
                              "strategy.base_options={base: ccvr, base_options: {base: fedprox, base_options: {mu: 0.5}}}"])
+    from strategies.ccvr import CCVR
+    from strategies.dp_server_fixed import DPServerFixed
+    from strategies.fedprox import FedProx
+    from strategies.posthoc_calibration import PosthocCalibration
+
     s = STRATEGIES.get("dp_server_fixed")(cfg, 10)
-    assert type(s).__name__ == "DPFixedMixin[PosthocMixin[CCVRMixin[FedProx]]]"
-    assert s.opts.mu == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
-    assert s.ccvr_opts.num_virtual == 200 and s.posthoc_tau == 1.0
+    assert isinstance(s, DPServerFixed) and isinstance(s.base, PosthocCalibration)
+    assert isinstance(s.base.base, CCVR) and type(s.base.base.base) is FedProx
+    inner = s.base.base.base
+    assert inner.opts.mu == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
+    assert s.base.base.opts.num_virtual == 200 and s.base.opts.tau == 1.0
+    assert isinstance(STRATEGIES.get("ccvr")(load_config(None, ["strategy.name=ccvr"]), 10), CCVR)
+    # one copy of the loop's state, the innermost strategy's; its round calls the outermost wrapper's hooks
+    s.bind({0: 10, 1: 11})
+    s.fit_seconds = 2.0
+    assert inner.node_of == {0: 10, 1: 11} and inner.fit_seconds == 2.0 and s.num_clients == 2
+    assert inner.outer is s and s.base.outer is s
     with pytest.raises(FedLTError, match="strategy.base_options.nope"):  # refused when the config is read
         load_config(None, ["strategy.name=posthoc_calibration", "strategy.base_options={nope: 1}"])
 
 
 # --------------------------------------------------------------------------- CCVR
 def test_pooled_stats_equal_union_statistics():
-    from fedlt.federation.features import pool_class_stats
-    from fedlt.federation.queries import class_feature_stats
+    from strategies.ccvr import class_feature_stats, pool_class_stats
 
     rng = np.random.default_rng(0)
     C, d = 3, 4
@@ -186,7 +198,7 @@ def test_pooled_stats_equal_union_statistics():
 
 
 def test_virtual_sampling_same_count_per_class():
-    from fedlt.federation.features import sample_virtual
+    from strategies.ccvr import sample_virtual
 
     mu = np.array([[0.0, 0.0], [5.0, -5.0], [0.0, 0.0]])
     cov = np.stack([np.eye(2), np.diag([4.0, 0.0]), np.eye(2)])  # class 1 singular: the ridge makes it sampleable
@@ -198,7 +210,7 @@ def test_virtual_sampling_same_count_per_class():
 
 
 def test_fit_classifier_learns_separable_features():
-    from fedlt.federation.features import fit_classifier
+    from strategies.ccvr import fit_classifier
 
     g = torch.Generator().manual_seed(0)
     feats = torch.cat([torch.randn(50, 2, generator=g) + 3, torch.randn(50, 2, generator=g) - 3])
@@ -212,7 +224,7 @@ def test_fit_classifier_learns_separable_features():
 
 # --------------------------------------------------------------------------- CReFF
 def test_average_class_grads_over_holders_only():
-    from fedlt.federation.features import average_class_grads
+    from strategies.creff import average_class_grads
 
     gw = [np.full((2, 2, 3), 1.0), np.full((2, 2, 3), 3.0)]
     gb = [np.full((2, 2), 1.0), np.full((2, 2), 3.0)]
@@ -223,7 +235,7 @@ def test_average_class_grads_over_holders_only():
 
 
 def test_gradient_distance_and_matching():
-    from fedlt.federation.features import gradient_distance, match_features
+    from strategies.creff import gradient_distance, match_features
 
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert gradient_distance(t, torch.tensor([1.0, 1.0]), t, torch.tensor([1.0, 1.0])).item() == pytest.approx(0, abs=1e-6)
@@ -446,7 +458,7 @@ def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
 def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
     from fedlt.errors import FedLTError
     from fedlt.experiment import experiment_for
-    from fedlt.federation.prior import PriorEstimate
+    from strategies.gbme.prior import PriorEstimate
     from strategies.gbme import GBME
 
     pi_hat = np.full(10, 0.1)

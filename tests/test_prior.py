@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlt.federation.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
+from strategies.gbme.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
                                     prior_report, sample_expert_cohort)
 from fedlt.models.base import NormedLinear
 from fedlt.models.experts import small_cnn_experts

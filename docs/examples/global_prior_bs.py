@@ -21,7 +21,7 @@ from pydantic import Field
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.experiment import experiment_for
-from fedlt.federation.prior import PriorEstimate, prior_report, run_prior_estimation
+from strategies.gbme.prior import PriorEstimate, prior_report, run_prior_estimation
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import CLIENTS, STRATEGIES
 
