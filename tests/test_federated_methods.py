@@ -471,3 +471,81 @@ def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
         np.testing.assert_allclose(s.train_config(3, 0)["log-prior"], expected)
     with pytest.raises(FedLTError, match="strategy.prior"):
         load_config(None, ["strategy.name=gbme", "strategy.prior=true"])
+
+
+# --------------------------------------------------------------------------- in-process rounds (no Ray)
+class InProcessGrid:
+    """A Flower Grid stand-in that hands each message to the ClientApp in this process (node id = pid + 1)."""
+
+    def __init__(self, cfg, num_clients: int) -> None:
+        from fedlt.federation.apps import make_client_app
+
+        self.app, self.num_clients = make_client_app(cfg), num_clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.num_clients + 1))
+
+    def send_and_receive(self, messages, timeout=None) -> list:
+        from flwr.app import Context, RecordDict
+
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = Context(run_id=0, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
+                          run_config={})
+            reply = self.app(msg, ctx)
+            reply.metadata.__dict__["_src_node_id"] = node  # what the SuperLink would stamp
+            out.append(reply)
+        return out
+
+
+@pytest.mark.parametrize("wrapper", ["ccvr", "creff"])
+def test_run_resumed_after_its_last_checkpoint_reports_the_calibrated_model(wrapper, tiny_lists, tmp_path,
+                                                                          message_identity):
+    from fedlt.experiment import experiment_for, model_for
+    from fedlt.federation.records import load_into, to_arrays
+    from fedlt.federation.server import run_rounds
+    from fedlt.registry import STRATEGIES
+    from fedlt.rundir import RunDir
+
+    torch.set_num_threads(1)
+    extra = (["strategy.num_virtual=20", "strategy.epochs=2"] if wrapper == "ccvr" else
+             ["strategy.num_features=5", "strategy.match_steps=2", "strategy.crt_epochs=2", "strategy.repeats=1",
+              "strategy.batch_real=4"])
+    cfg = tiny_config(tiny_lists, f"strategy.name={wrapper}", *extra)
+    path = tmp_path / "run"
+    first = run_rounds(InProcessGrid(cfg, 4), cfg, RunDir(path))
+    for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
+        (path / name).unlink(missing_ok=True)
+    again = run_rounds(InProcessGrid(cfg, 4), cfg, RunDir(path))
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 2  # no round ran again
+    for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
+        assert again[key] == first[key], key
+    # the checkpointed strategy evaluates the global weights with the classifier of their round
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
+    exp = experiment_for(cfg)
+    strategy = STRATEGIES.get(wrapper)(cfg, exp.num_classes)
+    strategy.load_state_dict(ckpt["strategy"])
+    strategy.global_arrays = to_arrays(ckpt["model"])
+    model = load_into(model_for(cfg, exp), strategy.global_arrays)
+    evaluated = strategy.eval_model(model)
+    assert evaluated is not model and torch.equal(evaluated.classifier.weight, strategy.classifier["weight"])
+    assert not torch.equal(evaluated.classifier.weight, model.classifier.weight)
+
+
+def test_replies_detach_and_move_every_tensor_to_the_cpu(message_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedlt.client_method import FitResult
+    from fedlt.federation.apps import _reply
+
+    w = torch.nn.Parameter(torch.tensor([[1.0, 2.0]]))  # requires grad: Flower cannot take it as it is
+    grad = (w * 3).sum(1)  # attached to a graph
+    result = FitResult(state={"w": w}, metrics={"num-examples": 2},
+                       extra_arrays={"grads": {"g": grad, "n": np.array([1.0, 0.0])}})
+    msg = Message(RecordDict({"config": ConfigRecord({"action": "x"})}), dst_node_id=0, message_type="query")
+    reply = _reply(msg, result, 3)
+    assert torch.equal(reply.content["arrays"].to_torch_state_dict()["w"], torch.tensor([[1.0, 2.0]]))
+    assert reply.content["grads"]["g"].numpy().tolist() == [9.0]
+    assert reply.content["grads"]["n"].numpy().tolist() == [1.0, 0.0]
+    assert reply.content["metrics"]["partition-id"] == 3
