@@ -1,4 +1,4 @@
-"""Server-side prior estimation, grouping and expert cohorts on hand-made inputs (METHODS.md §3.2, §1.5)."""
+"""Server-side prior estimation, grouping and expert cohorts on hand-made inputs (GBME, Zeng et al., ICCV 2023)."""
 
 import numpy as np
 import pytest
@@ -54,7 +54,7 @@ def test_classifier_layouts_and_expert_mean():
     expected = np.mean([e.classifier.weight.detach().double().numpy() for e in experts.experts], axis=0)
     before = [e.classifier.weight.detach().clone() for e in experts.experts]
     np.testing.assert_allclose(classifier_weight_dc(experts), expected)
-    for b, e in zip(before, experts.experts):  # D3: the model is read, never changed
+    for b, e in zip(before, experts.experts):  # the model is read, never changed in place
         assert torch.equal(b, e.classifier.weight)
 
 
