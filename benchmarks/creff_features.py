@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
 from fedlt.experiment import STREAM_CENTRAL, experiment_for, model_for, torch_generator  # noqa: E402
-from fedlt.federation.features import fit_classifier  # noqa: E402
+from strategies.ccvr import fit_classifier  # noqa: E402
 from fedlt.train import normalize  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator  # noqa: E402
 from fedlt.federation.runner import run_federated  # noqa: E402
-from fedlt.federation.server import round_lr  # noqa: E402
+from fedlt.federation.strategy import round_lr  # noqa: E402
 from fedlt.federation.strategy import sample_cohort  # noqa: E402
 from fedlt.registry import CLIENTS  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""FedLC client (Zhang et al., ICML 2022; METHODS.md §3.3): CE over the calibrated logits
+"""FedLC client (Zhang et al., "Federated Learning with Label Distribution Skew via Logits Calibration",
+ICML 2022): CE over the calibrated logits
 z_c − τ·n_{k,c}^{−1/4}, with n_{k,c} the client's own count of class c floored at 1e-8 (a class the client
 lacks is pushed down by 100·τ and drops out of the softmax). Not Balanced Softmax: the offset is n^{−1/4}."""
 

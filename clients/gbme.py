@@ -1,10 +1,12 @@
-"""GBME client (Zeng et al., ICCV 2023; METHODS.md §3.2): Balanced Softmax with the server's estimated global
-prior π̂ on every expert of a multi-expert model.
+"""GBME client (Zeng et al., "Global Balanced Experts for Federated Long-Tailed Learning", ICCV 2023; official
+code Spinozaaa/Federated-Long-tailed-Learning): Balanced Softmax with the server's estimated global prior π̂
+on every expert of a multi-expert model (:class:`~fedlt.models.experts.MultiExpertModel`).
 
 - joint phase (config ``expert`` = -1): L = Σ_m CE(z_m + log π̂, y), all experts and the stem train;
 - expert phase (``expert`` = m): L = CE(z_m + log π̂, y); the other experts' branches are frozen (no
   gradient, no weight decay, no BatchNorm statistics: they are not run), the shared stem trains.
-No hidden loss multiplier (GBME's D4). The server sends ``log-prior`` (C floats) and ``expert``.
+The loss has no extra multiplier (the official release multiplies the expert-phase loss by 5, which the
+paper does not state). The server sends ``log-prior`` (C floats) and ``expert``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor
 @CLIENTS.register("gbme")
 class GBMEClient(ClientMethod):
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        if not hasattr(model, "expert_logits"):
+        if not hasattr(model, "expert_forward"):
             raise TypeError("the gbme client needs a multi-expert model (e.g. model.name=resnet32_experts)")
         log_pi = torch.as_tensor(list(config["log-prior"]), dtype=torch.float32, device=data.images.device)
         expert = int(config.get("expert", -1))
         if expert < 0:
+            model.train_only_expert(None)
             return lambda m, x, y: gbme_loss(m.expert_logits(x), y, log_pi)
-        for i, branch in enumerate(model.experts):
-            branch.requires_grad_(i == expert)
-        return lambda m, x, y: F.cross_entropy(m.experts[expert](m.stem(x)).float() + log_pi, y)
+        model.train_only_expert(expert)
+        return lambda m, x, y: F.cross_entropy(m.expert_forward(x, expert).float() + log_pi, y)

@@ -5,8 +5,9 @@ A plug-in registers itself in one line::
     @STRATEGIES.register("my_strategy")
     class MyStrategy(FedLTStrategy): ...
 
-Third-party packages add theirs through the entry-point group ``fedlt.plugins``: each entry point
-names a module, which is imported (and so registers what it defines) the first time a registry is read.
+Plug-in packages, fedlt's own ``clients`` and ``strategies`` included (pyproject.toml), add theirs through
+the entry-point group ``fedlt.plugins``: each entry point names a module, which is imported (and so
+registers what it defines) the first time a registry is read. The core never imports a plug-in by name.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from fedlt.options import (CentralizedOptions, ClientOptions, DataOptions, HeadO
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "fedlt.plugins"
-_BUILTIN_PLUGIN_PACKAGES = ("clients", "strategies")
 _plugins_loaded = False
 
 
 def load_plugins() -> None:
-    """Import the built-in plug-in packages and every module named in the ``fedlt.plugins`` entry points."""
+    """Import fedlt's own registering modules and every module named in the ``fedlt.plugins`` entry points."""
     global _plugins_loaded
     if _plugins_loaded:
         return
@@ -35,8 +35,6 @@ def load_plugins() -> None:
     import fedlt.models  # noqa: F401  (registers the models)
     import fedlt.centralized  # noqa: F401  (registers the centralized methods)
     import fedlt.losses  # noqa: F401  (registers the losses)
-    for package in _BUILTIN_PLUGIN_PACKAGES:
-        importlib.import_module(package)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 

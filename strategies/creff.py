@@ -1,93 +1,119 @@
-"""CReFF (Shang et al., IJCAI 2022; METHODS.md §3.4): classifier re-training with federated features, over
-any strategy (``strategy.base``, default FedAvg) whose model has one ``nn.Linear`` classifier.
+"""CReFF: classifier re-training with federated features (Shang et al., "Federated Learning on Heterogeneous
+and Long-Tailed Data via Classifier Re-Training with Federated Features", IJCAI 2022; official code
+shangxinyi/CReFF-FL), over any strategy (``strategy.base``, default FedAvg) whose model has one ``nn.Linear``
+classifier.
 
 Each round: (1) the round's cohort receives the global backbone with the re-trained classifier spliced in and
 sends, per class it holds, ∇_(W, b) CE on ``batch_real`` real images of that class (mean of ``repeats``
 draws; query ``class-grads``); (2) the base strategy's normal round (local training, FedAvg); (3) the server
 averages each class's gradients over the clients holding it, updates the federated features F (C ×
 ``num_features`` × d, N(0, 1) at start) for ``match_steps`` SGD steps of gradient matching, and trains a
-fresh Linear(d, C) on F for ``crt_epochs`` epochs. Evaluation: FedAvg backbone + that classifier; the FedAvg
-model (not the re-trained one) goes on to the next round. Repo sizes: 100 features, 100 steps, 300 epochs.
+fresh Linear(d, C) on F for ``crt_epochs`` epochs. Evaluation: the base's backbone + that classifier; the
+base's model (not the re-trained one) goes on to the next round. The official sizes are 100 features,
+100 matching steps and 300 re-training epochs. The re-trained classifier's round is kept and checkpointed,
+so a run resumed after its last round reports the re-trained model; summary.json also gets the base
+classifier's metrics (``creff_base_classifier``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from pydantic import Field
 from torch import nn
 
+from fedlt.client_method import FitResult
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.experiment import STREAM_CENTRAL, torch_generator
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
-from fedlt.federation.features import average_class_grads, fit_classifier, match_features
+from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.registry import STRATEGIES
+from fedlt.train import Augment, TensorData, prepare_batch
+from strategies.ccvr import fit_classifier
 
 
-class CReFFMixin:
-    def wrap_init(self, opts: "CReFF.Options") -> None:
-        self.creff_opts = opts
-        self.creff_features: torch.Tensor | None = None
-        self.creff_classifier: dict | None = None
-        self.creff_for: ArrayRecord | None = None
-
-    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        o, C = self.creff_opts, self.num_classes
-        state = to_state(arrays)
-        if "classifier.weight" not in state or "classifier.bias" not in state:
-            raise FedLTError("creff needs a model with an nn.Linear classifier (model.classifier=linear)")
-        if self.creff_classifier is not None:
-            state.update({f"classifier.{k}": v for k, v in self.creff_classifier.items()})
-        W, b = state["classifier.weight"].float(), state["classifier.bias"].float()
-        replies = self.query(grid, self.cohort(server_round), to_arrays(state), "class-grads",
-                             {"batch": o.batch_real, "repeats": o.repeats}, server_round=server_round)
-        new, metrics = super().run_round(server_round, arrays, config, grid)
-        grads = [r.content["grads"] for r in replies]
-        gw, gb, present = average_class_grads([g["weight"].numpy() for g in grads], [g["bias"].numpy() for g in grads],
-                                              [g["has"].numpy() for g in grads])
-        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, server_round)
-        if self.creff_features is None:
-            init = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, 0)
-            self.creff_features = torch.randn(C, o.num_features, W.shape[1], generator=init)
-        self.creff_features = match_features(self.creff_features, W, b, torch.as_tensor(gw, dtype=torch.float32),
-                                             torch.as_tensor(gb, dtype=torch.float32), present, o.match_steps,
-                                             o.match_lr)
-        fresh = nn.Linear(W.shape[1], C)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            fresh.reset_parameters()
-        feats = self.creff_features.reshape(-1, W.shape[1])
-        labels = torch.arange(C).repeat_interleave(self.creff_features.shape[1])
-        clf = fit_classifier(fresh, feats, labels, o.crt_epochs, o.crt_lr, o.crt_batch, gen)
-        self.creff_classifier = {k: v.detach().clone() for k, v in clf.state_dict().items()}
-        self.creff_for = new
-        return new, metrics
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return with_classifier(super().eval_model(model), self.creff_classifier, self.creff_for is self.global_arrays)
-
-    def summary_extras(self) -> dict:
-        out = {**super().summary_extras()}
-        if self.global_arrays is not None:
-            out["creff_base_classifier"] = global_model_metrics(self, super().eval_model, super().transform_logits)
-        return out
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "creff_features": self.creff_features,
-                "creff_classifier": self.creff_classifier}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.creff_features, self.creff_classifier = state.get("creff_features"), state.get("creff_classifier")
+# --------------------------------------------------------------------------- client side: class gradients
+@QUERIES.register("class-grads")
+def class_grads(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+                augment: Augment) -> FitResult:
+    """For each class c the client holds: ∇_(W, b) CE(classifier(features(x)), c) on ``batch`` real images of c
+    (backbone in eval mode, augmented), averaged over ``repeats`` draws (CReFF step 1). The sums stay on the
+    model's device; the reply moves them to the CPU."""
+    batch, repeats = int(config.get("batch", 32)), int(config.get("repeats", 10))
+    clf = model.classifier
+    if not isinstance(clf, nn.Linear):
+        raise TypeError("class-grads needs an nn.Linear classifier (CReFF)")
+    model.eval()
+    C, device = data.num_classes, clf.weight.device
+    gw = torch.zeros((C, *clf.weight.shape), dtype=torch.float64, device=device)
+    gb = torch.zeros((C, C), dtype=torch.float64, device=device)
+    has = torch.zeros(C, dtype=torch.float64)
+    labels = data.labels.cpu()
+    for c in range(C):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) == 0:
+            continue
+        has[c] = 1
+        for _ in range(repeats):
+            pick = idx[torch.randperm(len(idx), generator=generator)[:batch]]
+            x, y = prepare_batch(data, pick, augment, generator)
+            with torch.no_grad():
+                h = model.features(x).float()
+            loss = F.cross_entropy(clf(h), y)
+            w, b = torch.autograd.grad(loss, [clf.weight, clf.bias])
+            gw[c] += w.double() / repeats
+            gb[c] += b.double() / repeats
+    return FitResult(state={}, metrics={"num-examples": len(data)},
+                     extra_arrays={"grads": {"weight": gw, "bias": gb, "has": has}})
 
 
+# --------------------------------------------------------------------------- server side: gradient matching
+def average_class_grads(grads_w: list[np.ndarray], grads_b: list[np.ndarray], has: list[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, the uniform mean of the clients' gradients over the clients that hold the class.
+    Inputs per client: (C, C, d), (C, C) and a (C,) 0/1 mask. Returns (g_w, g_b, present mask)."""
+    gw, gb, h = np.stack(grads_w), np.stack(grads_b), np.stack(has).astype(np.float64)
+    n = h.sum(0)
+    safe = np.maximum(n, 1)
+    return ((gw * h[:, :, None, None]).sum(0) / safe[:, None, None],
+            (gb * h[:, :, None]).sum(0) / safe[:, None], n > 0)
+
+
+def gradient_distance(gw: torch.Tensor, gb: torch.Tensor, tw: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+    """D = Σ_rows (1 − cos(gw_row, tw_row)) + (1 − cos(gb, tb)) (the bias as a single row)."""
+    return (1 - F.cosine_similarity(gw, tw, dim=1, eps=1e-8)).sum() + (
+        1 - F.cosine_similarity(gb[None], tb[None], dim=1, eps=1e-8)).sum()
+
+
+def match_features(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target_w: torch.Tensor,
+                   target_b: torch.Tensor, present: np.ndarray, steps: int, lr: float) -> torch.Tensor:
+    """Optimise the federated features F (C, n, d) so that ∇_(W, b) CE(W·F_c + b, c) matches the clients'
+    mean gradient of each present class: min_F Σ_c D(∇(F_c), g_c), SGD on F. Returns the new F."""
+    feats = features.detach().clone().requires_grad_(True)
+    W, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([feats], lr=lr)
+    classes = [int(c) for c in np.flatnonzero(present)]
+    for _ in range(steps):
+        loss = torch.zeros(())
+        for c in classes:
+            out = feats[c] @ W.T + b
+            y = torch.full((feats.shape[1],), c, dtype=torch.long)
+            gw, gb = torch.autograd.grad(F.cross_entropy(out, y), [W, b], create_graph=True)
+            loss = loss + gradient_distance(gw, gb, target_w[c], target_b[c])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return feats.detach()
+
+
+# --------------------------------------------------------------------------- the wrapper
 @STRATEGIES.register("creff")
 class CReFF(StrategyWrapper):
-    mixin = CReFFMixin
-
     class Options(StrategyWrapper.Options):
         num_features: int = Field(100, gt=0, description="federated features per class")
         match_steps: int = Field(100, gt=0, description="gradient-matching steps per round")
@@ -97,3 +123,62 @@ class CReFF(StrategyWrapper):
         crt_batch: int = Field(32, gt=0, description="classifier re-training batch size")
         batch_real: int = Field(32, gt=0, description="real images per class for a client's class gradient")
         repeats: int = Field(10, gt=0, description="draws averaged into a client's class gradient")
+
+    def __init__(self, cfg: Config, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.features: torch.Tensor | None = None  # the federated features F (C, n, d)
+        self.classifier: dict | None = None  # the re-trained classifier's state
+        self.classifier_round = 0  # the round whose global weights it belongs to (0: none); every round re-trains
+
+    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        o, C = self.opts, self.num_classes
+        state = to_state(arrays)
+        if "classifier.weight" not in state or "classifier.bias" not in state:
+            raise FedLTError("creff needs a model with an nn.Linear classifier (model.classifier=linear)")
+        if self.classifier is not None:
+            state.update({f"classifier.{k}": v for k, v in self.classifier.items()})
+        W, b = state["classifier.weight"].float(), state["classifier.bias"].float()
+        replies = self.query(grid, self.cohort(server_round), to_arrays(state), "class-grads",
+                             {"batch": o.batch_real, "repeats": o.repeats}, server_round=server_round)
+        new, metrics = self.base.run_round(server_round, arrays, config, grid)
+        grads = [r.content["grads"] for r in replies]
+        gw, gb, present = average_class_grads([g["weight"].numpy() for g in grads], [g["bias"].numpy() for g in grads],
+                                              [g["has"].numpy() for g in grads])
+        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, server_round)
+        if self.features is None:
+            init = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, 0)
+            self.features = torch.randn(C, o.num_features, W.shape[1], generator=init)
+        self.features = match_features(self.features, W, b, torch.as_tensor(gw, dtype=torch.float32),
+                                       torch.as_tensor(gb, dtype=torch.float32), present, o.match_steps, o.match_lr)
+        fresh = nn.Linear(W.shape[1], C)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+            fresh.reset_parameters()
+        feats = self.features.reshape(-1, W.shape[1])
+        labels = torch.arange(C).repeat_interleave(self.features.shape[1])
+        clf = fit_classifier(fresh, feats, labels, o.crt_epochs, o.crt_lr, o.crt_batch, gen)
+        self.classifier = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+        if new is not None:
+            self.classifier_round = server_round
+        return new, metrics
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The base's model with the re-trained classifier (it belongs to the latest weights: every round
+        re-trains it, and the checkpoint keeps it with the weights of its round)."""
+        return with_classifier(self.base.eval_model(model), self.classifier, self.classifier_round > 0)
+
+    def summary_extras(self) -> dict:
+        out = {**self.base.summary_extras()}
+        if self.global_arrays is not None:
+            out["creff_base_classifier"] = global_model_metrics(self, self.base.eval_model, self.base.transform_logits)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**self.base.state_dict(), "creff_features": self.features, "creff_classifier": self.classifier,
+                "creff_classifier_round": self.classifier_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+        self.features, self.classifier = state.get("creff_features"), state.get("creff_classifier")
+        self.classifier_round = state.get("creff_classifier_round", 0)

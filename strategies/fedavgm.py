@@ -1,6 +1,7 @@
 """FedAvgM (Hsu et al., 2019): Δ_t = w_t − FedAvg(w_k), v_t = β·v_{t−1} + Δ_t, w_{t+1} = w_t − η·v_t.
 
-β = 0, η = 1 is FedAvg; CReFF's baseline uses β = 0.97 (METHODS.md §3.1). Built on Flower's ``FedAvgM``.
+β = 0, η = 1 is FedAvg; CReFF's FedAvgM baseline (Shang et al., IJCAI 2022; shangxinyi/CReFF-FL)
+uses β = 0.97. Built on Flower's ``FedAvgM``.
 """
 
 from __future__ import annotations

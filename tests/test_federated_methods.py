@@ -85,7 +85,7 @@ def test_gbme_expert_phase_freezes_other_branches():
     x = torch.randn(4, 1, 28, 28)
     loss = obj(model, x, data.labels)
     z1 = model.experts[1](model.stem(x))
-    assert loss.item() == pytest.approx(F.cross_entropy(z1 - 1.0, data.labels).item(), rel=1e-5)  # no ×5 (D4)
+    assert loss.item() == pytest.approx(F.cross_entropy(z1 - 1.0, data.labels).item(), rel=1e-5)  # no ×5 (the official release multiplies by 5)
 
 
 @pytest.fixture(scope="module")
@@ -157,18 +157,30 @@ def test_wrappers_nest_and_check_base_options():
 
     cfg = load_config(None, ["strategy.name=dp_server_fixed", "strategy.base=posthoc_calibration",
                              "strategy.base_options={base: ccvr, base_options: {base: fedprox, base_options: {mu: 0.5}}}"])
+    from strategies.ccvr import CCVR
+    from strategies.dp_server_fixed import DPServerFixed
+    from strategies.fedprox import FedProx
+    from strategies.posthoc_calibration import PosthocCalibration
+
     s = STRATEGIES.get("dp_server_fixed")(cfg, 10)
-    assert type(s).__name__ == "DPFixedMixin[PosthocMixin[CCVRMixin[FedProx]]]"
-    assert s.opts.mu == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
-    assert s.ccvr_opts.num_virtual == 200 and s.posthoc_tau == 1.0
+    assert isinstance(s, DPServerFixed) and isinstance(s.base, PosthocCalibration)
+    assert isinstance(s.base.base, CCVR) and type(s.base.base.base) is FedProx
+    inner = s.base.base.base
+    assert inner.opts.mu == 0.5 and s.train_config(1, 0) == {"proximal-mu": 0.5}
+    assert s.base.base.opts.num_virtual == 200 and s.base.opts.tau == 1.0
+    assert isinstance(STRATEGIES.get("ccvr")(load_config(None, ["strategy.name=ccvr"]), 10), CCVR)
+    # one copy of the loop's state, the innermost strategy's; its round calls the outermost wrapper's hooks
+    s.bind({0: 10, 1: 11})
+    s.fit_seconds = 2.0
+    assert inner.node_of == {0: 10, 1: 11} and inner.fit_seconds == 2.0 and s.num_clients == 2
+    assert inner.outer is s and s.base.outer is s
     with pytest.raises(FedLTError, match="strategy.base_options.nope"):  # refused when the config is read
         load_config(None, ["strategy.name=posthoc_calibration", "strategy.base_options={nope: 1}"])
 
 
 # --------------------------------------------------------------------------- CCVR
 def test_pooled_stats_equal_union_statistics():
-    from fedlt.federation.features import pool_class_stats
-    from fedlt.federation.queries import class_feature_stats
+    from strategies.ccvr import class_feature_stats, pool_class_stats
 
     rng = np.random.default_rng(0)
     C, d = 3, 4
@@ -186,7 +198,7 @@ def test_pooled_stats_equal_union_statistics():
 
 
 def test_virtual_sampling_same_count_per_class():
-    from fedlt.federation.features import sample_virtual
+    from strategies.ccvr import sample_virtual
 
     mu = np.array([[0.0, 0.0], [5.0, -5.0], [0.0, 0.0]])
     cov = np.stack([np.eye(2), np.diag([4.0, 0.0]), np.eye(2)])  # class 1 singular: the ridge makes it sampleable
@@ -198,7 +210,7 @@ def test_virtual_sampling_same_count_per_class():
 
 
 def test_fit_classifier_learns_separable_features():
-    from fedlt.federation.features import fit_classifier
+    from strategies.ccvr import fit_classifier
 
     g = torch.Generator().manual_seed(0)
     feats = torch.cat([torch.randn(50, 2, generator=g) + 3, torch.randn(50, 2, generator=g) - 3])
@@ -212,7 +224,7 @@ def test_fit_classifier_learns_separable_features():
 
 # --------------------------------------------------------------------------- CReFF
 def test_average_class_grads_over_holders_only():
-    from fedlt.federation.features import average_class_grads
+    from strategies.creff import average_class_grads
 
     gw = [np.full((2, 2, 3), 1.0), np.full((2, 2, 3), 3.0)]
     gb = [np.full((2, 2), 1.0), np.full((2, 2), 3.0)]
@@ -223,7 +235,7 @@ def test_average_class_grads_over_holders_only():
 
 
 def test_gradient_distance_and_matching():
-    from fedlt.federation.features import gradient_distance, match_features
+    from strategies.creff import gradient_distance, match_features
 
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert gradient_distance(t, torch.tensor([1.0, 1.0]), t, torch.tensor([1.0, 1.0])).item() == pytest.approx(0, abs=1e-6)
@@ -492,7 +504,7 @@ def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
 def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
     from fedlt.errors import FedLTError
     from fedlt.experiment import experiment_for
-    from fedlt.federation.prior import PriorEstimate
+    from strategies.gbme.prior import PriorEstimate
     from strategies.gbme import GBME
 
     pi_hat = np.full(10, 0.1)
@@ -505,3 +517,81 @@ def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
         np.testing.assert_allclose(s.train_config(3, 0)["log-prior"], expected)
     with pytest.raises(FedLTError, match="strategy.prior"):
         load_config(None, ["strategy.name=gbme", "strategy.prior=true"])
+
+
+# --------------------------------------------------------------------------- in-process rounds (no Ray)
+class InProcessGrid:
+    """A Flower Grid stand-in that hands each message to the ClientApp in this process (node id = pid + 1)."""
+
+    def __init__(self, cfg, num_clients: int) -> None:
+        from fedlt.federation.apps import make_client_app
+
+        self.app, self.num_clients = make_client_app(cfg), num_clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.num_clients + 1))
+
+    def send_and_receive(self, messages, timeout=None) -> list:
+        from flwr.app import Context, RecordDict
+
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = Context(run_id=0, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
+                          run_config={})
+            reply = self.app(msg, ctx)
+            reply.metadata.__dict__["_src_node_id"] = node  # what the SuperLink would stamp
+            out.append(reply)
+        return out
+
+
+@pytest.mark.parametrize("wrapper", ["ccvr", "creff"])
+def test_run_resumed_after_its_last_checkpoint_reports_the_calibrated_model(wrapper, tiny_lists, tmp_path,
+                                                                          message_identity):
+    from fedlt.experiment import experiment_for, model_for
+    from fedlt.federation.records import load_into, to_arrays
+    from fedlt.federation.server import run_rounds
+    from fedlt.registry import STRATEGIES
+    from fedlt.rundir import RunDir
+
+    torch.set_num_threads(1)
+    extra = (["strategy.num_virtual=20", "strategy.epochs=2"] if wrapper == "ccvr" else
+             ["strategy.num_features=5", "strategy.match_steps=2", "strategy.crt_epochs=2", "strategy.repeats=1",
+              "strategy.batch_real=4"])
+    cfg = tiny_config(tiny_lists, f"strategy.name={wrapper}", *extra)
+    path = tmp_path / "run"
+    first = run_rounds(InProcessGrid(cfg, 4), cfg, RunDir(path))
+    for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
+        (path / name).unlink(missing_ok=True)
+    again = run_rounds(InProcessGrid(cfg, 4), cfg, RunDir(path))
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 2  # no round ran again
+    for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
+        assert again[key] == first[key], key
+    # the checkpointed strategy evaluates the global weights with the classifier of their round
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
+    exp = experiment_for(cfg)
+    strategy = STRATEGIES.get(wrapper)(cfg, exp.num_classes)
+    strategy.load_state_dict(ckpt["strategy"])
+    strategy.global_arrays = to_arrays(ckpt["model"])
+    model = load_into(model_for(cfg, exp), strategy.global_arrays)
+    evaluated = strategy.eval_model(model)
+    assert evaluated is not model and torch.equal(evaluated.classifier.weight, strategy.classifier["weight"])
+    assert not torch.equal(evaluated.classifier.weight, model.classifier.weight)
+
+
+def test_replies_detach_and_move_every_tensor_to_the_cpu(message_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedlt.client_method import FitResult
+    from fedlt.federation.apps import _reply
+
+    w = torch.nn.Parameter(torch.tensor([[1.0, 2.0]]))  # requires grad: Flower cannot take it as it is
+    grad = (w * 3).sum(1)  # attached to a graph
+    result = FitResult(state={"w": w}, metrics={"num-examples": 2},
+                       extra_arrays={"grads": {"g": grad, "n": np.array([1.0, 0.0])}})
+    msg = Message(RecordDict({"config": ConfigRecord({"action": "x"})}), dst_node_id=0, message_type="query")
+    reply = _reply(msg, result, 3)
+    assert torch.equal(reply.content["arrays"].to_torch_state_dict()["w"], torch.tensor([[1.0, 2.0]]))
+    assert reply.content["grads"]["g"].numpy().tolist() == [9.0]
+    assert reply.content["grads"]["n"].numpy().tolist() == [1.0, 0.0]
+    assert reply.content["metrics"]["partition-id"] == 3

@@ -79,3 +79,25 @@ def test_train_by_steps():
     m = build_model("small_cnn", 2, 1, width=4)
     r = train(m, toy_data(), opt=OptimConfig(batch_size=32), steps=5, generator=torch.Generator().manual_seed(0))
     assert r.steps == 5 and r.num_examples == 160
+
+
+def test_multi_expert_model_runs_and_trains_one_expert_alone():
+    from fedlt.models.experts import small_cnn_experts
+
+    torch.manual_seed(0)
+    model = small_cnn_experts(5, 1, num_experts=3).eval()
+    x = torch.randn(4, 1, 28, 28)
+    stack = model.expert_logits(x)
+    for m in range(3):  # z_m alone equals row m of the stack; the expert as a model gives the same
+        assert torch.allclose(model.expert_forward(x, m), stack[m], atol=1e-6)
+        assert torch.allclose(model.expert_model(m)(x), stack[m], atol=1e-6)
+    assert torch.allclose(model(x), stack.mean(0), atol=1e-6)
+    model.train_only_expert(2)
+    assert all(p.requires_grad for p in model.stem.parameters())
+    trainable = [any(p.requires_grad for p in e.parameters()) for e in model.experts]
+    assert trainable == [False, False, True]
+    model.expert_forward(x, 2).sum().backward()
+    assert all(p.grad is None for e in model.experts[:2] for p in e.parameters())
+    assert all(p.grad is not None for p in model.stem.parameters())
+    model.train_only_expert(None)
+    assert all(p.requires_grad for p in model.parameters())

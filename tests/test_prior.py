@@ -1,11 +1,11 @@
-"""Server-side prior estimation, grouping and expert cohorts on hand-made inputs (METHODS.md §3.2, §1.5)."""
+"""Server-side prior estimation, grouping and expert cohorts on hand-made inputs (GBME, Zeng et al., ICCV 2023)."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fedlt.federation.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
+from strategies.gbme.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
                                     prior_report, sample_expert_cohort)
 from fedlt.models.base import NormedLinear
 from fedlt.models.experts import small_cnn_experts
@@ -54,7 +54,7 @@ def test_classifier_layouts_and_expert_mean():
     expected = np.mean([e.classifier.weight.detach().double().numpy() for e in experts.experts], axis=0)
     before = [e.classifier.weight.detach().clone() for e in experts.experts]
     np.testing.assert_allclose(classifier_weight_dc(experts), expected)
-    for b, e in zip(before, experts.experts):  # D3: the model is read, never changed
+    for b, e in zip(before, experts.experts):  # the model is read, never changed in place
         assert torch.equal(b, e.classifier.weight)
 
 

@@ -1,8 +1,8 @@
 """A strategy plug-in in one file: clients re-balance with the server's *estimated global* prior.
 
 Every client trains with Balanced Softmax on π̂, L = CE(z + τ·log π̂, y), where π̂ is estimated on the
-server before round 1 from the clients' classifier updates (GBME's estimator, METHODS.md §3.3); the
-server aggregates by FedAvg. Register it for a run with an entry point in your package::
+server before round 1 from the clients' classifier updates (GBME's estimator, Zeng et al., ICCV 2023:
+strategies/gbme/prior.py); the server aggregates by FedAvg. Register it for a run with an entry point in your package::
 
     [project.entry-points."fedlt.plugins"]
     global_prior_bs = "global_prior_bs"
@@ -21,7 +21,7 @@ from pydantic import Field
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.experiment import experiment_for
-from fedlt.federation.prior import PriorEstimate, prior_report, run_prior_estimation
+from strategies.gbme.prior import PriorEstimate, prior_report, run_prior_estimation
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import CLIENTS, STRATEGIES
 

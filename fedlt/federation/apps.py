@@ -23,7 +23,7 @@ from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
 from fedlt.federation.dp import client_clipping_mod
-from fedlt.federation.records import load_into, metric_record, numpy_record, to_arrays
+from fedlt.federation.records import load_into, metric_record, to_arrays
 from fedlt.registry import CLIENTS
 
 
@@ -38,10 +38,12 @@ def config_from_context(context: Context) -> Config:
 
 
 def _reply(msg: Message, result: FitResult, pid: int) -> Message:
+    """The client's reply: every tensor of ``result`` leaves through :func:`~fedlt.federation.records.to_arrays`
+    (detached, on the CPU), whatever device the computation ran on."""
     content = RecordDict({"arrays": to_arrays(result.state),
                           "metrics": metric_record({**result.metrics, "partition-id": pid})})
     for key, arrays in result.extra_arrays.items():
-        content[key] = numpy_record(arrays)
+        content[key] = to_arrays(arrays)
     return Message(content=content, reply_to=msg)
 
 

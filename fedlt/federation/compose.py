@@ -1,7 +1,8 @@
 """Strategies that wrap any other strategy, chosen by config: ``strategy.name=<wrapper>``,
 ``strategy.base=<name>`` and ``strategy.base_options={...}`` (the base's own keys; a wrapper may wrap a
-wrapper). The strategy built is the base's class extended by the wrapper's mixin, so every hook of the
-base (setup, run_round, eval_model, transform_logits …) keeps working under the wrapper's.
+wrapper). A wrapper is a :class:`StrategyWrapper`: it holds the built base strategy and hands it every hook
+it does not change (setup, run_round, eval_model, transform_logits …), so ``isinstance(strategy, CCVR)``
+holds and no class is built at run time.
 
 A wrapper brings the FedAvg client unless ``client.name`` says otherwise (e.g. ``client.name=fedprox``
 under ``strategy.base=fedprox``): the paired client of the base is not known when the config is read.
@@ -10,13 +11,19 @@ under ``strategy.base=fedprox``): the paired client of the base is not known whe
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator
 
 from fedlt.config import Config
+from fedlt.federation.strategy import FedLTStrategy
 from fedlt.options import StrategyOptions
 from fedlt.registry import STRATEGIES
+from torch import nn
 
 
 class WrapperOptions(StrategyOptions):
@@ -44,31 +51,95 @@ def base_config(cfg: Config) -> Config:
     return cfg.replace(strategy=cfg.strategy.base_options)
 
 
-class StrategyWrapper:
-    """Register a subclass with a ``mixin`` class; building it builds the base strategy's class extended by
-    the mixin (wrappers of wrappers nest). Each mixin's ``wrap_init(opts)`` gets its own config section."""
+def _shared(name: str) -> property:
+    """An attribute of a wrapper that is its base's (read and written through to ``self.base``)."""
+    return property(lambda self: getattr(self.base, name), lambda self, value: setattr(self.base, name, value),
+                    doc=f"the base strategy's ``{name}``")
 
-    mixin: type = object
+
+class StrategyWrapper(FedLTStrategy):
+    """A strategy around another: it builds its base (``strategy.base`` with ``strategy.base_options``) as
+    ``self.base`` and hands every hook to it; a wrapper overrides the hooks it changes and calls
+    ``self.base.<hook>`` for the base's part. The state the round loop reads or sets (the node map, cohort,
+    failures, fit time, latest global weights) is the base's own, so one copy exists however deep the nesting.
+    The base's round calls its hooks through ``outer`` (the outermost wrapper), so a wrapper's override of
+    ``configure_train``, ``messages``, ``train_config``, ``aggregate_train`` or ``aggregate_checked`` reaches
+    inside the base's round."""
+
     client = "fedavg"
     Options = WrapperOptions
 
-    def __new__(cls, cfg: Config, num_classes: int):
-        combined, init_cfg, inits = resolve(cfg)
-        strategy = combined(init_cfg, num_classes)
-        for mixin, opts in inits:
-            mixin.wrap_init(strategy, opts)
-        return strategy
+    def __init__(self, cfg: Config, num_classes: int) -> None:
+        self.base: FedLTStrategy = STRATEGIES.get(cfg.strategy.base)(base_config(cfg), num_classes)
+        super().__init__(cfg, num_classes)
 
+    # the state shared with the base ------------------------------------------------------------
+    @property
+    def outer(self) -> FedLTStrategy:
+        return self._outer
 
-def resolve(cfg: Config) -> tuple[type, Config, list[tuple[type, WrapperOptions]]]:
-    """(class to build, its config, [(mixin, wrapper options)] innermost first) for ``cfg``'s strategy."""
-    cls = STRATEGIES.get(cfg.strategy.name)
-    if not (isinstance(cls, type) and issubclass(cls, StrategyWrapper)):
-        return cls, cfg, []
-    opts = cfg.strategy
-    inner, init_cfg, inits = resolve(base_config(cfg))
-    combined = type(f"{cls.mixin.__name__}[{inner.__name__}]", (cls.mixin, inner), {})
-    return combined, init_cfg, inits + [(cls.mixin, opts)]
+    @outer.setter
+    def outer(self, strategy: FedLTStrategy) -> None:
+        self._outer = strategy
+        self.base.outer = strategy
+
+    node_of = _shared("node_of")
+    failures = _shared("failures")
+    last_cohort = _shared("last_cohort")
+    fit_seconds = _shared("fit_seconds")
+    global_arrays = _shared("global_arrays")
+
+    # every hook goes to the base unless the wrapper overrides it -------------------------------
+    def cohort(self, server_round: int) -> list[int]:
+        return self.base.cohort(server_round)
+
+    def messages(self, pids: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str,
+                 server_round: int) -> list[Message]:
+        return self.base.messages(pids, arrays, config, message_type, server_round)
+
+    def check_replies(self, replies: Iterable[Message]) -> list[Message]:
+        return self.base.check_replies(replies)
+
+    def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
+              timeout: float = 3600, server_round: int = 0) -> list[Message]:
+        return self.base.query(grid, pids, arrays, action, config, timeout, server_round)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.base.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.base.aggregate_train(server_round, replies)
+
+    def aggregate_checked(self, server_round: int,
+                          replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.base.aggregate_checked(server_round, replies)
+
+    def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        return self.base.setup(grid, arrays)
+
+    def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.base.run_round(server_round, arrays, config, grid)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return self.base.eval_model(model)
+
+    def train_config(self, server_round: int, partition_id: int) -> dict:
+        return self.base.train_config(server_round, partition_id)
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.base.transform_logits(logits)
+
+    def summary_extras(self) -> dict:
+        return self.base.summary_extras()
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
 
 
 def global_model_metrics(strategy, eval_model, transform_logits) -> dict:

@@ -1,4 +1,6 @@
-"""Central differential privacy over any strategy, and its privacy spent by Opacus' RDP accountant.
+"""Central differential privacy over any strategy: the wrappers' options, the ClientApp's clipping mod and the
+privacy spent by Opacus' RDP accountant. The wrappers are strategies/dp_server_fixed.py and
+strategies/dp_client_fixed.py.
 
 ``strategy.name=dp_server_fixed strategy.base=<any> strategy.clipping_norm=C strategy.noise_multiplier=σ``
 runs the base strategy with Flower's ``DifferentialPrivacyServerSideFixedClipping`` on every aggregation:
@@ -32,16 +34,14 @@ import math
 import warnings
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
+
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read
 from pydantic import Field, model_validator
-from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideFixedClipping)
 
 from fedlt.errors import FedLTError
 from fedlt.federation.compose import WrapperOptions
-from fedlt.experiment import seeded_rng
 
 ORDERS = tuple(range(2, 257))
 STREAM_DP = 7
@@ -76,85 +76,6 @@ def epsilon(q: float, sigma: float, steps: int, delta: float, orders=ORDERS) -> 
         warnings.filterwarnings("ignore", "Optimal order is the smallest alpha")
         eps, order = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     return float(eps), np.asarray(order).item()
-
-
-class _Inner:
-    """What Flower's DP wrapper sees as the wrapped strategy: the base's own aggregate_train."""
-
-    def __init__(self, aggregate) -> None:
-        self.aggregate_train = aggregate
-
-
-class DPFixedMixin:
-    """Server-side clipping: Flower's wrapper clips each reply's update, averages and adds the noise."""
-
-    flower_wrapper = DifferentialPrivacyServerSideFixedClipping
-    clipping = "server"
-
-    def wrap_init(self, opts: DPOptions) -> None:
-        self.dp_opts = opts
-        self.dp_releases = 0
-        self.dp_current: ArrayRecord | None = None
-        self.dp_sampled = 1
-
-    def messages(self, pids, arrays, config, message_type, server_round) -> list[Message]:
-        if message_type == MessageType.TRAIN:
-            self.dp_current, self.dp_sampled = arrays, len(pids)
-        return super().messages(pids, arrays, config, message_type, server_round)
-
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self.check_replies(replies)
-        if self.dp_opts.uniform_weights:
-            for r in replies:
-                r.content["metrics"][self.weighted_by_key] = 1
-        base = super().aggregate_train
-        dp = self.flower_wrapper(_Inner(base), self.dp_opts.noise_multiplier,
-                                 self.dp_opts.clipping_norm, self.dp_sampled)
-        dp.current_arrays = self.dp_current
-        state = np.random.get_state()
-        np.random.seed(seeded_rng(self.cfg.seed, STREAM_DP, server_round, self.dp_releases).integers(2**32))
-        try:
-            out = dp.aggregate_train(server_round, replies)
-        finally:
-            np.random.set_state(state)
-        if out[0] is not None:
-            self.dp_releases += 1
-        return out
-
-    def privacy_spent(self) -> dict:
-        q = self.dp_sampled / self.num_clients
-        delta = self.dp_opts.delta or 1.0 / self.num_clients
-        eps, order = epsilon(q, self.dp_opts.noise_multiplier, self.dp_releases, delta)
-        return {"epsilon": eps, "delta": delta, "rdp_order": order, "releases": self.dp_releases, "sampling_rate": q,
-                "noise_multiplier": self.dp_opts.noise_multiplier,
-                "clipping_norm": self.dp_opts.clipping_norm,
-                "clipping": self.clipping,
-                "covers": "model updates of the training rounds (not query rounds)",
-                "accountant": "opacus.accountants.analysis.rdp: RDP of the Poisson-sampled Gaussian mechanism, "
-                              "integer orders 2..256"}
-
-    def summary_extras(self) -> dict:
-        return {**super().summary_extras(), "privacy": self.privacy_spent()}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "dp_releases": self.dp_releases, "dp_sampled": self.dp_sampled}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.dp_releases, self.dp_sampled = state.get("dp_releases", 0), state.get("dp_sampled", 1)
-
-
-class DPClientFixedMixin(DPFixedMixin):
-    """Client-side clipping: train messages carry the clipping norm, clients clip (``client_clipping_mod``),
-    Flower's wrapper averages and adds the noise."""
-
-    flower_wrapper = DifferentialPrivacyClientSideFixedClipping
-    clipping = "client"
-
-    def messages(self, pids, arrays, config, message_type, server_round) -> list[Message]:
-        if message_type == MessageType.TRAIN:
-            config = ConfigRecord({**dict(config), KEY_CLIPPING_NORM: self.dp_opts.clipping_norm})
-        return super().messages(pids, arrays, config, message_type, server_round)
 
 
 def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:

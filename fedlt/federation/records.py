@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 
-def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+def to_cpu(value: torch.Tensor | np.ndarray | list) -> torch.Tensor:
+    """A tensor that may leave the process: detached from autograd and on the CPU (an array or list is wrapped)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return torch.as_tensor(np.asarray(value))
+
+
+def to_arrays(values: Mapping[str, torch.Tensor | np.ndarray | list]) -> ArrayRecord:
+    """An ArrayRecord of ``values`` (a state dict, or a client's extra arrays), each moved through :func:`to_cpu`.
+    Every tensor that leaves a client (weights, prior-estimate classifiers, feature statistics, class
+    gradients) goes through here, so a computation may leave its results on the GPU or attached to a graph."""
+    return ArrayRecord({k: to_cpu(v) for k, v in values.items()})
 
 
 def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -21,10 +33,6 @@ def load_into(model: torch.nn.Module, arrays: ArrayRecord) -> torch.nn.Module:
     state = {k: v.to(own[k].dtype) for k, v in to_state(arrays).items()}
     model.load_state_dict(state)
     return model
-
-
-def numpy_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
 
 
 def metric_record(values: dict) -> MetricRecord:

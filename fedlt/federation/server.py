@@ -8,7 +8,6 @@ round is exactly what ``Strategy.start`` does, minus federated evaluation.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -21,20 +20,10 @@ from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, experiment_for, model_for
 from fedlt.federation.records import load_into, to_arrays
-from fedlt.federation.strategy import FedLTStrategy
+from fedlt.federation.strategy import FedLTStrategy, round_lr
 from fedlt.registry import STRATEGIES
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
-
-
-def round_lr(cfg: Config, server_round: int) -> float:
-    """The clients' lr in round t (1-based), from ``federation.lr_schedule`` over the rounds."""
-    fed, lr = cfg.federation, cfg.train.lr
-    if fed.lr_schedule == "step":
-        return lr * fed.lr_gamma ** sum(server_round > m for m in fed.lr_milestones)
-    if fed.lr_schedule == "cosine":
-        return 0.5 * lr * (1 + math.cos(math.pi * (server_round - 1) / max(fed.rounds, 1)))
-    return lr
 
 
 def discover_nodes(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[int, int]:

@@ -8,16 +8,24 @@ Hooks a strategy plug-in may override (each optional):
   send-and-receive, aggregate_train); a strategy with sub-rounds (GBME's expert phase) or extra query
   rounds (CReFF) overrides it;
 - ``train_config(server_round, partition_id)``: extra config for one client's train message;
-- ``aggregate_train(server_round, replies)``: Flower's own hook (call ``super()`` for FedAvg);
+- ``aggregate_train(server_round, replies)``: Flower's own hook: checks the replies, then ``aggregate_checked``;
+- ``aggregate_checked(server_round, replies)``: the aggregation of checked replies (Flower's FedAvg by
+  default; a strategy with another rule, e.g. FedAvgM's server momentum, inherits it from Flower);
 - ``eval_model(model)``: the model to evaluate, given the global model (e.g. with a re-trained classifier);
 - ``transform_logits(logits)``: a post-hoc change to the global model's test logits;
 - ``summary_extras()``: what the strategy adds to ``summary.json`` (estimated prior, groups …);
 - ``state_dict()`` / ``load_state_dict(state)``: server-side state, saved with each checkpoint.
+
+The round's own calls between hooks (``run_round`` -> ``configure_train`` -> ``messages`` ->
+``train_config``; ``run_round`` -> ``aggregate_train`` -> ``aggregate_checked``) go through ``self.outer``: the strategy itself, or the
+outermost wrapper around it (:mod:`fedlt.federation.compose`), so that a wrapper's override of one of these
+hooks (e.g. DP's noise on every aggregation, GBME's sub-rounds included) applies inside its base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+import math
 from typing import Any
 
 import torch
@@ -34,6 +42,16 @@ class ClientFailure(RuntimeError):
     """A client raised, and the run tolerates no more failures: the run stops with the client's traceback."""
 
 
+def round_lr(cfg: Config, server_round: int) -> float:
+    """The clients' lr in round t (1-based), from ``federation.lr_schedule`` over the rounds."""
+    fed, lr = cfg.federation, cfg.train.lr
+    if fed.lr_schedule == "step":
+        return lr * fed.lr_gamma ** sum(server_round > m for m in fed.lr_milestones)
+    if fed.lr_schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * (server_round - 1) / max(fed.rounds, 1)))
+    return lr
+
+
 def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
     """Partition ids of round ``server_round``: max(1, round(fraction·K)) distinct clients, sorted, drawn from a generator seeded by (seed, round) so a resumed run draws the same cohorts."""
     size = max(1, int(round(fraction * num_clients)))
@@ -47,14 +65,19 @@ def _metrics(msg: Message) -> MetricRecord:
 
 
 class FedLTStrategy(FedAvg):
-    """FedAvg (McMahan et al., 2017): w ← Σ_k (n_k / Σ_j n_j)·w_k over the round's cohort."""
+    """FedAvg (McMahan et al., AISTATS 2017): w ← Σ_k (n_k / Σ_j n_j)·w_k over the round's cohort.
+
+    Of Flower's ``FedAvg`` constructor only ``fraction_train`` (= ``federation.fraction``) and the record keys
+    are used: fedlt draws its own cohorts (:func:`sample_cohort`) and never calls Flower's ``configure_*`` or
+    its federated evaluation, so ``min_*_nodes`` and ``fraction_evaluate`` would have no effect and are not
+    passed (the round loop waits for every partition's node instead, :func:`fedlt.federation.server.discover_nodes`).
+    """
 
     client: str = "fedavg"  # the client method this strategy pairs with
     Options = StrategyOptions  # a strategy with keys of its own subclasses this (``class Options(...)``)
 
     def __init__(self, cfg: Config, num_classes: int, **flower_kwargs: Any) -> None:
-        super().__init__(fraction_train=cfg.federation.fraction, fraction_evaluate=1.0,
-                         min_train_nodes=1, min_available_nodes=1, **flower_kwargs)
+        super().__init__(fraction_train=cfg.federation.fraction, **flower_kwargs)
         self.cfg = cfg
         self.opts = cfg.strategy
         self.num_classes = num_classes
@@ -64,6 +87,7 @@ class FedLTStrategy(FedAvg):
         self.last_cohort: list[int] = []
         self.fit_seconds = 0.0  # clients' own training time in the replies checked since the loop reset it
         self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
+        self.outer: FedLTStrategy = self  # whose hooks this strategy's round calls (a wrapper sets itself)
 
     # ------------------------------------------------------------------ plumbing
     def bind(self, node_of: dict[int, int]) -> None:
@@ -82,7 +106,7 @@ class FedLTStrategy(FedAvg):
         out = []
         for pid in pids:
             cfg = ConfigRecord({**dict(config), "server-round": server_round, "partition-id": pid,
-                                **self.train_config(server_round, pid)})
+                                **self.outer.train_config(server_round, pid)})
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             out.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
         return out
@@ -109,18 +133,23 @@ class FedLTStrategy(FedAvg):
               timeout: float = 3600, server_round: int = 0) -> list[Message]:
         """Send a query ``action`` to clients and return their (checked, sorted) replies."""
         cfg = ConfigRecord({"action": action, **(config or {})})
-        msgs = self.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
+        msgs = self.outer.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
         return self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
 
     # ------------------------------------------------------------------ Flower hooks
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.last_cohort = self.cohort(server_round)
-        return self.messages(self.last_cohort, arrays, config, MessageType.TRAIN, server_round)
+        return self.outer.messages(self.last_cohort, arrays, config, MessageType.TRAIN, server_round)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round, self.check_replies(replies))
+        return self.outer.aggregate_checked(server_round, self.check_replies(replies))
+
+    def aggregate_checked(self, server_round: int,
+                          replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate replies already checked (:meth:`check_replies`): Flower's rule of this class's bases."""
+        return super().aggregate_train(server_round, replies)
 
     def summary(self) -> None:  # Flower's log summary; fedlt prints its own progress
         pass
@@ -132,8 +161,8 @@ class FedLTStrategy(FedAvg):
     def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """One round: the new global arrays and the aggregated train metrics."""
-        replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid))
-        return self.aggregate_train(server_round, replies)
+        replies = grid.send_and_receive(self.outer.configure_train(server_round, arrays, config, grid))
+        return self.outer.aggregate_train(server_round, replies)
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -152,4 +181,3 @@ class FedLTStrategy(FedAvg):
 
     def load_state_dict(self, state: dict) -> None:
         self.failures = state.get("failures", 0)
-

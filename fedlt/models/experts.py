@@ -30,7 +30,8 @@ class ExpertOptions(HeadOptions):
 
 class MultiExpertModel(nn.Module):
     """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)); each expert is a :class:`SplitModel` on the stem's
-    output. ``expert_logits`` gives the (M, N, C) stack."""
+    output. ``expert_logits`` gives the (M, N, C) stack, ``expert_forward(x, m)`` expert m's logits alone and
+    ``train_only_expert(m)`` freezes every other expert (GBME's expert phase)."""
 
     def __init__(self, stem: nn.Module, experts: list[SplitModel]) -> None:
         super().__init__()
@@ -42,7 +43,23 @@ class MultiExpertModel(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def expert_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """z_m = expert_m(stem(x)): expert ``m``'s logits alone (the other experts are not run)."""
+        return self.experts[m](self.stem(x))
+
+    def expert_model(self, m: int) -> nn.Module:
+        """Expert ``m`` alone as a model, x -> z_m (it shares this model's stem and expert parameters)."""
+        return nn.Sequential(self.stem, self.experts[m])
+
+    def train_only_expert(self, m: int | None) -> None:
+        """Let gradients reach the stem and expert ``m`` only (``None``: every expert): the other experts'
+        parameters get ``requires_grad=False``, so they get no gradient and no weight decay."""
+        self.stem.requires_grad_(True)
+        for i, expert in enumerate(self.experts):
+            expert.requires_grad_(m is None or i == m)
+
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The (M, N, C) stack of every expert's logits."""
         s = self.stem(x)
         return torch.stack([e(s) for e in self.experts])
 

@@ -1,12 +1,16 @@
-"""GBME (Zeng et al., ICCV 2023; METHODS.md §3.2), without the release's defects D1-D6.
+"""GBME: global balanced experts (Zeng et al., "Global Balanced Experts for Federated Long-Tailed Learning",
+ICCV 2023), following the official code Spinozaaa/Federated-Long-tailed-Learning
+(fedml_api/clsimb_fedavg/fedavg_api.py) except where that release departs from the paper (said below).
 
 (a) before round 1, all K clients train one CE epoch from θ0; the server estimates π̂ from their classifier
-    updates (fedlt/federation/prior.py); θ0 is never modified (D3);
+    updates (:mod:`strategies.gbme.prior`); θ0 is only read (the release sums the experts' classifier
+    weights in place into θ0's and the clients' first expert while it estimates);
 (b) clients are sorted by score_k = Σ_c N̂_c·p̂_kc (descending) and cut into M contiguous groups;
-(c) rounds t ≤ ⌈joint_fraction·T⌉ (0-based t < 0.6T): FedAvg every round (D1) of all experts on
-    Σ_m CE(z_m + log π̂, y);
-(d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with exactly S distinct clients,
-    ⌊β_g·S⌋ of them from group m (D5), loss CE(z_m + log π̂, y) with no multiplier (D4);
+(c) rounds t ≤ ⌈joint_fraction·T⌉ (0-based t < 0.6T): one FedAvg aggregation every round of all experts on
+    Σ_m CE(z_m + log π̂, y) (the release's joint-phase rounds train the clients but never aggregate them);
+(d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with exactly S distinct clients, ⌊β_g·S⌋ of
+    them from group m (the release draws the rest from all K, so a client can be drawn twice), loss
+    CE(z_m + log π̂, y) with no multiplier (the release multiplies it by 5, which the paper does not state);
 (e) prediction argmax z̄ (the model's mean output); no post-hoc adjustment.
 summary.json gets π̂, its L1/KL error, the groups and each expert's test accuracy.
 
@@ -26,12 +30,12 @@ from pydantic import Field
 
 from fedlt.config import Config
 from fedlt.experiment import STREAM_COHORT, experiment_for, model_for, seeded_rng
-from fedlt.federation.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
-                                    sample_expert_cohort)
 from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
 from fedlt.train import predict_logits
+from strategies.gbme.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
+                                   sample_expert_cohort)
 
 
 @STRATEGIES.register("gbme")
@@ -57,7 +61,7 @@ class GBME(FedLTStrategy):
     # ------------------------------------------------------------------ (a), (b)
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         model = model_for(self.cfg, experiment_for(self.cfg))
-        if not hasattr(model, "expert_logits"):
+        if not hasattr(model, "expert_forward"):
             raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts or small_cnn_experts")
         self.prior, _ = run_prior_estimation(self, grid, arrays)
         groups, scores = group_clients(self.prior.p_hat, self.prior.counts, model.num_experts)
@@ -89,8 +93,8 @@ class GBME(FedLTStrategy):
             rng = seeded_rng(self.cfg.seed, STREAM_COHORT, server_round, m + 1)
             cohort = sample_expert_cohort(rng, group, self.num_clients, size, self.opts.beta_g)
             self.expert = m
-            msgs = self.messages(cohort, arrays, config, MessageType.TRAIN, server_round)
-            new, metrics = self.aggregate_train(server_round, grid.send_and_receive(msgs))
+            msgs = self.outer.messages(cohort, arrays, config, MessageType.TRAIN, server_round)
+            new, metrics = self.outer.aggregate_train(server_round, grid.send_and_receive(msgs))
             if new is None:
                 raise RuntimeError(f"round {server_round}, expert {m}: no client returned weights")
             arrays = new
@@ -110,8 +114,7 @@ class GBME(FedLTStrategy):
         with torch.no_grad():
             accs = []
             for m in range(model.num_experts):
-                wrapped = _ExpertView(model, m)
-                logits = predict_logits(wrapped, test, self.cfg.eval.batch_size)
+                logits = predict_logits(model.expert_model(m), test, self.cfg.eval.batch_size)
                 accs.append(float((logits.argmax(1) == test.labels).float().mean()))
         return accs
 
@@ -133,13 +136,3 @@ class GBME(FedLTStrategy):
             self.prior = PriorEstimate(**{k: np.asarray(v) for k, v in state["prior"].items()})
         self.groups, self.scores = state.get("groups", []), state.get("scores", [])
 
-
-class _ExpertView(torch.nn.Module):
-    """Expert m alone: x -> z_m."""
-
-    def __init__(self, model, m: int) -> None:
-        super().__init__()
-        self.model, self.m = model, m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.experts[self.m](self.model.stem(x))

@@ -1,10 +1,12 @@
-"""Server-side estimation of the global class prior from classifier updates, and GBME's client grouping
-(METHODS.md §3.2 (a)-(b), §1.5).
+"""GBME's private estimate of the global class prior from classifier updates, its client grouping and its
+expert cohorts (Zeng et al., "Global Balanced Experts for Federated Long-Tailed Learning", ICCV 2023, Sec. 3;
+official code Spinozaaa/Federated-Long-tailed-Learning, fedml_api/clsimb_fedavg/fedavg_api.py).
 
-Every client trains one local epoch of plain cross-entropy from the initial model θ0 and returns its
-classifier weight W_k in (d, C) layout (multi-expert models: mean over experts). The server computes
-ΔW_k = W_k − W0, s_kc = Σ_d ΔW_k[d, c] (≤ 0 -> 1e-5), p̂_k = s_k / Σ_c s_kc, n̂_k = round(p̂_k·n_k),
-N̂_c = max(5, Σ_k n̂_kc) and π̂ = N̂ / Σ_c N̂_c. Nothing here changes its inputs in place (GBME's D3).
+Every client trains one local epoch of plain cross-entropy from the initial model θ0 (query ``prior-epoch``)
+and returns only its classifier weight W_k in (d, C) layout (multi-expert models: mean over experts). The
+server computes ΔW_k = W_k − W0, s_kc = Σ_d ΔW_k[d, c] (≤ 0 -> 1e-5), p̂_k = s_k / Σ_c s_kc,
+n̂_k = round(p̂_k·n_k), N̂_c = max(5, Σ_k n̂_kc) and π̂ = N̂ / Σ_c N̂_c. The official release sums the experts'
+classifier weights in place into θ0's while it estimates; nothing here changes its inputs. ``posthoc_calibration`` uses the same estimator.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
 from torch import nn
+
+from fedlt.client_method import FitResult
+from fedlt.config import Config
+from fedlt.experiment import experiment_for, model_for
+from fedlt.federation.queries import QUERIES
+from fedlt.federation.records import load_into
+from fedlt.federation.strategy import FedLTStrategy, round_lr
+from fedlt.models.base import NormedLinear
+from fedlt.train import Augment, OptimConfig, TensorData, cross_entropy_objective, train
 
 SCORE_FLOOR = 1e-5
 COUNT_FLOOR = 5
@@ -22,8 +35,6 @@ COUNT_FLOOR = 5
 def classifier_weight_dc(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> np.ndarray:
     """The classifier weight as a (d, C) float64 copy: ``nn.Linear`` stores (C, d), ``NormedLinear`` (d, C).
     A model with several ``classifier`` modules (experts) gives their mean."""
-    from fedlt.models.base import NormedLinear
-
     state = model.state_dict() if state is None else state
     mats = []
     for name, module in model.named_modules():
@@ -45,10 +56,6 @@ class PriorEstimate:
     n_hat: np.ndarray  # (K, C) estimated counts
     counts: np.ndarray  # (C,) N̂_c
     pi_hat: np.ndarray  # (C,)
-
-    def to_dict(self) -> dict:
-        return {"pi_hat": self.pi_hat.tolist(), "estimated_counts": self.counts.tolist(),
-                "client_p_hat": self.p_hat.tolist()}
 
 
 def class_scores(delta_w: np.ndarray) -> np.ndarray:
@@ -90,8 +97,9 @@ def prior_error(pi: np.ndarray, pi_hat: np.ndarray) -> dict[str, float]:
 
 def sample_expert_cohort(rng: np.random.Generator, group: list[int], num_clients: int, size: int,
                          group_fraction: float) -> list[int]:
-    """GBME's expert cohort without D5: ⌊β_g·S⌋ distinct clients of ``group`` (at most the group), the rest
-    drawn from the other clients of all K, so exactly min(S, K) distinct clients. Sorted."""
+    """GBME's cohort of an expert: ⌊β_g·S⌋ distinct clients of ``group`` (at most the group), the rest drawn
+    from the other clients of all K, so exactly min(S, K) distinct clients. Sorted. (The official release draws the
+    rest from all K, so a group client can be drawn twice.)"""
     size = min(size, num_clients)
     n_group = min(int(np.floor(group_fraction * size)), len(group))
     chosen = rng.choice(np.asarray(group, dtype=np.int64), size=n_group, replace=False).tolist() if n_group else []
@@ -100,14 +108,23 @@ def sample_expert_cohort(rng: np.random.Generator, group: list[int], num_clients
     return sorted(int(k) for k in chosen)
 
 
-# --------------------------------------------------------------------------- the query round (server side)
-def run_prior_estimation(strategy, grid, arrays) -> tuple[PriorEstimate, list[int]]:
-    """Ask every client (all K) for one CE epoch from ``arrays`` (θ0) and estimate π̂ from their classifier
-    weights. ``arrays`` is only read. Returns the estimate and the partition ids that answered."""
-    from fedlt.experiment import experiment_for, model_for
-    from fedlt.federation.records import load_into
-    from fedlt.federation.server import round_lr
+# --------------------------------------------------------------------------- the query round
+@QUERIES.register("prior-epoch")
+def prior_epoch(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+                augment: Augment) -> FitResult:
+    """A client's answer: one local epoch of plain CE from the received weights at lr ``config['lr']``;
+    returns the classifier weight in (d, C) layout only (no other weights leave the client)."""
+    t = cfg.train
+    opt = OptimConfig(lr=float(config.get("lr", t.lr)), momentum=t.momentum, weight_decay=t.weight_decay,
+                      nesterov=t.nesterov, batch_size=t.batch_size)
+    result = train(model, data, cross_entropy_objective, opt=opt, epochs=1.0, generator=generator, augment=augment)
+    return FitResult(state={}, metrics={"num-examples": len(data), "train_loss": result.loss},
+                     extra_arrays={"classifier": {"weight": classifier_weight_dc(model)}})
 
+
+def run_prior_estimation(strategy: FedLTStrategy, grid: Grid, arrays: ArrayRecord) -> tuple[PriorEstimate, list[int]]:
+    """Ask every client (all K) for one CE epoch from ``arrays`` (θ0) at round 1's lr and estimate π̂ from
+    their classifier weights. ``arrays`` is only read. Returns the estimate and the partition ids that answered."""
     exp = experiment_for(strategy.cfg)
     model = load_into(model_for(strategy.cfg, exp), arrays)
     w0 = classifier_weight_dc(model)
