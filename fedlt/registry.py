@@ -35,8 +35,14 @@ def load_plugins() -> None:
     import fedlt.models  # noqa: F401  (registers the models)
     import fedlt.centralized  # noqa: F401  (registers the centralized methods)
     import fedlt.losses  # noqa: F401  (registers the losses)
+    names = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
+        names.append(ep.name)
+    if not {"clients", "strategies"} <= set(names):  # fedlt's own plug-ins come through the same door
+        raise FedLTError(f"fedlt's built-in plug-ins (clients, strategies) are missing from the {ENTRY_POINT_GROUP!r} "
+                         f"entry points of the installed package (found: {', '.join(names) or 'none'}); its metadata "
+                         f"is stale or absent: reinstall it with pip install -e .")
 
 
 def import_plugins(modules: list[str]) -> None:

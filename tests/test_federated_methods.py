@@ -302,7 +302,7 @@ def test_dp_privacy_block_names_the_accountant():
     cfg = load_config(None, ["strategy.name=dp_server_fixed", "strategy.delta=0.1"])
     strategy = STRATEGIES.get("dp_server_fixed")(cfg, 10)
     strategy.bind({pid: 100 + pid for pid in range(4)})
-    strategy.dp_releases, strategy.dp_sampled = 20, 2  # 20 releases at q = 2/4, σ = 1
+    strategy.releases, strategy.sampled = 20, 2  # 20 releases at q = 2/4, σ = 1
     p = strategy.privacy_spent()
     assert p["accountant"].startswith("opacus.accountants.analysis.rdp")
     assert round(p["epsilon"], 2) == 8.06 and p["sampling_rate"] == 0.5 and p["delta"] == 0.1
@@ -397,7 +397,7 @@ def test_dp_client_fixed_simulation_moves_the_model_at_most_c_per_round(tiny_lis
                       "strategy.noise_multiplier=0")
     summary, rows = simulate(cfg, tmp_path / "run")
     w0 = model_for(cfg, experiment_for(cfg)).state_dict()
-    w2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    w2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["model"]
     moved = torch.sqrt(sum(((w2[k].double() - w0[k].double()) ** 2).sum() for k in w0)).item()
     # without noise, each round's global step is the mean of updates clipped to C on the clients
     assert 0 < moved <= 2 * C * (1 + 1e-4)
@@ -453,7 +453,7 @@ def test_fedavgm_server_momentum_by_hand(message_identity):
 
 
 def final_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(path / "checkpoint.pt", weights_only=False)["state"]["model"]
 
 
 def distance(a: dict, b: dict) -> float:
@@ -494,7 +494,7 @@ def test_fedlc_simulation_with_tau_zero_is_fedavg(baseline_runs):
 
 def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
     summary, rows, w, path = baseline_runs["fedavgm"]
-    state = torch.load(path / "checkpoint.pt", weights_only=False)["strategy"]
+    state = torch.load(path / "checkpoint.pt", weights_only=False)["state"]["strategy"]
     assert state["momentum"] is not None and len(state["momentum"]) == len(w)
     # the server's current weights are the checkpointed global model, and momentum made it differ from FedAvg
     assert all(np.array_equal(c, w[k].numpy()) for k, c in zip(state["keys"], state["current"]))
@@ -571,8 +571,8 @@ def test_run_resumed_after_its_last_checkpoint_reports_the_calibrated_model(wrap
     ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
     exp = experiment_for(cfg)
     strategy = STRATEGIES.get(wrapper)(cfg, exp.num_classes)
-    strategy.load_state_dict(ckpt["strategy"])
-    strategy.global_arrays = to_arrays(ckpt["model"])
+    strategy.load_state_dict(ckpt["state"]["strategy"])
+    strategy.global_arrays = to_arrays(ckpt["state"]["model"])
     model = load_into(model_for(cfg, exp), strategy.global_arrays)
     evaluated = strategy.eval_model(model)
     assert evaluated is not model and torch.equal(evaluated.classifier.weight, strategy.classifier["weight"])

@@ -55,15 +55,26 @@ def test_third_party_module_through_entry_point(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
 
+    real = registry.entry_points
+
     def fake_entry_points(group=None, **kw):
         seen.append(group)
-        return [FakeEntryPoint("fake", "fedlt_fake_plugin")] if group == registry.ENTRY_POINT_GROUP else []
+        return [*real(group=group), FakeEntryPoint("fake", "fedlt_fake_plugin")]
 
     monkeypatch.setattr(registry, "entry_points", fake_entry_points)
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     assert "fake_third_party" in STRATEGIES
     assert seen == [registry.ENTRY_POINT_GROUP]
     assert load_config(None, ["strategy.name=fake_third_party"]).strategy.knob == 3
+
+
+def test_built_in_plug_ins_come_through_the_entry_points(monkeypatch):
+    """fedlt never imports clients/ or strategies/ by name: stale package metadata is a clear error, not an
+    empty list of strategies."""
+    monkeypatch.setattr(registry, "entry_points", lambda group=None, **kw: [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    with pytest.raises(FedLTError, match="built-in plug-ins .* reinstall it with pip install -e ."):
+        registry.load_plugins()
 
 
 def test_docs_example_is_short_and_documented():
