@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
-from fedlt.experiment import STREAM_CENTRAL, experiment_for, model_for, torch_generator  # noqa: E402
+from fedlt.experiment import experiment_for, model_for  # noqa: E402
+from fedlt.streams import Stream, torch_generator  # noqa: E402
+from fedlt.streams import Stream
 from strategies.ccvr import fit_classifier  # noqa: E402
 from fedlt.train import normalize  # noqa: E402
 
@@ -51,7 +53,7 @@ def main() -> None:
         model.eval()
         feats = ckpt["state"]["strategy"]["creff_features"]
         C, n, d = feats.shape
-        init = torch.randn(C, n, d, generator=torch_generator(cfg.seed, STREAM_CENTRAL, 102, 0))
+        init = torch.randn(C, n, d, generator=torch_generator(cfg.seed, Stream.CREFF, 0))
         train = exp.tensor_data("train")
         idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:args.per_class] for c in range(C)])
         with torch.no_grad():

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
-from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator  # noqa: E402
+from fedlt.experiment import augment_for, experiment_for, model_for  # noqa: E402
+from fedlt.streams import Stream, torch_generator  # noqa: E402
+from fedlt.streams import Stream
 from fedlt.federation.runner import run_federated  # noqa: E402
 from fedlt.federation.strategy import round_lr  # noqa: E402
 from fedlt.federation.strategy import sample_cohort  # noqa: E402
@@ -52,7 +54,7 @@ def in_process_rounds(cfg: dict, rounds: int) -> list[float]:
             model.load_state_dict(global_state)
             data = exp.client_data(pid)
             r = method.fit(model, data, {"lr": round_lr(cfg, t), "partition-id": pid},
-                           torch_generator(cfg.seed, STREAM_CLIENT, t, pid), augment_for(cfg))
+                           torch_generator(cfg.seed, Stream.CLIENT, t, pid), augment_for(cfg))
             states.append(r.state)
             sizes.append(len(data))
         total = sum(sizes)

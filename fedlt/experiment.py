@@ -19,20 +19,8 @@ from fedlt.data.sources import Split, load_source
 from fedlt.errors import FedLTError
 from fedlt.models import SplitModel, build_model
 from fedlt.registry import DATASETS
+from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Augment, TensorData
-
-# Independent random streams, all derived from the config's seed.
-STREAM_LONGTAIL, STREAM_PARTITION, STREAM_COHORT, STREAM_CLIENT, STREAM_INIT, STREAM_CENTRAL = 1, 2, 3, 4, 5, 6
-
-
-def seeded_rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *stream])
-
-
-def torch_generator(seed: int, *stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
 
 @dataclass
 class Experiment:
@@ -77,9 +65,9 @@ def build_experiment(cfg: Config) -> Experiment:
     if data.profile != "none":
         n_max = meta.get("n_max") or int(train.class_counts.max())
         counts = longtail_counts(n_max, train.num_classes, data.imbalance_factor, data.profile)
-        train = train.subset(longtail_indices(train.labels, counts, seeded_rng(seed, STREAM_LONGTAIL)))
+        train = train.subset(longtail_indices(train.labels, counts, seeded_rng(seed, Stream.LONGTAIL)))
     train, test = train.materialize(), test.materialize()
-    rng = seeded_rng(seed, STREAM_PARTITION)
+    rng = seeded_rng(seed, Stream.PARTITION)
     k = part.num_clients
     if k > len(train):
         raise FedLTError(f"partition.num_clients={k} is more than the {len(train)} training samples")
@@ -113,7 +101,7 @@ def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides
     name = name or cfg.model.name
     kw = {**cfg.model.model_dump(exclude={"name"}), **overrides}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seeded_rng(cfg.seed, STREAM_INIT).integers(2**31)))
+        torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT).integers(2**31)))
         return build_model(name, exp.num_classes, exp.in_channels, **kw)
 
 

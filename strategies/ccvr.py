@@ -27,7 +27,8 @@ from fedlt.client_method import FitResult
 from fedlt.config import Config
 from fedlt.data.augment import normalize
 from fedlt.errors import FedLTError
-from fedlt.experiment import STREAM_CENTRAL, experiment_for, model_for, torch_generator
+from fedlt.experiment import experiment_for, model_for
+from fedlt.streams import Stream, torch_generator
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import load_into
@@ -171,7 +172,7 @@ class CCVR(StrategyWrapper):
         stats = [r.content["stats"] for r in replies]
         mu, cov, counts = pool_class_stats(*(np.stack([s[k].numpy() for s in stats]) for k in ("mean", "cov", "count")))
         o = self.opts
-        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 101, server_round)
+        gen = torch_generator(self.cfg.seed, Stream.CCVR, server_round)
         feats, labels = sample_virtual(mu, cov, counts, o.num_virtual, o.ridge, gen)
         clf = fit_classifier(model.classifier, feats, labels, o.epochs, o.lr, o.batch_size, gen, o.momentum)
         self.classifier = {k: v.detach().clone() for k, v in clf.state_dict().items()}

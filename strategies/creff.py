@@ -28,7 +28,7 @@ from torch import nn
 from fedlt.client_method import FitResult
 from fedlt.config import Config
 from fedlt.errors import FedLTError
-from fedlt.experiment import STREAM_CENTRAL, torch_generator
+from fedlt.streams import Stream, torch_generator
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import to_arrays, to_state
@@ -145,9 +145,9 @@ class CReFF(StrategyWrapper):
         grads = [r.content["grads"] for r in replies]
         gw, gb, present = average_class_grads([g["weight"].numpy() for g in grads], [g["bias"].numpy() for g in grads],
                                               [g["has"].numpy() for g in grads])
-        gen = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, server_round)
+        gen = torch_generator(self.cfg.seed, Stream.CREFF, server_round)
         if self.features is None:
-            init = torch_generator(self.cfg.seed, STREAM_CENTRAL, 102, 0)
+            init = torch_generator(self.cfg.seed, Stream.CREFF, 0)
             self.features = torch.randn(C, o.num_features, W.shape[1], generator=init)
         self.features = match_features(self.features, W, b, torch.as_tensor(gw, dtype=torch.float32),
                                        torch.as_tensor(gb, dtype=torch.float32), present, o.match_steps, o.match_lr)

@@ -12,9 +12,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedlt.config import Config
-from fedlt.experiment import seeded_rng
+from fedlt.streams import seeded_rng
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import STREAM_DP, DPOptions, epsilon
+from fedlt.federation.dp import DPOptions, epsilon
+from fedlt.streams import Stream
 from fedlt.registry import STRATEGIES
 
 
@@ -54,7 +55,7 @@ class DPServerFixed(StrategyWrapper):
                                  self.opts.clipping_norm, self.sampled)
         dp.current_arrays = self.current
         state = np.random.get_state()  # Flower draws its noise from numpy's global generator: seed each release
-        np.random.seed(seeded_rng(self.cfg.seed, STREAM_DP, server_round, self.releases).integers(2**32))
+        np.random.seed(seeded_rng(self.cfg.seed, Stream.DP, server_round, self.releases).integers(2**32))
         try:
             out = dp.aggregate_train(server_round, replies)
         finally:

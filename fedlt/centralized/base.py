@@ -16,14 +16,14 @@ from torch import nn
 
 from fedlt.config import Config
 from fedlt.data.augment import strong_augment
-from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, model_for
+from fedlt.experiment import Experiment, augment_for, model_for
+from fedlt.streams import Stream, seeded_rng
 from fedlt.losses import log_prior, loss_objective
 from fedlt.options import CentralizedOptions
 from fedlt.registry import LOSSES
 from fedlt.samplers import make_sampler
 from fedlt.train import Augment, Objective, Sampler, TensorData, cross_entropy_objective
 
-STREAM_METHOD = 7  # the method's own random stream (mixup, classifier re-initialisation)
 
 
 class StrongView:
@@ -55,7 +55,7 @@ class CentralizedMethod:
         self.epochs = float(cfg.centralized.epochs)
         self.num_classes = len(train_counts)
         self.log_pi = log_prior(self.class_counts)
-        self.rng = np.random.default_rng([cfg.seed, STREAM_CENTRAL, STREAM_METHOD])
+        self.rng = seeded_rng(cfg.seed, Stream.CENTRAL, Stream.METHOD)
 
     # --- stage 1 ---
     def build_model(self, exp: Experiment) -> nn.Module:

@@ -14,7 +14,8 @@ from fedlt.centralized.base import CentralizedMethod
 from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.evaluation import evaluate_model
-from fedlt.experiment import STREAM_CENTRAL, Experiment, augment_for, experiment_for, torch_generator
+from fedlt.experiment import Experiment, augment_for, experiment_for
+from fedlt.streams import Stream, torch_generator
 from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
@@ -58,7 +59,7 @@ class CentralizedSteps:
         self.optimizer = make_optimizer(self.model, self.opt)
         self.data: TensorData = exp.tensor_data("train", device=device)
         self.test = exp.tensor_data("test", device=device)
-        self.generator = torch_generator(cfg.seed, STREAM_CENTRAL)
+        self.generator = torch_generator(cfg.seed, Stream.CENTRAL)
         self.augment = self.method.augment(self.data)
         self.epochs = cfg.centralized.epochs
         self.stage1, self.stage2 = int(np.ceil(self.epochs)), self.method.stage2_epochs()

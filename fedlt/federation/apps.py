@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
-from fedlt.experiment import STREAM_CLIENT, augment_for, experiment_for, model_for, torch_generator
+from fedlt.experiment import augment_for, experiment_for, model_for
+from fedlt.streams import Stream, torch_generator
 from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.records import load_into, metric_record, to_arrays
 from fedlt.registry import CLIENTS
@@ -66,7 +67,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             load_into(model, msg.content["arrays"])
         method: ClientMethod = CLIENTS.get(c.client.name)(c)
         config = dict(msg.content["config"])
-        gen = torch_generator(c.seed, STREAM_CLIENT, int(config.get("server-round", 0)), pid)
+        gen = torch_generator(c.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
         return c, pid, exp.client_data(pid, device), model, method, config, gen
 
     @app.train()

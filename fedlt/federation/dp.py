@@ -44,7 +44,6 @@ from fedlt.errors import FedLTError
 from fedlt.federation.compose import WrapperOptions
 
 ORDERS = tuple(range(2, 257))
-STREAM_DP = 7
 
 
 class DPOptions(WrapperOptions):

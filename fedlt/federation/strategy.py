@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config
-from fedlt.experiment import STREAM_COHORT, seeded_rng
+from fedlt.streams import Stream, seeded_rng
 from fedlt.options import StrategyOptions
 
 
@@ -55,7 +55,7 @@ def round_lr(cfg: Config, server_round: int) -> float:
 def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
     """Partition ids of round ``server_round``: max(1, round(fraction·K)) distinct clients, sorted, drawn from a generator seeded by (seed, round) so a resumed run draws the same cohorts."""
     size = max(1, int(round(fraction * num_clients)))
-    rng = seeded_rng(seed, STREAM_COHORT, server_round)
+    rng = seeded_rng(seed, Stream.COHORT, server_round)
     return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
 
 

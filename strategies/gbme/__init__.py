@@ -29,7 +29,8 @@ from flwr.serverapp import Grid
 from pydantic import Field
 
 from fedlt.config import Config
-from fedlt.experiment import STREAM_COHORT, experiment_for, model_for, seeded_rng
+from fedlt.experiment import experiment_for, model_for
+from fedlt.streams import Stream, seeded_rng
 from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
@@ -90,7 +91,7 @@ class GBME(FedLTStrategy):
         cohorts, losses = [], {}
         metrics = None
         for m, group in enumerate(self.groups):
-            rng = seeded_rng(self.cfg.seed, STREAM_COHORT, server_round, m + 1)
+            rng = seeded_rng(self.cfg.seed, Stream.COHORT, server_round, m + 1)
             cohort = sample_expert_cohort(rng, group, self.num_clients, size, self.opts.beta_g)
             self.expert = m
             msgs = self.outer.messages(cohort, arrays, config, MessageType.TRAIN, server_round)
