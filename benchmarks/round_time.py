@@ -33,7 +33,6 @@ from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
 from fedlt.experiment import augment_for, experiment_for, model_for  # noqa: E402
 from fedlt.streams import Stream, torch_generator  # noqa: E402
-from fedlt.streams import Stream
 from fedlt.federation.runner import run_federated  # noqa: E402
 from fedlt.federation.strategy import round_lr  # noqa: E402
 from fedlt.federation.strategy import sample_cohort  # noqa: E402
