@@ -16,7 +16,7 @@ GROUPS = ("many", "medium", "few")
 def class_groups(train_counts: np.ndarray) -> tuple[np.ndarray, str]:
     """Group id per class (0 many, 1 medium, 2 few) and the rule used.
 
-    Count rule: many > 100, few < 20, medium 20–100 (METHODS.md §1.2). Where it leaves a group
+    Count rule: many > 100, few < 20, medium 20–100 (classifier-balancing's ``shot_acc``, Kang et al., ICLR 2020). Where it leaves a group
     empty (10-class sets), class-index thirds g(c) = ⌊3c/C⌋ instead.
     """
     counts = np.asarray(train_counts)

@@ -21,7 +21,7 @@ def _file_list(root=None, train_list="train.txt", test_list="test.txt", image_si
     return sources.load_file_list(root, train_list, test_list, image_size)
 
 
-# n_max: the head-class count of the long-tailed profile (METHODS.md §1.1).
+# n_max: the head-class count of the long-tailed profile (kaidic/LDAM-DRW ``get_img_num_per_cls``).
 FASHION = dict(mean=(0.2860,), std=(0.3530,))
 CIFAR10 = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 CIFAR100 = dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))

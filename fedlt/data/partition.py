@@ -20,7 +20,7 @@ def _check(n: int, num_clients: int, min_size: int = 1) -> None:
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
                         min_size: int = 10, balance: bool = True, max_tries: int = 1000) -> list[np.ndarray]:
-    """Dirichlet(α) label skew in the NIID-Bench form used by GBME (METHODS.md §1.4).
+    """Dirichlet(α) label skew in the NIID-Bench form used by GBME (Li et al., ICDE 2022; GBME's release).
 
     For each class c: q ~ Dir(α·1_K); with ``balance`` q_k ← 0 for clients already holding ≥ N/K
     samples; the shuffled indices of c are cut at cumsum(q)·n_c. Redrawn until min_k n_k ≥ ``min_size``.
