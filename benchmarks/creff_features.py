@@ -26,8 +26,8 @@ from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
 from fedlt.experiment import experiment_for, model_for  # noqa: E402
 from fedlt.streams import Stream, torch_generator  # noqa: E402
-from strategies.ccvr import fit_classifier  # noqa: E402
 from fedlt.train import normalize  # noqa: E402
+from strategies.ccvr import fit_classifier  # noqa: E402
 
 
 def scores(model: nn.Module, classifier: nn.Module, exp) -> str:

@@ -32,11 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlt.config import load_config  # noqa: E402
 from fedlt.evaluation import evaluate_model  # noqa: E402
 from fedlt.experiment import augment_for, experiment_for, model_for  # noqa: E402
-from fedlt.streams import Stream, torch_generator  # noqa: E402
 from fedlt.federation.runner import run_federated  # noqa: E402
-from fedlt.federation.strategy import round_lr  # noqa: E402
-from fedlt.federation.strategy import sample_cohort  # noqa: E402
+from fedlt.federation.strategy import (
+    round_lr,  # noqa: E402
+    sample_cohort,  # noqa: E402
+)
 from fedlt.registry import CLIENTS  # noqa: E402
+from fedlt.streams import Stream, torch_generator  # noqa: E402
 
 
 def in_process_rounds(cfg: dict, rounds: int) -> list[float]:

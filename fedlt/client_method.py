@@ -15,8 +15,15 @@ from torch import nn
 
 from fedlt.config import Config
 from fedlt.options import ClientOptions
-from fedlt.train import (Augment, Objective, OptimConfig, TensorData, cross_entropy_objective,
-                         instance_balanced_sampler, train)
+from fedlt.train import (
+    Augment,
+    Objective,
+    OptimConfig,
+    TensorData,
+    cross_entropy_objective,
+    instance_balanced_sampler,
+    train,
+)
 
 
 @dataclass

@@ -26,8 +26,15 @@ import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
 from fedlt.errors import FedLTError
-from fedlt.options import (CentralizedOptions, ClientOptions, DataOptions, ModelOptions, Options, StrategyOptions,
-                           option_rows)
+from fedlt.options import (
+    CentralizedOptions,
+    ClientOptions,
+    DataOptions,
+    ModelOptions,
+    Options,
+    StrategyOptions,
+    option_rows,
+)
 
 
 class PartitionConfig(Options):

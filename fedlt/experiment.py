@@ -22,6 +22,7 @@ from fedlt.registry import DATASETS
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Augment, TensorData
 
+
 @dataclass
 class Experiment:
     train: Split  # long-tailed, in memory

@@ -17,8 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from fedlt.errors import FedLTError
-from fedlt.options import (CentralizedOptions, ClientOptions, DataOptions, HeadOptions, Options,
-                           StrategyOptions)
+from fedlt.options import CentralizedOptions, ClientOptions, DataOptions, HeadOptions, Options, StrategyOptions
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "fedlt.plugins"
@@ -31,10 +30,10 @@ def load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    import fedlt.data.catalog  # noqa: F401  (registers the data sets)
-    import fedlt.models  # noqa: F401  (registers the models)
     import fedlt.centralized  # noqa: F401  (registers the centralized methods)
+    import fedlt.data.catalog  # noqa: F401  (registers the data sets)
     import fedlt.losses  # noqa: F401  (registers the losses)
+    import fedlt.models  # noqa: F401  (registers the models)
     names = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()

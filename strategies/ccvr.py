@@ -28,11 +28,11 @@ from fedlt.config import Config
 from fedlt.data.augment import normalize
 from fedlt.errors import FedLTError
 from fedlt.experiment import experiment_for, model_for
-from fedlt.streams import Stream, torch_generator
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import load_into
 from fedlt.registry import STRATEGIES
+from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData
 
 

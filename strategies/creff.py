@@ -28,11 +28,11 @@ from torch import nn
 from fedlt.client_method import FitResult
 from fedlt.config import Config
 from fedlt.errors import FedLTError
-from fedlt.streams import Stream, torch_generator
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.registry import STRATEGIES
+from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData, prepare_batch
 from strategies.ccvr import fit_classifier
 

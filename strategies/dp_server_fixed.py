@@ -12,11 +12,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedlt.config import Config
-from fedlt.streams import seeded_rng
 from fedlt.federation.compose import StrategyWrapper
 from fedlt.federation.dp import DPOptions, epsilon
-from fedlt.streams import Stream
 from fedlt.registry import STRATEGIES
+from fedlt.streams import Stream, seeded_rng
 
 
 class _Inner:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
-
 from pydantic import Field
 
 from fedlt.config import Config

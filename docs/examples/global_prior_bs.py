@@ -15,15 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from pydantic import Field
 
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.experiment import experiment_for
-from strategies.gbme.prior import PriorEstimate, prior_report, run_prior_estimation
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import CLIENTS, STRATEGIES
+from strategies.gbme.prior import PriorEstimate, prior_report, run_prior_estimation
 
 
 @CLIENTS.register("global_prior_bs")

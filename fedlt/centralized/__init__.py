@@ -12,8 +12,8 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
-from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized import decoupled, experts, methods  # noqa: F401  (register the methods)
+from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight
 from fedlt.centralized.experts import TwoViews
 from fedlt.centralized.run import run_centralized

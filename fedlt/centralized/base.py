@@ -17,13 +17,12 @@ from torch import nn
 from fedlt.config import Config
 from fedlt.data.augment import strong_augment
 from fedlt.experiment import Experiment, augment_for, model_for
-from fedlt.streams import Stream, seeded_rng
 from fedlt.losses import log_prior, loss_objective
 from fedlt.options import CentralizedOptions
 from fedlt.registry import LOSSES
 from fedlt.samplers import make_sampler
+from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Augment, Objective, Sampler, TensorData, cross_entropy_objective
-
 
 
 class StrongView:

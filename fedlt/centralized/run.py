@@ -15,10 +15,10 @@ from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, augment_for, experiment_for
-from fedlt.streams import Stream, torch_generator
 from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
+from fedlt.streams import Stream, torch_generator
 from fedlt.train import OptimConfig, TensorData, make_optimizer, train
 
 

@@ -13,6 +13,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 

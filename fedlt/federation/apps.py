@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import shlex
-from functools import lru_cache
 import time
 import traceback
+from functools import lru_cache
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -22,10 +22,10 @@ from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
-from fedlt.streams import Stream, torch_generator
 from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.records import load_into, metric_record, to_arrays
 from fedlt.registry import CLIENTS
+from fedlt.streams import Stream, torch_generator
 
 
 @lru_cache(maxsize=4)

@@ -18,12 +18,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator
+from torch import nn
 
 from fedlt.config import Config
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.options import StrategyOptions
 from fedlt.registry import STRATEGIES
-from torch import nn
 
 
 class WrapperOptions(StrategyOptions):

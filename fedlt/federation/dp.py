@@ -34,7 +34,6 @@ import math
 import warnings
 
 import numpy as np
-
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read

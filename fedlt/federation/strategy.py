@@ -24,8 +24,8 @@ hooks (e.g. DP's noise on every aggregation, GBME's sub-rounds included) applies
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,8 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config
-from fedlt.streams import Stream, seeded_rng
 from fedlt.options import StrategyOptions
+from fedlt.streams import Stream, seeded_rng
 
 
 class ClientFailure(RuntimeError):

@@ -6,8 +6,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedlt.report.figures import (FIGURES, fig_accuracy_rounds, fig_group_accuracy, fig_partition, fig_per_class,
-                                  fig_prior, fig_reliability)
+from fedlt.report.figures import (
+    FIGURES,
+    fig_accuracy_rounds,
+    fig_group_accuracy,
+    fig_partition,
+    fig_per_class,
+    fig_prior,
+    fig_reliability,
+)
 from fedlt.report.runs import Run
 from fedlt.report.tables import Row, build_rows, markdown_table, row_labels, settings_table, write_csv
 

@@ -30,13 +30,12 @@ from pydantic import Field
 
 from fedlt.config import Config
 from fedlt.experiment import experiment_for, model_for
-from fedlt.streams import Stream, seeded_rng
 from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
+from fedlt.streams import Stream, seeded_rng
 from fedlt.train import predict_logits
-from strategies.gbme.prior import (PriorEstimate, group_clients, prior_report, run_prior_estimation,
-                                   sample_expert_cohort)
+from strategies.gbme.prior import PriorEstimate, group_clients, prior_report, run_prior_estimation, sample_expert_cohort
 
 
 @STRATEGIES.register("gbme")
