@@ -1,5 +1,6 @@
-"""Federated runs through Flower's simulation engine on a small Fashion-MNIST-LT, and the strategy's
-aggregation on hand-made replies."""
+"""Federated runs on a small Fashion-MNIST-LT through Flower's simulation engine (Ray: a basic run, a resumed
+run, a failing client) and through the in-process engine (bit-identical to Ray, tested; everything else), and
+the strategy's aggregation on hand-made replies."""
 
 import json
 
@@ -11,6 +12,7 @@ from flwr.app import Metadata
 
 from conftest import needs_fashion
 from fedlt.config import load_config
+from fedlt.federation.inprocess import run_inprocess
 from fedlt.federation.runner import run_federated
 from fedlt.federation.strategy import ClientFailure, FedLTStrategy, sample_cohort
 
@@ -29,7 +31,15 @@ def first_run(tmp_path_factory):
     return path, run_federated(small_cfg(), str(path))
 
 
+@pytest.fixture(scope="module")
+def inprocess_run(tmp_path_factory):
+    """The first run's config, evaluated every 2nd round, through the in-process engine."""
+    path = tmp_path_factory.mktemp("fed") / "again"
+    return path, run_inprocess(small_cfg("eval.every=2"), str(path))
+
+
 @needs_fashion
+@pytest.mark.slow
 def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
     path, summary = first_run
     for name in RUN_FILES:
@@ -48,23 +58,40 @@ def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
 
 
 @needs_fashion
-def test_same_seed_gives_identical_numbers_whatever_the_eval_schedule(first_run, tmp_path):
+@pytest.mark.slow
+def test_same_seed_gives_identical_numbers_whatever_the_eval_schedule(first_run, inprocess_run):
     _, a = first_run
-    b = run_federated(small_cfg("eval.every=2"), str(tmp_path / "again"))
+    path, b = inprocess_run
     for key in ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "per_class"):
         assert a[key] == b[key], key
-    rows = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
     assert ["accuracy" in r for r in rows] == [False, True, True]  # every 2nd round and the last
     assert rows[-1]["accuracy"] == b["accuracy"] and all(r["train_loss"] > 0 for r in rows)
 
 
 @needs_fashion
+@pytest.mark.slow
+def test_inprocess_engine_is_bit_identical_to_flower_simulation(first_run, inprocess_run):
+    (ray_path, ray), (path, inproc) = first_run, inprocess_run
+    assert set(ray) == set(inproc)
+    for key in set(ray) - {"wall_clock_seconds"}:
+        assert ray[key] == inproc[key], key
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (ray_path, path))
+    assert a["round"] == b["round"] == 3 and a["strategy"] == b["strategy"]
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows_a, rows_b = ([json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (ray_path, path))
+    assert [(r["clients"], r["train_loss"]) for r in rows_a] == [(r["clients"], r["train_loss"]) for r in rows_b]
+    assert (ray_path / "partition.json").read_text() == (path / "partition.json").read_text()
+
+
+@needs_fashion
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(first_run, tmp_path):
     _, reference = first_run
     flag = tmp_path / "flag"
     flag.write_text("")
     cfg = small_cfg("plugins=[plugins_for_tests]", "strategy.name=interrupt_once", "strategy.stop_round=3",
-                    f"strategy.flag={flag}", "client.name=fedavg")
+                    f"strategy.flag={flag}", "client.name=fedavg", "eval.every=3")
     path = tmp_path / "run"
     with pytest.raises(RuntimeError, match="interrupted before round 3"):
         run_federated(cfg, str(path))
@@ -77,11 +104,24 @@ def test_interrupted_run_resumes_to_the_same_result(first_run, tmp_path):
 
 
 @needs_fashion
-def test_a_failing_client_fails_the_run_with_its_traceback(tmp_path):
+@pytest.mark.parametrize("engine", [pytest.param(run_federated, marks=pytest.mark.slow), run_inprocess])
+def test_a_failing_client_fails_the_run_with_its_traceback(tmp_path, engine):
     cfg = small_cfg("plugins=[plugins_for_tests]", "client.name=failing_client", "federation.fraction=1.0",
                     "federation.rounds=1")
-    with pytest.raises(ClientFailure, match="deliberate failure on partition 1"):
-        run_federated(cfg, str(tmp_path / "run"))
+    with pytest.raises(ClientFailure, match="deliberate failure on partition 1") as failure:
+        engine(cfg, str(tmp_path / "run"))
+    assert "ClientAppException" in str(failure.value) and "federation.max_failures=0" in str(failure.value)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@needs_fashion
+def test_a_failure_within_max_failures_is_tolerated_and_counted(tmp_path, capsys):
+    cfg = small_cfg("plugins=[plugins_for_tests]", "client.name=failing_client", "federation.fraction=1.0",
+                    "federation.rounds=1", "federation.max_failures=1")
+    summary = run_inprocess(cfg, str(tmp_path / "run"))
+    assert "warning: client failure 1/1 tolerated" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["strategy"]["failures"] == 1
+    assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
 
 
 def reply(pid: int, n: int, value: float) -> Message:
@@ -109,15 +149,15 @@ def test_cohorts_are_seeded_distinct_and_sized():
 
 
 @needs_fashion
-def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it(first_run, tmp_path):
+def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it(inprocess_run, tmp_path):
     import shutil
 
-    path, reference = first_run
+    path, reference = inprocess_run
     copy = tmp_path / "run"
     shutil.copytree(path, copy)
     for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
         (copy / name).unlink(missing_ok=True)
-    again = run_federated(small_cfg(), str(copy))
+    again = run_inprocess(small_cfg("eval.every=2"), str(copy))
     assert len((copy / "metrics.jsonl").read_text().splitlines()) == 3  # no round ran again
     for key in ("accuracy", "per_class", "ece", "reliability"):
         assert again[key] == reference[key], key
