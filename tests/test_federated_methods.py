@@ -440,9 +440,9 @@ def test_fedprox_objective_by_hand():
 
 def test_fedavgm_server_momentum_by_hand(message_identity):
     from flwr.app import ArrayRecord
+    from test_federation import reply
 
     from strategies.fedavgm import FedAvgM
-    from test_federation import reply
 
     def make():
         s = FedAvgM(load_config(None, ["strategy.name=fedavgm", "strategy.momentum=0.5", "strategy.server_lr=1"]), 10)
@@ -513,8 +513,8 @@ def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
 def test_gbme_oracle_prior_ablation_sends_the_true_log_prior():
     from fedlt.errors import FedLTError
     from fedlt.experiment import experiment_for
-    from strategies.gbme.prior import PriorEstimate
     from strategies.gbme import GBME
+    from strategies.gbme.prior import PriorEstimate
 
     pi_hat = np.full(10, 0.1)
     for prior in ("estimated", "oracle"):

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.app import Metadata
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from conftest import needs_fashion
 from fedlt.config import load_config
@@ -77,8 +76,9 @@ def test_inprocess_engine_is_bit_identical_to_flower_simulation(first_run, inpro
     for key in set(ray) - {"wall_clock_seconds"}:
         assert ray[key] == inproc[key], key
     a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (ray_path, path))
-    assert a["round"] == b["round"] == 3 and a["strategy"] == b["strategy"]
-    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["step"] == b["step"] == 3 and a["state"]["strategy"] == b["state"]["strategy"]
+    wa, wb = a["state"]["model"], b["state"]["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     rows_a, rows_b = ([json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (ray_path, path))
     assert [(r["clients"], r["train_loss"]) for r in rows_a] == [(r["clients"], r["train_loss"]) for r in rows_b]
     assert (ray_path / "partition.json").read_text() == (path / "partition.json").read_text()
@@ -120,7 +120,7 @@ def test_a_failure_within_max_failures_is_tolerated_and_counted(tmp_path, capsys
                     "federation.rounds=1", "federation.max_failures=1")
     summary = run_inprocess(cfg, str(tmp_path / "run"))
     assert "warning: client failure 1/1 tolerated" in capsys.readouterr().out
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["strategy"]["failures"] == 1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["strategy"]["failures"] == 1
     assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
 
 

@@ -6,11 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from fedlt.losses import (bal_bce_loss, balanced_softmax_loss, balpoe_loss, class_balanced_loss, class_weights, confident_kl,
-                          cross_entropy_loss, focal_loss, label_aware_epsilons, label_aware_smoothing_loss,
-                          ldam_loss, ldam_margins, log_prior, logit_adjusted_loss, mdcs_loss, mixup_batch,
-                          mixup_cross_entropy, posthoc_adjust, reweighted_loss, sigmoid_bias_init,
-                          smoothed_one_hot)
+from fedlt.losses import (
+    bal_bce_loss,
+    balanced_softmax_loss,
+    balpoe_loss,
+    class_balanced_loss,
+    class_weights,
+    confident_kl,
+    cross_entropy_loss,
+    focal_loss,
+    label_aware_epsilons,
+    label_aware_smoothing_loss,
+    ldam_loss,
+    ldam_margins,
+    log_prior,
+    logit_adjusted_loss,
+    mdcs_loss,
+    mixup_batch,
+    mixup_cross_entropy,
+    posthoc_adjust,
+    reweighted_loss,
+    sigmoid_bias_init,
+    smoothed_one_hot,
+)
 from fedlt.registry import LOSSES
 
 L3 = math.log(3.0)

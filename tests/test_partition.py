@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedlt.data.partition import dirichlet_partition, iid_partition, partition_counts, shard_partition
 from fedlt.data.longtail import longtail_counts
+from fedlt.data.partition import dirichlet_partition, iid_partition, partition_counts, shard_partition
 from fedlt.errors import FedLTError
 
 LABELS = np.repeat(np.arange(10), longtail_counts(600, 10, 100))  # 1,488 samples, long-tailed

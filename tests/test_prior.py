@@ -5,10 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.gbme.prior import (class_scores, classifier_weight_dc, estimate_prior, group_clients, prior_error,
-                                    prior_report, sample_expert_cohort)
 from fedlt.models.base import NormedLinear
 from fedlt.models.experts import small_cnn_experts
+from strategies.gbme.prior import (
+    class_scores,
+    classifier_weight_dc,
+    estimate_prior,
+    group_clients,
+    prior_error,
+    prior_report,
+    sample_expert_cohort,
+)
 
 
 def test_class_scores_sum_over_features_and_clip():

@@ -12,7 +12,7 @@ import yaml
 
 from fedlt import compare
 from fedlt.config import Config
-from fedlt.report import FIGURES, find_run_dirs, load_runs, read_run, RunError, write_report
+from fedlt.report import FIGURES, RunError, find_run_dirs, load_runs, read_run, write_report
 
 C, K = 10, 4
 TRAIN = [int(500 * 0.6 ** c) + 5 for c in range(C)]

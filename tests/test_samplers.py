@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from fedlt.errors import FedLTError
-from fedlt.samplers import (ClassSampler, class_probabilities, make_sampler, progressive_probabilities,
-                            sample_by_class)
+from fedlt.samplers import ClassSampler, class_probabilities, make_sampler, progressive_probabilities, sample_by_class
 from fedlt.train import instance_balanced_sampler
 
 COUNTS = torch.tensor([100, 25, 4])

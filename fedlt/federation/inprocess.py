@@ -41,9 +41,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlt.config import Config
-from fedlt.errors import FedLTError
 from fedlt.federation.apps import make_client_app, make_server_app
-from fedlt.federation.strategy import ClientFailure
+from fedlt.federation.runner import summary_of
 
 RUN_ID = 1
 TASK_ID = 1
@@ -145,11 +144,4 @@ def run_inprocess(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     finally:
         flwr_logger.setLevel(level)
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
-    if "error" in outcome:  # as run_federated: fedlt's own errors as they are, anything else with its traceback
-        exc = outcome["error"]
-        if isinstance(exc, (ClientFailure, FedLTError)):
-            raise exc
-        raise RuntimeError(f"federated run failed:\n{outcome['traceback']}") from exc
-    if "summary" not in outcome:
-        raise RuntimeError("the in-process run ended without a result")
-    return outcome["summary"]
+    return summary_of(outcome, "the in-process run ended without a result")

@@ -45,11 +45,17 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
                            verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)
+    return summary_of(outcome, "the Flower simulation ended without a result (see the log above)")
+
+
+def summary_of(outcome: dict, missing: str) -> dict:
+    """The summary the ServerApp recorded in ``outcome``; its error re-raised (fedlt's own errors as they are,
+    anything else with the server's traceback); ``missing`` when it recorded neither."""
     if "error" in outcome:
         exc = outcome["error"]
         if isinstance(exc, (ClientFailure, FedLTError)):
             raise exc
         raise RuntimeError(f"federated run failed:\n{outcome['traceback']}") from exc
     if "summary" not in outcome:
-        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
+        raise RuntimeError(missing)
     return outcome["summary"]
