@@ -46,7 +46,7 @@ def main() -> None:
         cfg = load_config(run / "config.yaml")
         o = cfg.strategy
         exp = experiment_for(cfg)
-        ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         model = model_for(cfg, exp)
         model.load_state_dict(ckpt["state"]["model"])
         model.eval()

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.client_method import ClientMethod
+from fedlt.config import Config
+from fedlt.models.experts import require_experts
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
 
@@ -27,6 +29,10 @@ def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor
 
 @CLIENTS.register("gbme")
 class GBMEClient(ClientMethod):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_experts(cfg, "client method gbme")
+
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         if not hasattr(model, "expert_forward"):
             raise TypeError("the gbme client needs a multi-expert model (e.g. model.name=resnet32_experts)")

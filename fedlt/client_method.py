@@ -45,6 +45,11 @@ class ClientMethod:
         self.cfg = cfg
         self.opts = cfg.client
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse, as a one-line :class:`~fedlt.errors.FedLTError`, a config this method cannot run (a check
+        across sections, e.g. on the model; :func:`fedlt.config.check_parts` calls it when the config is read)."""
+
     def optim(self, config: dict) -> OptimConfig:
         t = self.cfg.train
         return OptimConfig(lr=float(config.get("lr", t.lr)), momentum=t.momentum,

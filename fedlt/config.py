@@ -72,6 +72,8 @@ class FederationConfig(Options):
     client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray)")
     client_gpus: float | None = Field(None, ge=0, description="GPU fraction per client (None: 0.25 with a GPU, else 0)")
     checkpoint_every: int = Field(1, gt=0, description="checkpoint every N rounds (and after the last)")
+    discovery_timeout: float = Field(600.0, gt=0, description="seconds to wait for every client node to connect "
+                                     "and report its partition id (a busy machine starts Ray's actors slowly)")
 
 
 class EvalConfig(Options):
@@ -280,7 +282,26 @@ def resolve(raw: dict) -> Config:
         registry.get(name)
         sections[section] = validate_section(section, {**given[section], name_key: name}, registry.options(name),
                                              name)
-    return top.replace(**sections)
+    cfg = top.replace(**sections)
+    check_parts(cfg)
+    return cfg
+
+
+def check_parts(cfg: Config) -> None:
+    """The checks across sections that a selected part declares: ``check_config(cfg)``, a classmethod of a
+    strategy, client method or centralized method, raising a one-line :class:`FedLTError` (e.g. GBME needs a
+    multi-expert model). Only the parts the run's ``mode`` uses are asked."""
+    from fedlt.registry import CENTRALIZED, CLIENTS, STRATEGIES
+
+    parts = []
+    if cfg.mode in ("federated", "both"):
+        parts += [STRATEGIES.get(cfg.strategy.name), CLIENTS.get(cfg.client.name)]
+    if cfg.mode in ("centralized", "both"):
+        parts.append(CENTRALIZED.get(cfg.centralized.method))
+    for part in parts:
+        check = getattr(part, "check_config", None)
+        if check is not None:
+            check(cfg)
 
 
 def dump_config(cfg: Config) -> str:

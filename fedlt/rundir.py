@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from fedlt.config import dump_config
+from fedlt.errors import FedLTError
 
 
 def _json_default(o: Any) -> Any:
@@ -119,13 +121,34 @@ class RunDir:
         self._close_board()
 
     def save_checkpoint(self, state: dict) -> None:
+        """Write ``state`` atomically to checkpoint.pt. It must hold only tensors and plain Python values
+        (:func:`check_plain`), so that :meth:`load_checkpoint` can read it with ``weights_only=True``."""
+        check_plain(state, "checkpoint")
         tmp = self.path / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.path / "checkpoint.pt")
 
     def load_checkpoint(self) -> dict | None:
+        """checkpoint.pt, or None where there is none. Read with ``torch.load(..., weights_only=True)``: tensors
+        and plain Python values only, so a replaced checkpoint cannot run code. A file that cannot be read so
+        (truncated, corrupt, or holding other objects) is a one-line :class:`FedLTError`."""
         f = self.path / "checkpoint.pt"
-        return torch.load(f, weights_only=False) if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise FedLTError(f"checkpoint {f} holds objects other than tensors and plain Python values, refused "
+                             f"(weights_only){': ' + first.strip() if first else ''}; delete it to start the run "
+                             f"over") from None
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad header, …: any failure to read it
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise FedLTError(f"checkpoint {f} cannot be read ({reason}); delete it to start the run over") from None
+        if not isinstance(ckpt, dict) or not {"step", "elapsed", "state"} <= set(ckpt):
+            raise FedLTError(f"checkpoint {f} is not a fedlt checkpoint ({{step, elapsed, state}}); delete it to "
+                             f"start the run over")
+        return ckpt
 
     def reset(self) -> None:
         """Remove the results of an earlier run (a fresh start), its TensorBoard event files included."""
@@ -135,3 +158,23 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         for events in self.path.glob("events.out.tfevents.*"):
             events.unlink()
+
+
+PLAIN = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size, torch.dtype)
+
+
+def check_plain(obj: Any, where: str) -> None:
+    """Raise TypeError (a bug of the part that made ``obj``) unless ``obj`` holds only tensors and plain Python
+    values in dicts, lists and tuples: what ``torch.load(..., weights_only=True)`` reads back. ``where`` names
+    the key path in the message (``checkpoint['state']['strategy']['prior']``)."""
+    if isinstance(obj, PLAIN) and not isinstance(obj, np.generic):  # np.float64 is a float, but not plain
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds only "
+                        f"tensors and plain Python values (convert numpy arrays with torch.from_numpy or .tolist())")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,13 +20,30 @@ from fedlt.config import Config
 from fedlt.errors import FedLTError
 
 
+def check_out(out: str) -> None:
+    """``--out`` is a folder (made if missing) that this process can write in, or a one-line error."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise FedLTError(f"--out {out} is a file, not a folder for run directories")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise FedLTError(f"--out {out} is not a folder this process can write in: {exc.strerror or exc}") from None
+
+
 def check_data(cfgs: list[Config]) -> None:
-    """Build the data of every distinct data/partition/seed once: fail early on missing data or an
-    impossible partition, before any run starts."""
+    """Build the data of every distinct data/partition/seed once, and check the federated runs' client
+    resources: fail early on missing data, an impossible partition or resources the machine lacks, before
+    any run starts."""
     from fedlt.experiment import experiment_for
+    from fedlt.federation.runner import check_resources
 
     seen = set()
     for cfg in cfgs:
+        if cfg.mode != "centralized":
+            check_resources(cfg)
         exp = experiment_for(cfg)
         line = (f"data: {cfg.data.name} long-tailed (IF={cfg.data.imbalance_factor:g}): {len(exp.train)} "
                 f"train / {len(exp.test)} test, {exp.num_classes} classes; {cfg.partition.num_clients} clients "
@@ -50,6 +68,7 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     from fedlt.rundir import RunDir
     from fedlt.sweep import plan
 
+    check_out(out)
     runs = plan(combos, out)
     check_data([c for c, _ in combos])
     summaries = []

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.data.augment import normalize, random_crop_flip
+from fedlt.errors import FedLTError
 
 
 @dataclass
@@ -113,6 +114,10 @@ def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.SGD:
                            nesterov=opt.nesterov and opt.momentum > 0)
 
 
+class NonFiniteLoss(FedLTError):
+    """The training loss or the weights became NaN or infinite: the run stops (its last checkpoint is kept)."""
+
+
 @dataclass
 class TrainResult:
     loss: float
@@ -142,6 +147,10 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
     The lr follows ``opt`` at the global position ``start_epoch + progress`` of ``total_epochs``,
     so a caller may split one schedule over several calls (a centralized run that checkpoints, or
     federated rounds that share a schedule). Batches of one sample are dropped (BatchNorm).
+
+    Raises :class:`NonFiniteLoss` when the mean loss of the call or a trained weight is NaN or infinite: one
+    check at the end, on the accumulated loss (a non-finite step makes the sum non-finite) and the weights
+    (a last step that overflowed), so no step waits for the device.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs or steps")
@@ -179,7 +188,14 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
             seen += len(idx)
             step += 1
         epoch += 1
-    return TrainResult(loss=(loss_sum / max(seen, 1)).item(), num_examples=seen, steps=step)
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(loss_sum)] + [torch.isfinite(p).all() for p in params]).all()
+    loss = (loss_sum / max(seen, 1)).item()
+    if not finite.item():
+        what = f"the training loss became non-finite ({loss})" if not math.isfinite(loss) else \
+            "the trained weights became non-finite"
+        raise NonFiniteLoss(f"{what} within {step} steps: lower the learning rate or check the data and the loss")
+    return TrainResult(loss=loss, num_examples=seen, steps=step)
 
 
 @torch.no_grad()

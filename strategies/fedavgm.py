@@ -6,6 +6,8 @@ uses β = 0.97. Built on Flower's ``FedAvgM``.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
@@ -35,12 +37,23 @@ class FedAvgM(FedLTStrategy, FlowerFedAvgM):
         return super().configure_train(server_round, arrays, config, grid)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "current": None if self.current_arrays is None else
-                self.current_arrays.to_numpy_ndarrays(), "keys": None if self.current_arrays is None else
-                list(self.current_arrays.keys()), "momentum": self.momentum_vector}
+        """The server's weights w_t and momentum v_t as tensors (Flower keeps numpy arrays; a checkpoint holds
+        tensors, read back with ``weights_only=True``)."""
+        current = None if self.current_arrays is None else self.current_arrays.to_numpy_ndarrays()
+        return {**super().state_dict(), "current": _tensors(current),
+                "keys": None if self.current_arrays is None else list(self.current_arrays.keys()),
+                "momentum": _tensors(self.momentum_vector)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if state.get("current") is not None:
-            self.current_arrays = ArrayRecord({k: Array(v) for k, v in zip(state["keys"], state["current"])})
-        self.momentum_vector = state.get("momentum")
+            self.current_arrays = ArrayRecord({k: Array(v) for k, v in zip(state["keys"], _arrays(state["current"]))})
+        self.momentum_vector = _arrays(state.get("momentum"))
+
+
+def _tensors(arrays: list[np.ndarray] | None) -> list[torch.Tensor] | None:
+    return None if arrays is None else [torch.from_numpy(np.array(a)) for a in arrays]
+
+
+def _arrays(tensors: list | None) -> list[np.ndarray] | None:
+    return None if tensors is None else [t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in tensors]

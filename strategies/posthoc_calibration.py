@@ -69,8 +69,8 @@ class PosthocCalibration(StrategyWrapper):
         return out
 
     def state_dict(self) -> dict:
-        return {**self.base.state_dict(), "posthoc_prior": self.prior.__dict__}
+        return {**self.base.state_dict(), "posthoc_prior": self.prior.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state)
-        self.prior = PriorEstimate(**{k: np.asarray(v) for k, v in state["posthoc_prior"].items()})
+        self.prior = PriorEstimate.from_state(state["posthoc_prior"])

@@ -402,7 +402,7 @@ def test_dp_client_fixed_simulation_moves_the_model_at_most_c_per_round(tiny_lis
                       "strategy.noise_multiplier=0")
     summary, rows = simulate(cfg, tmp_path / "run", flower=True)
     w0 = model_for(cfg, experiment_for(cfg)).state_dict()
-    w2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["model"]
+    w2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["model"]
     moved = torch.sqrt(sum(((w2[k].double() - w0[k].double()) ** 2).sum() for k in w0)).item()
     # without noise, each round's global step is the mean of updates clipped to C on the clients
     assert 0 < moved <= 2 * C * (1 + 1e-4)
@@ -462,7 +462,7 @@ def test_fedavgm_server_momentum_by_hand(message_identity):
 
 
 def final_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / "checkpoint.pt", weights_only=False)["state"]["model"]
+    return torch.load(path / "checkpoint.pt", weights_only=True)["state"]["model"]
 
 
 def distance(a: dict, b: dict) -> float:
@@ -503,7 +503,7 @@ def test_fedlc_simulation_with_tau_zero_is_fedavg(baseline_runs):
 
 def test_fedavgm_simulation_keeps_server_momentum(baseline_runs):
     summary, rows, w, path = baseline_runs["fedavgm"]
-    state = torch.load(path / "checkpoint.pt", weights_only=False)["state"]["strategy"]
+    state = torch.load(path / "checkpoint.pt", weights_only=True)["state"]["strategy"]
     assert state["momentum"] is not None and len(state["momentum"]) == len(w)
     # the server's current weights are the checkpointed global model, and momentum made it differ from FedAvg
     assert all(np.array_equal(c, w[k].numpy()) for k, c in zip(state["keys"], state["current"]))
@@ -577,7 +577,7 @@ def test_run_resumed_after_its_last_checkpoint_reports_the_calibrated_model(wrap
     for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
         assert again[key] == first[key], key
     # the checkpointed strategy evaluates the global weights with the classifier of their round
-    ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
     exp = experiment_for(cfg)
     strategy = STRATEGIES.get(wrapper)(cfg, exp.num_classes)
     strategy.load_state_dict(ckpt["state"]["strategy"])

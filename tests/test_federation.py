@@ -75,7 +75,7 @@ def test_inprocess_engine_is_bit_identical_to_flower_simulation(first_run, inpro
     assert set(ray) == set(inproc)
     for key in set(ray) - {"wall_clock_seconds"}:
         assert ray[key] == inproc[key], key
-    a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (ray_path, path))
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (ray_path, path))
     assert a["step"] == b["step"] == 3 and a["state"]["strategy"] == b["state"]["strategy"]
     wa, wb = a["state"]["model"], b["state"]["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -120,7 +120,7 @@ def test_a_failure_within_max_failures_is_tolerated_and_counted(tmp_path, capsys
                     "federation.rounds=1", "federation.max_failures=1")
     summary = run_inprocess(cfg, str(tmp_path / "run"))
     assert "warning: client failure 1/1 tolerated" in capsys.readouterr().out
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["strategy"]["failures"] == 1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["strategy"]["failures"] == 1
     assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
 
 

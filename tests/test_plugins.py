@@ -24,16 +24,18 @@ FEDERATED = ("fedavg", "fedprox", "fedavgm", "fedlc", "gbme", "posthoc_calibrati
 
 @pytest.mark.parametrize("name", FEDERATED)
 def test_every_strategy_registered_and_its_options_validate(name):
-    cfg = load_config(None, [f"strategy.name={name}"])
+    experts = ["model.name=small_cnn_experts"] if name == "gbme" else []  # gbme refuses a model without experts
+    cfg = load_config(None, [f"strategy.name={name}", *experts])
     cls = STRATEGIES.get(name)
     assert isinstance(cfg.strategy, cls.Options) and set(cls.Options.model_fields) == set(cfg.strategy.model_dump())
     assert cfg.client.name == getattr(cls, "client", "fedavg")
 
 
 def test_strategy_brings_its_client_unless_overridden():
-    assert load_config(None, ["strategy.name=gbme"]).client.name == "gbme"
+    assert load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"]).client.name == "gbme"
     assert load_config(None, ["strategy.name=fedlc"]).client.name == "fedlc"
-    cfg = load_config(None, ["strategy.name=gbme", "client.name=local_loss", "client.loss=la"])
+    cfg = load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts", "client.name=local_loss",
+                             "client.loss=la"])
     assert cfg.client.model_dump() == {"name": "local_loss", "loss": "la", "loss_options": {"tau": 1.0}}
     with pytest.raises(FedLTError, match="beta_g.*strategy gbme takes it as strategy.beta_g"):
         load_config(None, ["strategy.name=fedavg", "strategy.beta_g=0.5"])

@@ -60,8 +60,8 @@ class GlobalPriorBS(FedLTStrategy):
         return prior_report(self.prior, experiment_for(self.cfg).train_counts)
 
     def state_dict(self) -> dict:  # saved with every checkpoint, so a resumed run keeps π̂
-        return {**super().state_dict(), "prior": self.prior.__dict__}
+        return {**super().state_dict(), "prior": self.prior.state_dict()}  # tensors
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.prior = PriorEstimate(**state["prior"])
+        self.prior = PriorEstimate.from_state(state["prior"])

@@ -56,6 +56,11 @@ class CentralizedMethod:
         self.log_pi = log_prior(self.class_counts)
         self.rng = seeded_rng(cfg.seed, Stream.CENTRAL, Stream.METHOD)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse, as a one-line :class:`~fedlt.errors.FedLTError`, a config this method cannot run (a check
+        across sections; :func:`fedlt.config.check_parts` calls it when the config is read)."""
+
     # --- stage 1 ---
     def build_model(self, exp: Experiment) -> nn.Module:
         return model_for(self.cfg, exp)

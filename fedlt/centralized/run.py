@@ -19,7 +19,7 @@ from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
 from fedlt.streams import Stream, torch_generator
-from fedlt.train import OptimConfig, TensorData, make_optimizer, train
+from fedlt.train import NonFiniteLoss, OptimConfig, TensorData, make_optimizer, train
 
 
 def centralized_optim(cfg: Config) -> OptimConfig:
@@ -77,6 +77,12 @@ class CentralizedSteps:
         pass
 
     def step(self, t: int) -> dict:
+        try:
+            return self._train_epoch(t)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"epoch {t} (stage {self.stage}): {exc}") from None
+
+    def _train_epoch(self, t: int) -> dict:
         epoch = t - 1
         if epoch >= self.stage1 and self.stage == 1:
             self.begin_stage2()

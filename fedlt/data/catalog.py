@@ -17,8 +17,8 @@ def _cifar(num_classes, root=None, **_):
     return sources.load_cifar(root, num_classes)
 
 
-def _file_list(root=None, train_list="train.txt", test_list="test.txt", image_size=None, **_):
-    return sources.load_file_list(root, train_list, test_list, image_size)
+def _file_list(num_classes=None, root=None, train_list="train.txt", test_list="test.txt", image_size=None, **_):
+    return sources.load_file_list(root, train_list, test_list, image_size, num_classes)
 
 
 # n_max: the head-class count of the long-tailed profile (kaidic/LDAM-DRW ``get_img_num_per_cls``).
@@ -34,8 +34,8 @@ DATASETS.register("cifar100", partial(_cifar, 100), num_classes=100, n_max=500, 
 # Image root + file list: ImageNet-LT / Places-LT / iNaturalist-2018 lists, or the CIFAR-10 JPEG copy.
 # Their lists are long-tailed already (imbalance_factor is ignored unless the list is balanced).
 DATASETS.register("file_list", _file_list, options=FileListOptions, num_classes=None, n_max=None, model="resnet18", channels=3, **IMAGENET)
-DATASETS.register("cifar10_files", _file_list, options=FileListOptions, num_classes=10, n_max=5000, model="resnet32", channels=3, **CIFAR10)
-DATASETS.register("imagenet_lt", _file_list, options=FileListOptions, num_classes=1000, n_max=None, model="resnet50", channels=3, **IMAGENET)
-DATASETS.register("places_lt", _file_list, options=FileListOptions, num_classes=365, n_max=None, model="resnet50", channels=3, **IMAGENET)
-DATASETS.register("inaturalist2018", _file_list, options=FileListOptions, num_classes=8142, n_max=None, model="resnet50", channels=3,
+DATASETS.register("cifar10_files", partial(_file_list, 10), options=FileListOptions, num_classes=10, n_max=5000, model="resnet32", channels=3, **CIFAR10)
+DATASETS.register("imagenet_lt", partial(_file_list, 1000), options=FileListOptions, num_classes=1000, n_max=None, model="resnet50", channels=3, **IMAGENET)
+DATASETS.register("places_lt", partial(_file_list, 365), options=FileListOptions, num_classes=365, n_max=None, model="resnet50", channels=3, **IMAGENET)
+DATASETS.register("inaturalist2018", partial(_file_list, 8142), options=FileListOptions, num_classes=8142, n_max=None, model="resnet50", channels=3,
                   **IMAGENET)

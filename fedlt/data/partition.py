@@ -52,7 +52,11 @@ def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int
     """Shards (McMahan et al., 2017): sort by label, cut into K·s near-equal shards, deal s at random to each client."""
     if shards_per_client < 1:
         raise FedLTError(f"partition.shards_per_client must be >= 1, got {shards_per_client}")
-    _check(len(labels), num_clients * shards_per_client)
+    _check(len(labels), num_clients)
+    if num_clients * shards_per_client > len(labels):
+        raise FedLTError(f"cannot cut {num_clients} clients × {shards_per_client} shards = "
+                         f"{num_clients * shards_per_client} shards of at least one sample from {len(labels)} "
+                         f"training samples; lower partition.shards_per_client")
     order = np.lexsort((rng.permutation(len(labels)), labels))  # by label, random within a label
     shards = np.array_split(order, num_clients * shards_per_client)
     deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +76,23 @@ def _missing(path: Path | str, how: str) -> FedLTError:
     return FedLTError(f"data set not found at {path}: {how}")
 
 
+def check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> None:
+    """Every label in 0..num_classes−1 (``None``: only ≥ 0), else a :class:`FedLTError` naming ``where``."""
+    bad = np.flatnonzero((labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf)))
+    if bad.size:
+        rule = "a label must be >= 0" if num_classes is None else f"labels must be in 0..{num_classes - 1}"
+        raise FedLTError(f"label {int(labels[bad[0]])} out of range in {where} (entry {int(bad[0])}): {rule}")
+
+
 # --------------------------------------------------------------------------- Fashion-MNIST
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic 0x0000 08 NDIM, NDIM big-endian sizes, uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
+        raise FedLTError(f"malformed IDX file {path}: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise FedLTError(f"malformed IDX file {path}: bad magic number")
     ndim = data[3]
@@ -105,7 +117,9 @@ def load_fashion_mnist(root: str | None = None) -> dict[str, Split]:
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = _read_idx(_find(root_path, f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(_find(root_path, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        label_file = _find(root_path, f"{prefix}-labels-idx1-ubyte")
+        labels = _read_idx(label_file).astype(np.int64)
+        check_labels(labels, 10, str(label_file))
         if len(images) != len(labels):
             raise FedLTError(f"malformed Fashion-MNIST at {root_path}: {len(images)} images but {len(labels)} labels")
         splits[split] = Split(labels, 10, torch.from_numpy(images.copy()).unsqueeze(1), class_names=FASHION_MNIST_CLASSES)
@@ -113,7 +127,10 @@ def load_fashion_mnist(root: str | None = None) -> dict[str, Split]:
 
 
 # --------------------------------------------------------------------------- CIFAR
-def _load_cifar_pickles(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_cifar_pickles(folder: Path, files: list[str], label_key: str,
+                        num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of CIFAR's python batches. They are pickles: unpickling runs whatever code the
+    file names, so read them only from a trusted source (README)."""
     images, labels = [], []
     for name in files:
         path = folder / name
@@ -127,6 +144,7 @@ def _load_cifar_pickles(folder: Path, files: list[str], label_key: str) -> tuple
                 raise FedLTError(f"malformed CIFAR batch {path}: {exc}") from None
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        check_labels(labels[-1], num_classes, str(path))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -145,14 +163,16 @@ def load_cifar(root: str | None, num_classes: int) -> dict[str, Split]:
     names = CIFAR10_CLASSES if num_classes == 10 else ()
     out = {}
     for split, files in (("train", train), ("test", test)):
-        images, labels = _load_cifar_pickles(folder, files, key)
+        images, labels = _load_cifar_pickles(folder, files, key, num_classes)
         out[split] = Split(labels, num_classes, torch.from_numpy(images), class_names=names)
     return out
 
 
 # --------------------------------------------------------------------------- file lists
-def read_file_list(root: str | Path, list_file: str | Path) -> tuple[list[str], np.ndarray]:
-    """Read a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist-2018 format)."""
+def read_file_list(root: str | Path, list_file: str | Path,
+                   num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Read a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist-2018 format); every label in
+    0..num_classes−1 (``None``: the data set's classes are the labels found, each ≥ 0)."""
     root, list_file = Path(root), Path(list_file)
     if not list_file.is_absolute():
         list_file = root / list_file
@@ -167,8 +187,13 @@ def read_file_list(root: str | Path, list_file: str | Path) -> tuple[list[str], 
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise FedLTError(f"malformed list file {list_file}:{lineno}: expected 'relative/path label', got {line!r}")
+            label = int(parts[1])
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                rule = ("a label must be >= 0" if num_classes is None else
+                        f"the data set has {num_classes} classes, labels 0..{num_classes - 1}")
+                raise FedLTError(f"label {label} out of range in list file {list_file}:{lineno}: {rule}")
             paths.append(str(root / parts[0]))
-            labels.append(int(parts[1]))
+            labels.append(label)
     if not paths:
         raise FedLTError(f"malformed list file {list_file}: no entries")
     return paths, np.asarray(labels, dtype=np.int64)
@@ -183,7 +208,11 @@ def decode_images(paths: list[str], size: int | None) -> torch.Tensor:
     for i, path in enumerate(paths):
         if not os.path.isfile(path):
             raise _missing(path, "an image named in the list file is missing under the image root")
-        img = decode_image(path, mode=ImageReadMode.RGB)
+        try:
+            img = decode_image(path, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError, OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FedLTError(f"cannot decode image {path}: {reason}") from None
         if size is not None and (img.shape[1] != size or img.shape[2] != size):
             img = F.center_crop(F.resize(img, size, antialias=True), [size, size])
         if out is None:
@@ -200,7 +229,7 @@ def load_file_list(root: str | None, train_list: str, test_list: str, image_size
         raise FedLTError("data.root is not set: point it at the image root that the list files are relative to")
     if not Path(root).is_dir():
         raise _missing(root, "data.root must be the image root that the list files are relative to")
-    splits = {s: read_file_list(root, lst) for s, lst in (("train", train_list), ("test", test_list))}
+    splits = {s: read_file_list(root, lst, num_classes) for s, lst in (("train", train_list), ("test", test_list))}
     c = num_classes or int(max(lab.max() for _, lab in splits.values())) + 1
     names = CIFAR10_CLASSES if c == 10 and "cifar" in str(root).lower() else ()
     return {s: Split(lab, c, paths=p, image_size=image_size, class_names=names) for s, (p, lab) in splits.items()}

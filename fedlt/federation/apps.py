@@ -11,6 +11,8 @@ import json
 import shlex
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -23,7 +25,9 @@ from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.dp import client_clipping_mod
+from fedlt.errors import FedLTError
 from fedlt.federation.records import load_into, metric_record, to_arrays
+from fedlt.federation.strategy import CLIENT_ERROR
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 
@@ -46,6 +50,21 @@ def _reply(msg: Message, result: FitResult, pid: int) -> Message:
     for key, arrays in result.extra_arrays.items():
         content[key] = to_arrays(arrays)
     return Message(content=content, reply_to=msg)
+
+
+@contextmanager
+def client_errors(msg: Message, context: Context) -> Iterator[None]:
+    """Mark a :class:`FedLTError` raised on a client (bad data, a non-finite loss) with :data:`CLIENT_ERROR`,
+    the partition id and the round, so that the server ends the run with its one line
+    (:meth:`fedlt.federation.strategy.FedLTStrategy.check_replies`) instead of a client failure."""
+    try:
+        yield
+    except FedLTError as exc:
+        pid = context.node_config.get("partition-id")
+        config = msg.content.config_records.get("config") or {}
+        server_round = int(config.get("server-round", 0))
+        when = f"round {server_round}" if server_round else "the set-up round"
+        raise FedLTError(f"{CLIENT_ERROR}partition {pid}, {when}: {str(exc).splitlines()[0]}") from None
 
 
 def make_client_app(cfg: Config | None = None) -> ClientApp:
@@ -72,9 +91,10 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        c, pid, data, model, method, config, gen = setup(msg, context)
-        t0 = time.perf_counter()
-        result = method.fit(model, data, config, gen, augment_for(c))
+        with client_errors(msg, context):
+            c, pid, data, model, method, config, gen = setup(msg, context)
+            t0 = time.perf_counter()
+            result = method.fit(model, data, config, gen, augment_for(c))
         result.metrics["fit_seconds"] = time.perf_counter() - t0
         return _reply(msg, result, pid)
 
@@ -86,10 +106,13 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
         from fedlt.federation.queries import QUERIES  # computations every client answers (prior, features …)
 
-        c, pid, data, model, method, config, gen = setup(msg, context)
-        if config["action"] in QUERIES:
-            return _reply(msg, QUERIES.get(config["action"])(c, model, data, config, gen, augment_for(c)), pid)
-        return _reply(msg, method.query(config["action"], model, data, config, gen, augment_for(c)), pid)
+        with client_errors(msg, context):
+            c, pid, data, model, method, config, gen = setup(msg, context)
+            if config["action"] in QUERIES:
+                result = QUERIES.get(config["action"])(c, model, data, config, gen, augment_for(c))
+            else:
+                result = method.query(config["action"], model, data, config, gen, augment_for(c))
+        return _reply(msg, result, pid)
 
     return app
 

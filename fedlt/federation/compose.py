@@ -73,6 +73,11 @@ class StrategyWrapper(FedLTStrategy):
         self.base: FedLTStrategy = STRATEGIES.get(cfg.strategy.base)(base_config(cfg), num_classes)
         super().__init__(cfg, num_classes)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The wrapped strategy's check, on its own section."""
+        STRATEGIES.get(cfg.strategy.base).check_config(base_config(cfg))
+
     # the state shared with the base ------------------------------------------------------------
     @property
     def outer(self) -> FedLTStrategy:

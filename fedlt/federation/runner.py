@@ -17,6 +17,18 @@ from fedlt.federation.apps import make_client_app, make_server_app
 from fedlt.federation.strategy import ClientFailure
 
 
+def check_resources(cfg: Config) -> None:
+    """Refuse client resources this machine cannot give (Ray would wait for them, then fail in every actor)."""
+    fed, cpus = cfg.federation, os.cpu_count() or 1
+    if fed.client_cpus > cpus:
+        raise FedLTError(f"config key 'federation.client_cpus' must be <= this machine's {cpus} CPUs, "
+                         f"got {fed.client_cpus:g}")
+    gpus = torch.cuda.device_count()
+    if fed.client_gpus is not None and fed.client_gpus > gpus:
+        raise FedLTError(f"config key 'federation.client_gpus' must be <= this machine's {gpus} GPUs, "
+                         f"got {fed.client_gpus:g}")
+
+
 def backend_config(cfg: Config) -> dict:
     fed = cfg.federation
     gpus = fed.client_gpus
@@ -30,6 +42,7 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     """Simulate ``cfg`` with Flower; return the summary. A failing client or server re-raises here."""
     from flwr.simulation import run_simulation
 
+    check_resources(cfg)
     outcome: dict = {}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

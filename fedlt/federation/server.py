@@ -26,22 +26,32 @@ from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
 
 
-def discover_nodes(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[int, int]:
-    """Ask every node for its ``partition-id``; return partition id -> node id."""
-    deadline = time.time() + timeout
+def discover_nodes(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every node for its ``partition-id``; return partition id -> node id. Waits up to ``timeout`` seconds
+    (``federation.discovery_timeout``) for the nodes to connect and answer: under load Ray starts its actors
+    slowly, which is said as a time-out, apart from a misconfiguration (a partition missing or doubled)."""
+    t0 = time.time()
+    raise_it = f"federation.discovery_timeout={timeout:g}; raise it on a busy machine"
     while len(list(grid.get_node_ids())) < num_clients:
-        if time.time() > deadline:
-            raise FedLTError(f"only {len(list(grid.get_node_ids()))} of {num_clients} client nodes connected")
+        if time.time() - t0 > timeout:
+            raise FedLTError(f"only {len(list(grid.get_node_ids()))} of {num_clients} client nodes connected within "
+                             f"{time.time() - t0:.0f} s ({raise_it}; a deployment starts one node per partition)")
         time.sleep(0.2)
     node_ids = sorted(grid.get_node_ids())
     msgs = [Message(RecordDict({"config": ConfigRecord({"action": "partition-id"})}), dst_node_id=n,
                     message_type=MessageType.QUERY) for n in node_ids]
-    node_of = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    node_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=max(1.0, timeout - (time.time() - t0))):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition:\n{reply.error.reason}")
         pid = int(reply.content["metrics"]["partition-id"])
+        if pid in node_of:
+            raise FedLTError(f"nodes {node_of[pid]} and {reply.metadata.src_node_id} both report partition {pid}: "
+                             f"start one node per partition id 0..{num_clients - 1}")
         node_of[pid] = reply.metadata.src_node_id
+    if len(node_of) < len(node_ids):
+        raise FedLTError(f"{len(node_ids) - len(node_of)} of {len(node_ids)} client nodes did not report their "
+                         f"partition id within {time.time() - t0:.0f} s ({raise_it})")
     if sorted(node_of) != list(range(num_clients)):
         raise FedLTError(f"nodes report partitions {sorted(node_of)}, expected 0..{num_clients - 1}: "
                          f"start one node per partition")
@@ -59,7 +69,7 @@ class FederatedSteps:
         self.total, self.checkpoint_every = cfg.federation.rounds, cfg.federation.checkpoint_every
         self.model = model_for(cfg, exp)
         self.strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
-        self.strategy.bind(discover_nodes(grid, cfg.partition.num_clients))
+        self.strategy.bind(discover_nodes(grid, cfg.partition.num_clients, cfg.federation.discovery_timeout))
         self.test = exp.tensor_data("test", device=device)
 
     def start(self) -> None:

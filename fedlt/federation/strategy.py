@@ -25,6 +25,7 @@ hooks (e.g. DP's noise on every aggregation, GBME's sub-rounds included) applies
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,8 +35,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config
+from fedlt.errors import FedLTError
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
+
+
+CLIENT_ERROR = "fedlt client error: "
+"""Marks the first line of a :class:`FedLTError` raised on a client (:func:`fedlt.federation.apps.client_errors`)."""
+
+
+def client_error(msg: Message) -> FedLTError | None:
+    """The one-line :class:`FedLTError` an error reply carries (marked with :data:`CLIENT_ERROR`), else None."""
+    match = re.search(re.escape(CLIENT_ERROR) + r"([^\n]*)", msg.error.reason or "")
+    return None if match is None else FedLTError(match.group(1).rstrip("'>").rstrip())
 
 
 class ClientFailure(RuntimeError):
@@ -89,6 +101,11 @@ class FedLTStrategy(FedAvg):
         self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
         self.outer: FedLTStrategy = self  # whose hooks this strategy's round calls (a wrapper sets itself)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse, as a one-line :class:`~fedlt.errors.FedLTError`, a config this strategy cannot run (a check
+        across sections, e.g. on the model; :func:`fedlt.config.check_parts` calls it when the config is read)."""
+
     # ------------------------------------------------------------------ plumbing
     def bind(self, node_of: dict[int, int]) -> None:
         self.node_of = dict(node_of)
@@ -117,6 +134,9 @@ class FedLTStrategy(FedAvg):
         ok = []
         for msg in replies:
             if msg.has_error():
+                error = client_error(msg)
+                if error is not None:  # bad data or a non-finite loss: the run stops with the client's line
+                    raise error
                 self.failures += 1
                 if self.failures > self.max_failures:
                     raise ClientFailure(f"client on node {msg.metadata.src_node_id} failed "

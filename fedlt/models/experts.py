@@ -7,7 +7,7 @@ expert layer2 (24 channels), layer3 (48 channels) and a cosine classifier with s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -17,7 +17,11 @@ from fedlt.models.base import SplitModel, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.resnet_cifar import make_stage
 from fedlt.options import HeadOptions
+from fedlt.errors import FedLTError
 from fedlt.registry import MODELS
+
+if TYPE_CHECKING:
+    from fedlt.config import Config
 
 
 class ExpertOptions(HeadOptions):
@@ -26,6 +30,15 @@ class ExpertOptions(HeadOptions):
     classifier: Literal["linear", "cosine"] = Field("cosine", description="each expert's head: linear or cosine")
     scale: float = Field(30.0, gt=0, description="scale s of the cosine heads")
     num_experts: int = Field(3, gt=0, description="number of experts M")
+
+
+def require_experts(cfg: "Config", who: str) -> None:
+    """Raise a one-line :class:`FedLTError` unless ``cfg.model`` is a multi-expert model (its ``Options`` are
+    :class:`ExpertOptions`): the config-time check of a part (``who``) that trains experts one by one."""
+    if not isinstance(cfg.model, ExpertOptions):
+        names = [n for n in MODELS if issubclass(MODELS.options(n), ExpertOptions)]
+        raise FedLTError(f"{who} needs a multi-expert model, got model.name={cfg.model.name!r}: set model.name "
+                         f"to one of {', '.join(names)}")
 
 
 class MultiExpertModel(nn.Module):

@@ -32,6 +32,7 @@ from fedlt.config import Config
 from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
+from fedlt.models.experts import require_experts
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import predict_logits
@@ -47,6 +48,10 @@ class GBME(FedLTStrategy):
         beta_g: float = Field(0.8, ge=0, le=1, description="share of an expert's cohort drawn from its own group")
         prior: Literal["estimated", "oracle"] = Field(
             "estimated", description="estimated (GBME) or oracle (the true training prior, an ablation)")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_experts(cfg, "strategy gbme")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
@@ -127,12 +132,12 @@ class GBME(FedLTStrategy):
         return out
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "prior": None if self.prior is None else self.prior.__dict__,
+        return {**super().state_dict(), "prior": None if self.prior is None else self.prior.state_dict(),
                 "groups": self.groups, "scores": self.scores}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if state.get("prior") is not None:
-            self.prior = PriorEstimate(**{k: np.asarray(v) for k, v in state["prior"].items()})
+            self.prior = PriorEstimate.from_state(state["prior"])
         self.groups, self.scores = state.get("groups", []), state.get("scores", [])
 

@@ -57,6 +57,16 @@ class PriorEstimate:
     counts: np.ndarray  # (C,) N̂_c
     pi_hat: np.ndarray  # (C,)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The arrays as float64 tensors (a checkpoint holds tensors, read back with ``weights_only=True``)."""
+        return {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PriorEstimate":
+        """The estimate saved by :meth:`state_dict` (tensors, or the arrays of an older checkpoint)."""
+        return cls(**{k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+                      for k, v in state.items()})
+
 
 def class_scores(delta_w: np.ndarray) -> np.ndarray:
     """s_c = Σ_d ΔW[d, c], with s_c ≤ 0 replaced by 1e-5."""

@@ -1,0 +1,296 @@
+"""Bad input, as a hostile user would give it (issue 12): every one ends with a one-line error and exit status 2,
+names the key or file and the rule, shows no traceback and leaves no summary.json that looks finished."""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FASHION, ROOT, needs_fashion
+from fedlt.config import load_config
+from fedlt.errors import FedLTError
+from fedlt.rundir import RunDir
+from fedlt.simulate import main
+
+DEFAULT = str(ROOT / "configs/default.yaml")
+TINY = ["data.profile=none", "train.batch_size=32", "partition.num_clients=2", "partition.min_size=1"]
+TINY_CENTRAL = ["mode=centralized", "centralized.epochs=2", *TINY]
+
+
+def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
+    """Run the CLI; assert exit status 2, one line on stderr, no traceback, no summary.json; return the line."""
+    out = tmp_path / "runs"
+    code = main([*(["--config", config] if config else []), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("summary.json"))
+    return err.strip()
+
+
+# ------------------------------------------------------------------------------------------ the config
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lr=.nan"], "config key 'train.lr' must be a finite number, got nan"),
+    (["train.lr=.inf"], "config key 'train.lr' must be a finite number, got inf"),
+    (["centralized.epochs=.inf"], "config key 'centralized.epochs' must be a finite number, got inf"),
+    (["train.local_steps=-5"], "config key 'train.local_steps' must be > 0, got -5"),
+    (["strategy.name=fedprox", "strategy.mu=-1"], "config key 'strategy.mu' must be >= 0, got -1"),
+    (["strategy.name=gbme", "model.name=small_cnn_experts", "strategy.joint_fraction=-5"],
+     "config key 'strategy.joint_fraction' must be >= 0, got -5"),
+    (["seed=-1"], "config key 'seed' must be >= 0, got -1"),
+    (["strategy.name=gbme"], "strategy gbme needs a multi-expert model, got model.name='small_cnn': set model.name "
+                             "to one of resnet32_experts, small_cnn_experts"),
+    (["client.name=gbme"], "client method gbme needs a multi-expert model"),
+    (["strategy.name=posthoc_calibration", "strategy.base=gbme"], "strategy gbme needs a multi-expert model"),
+    ([f"federation.client_cpus={(os.cpu_count() or 1) + 1}"],
+     f"config key 'federation.client_cpus' must be <= this machine's {os.cpu_count()} CPUs"),
+    (["federation.discovery_timeout=0"], "config key 'federation.discovery_timeout' must be > 0"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_config_value(capsys, tmp_path, overrides, message):
+    assert message in refused(capsys, tmp_path, *overrides)
+
+
+def test_a_check_across_sections_asks_only_the_parts_the_mode_runs():
+    assert load_config(None, ["strategy.name=gbme", "mode=centralized"]).model.name == "small_cnn"
+    assert load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"]).client.name == "gbme"
+
+
+def test_yaml_1_1_exponent_without_a_dot_is_a_float():
+    assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
+
+
+@needs_fashion
+def test_too_many_shards_says_shards(capsys, tmp_path):
+    line = refused(capsys, tmp_path, "partition.method=shards", "partition.shards_per_client=100000")
+    assert "10 clients × 100000 shards" in line and "partition.shards_per_client" in line
+
+
+def test_real_command_line_gbme_without_experts():
+    p = subprocess.run([sys.executable, "-m", "fedlt.simulate", "strategy.name=gbme", "model.name=resnet32"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: strategy gbme needs a multi-expert model, got model.name='resnet32'")
+
+
+# ------------------------------------------------------------------------------------------ --out
+def test_out_is_a_file(capsys, tmp_path):
+    (tmp_path / "runs").write_text("")
+    assert "is a file" in refused(capsys, tmp_path, "train.lr=0.1")
+
+
+@pytest.mark.parametrize("where", ["read-only", "proc"])
+def test_out_is_not_writable(capsys, tmp_path, where):
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "runs"
+    else:  # not even root can make a folder here
+        target = "/proc/fedlt-runs"
+    code = main(["--config", DEFAULT, "--out", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"--out {target} is not a folder this process can write" in err
+
+
+# ------------------------------------------------------------------------------------------ data files
+def write_list(root, name, lines):
+    (root / name).write_text("".join(f"{line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("label", [15, 10, -1])
+def test_file_list_label_out_of_range_names_file_and_line(capsys, tmp_path, label):
+    write_list(tmp_path, "train.txt", ["a.png 0", f"b.png {label}", "c.png 3"])
+    write_list(tmp_path, "test.txt", ["d.png 1"])
+    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "model.name=small_cnn")
+    assert f"label {label} out of range in list file {tmp_path / 'train.txt'}:2" in line
+    assert ("labels 0..9" in line) if label >= 0 else ("labels 0..9" in line or ">= 0" in line)
+
+
+def test_file_list_of_an_open_data_set_refuses_a_negative_label(tmp_path):
+    from fedlt.data.sources import load_file_list
+
+    write_list(tmp_path, "train.txt", ["a.png 0", "b.png -3"])
+    write_list(tmp_path, "test.txt", ["d.png 1"])
+    with pytest.raises(FedLTError, match=r"label -3 out of range in list file .*train.txt:2: a label must be >= 0"):
+        load_file_list(str(tmp_path), "train.txt", "test.txt")
+
+
+def test_corrupt_image_names_the_file(capsys, tmp_path):
+    from torchvision.io import write_png
+
+    for i in range(4):
+        write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / f"{i}.png"))
+    (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    write_list(tmp_path, "train.txt", [f"{i}.png {i}" for i in range(4)])
+    write_list(tmp_path, "test.txt", ["0.png 0"])
+    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.profile=none",
+                   "model.name=small_cnn", "partition.num_clients=2", "partition.min_size=1")
+    assert f"cannot decode image {tmp_path / '2.png'}" in line
+
+
+def write_idx(path, array, truncate=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    data = gzip.compress(header + array.astype(np.uint8).tobytes())
+    path.write_bytes(data[: len(data) // 2] if truncate else data)
+
+
+def write_fashion(root, bad_label=None, truncate=None):
+    """A tiny Fashion-MNIST in IDX .gz files: 40 training and 10 test images of random pixels."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        labels = np.arange(n) % 10
+        if bad_label is not None and prefix == "train":
+            labels[7] = bad_label
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)),
+                  truncate == f"{prefix}-images")
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels, truncate == f"{prefix}-labels")
+
+
+@pytest.mark.parametrize("which", ["train-images", "t10k-labels"])
+def test_truncated_gz_idx_names_the_file(capsys, tmp_path, which):
+    write_fashion(tmp_path, truncate=which)
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}")
+    assert f"malformed IDX file {tmp_path / (which + '-idx' + ('3' if 'images' in which else '1') + '-ubyte.gz')}" \
+        in line
+
+
+def test_idx_label_out_of_range_names_the_file(capsys, tmp_path):
+    write_fashion(tmp_path, bad_label=12)
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}")
+    assert f"label 12 out of range in {tmp_path / 'train-labels-idx1-ubyte.gz'} (entry 7): labels must be in 0..9" \
+        == line.removeprefix("error: ")
+
+
+def test_cifar_batch_label_out_of_range(tmp_path):
+    import pickle
+
+    from fedlt.data.sources import load_cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [1, 2, 3, 12 if name == "data_batch_3" else 4]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.zeros((4, 3072), dtype=np.uint8), "labels": labels}, f)
+    with pytest.raises(FedLTError, match=r"label 12 out of range in .*data_batch_3 \(entry 3\)"):
+        load_cifar(str(tmp_path), 10)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+class RunsCode:
+    """Unpickling this object runs ``touch <marker>`` (what a replaced checkpoint.pt could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "code", "not a checkpoint"])
+def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, content):
+    run = RunDir(tmp_path / "run")
+    f = run.path / "checkpoint.pt"
+    marker = tmp_path / "ran"
+    run.save_checkpoint({"step": 3, "elapsed": 1.5, "state": {"w": torch.ones(1000), "rng": {"s": 2**100}}})
+    assert run.load_checkpoint()["state"]["rng"]["s"] == 2**100  # plain values come back through weights_only
+    if content == "truncated":
+        f.write_bytes(f.read_bytes()[:300])
+    elif content == "garbage":
+        f.write_bytes(b"\x00not a zip at all")
+    elif content == "code":
+        torch.save({"step": 3, "elapsed": 1.5, "state": RunsCode(marker)}, f)
+    else:
+        torch.save([1, 2, 3], f)
+    with pytest.raises(FedLTError) as e:
+        run.load_checkpoint()
+    message = str(e.value)
+    assert "\n" not in message and str(f) in message and f"delete it to start the run over" in message
+    if content == "code":
+        assert "refused" in message and "os.system" in message or "posix.system" in message
+    assert not marker.exists()  # the code never ran
+
+
+def test_checkpoint_refuses_numpy_on_save(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['state'\]\['prior'\]\[0\] is a numpy.ndarray"):
+        RunDir(tmp_path).save_checkpoint({"step": 1, "elapsed": 0.0, "state": {"prior": [np.zeros(2)]}})
+    with pytest.raises(TypeError, match="numpy.float64"):
+        RunDir(tmp_path).save_checkpoint({"step": 1, "elapsed": np.float64(0.0), "state": {}})
+
+
+def test_truncated_checkpoint_on_rerun_says_which_file_and_how_to_start_over(capsys, tmp_path):
+    write_fashion(tmp_path)
+    args = ["--config", DEFAULT, "--out", str(tmp_path / "runs"), f"data.root={tmp_path}", *TINY_CENTRAL]
+    assert main(args) == 0
+    run = next(p.parent for p in tmp_path.rglob("checkpoint.pt"))
+    for name in ("summary.json", "done"):  # interrupted after its last checkpoint
+        (run / name).unlink()
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {ckpt} cannot be read" in err and "delete it to start" in err
+    ckpt.unlink()  # as the message says: the run starts over
+    assert main(args) == 0 and (run / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ a diverging run
+def test_centralized_nan_loss_stops_at_its_epoch_keeping_the_last_checkpoint(capsys, tmp_path):
+    write_fashion(tmp_path)
+    line = refused(capsys, tmp_path, "plugins=[plugins_for_tests.nonfinite]", "centralized.method=nan_ce",
+                   f"data.root={tmp_path}", *TINY_CENTRAL)
+    assert line.startswith("error: epoch 2 (stage 1): the training loss became non-finite (nan)")
+    (ckpt,) = tmp_path.rglob("checkpoint.pt")
+    assert torch.load(ckpt, weights_only=True)["step"] == 1
+    rows = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+
+
+def test_federated_nan_loss_names_partition_and_round_keeping_the_last_checkpoint(tmp_path):
+    from fedlt.federation.inprocess import run_inprocess
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    cfg = load_config(None, ["plugins=[plugins_for_tests.nonfinite]", "client.name=nan_client", "mode=federated",
+                             f"data.root={tmp_path}", *TINY, "federation.rounds=3", "federation.fraction=1",
+                             "train.local_steps=2"])
+    with pytest.raises(FedLTError) as e:
+        run_inprocess(cfg, str(tmp_path / "run"))
+    assert str(e.value) == ("partition 1, round 2: the training loss became non-finite (nan) within 2 steps: lower "
+                            "the learning rate or check the data and the loss")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ node discovery
+def test_node_discovery_timeout_says_how_long_and_what_to_raise(message_identity):
+    from fedlt.federation.server import discover_nodes
+
+    class SlowGrid:  # nodes connected, but their actors answer after the time-out
+        def get_node_ids(self):
+            return [11, 12, 13]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            assert timeout is not None and timeout <= 0.5 + 1e-9 or timeout == 1.0
+            return []
+
+    with pytest.raises(FedLTError, match=r"3 of 3 client nodes did not report their partition id within \d+ s "
+                                         r"\(federation.discovery_timeout=0.5; raise it on a busy machine\)"):
+        discover_nodes(SlowGrid(), 3, timeout=0.5)
+
+    class ShortGrid(SlowGrid):  # fewer nodes than partitions ever connect
+        def get_node_ids(self):
+            return [11]
+
+    with pytest.raises(FedLTError, match=r"only 1 of 3 client nodes connected within \d+ s "
+                                         r"\(federation.discovery_timeout=0.2"):
+        discover_nodes(ShortGrid(), 3, timeout=0.2)
