@@ -4,6 +4,7 @@ names the key or file and the rule, shows no traceback and leaves no summary.jso
 import gzip
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -294,3 +295,56 @@ def test_node_discovery_timeout_says_how_long_and_what_to_raise(message_identity
     with pytest.raises(FedLTError, match=r"only 1 of 3 client nodes connected within \d+ s "
                                          r"\(federation.discovery_timeout=0.2"):
         discover_nodes(ShortGrid(), 3, timeout=0.2)
+
+
+# ------------------------------------------------------------------------------------------ resume, weights_only
+def resumed_equals_uninterrupted(tmp_path, monkeypatch, run, cfg):
+    """Run ``cfg`` to the end, keeping its step-1 checkpoint; put that checkpoint back as if the run had been
+    killed after step 1, rerun: the resumed run (read with weights_only=True) gives the same summary."""
+    path = tmp_path / "run"
+    save = RunDir.save_checkpoint
+
+    def keep_first(self, state):
+        save(self, state)
+        if state["step"] == 1:
+            shutil.copyfile(self.path / "checkpoint.pt", self.path / "step1.pt")
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", keep_first)
+    first = run(cfg, path)
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    for name in ("summary.json", "done", "checkpoint.pt"):
+        (path / name).unlink()
+    os.replace(path / "step1.pt", path / "checkpoint.pt")
+    again = run(cfg, path)
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
+        assert again[key] == first[key], key
+    return first, again
+
+
+@pytest.mark.parametrize("extra", [["strategy.name=gbme", "model.name=small_cnn_experts",
+                                    "strategy.joint_fraction=0.5"],
+                                   ["strategy.name=fedavgm", "strategy.momentum=0.9"]], ids=["gbme", "fedavgm"])
+def test_federated_resume_through_weights_only_checkpoints(tmp_path, monkeypatch, extra):
+    from fedlt.federation.inprocess import run_inprocess
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=federated", "federation.rounds=2",
+                             "federation.fraction=1", "train.local_steps=2", *extra])
+    first, again = resumed_equals_uninterrupted(tmp_path, monkeypatch, lambda c, p: run_inprocess(c, str(p)), cfg)
+    if cfg.strategy.name == "gbme":
+        assert again["pi_hat"] == first["pi_hat"] and again["expert_groups"] == first["expert_groups"]
+
+
+@pytest.mark.parametrize("method", ["mixup", "crt"])
+def test_centralized_resume_through_weights_only_checkpoints(tmp_path, monkeypatch, method):
+    from fedlt.centralized import run_centralized
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    stage2 = ["centralized.epochs=1", "centralized.stage2_epochs=1"] if method == "crt" else ["centralized.epochs=2"]
+    cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=centralized", f"centralized.method={method}",
+                             *stage2])
+    resumed_equals_uninterrupted(tmp_path, monkeypatch, lambda c, p: run_centralized(c, RunDir(p)), cfg)
