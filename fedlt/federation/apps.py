@@ -23,9 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config, config_from_dict, load_config
 from fedlt.device import resolve_device
+from fedlt.errors import FedLTError
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.dp import client_clipping_mod
-from fedlt.errors import FedLTError
 from fedlt.federation.records import load_into, metric_record, to_arrays
 from fedlt.federation.strategy import CLIENT_ERROR
 from fedlt.registry import CLIENTS

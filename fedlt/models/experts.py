@@ -13,11 +13,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from fedlt.errors import FedLTError
 from fedlt.models.base import SplitModel, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.resnet_cifar import make_stage
 from fedlt.options import HeadOptions
-from fedlt.errors import FedLTError
 from fedlt.registry import MODELS
 
 if TYPE_CHECKING:
