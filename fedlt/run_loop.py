@@ -57,7 +57,7 @@ class Steps(Protocol):
 def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
     """What the run will do, said before its first step: ``20 rounds, 5 of 10 clients per round, 1 local epoch
     each; time left on every progress line``."""
-    what = f"{steps.total} {steps.unit}s"
+    what = f"{steps.total} {steps.unit}{'s' if steps.total != 1 else ''}"
     if steps.unit == "round":
         k = cfg.partition.num_clients
         t = cfg.train

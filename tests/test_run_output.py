@@ -110,3 +110,20 @@ def test_dry_run_prints_config_sources_partition_and_estimate_and_runs_nothing(c
     assert re.search(r"default-fed-fedavg\+la: federated fedavg\+la: 2 rounds × 2 of 2 clients × 1 local steps .*"
                      r"estimate \d+", text)
     assert "estimated wall time" in text and "an estimate" in text
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_real_command_line_run_on_ray_prints_no_warnings_colours_or_actor_chatter(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "fedlt.simulate", "--config", str(ROOT / "configs/default.yaml"),
+                           "--out", str(tmp_path), "mode=federated", *TINY, "federation.rounds=1"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "warning" not in text.lower() and not ANSI.search(text) and "ClientAppActor" not in text, text
+    assert "[federated fedavg] 1 round, 2 of 2 clients per round" in proc.stdout
