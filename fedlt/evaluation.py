@@ -40,7 +40,7 @@ def due(step: int, total: int, every: int) -> bool:
 
 def duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h07m``: a span of time as a person reads it."""
-    s = int(round(max(seconds, 0.0)))
+    s = round(max(seconds, 0.0))
     if s < 60:
         return f"{s}s"
     if s < 3600:

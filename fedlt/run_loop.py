@@ -62,7 +62,7 @@ def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
         k = cfg.partition.num_clients
         t = cfg.train
         local = f"{t.local_steps} local steps" if t.local_steps else f"{t.local_epochs:g} local epoch(s)"
-        what += f", {max(1, int(round(cfg.federation.fraction * k)))} of {k} clients per round, {local} each"
+        what += f", {max(1, round(cfg.federation.fraction * k))} of {k} clients per round, {local} each"
     if start > 1:
         what += f"; {steps.total - start + 1} left"
     return f"{what}; elapsed time and time left (eta) on every progress line"

@@ -109,8 +109,8 @@ def partition_lines(cfg: Config, exp) -> list[str]:
     def spread(x: np.ndarray) -> str:
         return f"{int(x.min())} / {int(np.median(x))} / {int(x.max())}"
 
-    lines = [f"partition: {len(sizes)} clients ({cfg.partition.method}); samples per client min / median / max "
-             f"{spread(sizes)}; classes per client {spread(classes)} of {exp.num_classes}"]
+    lines = [(f"partition: {len(sizes)} clients ({cfg.partition.method}); samples per client min / median / max "
+              f"{spread(sizes)}; classes per client {spread(classes)} of {exp.num_classes}")]
     lines += [f"  client {k}: {int(n)} samples, {int(c)} class{'es' if c != 1 else ''}" for k, (n, c) in enumerate(zip(sizes, classes))
               if k < 20]
     if len(sizes) > 20:
@@ -165,7 +165,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     if mode == "federated":
         t, fed = cfg.train, cfg.federation
         k = cfg.partition.num_clients
-        cohort = max(1, int(round(fed.fraction * k)))
+        cohort = max(1, round(fed.fraction * k))
         sizes = exp.partition_counts().sum(1)
         local = np.array([t.local_steps or round(t.local_epochs * max(1, math.ceil(n / t.batch_size)))
                           for n in sizes])
@@ -218,9 +218,9 @@ def dry_run(path: str | None, overrides: list[str], out: str) -> str:
         what, seconds = run_estimate(r.mode, r.cfg, exp, timed)
         total += seconds
         lines.append(f"{r.path}: {what}; estimate {duration(seconds)}")
-    lines += ["", f"estimated wall time: {duration(total)} in all (from 3 timed plain SGD steps and one test-set "
-              f"evaluation of each model on this machine as loaded now, clients one after another; an estimate: it leaves out "
-              f"start-up, a method's extra work and the engine's overhead)"]
+    lines += ["", (f"estimated wall time: {duration(total)} in all (from 3 timed plain SGD steps and one test-set "
+                   f"evaluation of each model on this machine as loaded now, clients one after another; an estimate: "
+                   f"it leaves out start-up, a method's extra work and the engine's overhead)")]
     return "\n".join(lines)
 
 
