@@ -165,13 +165,86 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file <- overrides, resolved and validated (:func:`resolve`)."""
-    raw = copy.deepcopy(read_yaml(path)) if path is not None else {}
+def deep_merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaves(mapping: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the non-mapping values of a nested mapping (an empty mapping is a leaf)."""
+    out = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        out += _leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+    return out
+
+
+def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
+                     _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping, its ``base:`` chain merged under it (:func:`deep_merge`).
+
+    ``base: other.yaml`` (a path relative to the file) names the config this one builds on: the file
+    gives only what differs. Chains are allowed; a cycle or a missing base is a one-line :class:`FedLTError`.
+    The ``base`` key itself does not reach the resolved config. ``provenance`` (dotted key -> "file NAME")
+    is filled with the file each value comes from."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    chain = _chain + (path.resolve(),)
+    merged: dict = {}
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise FedLTError(f"config file {path}: 'base' must name a config file, got {base!r}")
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise FedLTError(f"config file {path}: base {base!r} not found (looked for {base_path})")
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(p.name for p in chain + (base_path.resolve(),))
+            raise FedLTError(f"config file {path}: its bases form a cycle ({cycle})")
+        merged = read_config_file(base_path, provenance, chain)
+    if provenance is not None:
+        for key in _leaves(raw):
+            for old in [k for k in provenance if k == key or k.startswith(key + ".")]:
+                del provenance[old]  # a mapping or value of the base replaced by the file's
+            provenance[key] = f"file {path.name}"
+    return deep_merge(merged, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                provenance: dict[str, str] | None = None) -> Config:
+    """YAML file (with its ``base:`` chain) <- overrides, resolved and validated (:func:`resolve`).
+
+    ``provenance``, where given, is filled with dotted key -> where its value came from (``file NAME`` or
+    ``override``) for every key the file chain or the overrides set; :func:`key_sources` adds the rest."""
+    raw = read_config_file(path, provenance) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+        if provenance is not None:
+            for old in [k for k in provenance if k.startswith(key + ".")]:
+                del provenance[old]
+            provenance[key] = "override"
+    _check_local_work(raw)
     return resolve(raw)
+
+
+def _check_local_work(raw: dict) -> None:
+    """``train.local_epochs`` and ``train.local_steps`` both given by the user is an error (not "steps win").
+    Read from the user's raw mapping: ``local_epochs`` has a default, so the resolved config cannot tell."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        return
+    if "local_epochs" in train and train["local_epochs"] is None:  # dropped (e.g. a base file's value)
+        del train["local_epochs"]
+    if train.get("local_epochs") is not None and train.get("local_steps") is not None:
+        raise FedLTError("config keys 'train.local_epochs' and 'train.local_steps' are both set: a client trains "
+                         "either epochs or steps per round; give one (train.local_epochs=null drops a file's)")
 
 
 # ------------------------------------------------------------------------------------------ validating
@@ -302,6 +375,57 @@ def check_parts(cfg: Config) -> None:
         check = getattr(part, "check_config", None)
         if check is not None:
             check(cfg)
+
+
+def own_client(strategy: str) -> str:
+    """The client method a strategy pairs with (``client.name``'s default)."""
+    from fedlt.registry import STRATEGIES
+
+    return getattr(STRATEGIES.get(strategy), "client", "fedavg")
+
+
+def federated_method(cfg: Config) -> str:
+    """What a federated run runs: the strategy's name, ``+`` the client method where it is not the strategy's own
+    (``fedavg+fedprox``). A ``local_loss`` client is named by its loss (``fedavg+la``, not ``fedavg+local_loss``):
+    the loss is what sets two such runs apart, and a paper writes "FedAvg + LA". Used in run directory names,
+    progress lines and summary.json's ``method`` (the report's Method column)."""
+    client = cfg.client.name
+    if client == own_client(cfg.strategy.name):
+        return cfg.strategy.name
+    return f"{cfg.strategy.name}+{getattr(cfg.client, 'loss', None) if client == 'local_loss' else client}"
+
+
+def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
+    """Every dotted key of the resolved ``cfg`` -> where its value came from: ``given``'s entry (from
+    :func:`load_config`'s ``provenance``: a file, an override, a sweep) for a key or a mapping above it; else
+    ``derived`` (``model.name`` from the data set, ``client.name`` from the strategy), the selected part's own
+    default (where its ``Options`` declare the key or a default other than the section's base), or ``default``."""
+    from fedlt.sweep import flatten
+
+    parts = _part_sections()
+    out = {}
+    for key in flatten(cfg.model_dump(mode="json", exclude={"sweep"})):
+        pieces = key.split(".")
+        source = next((given[".".join(pieces[:i])] for i in range(len(pieces), 0, -1)
+                       if ".".join(pieces[:i]) in given), None)
+        if source is None:
+            section, field = pieces[0], pieces[1] if len(pieces) > 1 else ""
+            if key == "model.name":
+                source = f"derived from data set {cfg.data.name}"
+            elif key == "client.name":
+                source = f"derived from strategy {cfg.strategy.name}"
+            elif section in parts:
+                registry, name_key = parts[section]
+                name = getattr(getattr(cfg, section), name_key)
+                base = registry.base_options.model_fields.get(field)
+                own = registry.options(name).model_fields.get(field)
+                if own is not None and (base is None or own.get_default(call_default_factory=True)
+                                        != base.get_default(call_default_factory=True)):
+                    source = f"default of {registry.kind} {name}"
+            out[key] = source or "default"
+        else:
+            out[key] = source
+    return out
 
 
 def dump_config(cfg: Config) -> str:

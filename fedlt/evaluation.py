@@ -38,11 +38,28 @@ def due(step: int, total: int, every: int) -> bool:
     return step % every == 0 or step == total
 
 
-def progress_line(prefix: str, m: dict | None, seconds: float, train_loss: float | None = None) -> str:
-    """One progress line: test metrics, or the training loss alone where the step was not evaluated."""
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: a span of time as a person reads it."""
+    s = round(max(seconds, 0.0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_line(prefix: str, m: dict | None, seconds: float, train_loss: float | None = None,
+                  elapsed: float | None = None, remaining: float | None = None) -> str:
+    """One progress line: test metrics, or the training loss alone where the step was not evaluated; the step's
+    seconds, and where given the run's elapsed time and its estimated time left (``elapsed 1m40s, eta 6m12s``)."""
+    clock = f"{seconds:.1f}s"
+    if elapsed is not None:
+        clock += f"; elapsed {duration(elapsed)}"
+    if remaining is not None:
+        clock += f", eta {duration(remaining)}"
     if m is None:
         loss = "n/a" if train_loss is None else f"{train_loss:.3f}"
-        return f"{prefix} train_loss={loss} (not evaluated, eval.every) ({seconds:.1f}s)"
+        return f"{prefix} train_loss={loss} (not evaluated, eval.every) ({clock})"
     groups = " ".join(f"{g}={m[g] * 100:5.1f}" if m[g] is not None else f"{g}=  n/a" for g in ("many", "medium", "few"))
     return (f"{prefix} loss={m['loss']:.3f} acc={m['accuracy'] * 100:5.2f} bal={m['balanced_accuracy'] * 100:5.2f} "
-            f"{groups} ({seconds:.1f}s)")
+            f"{groups} ({clock})")

@@ -3,7 +3,8 @@
     resume from the checkpoint (same config) or start afresh (reset the run directory, write its records)
     for each step t (a round or an epoch) not yet done:
         train the step; evaluate on the test set when due (``eval.every``, always the last step);
-        append the step's row to metrics.jsonl; print one progress line; checkpoint when due
+        append the step's row to metrics.jsonl; print one progress line (with the run's elapsed time and
+        its time left: mean seconds per step so far × steps left); checkpoint when due
     finish (a last change of the model without training, e.g. τ-norm), evaluate unless the last step's
     evaluation still holds, write summary.json
 
@@ -53,6 +54,20 @@ class Steps(Protocol):
         """What summary.json holds besides the final test metrics, the seed and the wall-clock time."""
 
 
+def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
+    """What the run will do, said before its first step: ``20 rounds, 5 of 10 clients per round, 1 local epoch
+    each; time left on every progress line``."""
+    what = f"{steps.total} {steps.unit}{'s' if steps.total != 1 else ''}"
+    if steps.unit == "round":
+        k = cfg.partition.num_clients
+        t = cfg.train
+        local = f"{t.local_steps} local steps" if t.local_steps else f"{t.local_epochs:g} local epoch(s)"
+        what += f", {max(1, round(cfg.federation.fraction * k))} of {k} clients per round, {local} each"
+    if start > 1:
+        what += f"; {steps.total - start + 1} left"
+    return f"{what}; elapsed time and time left (eta) on every progress line"
+
+
 def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarray, np.ndarray, np.ndarray, str],
               device: Any) -> dict:
     """Run (or resume) ``steps`` into ``run``; return the summary. ``partition`` is (client × class counts,
@@ -71,6 +86,7 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarra
         run.truncate_metrics(steps.unit, ckpt["step"])
         print(f"[{steps.label}] resuming after {steps.unit} {ckpt['step']}", flush=True)
 
+    print(f"[{steps.label}] {plan_line(cfg, steps, start)}", flush=True)
     metrics = None
     for t in range(start, steps.total + 1):
         t0 = time.time()
@@ -80,7 +96,7 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarra
         elapsed += seconds
         run.append_metrics({steps.unit: t, **(metrics_row(metrics) if metrics else {}), **fields, "seconds": seconds})
         print(progress_line(f"[{steps.label}] {steps.unit} {t}/{steps.total}", metrics, seconds,
-                            fields.get("train_loss")), flush=True)
+                            fields.get("train_loss"), elapsed, elapsed / t * (steps.total - t)), flush=True)
         if due(t, steps.total, steps.checkpoint_every):
             run.save_checkpoint({"step": t, "elapsed": elapsed, "state": steps.state_dict()})
 

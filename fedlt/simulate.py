@@ -1,7 +1,13 @@
 """``python -m fedlt.simulate``: run one config (federated, centralized or both) into run directories.
 
     python -m fedlt.simulate [--config FILE] [--out DIR] [KEY=VALUE ...] [sweep.KEY=[V1,V2,...] ...]
+    python -m fedlt.simulate --dry-run [--config FILE] [KEY=VALUE ...]
     python -m fedlt.simulate --list
+
+``--dry-run`` prints what would run and what it would cost: the resolved config (every key with where its
+value came from), the partition, the rounds / epochs and local steps, and an estimate of the wall time from
+a few timed SGD steps and one test-set evaluation on this machine; it trains nothing and writes no run
+directory.
 
 A ``sweep:`` mapping in the config (or ``sweep.KEY=[...]`` overrides) runs every combination of the
 listed values, each into its own run directory; finished runs are skipped (see fedlt/sweep.py).
@@ -10,14 +16,18 @@ listed values, each into its own run directory; finished runs are skipped (see f
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedlt.config import Config
 from fedlt.errors import FedLTError
+from fedlt.evaluation import duration
 
 
 def check_out(out: str) -> None:
@@ -72,6 +82,7 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     runs = plan(combos, out)
     check_data([c for c, _ in combos])
     summaries = []
+    took: dict[str, list[float]] = {"federated": [], "centralized": []}  # seconds of the runs this sweep ran
     for i, r in enumerate(runs, 1):
         mode, c, path = r.mode, r.cfg, r.path
         count = f" ({i}/{len(runs)})" if len(combos) > 1 else ""
@@ -83,9 +94,153 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
             continue
         t0 = time.time()
         s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
-        print(f"[{mode}] finished in {time.time() - t0:.1f}s -> {path}{count}", flush=True)
+        took[mode].append(time.time() - t0)
+        eta = f"; sweep eta {duration(sweep_eta(runs[i:], took))}" if len(runs) > 1 and i < len(runs) else ""
+        print(f"[{mode}] finished in {took[mode][-1]:.1f}s -> {path}{count}{eta}", flush=True)
         summaries.append({**s, **label})
     return summaries
+
+
+def sweep_eta(left: list, took: dict[str, list[float]]) -> float:
+    """Seconds the sweep's runs ``left`` (not yet finished) will take: each the mean time of the runs of its mode
+    this sweep ran (of any mode where none of its own ran yet). An estimate: runs of a sweep differ in cost."""
+    every = [x for xs in took.values() for x in xs]
+    mean = {m: float(np.mean(xs or every)) for m, xs in took.items()}
+    return sum(mean[r.mode] for r in left if not (r.path / "done").is_file())
+
+
+# ------------------------------------------------------------------------------------------ dry run
+
+def config_lines(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """``key = value   (where it came from)`` for every key of the resolved config."""
+    from fedlt.sweep import flatten
+
+    flat = flatten(cfg.model_dump(mode="json", exclude={"sweep"}))
+    width = max(len(f"{k} = {v}") for k, v in flat.items())
+    return [f"  {f'{k} = {v}':<{width}}   ({sources.get(k, 'default')})" for k, v in flat.items()]
+
+
+def partition_lines(cfg: Config, exp) -> list[str]:
+    """The clients' sizes and classes: a summary line, then one line per client (the first 20)."""
+    counts = exp.partition_counts()
+    sizes, classes = counts.sum(1), (counts > 0).sum(1)
+
+    def spread(x: np.ndarray) -> str:
+        return f"{int(x.min())} / {int(np.median(x))} / {int(x.max())}"
+
+    lines = [(f"partition: {len(sizes)} clients ({cfg.partition.method}); samples per client min / median / max "
+              f"{spread(sizes)}; classes per client {spread(classes)} of {exp.num_classes}")]
+    lines += [f"  client {k}: {int(n)} samples, {int(c)} class{'es' if c != 1 else ''}" for k, (n, c) in enumerate(zip(sizes, classes))
+              if k < 20]
+    if len(sizes) > 20:
+        lines.append(f"  … {len(sizes) - 20} more clients")
+    return lines
+
+
+def time_model(cfg: Config, exp, model, batch_size: int, cache: dict | None = None,
+               steps: int = 3) -> tuple[float, float]:
+    """(seconds per local SGD step, seconds per test-set evaluation) of ``model`` on this machine: one warm-up
+    step, then ``steps`` timed plain cross-entropy SGD steps of ``batch_size`` with the run's augmentation, then
+    one evaluation of the whole test set. Timed once per model, data and batch size in ``cache``."""
+    import torch
+
+    from fedlt.device import resolve_device
+    from fedlt.evaluation import evaluate_model
+    from fedlt.experiment import augment_for
+    from fedlt.streams import Stream, torch_generator
+    from fedlt.train import OptimConfig, train
+
+    device = resolve_device(cfg.device)
+    key = (repr(model), cfg.data.model_dump_json(), cfg.seed, batch_size, cfg.eval.batch_size, str(device))
+    if cache is not None and key in cache:
+        return cache[key]
+    model = model.to(device)
+    data = exp.tensor_data("train", device=device)
+    opt = OptimConfig(lr=1e-3, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+                      batch_size=batch_size)
+    gen = torch_generator(cfg.seed, Stream.CLIENT, 0, 0)
+    train(model, data, opt=opt, steps=1, generator=gen, augment=augment_for(cfg))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    train(model, data, opt=opt, steps=steps, generator=gen, augment=augment_for(cfg))
+    sync()
+    step = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    evaluate_model(model, exp.tensor_data("test", device=device), exp.train_counts, cfg.eval.batch_size)
+    sync()
+    timing = step, time.perf_counter() - t0
+    if cache is not None:
+        cache[key] = timing
+    return timing
+
+
+def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tuple[str, float]:
+    """(what the run does, its estimated seconds) from :func:`time_model`."""
+    from fedlt.config import federated_method
+    from fedlt.evaluation import due
+    from fedlt.experiment import model_for
+
+    if mode == "federated":
+        t, fed = cfg.train, cfg.federation
+        k = cfg.partition.num_clients
+        cohort = max(1, round(fed.fraction * k))
+        sizes = exp.partition_counts().sum(1)
+        local = np.array([t.local_steps or round(t.local_epochs * max(1, math.ceil(n / t.batch_size)))
+                          for n in sizes])
+        step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
+        evals = sum(due(r, fed.rounds, cfg.eval.every) for r in range(1, fed.rounds + 1))
+        seconds = fed.rounds * cohort * float(local.mean()) * step + evals * evaluation
+        what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
+                f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
+                f"per client) = {fed.rounds * cohort * local.mean():,.0f} steps, {evals} evaluations")
+        return what, seconds
+    from fedlt.centralized.run import centralized_optim
+    from fedlt.registry import CENTRALIZED
+
+    method = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
+    bs = centralized_optim(cfg).batch_size
+    epochs = math.ceil(cfg.centralized.epochs) + method.stage2_epochs()
+    per_epoch = max(1, math.ceil(len(exp.train) / bs))
+    step, evaluation = time_model(cfg, exp, method.build_model(exp), bs, cache)
+    evals = sum(due(e, epochs, cfg.eval.every) for e in range(1, epochs + 1))
+    what = (f"centralized {cfg.centralized.method}: {epochs} epochs × {per_epoch} steps (batch {bs}) = "
+            f"{epochs * per_epoch:,} steps, {evals} evaluations")
+    return what, epochs * per_epoch * step + evals * evaluation
+
+
+def dry_run(path: str | None, overrides: list[str], out: str) -> str:
+    """What ``python -m fedlt.simulate`` with these arguments would run and cost; nothing is trained or written."""
+    from fedlt.config import key_sources, load_config
+    from fedlt.experiment import experiment_for
+    from fedlt.sweep import expand, plan, split_overrides
+
+    combos = expand(path, overrides)
+    plain, _ = split_overrides(overrides)
+    given: dict[str, str] = {}
+    load_config(path, plain, given)
+    first, values = combos[0]
+    given.update({k: "sweep" for k in values})
+    lines = ["dry run: nothing is trained and no run directory is written", ""]
+    if len(combos) > 1:
+        lines.append(f"sweep of {len(combos)} combinations; the config of the first "
+                     f"({', '.join(f'{k}={v}' for k, v in values.items())}):")
+    lines += ["config (key = value   (where it came from)):", *config_lines(first, key_sources(first, given)), ""]
+    shown, timed, total = set(), {}, 0.0
+    for r in plan(combos, out):
+        exp = experiment_for(r.cfg)
+        if r.mode == "federated":
+            key = (r.cfg.data.model_dump_json(), r.cfg.partition.model_dump_json(), r.cfg.seed)
+            if key not in shown:
+                shown.add(key)
+                lines += partition_lines(r.cfg, exp)
+        what, seconds = run_estimate(r.mode, r.cfg, exp, timed)
+        total += seconds
+        lines.append(f"{r.path}: {what}; estimate {duration(seconds)}")
+    lines += ["", (f"estimated wall time: {duration(total)} in all (from 3 timed plain SGD steps and one test-set "
+                   f"evaluation of each model on this machine as loaded now, clients one after another; an estimate: "
+                   f"it leaves out start-up, a method's extra work and the engine's overhead)")]
+    return "\n".join(lines)
 
 
 def format_table(summaries: list[dict]) -> str:
@@ -129,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", nargs="?", const="", metavar="PART",
                         help="list every config key (name, type, default, description), or those of one section "
                              "or registered part (--keys train, --keys fedprox, --keys ldam_drw)")
-    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Flower's and Ray's logs, deprecation warnings and the Ray actors' output")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config (with where each value came from), the partition, the "
+                             "rounds / epochs and local steps and an estimate of the wall time; run nothing")
     parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
                                                          "into DIR (as python -m fedlt.compare does)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -143,13 +302,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_keys(args.keys or None))
             return 0
+        from fedlt.federation.runner import quiet_output
         from fedlt.sweep import expand
 
         path = args.config
         if path is None and Path("configs/default.yaml").is_file():
             path = "configs/default.yaml"
-        combos = expand(path, args.overrides)
-        summaries = run_sweep(combos, args.out, args.verbose)
+        with quiet_output(args.verbose):
+            if args.dry_run:
+                print(dry_run(path, args.overrides, args.out))
+                return 0
+            combos = expand(path, args.overrides)
+            summaries = run_sweep(combos, args.out, args.verbose)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

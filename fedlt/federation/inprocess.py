@@ -23,7 +23,6 @@ Messages are processed one after another in the order pushed; ``send_and_receive
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import traceback
 from collections.abc import Iterable
@@ -42,7 +41,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlt.config import Config
 from fedlt.federation.apps import make_client_app, make_server_app
-from fedlt.federation.runner import summary_of
+from fedlt.federation.runner import quiet_output, summary_of
 
 RUN_ID = 1
 TASK_ID = 1
@@ -128,20 +127,16 @@ def run_inprocess(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     """Run ``cfg`` as :func:`fedlt.federation.runner.run_federated` does, in this process; return the summary.
     A failing client or server re-raises here; Flower's log shows below WARNING only when ``verbose``."""
     outcome: dict = {}
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
     grid = InProcessGrid(make_client_app(cfg), cfg.partition.num_clients)
     server_context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                              state=RecordDict(), run_config={})
     identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = TASK_ID, grid.run.run_id, SUPERLINK_NODE_ID
     try:
-        make_server_app(cfg, run_path, outcome)(grid, server_context)
+        with quiet_output(verbose):
+            make_server_app(cfg, run_path, outcome)(grid, server_context)
     except Exception:  # recorded in ``outcome`` by the ServerApp, re-raised below as the Ray engine does
         pass
     finally:
-        flwr_logger.setLevel(level)
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
     return summary_of(outcome, "the in-process run ended without a result")

@@ -1,13 +1,16 @@
 """Run a federated config through Flower's simulation engine (Ray), one virtual node per client.
 
-The only module that calls ``flwr.simulation``; swap the engine here.
+The only module that calls ``flwr.simulation``; swap the engine here. :func:`quiet_output` is the one place
+that keeps Flower's, Ray's and Python's chatter off a run's output unless ``--verbose``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -29,13 +32,51 @@ def check_resources(cfg: Config) -> None:
                          f"got {fed.client_gpus:g}")
 
 
-def backend_config(cfg: Config) -> dict:
+def backend_config(cfg: Config, verbose: bool = False) -> dict:
+    """Ray's resources per client; Ray logs errors only, and its actors' output reaches this process only when
+    ``verbose``."""
     fed = cfg.federation
     gpus = fed.client_gpus
     if gpus is None:
         gpus = 0.25 if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else 0.0
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": True}}
+            "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose}}
+
+
+class _DropDeprecations(logging.Filter):
+    """Drops Flower's "DEPRECATED FEATURE" log records (``run_simulation`` itself is one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def quiet_output(verbose: bool = False) -> Iterator[None]:
+    """Within: Flower logs warnings and errors only, without its deprecation notices, and Python's warnings
+    (deprecations of click, typer, torchvision …) are not shown; with ``verbose`` Flower logs everything.
+    Flower's log has no ANSI colour codes where its stream is not a terminal. Ray's actors stay silent
+    through :func:`backend_config` (``log_to_driver`` only when ``verbose``)."""
+    from flwr.common.logger import ConsoleHandler
+
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    handlers = [h for h in flwr_logger.handlers if isinstance(h, ConsoleHandler)]
+    colored = [h.colored for h in handlers]
+    drop = _DropDeprecations()
+    for h in handlers:
+        h.colored = h.colored and bool(getattr(h.stream, "isatty", lambda: False)())
+    with warnings.catch_warnings():
+        if not verbose:
+            flwr_logger.setLevel(logging.WARNING)
+            flwr_logger.addFilter(drop)
+            warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            flwr_logger.setLevel(level)
+            flwr_logger.removeFilter(drop)
+            for h, c in zip(handlers, colored):
+                h.colored = c
 
 
 def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
@@ -46,18 +87,10 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     outcome: dict = {}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
-                           num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg),
-                           verbose_logging=verbose)
-    finally:
-        flwr_logger.setLevel(level)
+    with quiet_output(verbose):
+        run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
+                       num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg, verbose),
+                       verbose_logging=verbose)
     return summary_of(outcome, "the Flower simulation ended without a result (see the log above)")
 
 

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlt.config import Config
+from fedlt.config import Config, federated_method
 from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model
@@ -65,7 +65,7 @@ class FederatedSteps:
 
     def __init__(self, grid: Grid, cfg: Config, exp: Experiment, device: torch.device) -> None:
         self.grid, self.cfg, self.exp = grid, cfg, exp
-        self.label = f"federated {cfg.strategy.name}"
+        self.label = f"federated {federated_method(cfg)}"
         self.total, self.checkpoint_every = cfg.federation.rounds, cfg.federation.checkpoint_every
         self.model = model_for(cfg, exp)
         self.strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
@@ -103,7 +103,7 @@ class FederatedSteps:
         load_into(self.model, self.strategy.global_arrays)
 
     def summary(self) -> dict:
-        return {"mode": "federated", "method": self.cfg.strategy.name, "client": self.cfg.client.name,
+        return {"mode": "federated", "method": federated_method(self.cfg), "client": self.cfg.client.name,
                 "rounds": self.total, "train_class_counts": self.exp.train_counts.tolist(),
                 **self.strategy.summary_extras()}
 
