@@ -28,8 +28,9 @@ from fedlt.train import (
 
 @dataclass
 class FitResult:
-    """What a client returns from a train message: its weights, metrics (``num-examples`` included)
-    and any extra records (a key -> {name: array or list}) a strategy reads."""
+    """What a client returns from a train message: its weights, metrics (``num-examples`` included, and
+    ``train-images``: the images trained on, epochs × examples, for the images-per-second record) and any
+    extra records (a key -> {name: array or list}) a strategy reads."""
 
     state: dict[str, torch.Tensor]
     metrics: dict[str, float | int | list]
@@ -68,7 +69,8 @@ class ClientMethod:
                        epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps,
                        sampler=instance_balanced_sampler)
         return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps})
+                         metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps,
+                                  "train-images": result.num_examples})
 
     def query(self, action: str, model: nn.Module, data: TensorData, config: dict,
               generator: torch.Generator, augment: Augment) -> FitResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 import sys
 
 import torch
@@ -36,3 +37,16 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Memory used at peak by this process so far, in MiB: on CUDA the tensors' peak
+    (``torch.cuda.max_memory_allocated``), elsewhere the process's peak resident set size
+    (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: KiB on Linux, bytes on macOS). Under Flower's simulation
+    engine this is the server's process; the clients' Ray actors are other processes and not counted."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_of": "cuda max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_mib": rss / (2**20 if sys.platform == "darwin" else 2**10),
+            "peak_memory_of": "process peak RSS"}

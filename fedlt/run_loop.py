@@ -1,12 +1,15 @@
 """The one run skeleton that federated rounds and centralized epochs share.
 
-    resume from the checkpoint (same config) or start afresh (reset the run directory, write its records)
+    resume from the checkpoint (same config) or start afresh (reset the run directory, write its records,
+        evaluate the initial model: row ``{round: 0, ...}`` / ``{epoch: 0, ...}``)
     for each step t (a round or an epoch) not yet done:
         train the step; evaluate on the test set when due (``eval.every``, always the last step);
         append the step's row to metrics.jsonl; print one progress line (with the run's elapsed time and
         its time left: mean seconds per step so far × steps left); checkpoint when due
+        (and always when Ctrl-C asked the run to stop: then raise :class:`~fedlt.interrupt.RunInterrupted`)
     finish (a last change of the model without training, e.g. τ-norm), evaluate unless the last step's
-    evaluation still holds, write summary.json
+    evaluation still holds, write summary.json (with the throughput: seconds per step, training images per
+    second of training time) and add the peak memory to env.json
 
 What differs between the two modes is a :class:`Steps` object: what one step trains, what the checkpoint
 holds besides the step and the elapsed time, what the summary adds.
@@ -20,8 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedlt.config import Config
-from fedlt.device import environment
+from fedlt.device import environment, peak_memory
 from fedlt.evaluation import due, metrics_row, progress_line
+from fedlt.interrupt import RunInterrupted, stop_requested
 from fedlt.rundir import RunDir
 
 
@@ -37,7 +41,8 @@ class Steps(Protocol):
         """Before the first step of a fresh run (e.g. a strategy's set-up round)."""
 
     def step(self, t: int) -> dict[str, Any]:
-        """Train step ``t`` (1-based); return the row's fields besides the test metrics (``train_loss`` …)."""
+        """Train step ``t`` (1-based); return the row's fields besides the test metrics (``train_loss``,
+        ``train_images``: the training images processed in the step …)."""
 
     def evaluate(self, final: bool) -> dict:
         """Test metrics of the current model (``final``: with the reliability bins)."""
@@ -73,6 +78,7 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarra
     """Run (or resume) ``steps`` into ``run``; return the summary. ``partition`` is (client × class counts,
     training class counts, test class counts, method name) for partition.json."""
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
+    meters = {"train_seconds": 0.0, "train_images": 0}  # time in steps.step() and the images it trained on
     if ckpt is None:
         run.reset()
         run.write_config(cfg)
@@ -80,9 +86,17 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarra
         run.write_partition(*partition)
         steps.start()
         start, elapsed = 1, 0.0
+        t0 = time.time()
+        metrics = steps.evaluate(final=False)  # the initial model: step 0 of the accuracy curve
+        seconds = time.time() - t0
+        elapsed += seconds
+        run.append_metrics({steps.unit: 0, **metrics_row(metrics), "seconds": seconds})
+        print(progress_line(f"[{steps.label}] {steps.unit} 0/{steps.total} (initial model)", metrics, seconds),
+              flush=True)
     else:
         steps.load_state_dict(ckpt["state"])
         start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
+        meters.update({k: ckpt[k] for k in meters if k in ckpt})
         run.truncate_metrics(steps.unit, ckpt["step"])
         print(f"[{steps.label}] resuming after {steps.unit} {ckpt['step']}", flush=True)
 
@@ -91,17 +105,30 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarra
     for t in range(start, steps.total + 1):
         t0 = time.time()
         fields = steps.step(t)
+        meters["train_seconds"] += time.time() - t0
+        meters["train_images"] += int(fields.get("train_images") or 0)
         metrics = steps.evaluate(final=t == steps.total) if due(t, steps.total, cfg.eval.every) else None
         seconds = time.time() - t0
         elapsed += seconds
         run.append_metrics({steps.unit: t, **(metrics_row(metrics) if metrics else {}), **fields, "seconds": seconds})
         print(progress_line(f"[{steps.label}] {steps.unit} {t}/{steps.total}", metrics, seconds,
                             fields.get("train_loss"), elapsed, elapsed / t * (steps.total - t)), flush=True)
-        if due(t, steps.total, steps.checkpoint_every):
-            run.save_checkpoint({"step": t, "elapsed": elapsed, "state": steps.state_dict()})
+        stop = stop_requested() and t < steps.total
+        if due(t, steps.total, steps.checkpoint_every) or stop:
+            run.save_checkpoint({"step": t, "elapsed": elapsed, "state": steps.state_dict(), **meters})
+        if stop:
+            raise RunInterrupted(f"[{steps.label}] stopped after {steps.unit} {t}/{steps.total}; "
+                                 f"checkpoint: {run.path / 'checkpoint.pt'}")
 
     if steps.finish() or metrics is None:  # changed after the last step, or no step ran now (a finished run)
         metrics = steps.evaluate(final=True)
-    summary = {**steps.summary(), "seed": cfg.seed, "wall_clock_seconds": elapsed, **metrics}
+    done = max(steps.total, 1)
+    throughput = {f"seconds_per_{steps.unit}": elapsed / done, **meters,
+                  "images_per_second": meters["train_images"] / meters["train_seconds"]
+                  if meters["train_seconds"] > 0 else None}
+    memory = peak_memory(device)
+    run.update_env(memory)
+    summary = {**steps.summary(), "seed": cfg.seed, "wall_clock_seconds": elapsed, **throughput, **memory,
+               **metrics}
     run.write_summary(summary)
     return summary

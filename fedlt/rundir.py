@@ -71,6 +71,11 @@ class RunDir:
     def write_env(self, env: dict) -> None:
         write_json(self.path / "env.json", env)
 
+    def update_env(self, extra: dict) -> None:
+        """Add ``extra`` to env.json (what is known only at the end of a run, e.g. the peak memory)."""
+        f = self.path / "env.json"
+        write_json(f, {**(json.loads(f.read_text()) if f.is_file() else {}), **extra})
+
     def write_partition(self, counts: np.ndarray, train_counts: np.ndarray, test_counts: np.ndarray,
                         method: str) -> None:
         write_json(self.path / "partition.json", {

@@ -11,23 +11,34 @@ directory.
 
 A ``sweep:`` mapping in the config (or ``sweep.KEY=[...]`` overrides) runs every combination of the
 listed values, each into its own run directory; finished runs are skipped (see fedlt/sweep.py).
+``--jobs N`` runs N of them at once, each in a ``python -m fedlt.simulate`` process of its own.
+
+Ctrl-C stops after the current round or epoch: the checkpoint is written, the command that resumes is
+printed, the exit status is 130 (a second Ctrl-C aborts at once, also with 130; see fedlt/interrupt.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedlt.config import Config
+from fedlt.config import Config, dump_config
 from fedlt.errors import FedLTError
 from fedlt.evaluation import duration
+from fedlt.interrupt import (EXIT_INTERRUPTED, RunInterrupted, install_stop_handler, stop_handler_installed,
+                             stop_requested)
 
 
 def check_out(out: str) -> None:
@@ -68,37 +79,135 @@ def run_config(cfg: Config, out: str, verbose: bool = False) -> list[dict]:
     return run_sweep([(cfg, {})], out, verbose)
 
 
-def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False) -> list[dict]:
-    """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`) one after another;
-    a finished run directory with the same config is skipped, an unfinished one resumes."""
-    import json
-
+def run_one(mode: str, cfg: Config, path: Path, verbose: bool = False) -> dict:
+    """Run (or resume) one planned run into ``path``; return its summary."""
     from fedlt.centralized import run_centralized
     from fedlt.federation.runner import run_federated
+    from fedlt.rundir import RunDir
+
+    return run_federated(cfg, str(path), verbose) if mode == "federated" else run_centralized(cfg, RunDir(path))
+
+
+def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False, jobs: int = 1) -> list[dict]:
+    """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`), one after another or
+    ``jobs`` at once (:func:`run_parallel`); a finished run directory with the same config is skipped, an
+    unfinished one resumes. Summaries in the order of the plan."""
     from fedlt.rundir import RunDir
     from fedlt.sweep import plan
 
     check_out(out)
     runs = plan(combos, out)
     check_data([c for c, _ in combos])
-    summaries = []
-    took: dict[str, list[float]] = {"federated": [], "centralized": []}  # seconds of the runs this sweep ran
-    for i, r in enumerate(runs, 1):
-        mode, c, path = r.mode, r.cfg, r.path
-        count = f" ({i}/{len(runs)})" if len(combos) > 1 else ""
-        label = {"run": path.name} if len(combos) > 1 else {}
-        run = RunDir(path)
-        if run.done and run.same_config(c):
-            print(f"[{mode}] {path} already finished; skipped{count}", flush=True)
-            summaries.append({**json.loads((path / "summary.json").read_text()), **label})
-            continue
-        t0 = time.time()
-        s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
-        took[mode].append(time.time() - t0)
-        eta = f"; sweep eta {duration(sweep_eta(runs[i:], took))}" if len(runs) > 1 and i < len(runs) else ""
-        print(f"[{mode}] finished in {took[mode][-1]:.1f}s -> {path}{count}{eta}", flush=True)
-        summaries.append({**s, **label})
-    return summaries
+    summaries: list[dict | None] = [None] * len(runs)
+    todo = []
+    for i, r in enumerate(runs):
+        count = f" ({i + 1}/{len(runs)})" if len(combos) > 1 else ""
+        run = RunDir(r.path)
+        if run.done and run.same_config(r.cfg):
+            print(f"[{r.mode}] {r.path} already finished; skipped{count}", flush=True)
+            summaries[i] = json.loads((r.path / "summary.json").read_text())
+        else:
+            todo.append((i, count))
+    if jobs > 1 and len(todo) > 1:
+        for i, s in run_parallel([runs[i] for i, _ in todo], jobs, verbose).items():
+            summaries[todo[i][0]] = s
+    else:
+        took: dict[str, list[float]] = {"federated": [], "centralized": []}  # seconds of the runs this sweep ran
+        for n, (i, count) in enumerate(todo, 1):
+            if stop_requested():  # Ctrl-C while the previous run finished its last step
+                raise RunInterrupted(f"stopped before {runs[i].path}")
+            r = runs[i]
+            t0 = time.time()
+            summaries[i] = run_one(r.mode, r.cfg, r.path, verbose)
+            took[r.mode].append(time.time() - t0)
+            left = [runs[j] for j, _ in todo[n:]]
+            eta = f"; sweep eta {duration(sweep_eta(left, took))}" if len(runs) > 1 and left else ""
+            print(f"[{r.mode}] finished in {took[r.mode][-1]:.1f}s -> {r.path}{count}{eta}", flush=True)
+    label = len(combos) > 1
+    return [{**s, **({"run": r.path.name} if label else {})} for r, s in zip(runs, summaries)]
+
+
+def _relay(stream, prefix: str) -> None:
+    """Print each line of a child's output with ``prefix`` (one thread per child; print's lines do not mix)."""
+    for line in iter(stream.readline, ""):
+        sys.stdout.write(f"{prefix}{line}")
+        sys.stdout.flush()
+    stream.close()
+
+
+def run_parallel(runs: list, jobs: int, verbose: bool = False) -> dict[int, dict]:
+    """Run ``runs`` (planned runs, none finished) ``jobs`` at a time, each as ``python -m fedlt.simulate
+    --config <its resolved config> --run-dir <its directory>``; return {index: summary}.
+
+    Each child writes only its own run directory; its output lines come out prefixed by the run's name.
+    The children share the CPU cores (each keeps torch's thread count, so its results are those of a run on
+    its own) and, on a GPU, the card. They run
+    in sessions of their own, so that Ctrl-C reaches them once, through this process: the first Ctrl-C
+    starts no further run and asks the running ones to stop after their current step (they checkpoint),
+    a second one aborts them. A failed run lets the others finish, then raises a one-line FedLTError."""
+    env = dict(os.environ)
+    tmp = Path(tempfile.mkdtemp(prefix="fedlt-jobs-"))
+    pending = list(enumerate(runs))
+    running: dict[int, tuple[subprocess.Popen, threading.Thread, float]] = {}
+    done: dict[int, dict] = {}
+    failed: list[str] = []
+    forwarded = 0  # SIGINTs forwarded to the children
+    interrupts = 0
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nstopping the running runs after their current step (Ctrl-C again to abort) ...",
+                  file=sys.stderr, flush=True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while pending or running:
+            stop = interrupts > 0 or stop_requested()
+            while pending and len(running) < jobs and not stop:
+                i, r = pending.pop(0)
+                cfg_file = tmp / f"{i}.yaml"
+                cfg_file.write_text(dump_config(r.cfg))
+                cmd = [sys.executable, "-m", "fedlt.simulate", "--config", str(cfg_file), "--run-dir", str(r.path)]
+                proc = subprocess.Popen(cmd + (["--verbose"] if verbose else []), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                                        start_new_session=True)
+                relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{r.path.name}] "), daemon=True)
+                relay.start()
+                running[i] = (proc, relay, time.time())
+            wanted = min(interrupts + (1 if stop_requested() and interrupts == 0 else 0), 2)
+            while forwarded < wanted:
+                forwarded += 1
+                for proc, _, _ in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)
+            for i, (proc, relay, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                relay.join()
+                del running[i]
+                r = runs[i]
+                if rc == 0:
+                    done[i] = json.loads((r.path / "summary.json").read_text())
+                    print(f"[{r.mode}] finished in {time.time() - t0:.1f}s -> {r.path}", flush=True)
+                elif rc != EXIT_INTERRUPTED:
+                    failed.append(f"{r.path.name} (exit status {rc})")
+            time.sleep(0.05)
+    finally:
+        for proc, _, _ in running.values():  # only after an error here: no child outlives the sweep
+            proc.kill()
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupts or stop_requested():
+        raise RunInterrupted(f"stopped {len(runs) - len(done)} of {len(runs)} runs of the sweep")
+    if failed:
+        raise FedLTError(f"{len(failed)} run(s) failed, see their output above: {', '.join(failed)}")
+    return done
 
 
 def sweep_eta(left: list, took: dict[str, list[float]]) -> float:
@@ -291,8 +400,47 @@ def main(argv: list[str] | None = None) -> int:
                              "rounds / epochs and local steps and an estimate of the wall time; run nothing")
     parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
                                                          "into DIR (as python -m fedlt.compare does)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run N runs of a sweep at once, each in its own process (default 1; on a GPU "
+                             "several small runs share the card)")
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # --jobs' children: this one config into this dir
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    try:
+        return _main(args, argv)
+    except RunInterrupted as exc:
+        print(f"{exc}", file=sys.stderr, flush=True)
+        if not args.run_dir:
+            print(f"interrupted; resume with:\n  {resume_command(argv)}", file=sys.stderr, flush=True)
+        shutdown_ray()
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C: abort now, without waiting for the round's threads
+        if not stop_handler_installed():  # main() called from Python (a test, a notebook): theirs to handle
+            raise
+        print("aborted (the last checkpoint stays; rerun the same command to resume from it)", file=sys.stderr,
+              flush=True)
+        shutdown_ray()
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that resumes this one: the same one (finished runs are skipped, the others resume
+    from their checkpoints)."""
+    return "python -m fedlt.simulate " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+
+def shutdown_ray() -> None:
+    if "ray" in sys.modules:  # only where a federated run started Ray
+        from fedlt.federation.runner import shutdown_ray
+
+        shutdown_ray()
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if args.list:
             print(list_registered())
@@ -312,8 +460,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(dry_run(path, args.overrides, args.out))
                 return 0
+            if args.run_dir:  # a child of --jobs: the resolved config of one run, into its directory
+                from fedlt.config import load_config
+
+                cfg = load_config(path)
+                run_one(cfg.mode, cfg, Path(args.run_dir), args.verbose)
+                return 0
             combos = expand(path, args.overrides)
-            summaries = run_sweep(combos, args.out, args.verbose)
+            summaries = run_sweep(combos, args.out, args.verbose, args.jobs)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -328,4 +482,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    install_stop_handler()
     sys.exit(main())

@@ -150,8 +150,8 @@ def test_smoke_one_epoch(method, tmp_path, monkeypatch):
     for key in ("accuracy", "balanced_accuracy", "loss", "ece"):
         assert math.isfinite(summary[key]), key
     assert all(summary[g] is None or math.isfinite(summary[g]) for g in ("many", "medium", "few"))
-    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1 + len(extra)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(2 + len(extra)))  # epoch 0: the initial model
 
 
 def test_autoaugment_option(tmp_path, monkeypatch):
@@ -211,5 +211,6 @@ def test_eval_every_skips_evaluations_but_not_training(tmp_path, monkeypatch):
     every = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3", "eval.every=2"), RunDir(tmp_path / "every"))
     full = C.run_centralized(tiny_cfg("ce", "centralized.epochs=3"), RunDir(tmp_path / "full"))
     rows = [json.loads(r) for r in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
-    assert [("accuracy" in r, "train_loss" in r) for r in rows] == [(False, True), (True, True), (True, True)]
+    assert [("accuracy" in r, "train_loss" in r) for r in rows] == [(True, False), (False, True), (True, True),
+                                                                   (True, True)]  # epoch 0: the initial model
     assert every["accuracy"] == full["accuracy"] and every["per_class"] == full["per_class"]

@@ -59,7 +59,8 @@ def simulate(cfg: dict, path: Path, flower: bool = False) -> tuple[dict, list[di
 
     summary = (run_federated if flower else run_inprocess)(cfg, str(path))
     rows = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return summary, rows
+    assert rows[0]["round"] == 0 and "accuracy" in rows[0]  # the initial model
+    return summary, rows[1:]  # the rounds
 
 
 # --------------------------------------------------------------------------- GBME
@@ -573,7 +574,7 @@ def test_run_resumed_after_its_last_checkpoint_reports_the_calibrated_model(wrap
     for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
         (path / name).unlink(missing_ok=True)
     again = run_rounds(InProcessGrid(cfg, 4), cfg, RunDir(path))
-    assert len((path / "metrics.jsonl").read_text().splitlines()) == 2  # no round ran again
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 3  # round 0 and 2 rounds: no round ran again
     for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
         assert again[key] == first[key], key
     # the checkpointed strategy evaluates the global weights with the classifier of their round

@@ -44,7 +44,7 @@ def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
     for name in RUN_FILES:
         assert (path / name).is_file(), name
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # round 0: the initial model
     for key in ("loss", "accuracy", "balanced_accuracy", "many", "medium", "few"):
         assert key in rows[0]
     assert summary["accuracy"] > 0.2  # chance is 0.1 on the balanced test set
@@ -53,7 +53,9 @@ def test_fedavg_run_beats_chance_and_writes_every_file(first_run):
         assert key in json.loads((path / "summary.json").read_text())
     part = json.loads((path / "partition.json").read_text())
     assert np.sum(part["client_class_counts"]) == 14886 and len(part["client_class_counts"]) == 4
-    assert [r["clients"] for r in rows] == [sample_cohort(0, t, 4, 0.75) for t in (1, 2, 3)]
+    assert [r["clients"] for r in rows[1:]] == [sample_cohort(0, t, 4, 0.75) for t in (1, 2, 3)]
+    assert all(r["train_images"] > 0 for r in rows[1:]) and summary["train_images"] == sum(r["train_images"]
+                                                                                          for r in rows)
 
 
 @needs_fashion
@@ -64,8 +66,8 @@ def test_same_seed_gives_identical_numbers_whatever_the_eval_schedule(first_run,
     for key in ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "per_class"):
         assert a[key] == b[key], key
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    assert ["accuracy" in r for r in rows] == [False, True, True]  # every 2nd round and the last
-    assert rows[-1]["accuracy"] == b["accuracy"] and all(r["train_loss"] > 0 for r in rows)
+    assert ["accuracy" in r for r in rows] == [True, False, True, True]  # round 0, every 2nd round and the last
+    assert rows[-1]["accuracy"] == b["accuracy"] and all(r["train_loss"] > 0 for r in rows[1:])
 
 
 @needs_fashion
@@ -73,14 +75,16 @@ def test_same_seed_gives_identical_numbers_whatever_the_eval_schedule(first_run,
 def test_inprocess_engine_is_bit_identical_to_flower_simulation(first_run, inprocess_run):
     (ray_path, ray), (path, inproc) = first_run, inprocess_run
     assert set(ray) == set(inproc)
-    for key in set(ray) - {"wall_clock_seconds"}:
+    for key in set(ray) - {"wall_clock_seconds", "seconds_per_round", "train_seconds", "images_per_second",
+                           "peak_memory_mib"}:
         assert ray[key] == inproc[key], key
     a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (ray_path, path))
     assert a["step"] == b["step"] == 3 and a["state"]["strategy"] == b["state"]["strategy"]
     wa, wb = a["state"]["model"], b["state"]["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     rows_a, rows_b = ([json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (ray_path, path))
-    assert [(r["clients"], r["train_loss"]) for r in rows_a] == [(r["clients"], r["train_loss"]) for r in rows_b]
+    assert [(r.get("clients"), r.get("train_loss"), r.get("accuracy")) for r in rows_a] == \
+        [(r.get("clients"), r.get("train_loss"), r.get("accuracy")) for r in rows_b]
     assert (ray_path / "partition.json").read_text() == (path / "partition.json").read_text()
 
 
@@ -96,9 +100,9 @@ def test_interrupted_run_resumes_to_the_same_result(first_run, tmp_path):
     with pytest.raises(RuntimeError, match="interrupted before round 3"):
         run_federated(cfg, str(path))
     assert not (path / "summary.json").exists()
-    assert len((path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 3  # rounds 0, 1, 2
     resumed = run_federated(cfg, str(path))
-    assert len((path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 4
     for key in ("accuracy", "per_class", "ece"):
         assert resumed[key] == reference[key], key
 
@@ -158,6 +162,6 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it(inprocess_run,
     for name in ("summary.json", "done"):  # as if stopped between the last checkpoint and the summary
         (copy / name).unlink(missing_ok=True)
     again = run_inprocess(small_cfg("eval.every=2"), str(copy))
-    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 3  # no round ran again
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 4  # rounds 0-3: no round ran again
     for key in ("accuracy", "per_class", "ece", "reliability"):
         assert again[key] == reference[key], key

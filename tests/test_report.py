@@ -30,7 +30,8 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
     cfg["client"] = {"name": "fedavg"}
     cfg["centralized"].update(method=method if mode == "centralized" else "ce", epochs=2.0)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (d / "env.json").write_text(json.dumps({"device": "cpu", "cpu_threads": 2, "torch": "2.x", "flwr": "1.42.0"}))
+    (d / "env.json").write_text(json.dumps({"device": "cpu", "cpu_threads": 2, "torch": "2.x", "flwr": "1.42.0",
+                                            "peak_memory_mib": 500.0 + seed, "peak_memory_of": "process peak RSS"}))
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(1, [1 / K] * K, size=sum(TRAIN)).T @ np.repeat(np.eye(C), TRAIN, axis=0)
     (d / "partition.json").write_text(json.dumps({
@@ -39,7 +40,7 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
         "client_class_counts": counts.astype(int).tolist()}))
     step = "round" if mode == "federated" else "epoch"
     with open(d / "metrics.jsonl", "w") as f:
-        for t in range(1, rounds + 1):
+        for t in range(0, rounds + 1):  # 0: the initial model
             f.write(json.dumps({step: t, "accuracy": acc * t / rounds, "balanced_accuracy": acc * t / rounds,
                                 "loss": 1.0, "many": acc, "medium": acc, "few": acc, "ece": 0.1}) + "\n")
     per_class = list(np.clip(np.linspace(acc + 0.3, acc - 0.3, C), 0, 1))
@@ -48,7 +49,8 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
     summary = {"mode": mode, "method": method, "seed": seed, "accuracy": acc, "balanced_accuracy": acc - 0.01,
                "many": min(1.0, acc + 0.2), "medium": acc, "few": None if acc < 0.2 else acc - 0.2,
                "ece": 0.05 + acc / 10, "group_rule": "class-index thirds", "per_class": per_class,
-               "reliability": bins, "train_class_counts": TRAIN, "wall_clock_seconds": 12.0, "loss": 1.0}
+               "reliability": bins, "train_class_counts": TRAIN, "wall_clock_seconds": 12.0, "loss": 1.0,
+               f"seconds_per_{step}": 4.0 + seed, "images_per_second": 100.0 * (1 + seed)}
     if prior:
         true = (np.array(TRAIN) / sum(TRAIN)).tolist()
         summary.update(estimated_prior=(np.array(true) * (1 + 0.1 * rng.standard_normal(C))).tolist(),
@@ -215,3 +217,65 @@ def test_find_run_dirs(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="holds no run directories"):
         find_run_dirs(tmp_path / "empty")
+
+
+def test_speed_columns_and_peak_memory(report):
+    out, _ = report
+    rows = read_csv(out / "summary.csv")
+    fedavg, ce = rows["federated", "fedavg"], rows["centralized", "ce"]  # seeds 0 and 1
+    assert float(fedavg["seconds_per_step_mean"]) == pytest.approx(4.5)  # seconds_per_round 4, 5
+    assert float(ce["seconds_per_step_mean"]) == pytest.approx(4.5)  # seconds_per_epoch 4, 5
+    assert float(fedavg["images_per_second_mean"]) == pytest.approx(150.0)
+    md = (out / "table.md").read_text()
+    assert md.splitlines()[0].rstrip(" |").endswith("s / round or epoch | img/s")
+    assert all(line.rstrip(" |").endswith(("| 4.5 | 150", "| 4.0 | 100")) for line in md.splitlines()[2:])
+    assert "| Peak memory | 501 MiB (process peak RSS" in (out / "report.md").read_text()
+
+
+def drawn(monkeypatch, draw):
+    """The matplotlib figure that ``draw()`` builds (instead of saving it)."""
+    from fedlt.report import figures
+
+    figs = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out, stem: figs.append(fig) or [stem])
+    draw()
+    return figs[0]
+
+
+def test_per_class_figure_is_a_scatter(runs, tmp_path, monkeypatch):
+    from fedlt.report import figures
+    from fedlt.report.tables import build_rows, row_labels
+
+    rows = build_rows(load_runs([runs[0]])[0])
+    fig = drawn(monkeypatch, lambda: figures.fig_per_class(rows, row_labels(rows), tmp_path, "pc", "t"))
+    ax = fig.axes[0]
+    assert not [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]  # no line joins classes
+    points = [c.get_offsets() for c in ax.collections]
+    assert len(points) == len(rows) and all(len(p) == C for p in points)
+
+
+def test_zero_bar_is_visible_and_labelled(runs, tmp_path, monkeypatch):
+    from fedlt.report import figures
+    from fedlt.report.tables import build_rows, row_labels
+
+    rows = build_rows(load_runs([runs[0]])[0])
+    rows[0].stats["few"] = (0.0, None)
+    fig = drawn(monkeypatch, lambda: figures.fig_group_accuracy(rows, row_labels(rows), tmp_path, "g", "t"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["0"]
+    stubs = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [0, 0]]
+    assert len(stubs) == 1 and stubs[0].get_linewidth() >= 2 and stubs[0].get_color() == figures.COLORS[0]
+    x = ax.texts[0].xy[0]
+    assert stubs[0].get_xdata()[0] < x < stubs[0].get_xdata()[1] and 1.6 < x < 2.4  # the few-shot group
+
+
+def test_accuracy_curve_starts_at_round_zero(runs, tmp_path, monkeypatch):
+    from fedlt.report import figures
+    from fedlt.report.tables import build_rows, row_labels
+
+    rows = build_rows(load_runs([runs[0]])[0])
+    fig = drawn(monkeypatch, lambda: figures.fig_accuracy_rounds(rows, row_labels(rows), tmp_path, "a", "t"))
+    ax = fig.axes[0]
+    curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 2]
+    assert curves and all(list(ln.get_xdata()) == [0, 1, 2, 3] for ln in curves)
+    assert ax.get_xlim()[0] < 0 and "initial model" in ax.get_xlabel()

@@ -96,7 +96,7 @@ class CentralizedSteps:
                            epochs=1.0, generator=self.generator, augment=augment_for(self.cfg),
                            sampler=self.method.stage2_sampler(), optimizer=self.optimizer,
                            start_epoch=epoch - self.stage1, total_epochs=self.stage2)
-        return {"stage": self.stage, "train_loss": result.loss}
+        return {"stage": self.stage, "train_loss": result.loss, "train_images": result.num_examples}
 
     def evaluate(self, final: bool) -> dict:
         return evaluate_model(self.model, self.test, self.exp.train_counts, self.cfg.eval.batch_size,

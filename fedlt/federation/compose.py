@@ -92,6 +92,7 @@ class StrategyWrapper(FedLTStrategy):
     failures = _shared("failures")
     last_cohort = _shared("last_cohort")
     fit_seconds = _shared("fit_seconds")
+    train_images = _shared("train_images")
     global_arrays = _shared("global_arrays")
 
     # every hook goes to the base unless the wrapper overrides it -------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.federation.apps import make_client_app, make_server_app
 from fedlt.federation.strategy import ClientFailure
+from fedlt.interrupt import RunInterrupted
 
 
 def check_resources(cfg: Config) -> None:
@@ -80,18 +82,33 @@ def quiet_output(verbose: bool = False) -> Iterator[None]:
 
 
 def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
-    """Simulate ``cfg`` with Flower; return the summary. A failing client or server re-raises here."""
+    """Simulate ``cfg`` with Flower; return the summary. A failing client or server re-raises here, as does
+    :class:`~fedlt.interrupt.RunInterrupted` (Ctrl-C): the ServerApp's thread raises it after checkpointing,
+    Flower then stops the simulation runtime and re-raises it here. Ray is shut down either way."""
     from flwr.simulation import run_simulation
 
     check_resources(cfg)
     outcome: dict = {}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    with quiet_output(verbose):
-        run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
-                       num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg, verbose),
-                       verbose_logging=verbose)
+    try:
+        with quiet_output(verbose):
+            run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
+                           num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg, verbose),
+                           verbose_logging=verbose)
+    finally:
+        shutdown_ray()
     return summary_of(outcome, "the Flower simulation ended without a result (see the log above)")
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()`` where Ray is still initialised in this process (Flower's backend shuts it down when
+    the simulation ends normally; not when it fails or is interrupted before the backend is built)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def summary_of(outcome: dict, missing: str) -> dict:
@@ -99,7 +116,7 @@ def summary_of(outcome: dict, missing: str) -> dict:
     anything else with the server's traceback); ``missing`` when it recorded neither."""
     if "error" in outcome:
         exc = outcome["error"]
-        if isinstance(exc, (ClientFailure, FedLTError)):
+        if isinstance(exc, (ClientFailure, FedLTError, RunInterrupted)):
             raise exc
         raise RuntimeError(f"federated run failed:\n{outcome['traceback']}") from exc
     if "summary" not in outcome:

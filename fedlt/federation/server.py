@@ -77,7 +77,7 @@ class FederatedSteps:
 
     def step(self, server_round: int) -> dict:
         t0 = time.time()
-        self.strategy.fit_seconds = 0.0
+        self.strategy.fit_seconds, self.strategy.train_images = 0.0, 0
         config = ConfigRecord({"lr": round_lr(self.cfg, server_round)})
         arrays, train_metrics = self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid)
         if arrays is None:
@@ -85,7 +85,8 @@ class FederatedSteps:
         self.strategy.global_arrays = arrays
         load_into(self.model, arrays)
         return {"train_loss": (train_metrics or {}).get("train_loss"), "clients": self.strategy.last_cohort,
-                "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds}
+                "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds,
+                "train_images": self.strategy.train_images}
 
     def evaluate(self, final: bool) -> dict:
         return evaluate_model(self.strategy.eval_model(self.model), self.test, self.exp.train_counts,

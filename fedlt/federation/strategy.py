@@ -98,6 +98,7 @@ class FedLTStrategy(FedAvg):
         self.max_failures = cfg.federation.max_failures
         self.last_cohort: list[int] = []
         self.fit_seconds = 0.0  # clients' own training time in the replies checked since the loop reset it
+        self.train_images = 0  # images the clients trained on (their ``train-images``), idem
         self.global_arrays: ArrayRecord | None = None  # the latest global weights (set by the round loop)
         self.outer: FedLTStrategy = self  # whose hooks this strategy's round calls (a wrapper sets itself)
 
@@ -147,6 +148,7 @@ class FedLTStrategy(FedAvg):
             else:
                 ok.append(msg)
                 self.fit_seconds += float(_metrics(msg).get("fit_seconds", 0.0))
+                self.train_images += int(_metrics(msg).get("train-images", 0))
         return sorted(ok, key=lambda m: _metrics(m)["partition-id"])
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,

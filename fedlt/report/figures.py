@@ -68,8 +68,9 @@ def _height(base: float, labels: list[str]) -> float:
 
 
 def fig_accuracy_rounds(rows: list[Row], labels: list[str], out: Path, stem: str, title: str) -> list[str]:
-    """Test accuracy per round of each federated row (mean over seeds, band: min–max), with each
-    centralized row's final accuracy as a horizontal line."""
+    """Test accuracy per round of each federated row (mean over seeds, band: min–max), from round 0 (the
+    initial model) where the runs recorded it, with each centralized row's final accuracy as a horizontal
+    line."""
     fed = [(r, lab) for r, lab in zip(rows, labels) if r.mode == "federated"]
     cen = [(r, lab) for r, lab in zip(rows, labels) if r.mode == "centralized"]
     if not fed:
@@ -77,7 +78,7 @@ def fig_accuracy_rounds(rows: list[Row], labels: list[str], out: Path, stem: str
     plt = _plt()
     legend = [lab for _, lab in fed] + [f"{lab} (final)" for _, lab in cen]
     fig, ax = plt.subplots(figsize=(WIDTH, _height(2.3, legend)))
-    max_round = 1
+    max_round, min_round = 1, 1
     for i, (r, lab) in enumerate(fed):
         curves = [{m["round"]: m["accuracy"] for m in run.metrics if "round" in m and m.get("accuracy") is not None}
                   for run in r.runs]
@@ -90,16 +91,16 @@ def fig_accuracy_rounds(rows: list[Row], labels: list[str], out: Path, stem: str
                 **st)
         if len(curves) > 1:
             ax.fill_between(rounds, acc.min(0), acc.max(0), color=st["color"], alpha=0.15, linewidth=0)
-        max_round = max(max_round, rounds[-1])
+        max_round, min_round = max(max_round, rounds[-1]), min(min_round, rounds[0])
     for j, (r, lab) in enumerate(cen):
         mean = r.stats["accuracy"][0]
         if mean is not None:
             ax.axhline(100 * mean, color=("0.15", "0.45", "0.6")[j % 3], linewidth=1.1,
                        linestyle=(":", "--", "-.")[j % 3], label=f"{lab} (final)")
-    ax.set_xlim(0.5, max_round + 0.5)
+    ax.set_xlim(min_round - 0.5, max_round + 0.5)
     if max_round <= 12:
-        ax.set_xticks(range(1, max_round + 1))
-    ax.set_xlabel("Communication round")
+        ax.set_xticks(range(min_round, max_round + 1))
+    ax.set_xlabel("Communication round (0: initial model)" if min_round == 0 else "Communication round")
     ax.set_ylabel("Test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3, linewidth=0.5)
@@ -108,7 +109,8 @@ def fig_accuracy_rounds(rows: list[Row], labels: list[str], out: Path, stem: str
 
 
 def fig_group_accuracy(rows: list[Row], labels: list[str], out: Path, stem: str, title: str) -> list[str]:
-    """Many / medium / few-shot accuracy per row as grouped bars (error bars: std over seeds)."""
+    """Many / medium / few-shot accuracy per row as grouped bars (error bars: std over seeds). A bar of 0 %
+    would be invisible: it is drawn as a thick line on the axis in the row's colour and labelled ``0``."""
     groups = ("many", "medium", "few")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH, _height(2.2, labels)))
@@ -118,9 +120,16 @@ def fig_group_accuracy(rows: list[Row], labels: list[str], out: Path, stem: str,
     for i, (r, lab) in enumerate(zip(rows, labels)):
         means = [np.nan if r.stats[g][0] is None else 100 * r.stats[g][0] for g in groups]
         errs = [0 if r.stats[g][1] is None else 100 * r.stats[g][1] for g in groups]
-        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=errs if any(errs) else None, label=lab,
+        centers = x - 0.4 + width * (i + 0.5)
+        ax.bar(centers, means, width, yerr=errs if any(errs) else None, label=lab,
                color=COLORS[i % len(COLORS)], hatch=HATCHES[i % len(HATCHES)], edgecolor="black", linewidth=0.5,
                error_kw={"elinewidth": 0.7, "capsize": 1.5})
+        for c, m in zip(centers, means):
+            if m == 0:  # (a missing group is NaN: no bar, no label)
+                ax.plot([c - width / 2, c + width / 2], [0, 0], color=COLORS[i % len(COLORS)], linewidth=3,
+                        solid_capstyle="butt", clip_on=False, zorder=3)
+                ax.annotate("0", (c, 0), xytext=(0, 2.5), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=6)
     ax.set_xticks(x, ["Many-shot", "Medium-shot", "Few-shot"])
     ax.set_ylabel("Test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -131,7 +140,8 @@ def fig_group_accuracy(rows: list[Row], labels: list[str], out: Path, stem: str,
 
 
 def fig_per_class(rows: list[Row], labels: list[str], out: Path, stem: str, title: str) -> list[str]:
-    """Per-class test accuracy against the class's training-set size (log axis)."""
+    """Per-class test accuracy against the class's training-set size (log axis), one point per class: a
+    scatter, since classes are not a sequence (two classes of one size are two points, not a segment)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH, _height(2.3, labels)))
     for i, (r, lab) in enumerate(zip(rows, labels)):
@@ -139,7 +149,9 @@ def fig_per_class(rows: list[Row], labels: list[str], out: Path, stem: str, titl
         acc = 100 * r.per_class()
         order = np.argsort(counts)
         ok = order[(counts[order] > 0) & ~np.isnan(acc[order])]
-        ax.plot(counts[ok], acc[ok], label=lab, markersize=3, linewidth=0.9, alpha=0.9, **_style(i))
+        st = _style(i)
+        ax.scatter(counts[ok], acc[ok], label=lab, s=11, marker=st["marker"], color=st["color"], alpha=0.85,
+                   linewidths=0)
     rule = rows[0].runs[0].summary.get("group_rule", "") if rows else ""
     if str(rule).startswith("count"):
         for t in (20, 100):

@@ -25,6 +25,17 @@ from fedlt.sweep import flatten
 METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
 HEADERS = {"accuracy": "Acc", "balanced_accuracy": "Bal. acc", "many": "Many", "medium": "Med.", "few": "Few",
            "ece": "ECE"}
+# Throughput (mean over seeds): wall-clock seconds per round (federated) or epoch (centralized), evaluation
+# included; training images per second of training time (images: epochs × examples of every trained client).
+SPEED = ("seconds_per_step", "images_per_second")
+SPEED_HEADERS = {"seconds_per_step": "s / round or epoch", "images_per_second": "img/s"}
+
+
+def speed_value(summary: dict, key: str) -> float | None:
+    """``key`` of :data:`SPEED` from a summary (None for runs written before fedlt recorded it)."""
+    if key == "seconds_per_step":
+        return summary.get("seconds_per_round", summary.get("seconds_per_epoch"))
+    return summary.get(key)
 # Keys that the table shows in their own columns.
 COLUMN_KEYS = ("data.name", "data.imbalance_factor", "partition.method", "partition.alpha",
                "partition.num_clients", "partition.shards_per_client", "strategy.name", "centralized.method")
@@ -118,6 +129,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
             for k, g in groups.items()]
     for row in rows:
         row.stats = {m: mean_std([r.summary.get(m) for r in row.runs]) for m in METRICS}
+        row.stats.update({k: mean_std([speed_value(r.summary, k) for r in row.runs]) for k in SPEED})
     best: dict[str, float] = {}
     for row in rows:
         acc = row.stats["accuracy"][0]
@@ -188,7 +200,7 @@ def markdown_table(rows: list[Row]) -> str:
     """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Other*
     column only where some row has keys that tell it apart from rows of the same method."""
     head = ["Mode", "Method", "Data", "β", "α", "K", "Other", "Seeds"] + [HEADERS[m] for m in METRICS] + \
-           ["Δ best central"]
+           ["Δ best central"] + [SPEED_HEADERS[k] for k in SPEED]
     if not any(r.other for r in rows):
         head.remove("Other")
     text = ("Mode", "Method", "Data", "Other")
@@ -197,15 +209,21 @@ def markdown_table(rows: list[Row]) -> str:
         cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
                  r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
                 [str(len(r.runs))] + [cell(r.stats[m]) for m in METRICS] + \
-                ["–" if r.gap is None else f"{100 * r.gap:+.1f}"]
+                ["–" if r.gap is None else f"{100 * r.gap:+.1f}"] + \
+                [_speed(r.stats["seconds_per_step"][0], "{:.1f}"), _speed(r.stats["images_per_second"][0], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _speed(v: float | None, fmt: str) -> str:
+    return "–" if v is None else fmt.format(v)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
     """One line per row; metrics as fractions (as in summary.json): <metric>_mean, <metric>_std, gap."""
     cols = ["mode", "method", "data", "imbalance_factor", "alpha", "clients", "other", "n_seeds", "seeds"]
     cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["gap_to_best_centralized", "runs"]
+    cols += [f"{k}_mean" for k in SPEED]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -216,6 +234,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 mean, std = r.stats[m]
                 vals += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
             vals += ["" if r.gap is None else repr(r.gap), " ".join(str(x.path) for x in r.runs)]
+            vals += ["" if r.stats[k][0] is None else repr(r.stats[k][0]) for k in SPEED]
             w.writerow(vals)
 
 
@@ -246,6 +265,8 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
     models = _values(runs, "model.name")
     dirichlet = [r for r in fed if flatten(r.config).get("partition.method") == "dirichlet"]
     seconds = sum(float(r.summary.get("wall_clock_seconds") or 0) for r in runs)
+    peaks = [(float(e["peak_memory_mib"]), e.get("peak_memory_of", "")) for e in env if e.get("peak_memory_mib")]
+    peak = max(peaks) if peaks else None
     items = [
         ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
         ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
@@ -262,6 +283,8 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
         ("Seeds", _join(sorted({r.seed for r in runs}, key=str))),
         ("Group rule", _join(sorted({str(r.summary.get("group_rule", "?")) for r in runs}))),
         ("Hardware", "; ".join(hardware)),
+        ("Peak memory", "unknown (not in env.json)" if peak is None else
+         f"{peak[0]:.0f} MiB ({peak[1]}; the largest of the runs)"),
         ("Wall clock", f"{seconds / 60:.1f} min of training and evaluation over all runs"),
     ]
     return "| Setting | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in items)
