@@ -206,7 +206,7 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """One ``flwr`` CLI command against this SuperLink."""
-        return subprocess.run([_bin("flwr"), *args], cwd=self.work, env=self.env(), capture_output=True, text=True,
+        return subprocess.run([_bin("flwr"), *args], check=False, cwd=self.work, env=self.env(), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def register(self, keys: list[Path]) -> None:

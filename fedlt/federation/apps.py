@@ -30,7 +30,14 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlt.client_method import ClientMethod, FitResult
-from fedlt.config import Config, config_from_dict, parse_override, read_yaml, resolve, set_dotted
+from fedlt.config import (
+    Config,
+    config_from_dict,
+    parse_override,
+    read_yaml,
+    resolve,
+    set_dotted,
+)
 from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
 from fedlt.experiment import augment_for, experiment_for, model_for
@@ -139,7 +146,9 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if config["action"] == "partition-id":
             pid = int(context.node_config["partition-id"])
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-        from fedlt.federation.queries import QUERIES  # computations every client answers (prior, features …)
+        from fedlt.federation.queries import (
+            QUERIES,  # computations every client answers (prior, features …)
+        )
 
         c, pid, data, model, method, config, gen = setup(msg, context)
         if config["action"] in QUERIES:
