@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from fedlt.deploy import Certs, Deployment, main
@@ -238,6 +239,8 @@ def test_unregistered_node_is_refused_and_a_killed_node_is_tolerated(certs, tmp_
         assert row["status"] == "finished:completed", row
         summary = json.loads((tmp_path / "runs" / "killed" / "summary.json").read_text())
         assert summary["rounds"] == 2
+        state = torch.load(tmp_path / "runs" / "killed" / "checkpoint.pt", weights_only=True)["state"]
+        assert state["strategy"]["failures"] == 1  # node 1's round-2 message failed, and was tolerated
 
         bad = d.submit(ROOT, {"config": "", "out": "../escape", "overrides": " ".join(TINY)})
         row = d.follow(bad, timeout=600, stream=False)
