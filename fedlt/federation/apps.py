@@ -3,17 +3,28 @@
 In simulation (:mod:`fedlt.federation.runner`) the config travels inside the apps' closures. Under
 ``flwr run .`` or a deployed SuperLink the module-level ``client_app`` / ``server_app`` read it from the
 run config: ``config`` (a YAML path), ``overrides`` (space-separated KEY=VALUE) and ``out``.
+
+Those three come from whoever submits the run, so they are read as untrusted input (README, "Trust"):
+
+- ``config`` names a YAML file inside the app (the submitted FAB's folder), never one elsewhere on the server;
+- ``out`` is a folder under the server's run root (``$FEDLT_RUN_ROOT``, else the ServerApp's working
+  directory): an absolute path outside it or a ``..`` that climbs out of it is refused;
+- ``plugins:`` (modules to import) are refused unless the process that reads the config allows them with
+  ``FEDLT_ALLOW_PLUGINS=1`` (the SuperLink's operator for the ServerApp, each node's operator for its
+  ClientApp; ``python -m fedlt.deploy --allow-plugins`` sets it for both).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -21,7 +32,14 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlt.client_method import ClientMethod, FitResult
-from fedlt.config import Config, config_from_dict, load_config
+from fedlt.config import (
+    Config,
+    config_from_dict,
+    parse_override,
+    read_yaml,
+    resolve,
+    set_dotted,
+)
 from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
 from fedlt.experiment import augment_for, experiment_for, model_for
@@ -37,9 +55,52 @@ def _config(data: str) -> Config:
     return config_from_dict(json.loads(data))
 
 
+RUN_ROOT_ENV = "FEDLT_RUN_ROOT"
+ALLOW_PLUGINS_ENV = "FEDLT_ALLOW_PLUGINS"
+
+
+def app_dir() -> Path:
+    """The folder of the running app: the one that holds this ``fedlt`` package (under ``flwr run`` the
+    installed FAB, i.e. what the submitter sent)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def run_root() -> Path:
+    """The server's run root: ``$FEDLT_RUN_ROOT`` (set by the SuperLink's operator), else the working directory."""
+    return Path(os.environ.get(RUN_ROOT_ENV) or os.getcwd()).resolve()
+
+
+def _inside(root: Path, given: str, key: str, where: str) -> Path:
+    path = (root / given).resolve()  # an absolute ``given`` replaces ``root``; ``..`` and links are resolved
+    if not path.is_relative_to(root):
+        raise FedLTError(f"run config '{key}' = {given!r} is outside {where} {root}: a submitted run may only "
+                         f"name paths under it")
+    return path
+
+
+def plugins_allowed() -> bool:
+    return os.environ.get(ALLOW_PLUGINS_ENV, "") == "1"
+
+
 def config_from_context(context: Context) -> Config:
+    """The config a submitted run names: ``config`` (a YAML file inside the app) <- ``overrides``.
+
+    ``plugins:`` (modules this process would import) are refused unless ``FEDLT_ALLOW_PLUGINS=1`` here."""
     rc = context.run_config
-    return load_config(rc.get("config") or None, shlex.split(str(rc.get("overrides", ""))))
+    given = str(rc.get("config") or "")
+    raw = read_yaml(_inside(app_dir(), given, "config", "the app folder")) if given else {}
+    for item in shlex.split(str(rc.get("overrides", ""))):
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    if raw.get("plugins") and not plugins_allowed():
+        raise FedLTError(f"the submitted run names plug-ins {raw['plugins']!r}, and this process does not import "
+                         f"submitted plug-ins (its operator may allow them with {ALLOW_PLUGINS_ENV}=1)")
+    return resolve(raw)
+
+
+def out_from_context(context: Context) -> Path:
+    """The run directory a submitted run names: ``out`` under :func:`run_root` (default ``runs``)."""
+    return _inside(run_root(), str(context.run_config.get("out") or "runs"), "out", "the run root")
 
 
 def _reply(msg: Message, result: FitResult, pid: int) -> Message:
@@ -104,7 +165,9 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if config["action"] == "partition-id":
             pid = int(context.node_config["partition-id"])
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-        from fedlt.federation.queries import QUERIES  # computations every client answers (prior, features …)
+        from fedlt.federation.queries import (
+            QUERIES,  # computations every client answers (prior, features …)
+        )
 
         with client_errors(msg, context):
             c, pid, data, model, method, config, gen = setup(msg, context)
@@ -127,7 +190,7 @@ def make_server_app(cfg: Config | None = None, out: str | None = None, outcome: 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         c = cfg or config_from_context(context)
-        path = out or str(context.run_config.get("out", "runs"))
+        path = out or out_from_context(context)
         try:
             summary = run_rounds(grid, c, RunDir(path))
             if outcome is not None:
