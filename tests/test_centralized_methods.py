@@ -93,7 +93,7 @@ def test_mdcs_ramp():
     cfg = load_config(None, ["mode=centralized", "centralized.method=mdcs", "centralized.epochs=200"])
     m = CENTRALIZED.get("mdcs")(cfg, np.array([3, 1]))
     # MDCSLoss: 0.6·min(epoch/20, 1) with the official trainer's epoch = 1, 2, … (fedlt's 0-based index + 1)
-    official = lambda epoch: 0.6 * min(epoch / 20, 1.0)  # noqa: E731
+    official = lambda epoch: 0.6 * min(epoch / 20, 1.0)
     assert [m.kl_weight(e) for e in (0, 9, 18, 19, 100)] == pytest.approx([official(e + 1) for e in (0, 9, 18, 19, 100)])
     assert m.kl_weight(0) == pytest.approx(0.03)
 

@@ -16,7 +16,12 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.experiment import Experiment, model_for
-from fedlt.losses import cross_entropy_loss, mixup_batch, mixup_cutmix_batch, posthoc_adjust
+from fedlt.losses import (
+    cross_entropy_loss,
+    mixup_batch,
+    mixup_cutmix_batch,
+    posthoc_adjust,
+)
 from fedlt.options import CentralizedOptions
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.train import Objective

@@ -99,7 +99,7 @@ def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator 
     whole batch at once. Pixels rotated in from outside get ``fill`` (one value per channel, in the units of
     ``x``; default 0).
     """
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     if degrees <= 0 or n == 0:
         return x
     dev = x.device

@@ -23,7 +23,12 @@ from fedlt.losses.balanced_bce import bal_bce_loss, sigmoid_bias_init, smoothed_
 from fedlt.losses.base import Loss, LossFactory, loss_objective
 from fedlt.losses.experts import balpoe_loss, confident_kl, mdcs_loss
 from fedlt.losses.ldam import ldam_loss, ldam_margins
-from fedlt.losses.logit_adjusted import balanced_softmax_loss, log_prior, logit_adjusted_loss, posthoc_adjust
+from fedlt.losses.logit_adjusted import (
+                                balanced_softmax_loss,
+                                log_prior,
+                                logit_adjusted_loss,
+                                posthoc_adjust,
+)
 from fedlt.losses.mixup import (
                                 label_aware_epsilons,
                                 label_aware_smoothing_loss,
