@@ -24,7 +24,7 @@ METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax"
            "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs"]
 # The CPU budget of the table (2 shared CPU cores): small CNN, 2 epochs, SGD lr 0.1 cosine, batch 128; one
 # classifier epoch for the decoupled second stages. DRW switches on for the last epoch (round(0.5·2) = 1),
-# MDCS's consistency weight is 0 in epoch 1 and 0.6 in epoch 2.
+# MDCS's consistency weight 0.6·min(e/1, 1) = 0.6 in both epochs (e counted from 1, as the official trainer).
 BUDGET = ["mode=centralized", "model.name=small_cnn", "centralized.epochs=2", "centralized.lr=0.1",
           "centralized.batch_size=128", "centralized.schedule=cosine", "device=cpu"]
 STAGE2 = {"crt": 1, "lws": 1, "mislas": 1}

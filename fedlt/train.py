@@ -90,7 +90,7 @@ class OptimConfig:
     nesterov: bool = False
     batch_size: int = 128
     warmup_epochs: float = 0.0
-    schedule: str = "constant"  # constant | step | cosine
+    schedule: str = "constant"  # constant | step | cosine | cosine_epoch
     milestones: list[float] = field(default_factory=list)  # epochs, for "step"
     gamma: float = 0.1
 
@@ -100,6 +100,8 @@ class OptimConfig:
             return self.lr * (math.floor(epoch) + 1) / math.ceil(self.warmup_epochs)
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "cosine_epoch":  # the lr of the epoch's start, held for the whole epoch
+            return 0.5 * self.lr * (1 + math.cos(math.pi * min(math.floor(epoch) / max(total_epochs, 1e-12), 1.0)))
         if self.schedule == "cosine":
             span = max(total_epochs - self.warmup_epochs, 1e-12)
             return 0.5 * self.lr * (1 + math.cos(math.pi * min((epoch - self.warmup_epochs) / span, 1.0)))
@@ -108,9 +110,13 @@ class OptimConfig:
         return self.lr
 
 
-def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.SGD:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+def make_optimizer(model: nn.Module, opt: OptimConfig, groups: list[dict] | None = None) -> torch.optim.SGD:
+    """SGD over the trainable parameters of ``model``, or over ``groups`` (``{"params": [...],
+    "lr_scale": f}``: :func:`train` gives such a group lr·f at every step)."""
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                            nesterov=opt.nesterov and opt.momentum > 0)
 
 
@@ -177,7 +183,7 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
                 continue
             lr = opt.lr_at(start_epoch + step / steps_per_epoch, total_epochs)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             x, y = prepare_batch(data, idx, augment, generator)
             with autocast:
                 loss = objective(model, x, y)

@@ -92,8 +92,10 @@ def test_loss_methods_build_their_objective_from_the_registry():
 def test_mdcs_ramp():
     cfg = load_config(None, ["mode=centralized", "centralized.method=mdcs", "centralized.epochs=200"])
     m = CENTRALIZED.get("mdcs")(cfg, np.array([3, 1]))
-    # 0.6·min(epoch/20, 1)
-    assert [m.kl_weight(e) for e in (0, 10, 20, 100)] == pytest.approx([0.0, 0.3, 0.6, 0.6])
+    # MDCSLoss: 0.6·min(epoch/20, 1) with the official trainer's epoch = 1, 2, … (fedlt's 0-based index + 1)
+    official = lambda epoch: 0.6 * min(epoch / 20, 1.0)
+    assert [m.kl_weight(e) for e in (0, 9, 18, 19, 100)] == pytest.approx([official(e + 1) for e in (0, 9, 18, 19, 100)])
+    assert m.kl_weight(0) == pytest.approx(0.03)
 
 
 def test_cutout_square():

@@ -21,14 +21,25 @@ BETAS_CENTRALIZED = [100, 50, 10]
 CIFAR = ["cifar10", "cifar100"]
 R32_METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la",
                "tau_norm", "mixup"]
-DECOUPLED = ["crt", "lws", "mislas"]
+DECOUPLED = ["crt", "lws"]
+# MiSLAS's official values per (data set, β) (dvlab-research/MiSLAS config/cifar*/*_stage2_mislas.yaml):
+# (ε_head, ε_tail, shift_bn, lr_factor)
+MISLAS = {("cifar10", 100): (0.3, 0.0, False, 0.5), ("cifar10", 50): (0.2, 0.0, False, 0.2),
+          ("cifar10", 10): (0.1, 0.0, False, 0.2), ("cifar100", 100): (0.4, 0.1, True, 0.2),
+          ("cifar100", 50): (0.3, 0.0, True, 0.1), ("cifar100", 10): (0.2, 0.0, True, 0.1)}
+MISLAS_FILES = [f"centralized/mislas/{d}_lt_if{b}_mislas.yaml" for d, b in MISLAS]
+# Keys that issue 10 changed on purpose to follow the official code, with their values in the generated files:
+# MiSLAS's stage-1 decay (×0.1 then ×0.01, not LDAM-DRW's ×0.01 twice) and stage-2 settings; BalPoE's long
+# recipe (10 warm-up epochs, AutoAugment without Cutout).
+CHANGED_ON_PURPOSE = {"mislas": {"gamma": 0.01, "eps_head": 0.4, "eps_tail": 0.1, "shift_bn": True, "lr_factor": 0.2},
+                      "balpoe": {"warmup_epochs": 5.0, "cutout": 16}}
 GRID_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedlc", "creff", "ccvr", "posthoc_calibration"]
 
 # the last commit that held configs/centralized/*_if*.yaml (generate.py) and configs/federated/grid/ (make_grid.py)
 GENERATED_AT = "51cda55"
 REPLACED = {"configs/centralized": ["centralized/cifar_lt.yaml", "centralized/cifar_lt_decoupled.yaml",
                                     "centralized/cifar10_lt_balpoe.yaml", "centralized/cifar100_lt_balpoe.yaml",
-                                    "centralized/cifar_lt_mdcs.yaml"],
+                                    "centralized/cifar_lt_mdcs.yaml", *MISLAS_FILES],
             "configs/federated/grid": ["federated/grid.yaml", "federated/grid_gbme.yaml",
                                        "federated/grid_bs_local.yaml"]}
 
@@ -76,12 +87,22 @@ def test_centralized_sweeps_cover_every_method_at_every_beta():
     assert {c.centralized.stage2_epochs for c, _ in decoupled} == {10}  # lws's own default is 5
     assert {c.centralized.epochs for c, _ in decoupled} == {200}
 
+    mislas = [cfg for f in MISLAS_FILES for cfg, _ in expand(ROOT / "configs" / f)]
+    assert {(c.data.name, c.data.imbalance_factor): (c.centralized.eps_head, c.centralized.eps_tail,
+                                                     c.centralized.shift_bn, c.centralized.lr_factor)
+            for c in mislas} == MISLAS and len(mislas) == 6
+    assert set(values([(c, {}) for c in mislas], "centralized.method", "centralized.epochs", "centralized.milestones",
+                      "centralized.gamma", "centralized.warmup_epochs", "centralized.stage2_epochs",
+                      "centralized.mixup_alpha", "centralized.weight_decay")) == {
+        ("mislas", 200, (160, 180), 0.1, 5, 10, 1.0, 2e-4)}
+
     for data, mixup in (("cifar10", 0.8), ("cifar100", 0.4)):
         balpoe = expand(ROOT / cfg / f"{data}_lt_balpoe.yaml")
         assert sorted(values(balpoe, "data.name", "data.imbalance_factor", "centralized.method",
                              "centralized.mixup_alpha")) == [(data, b, "balpoe", mixup) for b in (10, 50, 100)]
-        assert {(c.centralized.epochs, c.centralized.autoaugment, c.centralized.batch_size)
-                for c, _ in balpoe} == {(400, True, 128)}
+        assert {(c.centralized.epochs, c.centralized.autoaugment, c.centralized.batch_size, c.centralized.cutout,
+                 c.centralized.warmup_epochs, c.centralized.reduce_dimension) for c, _ in balpoe} == {
+            (400, True, 128, 0, 10, False)}
 
     mdcs = expand(ROOT / cfg / "cifar_lt_mdcs.yaml")
     assert sorted(values(mdcs, "data.name", "data.imbalance_factor", "centralized.method")) == sorted(
@@ -89,7 +110,7 @@ def test_centralized_sweeps_cover_every_method_at_every_beta():
     assert {(c.centralized.epochs, c.centralized.batch_size, c.centralized.ramp_fraction, c.centralized.warmup_epochs)
             for c, _ in mdcs} == {(400, 64, 0.05, 20)}
     # 16 methods × 2 data sets × 3 β, each once
-    assert len(r32) + len(decoupled) + 6 + len(mdcs) == 96
+    assert len(r32) + len(decoupled) + len(mislas) + 6 + len(mdcs) == 96
 
 
 def test_federated_grid_sweeps_cover_every_method():
@@ -116,6 +137,14 @@ def test_federated_grid_sweeps_cover_every_method():
         ("fedavg", "local_loss", "balanced_softmax")}
 
 
+def as_generated(cfg: Config) -> Config:
+    """``cfg`` with the keys of :data:`CHANGED_ON_PURPOSE` set back to their values in the generated files."""
+    changed = CHANGED_ON_PURPOSE.get(cfg.centralized.method) if cfg.mode == "centralized" else None
+    if not changed:
+        return cfg
+    return cfg.replace(centralized=cfg.centralized.model_copy(update=changed))
+
+
 def _generated_files(tmp_path: Path) -> Path:
     """The generated config files as of :data:`GENERATED_AT`, unpacked from git into ``tmp_path``."""
     try:
@@ -133,6 +162,10 @@ def test_sweeps_give_the_runs_of_the_generated_files_they_replaced(old_folder, t
     old_files = sorted((_generated_files(tmp_path) / old_folder).glob("*.yaml"))
     assert len(old_files) == {"configs/centralized": 96, "configs/federated/grid": 72}[old_folder]
     old = Counter(unnamed(load_config(p)) for p in old_files)
-    new = Counter(unnamed(cfg) for sweep in REPLACED[old_folder] for cfg, _ in expand(ROOT / "configs" / sweep))
+    configs = [cfg for sweep in REPLACED[old_folder] for cfg, _ in expand(ROOT / "configs" / sweep)]
+    new = Counter(unnamed(as_generated(cfg)) for cfg in configs)
+    # the runs changed on purpose: the 6 MiSLAS and the 6 BalPoE runs, and nothing else
+    assert sum(unnamed(cfg) != unnamed(as_generated(cfg)) for cfg in configs) == (
+        12 if old_folder == "configs/centralized" else 0)
     assert sum(new.values()) == len(old_files) and len(old) == len(old_files)  # no duplicate run on either side
     assert new == old

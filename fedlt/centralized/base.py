@@ -98,6 +98,12 @@ class CentralizedMethod:
     def stage2_sampler(self) -> Sampler:
         return make_sampler("instance")
 
+    stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
+
+    def stage2_param_groups(self, model: nn.Module) -> list[dict] | None:
+        """Parameter groups of the stage-2 optimizer (``{"params", "lr_scale"}``); None: one group."""
+        return None
+
     # --- resumable state beyond the model ---
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

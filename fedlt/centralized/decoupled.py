@@ -155,22 +155,47 @@ class LWS(DecoupledMethod):
 
 @CENTRALIZED.register("mislas")
 class MiSLAS(DecoupledMethod):
-    """MiSLAS (Zhong et al., CVPR 2021; dvlab-research/MiSLAS): mixup stage 1; stage 2 retrains the
-    classifier plus an LWS scale with CB sampling and label-aware smoothing (ε_head 0.4, ε_tail 0.1), BN
-    statistics shifted (kept in train mode) on the frozen backbone."""
+    """MiSLAS (Zhong et al., CVPR 2021; dvlab-research/MiSLAS ``train_stage1.py``, ``train_stage2.py``,
+    ``methods.py``, ``config/cifar*/``): mixup (α = 1) stage 1; stage 2 retrains the stage-1 classifier plus
+    an LWS scale f (initialised to 1) with class-balanced sampling and label-aware smoothing ε_c (ε_head for
+    the largest class, ε_tail for the smallest).
+
+    Stage 2 as in ``train_stage2.py``: two SGD parameter groups, the classifier at lr·``lr_factor`` and the
+    scale f at the full lr, both following the per-epoch cosine lr·½(1 + cos(π·e/E)) (e = 0, …, E − 1, held
+    within the epoch); the frozen backbone's BatchNorm is in train mode (statistics shifted to the balanced
+    batches) only with ``shift_bn``. The official stage 1 (``cos: False``) warms up over 5 epochs and decays
+    the lr ×0.1 at epoch 160 and ×0.01 at 180 (``milestones: [160, 180], gamma: 0.1`` in fedlt's configs).
+
+    The defaults are the official CIFAR-100-LT IF 100 values (ε 0.4/0.1, shift-BN on, lr_factor 0.2); the
+    official values per data set and IF (configs/centralized/mislas/):
+    CIFAR-10-LT IF 100/50/10: ε_head 0.3/0.2/0.1, ε_tail 0, no shift-BN, lr_factor 0.5/0.2/0.2;
+    CIFAR-100-LT IF 100/50/10: ε 0.4/0.1, 0.3/0.0, 0.2/0.0, shift-BN, lr_factor 0.2/0.1/0.1.
+    """
 
     class Options(DecoupledMethod.Options):
         mixup_alpha: float = Field(1.0, ge=0, description="stage-1 mixup α")
         eps_head: float = Field(0.4, ge=0, lt=1, description="label smoothing of the largest class")
         eps_tail: float = Field(0.1, ge=0, lt=1, description="label smoothing of the smallest class")
+        shift_bn: bool = Field(True, description="stage 2: backbone BatchNorm in train mode (statistics shift)")
+        lr_factor: float = Field(0.2, gt=0, description="stage 2: the classifier's lr is lr·lr_factor "
+                                                        "(the LWS scale gets the full lr)")
 
-    shift_bn = True
+    stage2_schedule = "cosine_epoch"
+
+    def __init__(self, cfg, train_counts) -> None:
+        super().__init__(cfg, train_counts)
+        self.shift_bn = self.opt.shift_bn
 
     def objective(self, epoch: int) -> Objective:
         return mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         return LWSClassifier(head, self.num_classes, train_inner=True)
+
+    def stage2_param_groups(self, model: nn.Module) -> list[dict]:
+        head = model.classifier
+        return [{"params": list(head.inner.parameters()), "lr_scale": self.opt.lr_factor},
+                {"params": [head.scales], "lr_scale": 1.0}]
 
     def stage2_objective(self, epoch: int) -> Objective:
         loss = LOSSES.get("label_aware_smoothing")(self.class_counts, eps_head=self.opt.eps_head,

@@ -15,6 +15,7 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.methods import mixup_objective
+from fedlt.data.augment import random_rotation
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import balpoe_loss, mdcs_loss
@@ -25,10 +26,16 @@ from fedlt.train import Augment, Objective, TensorData
 
 class ExpertMethod(CentralizedMethod):
     """A method on :class:`~fedlt.models.experts.MultiExpertModel`: ``model.name`` (or the data set's default)
-    with ``_experts`` appended, cosine classifiers with scale ``expert_scale``; test = mean of raw logits."""
+    with ``_experts`` appended, cosine classifiers with scale ``expert_scale``; test = mean of raw logits.
+
+    On ``resnet32_experts`` the experts' layer2/layer3 are 24/48 channels with ``reduce_dimension`` and
+    32/64 without (the two widths of ``ResNet_s`` in the official ``expert_resnet_cifar.py`` of both
+    repositories); the default is each method's official CIFAR setting.
+    """
 
     class Options(CentralizedOptions):
         expert_scale: float = Field(30.0, gt=0, description="scale s of the experts' cosine heads")
+        reduce_dimension: bool = Field(True, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
 
     def num_experts(self) -> int:
         raise NotImplementedError
@@ -39,16 +46,22 @@ class ExpertMethod(CentralizedMethod):
             name += "_experts"
         if name not in MODELS:
             raise FedLTError(f"{self.cfg.centralized.method} needs a multi-expert model; {name!r} is not registered")
+        extra = {}
+        if name == "resnet32_experts":
+            extra["widths"] = (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64)
         return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
-                         num_experts=self.num_experts())
+                         num_experts=self.num_experts(), **extra)
 
 
 @CENTRALIZED.register("balpoe")
 class BalPoE(ExpertMethod):
-    """Balanced product of experts (BalPoE): (1/M)·Σ_k CE(z_k + τ_k·log π, y), τ = (0, 1, 2); optional mixup
-    (the paper uses α = 0.4–0.8; 0 here by default)."""
+    """Balanced product of experts (BalPoE, emasa/BalPoE-CalibratedLT ``model/loss.py`` ``BSExpertLoss``):
+    (1/M)·Σ_k CE(z_k + τ_k·log π, y), τ = (0, 1, 2); optional mixup (the official CIFAR configs use α = 0.8 on
+    CIFAR-10, 0.4 on CIFAR-100; 0 here by default). Experts are full width (32/64 channels): every official
+    CIFAR config sets ``reduce_dimension: false``."""
 
     class Options(ExpertMethod.Options):
+        reduce_dimension: bool = Field(False, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
         taus: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="each expert's τ_k")
         mixup_alpha: float = Field(0.0, ge=0, description="mixup α (0: no mixup)")
 
@@ -61,22 +74,34 @@ class BalPoE(ExpertMethod):
 
 
 class TwoViews(StrongView):
-    """Stack [weak; strong] views of a batch (2B rows): weak = crop/flip, strong = crop/flip + AutoAugment + Cutout."""
+    """Stack [weak; strong] views of a batch (2B rows), each from its own crop/flip draw: weak = crop/flip +
+    RandomRotation(``rotation``) (black fill, as on the official PIL images), strong = crop/flip + AutoAugment
+    + Cutout."""
+
+    def __init__(self, weak, mean: torch.Tensor, std: torch.Tensor, cutout: int, chunk: int,
+                 rotation: float = 15.0) -> None:
+        super().__init__(weak, mean, std, cutout, chunk)
+        self.rotation = rotation
+        self.black = -mean / std  # pixel value 0 after normalisation
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.cat([self.weak(x, generator), super().__call__(x, generator)])
+        weak = random_rotation(self.weak(x, generator), self.rotation, generator, self.black)
+        return torch.cat([weak, super().__call__(x, generator)])
 
 
 @CENTRALIZED.register("mdcs")
 class MDCS(ExpertMethod):
-    """MDCS: diversity loss with λ = (−0.5, 1, 2.5) plus consistency self-distillation (weak teacher → strong
-    student, confident instances), weight 0.6·min(epoch/(ramp_fraction·epochs), 1) (20 of 400 epochs → 0.05;
-    20 of 200 → 0.1)."""
+    """MDCS (fistyee/MDCS ``model/loss.py`` ``MDCSLoss``, ``trainer/trainer.py``): diversity loss with
+    λ = (−0.5, 1, 2.5) plus consistency self-distillation (weak teacher → strong student, confident
+    instances), weight 0.6·min(e/(ramp_fraction·epochs), 1) with e = 1, 2, … the epoch counted from 1 as in
+    the official trainer (20 of 400 epochs → 0.05). Weak view: crop/flip + RandomRotation(15); experts of
+    24/48 channels (``reduce_dimension: true`` in the official CIFAR configs)."""
 
     class Options(ExpertMethod.Options):
         lambdas: list[float] = Field([-0.5, 1.0, 2.5], min_length=1, description="each expert's λ_k")
         kl_weight: float = Field(0.6, ge=0, description="weight of the consistency KL term")
         ramp_fraction: float = Field(0.1, ge=0, le=1, description="fraction of the epochs over which the KL ramps up")
+        weak_rotation: float = Field(15.0, ge=0, le=180, description="RandomRotation degrees of the weak view")
 
         @field_validator("autoaugment")
         @classmethod
@@ -89,11 +114,13 @@ class MDCS(ExpertMethod):
         return len(self.opt.lambdas)
 
     def augment(self, data: TensorData) -> Augment:
-        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
+        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk,
+                        self.opt.weak_rotation)
 
     def kl_weight(self, epoch: int) -> float:
+        """0.6·min((epoch + 1)/ramp, 1) for the 0-based ``epoch`` of the run loop (the official count from 1)."""
         ramp = self.opt.ramp_fraction * self.epochs
-        return self.opt.kl_weight * (min(epoch / ramp, 1.0) if ramp > 0 else 1.0)
+        return self.opt.kl_weight * (min((epoch + 1) / ramp, 1.0) if ramp > 0 else 1.0)
 
     def objective(self, epoch: int) -> Objective:
         w, lambdas = self.kl_weight(epoch), self.opt.lambdas

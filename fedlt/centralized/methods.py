@@ -16,9 +16,14 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.experiment import Experiment, model_for
-from fedlt.losses import cross_entropy_loss, mixup_batch, posthoc_adjust, sigmoid_bias_init
+from fedlt.losses import (
+    cross_entropy_loss,
+    mixup_batch,
+    mixup_cutmix_batch,
+    posthoc_adjust,
+)
 from fedlt.options import CentralizedOptions
-from fedlt.registry import CENTRALIZED
+from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.train import Objective
 
 CENTRALIZED.register("ce", CentralizedMethod)
@@ -115,11 +120,23 @@ class BalancedSoftmax(CentralizedMethod):
 
 @CENTRALIZED.register("bal_bce")
 class BalBCE(CentralizedMethod):
-    """Bal-BCE (Xu et al., "Learning Imbalanced Data with Vision Transformers", CVPR 2023; XuZhengzhuo/LiVT):
-    C·mean BCE(z + log(π/(1−π)), smoothed one-hot), ε = 0.1; linear bias initialised to −log(C − 1)."""
+    """Bal-BCE (Xu et al., "Learning Imbalanced Data with Vision Transformers", CVPR 2023; XuZhengzhuo/LiVT
+    ``util/loss.py`` ``BCE_loss(type='Bal')``): C·mean BCE(z + log(π/(1−π)), t), label smoothing ε = 0.1.
+
+    The linear head's bias starts at 0 (LiVT's ViT head, timm's initialisation; LiVT re-initialises only
+    ``head.weight``), so class c starts at p = π_c. Optional Mixup/CutMix with soft targets through the loss
+    (:func:`fedlt.losses.mixup.mixup_cutmix_batch`, timm's ``Mixup`` in batch mode): LiVT's recipe uses
+    ``mixup_alpha 0.8, cutmix_alpha 1.0`` (util/trainer.py) and its ``main_finetune.py`` builds Bal-BCE only
+    when Mixup/CutMix is on (its shipped ``script/finetune.py`` sets both to 0 with ``loss='Bal_BCE'``, which
+    that branch refuses); off (α = 0) by default here, the plain label-smoothed Bal-BCE.
+    """
 
     class Options(CentralizedOptions):
         smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing ε of the BCE targets")
+        mixup_alpha: float = Field(0.0, ge=0, description="Mixup α with soft targets (LiVT: 0.8; 0: off)")
+        cutmix_alpha: float = Field(0.0, ge=0, description="CutMix α with soft targets (LiVT: 1.0; 0: off)")
+        mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
+        switch_prob: float = Field(0.5, ge=0, le=1, description="probability of CutMix when both α > 0")
 
     loss = "bal_bce"
 
@@ -127,11 +144,23 @@ class BalBCE(CentralizedMethod):
         model = model_for(self.cfg, exp)
         head = getattr(model, "classifier", None)
         if isinstance(head, nn.Linear) and head.bias is not None:
-            nn.init.constant_(head.bias, sigmoid_bias_init(self.num_classes))
+            nn.init.zeros_(head.bias)
         return model
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
         return {"smoothing": self.opt.smoothing}
+
+    def objective(self, epoch: int) -> Objective:
+        o = self.opt
+        if o.mixup_alpha <= 0 and o.cutmix_alpha <= 0:
+            return super().objective(epoch)
+        loss = LOSSES.get(self.loss)(self.class_counts, **self.loss_options(epoch))
+
+        def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            xm, t, _ = mixup_cutmix_batch(x, y, self.num_classes, self.rng, o.mixup_alpha, o.cutmix_alpha,
+                                          o.mix_prob, o.switch_prob, o.smoothing)
+            return loss(model(xm), t)
+        return objective
 
 
 @CENTRALIZED.register("posthoc_la")

@@ -35,12 +35,13 @@ def centralized_optim(cfg: Config) -> OptimConfig:
 
 
 def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
-    """Stage 2: stage 1's SGD settings, lr ``stage2_lr`` (default: stage 1's lr), cosine, no warm-up."""
+    """Stage 2: stage 1's SGD settings, lr ``stage2_lr`` (default: stage 1's lr), the method's
+    ``stage2_schedule`` (cosine), no warm-up."""
     base = centralized_optim(cfg)
     lr = getattr(method.opt, "stage2_lr", None)
     return OptimConfig(lr=base.lr if lr is None else float(lr), momentum=base.momentum,
                        weight_decay=base.weight_decay, nesterov=base.nesterov, batch_size=base.batch_size,
-                       schedule="cosine")
+                       schedule=method.stage2_schedule)
 
 
 class CentralizedSteps:
@@ -70,7 +71,7 @@ class CentralizedSteps:
         self.method.start_stage2(self.model)
         self.model.to(self.device)
         if self.stage2 > 0:
-            self.optimizer = make_optimizer(self.model, self.opt2)
+            self.optimizer = make_optimizer(self.model, self.opt2, self.method.stage2_param_groups(self.model))
         self.stage = 2
 
     def start(self) -> None:

@@ -87,3 +87,35 @@ def strong_augment(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gener
     x01 = (x * s + m).clamp(0, 1)
     x = (auto_augment(x01, generator, chunk) - m) / s
     return cutout(x, cutout_size, generator)
+
+
+def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None,
+                    fill: torch.Tensor | None = None) -> torch.Tensor:
+    """RandomRotation(``degrees``) per image: angle ~ U(−degrees, degrees), counter-clockwise about the image
+    centre, nearest-neighbour sampling, same size (torchvision's ``RandomRotation`` defaults).
+
+    The sampling grid is the one of torchvision's tensor ``rotate`` (pixel centres, inverse rotation
+    [[cos, −sin], [sin, cos]] scaled to grid_sample's [−1, 1], ``align_corners=False``), built for the
+    whole batch at once. Pixels rotated in from outside get ``fill`` (one value per channel, in the units of
+    ``x``; default 0).
+    """
+    n, _, h, w = x.shape
+    if degrees <= 0 or n == 0:
+        return x
+    dev = x.device
+    angle = (torch.rand(n, generator=generator, device="cpu") * 2 - 1) * degrees
+    rad = torch.deg2rad(angle.double())
+    cos, sin = torch.cos(rad).float(), torch.sin(rad).float()
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    theta = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h])  # (n, 3, 2)
+    base = torch.empty(h, w, 3)
+    base[..., 0] = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w)
+    base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h)[:, None]
+    base[..., 2] = 1.0
+    grid = (base.view(1, h * w, 3).expand(n, h * w, 3).bmm(theta)).view(n, h, w, 2).to(dev, x.dtype)
+    out = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if fill is not None:
+        inside = torch.nn.functional.grid_sample(torch.ones(n, 1, h, w, device=dev, dtype=x.dtype), grid,
+                                                 mode="nearest", padding_mode="zeros", align_corners=False)
+        out = torch.where(inside < 0.5, fill.to(dev, x.dtype)[None, :, None, None], out)
+    return out

@@ -25,20 +25,28 @@ def smoothed_one_hot(targets: torch.Tensor, num_classes: int, smoothing: float =
 
 def bal_bce_loss(logits: torch.Tensor, targets: torch.Tensor, counts, smoothing: float = 0.1) -> torch.Tensor:
     """L = C · mean_{i,c} BCE_with_logits(z_ic + log(π_c/(1−π_c)), t_ic) — the one-vs-rest BCE summed over
-    classes and averaged over the batch, with π_c = n_c/N and label-smoothed targets t (ε = 0.1).
+    classes and averaged over the batch, with π_c = n_c/N.
 
-    Predict argmax z (no shift). With a uniform prior the shift is −log(C−1), the initial bias of a
-    sigmoid head (:func:`sigmoid_bias_init`). π is clamped to [1e-12, 1 − 1e-12] (a client's absent class).
+    ``targets`` are labels (B,), turned into label-smoothed one-hot targets t (ε = 0.1), or soft targets
+    (B, C) used as they are (LiVT's Mixup/CutMix targets, :func:`fedlt.losses.mixup.mixup_cutmix_batch`,
+    already smoothed). Predict argmax z (no shift). π is clamped to [1e-12, 1 − 1e-12] (a client's absent
+    class). With zero logits the loss starts at p_c = π_c (LiVT's head bias is 0): the shift is the whole
+    prior, so the model's own bias must not hold another one (−log(C − 1) would count it twice).
     """
     n = torch.as_tensor(counts, dtype=torch.float64)
     pi = (n / n.sum()).clamp(PRIOR_EPS, 1 - PRIOR_EPS)
     shift = (torch.log(pi) - torch.log1p(-pi)).float().to(logits.device)
-    t = smoothed_one_hot(targets, logits.shape[1], smoothing).to(logits.device)
+    if targets.dim() == 2:
+        t = targets.float().to(logits.device)
+    else:
+        t = smoothed_one_hot(targets, logits.shape[1], smoothing).to(logits.device)
     return logits.shape[1] * F.binary_cross_entropy_with_logits(logits.float() + shift, t)
 
 
 def sigmoid_bias_init(num_classes: int) -> float:
-    """b = −log(C − 1): every sigmoid starts at p = 1/C (Cui et al.; LiVT)."""
+    """b = −log(C − 1): every sigmoid starts at p = 1/C (the focal-loss initialisation of a sigmoid head).
+
+    Not for Bal-BCE: its prior shift already starts class c at p = π_c, and LiVT leaves the head bias at 0."""
     return -math.log(num_classes - 1)
 
 
@@ -47,8 +55,8 @@ class BalBCEOptions(Options):
 
 
 def make_bal_bce_loss(class_counts: torch.Tensor, smoothing: float = 0.1) -> Loss:
-    """Bal-BCE with the prior of ``class_counts`` and label smoothing ε. Its model starts best with the
-    classifier bias at :func:`sigmoid_bias_init` (the centralized ``bal_bce`` method does this)."""
+    """Bal-BCE with the prior of ``class_counts`` and label smoothing ε (of label targets; soft targets are
+    used as given)."""
     return partial(bal_bce_loss, counts=class_counts, smoothing=smoothing)
 
 

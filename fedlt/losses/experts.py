@@ -48,15 +48,22 @@ def confident_kl(teacher: torch.Tensor, student: torch.Tensor, targets: torch.Te
 
 def mdcs_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, targets: torch.Tensor,
               log_pi: torch.Tensor, lambdas=(-0.5, 1.0, 2.5), kl_weight: float = 0.6) -> torch.Tensor:
-    """MDCS (fistyee/MDCS ``MDCSLoss``): diversity loss + consistency self-distillation.
+    """MDCS (fistyee/MDCS ``model/loss.py`` ``MDCSLoss``): diversity loss + consistency self-distillation.
 
     With z_k^v = logits of expert k on view v (1 weak teacher, 2 strong student) shifted by λ_k·log π
-    (λ = (−0.5, 1, 2.5); log n differs by a constant the softmax ignores):
-    L = Σ_k [CE(z_k^1, y) + CE(z_k^2, y)] + w·Σ_k KL_conf(z_k^1 → z_k^2), with w = 0.6·min(epoch/20, 1)
+    (λ = (−0.5, 1, 2.5)):
+    L = Σ_k CE([z_k^1; z_k^2], [y; y]) + w·Σ_k KL_conf(z_k^1 → z_k^2), with w = 0.6·min(epoch/20, 1)
     given by the caller as ``kl_weight``.
+
+    Each expert's CE is ONE cross-entropy over the concatenated 2B batch, as in the official trainer
+    (``trainer/trainer.py`` stacks the two views and their targets), i.e. the mean of the two views' CE.
+    The official shift is log(n^λ + 1e-9) on the raw counts n; λ·log π differs from it by the per-expert
+    constant λ·log N (which neither the softmax nor the teacher's argmax sees) and by the 1e-9, and stays
+    finite for a class with no sample (where n^−0.5 is infinite).
     """
     z1 = _adjusted(weak_logits, log_pi, lambdas)
     z2 = _adjusted(strong_logits, log_pi, lambdas)
-    ce = sum(F.cross_entropy(a, targets) + F.cross_entropy(b, targets) for a, b in zip(z1, z2))
+    both = torch.cat([targets, targets])
+    ce = sum(F.cross_entropy(torch.cat([a, b]), both) for a, b in zip(z1, z2))
     kl = sum(confident_kl(a, b, targets) for a, b in zip(z1, z2))
     return ce + kl_weight * kl

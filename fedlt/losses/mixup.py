@@ -35,6 +35,46 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.G
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
+def mixup_cutmix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, rng: np.random.Generator,
+                       mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                       switch_prob: float = 0.5, smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup/CutMix with soft targets, one draw per batch, as timm's ``Mixup`` (``mode='batch'``,
+    ``correct_lam=True``) that LiVT (XuZhengzhuo/LiVT ``main_finetune.py``) feeds to its Bal-BCE.
+
+    With probability ``prob`` the batch is mixed with its reverse (``x.flip(0)``): CutMix with probability
+    ``switch_prob`` when both α > 0 (λ ~ Beta(cutmix_α, cutmix_α); a box of side √(1 − λ)·(H, W) centred at a
+    uniform pixel and clipped at the border is pasted; λ ← 1 − box area/(H·W)), else mixup
+    (λ ~ Beta(mixup_α, mixup_α); x̃ = λx + (1 − λ)·x.flip(0)). Targets t = λ·s(y) + (1 − λ)·s(y.flip(0)) with
+    s the label-smoothed one-hot (off ε/C, on 1 − ε + ε/C). Returns (x̃, t, λ).
+    """
+    lam, use_cutmix = 1.0, False
+    if (mixup_alpha > 0 or cutmix_alpha > 0) and rng.random() < prob:
+        if mixup_alpha > 0 and cutmix_alpha > 0:
+            use_cutmix = bool(rng.random() < switch_prob)
+            lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+        elif mixup_alpha > 0:
+            lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        else:
+            use_cutmix, lam = True, float(rng.beta(cutmix_alpha, cutmix_alpha))
+    if lam != 1.0:
+        if use_cutmix:
+            h, w = x.shape[-2:]
+            ratio = math.sqrt(1 - lam)
+            cut_h, cut_w = int(h * ratio), int(w * ratio)
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            yl, yh = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
+            xl, xh = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+            x = x.clone()
+            x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+            lam = 1.0 - (yh - yl) * (xh - xl) / float(h * w)
+        else:
+            x = lam * x + (1 - lam) * x.flip(0)
+    off = smoothing / num_classes
+    y1 = F.one_hot(y, num_classes).float() * (1 - smoothing) + off
+    y2 = F.one_hot(y.flip(0), num_classes).float() * (1 - smoothing) + off
+    return x, (lam * y1 + (1 - lam) * y2).to(x.device), lam
+
+
 def mixup_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:
     """L = λ·CE(z, y_a) + (1 − λ)·CE(z, y_b), batch mean."""
     logits = logits.float()
