@@ -46,6 +46,8 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     import json
 
     from fedlt.centralized import run_centralized
+    from fedlt.federation.fused import run_fused
+    from fedlt.federation.inprocess import run_inprocess
     from fedlt.federation.runner import run_federated
     from fedlt.rundir import RunDir
     from fedlt.sweep import plan
@@ -63,7 +65,8 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
             summaries.append({**json.loads((path / "summary.json").read_text()), **label})
             continue
         t0 = time.time()
-        s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
+        engine = {"flower": run_federated, "inprocess": run_inprocess, "fused": run_fused}[c.federation.engine]
+        s = engine(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
         print(f"[{mode}] finished in {time.time() - t0:.1f}s -> {path}{count}", flush=True)
         summaries.append({**s, **label})
     return summaries
