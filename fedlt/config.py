@@ -63,6 +63,9 @@ class TrainConfig(Options):
 class FederationConfig(Options):
     """Rounds, participation, the clients' lr over rounds, failures and resources."""
 
+    engine: Literal["flower", "inprocess", "fused"] = Field(
+        "flower", description="flower (Ray, one ClientApp per client) | inprocess (the same, in this process) | "
+                              "fused (a round's clients trained as one stacked model, fedlt/federation/fused.py)")
     rounds: int = Field(20, gt=0, description="federated rounds T")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled per round, in (0, 1]")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")

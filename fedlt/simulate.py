@@ -82,10 +82,15 @@ def run_config(cfg: Config, out: str, verbose: bool = False) -> list[dict]:
 def run_one(mode: str, cfg: Config, path: Path, verbose: bool = False) -> dict:
     """Run (or resume) one planned run into ``path``; return its summary."""
     from fedlt.centralized import run_centralized
+    from fedlt.federation.fused import run_fused
+    from fedlt.federation.inprocess import run_inprocess
     from fedlt.federation.runner import run_federated
     from fedlt.rundir import RunDir
 
-    return run_federated(cfg, str(path), verbose) if mode == "federated" else run_centralized(cfg, RunDir(path))
+    if mode == "centralized":
+        return run_centralized(cfg, RunDir(path))
+    engine = {"flower": run_federated, "inprocess": run_inprocess, "fused": run_fused}[cfg.federation.engine]
+    return engine(cfg, str(path), verbose)
 
 
 def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False, jobs: int = 1) -> list[dict]:

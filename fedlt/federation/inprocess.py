@@ -126,8 +126,14 @@ class InProcessGrid(Grid):
 def run_inprocess(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     """Run ``cfg`` as :func:`fedlt.federation.runner.run_federated` does, in this process; return the summary.
     A failing client or server re-raises here; Flower's log shows below WARNING only when ``verbose``."""
-    outcome: dict = {}
     grid = InProcessGrid(make_client_app(cfg), cfg.partition.num_clients)
+    return run_on_grid(cfg, run_path, grid, verbose, "the in-process run ended without a result")
+
+
+def run_on_grid(cfg: Config, run_path: str, grid: Grid, verbose: bool, missing: str) -> dict:
+    """The ServerApp of ``cfg`` on ``grid`` in this process (as the simulation engine runs it); the summary,
+    or the run's error re-raised (``missing`` when it recorded neither)."""
+    outcome: dict = {}
     server_context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                              state=RecordDict(), run_config={})
     identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
@@ -139,4 +145,4 @@ def run_inprocess(cfg: Config, run_path: str, verbose: bool = False) -> dict:
         pass
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
-    return summary_of(outcome, "the in-process run ended without a result")
+    return summary_of(outcome, missing)

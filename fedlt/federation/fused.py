@@ -1,0 +1,377 @@
+"""The fused engine (``federation.engine=fused``): a round's train messages trained as ONE stacked model.
+
+Design: a Flower ``Grid`` (:class:`FusedGrid`, an :class:`~fedlt.federation.inprocess.InProcessGrid`) receives
+the round's messages from the unchanged ServerApp and strategy. Its ``push_messages`` hands every TRAIN
+message whose client method trains by :meth:`fedlt.client_method.ClientMethod.fit` (the shared loop of
+:func:`fedlt.train.train` with the method's own :meth:`~fedlt.client_method.ClientMethod.objective`) to
+:func:`fused_train`, and answers each with one reply Message holding the same arrays and metrics the
+ClientApp would have sent (:func:`fedlt.federation.apps._reply`). Everything else — query messages (prior
+estimation, CReFF's gradients, CCVR's statistics), a method that overrides ``fit``, a train message that
+carries a DP clipping norm (the ClientApp's clipping mod acts on it), an objective that reads more of the
+model than the view below offers — goes to the ClientApp one message at a time, as in the in-process engine.
+The Grid was chosen over a node that hosts many partitions because the in-process Grid already carries
+Flower's message semantics (copies, error replies, process state); the fused trainer itself is a function of
+(template model, per-client initial states, data, objectives, generators), so a SuperNode-side ClientApp
+hosting a share of the partitions could call it unchanged (not built here).
+
+Stacking: per-client parameters, BatchNorm buffers and SGD momentum buffers are stacked along a leading
+client dimension; one step runs ``torch.func.vmap`` over ``torch.func.functional_call`` of the model. vmap's
+batching rule for a convolution with a batched weight is itself a grouped convolution
+(``aten/src/ATen/functorch/BatchRulesConvolution.cpp``), so this *is* the grouped-convolution layout without
+rewriting any model; BatchNorm's running statistics, stacked, are updated in place under vmap per client.
+
+Objectives unchanged: each client's objective is built by its method from the model holding that client's
+global weights (FedProx clones them, GBME freezes the other experts); it is then called with a
+:class:`_ClientView` of client j: ``view(x)``, ``view.expert_logits(x)`` and ``view.expert_forward(x, m)``
+return client j's slice of ONE vmapped forward pass of the whole group (computed on first use in the step,
+shared by every client), and ``view.parameters()`` yields client j's slices of the stacked parameters (the
+proximal term). The group's loss is Σ_j L_j, so the gradient reaching client j's slice is ∇L_j exactly. An
+objective that asks the view for anything else raises :class:`NotFusable` and the group falls back to the
+ClientApp. fedavg, fedprox, fedlc, local_loss and gbme (joint and expert phases) all fuse.
+
+Same random streams: client j's batches come from :func:`client_batches`, the loop of
+:func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the same
+fractional epoch, augmentation drawn by :func:`fedlt.train.prepare_batch`) on the client's own generator
+``torch_generator(seed, Stream.CLIENT, round, pid)`` — the one the ClientApp would use.
+
+Uneven clients (different sizes, hence different step counts and last-batch sizes): at each step the clients
+that still have a batch are grouped by batch size and each group runs one vmapped step on the gathered
+slices of its clients, written back afterwards. A client without a batch this step (finished) is not in any
+group: its parameters, momentum and BatchNorm statistics are not read or written, so it cannot move (no
+weight decay, no momentum step, no statistics update). In the common step (every client at full batch) the
+group is the whole cohort and nothing is gathered.
+
+SGD by hand, PyTorch's ``torch.optim.SGD`` single-tensor formula with dampening 0 (``torch/optim/sgd.py``),
+per stacked tensor: g ← ∇ + λ·w; b ← g on the first step, else μ·b + g; g ← g + μ·b (Nesterov) or b;
+w ← w − η_j·g, with η_j the client's own lr this step; a parameter without gradient (frozen, or not reached)
+is skipped as SGD skips it. On CUDA the forward runs under bf16 autocast, as :func:`fedlt.train.train`.
+
+Equivalence with the per-client engines is tested (tests/test_fused.py): the same weights, BatchNorm buffers
+and momentum after one round in float64 to 1e-9, in float32 within float tolerance, and the same accuracy.
+``fit_seconds`` of each reply is the fused group's wall time divided by its size (their sum is the time).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from uuid import uuid4
+
+import torch
+from flwr.app import Message, MessageType
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedlt.client_method import ClientMethod, FitResult
+from fedlt.config import Config
+from fedlt.device import resolve_device
+from fedlt.experiment import augment_for, experiment_for, model_for
+from fedlt.federation.apps import _reply, make_client_app
+from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, run_on_grid
+from fedlt.federation.records import load_into
+from fedlt.registry import CLIENTS
+from fedlt.streams import Stream, torch_generator
+from fedlt.train import (
+    Augment,
+    Objective,
+    OptimConfig,
+    Sampler,
+    TensorData,
+    instance_balanced_sampler,
+    prepare_batch,
+)
+
+
+class NotFusable(Exception):
+    """A client's objective needs more of the model than :class:`_ClientView` offers: train it per client."""
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+def client_batches(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
+                   generator: torch.Generator, augment: Augment | None,
+                   sampler: Sampler = instance_balanced_sampler) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(x, y, lr) of each step of :func:`fedlt.train.train` on ``data``, drawn in the same order from
+    ``generator`` (the loop of ``train`` with ``start_epoch = 0``, the only case ``ClientMethod.fit`` uses)."""
+    n, bs = len(data), opt.batch_size
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
+    total_epochs = total_steps / steps_per_epoch
+    step, epoch = 0, 0
+    while step < total_steps:
+        order = sampler(data.labels.cpu(), generator, epoch)
+        before = step
+        for start in range(0, len(order), bs):
+            if step >= total_steps:
+                break
+            idx = order[start:start + bs]
+            if len(idx) < 2:
+                continue
+            lr = opt.lr_at(step / steps_per_epoch, total_epochs)
+            x, y = prepare_batch(data, idx, augment, generator)
+            yield x, y, lr
+            step += 1
+        if step == before:  # no batch of two samples (``train`` would loop for ever): nothing to train
+            return
+        epoch += 1
+
+
+# ------------------------------------------------------------------------------------------ the client view
+
+class _MethodCall(nn.Module):
+    """``model.<name>(x, *args)`` as a module's forward, so that ``functional_call`` can run any method."""
+
+    def __init__(self, model: nn.Module, name: str, args: tuple) -> None:
+        super().__init__()
+        self.model, self.name, self.args = model, name, args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.name)(x, *self.args)
+
+
+class _GroupForward:
+    """One step of a group: the vmapped outputs of the model's methods, each computed once on first use."""
+
+    def __init__(self, model: nn.Module, params: dict, buffers: dict, x: torch.Tensor, autocast) -> None:
+        self.model, self.params, self.buffers, self.x, self.autocast = model, params, buffers, x, autocast
+        self.outputs: dict[tuple, torch.Tensor] = {}
+
+    def output(self, name: str, args: tuple = ()) -> torch.Tensor:
+        key = (name, args)
+        if key not in self.outputs:
+            call = _MethodCall(self.model, name, args)
+            state = {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
+            with self.autocast:
+                self.outputs[key] = vmap(lambda s, x: functional_call(call, s, (x,)))(state, self.x)
+        return self.outputs[key]
+
+
+class _ClientView:
+    """Client ``j`` of a fused group as the model its objective sees (see the module docstring)."""
+
+    def __init__(self, group: _GroupForward, j: int, names: list[str]) -> None:
+        self._group, self._j, self._names = group, j, names
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output("forward")[self._j]
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output("expert_logits")[self._j]
+
+    def expert_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        return self._group.output("expert_forward", (int(m),))[self._j]
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        return (self._group.params[n][self._j] for n in self._names)
+
+    def __getattr__(self, name: str):
+        raise NotFusable(f"a client objective reads model.{name}, which the fused engine does not offer")
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+@dataclass
+class FusedResult:
+    """Per client: its final state dict (parameters and buffers), momentum buffers, mean loss and steps."""
+
+    states: list[dict[str, torch.Tensor]]
+    momentum: list[dict[str, torch.Tensor]]
+    losses: list[float]
+    steps: list[int]
+    seconds: float = 0.0
+
+
+def _sgd(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, first: torch.Tensor, lr: torch.Tensor | float,
+         opt: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch SGD (dampening 0) on a stack of clients: new (w, momentum buffer). ``first`` marks the clients
+    whose buffer does not exist yet (SGD's ``buf = clone(g)``)."""
+    if opt.weight_decay != 0:
+        g = g.add(p, alpha=opt.weight_decay)
+    if opt.momentum != 0:
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        buf = torch.where(first.view(shape), g, buf.mul(opt.momentum).add(g))
+        g = g.add(buf, alpha=opt.momentum) if opt.nesterov else buf
+    if isinstance(lr, float):
+        return p.add(g, alpha=-lr), buf
+    return p - lr.view((-1,) + (1,) * (g.dim() - 1)).to(p.dtype) * g, buf
+
+
+def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: list[TensorData],
+                objectives: list[Objective], opts: list[OptimConfig], generators: list[torch.Generator],
+                augment: Augment | None, *, epochs: float | None, steps: int | None) -> FusedResult:
+    """Train client j from ``states[j]`` on ``datas[j]`` with ``objectives[j]`` (built on ``model``), SGD of
+    ``opts[j]`` and batches of ``generators[j]``, all clients as one stacked model (see the module docstring).
+
+    ``model`` is the template: its trainable parameters (``requires_grad``) are the ones trained; every
+    client's SGD must agree on momentum, weight decay and Nesterov (their lr may differ)."""
+    t0 = time.perf_counter()
+    k = len(states)
+    device = next(iter(model.parameters())).device
+    model.train()
+    if any((o.momentum, o.weight_decay, o.nesterov) != (opts[0].momentum, opts[0].weight_decay, opts[0].nesterov)
+           for o in opts):
+        raise NotFusable("clients with different SGD momentum / weight decay in one round")
+    opt = OptimConfig(lr=opts[0].lr, momentum=opts[0].momentum, weight_decay=opts[0].weight_decay,
+                      nesterov=opts[0].nesterov and opts[0].momentum > 0)
+    param_names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffer_names = [n for n, _ in model.named_buffers()]
+    P = {n: torch.stack([s[n] for s in states]).to(device) for n in param_names}
+    B = {n: torch.stack([s[n] for s in states]).to(device) for n in buffer_names}
+    M = {n: torch.zeros_like(P[n]) for n in trainable}
+    has_momentum = {n: torch.zeros(k, dtype=torch.bool, device=device) for n in trainable}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    dtype = next(iter(P.values())).dtype
+
+    streams = [client_batches(d, o, epochs=epochs, steps=steps, generator=g, augment=augment)
+               for d, o, g in zip(datas, opts, generators)]
+    active = list(range(k))
+    loss_sum = [torch.zeros((), device=device) for _ in range(k)]
+    seen, done_steps = [0] * k, [0] * k
+    while active:
+        batches = {}
+        for j in active:
+            b = next(streams[j], None)
+            if b is not None:
+                batches[j] = b
+        active = list(batches)
+        groups: dict[int, list[int]] = {}
+        for j in active:
+            groups.setdefault(len(batches[j][1]), []).append(j)
+        for size, members in groups.items():
+            whole = members == list(range(k))
+            idx = torch.tensor(members, device=device)
+            params = {n: (P[n] if whole else P[n][idx]).detach().requires_grad_(n in trainable) for n in param_names}
+            buffers = B if whole else {n: B[n][idx] for n in buffer_names}
+            x = torch.stack([batches[j][0] for j in members]).to(dtype)
+            step = _GroupForward(model, params, buffers, x, autocast)
+            total = 0
+            for i, j in enumerate(members):
+                with autocast:
+                    loss = objectives[j](_ClientView(step, i, param_names), batches[j][0], batches[j][1])
+                total = total + loss
+                loss_sum[j] += loss.detach() * size
+                seen[j] += size
+                done_steps[j] += 1
+            total.backward()
+            lrs = [batches[j][2] for j in members]
+            lr = lrs[0] if all(v == lrs[0] for v in lrs) else torch.tensor(lrs, device=device, dtype=torch.float64)
+            with torch.no_grad():
+                for n in trainable:
+                    grad = params[n].grad
+                    if grad is None:  # not reached by this loss: SGD skips it
+                        continue
+                    p_old = P[n] if whole else P[n][idx]
+                    buf = M[n] if whole else M[n][idx]
+                    first = ~(has_momentum[n] if whole else has_momentum[n][idx])
+                    new_p, new_buf = _sgd(p_old, grad, buf, first, lr, opt)
+                    if whole:
+                        P[n], M[n] = new_p, new_buf
+                        has_momentum[n][:] = True
+                    else:
+                        P[n][idx], M[n][idx] = new_p, new_buf
+                        has_momentum[n][idx] = True
+                if not whole:
+                    for n in buffer_names:
+                        B[n][idx] = buffers[n]
+    order = list(model.state_dict())
+    out_states = [{n: (P[n][j] if n in P else B[n][j]).detach() for n in order} for j in range(k)]
+    momentum = [{n: M[n][j] for n in trainable if has_momentum[n][j]} for j in range(k)]
+    losses = [(loss_sum[j] / max(seen[j], 1)).item() for j in range(k)]
+    return FusedResult(out_states, momentum, losses, done_steps, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ the grid
+
+class FusedGrid(InProcessGrid):
+    """The in-process Grid whose fusable train messages of one push are trained together (module docstring)."""
+
+    def __init__(self, cfg: Config, num_nodes: int) -> None:
+        super().__init__(make_client_app(cfg), num_nodes)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.data: dict[int, TensorData] = {}  # partition id -> its shard on the device, kept across rounds
+        self.fused_messages = 0  # how many train messages were answered by the fused trainer (tests read it)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        msgs, ids = [], []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            m = msg.metadata
+            if m.reply_to_message_id or m.ttl <= 0 or m.delivered_at:
+                raise ValueError(f"Invalid message: {msg}")
+            if m.dst_node_id not in self.contexts:
+                raise ValueError(f"message to unknown node {m.dst_node_id}")
+            msgs.append(copy.deepcopy(msg))
+            ids.append(m.message_id)
+        method: ClientMethod = CLIENTS.get(self.cfg.client.name)(self.cfg)
+        fusable = type(method).fit is ClientMethod.fit
+        group = [msg for msg in msgs if fusable and msg.metadata.message_type == MessageType.TRAIN
+                 and KEY_CLIPPING_NORM not in msg.content["config"]]
+        replies = self._fused(method, group) if len(group) > 1 else {}
+        for msg in msgs:
+            reply = replies.get(msg.metadata.message_id) or self._call_client(msg)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
+        return ids
+
+    def _client_data(self, pid: int) -> TensorData:
+        if pid not in self.data:
+            self.data[pid] = experiment_for(self.cfg).client_data(pid, self.device)
+        return self.data[pid]
+
+    def _fused(self, method: ClientMethod, msgs: list[Message]) -> dict[str, Message]:
+        """Replies to ``msgs`` from one fused training, or {} (the ClientApp answers them) when they do not fuse."""
+        cfg = self.cfg
+        try:
+            with _ServerProcessState():
+                model = model_for(cfg, experiment_for(cfg)).to(self.device)
+                pids, states, datas, objectives, opts, gens = [], [], [], [], [], []
+                trainable = None
+                for msg in msgs:
+                    pid = int(self.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
+                    config = dict(msg.content["config"])
+                    if "arrays" in msg.content:
+                        load_into(model, msg.content["arrays"])
+                    data = self._client_data(pid)
+                    objectives.append(method.objective(model, data, config))
+                    now = {n for n, p in model.named_parameters() if p.requires_grad}
+                    if trainable is not None and now != trainable:
+                        raise NotFusable("clients of one round train different parameters")
+                    trainable = now
+                    states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+                    pids.append(pid)
+                    datas.append(data)
+                    opts.append(method.optim(config))
+                    gens.append(torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid))
+                t = cfg.train
+                result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg),
+                                     epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
+        except NotFusable:
+            return {}
+        except Exception as exc:  # the ClientApp, one client at a time, answers (a client's own error included)
+            print(f"warning: fused training failed ({type(exc).__name__}: {exc}); the round's clients train one "
+                  f"by one\n{traceback.format_exc()}", flush=True)
+            return {}
+        self.fused_messages += len(msgs)
+        replies = {}
+        for j, msg in enumerate(msgs):
+            fit = FitResult(state=result.states[j],
+                            metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
+                                     "steps": result.steps[j], "fit_seconds": result.seconds / len(msgs)})
+            replies[msg.metadata.message_id] = _reply(msg, fit, pids[j])
+        return replies
+
+
+def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:
+    """Run ``cfg`` as :func:`fedlt.federation.inprocess.run_inprocess` does, with the round's clients trained
+    fused (:class:`FusedGrid`); return the summary."""
+    return run_on_grid(cfg, run_path, FusedGrid(cfg, cfg.partition.num_clients), verbose,
+                       "the fused run ended without a result")
+

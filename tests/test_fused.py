@@ -1,0 +1,206 @@
+"""The fused engine (fedlt/federation/fused.py) against the per-client engines: the fused trainer against
+``ClientMethod``'s own loop (fedlt.train.train with torch.optim.SGD) on clients of uneven sizes — weights,
+BatchNorm buffers and momentum — and whole federated runs of both engines on the same config and seed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import needs_fashion
+from fedlt.config import load_config
+from fedlt.experiment import augment_for
+from fedlt.federation.fused import client_batches, fused_train, run_fused
+from fedlt.federation.inprocess import run_inprocess
+from fedlt.models import build_model
+from fedlt.registry import CLIENTS
+from fedlt.streams import Stream, torch_generator
+from fedlt.train import OptimConfig, TensorData, instance_balanced_sampler, make_optimizer, train
+
+# client sizes at batch 16: 3 steps (last batch 5), 4 full steps, 6 steps (last 10), 3 steps (the batch of
+# ONE sample is dropped, the 3rd step comes from a 2nd epoch) -> the fused steps mix group sizes and clients that finish early
+SIZES = (37, 64, 90, 33)
+METHODS = {  # name -> (client method, model, the server's config for the round)
+    "fedavg": ("fedavg", "small_cnn", {}),
+    "fedprox": ("fedprox", "small_cnn", {"proximal-mu": 0.5}),
+    "fedlc": ("fedlc", "small_cnn", {"fedlc-tau": 1.0}),
+    "local_loss": ("local_loss", "small_cnn", {}),
+    "gbme_joint": ("gbme", "small_cnn_experts", {"expert": -1}),
+    "gbme_expert": ("gbme", "small_cnn_experts", {"expert": 1}),
+}
+
+
+def synthetic_clients(seed: int = 0) -> list[TensorData]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in SIZES:
+        images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 6, (n,), generator=g)  # classes 6..9 absent: FedLC's floor, local priors
+        out.append(TensorData(images, labels, torch.tensor([0.3]), torch.tensor([0.35]), 10))
+    return out
+
+
+def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = False):
+    """Both trainers on the same 4 clients (each from its own perturbed start); returns their states and
+    momentum buffers, per client."""
+    name, model_name, server = METHODS[method_key]
+    cfg = load_config(None, [f"client.name={name}", f"model.name={model_name}",
+                             "train.batch_size=16", "train.weight_decay=0.01", f"train.nesterov={nesterov}"])
+    method = CLIENTS.get(name)(cfg)
+    torch.manual_seed(0)
+    template = build_model(model_name, 10, 1, norm="batch", width=4).to(dtype)  # small: fast on a CPU
+    datas = synthetic_clients()
+    starts = []
+    for j in range(len(datas)):
+        m = copy.deepcopy(template)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * j * torch.randn_like(p))
+        starts.append({k: v.clone() for k, v in m.state_dict().items()})
+    config = {"lr": 0.05, **server, "log-prior": [-2.3 + 0.1 * c for c in range(10)]}
+    augment = augment_for(cfg)
+
+    def cast(objective):  # the data are float32 images; a float64 model needs float64 inputs
+        return lambda m, x, y: objective(m, x.to(dtype), y)
+
+    ref_states, ref_momentum, ref_losses = [], [], []
+    for j, data in enumerate(datas):
+        m = copy.deepcopy(template)
+        m.load_state_dict(starts[j])
+        objective = cast(method.objective(m, data, config))
+        opt = method.optim(config)
+        optimizer = make_optimizer(m, opt)
+        result = train(m, data, objective, opt=opt, epochs=1.0, generator=torch_generator(0, Stream.CLIENT, 1, j),
+                       augment=augment, sampler=instance_balanced_sampler, optimizer=optimizer)
+        ref_states.append(m.state_dict())
+        names = {id(p): n for n, p in m.named_parameters()}
+        ref_momentum.append({names[id(p)]: s["momentum_buffer"] for p, s in optimizer.state.items()})
+        ref_losses.append(result.loss)
+
+    model = copy.deepcopy(template)
+    objectives, opts = [], []
+    for j, data in enumerate(datas):
+        model.load_state_dict(starts[j])
+        objectives.append(cast(method.objective(model, data, config)))
+        opts.append(method.optim(config))
+    fused = fused_train(model, starts, datas, objectives, opts,
+                        [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], augment,
+                        epochs=1.0, steps=None)
+    return (ref_states, ref_momentum, ref_losses), fused, starts
+
+
+@pytest.mark.parametrize("method_key", list(METHODS))
+def test_fused_trainer_matches_per_client_sgd_in_float64(method_key):
+    (states, momentum, losses), fused, starts = per_client_and_fused(method_key, torch.float64,
+                                                                     nesterov=method_key == "fedprox")
+    assert fused.steps == [3, 4, 6, 3]
+    for j in range(len(SIZES)):
+        assert fused.states[j].keys() == states[j].keys()
+        moved = 0
+        for k, v in states[j].items():
+            assert torch.allclose(fused.states[j][k], v, rtol=1e-9, atol=1e-9), (j, k)
+            moved += not torch.equal(v, starts[j][k])
+        assert moved > 0
+        assert fused.momentum[j].keys() == momentum[j].keys() and momentum[j]
+        for k, v in momentum[j].items():
+            assert torch.allclose(fused.momentum[j][k], v, rtol=1e-9, atol=1e-9), (j, k)
+        assert fused.losses[j] == pytest.approx(losses[j], rel=1e-6)
+    if method_key == "gbme_expert":  # experts 0 and 2 are frozen: neither trained nor given momentum
+        frozen = [k for k in states[0] if k.startswith(("experts.0.", "experts.2."))]
+        assert frozen and all(torch.equal(fused.states[0][k], starts[0][k]) for k in frozen)
+        assert not any(k.startswith(("experts.0.", "experts.2.")) for k in fused.momentum[0])
+
+
+def test_fused_trainer_matches_per_client_sgd_in_float32():
+    (states, momentum, _), fused, _ = per_client_and_fused("fedavg", torch.float32)
+    for j in range(len(SIZES)):
+        for k, v in states[j].items():
+            assert torch.allclose(fused.states[j][k].float(), v.float(), rtol=1e-3, atol=1e-4), (j, k)
+        for k, v in momentum[j].items():
+            assert torch.allclose(fused.momentum[j][k], v, rtol=1e-3, atol=1e-3), (j, k)
+
+
+def test_client_batches_draw_what_train_draws():
+    data = synthetic_clients()[3]  # 33 samples at batch 16: the last batch of one is dropped
+    opt = OptimConfig(lr=0.1, batch_size=16, schedule="cosine")
+    seen = []
+    augment = augment_for(load_config(None, []))
+    batches = list(client_batches(data, opt, epochs=2.0, steps=None, generator=torch_generator(1, 2), augment=augment))
+    assert [len(y) for _, y, _ in batches] == [16] * 6  # 2 epochs of 3 steps each, the batches of one dropped
+    assert batches[0][2] == 0.1 and batches[-1][2] < 0.1  # lr at the same fractional epoch as train()
+
+    def objective(m, x, y):
+        seen.append((x.clone(), y.clone()))
+        return m(x).sum() * 0
+
+    train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2)), data, objective, opt=opt, epochs=2.0,
+          generator=torch_generator(1, 2), augment=augment)
+    assert len(seen) == len(batches)
+    assert all(torch.equal(a, x) and torch.equal(b, y) for (a, b), (x, y, _) in zip(seen, batches))
+
+
+def test_engine_key_is_validated():
+    from fedlt.errors import FedLTError
+
+    assert load_config(None, []).federation.engine == "flower"
+    assert load_config(None, ["federation.engine=fused"]).federation.engine == "fused"
+    with pytest.raises(FedLTError, match="federation.engine"):
+        load_config(None, ["federation.engine=gpu"])
+
+
+# --------------------------------------------------------------------------- whole runs, both engines
+ENGINE_RUNS = {
+    "fedavg": ["strategy.name=fedavg"],
+    "fedprox": ["strategy.name=fedprox", "strategy.mu=0.5"],
+    "fedlc": ["strategy.name=fedlc"],
+    "local_loss": ["strategy.name=fedavg", "client.name=local_loss", "client.loss=balanced_softmax"],
+    "gbme": ["strategy.name=gbme", "model.name=small_cnn_experts", "strategy.joint_fraction=0.5"],
+}
+FASHION = ["mode=federated", "partition.num_clients=4", "federation.fraction=0.75", "train.batch_size=32",
+           "model.name=resnet8", "data.imbalance_factor=100", "eval.batch_size=4096"]
+
+
+def checkpoint_state(path):
+    return torch.load(path / "checkpoint.pt", weights_only=False)["state"]["model"]
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", [m if m == "fedavg" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ENGINE_RUNS])
+def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monkeypatch):
+    from fedlt.federation import fused
+
+    rounds = 2 if method == "gbme" else 1  # gbme: round 2 is its expert phase (one sub-round per expert)
+    cfg = load_config(None, FASHION + ENGINE_RUNS[method] + [f"federation.rounds={rounds}", "train.local_steps=4",
+                                                            "eval.every=10"])
+    answered = []
+    original = fused.FusedGrid._fused
+    monkeypatch.setattr(fused.FusedGrid, "_fused",
+                        lambda self, m, msgs: answered.append(len(msgs)) or original(self, m, msgs))
+    run_inprocess(cfg, str(tmp_path / "inprocess"))
+    run_fused(cfg, str(tmp_path / "fused"))
+    expected = [3] if method != "gbme" else [3, 3, 3, 3]
+    assert answered == expected  # every train message of the run went to the fused trainer
+    a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")
+    assert a.keys() == b.keys()
+    assert any("running_mean" in k for k in a)
+    for k in a:
+        # float32 rounding of a vmapped (grouped) convolution differs from a plain one; exact in float64 (above)
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4), k
+    rows = [[json.loads(x) for x in (tmp_path / e / "metrics.jsonl").read_text().splitlines()]
+            for e in ("inprocess", "fused")]
+    assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]]
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-4)
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_five_rounds_give_the_same_accuracy_in_both_engines(tmp_path):
+    cfg = load_config(None, FASHION + ["federation.rounds=5", "train.local_steps=10", "eval.every=5"])
+    a = run_inprocess(cfg, str(tmp_path / "inprocess"))
+    b = run_fused(cfg, str(tmp_path / "fused"))
+    assert a["accuracy"] > 0.3  # it learned (chance is 0.1)
+    assert abs(a["accuracy"] - b["accuracy"]) <= 0.005
