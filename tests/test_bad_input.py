@@ -253,7 +253,7 @@ def test_centralized_nan_loss_stops_at_its_epoch_keeping_the_last_checkpoint(cap
     (ckpt,) = tmp_path.rglob("checkpoint.pt")
     assert torch.load(ckpt, weights_only=True)["step"] == 1
     rows = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1]
+    assert [r["epoch"] for r in rows] == [0, 1]  # the initial model, then the last good epoch
 
 
 def test_federated_nan_loss_names_partition_and_round_keeping_the_last_checkpoint(tmp_path):
