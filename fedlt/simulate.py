@@ -1,10 +1,15 @@
 """``python -m fedlt.simulate``: run one config (federated, centralized or both) into run directories.
 
-    python -m fedlt.simulate [--config FILE] [--out DIR] [KEY=VALUE ...] [sweep.KEY=[V1,V2,...] ...]
+    python -m fedlt.simulate [--config FILE] [--out DIR] [--overwrite] [--wait] [KEY=VALUE ...] [sweep.KEY=[V1,V2,...] ...]
     python -m fedlt.simulate --list
 
 A ``sweep:`` mapping in the config (or ``sweep.KEY=[...]`` overrides) runs every combination of the
 listed values, each into its own run directory; finished runs are skipped (see fedlt/sweep.py).
+
+A run directory (``<out>/<name>-seed<seed>-fed-<strategy>`` …) that holds a run of another config, finished
+or not, is refused before anything runs (a one-line error naming the first differing key) unless
+``--overwrite`` is given; a directory another run is writing is refused (or, with ``--wait``, waited for).
+A client failure that ends a federated run prints the client's partition id and traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from pathlib import Path
 
 from fedlt.config import Config
-from fedlt.errors import FedLTError
+from fedlt.errors import ClientFailure, FedLTError
 
 
 def check_data(cfgs: list[Config]) -> None:
@@ -35,14 +40,17 @@ def check_data(cfgs: list[Config]) -> None:
             print(line, flush=True)
 
 
-def run_config(cfg: Config, out: str, verbose: bool = False) -> list[dict]:
+def run_config(cfg: Config, out: str, verbose: bool = False, overwrite: bool = False) -> list[dict]:
     """Run every part of ``cfg``; a finished run directory with the same config is skipped."""
-    return run_sweep([(cfg, {})], out, verbose)
+    return run_sweep([(cfg, {})], out, verbose, overwrite)
 
 
-def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False) -> list[dict]:
+def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False, overwrite: bool = False,
+              wait: bool = False) -> list[dict]:
     """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`) one after another;
-    a finished run directory with the same config is skipped, an unfinished one resumes."""
+    a finished run directory with the same config is skipped, an unfinished one resumes. A directory of
+    another config is a :class:`FedLTError` before any run starts, unless ``overwrite`` (then it is emptied
+    first). Each run holds its directory's lock (``wait``: wait for another run to release it)."""
     import json
 
     from fedlt.centralized import run_centralized
@@ -51,6 +59,10 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     from fedlt.sweep import plan
 
     runs = plan(combos, out)
+    if not overwrite:
+        for r in runs:
+            if r.path.is_dir():
+                RunDir(r.path).check_config(r.cfg)
     check_data([c for c, _ in combos])
     summaries = []
     for i, r in enumerate(runs, 1):
@@ -58,12 +70,16 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
         count = f" ({i}/{len(runs)})" if len(combos) > 1 else ""
         label = {"run": path.name} if len(combos) > 1 else {}
         run = RunDir(path)
-        if run.done and run.same_config(c):
-            print(f"[{mode}] {path} already finished; skipped{count}", flush=True)
-            summaries.append({**json.loads((path / "summary.json").read_text()), **label})
-            continue
-        t0 = time.time()
-        s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
+        with run.lock(wait):
+            if run.done and run.same_config(c):
+                print(f"[{mode}] {path} already finished; skipped{count}", flush=True)
+                summaries.append({**json.loads((path / "summary.json").read_text()), **label})
+                continue
+            if overwrite and run.config_conflict(c):
+                print(f"[{mode}] --overwrite: removing the run of another config in {path}", flush=True)
+                run.clear()
+            t0 = time.time()
+            s = run_federated(c, str(path), verbose) if mode == "federated" else run_centralized(c, run)
         print(f"[{mode}] finished in {time.time() - t0:.1f}s -> {path}{count}", flush=True)
         summaries.append({**s, **label})
     return summaries
@@ -110,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", nargs="?", const="", metavar="PART",
                         help="list every config key (name, type, default, description), or those of one section "
                              "or registered part (--keys train, --keys fedprox, --keys ldam_drw)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run directory that holds a run of another config (default: refuse)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another run writing the same run directory to end (default: refuse)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
                                                          "into DIR (as python -m fedlt.compare does)")
@@ -130,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         if path is None and Path("configs/default.yaml").is_file():
             path = "configs/default.yaml"
         combos = expand(path, args.overrides)
-        summaries = run_sweep(combos, args.out, args.verbose)
+        summaries = run_sweep(combos, args.out, args.verbose, args.overwrite, args.wait)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ClientFailure as exc:  # a client's error ended the run: its partition and traceback, no server trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(summaries))
     if args.report:
         from fedlt.compare import make_report
