@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedlt.config import load_config  # noqa: E402
-from fedlt.federation.inprocess import run_inprocess  # noqa: E402
+from fedlt.config import load_config
+from fedlt.federation.inprocess import run_inprocess
 
 
 def main() -> None:

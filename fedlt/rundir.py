@@ -149,7 +149,7 @@ class RunDir:
         if key in _held:
             _held[key][1] += 1
         else:
-            f = open(self.path / LOCK, "a+")
+            f = open(self.path / LOCK, "a+")  # noqa: SIM115 (open while the lock is held, past this block)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except OSError as exc:

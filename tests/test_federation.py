@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
 from conftest import needs_fashion
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
 from fedlt.config import load_config
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.federation.runner import run_federated

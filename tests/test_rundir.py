@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sweep import fake_runners
 
 from fedlt import simulate
 from fedlt.config import load_config
 from fedlt.errors import FedLTError
 from fedlt.rundir import RunDir, first_difference
 from fedlt.sweep import expand, plan
-from test_sweep import fake_runners
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -53,9 +53,9 @@ def held(tmp_path):
 def test_a_locked_run_directory_is_refused_at_once(held):
     path, proc = held
     t0 = time.time()
-    with pytest.raises(FedLTError, match=f"^run directory {path} is in use by another run \\(process {proc.pid}\\)"):
-        with RunDir(path).lock():
-            pytest.fail("took a lock another process holds")
+    with pytest.raises(FedLTError, match=f"^run directory {path} is in use by another run \\(process {proc.pid}\\)"), \
+            RunDir(path).lock():
+        pytest.fail("took a lock another process holds")
     assert time.time() - t0 < 5
     proc.stdin.close()  # the other run ends: the directory is free
     proc.wait(timeout=30)
@@ -119,9 +119,9 @@ def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, mo
     assert simulate.main(args + ["centralized.epochs=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     state = "finished" if finished else "unfinished"
-    assert err == [f"error: run directory runs/c-seed0-cen-ce holds a {state} run of another config "
-                   f"(centralized.epochs: 10.0 there, 3.0 now); pass --overwrite to replace it, or choose another "
-                   f"--out or name="]
+    assert err == [(f"error: run directory runs/c-seed0-cen-ce holds a {state} run of another config "
+                    f"(centralized.epochs: 10.0 there, 3.0 now); pass --overwrite to replace it, or choose another "
+                    f"--out or name=")]
     assert calls == ["c-seed0-cen-ce"] and {p.name: p.read_text() for p in path.iterdir() if p.is_file()} == before
     assert simulate.main(args + ["centralized.epochs=3", "--overwrite"]) == 0
     assert calls == ["c-seed0-cen-ce"] * 2 and "epochs: 3.0" in (path / "config.yaml").read_text()

@@ -12,9 +12,23 @@ import warnings
 import torch
 
 from fedlt.config import Config
-from fedlt.errors import FedLTError
+from fedlt.errors import ClientFailure, FedLTError
 from fedlt.federation.apps import make_client_app, make_server_app
-from fedlt.federation.strategy import ClientFailure
+
+
+class _ClientErrorLogs(logging.Filter):
+    """Drops the ERROR lines Flower's simulation engine logs for each failing client (the exception, its Ray
+    traceback, "An exception was raised when processing a message by RayBackend"): the same error reaches the
+    server as the client's error reply, which fedlt reports once (the warning of a tolerated failure, or the
+    error that ends the run). Shown with ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR:
+            return True
+        text = str(record.msg)
+        return not (isinstance(record.msg, BaseException) or "fedlt-client-error" in text
+                    or "ClientAppException" in text or "RayTaskError" in text
+                    or text.startswith("An exception was raised when processing a message by"))
 
 
 def backend_config(cfg: Config) -> dict:
@@ -35,8 +49,10 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
+    quiet = _ClientErrorLogs()
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -45,6 +61,7 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
                            verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(quiet)
     return summary_of(outcome, "the Flower simulation ended without a result (see the log above)")
 
 
