@@ -180,3 +180,36 @@ def test_writes_are_whole_or_not_at_all(tmp_path, monkeypatch):
     assert not (tmp_path / "config.yaml").exists()
     run.append_metrics({"round": 2, "accuracy": 0.75})
     assert [strict_json(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_client_failure_ends_the_command_with_its_message_and_status_1(tmp_path, monkeypatch, capsys):
+    import fedlt.federation.runner
+    from fedlt.errors import ClientFailure
+
+    def fail(cfg, path, verbose=False):
+        raise ClientFailure("client of partition 3 failed in round 2: ValueError: x (failure 1, "
+                            "federation.max_failures=0)\nclient traceback:\nTraceback (most recent call last):\n"
+                            "ValueError: x")
+
+    monkeypatch.setattr(fedlt.federation.runner, "run_federated", fail)
+    monkeypatch.setattr(simulate, "check_data", lambda cfgs: None)
+    assert simulate.main(["--out", str(tmp_path), "mode=federated"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: client of partition 3 failed in round 2: ValueError: x")
+    assert err.count("Traceback") == 1 and "simulate.py" not in err  # the client's traceback only
+
+
+def test_flowers_per_client_error_logs_are_left_out_unless_verbose():
+    import logging
+
+    from fedlt.federation.runner import _ClientErrorLogs
+
+    def record(level, msg):
+        return logging.LogRecord("flwr", level, "vce_api.py", 1, msg, None, None)
+
+    keep = _ClientErrorLogs().filter
+    assert not keep(record(logging.ERROR, RuntimeError("<<fedlt-client-error 1\nValueError: x")))
+    assert not keep(record(logging.ERROR, "Traceback ...\nray.exceptions.RayTaskError(ClientAppException): ..."))
+    assert not keep(record(logging.ERROR, "An exception was raised when processing a message by RayBackend"))
+    assert keep(record(logging.ERROR, "Simulation Runtime crashed."))  # the engine's own failures stay
+    assert keep(record(logging.WARNING, RuntimeError("x")))
