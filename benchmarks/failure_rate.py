@@ -36,7 +36,11 @@ def main() -> None:
         cfg = load_config(args.config, ["mode=federated", "federation.max_failures=100000",
                                         f"federation.failure_rate={rate}", *args.overrides])
         path = Path(args.out) / f"rate{rate:g}"
-        summary = run_inprocess(cfg, str(path))
+        try:
+            summary = run_inprocess(cfg, str(path))
+        except ClientFailure as exc:  # every sampled client failed in some round: the run stops there
+            print(f"failure_rate {rate:g}: {exc}", flush=True)
+            continue
         metrics = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
         aggregated = sum(len(r["clients"]) for r in metrics)
         rows.append((rate, summary["accuracy"], summary["balanced_accuracy"], summary["few"],
