@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlt.config import load_config
+from fedlt.errors import ClientFailure
 from fedlt.federation.inprocess import run_inprocess
 
 
