@@ -35,6 +35,11 @@ EXTRA = {"ldam_drw": ["centralized.drw_fraction=0.5"], "mdcs": ["centralized.ram
 FROM_CE = ("posthoc_la", "crt", "tau_norm", "lws")
 
 
+def run_dir(out: str, method: str, seed: int) -> Path:
+    """The run directory of ``method`` and ``seed`` (fedlt.sweep.run_name of config name ``table``)."""
+    return Path(out) / method / f"table-seed{seed}-cen-{method}"
+
+
 def start_from_ce(cfg: dict, out: str, seed: int) -> None:
     """Seed the run directory of ``cfg`` with the finished ce run's checkpoint (stage 1 done)."""
     import shutil
@@ -42,7 +47,7 @@ def start_from_ce(cfg: dict, out: str, seed: int) -> None:
     from fedlt.rundir import RunDir
 
     method = cfg.centralized.method
-    ce, dest = Path(out) / "ce" / f"s{seed}-cen-ce", Path(out) / method / f"s{seed}-cen-{method}"
+    ce, dest = run_dir(out, "ce", seed), run_dir(out, method, seed)
     if not (ce / "done").is_file() or (dest / "checkpoint.pt").is_file():
         return
     run = RunDir(dest)
@@ -60,7 +65,7 @@ def run_all(methods: list[str], seeds: list[int], out: str, overrides: list[str]
         for method in methods:
             extra = [f"centralized.stage2_epochs={STAGE2[method]}"] if method in STAGE2 else []
             cfg = load_config(None, [*BUDGET, f"centralized.method={method}", f"seed={seed}",
-                                     f"name=s{seed}", *extra, *EXTRA.get(method, []), *overrides])
+                                     "name=table", *extra, *EXTRA.get(method, []), *overrides])
             if method in FROM_CE:
                 start_from_ce(cfg, out, seed)
             t0 = time.time()
@@ -75,7 +80,7 @@ def collect(methods: list[str], seeds: list[int], out: str) -> dict[str, list[di
     results: dict[str, list[dict]] = {}
     for method in methods:
         for seed in seeds:
-            f = Path(out) / method / f"s{seed}-cen-{method}" / "summary.json"
+            f = run_dir(out, method, seed) / "summary.json"
             if f.is_file():
                 results.setdefault(method, []).append(json.loads(f.read_text()))
     return results

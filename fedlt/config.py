@@ -72,6 +72,8 @@ class FederationConfig(Options):
     lr_milestones: list[int] = Field(default_factory=list, description="rounds at which a step schedule decays")
     lr_gamma: float = Field(0.1, gt=0, description="decay factor of the step schedule")
     max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
+    failure_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client fails in a round "
+                                "(injected, for robustness studies), in [0, 1)")
     client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray)")
     client_gpus: float | None = Field(None, ge=0, description="GPU fraction per client (None: 0.25 with a GPU, else 0)")
     checkpoint_every: int = Field(1, gt=0, description="checkpoint every N rounds (and after the last)")

@@ -1,4 +1,4 @@
-"""The one exception type that the command line turns into a one-line message."""
+"""The exception types that the command line turns into a message without a server traceback."""
 
 
 class FedLTError(Exception):
@@ -6,4 +6,12 @@ class FedLTError(Exception):
 
     `python -m fedlt.simulate` prints ``error: <message>`` and exits with status 2,
     with no traceback. Everything else is a bug and keeps its traceback.
+    """
+
+
+class ClientFailure(RuntimeError):
+    """A client raised, and the run tolerates no more failures (the message names the partition and holds the
+    client's traceback), or every client of a round failed (one line: nothing to aggregate).
+
+    `python -m fedlt.simulate` prints ``error: <message>`` and exits with status 1.
     """

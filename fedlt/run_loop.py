@@ -1,5 +1,7 @@
 """The one run skeleton that federated rounds and centralized epochs share.
 
+    lock the run directory (one run writes it at a time); refuse a directory that holds a run of another
+    config (only ``--overwrite`` empties it, :mod:`fedlt.simulate`)
     resume from the checkpoint (same config) or start afresh (reset the run directory, write its records,
         evaluate the initial model: row ``{round: 0, ...}`` / ``{epoch: 0, ...}``)
     for each step t (a round or an epoch) not yet done:
@@ -76,7 +78,15 @@ def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
 def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarray, np.ndarray, np.ndarray, str],
               device: Any) -> dict:
     """Run (or resume) ``steps`` into ``run``; return the summary. ``partition`` is (client × class counts,
-    training class counts, test class counts, method name) for partition.json."""
+    training class counts, test class counts, method name) for partition.json. Holds the run directory's lock
+    throughout (:meth:`RunDir.lock`); a directory of another config is a :class:`FedLTError`."""
+    with run.lock():
+        run.check_config(cfg)
+        return _run_steps(cfg, run, steps, partition, device)
+
+
+def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarray, np.ndarray, np.ndarray, str],
+               device: Any) -> dict:
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
     meters = {"train_seconds": 0.0, "train_images": 0}  # time in steps.step() and the images it trained on
     if ckpt is None:

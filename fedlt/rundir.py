@@ -1,26 +1,50 @@
 """The run directory: everything needed to trust and redo one run.
 
 config.yaml (resolved), env.json, partition.json, metrics.jsonl (one line per round / epoch),
-summary.json (final metrics), checkpoint.pt (resumable state), done (written last). Where the
+summary.json (final metrics), checkpoint.pt (resumable state), done (written last), .lock (held by the
+run that writes the directory). Where the
 ``tensorboard`` package is installed (``pip install fedlt[tensorboard]``), the numbers of metrics.jsonl
 also go to a TensorBoard event file (events.out.tfevents.*) in the same folder, so that
 ``tensorboard --logdir runs`` shows every run's curves.
+
+Nothing is lost or mixed:
+
+- one run at a time: a run holds an exclusive ``fcntl.flock`` on ``.lock`` while it writes the directory
+  (:meth:`RunDir.lock`); a second run on the same directory fails at once with a one-line error (or waits);
+- a directory that holds a run of another config is never reset: :meth:`RunDir.check_config` refuses it
+  with a one-line error naming the first differing key; only :meth:`RunDir.clear` (``--overwrite``) empties it;
+- every file is written whole or not at all: written to ``<name>.tmp``, flushed to disk (``fsync``) and renamed
+  over the old one (``os.replace``); metrics.jsonl too: each row rewrites the whole file that way, so a
+  crash leaves the rows before it, never half a line;
+- JSON files are strict JSON (``allow_nan=False``): a NaN or infinite number is written as null and the
+  keys it stood at are listed under ``"non_finite"`` in the same object (with a warning on stdout).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
 import pickle
+from collections.abc import Iterator
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fedlt.config import dump_config
 from fedlt.errors import FedLTError
+
+LOCK = ".lock"
+RESULTS = ("metrics.jsonl", "summary.json", "checkpoint.pt", "done")  # what a fresh start removes
+RECORDS = ("config.yaml", "env.json", "partition.json")  # what --overwrite removes besides
+_held: dict[str, list] = {}  # run directory (resolved) -> [open lock file, depth]: the locks this process holds
 
 
 def _json_default(o: Any) -> Any:
@@ -35,10 +59,66 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into ``<path>.tmp``, fsync, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def finite_json(obj: Any) -> tuple[Any, list[str]]:
+    """``obj`` as plain JSON data (numpy and torch values converted) with every NaN / ±inf replaced by None,
+    and the dotted keys where they were (``per_class.3``)."""
+    bad: list[str] = []
+
+    def clean(o: Any, where: str) -> Any:
+        if isinstance(o, (np.ndarray, torch.Tensor, np.integer, np.floating)):
+            o = _json_default(o)
+        if isinstance(o, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(o)]
+        if isinstance(o, float) and not math.isfinite(o):
+            bad.append(where)
+            return None
+        return o
+
+    return clean(obj, ""), bad
+
+
+def strict_dumps(obj: Any, what: str, indent: int | None = None) -> str:
+    """Strict JSON of ``obj`` (an object): non-finite numbers as null, listed under ``non_finite``."""
+    data, bad = finite_json(obj)
+    if bad:
+        data["non_finite"] = bad
+        print(f"warning: {what}: non-finite values written as null at {', '.join(bad)}", flush=True)
+    return json.dumps(data, indent=indent, allow_nan=False, default=_json_default)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, strict_dumps(obj, str(path), indent=1))
+
+
+def _flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(mapping, dict):
+        return {prefix or "(top level)": mapping}
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        out.update(_flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
+    return out
+
+
+def first_difference(old: Any, new: Any) -> str:
+    """``key: A there, B now`` for the first dotted key (in the new config's order) whose value differs."""
+    a, b = _flatten(old), _flatten(new)
+    for key in list(b) + [k for k in a if k not in b]:
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            return f"{key}: {a.get(key, '<unset>')!r} there, {b.get(key, '<unset>')!r} now"
+    return "the same keys and values, written differently"
 
 
 def _summary_writer(path: Path, purge_step: int | None) -> Any:
@@ -61,12 +141,65 @@ class RunDir:
     def done(self) -> bool:
         return (self.path / "summary.json").is_file() and (self.path / "done").is_file()
 
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False) -> Iterator[None]:
+        """Hold the directory's lock (``fcntl.flock`` on ``.lock``, exclusive) for the block. Held by another
+        process: a one-line :class:`FedLTError` at once, or (``wait``) block until it is free. Re-entrant
+        within one process (the command line and the run skeleton both take it)."""
+        key = str(self.path.resolve())
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            f = open(self.path / LOCK, "a+")  # noqa: SIM115 (open while the lock is held, past this block)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as exc:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise FedLTError(f"run directory {self.path} is in use by another run (process {holder}); "
+                                     f"wait for it to end (--wait), or choose another --out or name=") from None
+                raise
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            _held[key] = [f, 1]
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                _held.pop(key)[0].close()  # closing the file releases the lock
+
     def write_config(self, cfg: dict) -> None:
-        (self.path / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(self.path / "config.yaml", dump_config(cfg))
 
     def same_config(self, cfg: dict) -> bool:
         f = self.path / "config.yaml"
         return f.is_file() and f.read_text() == dump_config(cfg)
+
+    def config_conflict(self, cfg: Any) -> str | None:
+        """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
+        line naming the directory and the first key (of the resolved config.yaml) that differs."""
+        f = self.path / "config.yaml"
+        if not f.is_file() or self.same_config(cfg):
+            return None
+        try:
+            old = yaml.safe_load(f.read_text())
+        except yaml.YAMLError:
+            old = {"config.yaml": "unreadable"}
+        diff = first_difference(old, yaml.safe_load(dump_config(cfg)))
+        state = "finished" if self.done else "unfinished"
+        return (f"run directory {self.path} holds a {state} run of another config ({diff}); "
+                f"pass --overwrite to replace it, or choose another --out or name=")
+
+    def check_config(self, cfg: Any) -> None:
+        """Raise :meth:`config_conflict` as a :class:`FedLTError` (nothing is deleted without --overwrite)."""
+        conflict = self.config_conflict(cfg)
+        if conflict:
+            raise FedLTError(conflict)
 
     def write_env(self, env: dict) -> None:
         write_json(self.path / "env.json", env)
@@ -88,8 +221,9 @@ class RunDir:
         """Append ``row`` to metrics.jsonl and, where tensorboard is installed, its numbers to the event file:
         one scalar per key (``accuracy``, ``few``, ``train_loss``, ``seconds`` …) at the step ``row["round"]``
         (federated) or ``row["epoch"]`` (centralized); None, lists and strings are left out."""
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+        f = self.path / "metrics.jsonl"
+        old = f.read_text() if f.is_file() else ""
+        write_atomic(f, old + strict_dumps(row, f"{f} row {row.get('round', row.get('epoch'))}") + "\n")
         step = row.get("round", row.get("epoch"))
         if step is None:
             return
@@ -111,7 +245,7 @@ class RunDir:
         f = self.path / "metrics.jsonl"
         if f.is_file():
             rows = [r for r in (json.loads(x) for x in f.read_text().splitlines() if x) if r[key] <= last]
-            f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(f, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         self._close_board()
         self._purge_step = last + 1
 
@@ -122,7 +256,7 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
-        (self.path / "done").write_text("")
+        write_atomic(self.path / "done", "")
         self._close_board()
 
     def save_checkpoint(self, state: dict) -> None:
@@ -159,10 +293,16 @@ class RunDir:
         """Remove the results of an earlier run (a fresh start), its TensorBoard event files included."""
         self._close_board()
         self._purge_step = None
-        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "done"):
+        for name in RESULTS:
             (self.path / name).unlink(missing_ok=True)
         for events in self.path.glob("events.out.tfevents.*"):
             events.unlink()
+
+    def clear(self) -> None:
+        """Remove every record of an earlier run, its config included (``--overwrite``)."""
+        self.reset()
+        for name in RECORDS:
+            (self.path / name).unlink(missing_ok=True)
 
 
 PLAIN = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size, torch.dtype)

@@ -1,6 +1,7 @@
 """``python -m fedlt.simulate``: run one config (federated, centralized or both) into run directories.
 
-    python -m fedlt.simulate [--config FILE] [--out DIR] [KEY=VALUE ...] [sweep.KEY=[V1,V2,...] ...]
+    python -m fedlt.simulate [--config FILE] [--out DIR] [--overwrite] [--wait] [--jobs N] [KEY=VALUE ...]
+                             [sweep.KEY=[V1,V2,...] ...]
     python -m fedlt.simulate --dry-run [--config FILE] [KEY=VALUE ...]
     python -m fedlt.simulate --list
 
@@ -15,6 +16,11 @@ listed values, each into its own run directory; finished runs are skipped (see f
 
 Ctrl-C stops after the current round or epoch: the checkpoint is written, the command that resumes is
 printed, the exit status is 130 (a second Ctrl-C aborts at once, also with 130; see fedlt/interrupt.py).
+
+A run directory (``<out>/<name>-seed<seed>-fed-<strategy>`` …) that holds a run of another config, finished
+or not, is refused before anything runs (a one-line error naming the first differing key) unless
+``--overwrite`` is given; a directory another run is writing is refused (or, with ``--wait``, waited for).
+A client failure that ends a federated run prints the client's partition id and traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlt.config import Config, dump_config
-from fedlt.errors import FedLTError
+from fedlt.errors import ClientFailure, FedLTError
 from fedlt.evaluation import duration
 from fedlt.interrupt import (EXIT_INTERRUPTED, RunInterrupted, install_stop_handler, stop_handler_installed,
                              stop_requested)
@@ -74,34 +80,49 @@ def check_data(cfgs: list[Config]) -> None:
             print(line, flush=True)
 
 
-def run_config(cfg: Config, out: str, verbose: bool = False) -> list[dict]:
+def run_config(cfg: Config, out: str, verbose: bool = False, overwrite: bool = False) -> list[dict]:
     """Run every part of ``cfg``; a finished run directory with the same config is skipped."""
-    return run_sweep([(cfg, {})], out, verbose)
+    return run_sweep([(cfg, {})], out, verbose, overwrite)
 
 
-def run_one(mode: str, cfg: Config, path: Path, verbose: bool = False) -> dict:
-    """Run (or resume) one planned run into ``path``; return its summary."""
+def run_one(mode: str, cfg: Config, path: Path, verbose: bool = False, overwrite: bool = False,
+            wait: bool = False) -> dict:
+    """Run (or resume) one planned run into ``path``, holding its directory's lock (``wait``: wait for another run
+    to release it; else a one-line error); ``overwrite`` empties a directory that holds a run of another config
+    first. Return its summary."""
     from fedlt.centralized import run_centralized
     from fedlt.federation.fused import run_fused
     from fedlt.federation.inprocess import run_inprocess
     from fedlt.federation.runner import run_federated
     from fedlt.rundir import RunDir
 
-    if mode == "centralized":
-        return run_centralized(cfg, RunDir(path))
-    engine = {"flower": run_federated, "inprocess": run_inprocess, "fused": run_fused}[cfg.federation.engine]
-    return engine(cfg, str(path), verbose)
+    run = RunDir(path)
+    with run.lock(wait):
+        if overwrite and run.config_conflict(cfg):
+            print(f"[{mode}] --overwrite: removing the run of another config in {path}", flush=True)
+            run.clear()
+        if mode == "centralized":
+            return run_centralized(cfg, run)
+        engine = {"flower": run_federated, "inprocess": run_inprocess, "fused": run_fused}[cfg.federation.engine]
+        return engine(cfg, str(path), verbose)
 
 
-def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False, jobs: int = 1) -> list[dict]:
+def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False, jobs: int = 1,
+              overwrite: bool = False, wait: bool = False) -> list[dict]:
     """Run the distinct runs of validated sweep combinations (see :mod:`fedlt.sweep`), one after another or
     ``jobs`` at once (:func:`run_parallel`); a finished run directory with the same config is skipped, an
-    unfinished one resumes. Summaries in the order of the plan."""
+    unfinished one resumes. A directory of another config is a :class:`FedLTError` before any run starts,
+    unless ``overwrite`` (then it is emptied first); each run holds its directory's lock (:func:`run_one`).
+    Summaries in the order of the plan."""
     from fedlt.rundir import RunDir
     from fedlt.sweep import plan
 
     check_out(out)
     runs = plan(combos, out)
+    if not overwrite:
+        for r in runs:
+            if r.path.is_dir():
+                RunDir(r.path).check_config(r.cfg)
     check_data([c for c, _ in combos])
     summaries: list[dict | None] = [None] * len(runs)
     todo = []
@@ -114,7 +135,7 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
         else:
             todo.append((i, count))
     if jobs > 1 and len(todo) > 1:
-        for i, s in run_parallel([runs[i] for i, _ in todo], jobs, verbose).items():
+        for i, s in run_parallel([runs[i] for i, _ in todo], jobs, verbose, overwrite, wait).items():
             summaries[todo[i][0]] = s
     else:
         took: dict[str, list[float]] = {"federated": [], "centralized": []}  # seconds of the runs this sweep ran
@@ -123,7 +144,7 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
                 raise RunInterrupted(f"stopped before {runs[i].path}")
             r = runs[i]
             t0 = time.time()
-            summaries[i] = run_one(r.mode, r.cfg, r.path, verbose)
+            summaries[i] = run_one(r.mode, r.cfg, r.path, verbose, overwrite, wait)
             took[r.mode].append(time.time() - t0)
             left = [runs[j] for j, _ in todo[n:]]
             eta = f"; sweep eta {duration(sweep_eta(left, took))}" if len(runs) > 1 and left else ""
@@ -140,7 +161,8 @@ def _relay(stream, prefix: str) -> None:
     stream.close()
 
 
-def run_parallel(runs: list, jobs: int, verbose: bool = False) -> dict[int, dict]:
+def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool = False,
+                 wait: bool = False) -> dict[int, dict]:
     """Run ``runs`` (planned runs, none finished) ``jobs`` at a time, each as ``python -m fedlt.simulate
     --config <its resolved config> --run-dir <its directory>``; return {index: summary}.
 
@@ -178,7 +200,8 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False) -> dict[int, dict
                 cfg_file = tmp / f"{i}.yaml"
                 cfg_file.write_text(dump_config(r.cfg))
                 cmd = [sys.executable, "-m", "fedlt.simulate", "--config", str(cfg_file), "--run-dir", str(r.path)]
-                proc = subprocess.Popen(cmd + (["--verbose"] if verbose else []), stdout=subprocess.PIPE,
+                cmd += ["--verbose"] * verbose + ["--overwrite"] * overwrite + ["--wait"] * wait
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                                         start_new_session=True)
                 relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{r.path.name}] "), daemon=True)
@@ -398,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", nargs="?", const="", metavar="PART",
                         help="list every config key (name, type, default, description), or those of one section "
                              "or registered part (--keys train, --keys fedprox, --keys ldam_drw)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run directory that holds a run of another config (default: refuse)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another run writing the same run directory to end (default: refuse)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Flower's and Ray's logs, deprecation warnings and the Ray actors' output")
     parser.add_argument("--dry-run", action="store_true",
@@ -469,13 +496,16 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 from fedlt.config import load_config
 
                 cfg = load_config(path)
-                run_one(cfg.mode, cfg, Path(args.run_dir), args.verbose)
+                run_one(cfg.mode, cfg, Path(args.run_dir), args.verbose, args.overwrite, args.wait)
                 return 0
             combos = expand(path, args.overrides)
-            summaries = run_sweep(combos, args.out, args.verbose, args.jobs)
+            summaries = run_sweep(combos, args.out, args.verbose, args.jobs, args.overwrite, args.wait)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ClientFailure as exc:  # a client's error ended the run: its partition and traceback, no server trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(summaries))
     if args.report:
         from fedlt.compare import make_report

@@ -24,6 +24,7 @@ class Stream(IntEnum):
     DP = 8  # the server's DP noise, per (round, release)
     CCVR = 9  # CCVR's virtual features and classifier re-fit, per round
     CREFF = 10  # CReFF's federated-feature initialisation (round 0) and classifier re-training, per round
+    FAILURE = 11  # injected client failures (federation.failure_rate), per (round, client)
 
 
 def seeded_rng(seed: int, *stream: int) -> np.random.Generator:

@@ -8,8 +8,9 @@
 or on the command line ``sweep.seed=[0,1] sweep.partition.alpha=[0.1,0.5]``. Every combination is
 resolved and validated like a plain config (``load_config`` with the values as overrides) before any
 training starts. Each becomes one federated and/or one centralized run (``mode``), in a run directory
-whose name encodes the varied values, e.g. ``default-seed1-alpha0.1-fed-fedavg`` (``-fed-fedavg+la`` where the
-client method is not the strategy's own, :func:`fedlt.config.federated_method`). A run's config.yaml
+whose name holds the seed and the varied values, e.g. ``default-seed1-alpha0.1-fed-fedavg`` (the seed even
+when it is not swept: ``default-seed0-fed-fedavg``; ``-fed-fedavg+la`` where the client method is not the
+strategy's own, :func:`fedlt.config.federated_method`). A run's config.yaml
 holds no ``sweep`` key: it is the plain config of that run.
 
 Runs that the combinations share are run once: the centralized run ignores the federated keys
@@ -128,7 +129,10 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 
 def run_name(name: str, mode: str, cfg: Config, values: dict[str, Any], short: dict[str, str]) -> str:
-    parts = [name] + [f"{short[k]}{_fmt(v)}" for k, v in values.items() if k != IN_SUFFIX[mode]]
+    """``<name>-seed<seed>[-<swept values>]-fed-<strategy>[+<client>]`` or ``…-cen-<method>``: the seed always (so
+    runs of two seeds never share a directory), then the other swept values the run depends on."""
+    parts = [name, f"seed{cfg.seed}"] + [f"{short[k]}{_fmt(v)}" for k, v in values.items()
+                                         if k not in (IN_SUFFIX[mode], "seed")]
     suffix = f"fed-{_fmt(federated_method(cfg))}" if mode == "federated" else f"cen-{cfg.centralized.method}"
     return "-".join(parts + [suffix])
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
 from conftest import needs_fashion
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
 from fedlt.config import load_config
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.federation.runner import run_federated
@@ -112,9 +112,16 @@ def test_interrupted_run_resumes_to_the_same_result(first_run, tmp_path):
 def test_a_failing_client_fails_the_run_with_its_traceback(tmp_path, engine):
     cfg = small_cfg("plugins=[plugins_for_tests]", "client.name=failing_client", "federation.fraction=1.0",
                     "federation.rounds=1")
-    with pytest.raises(ClientFailure, match="deliberate failure on partition 1") as failure:
+    with pytest.raises(ClientFailure) as failure:
         engine(cfg, str(tmp_path / "run"))
-    assert "ClientAppException" in str(failure.value) and "federation.max_failures=0" in str(failure.value)
+    message = str(failure.value)
+    # the partition id (not Flower's node id), the error, the bound, then the client's traceback once, no wrapper
+    assert message.splitlines()[0] == ("client of partition 1 failed in round 1: ValueError: deliberate failure "
+                                       "on partition 1 (failure 1, federation.max_failures=0)")
+    assert message.count("Traceback (most recent call last)") == 1 and 'raise ValueError("deliberate' in message
+    assert message.rstrip().endswith("ValueError: deliberate failure on partition 1")
+    for noise in ("ClientAppException", "ray::", "RayTaskError", "fedlt-client-error", "node"):
+        assert noise not in message, noise
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
@@ -123,9 +130,94 @@ def test_a_failure_within_max_failures_is_tolerated_and_counted(tmp_path, capsys
     cfg = small_cfg("plugins=[plugins_for_tests]", "client.name=failing_client", "federation.fraction=1.0",
                     "federation.rounds=1", "federation.max_failures=1")
     summary = run_inprocess(cfg, str(tmp_path / "run"))
-    assert "warning: client failure 1/1 tolerated" in capsys.readouterr().out
+    assert ("warning: client of partition 1 failed in round 1: ValueError: deliberate failure on partition 1 "
+            "(failure 1/1 tolerated)") in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["strategy"]["failures"] == 1
     assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
+    assert summary["failures"] == {"total": 1, "per_round": [1], "setup": 0}
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["clients"] == [0, 2, 3]  # only the aggregated updates
+    assert row["failed"] == [{"partition": 1, "error": "ValueError: deliberate failure on partition 1"}]
+
+
+@needs_fashion
+def test_injected_failures_follow_their_stream_and_are_recorded(tmp_path):
+    from fedlt.federation.apps import injected_failure
+    from fedlt.streams import Stream, seeded_rng
+
+    cfg = small_cfg("federation.failure_rate=0.4", "federation.max_failures=100", "eval.every=3")
+    expected = [[p for p in sample_cohort(0, t, 4, 0.75) if seeded_rng(0, Stream.FAILURE, t, p).random() < 0.4]
+                for t in (1, 2, 3)]
+    assert [[p for p in sample_cohort(0, t, 4, 0.75) if injected_failure(cfg, t, p)] for t in (1, 2, 3)] == expected
+    assert 0 < sum(map(len, expected)) < 9  # this seed fails some clients, not all
+    summary = run_inprocess(cfg, str(tmp_path / "run"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for t, (row, failed) in enumerate(zip(rows, expected), 1):
+        assert [f["partition"] for f in row["failed"]] == failed
+        assert row["clients"] == [p for p in sample_cohort(0, t, 4, 0.75) if p not in failed]
+        assert all(f["error"].endswith(f"injected failure of partition {f['partition']} in round {t} "
+                                       f"(federation.failure_rate=0.4)") for f in row["failed"])
+    assert summary["failures"] == {"total": sum(map(len, expected)), "per_round": list(map(len, expected)),
+                                   "setup": 0}
+
+
+def test_the_failure_stream_is_reproducible_and_at_its_rate():
+    from fedlt.federation.apps import injected_failure
+
+    cfg = small_cfg("federation.failure_rate=0.3")
+    draws = [injected_failure(cfg, t, p) for t in range(1, 101) for p in range(20)]
+    assert draws == [injected_failure(cfg, t, p) for t in range(1, 101) for p in range(20)]
+    assert abs(np.mean(draws) - 0.3) < 0.03
+    assert draws != [injected_failure(small_cfg("federation.failure_rate=0.3", "seed=1"), t, p)
+                     for t in range(1, 101) for p in range(20)]
+    assert not any(injected_failure(small_cfg(), t, p) for t in range(1, 101) for p in range(20))
+
+
+@needs_fashion
+def test_a_round_where_every_client_failed_ends_with_one_line(tmp_path):
+    cfg = small_cfg("federation.failure_rate=0.99", "federation.max_failures=100")
+    with pytest.raises(ClientFailure) as failure:
+        run_inprocess(cfg, str(tmp_path / "run"))
+    message = str(failure.value)
+    assert message == (f"round 1: every client failed (partitions {', '.join(map(str, sample_cohort(0, 1, 4, 0.75)))}; "
+                       f"first error: fedlt.federation.apps.InjectedFailure: injected failure of partition "
+                       f"{sample_cohort(0, 1, 4, 0.75)[0]} in round 1 (federation.failure_rate=0.99)), nothing to "
+                       f"aggregate (3 failures so far, federation.max_failures=100)")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def error_reply(request: Message, reason: str) -> Message:
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode
+
+    request.metadata.__dict__["_message_id"] = "m"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=request)
+
+
+def test_error_replies_name_the_partition_without_the_engines_wrapping(message_identity):
+    from fedlt.federation.apps import ERROR_BEGIN, ERROR_END
+
+    strategy = FedLTStrategy(small_cfg("federation.max_failures=5"), 10)
+    strategy.bind({0: 1001, 1: 1002, 2: 1003})
+    strategy.begin_round(2)
+    block = f"{ERROR_BEGIN}2\nKeyError: 'x'\nTraceback (most recent call last):\n  File \"c.py\"\nKeyError: 'x'\n{ERROR_END}"
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=7, ip=1.2.3.4)\n"
+           f"  File \"ray_actor.py\", line 65\nException ClientAppException occurred. Message: {block}\n"
+           f"The above exception was the direct cause\n{block}'>")
+    died = "<class 'ray.exceptions.RayActorError'>:<'The actor died unexpectedly before finishing this task.'>"
+    replies = [reply(0, 10, 1.0), error_reply(Message(RecordDict(), dst_node_id=1003, message_type="train"), ray),
+               error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    record = strategy.round_record
+    assert record.aggregated == [[0]] and np.allclose(arrays["w"].numpy(), 1.0)
+    assert [(f.partition, f.error) for f in record.failed] == [
+        (2, "KeyError: 'x'"),
+        (1, "RayActorError: The actor died unexpectedly before finishing this task.")]
+    assert record.failed[0].traceback == "Traceback (most recent call last):\n  File \"c.py\"\nKeyError: 'x'"
+    assert strategy.failures == 2 and strategy.failure_summary() == {"total": 2, "per_round": [0, 2, 0], "setup": 0}
+    with pytest.raises(ClientFailure, match="^round 2: every client failed \\(partitions 1; first error: "
+                                            "RayActorError: The actor died"):
+        strategy.aggregate_train(2, [error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died)])
 
 
 def reply(pid: int, n: int, value: float) -> Message:

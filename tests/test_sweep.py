@@ -36,7 +36,8 @@ def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
     combos = expand(f, [])
     assert len(combos) == 4
     runs = plan(combos, tmp_path)
-    assert names(runs) == ["y-if10-fed-fedavg", "y-if100-fed-fedavg", "y-if10-fed-fedprox", "y-if100-fed-fedprox"]
+    assert names(runs) == ["y-seed0-if10-fed-fedavg", "y-seed0-if100-fed-fedavg", "y-seed0-if10-fed-fedprox",
+                           "y-seed0-if100-fed-fedprox"]
     # each combination is resolved from scratch: fedprox gets its own client method and options
     prox = runs[2].cfg
     assert prox.client.name == "fedprox" and prox.strategy.mu == 0.01
@@ -45,12 +46,12 @@ def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
 
 def test_federated_run_deduplicated_over_centralized_keys(tmp_path):
     runs = plan(expand(None, ["name=d", "sweep.centralized.epochs=[1,2]"]), tmp_path)
-    assert names(runs) == ["d-fed-fedavg", "d-epochs1-cen-ce", "d-epochs2-cen-ce"]
+    assert names(runs) == ["d-seed0-fed-fedavg", "d-seed0-epochs1-cen-ce", "d-seed0-epochs2-cen-ce"]
 
 
 def test_no_sweep_is_the_plain_config(tmp_path):
     runs = plan(expand(None, ["name=p"]), tmp_path)
-    assert names(runs) == ["p-fed-fedavg", "p-cen-ce"]
+    assert names(runs) == ["p-seed0-fed-fedavg", "p-seed0-cen-ce"]
     assert "sweep" not in runs[0].cfg
 
 
@@ -103,7 +104,7 @@ def test_finished_runs_skipped_and_unfinished_rerun(tmp_path, monkeypatch, capsy
     (tmp_path / "runs" / "s-seed1-alpha1-fed-fedavg" / "done").unlink()  # interrupted before the end
     assert simulate.main(args) == 0
     assert calls[6:] == ["s-seed1-alpha1-fed-fedavg"]
-    assert simulate.main(args + ["federation.rounds=7"]) == 0  # a changed config is not "finished"
+    assert simulate.main(args + ["federation.rounds=7", "--overwrite"]) == 0  # a changed config is not "finished"
     assert {c for c in calls[:6] if "-fed-" in c} <= set(calls[7:])
     cfg = (tmp_path / "runs" / "s-seed0-cen-ce" / "config.yaml").read_text()
     assert "sweep" not in cfg and "seed: 0" in cfg and "mode: centralized" in cfg

@@ -47,7 +47,30 @@ from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.records import load_into, metric_record, to_arrays
 from fedlt.federation.strategy import CLIENT_ERROR
 from fedlt.registry import CLIENTS
-from fedlt.streams import Stream, torch_generator
+from fedlt.streams import Stream, seeded_rng, torch_generator
+
+# A client's error travels to the server inside these markers (whatever the engine wraps around it: Flower's
+# ClientAppException, Ray's RayTaskError), so the server can name the partition and show the traceback once.
+ERROR_BEGIN, ERROR_END = "<<fedlt-client-error ", " fedlt-client-error>>"
+
+
+class InjectedFailure(RuntimeError):
+    """A client failure drawn from ``federation.failure_rate`` (:func:`injected_failure`)."""
+
+
+def injected_failure(cfg: Config, server_round: int, pid: int) -> bool:
+    """Whether client ``pid`` fails in ``server_round``: a draw u ~ U[0, 1) from the generator seeded by
+    (seed, ``Stream.FAILURE``, round, partition id), failing when u < ``federation.failure_rate``; the same
+    in every engine and on resume."""
+    rate = cfg.federation.failure_rate
+    return rate > 0 and seeded_rng(cfg.seed, Stream.FAILURE, server_round, pid).random() < rate
+
+
+def client_error(pid: int, exc: BaseException) -> RuntimeError:
+    """The exception a failing ClientApp raises: the partition id, the error's first line and its traceback
+    between :data:`ERROR_BEGIN` and :data:`ERROR_END` (parsed by :func:`fedlt.federation.strategy.parse_error`)."""
+    line = traceback.format_exception_only(type(exc), exc)[0].strip()
+    return RuntimeError(f"{ERROR_BEGIN}{pid}\n{line}\n{traceback.format_exc()}{ERROR_END}")
 
 
 @lru_cache(maxsize=4)
@@ -150,17 +173,19 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         gen = torch_generator(c.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
         return c, pid, exp.client_data(pid, device), model, method, config, gen
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def fit(msg: Message, context: Context) -> Message:
         with client_errors(msg, context):
             c, pid, data, model, method, config, gen = setup(msg, context)
+            server_round = int(config.get("server-round", 0))
+            if injected_failure(c, server_round, pid):
+                raise InjectedFailure(f"injected failure of partition {pid} in round {server_round} "
+                                      f"(federation.failure_rate={c.federation.failure_rate:g})")
             t0 = time.perf_counter()
             result = method.fit(model, data, config, gen, augment_for(c))
         result.metrics["fit_seconds"] = time.perf_counter() - t0
         return _reply(msg, result, pid)
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
+    def answer(msg: Message, context: Context) -> Message:
         config = dict(msg.content["config"])
         if config["action"] == "partition-id":
             pid = int(context.node_config["partition-id"])
@@ -176,6 +201,20 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             else:
                 result = method.query(config["action"], model, data, config, gen, augment_for(c))
         return _reply(msg, result, pid)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        try:
+            return fit(msg, context)
+        except Exception as exc:
+            raise client_error(int(context.node_config["partition-id"]), exc) from exc
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        try:
+            return answer(msg, context)
+        except Exception as exc:
+            raise client_error(int(context.node_config["partition-id"]), exc) from exc
 
     return app
 

@@ -90,6 +90,8 @@ class StrategyWrapper(FedLTStrategy):
 
     node_of = _shared("node_of")
     failures = _shared("failures")
+    failures_by_round = _shared("failures_by_round")
+    round_record = _shared("round_record")
     last_cohort = _shared("last_cohort")
     fit_seconds = _shared("fit_seconds")
     train_images = _shared("train_images")
@@ -105,6 +107,12 @@ class StrategyWrapper(FedLTStrategy):
 
     def check_replies(self, replies: Iterable[Message]) -> list[Message]:
         return self.base.check_replies(replies)
+
+    def begin_round(self, server_round: int) -> None:
+        self.base.begin_round(server_round)
+
+    def failure_summary(self) -> dict:
+        return self.base.failure_summary()
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
               timeout: float = 3600, server_round: int = 0) -> list[Message]:

@@ -16,10 +16,24 @@ from collections.abc import Iterator
 import torch
 
 from fedlt.config import Config
-from fedlt.errors import FedLTError
+from fedlt.errors import ClientFailure, FedLTError
 from fedlt.federation.apps import make_client_app, make_server_app
-from fedlt.federation.strategy import ClientFailure
 from fedlt.interrupt import RunInterrupted
+
+
+class _ClientErrorLogs(logging.Filter):
+    """Drops the ERROR lines Flower's simulation engine logs for each failing client (the exception, its Ray
+    traceback, "An exception was raised when processing a message by RayBackend"): the same error reaches the
+    server as the client's error reply, which fedlt reports once (the warning of a tolerated failure, or the
+    error that ends the run). Shown with ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR:
+            return True
+        text = str(record.msg)
+        return not (isinstance(record.msg, BaseException) or "fedlt-client-error" in text
+                    or "ClientAppException" in text or "RayTaskError" in text
+                    or text.startswith("An exception was raised when processing a message by"))
 
 
 def check_resources(cfg: Config) -> None:
@@ -64,19 +78,21 @@ def quiet_output(verbose: bool = False) -> Iterator[None]:
     level = flwr_logger.level
     handlers = [h for h in flwr_logger.handlers if isinstance(h, ConsoleHandler)]
     colored = [h.colored for h in handlers]
-    drop = _DropDeprecations()
+    drop, client_errors = _DropDeprecations(), _ClientErrorLogs()
     for h in handlers:
         h.colored = h.colored and bool(getattr(h.stream, "isatty", lambda: False)())
     with warnings.catch_warnings():
         if not verbose:
             flwr_logger.setLevel(logging.WARNING)
             flwr_logger.addFilter(drop)
+            flwr_logger.addFilter(client_errors)
             warnings.simplefilter("ignore")
         try:
             yield
         finally:
             flwr_logger.setLevel(level)
             flwr_logger.removeFilter(drop)
+            flwr_logger.removeFilter(client_errors)
             for h, c in zip(handlers, colored):
                 h.colored = c
 

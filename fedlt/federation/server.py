@@ -20,7 +20,7 @@ from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, experiment_for, model_for
 from fedlt.federation.records import load_into, to_arrays
-from fedlt.federation.strategy import FedLTStrategy, round_lr
+from fedlt.federation.strategy import FedLTStrategy, RoundRecord, round_lr
 from fedlt.registry import STRATEGIES
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
@@ -73,20 +73,30 @@ class FederatedSteps:
         self.test = exp.tensor_data("test", device=device)
 
     def start(self) -> None:
+        self.strategy.begin_round(0)
         self.strategy.global_arrays = self.strategy.setup(self.grid, to_arrays(self.model.state_dict()))
 
     def step(self, server_round: int) -> dict:
         t0 = time.time()
-        self.strategy.fit_seconds, self.strategy.train_images = 0.0, 0
+        self.strategy.begin_round(server_round)
         config = ConfigRecord({"lr": round_lr(self.cfg, server_round)})
         arrays, train_metrics = self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid)
         if arrays is None:
             raise RuntimeError(f"round {server_round}: no client returned weights")
         self.strategy.global_arrays = arrays
         load_into(self.model, arrays)
-        return {"train_loss": (train_metrics or {}).get("train_loss"), "clients": self.strategy.last_cohort,
+        record = self.strategy.round_record
+        return {"train_loss": (train_metrics or {}).get("train_loss"), "clients": self.clients(record),
+                "failed": [{"partition": f.partition, "error": f.error} for f in record.failed],
                 "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds,
                 "train_images": self.strategy.train_images}
+
+    def clients(self, record: RoundRecord) -> list[int] | list[list[int]]:
+        """The partition ids whose updates the round aggregated: one list, or one per aggregation where the
+        round aggregated several times (GBME's experts); without failures, the round's cohort(s)."""
+        if len(record.aggregated) == 1:
+            return record.aggregated[0]
+        return record.aggregated or self.strategy.last_cohort
 
     def evaluate(self, final: bool) -> dict:
         return evaluate_model(self.strategy.eval_model(self.model), self.test, self.exp.train_counts,
@@ -106,12 +116,15 @@ class FederatedSteps:
     def summary(self) -> dict:
         return {"mode": "federated", "method": federated_method(self.cfg), "client": self.cfg.client.name,
                 "rounds": self.total, "train_class_counts": self.exp.train_counts.tolist(),
+                "failures": self.strategy.failure_summary(),
                 **self.strategy.summary_extras()}
 
 
 def run_rounds(grid: Grid, cfg: Config, run: RunDir) -> dict:
     """Run (or resume) the federated part of ``cfg`` into ``run``; return the summary."""
-    exp = experiment_for(cfg)
-    device = resolve_device(cfg.device)
-    partition = (exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
-    return run_steps(cfg, run, FederatedSteps(grid, cfg, exp, device), partition, device)
+    with run.lock():  # before the data and the nodes: a second run on this directory fails at once
+        run.check_config(cfg)
+        exp = experiment_for(cfg)
+        device = resolve_device(cfg.device)
+        partition = (exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
+        return run_steps(cfg, run, FederatedSteps(grid, cfg, exp, device), partition, device)

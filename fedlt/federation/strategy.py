@@ -27,15 +27,23 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config
-from fedlt.errors import FedLTError
+from fedlt.errors import ClientFailure, FedLTError
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
 
@@ -50,8 +58,43 @@ def client_error(msg: Message) -> FedLTError | None:
     return None if match is None else FedLTError(match.group(1).rstrip("'>").rstrip())
 
 
-class ClientFailure(RuntimeError):
-    """A client raised, and the run tolerates no more failures: the run stops with the client's traceback."""
+@dataclass
+class FailedReply:
+    """One client's error reply: its partition id (None if unknown), the error's first line, its traceback."""
+
+    partition: int | None
+    error: str
+    traceback: str
+
+
+@dataclass
+class RoundRecord:
+    """What one round's replies were: the partition ids aggregated (one list per aggregation: GBME's expert
+    phase aggregates once per expert) and the failures, as metrics.jsonl records them."""
+
+    number: int = 0
+    aggregated: list[list[int]] = field(default_factory=list)
+    failed: list[FailedReply] = field(default_factory=list)
+
+
+_WRAPPED = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.DOTALL)
+_BLOCK = re.compile(r"<<fedlt-client-error (\d+)\n(.*?)\n(.*?) fedlt-client-error>>", re.DOTALL)
+
+
+def parse_error(reason: str, partition: int | None) -> FailedReply:
+    """The client's error inside an error reply's ``reason``: the block a fedlt ClientApp writes
+    (:func:`fedlt.federation.apps.client_error`) without what Flower and Ray wrap around it; otherwise (the
+    node died, a mod failed) the reason's first non-empty line and the whole reason, for partition ``partition``
+    (looked up from the replying node)."""
+    found = _BLOCK.search(reason or "")
+    if found:
+        return FailedReply(int(found.group(1)), found.group(2).strip(), found.group(3).rstrip())
+    text = (reason or "no reason given").strip()
+    wrapped = _WRAPPED.fullmatch(text)  # Flower's "<class 'T'>:<'message'>"
+    if wrapped:
+        text = f"{wrapped.group(1).rsplit('.', 1)[-1]}: {wrapped.group(2).strip()}"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+    return FailedReply(partition, first, text)
 
 
 def round_lr(cfg: Config, server_round: int) -> float:
@@ -95,6 +138,8 @@ class FedLTStrategy(FedAvg):
         self.num_classes = num_classes
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id
         self.failures = 0
+        self.failures_by_round: dict[int, int] = {}  # round (0: set-up queries) -> client failures
+        self.round_record = RoundRecord()  # the current round's aggregated clients and failures
         self.max_failures = cfg.federation.max_failures
         self.last_cohort: list[int] = []
         self.fit_seconds = 0.0  # clients' own training time in the replies checked since the loop reset it
@@ -129,26 +174,45 @@ class FedLTStrategy(FedAvg):
             out.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
         return out
 
+    def begin_round(self, server_round: int) -> None:
+        """Start the records of round ``server_round`` (0: the set-up before round 1)."""
+        self.round_record = RoundRecord(server_round)
+        self.fit_seconds, self.train_images = 0.0, 0
+
     def check_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Drop error replies within the failure budget, else raise :class:`ClientFailure`; sort the rest by
-        partition id so that aggregation sums in the same order every run."""
-        ok = []
+        """Drop error replies within the failure budget (``federation.max_failures`` over the run), else raise
+        :class:`ClientFailure` naming the partition, with the client's traceback; record each failure in the
+        round's record. Every reply an error: a one-line :class:`ClientFailure`. Sort the rest by partition id
+        so that aggregation sums in the same order every run."""
+        replies = list(replies)
+        pid_of = {node: pid for pid, node in self.node_of.items()}
+        record = self.round_record
+        ok, failed = [], []
         for msg in replies:
             if msg.has_error():
                 error = client_error(msg)
                 if error is not None:  # bad data or a non-finite loss: the run stops with the client's line
                     raise error
+                f = parse_error(msg.error.reason, pid_of.get(msg.metadata.src_node_id))
                 self.failures += 1
+                self.failures_by_round[record.number] = self.failures_by_round.get(record.number, 0) + 1
+                record.failed.append(f)
+                failed.append(f)
                 if self.failures > self.max_failures:
-                    raise ClientFailure(f"client on node {msg.metadata.src_node_id} failed "
-                                        f"(failure {self.failures}, federation.max_failures={self.max_failures}):\n"
-                                        f"{msg.error.reason}")
-                print(f"warning: client failure {self.failures}/{self.max_failures} tolerated: "
-                      f"{msg.error.reason.strip().splitlines()[-1] if msg.error.reason else ''}", flush=True)
+                    raise ClientFailure(f"client of partition {f.partition} failed in round {record.number}: "
+                                        f"{f.error} (failure {self.failures}, federation.max_failures="
+                                        f"{self.max_failures})\nclient traceback:\n{f.traceback}")
+                print(f"warning: client of partition {f.partition} failed in round {record.number}: {f.error} "
+                      f"(failure {self.failures}/{self.max_failures} tolerated)", flush=True)
             else:
                 ok.append(msg)
                 self.fit_seconds += float(_metrics(msg).get("fit_seconds", 0.0))
                 self.train_images += int(_metrics(msg).get("train-images", 0))
+        if replies and not ok:
+            raise ClientFailure(f"round {record.number}: every client failed (partitions "
+                                f"{', '.join(str(f.partition) for f in failed)}; first error: {failed[0].error}), "
+                                f"nothing to aggregate ({self.failures} failures so far, federation.max_failures="
+                                f"{self.max_failures})")
         return sorted(ok, key=lambda m: _metrics(m)["partition-id"])
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
@@ -166,7 +230,9 @@ class FedLTStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.outer.aggregate_checked(server_round, self.check_replies(replies))
+        checked = self.check_replies(replies)
+        self.round_record.aggregated.append([int(_metrics(m)["partition-id"]) for m in checked])
+        return self.outer.aggregate_checked(server_round, checked)
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -198,8 +264,15 @@ class FedLTStrategy(FedAvg):
     def summary_extras(self) -> dict:
         return {}
 
+    def failure_summary(self) -> dict:
+        """summary.json's ``failures``: the total, per round 1..T, and in the set-up queries before round 1."""
+        by_round = self.failures_by_round
+        return {"total": self.failures, "per_round": [by_round.get(t, 0) for t in range(1, self.cfg.federation.rounds + 1)],
+                "setup": by_round.get(0, 0)}
+
     def state_dict(self) -> dict:
-        return {"failures": self.failures}
+        return {"failures": self.failures, "failures_by_round": dict(self.failures_by_round)}
 
     def load_state_dict(self, state: dict) -> None:
         self.failures = state.get("failures", 0)
+        self.failures_by_round = {int(k): int(v) for k, v in state.get("failures_by_round", {}).items()}
