@@ -148,3 +148,79 @@ def test_every_shipped_config_builds_its_partition(cfg):
     assert len(parts) == cfg.partition.num_clients
     if cfg.partition.method == "dirichlet":
         assert min(len(p) for p in parts) >= cfg.partition.min_size
+
+
+# --------------------------------------------------------------------------- flwr-datasets Partitioners
+class FakeDataset:
+    """What the partitioners use of a ``datasets.Dataset``: len, a column, select."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, column):
+        return list(self.columns[column])
+
+    def select(self, indices):
+        return FakeDataset({k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+
+def balanced_dataset(per_class=300, classes=10):
+    labels = np.tile(np.arange(classes), per_class)  # interleaved, as a real data set's order
+    return FakeDataset({"label": labels.tolist(), "id": list(range(len(labels)))})
+
+
+def test_dirichlet_label_partitioner_is_fedlts_partition():
+    from fedlt.data.flower_partitioners import DirichletLabelPartitioner
+
+    ds = balanced_dataset()
+    part = DirichletLabelPartitioner(num_partitions=5, alpha=0.3, seed=1)
+    with pytest.raises(AttributeError):
+        part.load_partition(0)
+    part.dataset = ds
+    with pytest.raises(ValueError):
+        part.dataset = ds
+    assert part.num_partitions == 5 and part.is_dataset_assigned()
+    expected = dirichlet_partition(np.asarray(ds["label"]), 5, 0.3, np.random.default_rng(1), 10)
+    for k in range(5):
+        assert part.load_partition(k)["id"] == expected[k].tolist()
+    with pytest.raises(FedLTError):
+        part.load_partition(5)
+
+
+def test_long_tail_partitioner_makes_the_classes_long_tailed():
+    from fedlt.data.flower_partitioners import LongTailPartitioner
+
+    ds = FakeDataset({"label": [f"c{c}" for c in np.tile(np.arange(10), 300)]})  # string labels, sorted order
+    whole = LongTailPartitioner(num_partitions=1, imbalance_factor=100)
+    whole.dataset = ds
+    counts = collections_counts(whole.load_partition(0)["label"])
+    assert counts == dict(zip([f"c{c}" for c in range(10)], longtail_counts(300, 10, 100).tolist()))
+    fed = LongTailPartitioner(num_partitions=4, imbalance_factor=100, alpha=0.5, min_partition_size=5, seed=3)
+    fed.dataset = ds
+    parts = fed.partition_indices()
+    assert sorted(np.concatenate(parts).tolist()) == sorted(LongTailPartitioner(1, 100, seed=3)._partition(
+        np.tile(np.arange(10), 300), np.random.default_rng(3))[0].tolist())  # the same long-tailed subset, covered
+    assert sum(len(fed.load_partition(k)["label"]) for k in range(4)) == longtail_counts(300, 10, 100).sum()
+    iid = LongTailPartitioner(num_partitions=3, imbalance_factor=10, alpha=None)
+    iid.dataset = ds
+    assert [len(p) for p in iid.partition_indices()] == [len(p) for p in np.array_split(np.arange(
+        longtail_counts(300, 10, 10).sum()), 3)]
+
+
+def collections_counts(values):
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def test_shards_partitioner():
+    from fedlt.data.flower_partitioners import ShardsPartitioner
+
+    ds = balanced_dataset(100)
+    part = ShardsPartitioner(num_partitions=5, shards_per_partition=2, seed=0)
+    part.dataset = ds
+    assert all(len(np.unique(part.load_partition(k)["label"])) <= 2 for k in range(5))
