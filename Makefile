@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Debian/Ubuntu, Python 3.11):
-#   make demo   installs everything, runs the default Fashion-MNIST-LT experiment (FedAvg vs centralized)
+#   make demo   installs everything, runs the default Fashion-MNIST-LT experiment (FedAvg and FedLC beside centralized CE)
 #   make test   installs everything, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv

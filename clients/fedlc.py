@@ -1,7 +1,9 @@
 """FedLC client (Zhang et al., "Federated Learning with Label Distribution Skew via Logits Calibration",
 ICML 2022): CE over the calibrated logits
 z_c − τ·n_{k,c}^{−1/4}, with n_{k,c} the client's own count of class c floored at 1e-8 (a class the client
-lacks is pushed down by 100·τ and drops out of the softmax). Not Balanced Softmax: the offset is n^{−1/4}."""
+lacks is pushed down by 100·τ and drops out of the softmax). Not Balanced Softmax: the offset is n^{−1/4}.
+As FL-bench's ``logit_calibrated_loss`` (KarhouTam/FL-bench src/client/fedlc.py: counts floored at 1e-8, the
+true class kept in the denominator); τ = 1.0 by default, FL-bench's value (see strategies/fedlc.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def fedlc_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau:
 @CLIENTS.register("fedlc")
 class FedLCClient(ClientMethod):
     class Options(ClientMethod.Options):
-        tau: float = Field(0.5, ge=0, description="calibration strength τ (a FedLC strategy sends its own)")
+        tau: float = Field(1.0, ge=0, description="calibration strength τ (a FedLC strategy sends its own)")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         tau = float(config.get("fedlc-tau", self.opts.tau))

@@ -44,7 +44,8 @@ class PartitionConfig(Options):
     num_clients: int = Field(10, gt=0, description="number of clients K")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (smaller: more skew)")
     min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many")
-    balance: bool = Field(True, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding ≥ N/K)")
+    balance: bool = Field(False, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding "
+                          "≥ N/K; GBME's protocol); false: the plain per-class Dirichlet")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client")
 
 

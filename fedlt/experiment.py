@@ -56,28 +56,44 @@ class Experiment:
         return self.tensor_data("train", self.parts[client], device)
 
 
+def longtail_subset(cfg: Config, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Indices of the long-tailed training subset of a source with these ``labels`` (all of them for
+    ``data.profile=none``), drawn from the run's LONGTAIL stream."""
+    data = cfg.data
+    if data.profile == "none":
+        return np.arange(len(labels))
+    meta = DATASETS.meta[data.name] if data.name in DATASETS else {}
+    n_max = meta.get("n_max") or int(np.bincount(labels, minlength=num_classes).max())
+    counts = longtail_counts(n_max, num_classes, data.imbalance_factor, data.profile)
+    return longtail_indices(labels, counts, seeded_rng(cfg.seed, Stream.LONGTAIL))
+
+
+def partition_labels(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
+    """The client partition (``cfg.partition``) of a training set with these ``labels``, from the run's
+    PARTITION stream: one sorted index array per client. Needs the labels only (tests partition every shipped
+    config from label arrays)."""
+    part, k = cfg.partition, cfg.partition.num_clients
+    rng = seeded_rng(cfg.seed, Stream.PARTITION)
+    if k > len(labels):
+        raise FedLTError(f"partition.num_clients={k} is more than the {len(labels)} training samples")
+    if part.method == "dirichlet":
+        return P.dirichlet_partition(labels, k, part.alpha, rng, part.min_size, part.balance)
+    if part.method == "shards":
+        return P.shard_partition(labels, k, part.shards_per_client, rng)
+    return P.iid_partition(labels, k, rng)
+
+
 def build_experiment(cfg: Config) -> Experiment:
     """Load the source, cut the long-tailed subset, partition it across clients."""
-    data, part, seed = cfg.data, cfg.partition, cfg.seed
+    data = cfg.data
     meta = DATASETS.meta[data.name] if data.name in DATASETS else {}
     splits = load_source(data.name, data.root, getattr(data, "train_list", "train.txt"),
                          getattr(data, "test_list", "test.txt"), getattr(data, "image_size", None))
     train, test = splits["train"], splits["test"]
     if data.profile != "none":
-        n_max = meta.get("n_max") or int(train.class_counts.max())
-        counts = longtail_counts(n_max, train.num_classes, data.imbalance_factor, data.profile)
-        train = train.subset(longtail_indices(train.labels, counts, seeded_rng(seed, Stream.LONGTAIL)))
+        train = train.subset(longtail_subset(cfg, train.labels, train.num_classes))
     train, test = train.materialize(), test.materialize()
-    rng = seeded_rng(seed, Stream.PARTITION)
-    k = part.num_clients
-    if k > len(train):
-        raise FedLTError(f"partition.num_clients={k} is more than the {len(train)} training samples")
-    if part.method == "dirichlet":
-        parts = P.dirichlet_partition(train.labels, k, part.alpha, rng, part.min_size, part.balance)
-    elif part.method == "shards":
-        parts = P.shard_partition(train.labels, k, part.shards_per_client, rng)
-    else:
-        parts = P.iid_partition(train.labels, k, rng)
+    parts = partition_labels(cfg, train.labels)
     channels = train.images.shape[1]
     mean = torch.tensor(meta.get("mean", (0.5,) * channels), dtype=torch.float32)
     std = torch.tensor(meta.get("std", (0.25,) * channels), dtype=torch.float32)

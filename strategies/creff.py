@@ -3,12 +3,16 @@ and Long-Tailed Data via Classifier Re-Training with Federated Features", IJCAI 
 shangxinyi/CReFF-FL), over any strategy (``strategy.base``, default FedAvg) whose model has one ``nn.Linear``
 classifier.
 
-Each round: (1) the round's cohort receives the global backbone with the re-trained classifier spliced in and
-sends, per class it holds, ∇_(W, b) CE on ``batch_real`` real images of that class (mean of ``repeats``
-draws; query ``class-grads``); (2) the base strategy's normal round (local training, FedAvg); (3) the server
+Each round: (1) the round's cohort receives the global backbone with the re-trained classifier spliced in (in
+round 1 a freshly initialised Linear head, as the official ``temp_model = nn.Linear(256, 10)``) and sends, per
+class it holds, ∇_(W, b) CE on ``batch_real`` real images of that class, each draw augmented by one Siamese
+DSA op (``color_crop_cutout_flip_scale_rotate``, fedlt/data/dsa.py; ``strategy.dsa=false``: none, the
+official ``--method DC``) (mean of ``repeats`` draws; query ``class-grads``); (2) the base strategy's normal round (local training, FedAvg); (3) the server
 averages each class's gradients over the clients holding it, updates the federated features F (C ×
 ``num_features`` × d, N(0, 1) at start) for ``match_steps`` SGD steps of gradient matching, and trains a
-fresh Linear(d, C) on F for ``crt_epochs`` epochs. Evaluation: the base's backbone + that classifier; the
+fresh Linear(d, C) on F for ``crt_epochs`` epochs. The matching distance is the official ``distance_wb``:
+Σ_rows 1 − ⟨g, t⟩ / (‖g‖·‖t‖ + 10⁻⁶). The official model is ``resnet8_x4`` (256-d features; configs/federated/
+creff_cifar10_lt.yaml). Evaluation: the base's backbone + that classifier; the
 base's model (not the re-trained one) goes on to the next round. The official sizes are 100 features,
 100 matching steps and 300 re-training epochs. The re-trained classifier's round is kept and checkpointed,
 so a run resumed after its last round reports the re-trained model; summary.json also gets the base
@@ -27,6 +31,7 @@ from torch import nn
 
 from fedlt.client_method import FitResult
 from fedlt.config import Config
+from fedlt.data.dsa import siamese_dsa
 from fedlt.errors import FedLTError
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
@@ -42,9 +47,11 @@ from strategies.ccvr import fit_classifier
 def class_grads(cfg: Config, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
                 augment: Augment) -> FitResult:
     """For each class c the client holds: ∇_(W, b) CE(classifier(features(x)), c) on ``batch`` real images of c
-    (backbone in eval mode, augmented), averaged over ``repeats`` draws (CReFF step 1). The sums stay on the
+    (backbone in eval mode; each draw with one Siamese DSA op when ``config["dsa"]``, else unaugmented, as the
+    official ``compute_gradient``), averaged over ``repeats`` draws (CReFF step 1). The sums stay on the
     model's device; the reply moves them to the CPU."""
     batch, repeats = int(config.get("batch", 32)), int(config.get("repeats", 10))
+    use_dsa = bool(config.get("dsa", True))
     clf = model.classifier
     if not isinstance(clf, nn.Linear):
         raise TypeError("class-grads needs an nn.Linear classifier (CReFF)")
@@ -61,7 +68,9 @@ def class_grads(cfg: Config, model: nn.Module, data: TensorData, config: dict, g
         has[c] = 1
         for _ in range(repeats):
             pick = idx[torch.randperm(len(idx), generator=generator)[:batch]]
-            x, y = prepare_batch(data, pick, augment, generator)
+            x, y = prepare_batch(data, pick, None, generator)
+            if use_dsa:
+                x = siamese_dsa(x, generator)
             with torch.no_grad():
                 h = model.features(x).float()
             loss = F.cross_entropy(clf(h), y)
@@ -84,10 +93,14 @@ def average_class_grads(grads_w: list[np.ndarray], grads_b: list[np.ndarray], ha
             (gb * h[:, :, None]).sum(0) / safe[:, None], n > 0)
 
 
+def _distance_rows(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ_rows 1 − ⟨g, t⟩ / (‖g‖·‖t‖ + 10⁻⁶) (the official ``distance_wb`` of a 2-D gradient)."""
+    return (1 - (g * t).sum(-1) / (g.norm(dim=-1) * t.norm(dim=-1) + 1e-6)).sum()
+
+
 def gradient_distance(gw: torch.Tensor, gb: torch.Tensor, tw: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-    """D = Σ_rows (1 − cos(gw_row, tw_row)) + (1 − cos(gb, tb)) (the bias as a single row)."""
-    return (1 - F.cosine_similarity(gw, tw, dim=1, eps=1e-8)).sum() + (
-        1 - F.cosine_similarity(gb[None], tb[None], dim=1, eps=1e-8)).sum()
+    """D = Σ_rows d(gw_row, tw_row) + d(gb, tb) (the bias as a single row), d = the official ``distance_wb``."""
+    return _distance_rows(gw, tw) + _distance_rows(gb[None], tb[None])
 
 
 def match_features(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target_w: torch.Tensor,
@@ -111,6 +124,13 @@ def match_features(features: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return feats.detach()
 
 
+def fresh_linear(d: int, num_classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The state of a freshly initialised nn.Linear(d, C) (PyTorch's default init), seeded from ``generator``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return {k: v.detach().clone() for k, v in nn.Linear(d, num_classes).state_dict().items()}
+
+
 # --------------------------------------------------------------------------- the wrapper
 @STRATEGIES.register("creff")
 class CReFF(StrategyWrapper):
@@ -123,6 +143,7 @@ class CReFF(StrategyWrapper):
         crt_batch: int = Field(32, gt=0, description="classifier re-training batch size")
         batch_real: int = Field(32, gt=0, description="real images per class for a client's class gradient")
         repeats: int = Field(10, gt=0, description="draws averaged into a client's class gradient")
+        dsa: bool = Field(True, description="augment each class-gradient draw with one Siamese DSA op (official)")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
@@ -136,11 +157,13 @@ class CReFF(StrategyWrapper):
         state = to_state(arrays)
         if "classifier.weight" not in state or "classifier.bias" not in state:
             raise FedLTError("creff needs a model with an nn.Linear classifier (model.classifier=linear)")
-        if self.classifier is not None:
-            state.update({f"classifier.{k}": v for k, v in self.classifier.items()})
+        if self.classifier is None:  # round 1: a fresh Linear head (the official ``temp_model``)
+            self.classifier = fresh_linear(state["classifier.weight"].shape[1], C,
+                                           torch_generator(self.cfg.seed, Stream.CREFF, 0, 1))
+        state.update({f"classifier.{k}": v for k, v in self.classifier.items()})
         W, b = state["classifier.weight"].float(), state["classifier.bias"].float()
         replies = self.query(grid, self.cohort(server_round), to_arrays(state), "class-grads",
-                             {"batch": o.batch_real, "repeats": o.repeats}, server_round=server_round)
+                             {"batch": o.batch_real, "repeats": o.repeats, "dsa": o.dsa}, server_round=server_round)
         new, metrics = self.base.run_round(server_round, arrays, config, grid)
         grads = [r.content["grads"] for r in replies]
         gw, gb, present = average_class_grads([g["weight"].numpy() for g in grads], [g["bias"].numpy() for g in grads],
@@ -152,9 +175,7 @@ class CReFF(StrategyWrapper):
         self.features = match_features(self.features, W, b, torch.as_tensor(gw, dtype=torch.float32),
                                        torch.as_tensor(gb, dtype=torch.float32), present, o.match_steps, o.match_lr)
         fresh = nn.Linear(W.shape[1], C)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            fresh.reset_parameters()
+        fresh.load_state_dict(fresh_linear(W.shape[1], C, gen))
         feats = self.features.reshape(-1, W.shape[1])
         labels = torch.arange(C).repeat_interleave(self.features.shape[1])
         clf = fit_classifier(fresh, feats, labels, o.crt_epochs, o.crt_lr, o.crt_batch, gen)

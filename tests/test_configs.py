@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedlt.config import Config, dump_config, load_config
-from fedlt.sweep import expand, plan
+from fedlt.sweep import FEDERATED_ONLY, expand, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -66,9 +66,14 @@ def values(combos, *keys: str) -> list[tuple]:
 def test_every_config_and_every_sweep_combination_validates(path, tmp_path):
     combos = expand(path)
     assert combos and all(not cfg.sweep for cfg, _ in combos)
-    # each combination is a run of its own (two with mode both), in a directory of its own
+    # each combination is a federated run of its own; the centralized runs are one per distinct value of the
+    # swept keys a centralized run depends on (default.yaml sweeps strategy.name: one shared centralized run);
+    # every run in a directory of its own
     runs = plan(combos, tmp_path)
-    assert len(runs) == sum(2 if cfg.mode == "both" else 1 for cfg, _ in combos) == len({r.path for r in runs})
+    n_fed = sum(cfg.mode in ("federated", "both") for cfg, _ in combos)
+    n_cen = len({tuple((k, v) for k, v in values.items() if k.split(".")[0] not in FEDERATED_ONLY)
+                 for cfg, values in combos if cfg.mode in ("centralized", "both")})
+    assert len(runs) == n_fed + n_cen == len({r.path for r in runs})
 
 
 def test_centralized_sweeps_cover_every_method_at_every_beta():
@@ -162,6 +167,12 @@ def test_sweeps_give_the_runs_of_the_generated_files_they_replaced(old_folder, t
     old_files = sorted((_generated_files(tmp_path) / old_folder).glob("*.yaml"))
     assert len(old_files) == {"configs/centralized": 96, "configs/federated/grid": 72}[old_folder]
     old = Counter(unnamed(load_config(p)) for p in old_files)
+    # the generated files wrote FedLC's default τ of their time (0.5) into each fedlc run; the default is now
+    # FL-bench's 1.0 (strategies/fedlc.py), a deliberate change the sweeps follow
+    fedlc_old, fedlc_new = "strategy:\n  name: fedlc\n  tau: 0.5\n", "strategy:\n  name: fedlc\n  tau: 1.0\n"
+    if old_folder == "configs/federated/grid":
+        assert sum(n for text, n in old.items() if fedlc_old in text) == 8
+    old = Counter({text.replace(fedlc_old, fedlc_new): n for text, n in old.items()})
     configs = [cfg for sweep in REPLACED[old_folder] for cfg, _ in expand(ROOT / "configs" / sweep)]
     new = Counter(unnamed(as_generated(cfg)) for cfg in configs)
     # the runs changed on purpose: the 6 MiSLAS and the 6 BalPoE runs, and nothing else

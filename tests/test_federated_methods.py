@@ -243,7 +243,10 @@ def test_gradient_distance_and_matching():
     from strategies.creff import gradient_distance, match_features
 
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert gradient_distance(t, torch.tensor([1.0, 1.0]), t, torch.tensor([1.0, 1.0])).item() == pytest.approx(0, abs=1e-6)
+    # the official distance_wb: Σ_rows 1 − ⟨g, t⟩/(‖g‖‖t‖ + 1e-6); two unit rows of W and the bias row of norm √2 give 3·(1 − 1/(1 + 1e-6))
+    t64, b64 = t.double(), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    assert gradient_distance(t64, b64, t64, b64).item() == pytest.approx(
+        2 * (1 - 1 / (1 + 1e-6)) + (1 - 2 / (2 + 1e-6)), abs=1e-12)
     assert gradient_distance(-t, torch.tensor([1.0, 1.0]), t, torch.tensor([-1.0, -1.0])).item() == pytest.approx(6)
     torch.manual_seed(0)
     W, b = torch.randn(3, 4), torch.zeros(3)

@@ -66,3 +66,161 @@ def test_partition_counts_matrix():
     labels = np.array([0, 0, 1, 2, 2, 2])
     counts = partition_counts(labels, [np.array([0, 2]), np.array([1, 3, 4, 5])], 3)
     assert counts.tolist() == [[1, 1, 0], [1, 0, 3]]
+
+
+# --------------------------------------------------------------------------- the two Dirichlet forms
+def niid_bench_balanced(labels, n_parties, beta, rng, min_require_size=10):
+    """Transcription of NIID-Bench's ``partition_data(..., 'noniid-labeldir')`` loop (GBME's release copies it),
+    with ``np.random`` replaced by the generator ``rng`` (its shuffle-in-place is fedlt's ``permutation``)."""
+    N, K = len(labels), int(labels.max()) + 1
+    min_size = 0
+    while min_size < min_require_size:
+        idx_batch = [[] for _ in range(n_parties)]
+        for k in range(K):
+            idx_k = np.where(labels == k)[0]
+            idx_k = rng.permutation(idx_k)
+            proportions = rng.dirichlet(np.repeat(beta, n_parties))
+            proportions = np.array([p * (len(idx_j) < N / n_parties) for p, idx_j in zip(proportions, idx_batch)])
+            proportions = proportions / proportions.sum()
+            proportions = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
+            idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions))]
+            min_size = min([len(idx_j) for idx_j in idx_batch])
+    return [np.sort(np.asarray(b)) for b in idx_batch]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_balanced_dirichlet_is_niid_bench(seed):
+    ours = dirichlet_partition(LABELS, 10, 0.5, np.random.default_rng(seed), min_size=10, balance=True)
+    theirs = niid_bench_balanced(LABELS, 10, 0.5, np.random.default_rng(seed))
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_plain_dirichlet_is_the_default_and_reaches_the_tail_more_often():
+    """The balance trick closes clients while the head class is dealt: fewer clients hold any tail class."""
+    def tail_share(**kw):
+        shares = []
+        for seed in range(10):
+            counts = partition_counts(LABELS, dirichlet_partition(LABELS, 10, 0.5, np.random.default_rng(seed), **kw), 10)
+            shares.append(np.mean(counts[:, 7:].sum(1) > 0))
+        return np.mean(shares)
+    a = dirichlet_partition(LABELS, 10, 0.5, np.random.default_rng(0))
+    b = dirichlet_partition(LABELS, 10, 0.5, np.random.default_rng(0), balance=False)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert tail_share(balance=False) > tail_share(balance=True) + 0.1
+
+
+def test_unpartitionable_balanced_dirichlet_is_a_bounded_one_line_error():
+    """GBME's old CIFAR-10-LT config (100 clients, α = 0.1, IF 100, balance, ≥ 10 each): NIID-Bench's loop
+    would redraw for ever; fedlt stops after max_tries draws."""
+    labels = np.repeat(np.arange(10), longtail_counts(5000, 10, 100))
+    with pytest.raises(FedLTError, match=r"after 50 draws") as err:
+        dirichlet_partition(labels, 100, 0.1, np.random.default_rng(0), min_size=10, balance=True, max_tries=50)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- every shipped config partitions
+CLASS_COUNTS = {"fashion_mnist": (10, 6000), "cifar10": (10, 5000), "cifar10_files": (10, 5000), "cifar100": (100, 500)}
+
+
+def shipped_combos():
+    from pathlib import Path
+
+    from fedlt.sweep import expand
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.rglob("*.yaml")):
+        for cfg, values in expand(path):
+            yield pytest.param(cfg, id=f"{path.relative_to(root)}-{values}")
+
+
+@pytest.mark.parametrize("cfg", list(shipped_combos()))
+def test_every_shipped_config_builds_its_partition(cfg):
+    """From label arrays with the source's class counts (no images needed): the long-tailed subset, then the
+    partition, an exact cover that meets min_size."""
+    from fedlt.experiment import longtail_subset, partition_labels
+
+    assert cfg.data.name in CLASS_COUNTS, f"add the class counts of {cfg.data.name}"
+    num_classes, per_class = CLASS_COUNTS[cfg.data.name]
+    source = np.repeat(np.arange(num_classes), per_class)
+    labels = source[np.sort(longtail_subset(cfg, source, num_classes))]
+    parts = partition_labels(cfg, labels)
+    assert_exact_cover(parts, len(labels))
+    assert len(parts) == cfg.partition.num_clients
+    if cfg.partition.method == "dirichlet":
+        assert min(len(p) for p in parts) >= cfg.partition.min_size
+
+
+# --------------------------------------------------------------------------- flwr-datasets Partitioners
+class FakeDataset:
+    """What the partitioners use of a ``datasets.Dataset``: len, a column, select."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, column):
+        return list(self.columns[column])
+
+    def select(self, indices):
+        return FakeDataset({k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+
+def balanced_dataset(per_class=300, classes=10):
+    labels = np.tile(np.arange(classes), per_class)  # interleaved, as a real data set's order
+    return FakeDataset({"label": labels.tolist(), "id": list(range(len(labels)))})
+
+
+def test_dirichlet_label_partitioner_is_fedlts_partition():
+    from fedlt.data.flower_partitioners import DirichletLabelPartitioner
+
+    ds = balanced_dataset()
+    part = DirichletLabelPartitioner(num_partitions=5, alpha=0.3, seed=1)
+    with pytest.raises(AttributeError):
+        part.load_partition(0)
+    part.dataset = ds
+    with pytest.raises(ValueError):
+        part.dataset = ds
+    assert part.num_partitions == 5 and part.is_dataset_assigned()
+    expected = dirichlet_partition(np.asarray(ds["label"]), 5, 0.3, np.random.default_rng(1), 10)
+    for k in range(5):
+        assert part.load_partition(k)["id"] == expected[k].tolist()
+    with pytest.raises(FedLTError):
+        part.load_partition(5)
+
+
+def test_long_tail_partitioner_makes_the_classes_long_tailed():
+    from fedlt.data.flower_partitioners import LongTailPartitioner
+
+    ds = FakeDataset({"label": [f"c{c}" for c in np.tile(np.arange(10), 300)]})  # string labels, sorted order
+    whole = LongTailPartitioner(num_partitions=1, imbalance_factor=100)
+    whole.dataset = ds
+    counts = collections_counts(whole.load_partition(0)["label"])
+    assert counts == dict(zip([f"c{c}" for c in range(10)], longtail_counts(300, 10, 100).tolist()))
+    fed = LongTailPartitioner(num_partitions=4, imbalance_factor=100, alpha=0.5, min_partition_size=5, seed=3)
+    fed.dataset = ds
+    parts = fed.partition_indices()
+    assert sorted(np.concatenate(parts).tolist()) == sorted(LongTailPartitioner(1, 100, seed=3)._partition(
+        np.tile(np.arange(10), 300), np.random.default_rng(3))[0].tolist())  # the same long-tailed subset, covered
+    assert sum(len(fed.load_partition(k)["label"]) for k in range(4)) == longtail_counts(300, 10, 100).sum()
+    iid = LongTailPartitioner(num_partitions=3, imbalance_factor=10, alpha=None)
+    iid.dataset = ds
+    assert [len(p) for p in iid.partition_indices()] == [len(p) for p in np.array_split(np.arange(
+        longtail_counts(300, 10, 10).sum()), 3)]
+
+
+def collections_counts(values):
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def test_shards_partitioner():
+    from fedlt.data.flower_partitioners import ShardsPartitioner
+
+    ds = balanced_dataset(100)
+    part = ShardsPartitioner(num_partitions=5, shards_per_partition=2, seed=0)
+    part.dataset = ds
+    assert all(len(np.unique(part.load_partition(k)["label"])) <= 2 for k in range(5))

@@ -81,9 +81,29 @@ def test_weight_change_recovers_counts():
 def test_grouping_sorted_descending_contiguous():
     p_hat = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
     counts = np.array([100.0, 10.0])  # scores: 10, 100, 55, 91, 28
-    groups, scores = group_clients(p_hat, counts, 3)
+    groups, scores = group_clients(p_hat, counts, 3, "array_split")
     np.testing.assert_allclose(scores, [10, 100, 55, 91, 28])
     assert groups == [[1, 3], [2, 4], [0]]
+
+
+def official_groups(scores: list[float], client_num: int, expert_num: int) -> list[list[int]]:
+    """Transcription of ``specifical_exp`` (Spinozaaa/Federated-Long-tailed-Learning fedavg_api.py): sort
+    (score, id) pairs descending by score, cut at int(K·i/E)."""
+    pairs = [(s, i) for i, s in enumerate(scores)]
+    pairs.sort(reverse=True, key=lambda x: x[0])
+    ids = [i[1] for i in pairs]
+    return [ids[int(client_num * i / expert_num):int(client_num * (i + 1) / expert_num)] for i in range(expert_num)]
+
+
+@pytest.mark.parametrize("k,e", [(5, 3), (10, 3), (100, 3), (7, 4), (3, 3)])
+def test_grouping_follows_official_cut(k, e):
+    rng = np.random.default_rng(k * 10 + e)
+    p_hat = rng.dirichlet(np.ones(4), size=k)
+    counts = rng.integers(1, 500, 4).astype(float)
+    groups, scores = group_clients(p_hat, counts, e)  # the default rule is the official one
+    assert groups == official_groups(list(p_hat @ counts), k, e)
+    if k % e:
+        assert len(groups[-1]) == max(len(g) for g in groups) > len(groups[0])  # the extra client goes to the tail
 
 
 def test_prior_error():

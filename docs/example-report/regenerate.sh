@@ -1,7 +1,7 @@
 #!/bin/sh
-# Regenerates docs/example-report from the default demo (README's first command): FedAvg on
-# Fashion-MNIST-LT (β=100, 10 clients, Dirichlet 0.5, 20 rounds) against centralized cross-entropy.
-# A few minutes on 2 CPU cores; finished runs in runs/ are reused.
+# Regenerates docs/example-report from the default demo (README's first command): FedAvg and FedLC on
+# Fashion-MNIST-LT (β=100, 10 clients, plain Dirichlet 0.5, 16 rounds, evaluated every 4) beside centralized cross-entropy.
+# Under 5 minutes on 2 CPU cores; finished runs in runs/ are reused.
 #   sh docs/example-report/regenerate.sh            (PY=path/to/python to choose the interpreter)
 set -e
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,14 @@
 """Client partitions of a (long-tailed) training set: Dirichlet label skew, shards, IID.
 
 Each function returns one index array per client; together they cover every sample exactly once.
+
+Two Dirichlet forms (``partition.balance``):
+
+- plain per-class Dirichlet (the default, ``balance=false``; what flwr-datasets' ``DirichletPartitioner`` does
+  by default): each class is dealt to the clients in Dir(α) proportions;
+- NIID-Bench's balanced Dirichlet (``balance=true``; Li et al., ICDE 2022, used by GBME's release): a client
+  already holding ≥ N/K samples gets no share of the classes dealt after. On long-tailed data the head class
+  is dealt first, so balancing closes clients early and leaves some with the head class only.
 """
 
 from __future__ import annotations
@@ -19,11 +27,11 @@ def _check(n: int, num_clients: int, min_size: int = 1) -> None:
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
-                        min_size: int = 10, balance: bool = True, max_tries: int = 1000) -> list[np.ndarray]:
-    """Dirichlet(α) label skew in the NIID-Bench form used by GBME (Li et al., ICDE 2022; GBME's release).
-
-    For each class c: q ~ Dir(α·1_K); with ``balance`` q_k ← 0 for clients already holding ≥ N/K
-    samples; the shuffled indices of c are cut at cumsum(q)·n_c. Redrawn until min_k n_k ≥ ``min_size``.
+                        min_size: int = 10, balance: bool = False, max_tries: int = 1000) -> list[np.ndarray]:
+    """Dirichlet(α) label skew: for each class c, q ~ Dir(α·1_K); with ``balance`` (NIID-Bench's form, used by
+    GBME) q_k ← 0 for clients already holding ≥ N/K samples; the shuffled indices of c are cut at
+    cumsum(q)·n_c. Redrawn until min_k n_k ≥ ``min_size``, at most ``max_tries`` (1000) times: then a one-line
+    :class:`FedLTError` (NIID-Bench's and GBME's routine redraws for ever).
     """
     if alpha <= 0:
         raise FedLTError(f"partition.alpha must be > 0, got {alpha}")

@@ -2,6 +2,11 @@
 
 ResNet-6n+2: a 3×3 stem with 16 channels, three stages of n basic blocks (16, 32, 64 channels).
 ResNet-32 (n = 5) has about 0.46M parameters.
+
+``resnet8_x4`` is CReFF's model (shangxinyi/CReFF-FL ``Model/Resnet8.py``, ``ResNet_cifar(resnet_size=8,
+scaling=4)``): one basic block per stage at 4× width (64, 128, 256 channels, 256-d features), option-B
+shortcuts (1×1 conv + BN where the shape changes), convolutions drawn N(0, 2/(k²·out)) and PyTorch's default
+Linear initialisation.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from fedlt.registry import MODELS
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    """Two 3×3 conv-BN layers plus a shortcut: option A (subsample, zero-pad the new channels; no
+    parameters) or option B (1×1 conv + BN, as CReFF's ``ResNet_cifar``) where the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -22,8 +30,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.pad = planes - in_planes if (stride != 1 or in_planes != planes) else 0
         self.stride = stride
+        self.downsample = None
+        if shortcut == "B" and (stride != 1 or in_planes != planes):
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def shortcut(self, x):
+        if self.downsample is not None:
+            return self.downsample(x)
         if self.stride == 1 and self.pad == 0:
             return x
         # option A: subsample, zero-pad the new channels (no parameters)
@@ -36,8 +49,9 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-    layers = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+def make_stage(in_planes: int, planes: int, blocks: int, stride: int, shortcut: str = "A") -> nn.Sequential:
+    layers = [BasicBlock(in_planes, planes, stride, shortcut)] + [BasicBlock(planes, planes, 1, shortcut)
+                                                                   for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
@@ -68,6 +82,25 @@ def resnet32(num_classes: int, in_channels: int = 3, **kw) -> SplitModel:
 @MODELS.register("resnet20")
 def resnet20(num_classes: int, in_channels: int = 3, **kw) -> SplitModel:
     return cifar_resnet(20, num_classes, in_channels, **kw)
+
+
+@MODELS.register("resnet8_x4")
+def resnet8_x4(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+    """CReFF's ResNet-8 ×4 (``ResNet_cifar(resnet_size=8, scaling=4)``): 64/128/256 channels, option-B
+    shortcuts, 256-d features, conv weights N(0, 2/(k²·out)) (kaiming, fan-out), default Linear init."""
+    widths = (64, 128, 256)
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+        make_stage(widths[0], widths[0], 1, 1, "B"),
+        make_stage(widths[0], widths[1], 1, 2, "B"),
+        make_stage(widths[1], widths[2], 1, 2, "B"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # AvgPool2d(8) on the 8×8 maps of a 32×32 input
+    )
+    model = SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2])
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
 @MODELS.register("resnet8")

@@ -5,7 +5,8 @@ ICCV 2023), following the official code Spinozaaa/Federated-Long-tailed-Learning
 (a) before round 1, all K clients train one CE epoch from θ0; the server estimates π̂ from their classifier
     updates (:mod:`strategies.gbme.prior`); θ0 is only read (the release sums the experts' classifier
     weights in place into θ0's and the clients' first expert while it estimates);
-(b) clients are sorted by score_k = Σ_c N̂_c·p̂_kc (descending) and cut into M contiguous groups;
+(b) clients are sorted by score_k = Σ_c N̂_c·p̂_kc (descending) and cut into M contiguous groups at
+    ⌊K·m/M⌋ as the release (``strategy.group_rule=official``; ``array_split``: np.array_split's cut);
 (c) rounds t ≤ ⌈joint_fraction·T⌉ (0-based t < 0.6T): one FedAvg aggregation every round of all experts on
     Σ_m CE(z_m + log π̂, y) (the release's joint-phase rounds train the clients but never aggregate them);
 (d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with exactly S distinct clients, ⌊β_g·S⌋ of
@@ -46,6 +47,8 @@ class GBME(FedLTStrategy):
     class Options(FedLTStrategy.Options):
         joint_fraction: float = Field(0.6, ge=0, le=1, description="fraction of the rounds in the joint phase")
         beta_g: float = Field(0.8, ge=0, le=1, description="share of an expert's cohort drawn from its own group")
+        group_rule: Literal["official", "array_split"] = Field(
+            "official", description="client groups cut at floor(K*m/M) (official) or by np.array_split")
         prior: Literal["estimated", "oracle"] = Field(
             "estimated", description="estimated (GBME) or oracle (the true training prior, an ablation)")
 
@@ -69,7 +72,8 @@ class GBME(FedLTStrategy):
         if not hasattr(model, "expert_forward"):
             raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts or small_cnn_experts")
         self.prior, _ = run_prior_estimation(self, grid, arrays)
-        groups, scores = group_clients(self.prior.p_hat, self.prior.counts, model.num_experts)
+        groups, scores = group_clients(self.prior.p_hat, self.prior.counts, model.num_experts,
+                                       self.opts.group_rule)
         self.groups, self.scores = groups, scores.tolist()
         return arrays
 

@@ -88,12 +88,20 @@ def estimate_prior(w0: np.ndarray, client_weights: list[np.ndarray], client_size
     return PriorEstimate(p_hat, n_hat, counts, counts / counts.sum())
 
 
-def group_clients(p_hat: np.ndarray, counts: np.ndarray, num_groups: int) -> tuple[list[list[int]], np.ndarray]:
+def group_clients(p_hat: np.ndarray, counts: np.ndarray, num_groups: int, rule: str = "official"
+                  ) -> tuple[list[list[int]], np.ndarray]:
     """score_k = Σ_c N̂_c·p̂_kc; clients sorted by score (descending, ties by id) cut into ``num_groups``
-    contiguous groups (group 0 head-heavy). Returns (groups, scores)."""
+    contiguous groups (group 0 head-heavy). ``rule="official"``: group i is sorted[⌊K·i/E⌋ : ⌊K·(i+1)/E⌋]
+    (``specifical_exp`` in fedavg_api.py; the extra clients go to the later, tail groups);
+    ``"array_split"``: ``np.array_split`` (the extra clients go to the first groups). Returns (groups, scores)."""
     scores = np.asarray(p_hat, dtype=np.float64) @ np.asarray(counts, dtype=np.float64)
     order = sorted(range(len(scores)), key=lambda k: (-scores[k], k))
-    return [g.tolist() for g in np.array_split(np.asarray(order, dtype=np.int64), num_groups)], scores
+    k = len(order)
+    if rule == "official":
+        return [order[int(k * i / num_groups):int(k * (i + 1) / num_groups)] for i in range(num_groups)], scores
+    if rule == "array_split":
+        return [g.tolist() for g in np.array_split(np.asarray(order, dtype=np.int64), num_groups)], scores
+    raise ValueError(f"unknown grouping rule {rule!r}; known: official, array_split")
 
 
 def prior_error(pi: np.ndarray, pi_hat: np.ndarray) -> dict[str, float]:
