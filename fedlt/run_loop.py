@@ -96,13 +96,6 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarr
         run.write_partition(*partition)
         steps.start()
         start, elapsed = 1, 0.0
-        t0 = time.time()
-        metrics = steps.evaluate(final=False)  # the initial model: step 0 of the accuracy curve
-        seconds = time.time() - t0
-        elapsed += seconds
-        run.append_metrics({steps.unit: 0, **metrics_row(metrics), "seconds": seconds})
-        print(progress_line(f"[{steps.label}] {steps.unit} 0/{steps.total} (initial model)", metrics, seconds),
-              flush=True)
     else:
         steps.load_state_dict(ckpt["state"])
         start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
@@ -111,6 +104,14 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarr
         print(f"[{steps.label}] resuming after {steps.unit} {ckpt['step']}", flush=True)
 
     print(f"[{steps.label}] {plan_line(cfg, steps, start)}", flush=True)
+    if ckpt is None:  # the initial model: step 0 of the accuracy curve
+        t0 = time.time()
+        metrics = steps.evaluate(final=False)
+        seconds = time.time() - t0
+        elapsed += seconds
+        run.append_metrics({steps.unit: 0, **metrics_row(metrics), "seconds": seconds})
+        print(progress_line(f"[{steps.label}] {steps.unit} 0/{steps.total} (initial model)", metrics, seconds),
+              flush=True)
     metrics = None
     for t in range(start, steps.total + 1):
         t0 = time.time()

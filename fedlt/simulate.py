@@ -43,8 +43,13 @@ import numpy as np
 from fedlt.config import Config, dump_config
 from fedlt.errors import ClientFailure, FedLTError
 from fedlt.evaluation import duration
-from fedlt.interrupt import (EXIT_INTERRUPTED, RunInterrupted, install_stop_handler, stop_handler_installed,
-                             stop_requested)
+from fedlt.interrupt import (
+    EXIT_INTERRUPTED,
+    RunInterrupted,
+    install_stop_handler,
+    stop_handler_installed,
+    stop_requested,
+)
 
 
 def check_out(out: str) -> None:
@@ -444,10 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, argv)
     except RunInterrupted as exc:
+        cli = stop_handler_installed()
+        if cli:  # from here on, a Ctrl-C changes nothing: this process ends with 130 as soon as it has said how
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{exc}", file=sys.stderr, flush=True)
         if not args.run_dir:
             print(f"interrupted; resume with:\n  {resume_command(argv)}", file=sys.stderr, flush=True)
         shutdown_ray()
+        if cli:  # not through the interpreter's shutdown, which restores the default SIGINT action
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # a second Ctrl-C: abort now, without waiting for the round's threads
         if not stop_handler_installed():  # main() called from Python (a test, a notebook): theirs to handle

@@ -317,7 +317,7 @@ def resumed_equals_uninterrupted(tmp_path, monkeypatch, run, cfg):
     os.replace(path / "step1.pt", path / "checkpoint.pt")
     again = run(cfg, path)
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == 3  # the initial model, step 1 (kept), step 2 (run again)
     for key in ("accuracy", "balanced_accuracy", "per_class", "ece"):
         assert again[key] == first[key], key
     return first, again

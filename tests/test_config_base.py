@@ -75,7 +75,7 @@ def test_every_key_says_where_its_value_came_from():
     assert sources["strategy.name"] == sources["client.name"] == "override"
     assert sources["strategy.mu"] == "default of strategy fedprox"
     assert sources["client.loss"] == "default of client method local_loss"
-    assert sources["eval.every"] == "default"
+    assert sources["eval.batch_size"] == "default"
     assert set(sources) >= {"data.root", "model.classifier", "centralized.epochs"}
     derived = key_sources(load_config(None, ["strategy.name=fedprox", "data.name=fashion_mnist"], (g := {})), g)
     assert derived["client.name"] == "derived from strategy fedprox"

@@ -44,7 +44,7 @@ def tiny_lists(tmp_path_factory):
 
 
 def tiny_config(lists: Path, *overrides: str) -> dict:
-    base = [f"data.name=cifar10_files", f"data.root={CIFAR_JPEG}", f"data.train_list={lists / 'train.txt'}",
+    base = ["data.name=cifar10_files", f"data.root={CIFAR_JPEG}", f"data.train_list={lists / 'train.txt'}",
             f"data.test_list={lists / 'test.txt'}", "data.profile=none", "partition.num_clients=4",
             "partition.min_size=2", "federation.rounds=2", "federation.fraction=0.5", "train.local_steps=2",
             "model.name=small_cnn", "mode=federated", "eval.batch_size=256"]

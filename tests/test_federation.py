@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.federation.runner import run_federated
@@ -135,7 +135,8 @@ def test_a_failure_within_max_failures_is_tolerated_and_counted(tmp_path, capsys
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["strategy"]["failures"] == 1
     assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
     assert summary["failures"] == {"total": 1, "per_round": [1], "setup": 0}
-    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    initial, row = (json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert initial["round"] == 0 and "clients" not in initial  # the initial model: nothing trained
     assert row["clients"] == [0, 2, 3]  # only the aggregated updates
     assert row["failed"] == [{"partition": 1, "error": "ValueError: deliberate failure on partition 1"}]
 
@@ -152,6 +153,7 @@ def test_injected_failures_follow_their_stream_and_are_recorded(tmp_path):
     assert 0 < sum(map(len, expected)) < 9  # this seed fails some clients, not all
     summary = run_inprocess(cfg, str(tmp_path / "run"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows.pop(0)["round"] == 0  # the initial model
     for t, (row, failed) in enumerate(zip(rows, expected), 1):
         assert [f["partition"] for f in row["failed"]] == failed
         assert row["clients"] == [p for p in sample_cohort(0, t, 4, 0.75) if p not in failed]

@@ -11,8 +11,8 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, needs_fashion
 
+from conftest import ROOT, needs_fashion
 from fedlt.config import load_config
 from fedlt.evaluation import duration, progress_line
 from fedlt.federation.runner import quiet_output
@@ -79,7 +79,7 @@ def test_a_tiny_run_prints_its_plan_progress_with_eta_and_no_warnings(capfd, tmp
     assert "warning" not in text.lower() and not ANSI.search(text), text
     lines = out.out.splitlines()
     assert lines[0].startswith("[federated fedavg+fedprox] 2 rounds, 2 of 2 clients per round, 1 local steps each")
-    progress = [x for x in lines if " round " in x and "/2 " in x]
+    progress = [x for x in lines if " round " in x and "/2 " in x and "initial model" not in x]
     assert len(progress) == 2 and all(re.search(r"elapsed \d+[ms].*, eta \d+", x) for x in progress)
     assert progress[-1].endswith("eta 0s)")
     assert summary["method"] == "fedavg+fedprox"
@@ -90,7 +90,7 @@ def test_run_directories_name_the_client_method_where_it_is_not_the_strategys_ow
     combos = expand(None, ["mode=federated", "client.name=local_loss", "client.loss=la", "sweep.seed=[0,1]"])
     assert [r.path.name for r in plan(combos, tmp_path)] == ["run-seed0-fed-fedavg+la", "run-seed1-fed-fedavg+la"]
     own = expand(None, ["mode=federated", "strategy.name=fedprox"])
-    assert plan(own, tmp_path)[0].path.name == "run-fed-fedprox"
+    assert plan(own, tmp_path)[0].path.name == "run-seed0-fed-fedprox"
 
 
 @needs_fashion
@@ -106,7 +106,7 @@ def test_dry_run_prints_config_sources_partition_and_estimate_and_runs_nothing(c
     assert re.search(r"client\.loss_options\.tau = 1\.0 +\(default of client method local_loss\)", text)
     assert re.search(r"eval\.batch_size = 1024 +\(default\)", text)
     assert "partition: 2 clients (dirichlet)" in text and "client 1: " in text
-    assert re.search(r"default-fed-fedavg\+la: federated fedavg\+la: 2 rounds × 2 of 2 clients × 1 local steps .*"
+    assert re.search(r"default-seed0-fed-fedavg\+la: federated fedavg\+la: 2 rounds × 2 of 2 clients × 1 local steps .*"
                      r"estimate \d+", text)
     assert "estimated wall time" in text and "an estimate" in text
 

@@ -66,6 +66,14 @@ class _DropDeprecations(logging.Filter):
         return "DEPRECATED FEATURE" not in str(record.msg)
 
 
+def _is_terminal(stream: object) -> bool:
+    """Whether ``stream`` is an open terminal (a closed or replaced stream is not)."""
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def quiet_output(verbose: bool = False) -> Iterator[None]:
     """Within: Flower logs warnings and errors only, without its deprecation notices, and Python's warnings
@@ -80,7 +88,7 @@ def quiet_output(verbose: bool = False) -> Iterator[None]:
     colored = [h.colored for h in handlers]
     drop, client_errors = _DropDeprecations(), _ClientErrorLogs()
     for h in handlers:
-        h.colored = h.colored and bool(getattr(h.stream, "isatty", lambda: False)())
+        h.colored = h.colored and _is_terminal(h.stream)
     with warnings.catch_warnings():
         if not verbose:
             flwr_logger.setLevel(logging.WARNING)

@@ -47,7 +47,6 @@ from fedlt.errors import ClientFailure, FedLTError
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
 
-
 CLIENT_ERROR = "fedlt client error: "
 """Marks the first line of a :class:`FedLTError` raised on a client (:func:`fedlt.federation.apps.client_errors`)."""
 

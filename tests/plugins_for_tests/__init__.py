@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fedlt.client_method import ClientMethod
 from fedlt.data.sources import Split
@@ -52,8 +53,8 @@ class InterruptOnce(FedLTStrategy):
     """FedAvg that raises once at round ``stop_round`` while the flag file exists (simulates a killed run)."""
 
     class Options(FedLTStrategy.Options):
-        stop_round: int = 2
-        flag: str = ""
+        stop_round: int = Field(2, description="the round at which to raise once")
+        flag: str = Field("", description="the file whose presence arms the interruption")
 
     def configure_train(self, server_round, arrays, config, grid):
         flag = Path(self.opts.flag)
