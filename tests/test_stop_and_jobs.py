@@ -113,8 +113,11 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == rows(run)[-1]["round"]
 
 
-def test_jobs_2_runs_a_sweep_at_once_with_the_results_of_jobs_1(tmp_path, capfd):
+def test_jobs_2_runs_a_sweep_at_once_with_the_results_of_jobs_1(tmp_path, capfd, monkeypatch):
     args = ["mode=centralized", "centralized.epochs=1", "sweep.seed=[0,1]", *TINY]
+    # one thread here and in the children (other tests leave this process at one thread): the same arithmetic
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
     assert simulate.main(["--out", str(tmp_path / "serial"), *args]) == 0
     capfd.readouterr()
     assert simulate.main(["--out", str(tmp_path / "parallel"), "--jobs", "2", *args]) == 0
