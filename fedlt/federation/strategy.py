@@ -77,6 +77,7 @@ class RoundRecord:
 
 
 _WRAPPED = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.DOTALL)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BLOCK = re.compile(r"<<fedlt-client-error (\d+)\n(.*?)\n(.*?) fedlt-client-error>>", re.DOTALL)
 
 
@@ -86,8 +87,10 @@ def parse_error(reason: str, partition: int | None) -> FailedReply:
     node died, a mod failed) the reason's first non-empty line and the whole reason, for partition ``partition``
     (looked up from the replying node)."""
     found = _BLOCK.search(reason or "")
-    if found:
-        return FailedReply(int(found.group(1)), found.group(2).strip(), found.group(3).rstrip())
+    if found:  # Ray may have put its actor header ("ray::ClientAppActor.run() (pid=…)") and colours in between
+        lines = _ANSI.sub("", found.group(3)).rstrip().splitlines()
+        return FailedReply(int(found.group(1)), found.group(2).strip(),
+                           "\n".join(line for line in lines if "ray::" not in line))
     text = (reason or "no reason given").strip()
     wrapped = _WRAPPED.fullmatch(text)  # Flower's "<class 'T'>:<'message'>"
     if wrapped:
