@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-heavy clean
 
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
@@ -24,7 +24,10 @@ demo: setup
 	$(PY) -m fedlt.simulate --config configs/default.yaml --out runs --report runs/report
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not heavy" tests
+
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy tests
 
 clean:
 	rm -rf runs

@@ -168,7 +168,7 @@ def checkpoint_state(path):
 
 
 @needs_fashion
-@pytest.mark.parametrize("method", [m if m == "fedavg" else pytest.param(m, marks=pytest.mark.slow)
+@pytest.mark.parametrize("method", [m if m == "fedavg" else pytest.param(m, marks=[pytest.mark.slow, pytest.mark.heavy])
                                     for m in ENGINE_RUNS])
 def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monkeypatch):
     from fedlt.federation import fused
@@ -199,6 +199,7 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_five_rounds_give_the_same_accuracy_in_both_engines(tmp_path):
     cfg = load_config(None, FASHION + ["federation.rounds=5", "train.local_steps=10", "eval.every=5"])
     a = run_inprocess(cfg, str(tmp_path / "inprocess"))

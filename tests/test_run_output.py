@@ -113,6 +113,7 @@ def test_dry_run_prints_config_sources_partition_and_estimate_and_runs_nothing(c
 
 @needs_fashion
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_real_command_line_run_on_ray_prints_no_warnings_colours_or_actor_chatter(tmp_path):
     import os
     import subprocess

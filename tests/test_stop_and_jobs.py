@@ -94,6 +94,7 @@ def session_processes(sid: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ctrl_c_leaves_no_ray_process(tmp_path):
     """Under Flower's simulation engine: exit 130, no traceback, nothing of Ray left in the run's session."""
     proc = start(cli("--out", str(tmp_path), "mode=federated", "federation.rounds=20", "partition.num_clients=2",
