@@ -302,14 +302,8 @@ class FusedGrid(InProcessGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         msgs, ids = [], []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            m = msg.metadata
-            if m.reply_to_message_id or m.ttl <= 0 or m.delivered_at:
-                raise ValueError(f"Invalid message: {msg}")
-            if m.dst_node_id not in self.contexts:
-                raise ValueError(f"message to unknown node {m.dst_node_id}")
-            msgs.append(copy.deepcopy(msg))
-            ids.append(m.message_id)
+            msgs.append(self.accept(msg))
+            ids.append(msg.metadata.message_id)
         method: ClientMethod = CLIENTS.get(self.cfg.client.name)(self.cfg)
         fusable = type(method).fit is ClientMethod.fit
         group = [msg for msg in msgs if fusable and msg.metadata.message_type == MessageType.TRAIN

@@ -95,17 +95,22 @@ class InProcessGrid(Grid):
         """Run the ClientApp on each message now; keep its reply for :meth:`pull_messages`."""
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            m = msg.metadata
-            if m.reply_to_message_id or m.ttl <= 0 or m.delivered_at:
-                raise ValueError(f"Invalid message: {msg}")
-            if m.dst_node_id not in self.contexts:
-                raise ValueError(f"message to unknown node {m.dst_node_id}")
-            reply = self._call_client(copy.deepcopy(msg))
+            reply = self._call_client(self.accept(msg))
             reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self.replies[m.message_id] = copy.deepcopy(reply)
-            ids.append(m.message_id)
+            self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
+            ids.append(msg.metadata.message_id)
         return ids
+
+    def accept(self, msg: Message) -> Message:
+        """Give ``msg`` its id, check it as a SuperLink would (not a reply, alive, to a known node) and return the
+        copy a node receives."""
+        msg.metadata.__dict__["_message_id"] = str(uuid4())
+        m = msg.metadata
+        if m.reply_to_message_id or m.ttl <= 0 or m.delivered_at:
+            raise ValueError(f"Invalid message: {msg}")
+        if m.dst_node_id not in self.contexts:
+            raise ValueError(f"message to unknown node {m.dst_node_id}")
+        return copy.deepcopy(msg)
 
     def _call_client(self, msg: Message) -> Message:
         with _ServerProcessState():
