@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -143,6 +143,37 @@ def prepare_batch(data: TensorData, idx: torch.Tensor, augment: Augment | None,
     return x, data.labels[idx]
 
 
+def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
+                   generator: torch.Generator, augment: Augment | None, sampler: Sampler = instance_balanced_sampler,
+                   start_epoch: float = 0.0, total_epochs: float | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(x, y, lr) of each step of ``epochs`` passes (or ``steps`` batches) over ``data``, drawn from ``generator``:
+    each epoch's order from ``sampler``, batches of ``opt.batch_size`` (a batch of one sample is dropped for
+    BatchNorm), augmented; lr at the global position ``start_epoch + progress`` of ``total_epochs``. An epoch that
+    yields no batch of two samples ends the schedule (there is nothing to train). :func:`train` and the fused
+    trainer (:mod:`fedlt.federation.fused`) both draw their steps from here."""
+    n, bs = len(data), opt.batch_size
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
+    total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / steps_per_epoch
+    step, epoch = 0, 0
+    while step < total_steps:
+        order = sampler(data.labels.cpu(), generator, int(start_epoch) + epoch)
+        before = step
+        for start in range(0, len(order), bs):
+            if step >= total_steps:
+                break
+            idx = order[start:start + bs]
+            if len(idx) < 2:
+                continue
+            x, y = prepare_batch(data, idx, augment, generator)
+            yield x, y, opt.lr_at(start_epoch + step / steps_per_epoch, total_epochs)
+            step += 1
+        if step == before:
+            return
+        epoch += 1
+
+
 def train(model: nn.Module, data: TensorData, objective: Objective = cross_entropy_objective, *,
           opt: OptimConfig, epochs: float | None = None, steps: int | None = None,
           generator: torch.Generator, augment: Augment | None = None,
@@ -165,35 +196,22 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, opt)
-    n, bs = len(data), opt.batch_size
-    steps_per_epoch = max(1, math.ceil(n / bs))
-    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
-    total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / steps_per_epoch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 
-    loss_sum, seen, step, epoch = torch.zeros((), device=device), 0, 0, 0
-    while step < total_steps:
-        order = sampler(data.labels.cpu(), generator, int(start_epoch) + epoch)
-        for start in range(0, len(order), bs):
-            if step >= total_steps:
-                break
-            idx = order[start:start + bs]
-            if len(idx) < 2:
-                continue
-            lr = opt.lr_at(start_epoch + step / steps_per_epoch, total_epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            x, y = prepare_batch(data, idx, augment, generator)
-            with autocast:
-                loss = objective(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
-            step += 1
-        epoch += 1
+    loss_sum, seen, step = torch.zeros((), device=device), 0, 0
+    for x, y, lr in batch_schedule(data, opt, epochs=epochs, steps=steps, generator=generator, augment=augment,
+                                   sampler=sampler, start_epoch=start_epoch, total_epochs=total_epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        with autocast:
+            loss = objective(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        step += 1
     params = [p.detach() for p in model.parameters() if p.requires_grad]
     finite = torch.stack([torch.isfinite(loss_sum)] + [torch.isfinite(p).all() for p in params]).all()
     loss = (loss_sum / max(seen, 1)).item()

@@ -13,12 +13,12 @@ import torch
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.experiment import augment_for
-from fedlt.federation.fused import client_batches, fused_train, run_fused
+from fedlt.federation.fused import fused_train, run_fused
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.models import build_model
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
-from fedlt.train import OptimConfig, TensorData, instance_balanced_sampler, make_optimizer, train
+from fedlt.train import OptimConfig, TensorData, batch_schedule, instance_balanced_sampler, make_optimizer, train
 
 # client sizes at batch 16: 3 steps (last batch 5), 4 full steps, 6 steps (last 10), 3 steps (the batch of
 # ONE sample is dropped, the 3rd step comes from a 2nd epoch) -> the fused steps mix group sizes and clients that finish early
@@ -123,12 +123,12 @@ def test_fused_trainer_matches_per_client_sgd_in_float32():
             assert torch.allclose(fused.momentum[j][k], v, rtol=1e-3, atol=1e-3), (j, k)
 
 
-def test_client_batches_draw_what_train_draws():
+def test_batch_schedule_draws_what_train_draws():
     data = synthetic_clients()[3]  # 33 samples at batch 16: the last batch of one is dropped
     opt = OptimConfig(lr=0.1, batch_size=16, schedule="cosine")
     seen = []
     augment = augment_for(load_config(None, []))
-    batches = list(client_batches(data, opt, epochs=2.0, steps=None, generator=torch_generator(1, 2), augment=augment))
+    batches = list(batch_schedule(data, opt, epochs=2.0, steps=None, generator=torch_generator(1, 2), augment=augment))
     assert [len(y) for _, y, _ in batches] == [16] * 6  # 2 epochs of 3 steps each, the batches of one dropped
     assert batches[0][2] == 0.1 and batches[-1][2] < 0.1  # lr at the same fractional epoch as train()
 

@@ -29,7 +29,7 @@ proximal term). The group's loss is Σ_j L_j, so the gradient reaching client j'
 objective that asks the view for anything else raises :class:`NotFusable` and the group falls back to the
 ClientApp. fedavg, fedprox, fedlc, local_loss and gbme (joint and expert phases) all fuse.
 
-Same random streams: client j's batches come from :func:`client_batches`, the loop of
+Same random streams: client j's batches come from :func:`fedlt.train.batch_schedule`, the loop of
 :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the same
 fractional epoch, augmentation drawn by :func:`fedlt.train.prepare_batch`) on the client's own generator
 ``torch_generator(seed, Stream.CLIENT, round, pid)`` — the one the ClientApp would use.
@@ -54,7 +54,6 @@ and momentum after one round in float64 to 1e-9, in float32 within float toleran
 from __future__ import annotations
 
 import copy
-import math
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -80,45 +79,13 @@ from fedlt.train import (
     Augment,
     Objective,
     OptimConfig,
-    Sampler,
     TensorData,
-    instance_balanced_sampler,
-    prepare_batch,
+    batch_schedule,
 )
 
 
 class NotFusable(Exception):
     """A client's objective needs more of the model than :class:`_ClientView` offers: train it per client."""
-
-
-# ------------------------------------------------------------------------------------------ batches
-
-def client_batches(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
-                   generator: torch.Generator, augment: Augment | None,
-                   sampler: Sampler = instance_balanced_sampler) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-    """(x, y, lr) of each step of :func:`fedlt.train.train` on ``data``, drawn in the same order from
-    ``generator`` (the loop of ``train`` with ``start_epoch = 0``, the only case ``ClientMethod.fit`` uses)."""
-    n, bs = len(data), opt.batch_size
-    steps_per_epoch = max(1, math.ceil(n / bs))
-    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
-    total_epochs = total_steps / steps_per_epoch
-    step, epoch = 0, 0
-    while step < total_steps:
-        order = sampler(data.labels.cpu(), generator, epoch)
-        before = step
-        for start in range(0, len(order), bs):
-            if step >= total_steps:
-                break
-            idx = order[start:start + bs]
-            if len(idx) < 2:
-                continue
-            lr = opt.lr_at(step / steps_per_epoch, total_epochs)
-            x, y = prepare_batch(data, idx, augment, generator)
-            yield x, y, lr
-            step += 1
-        if step == before:  # no batch of two samples (``train`` would loop for ever): nothing to train
-            return
-        epoch += 1
 
 
 # ------------------------------------------------------------------------------------------ the client view
@@ -229,7 +196,7 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
                 else torch.autocast("cpu", enabled=False))
     dtype = next(iter(P.values())).dtype
 
-    streams = [client_batches(d, o, epochs=epochs, steps=steps, generator=g, augment=augment)
+    streams = [batch_schedule(d, o, epochs=epochs, steps=steps, generator=g, augment=augment)
                for d, o, g in zip(datas, opts, generators)]
     active = list(range(k))
     loss_sum = [torch.zeros((), device=device) for _ in range(k)]
