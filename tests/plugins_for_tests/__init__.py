@@ -1,7 +1,6 @@
 """Plug-ins used only by the tests: a client that fails, a strategy that stops once mid-run, a tiny synthetic
 data set for runs of a whole command line in a few seconds."""
 
-import os
 from pathlib import Path
 
 import numpy as np
