@@ -61,6 +61,7 @@ def _json_default(o: Any) -> Any:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: into ``<path>.tmp``, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -132,8 +133,7 @@ def _summary_writer(path: Path, purge_step: int | None) -> Any:
 
 class RunDir:
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # made by the first write or lock: reading a RunDir leaves no empty folder
         self._board: Any = None  # the SummaryWriter, opened by the first metrics row; False: no tensorboard
         self._purge_step: int | None = None  # set by truncate_metrics
 
@@ -150,6 +150,7 @@ class RunDir:
         if key in _held:
             _held[key][1] += 1
         else:
+            self.path.mkdir(parents=True, exist_ok=True)
             f = open(self.path / LOCK, "a+")  # noqa: SIM115 (open while the lock is held, past this block)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -263,6 +264,7 @@ class RunDir:
         """Write ``state`` atomically to checkpoint.pt. It must hold only tensors and plain Python values
         (:func:`check_plain`), so that :meth:`load_checkpoint` can read it with ``weights_only=True``."""
         check_plain(state, "checkpoint")
+        self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.path / "checkpoint.pt")

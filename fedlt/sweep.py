@@ -91,12 +91,19 @@ def _override(key: str, value: Any) -> str:
 def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[Config, dict]]:
     """Every combination of the sweep as (resolved config without ``sweep``, {key: value}).
 
+    A plain override of a key that the config file sweeps replaces that sweep axis (the command line wins,
+    as it does for any other key); a ``sweep.KEY=[..]`` override adds or replaces an axis.
     Without a sweep: one config and no values. A combination that fails validation raises a one-line
     :class:`FedLTError` naming it, before anything is run.
     """
+    from fedlt.config import parse_override
+
     plain, cli_sweep = split_overrides(overrides)
     base = load_config(path, plain)
     axes = sweep_axes({**flatten(base.sweep), **cli_sweep})
+    # a plain override of a key that the file sweeps fixes it: `strategy.name=fedlc` runs FedLC only
+    fixed = {parse_override(item)[0] for item in plain}
+    axes = {k: v for k, v in axes.items() if k in cli_sweep or not any(k == f or k.startswith(f + ".") for f in fixed)}
     if not axes:
         return [(base.replace(sweep={}), {})]
     out = []

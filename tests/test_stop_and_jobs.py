@@ -97,8 +97,8 @@ def session_processes(sid: int) -> list[str]:
 @pytest.mark.heavy
 def test_ctrl_c_leaves_no_ray_process(tmp_path):
     """Under Flower's simulation engine: exit 130, no traceback, nothing of Ray left in the run's session."""
-    proc = start(cli("--out", str(tmp_path), "mode=federated", "federation.rounds=20", "partition.num_clients=2",
-                     "federation.fraction=1", *TINY), start_new_session=True)
+    proc = start(cli("--out", str(tmp_path), "mode=federated", "strategy.name=fedavg", "federation.rounds=20",
+                     "partition.num_clients=2", "federation.fraction=1", *TINY), start_new_session=True)
     wait_for(proc, "round 1/20")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
@@ -112,6 +112,32 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path):
     assert not left, left
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == rows(run)[-1]["round"]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_ctrl_c_in_a_terminal_finishes_the_round_under_ray(tmp_path):
+    """A terminal sends SIGINT to its whole foreground process group, Ray's processes included: the round in
+    flight still finishes (no client fails), the checkpoint is written, exit 130, nothing of Ray left."""
+    proc = start(cli("--out", str(tmp_path), "mode=federated", "strategy.name=fedavg", "federation.rounds=20",
+                     "partition.num_clients=2", "federation.fraction=1", "train.local_steps=300", *TINY),
+                 start_new_session=True)
+    wait_for(proc, "round 1/20")
+    time.sleep(1.0)  # into round 2, while the clients train
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C typed in the terminal does
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "resume with" in err and "Traceback" not in err and "failed" not in out + err, err
+    for _ in range(100):
+        left = session_processes(proc.pid)
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, left
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    last = rows(run)[-1]
+    assert last["round"] >= 2 and last["failed"] == [], last
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == last["round"]
 
 
 def test_jobs_2_runs_a_sweep_at_once_with_the_results_of_jobs_1(tmp_path, capfd, monkeypatch):

@@ -44,6 +44,16 @@ def test_yaml_sweep_nested_or_dotted_and_strategy_pairing(tmp_path):
     assert runs[0].cfg.client.name == "fedavg" and not hasattr(runs[0].cfg.strategy, "mu")
 
 
+def test_a_plain_override_of_a_swept_key_replaces_that_axis(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: y\nmode: federated\nsweep:\n  strategy.name: [fedavg, fedprox]\n  seed: [0, 1]\n")
+    assert [v for _, v in expand(f, ["strategy.name=fedlc"])] == [{"seed": 0}, {"seed": 1}]
+    assert {c.strategy.name for c, _ in expand(f, ["strategy.name=fedlc"])} == {"fedlc"}
+    assert [v for _, v in expand(f, ["strategy={name: fedlc}", "seed=3"])] == [{}]  # a whole section fixes it too
+    # a sweep.KEY override still replaces the file's axis
+    assert [v["strategy.name"] for _, v in expand(f, ["seed=0", "sweep.strategy.name=[fedlc]"])] == ["fedlc"]
+
+
 def test_federated_run_deduplicated_over_centralized_keys(tmp_path):
     runs = plan(expand(None, ["name=d", "sweep.centralized.epochs=[1,2]"]), tmp_path)
     assert names(runs) == ["d-seed0-fed-fedavg", "d-seed0-epochs1-cen-ce", "d-seed0-epochs2-cen-ce"]
