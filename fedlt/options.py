@@ -45,6 +45,11 @@ class FileListOptions(DataOptions):
     train_list: str = Field("train.txt", description="training file list, relative to data.root")
     test_list: str = Field("test.txt", description="test file list, relative to data.root")
     image_size: int | None = Field(None, gt=0, description="resize images to this size on decode (None: as stored)")
+    cache: bool = Field(True, description="decode the images once into an on-disk uint8 cache that every process "
+                                          "maps read-only (fedlt.data.image_cache); false: decode in each process")
+    cache_dir: str | None = Field(None, description="folder of the image cache (None: $FEDLT_CACHE_DIR, else "
+                                                    "~/.cache/fedlt/images)")
+    decode_device: Literal["cpu", "cuda"] = Field("cpu", description="where JPEGs are decoded (cuda: nvJPEG on the GPU)")
 
 
 class ModelOptions(Options):

@@ -12,6 +12,13 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
 
+# The image cache of file-list data sets (fedlt.data.image_cache) goes to a folder of this session, not ~/.cache;
+# subprocesses and Ray actors inherit it.
+if not os.environ.get("FEDLT_CACHE_DIR"):
+    import tempfile
+
+    os.environ["FEDLT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlt-test-cache-")
+
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir() and not os.environ.get("CI"),
                                    reason="Debian's dataset-fashion-mnist is not installed")
 

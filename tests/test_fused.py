@@ -186,7 +186,8 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
     assert answered == expected  # every train message of the run went to the fused trainer
     a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")
     assert a.keys() == b.keys()
-    assert any("running_mean" in k for k in a)
+    if method != "gbme":  # resnet8's BatchNorm buffers are compared too (gbme's small_cnn_experts has GroupNorm)
+        assert any("running_mean" in k for k in a)
     for k in a:
         # float32 rounding of a vmapped (grouped) convolution differs from a plain one; exact in float64 (above)
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4), k

@@ -17,8 +17,9 @@ def _cifar(num_classes, root=None, **_):
     return sources.load_cifar(root, num_classes)
 
 
-def _file_list(num_classes=None, root=None, train_list="train.txt", test_list="test.txt", image_size=None, **_):
-    return sources.load_file_list(root, train_list, test_list, image_size, num_classes)
+def _file_list(num_classes=None, root=None, train_list="train.txt", test_list="test.txt", image_size=None,
+               cache=False, cache_dir=None, decode_device="cpu", **_):
+    return sources.load_file_list(root, train_list, test_list, image_size, num_classes, cache, cache_dir, decode_device)
 
 
 # n_max: the head-class count of the long-tailed profile (kaidic/LDAM-DRW ``get_img_num_per_cls``).

@@ -12,7 +12,7 @@ import gzip
 import os
 import pickle
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+JPEG_MAGIC = b"\xff\xd8\xff"
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
@@ -44,6 +45,9 @@ class Split:
     paths: list[str] | None = None
     image_size: int | None = None
     class_names: tuple[str, ...] = field(default=())
+    cache: bool = False  # materialize through the on-disk image cache (fedlt.data.image_cache)
+    cache_dir: str | None = None  # None: image_cache.default_cache_dir()
+    decode_device: str = "cpu"  # where JPEGs are decoded (cuda: on the GPU)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,15 +61,29 @@ class Split:
             paths=None if self.paths is None else [self.paths[i] for i in indices],
             image_size=self.image_size,
             class_names=self.class_names,
+            cache=self.cache,
+            cache_dir=self.cache_dir,
+            decode_device=self.decode_device,
         )
 
     def materialize(self) -> "Split":
-        """Decode a file-list split into memory (uint8, resized to ``image_size``)."""
+        """Decode a file-list split (uint8, resized to ``image_size``): into memory, or (``cache``) into the
+        on-disk image cache that every process maps read-only (:mod:`fedlt.data.image_cache`)."""
         if self.images is not None:
             return self
         assert self.paths is not None
-        images = decode_images(self.paths, self.image_size)
-        return Split(self.labels, self.num_classes, images, self.paths, self.image_size, self.class_names)
+        if self.cache:
+            from fedlt.data.image_cache import cached_images
+
+            try:
+                images = cached_images(self.paths, self.image_size, decode_images, self.cache_dir,
+                                       self.decode_device, label=f"{len(self.paths):,} images")
+            except OSError as exc:
+                raise FedLTError(f"image cache {self.cache_dir or 'folder'}: {exc.strerror or exc}; set data.cache_dir "
+                                 f"to a writable folder, or data.cache=false") from None
+        else:
+            images = decode_images(self.paths, self.image_size, self.decode_device)
+        return replace(self, images=images)
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -199,47 +217,77 @@ def read_file_list(root: str | Path, list_file: str | Path,
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def decode_images(paths: list[str], size: int | None) -> torch.Tensor:
-    """Decode image files to one uint8 tensor (N, 3, size, size); resize (shorter side, centre crop) if needed."""
+def _read_bytes(path: str) -> torch.Tensor:
+    from torchvision.io import read_file
+
+    if not os.path.isfile(path):
+        raise _missing(path, "an image named in the list file is missing under the image root")
+    return read_file(path)
+
+
+def _decode_one(path: str, data: torch.Tensor) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedLTError(f"cannot decode image {path}: {reason}") from None
+
+
+def decode_images(paths: list[str], size: int | None, device: str = "cpu") -> torch.Tensor:
+    """Decode image files to one uint8 tensor (N, 3, size, size) on the CPU; resize (shorter side, centre crop)
+    where needed. JPEGs are decoded as one batch by ``torchvision.io.decode_jpeg`` on ``device`` (``cuda``:
+    nvJPEG); other formats, or a batch the decoder refuses, one by one on the CPU (naming a file it cannot read)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    out = None
-    for i, path in enumerate(paths):
-        if not os.path.isfile(path):
-            raise _missing(path, "an image named in the list file is missing under the image root")
+    raw = [_read_bytes(p) for p in paths]
+    decoded: list[torch.Tensor] | None = None
+    if raw and all(bytes(r[:3].tolist()) == JPEG_MAGIC for r in raw):
         try:
-            img = decode_image(path, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError, OSError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise FedLTError(f"cannot decode image {path}: {reason}") from None
+            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = None  # a corrupt file: the one-by-one decoder below names it
+    if decoded is None:
+        decoded = [_decode_one(p, r) for p, r in zip(paths, raw)]
+    out = None
+    for i, img in enumerate(decoded):
         if size is not None and (img.shape[1] != size or img.shape[2] != size):
             img = F.center_crop(F.resize(img, size, antialias=True), [size, size])
         if out is None:
             out = torch.empty((len(paths), *img.shape), dtype=torch.uint8)
-        out[i] = img
+        if img.shape != out.shape[1:]:
+            raise FedLTError(f"image {paths[i]} is {tuple(img.shape)}, the first one {tuple(out.shape[1:])}: "
+                             f"set data.image_size to resize them to one size")
+        out[i] = img.cpu()
     assert out is not None
     return out
 
 
 def load_file_list(root: str | None, train_list: str, test_list: str, image_size: int | None = None,
-                   num_classes: int | None = None) -> dict[str, Split]:
-    """Image root + ``train_list`` / ``test_list``; images are decoded only for the samples kept."""
+                   num_classes: int | None = None, cache: bool = False, cache_dir: str | None = None,
+                   decode_device: str = "cpu") -> dict[str, Split]:
+    """Image root + ``train_list`` / ``test_list``; images are decoded only for the samples kept (through the
+    on-disk cache where ``cache``)."""
     if root is None:
         raise FedLTError("data.root is not set: point it at the image root that the list files are relative to")
     if not Path(root).is_dir():
         raise _missing(root, "data.root must be the image root that the list files are relative to")
+    if decode_device == "cuda" and not torch.cuda.is_available():
+        raise FedLTError("data.decode_device=cuda, but this machine has no CUDA device: use data.decode_device=cpu")
     splits = {s: read_file_list(root, lst, num_classes) for s, lst in (("train", train_list), ("test", test_list))}
     c = num_classes or int(max(lab.max() for _, lab in splits.values())) + 1
     names = CIFAR10_CLASSES if c == 10 and "cifar" in str(root).lower() else ()
-    return {s: Split(lab, c, paths=p, image_size=image_size, class_names=names) for s, (p, lab) in splits.items()}
+    return {s: Split(lab, c, paths=p, image_size=image_size, class_names=names, cache=cache, cache_dir=cache_dir,
+                     decode_device=decode_device) for s, (p, lab) in splits.items()}
 
 
 # --------------------------------------------------------------------------- registry
-def load_source(name: str, root: str | None = None, train_list: str = "train.txt", test_list: str = "test.txt",
-                image_size: int | None = None) -> dict[str, Split]:
-    """Load a data set by registry name (see ``fedlt.registry.DATASETS``)."""
+def load_source(name: str, root: str | None = None, **options) -> dict[str, Split]:
+    """Load a data set by registry name (see ``fedlt.registry.DATASETS``); ``options`` are the data set's own
+    keys (a file list's ``train_list``, ``image_size``, ``cache`` …)."""
     from fedlt.registry import DATASETS
 
     spec = DATASETS.get(name)
-    return spec(root=root, train_list=train_list, test_list=test_list, image_size=image_size)
+    return spec(root=root, **options)

@@ -263,7 +263,6 @@ class FusedGrid(InProcessGrid):
         super().__init__(make_client_app(cfg), num_nodes)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.data: dict[int, TensorData] = {}  # partition id -> its shard on the device, kept across rounds
         self.fused_messages = 0  # how many train messages were answered by the fused trainer (tests read it)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -283,9 +282,7 @@ class FusedGrid(InProcessGrid):
         return ids
 
     def _client_data(self, pid: int) -> TensorData:
-        if pid not in self.data:
-            self.data[pid] = experiment_for(self.cfg).client_data(pid, self.device)
-        return self.data[pid]
+        return experiment_for(self.cfg).client_data(pid, self.device)  # resident on the device where it fits
 
     def _fused(self, method: ClientMethod, msgs: list[Message]) -> dict[str, Message]:
         """Replies to ``msgs`` from one fused training, or {} (the ClientApp answers them) when they do not fuse."""

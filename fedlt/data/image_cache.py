@@ -1,0 +1,129 @@
+"""Decode a file-list split once into an on-disk uint8 cache that every process memory-maps read-only.
+
+A federated simulation builds the same experiment in every client process (each Flower/Ray actor, the fused
+engine, the server): decoding ImageNet-LT's 115,846 JPEGs at 224 px in each of them costs ≈17 GB of memory per
+process and minutes of CPU. Instead the first process decodes the chosen images into one file per (image list,
+size) and the others map it:
+
+    <cache_dir>/<key>-<N>x3x<S>x<S>.u8     N images, uint8, C×H×W each, in list order
+    <cache_dir>/<key>-<N>x3x<S>x<S>.json   what the key was made of (for a person reading the folder)
+
+``key`` is a SHA-256 over the image size and, per image, its path, byte size and modification time: a changed
+list, a replaced image or another size makes a new file (old ones are left for the user to delete: the folder
+is a cache). The file is written under another name and renamed when complete, under an exclusive lock, so
+concurrent processes build it once and never read a half-written one. Pages of the mapping live in the page
+cache, shared by every process that maps the file (``torch.from_file(..., shared=False)`` maps it privately:
+a write would copy the page, never change the file).
+
+Decoding reads the file bytes and decodes JPEGs in batches with ``torchvision.io.decode_jpeg`` on
+``decode_device`` (``cuda``: nvJPEG on the GPU); other formats, and JPEGs the batch decoder refuses, go through
+``decode_image`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedlt.errors import FedLTError
+
+CACHE_ENV = "FEDLT_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$FEDLT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedlt/images``, else ``~/.cache/fedlt/images``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fedlt" / "images"
+
+
+def cache_key(paths: list[str], size: int | None) -> str:
+    """SHA-256 (first 20 hex digits) of the size and every image's path, byte size and mtime (ns); a missing
+    image is left to the decoder, which names it."""
+    h = hashlib.sha256(f"fedlt-image-cache-v1 size={size}\n".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:20]
+
+
+def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | Path | None = None,
+                  decode_device: str = "cpu", label: str = "images") -> torch.Tensor:
+    """The images of ``paths`` as one uint8 tensor (N, C, H, W) mapped from the cache, built first if missing.
+
+    ``decode(paths, size, device) -> uint8 tensor`` decodes a chunk (:func:`fedlt.data.sources.decode_images`);
+    the shape of an image (C, H, W) comes from the first chunk. ``label`` names the split in the progress lines.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size)
+    done = sorted(folder.glob(f"{key}-{len(paths)}x*.u8"))
+    if not done:
+        with open(folder / f"{key}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same file: wait for it
+            done = sorted(folder.glob(f"{key}-{len(paths)}x*.u8"))
+            if not done:
+                done = [_build(folder, key, paths, size, decode, decode_device, label)]
+    file = done[0]
+    shape = tuple(int(x) for x in file.stem.split("-", 1)[1].split("x"))
+    numel = 1
+    for d in shape:
+        numel *= d
+    if file.stat().st_size != numel:
+        raise OSError(f"image cache file {file} has {file.stat().st_size} bytes, expected {numel}: delete it")
+    return torch.from_file(str(file), shared=False, size=numel, dtype=torch.uint8).view(shape)
+
+
+def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, decode_device: str,
+           label: str, chunk: int = 256) -> Path:
+    """Decode ``paths`` chunk by chunk into ``<key>.partial``, then rename it to its final name."""
+    n, t0 = len(paths), time.time()
+    tmp = folder / f"{key}.partial"
+    try:
+        shape = _write(tmp, paths, size, decode, decode_device, label, folder, chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
+        raise
+    final = folder / f"{key}-{n}x{'x'.join(str(d) for d in shape)}.u8"
+    (folder / f"{final.stem}.json").write_text(json.dumps(
+        {"images": n, "shape": list(shape), "size": size, "first": paths[0], "last": paths[-1],
+         "built_seconds": round(time.time() - t0, 1), "decode_device": decode_device}, indent=1))
+    os.replace(tmp, final)
+    return final
+
+
+def _write(tmp: Path, paths: list[str], size: int | None, decode, decode_device: str, label: str, folder: Path,
+           chunk: int) -> tuple[int, ...]:
+    n, t0, shown = len(paths), time.time(), -1
+    shape: tuple[int, ...] | None = None
+    with open(tmp, "wb") as f:
+        for start in range(0, n, chunk):
+            images = decode(paths[start:start + chunk], size, decode_device)
+            if shape is None:
+                shape = tuple(images.shape[1:])
+            elif tuple(images.shape[1:]) != shape:
+                raise FedLTError(f"images of shapes {shape} and {tuple(images.shape[1:])} in one list: set "
+                                 f"data.image_size to resize them to one size")
+            f.write(images.contiguous().cpu().numpy().tobytes())
+            done = min(start + chunk, n)
+            pct = done * 100 // n
+            if pct // 10 != shown // 10 or done == n:
+                shown = pct
+                rate = done / max(time.time() - t0, 1e-9)
+                print(f"image cache: decoding {label} {done:,}/{n:,} ({pct}%, {rate:,.0f} img/s, "
+                      f"eta {(n - done) / rate:.0f}s) -> {folder}", file=sys.stderr, flush=True)
+        f.flush()
+        os.fsync(f.fileno())
+    assert shape is not None
+    return shape
