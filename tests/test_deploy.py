@@ -189,7 +189,6 @@ TINY = ["mode=federated", "partition.num_clients=2", "federation.rounds=2", "fed
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_deployment_with_tls_and_node_auth(certs, tmp_path):
     """``python -m fedlt.deploy run`` end to end: TLS, 2 authenticated SuperNodes, 2 rounds; exit 0 and the run
     directory's summary; every process stopped afterwards."""
@@ -210,7 +209,6 @@ def test_deployment_with_tls_and_node_auth(certs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_unregistered_node_is_refused_and_a_killed_node_is_tolerated(certs, tmp_path):
     """One SuperLink (TLS, node auth): a SuperNode whose key was never registered exits with Flower's
     "Failed to activate SuperNode"; of the two registered ones, node 1 is killed after the first round, and
