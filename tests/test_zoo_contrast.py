@@ -1,0 +1,157 @@
+"""Issue 14 part B: GLMC, SSP and SBCL against a transcription of their official code's arithmetic.
+
+Each ``official_*`` function transcribes (does not import or copy) the named official file; fedlt's formula
+must give the same numbers on the same hand-made input.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_centralized_methods import tiny_cfg, tiny_experiment
+
+import fedlt.centralized as C
+import fedlt.centralized.run as R
+from fedlt.config import load_config
+from fedlt.losses.glmc import cumulative_alpha, glmc_label_weights, glmc_loss, glmc_mixed, rand_bbox
+from fedlt.registry import CENTRALIZED
+from fedlt.rundir import RunDir
+
+CIFAR10_LT_100 = np.array([int(5000 * 0.01 ** (c / 9)) for c in range(10)])
+
+
+def smoke(method, tmp_path, monkeypatch, *extra):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg(method, *extra), RunDir(tmp_path))
+    for key in ("accuracy", "loss", "ece"):
+        assert math.isfinite(summary[key]), key
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------- GLMC
+
+
+def official_update_weight(cls_num_list, label_weighting):
+    """ynu-yangpeng/GLMC Trainer.update_weight."""
+    w = 1.0 / (np.array(cls_num_list) ** label_weighting)
+    return torch.FloatTensor(w / np.sum(w) * len(cls_num_list))
+
+
+def official_rand_bbox(size, lam, cx, cy):
+    """utils/util.py rand_bbox with the centre (np.random.randint(W), np.random.randint(H)) given."""
+    W, H = size[2], size[3]
+    cut_rat = np.sqrt(1. - lam)
+    cut_w, cut_h = np.ceil(W * cut_rat).astype(int), np.ceil(H * cut_rat).astype(int)
+    return (np.clip(cx - cut_w // 2, 0, W), np.clip(cy - cut_h // 2, 0, H),
+            np.clip(cx + cut_w // 2, 0, W), np.clip(cy + cut_h // 2, 0, H))
+
+
+def official_glmc_step(model_heads, org1, org2, invs1, invs2, target_org, target_invs, weights, lam, box,
+                       alpha, contrast_weight, num_classes):
+    """Trainer.train's step body with util.GLMC_mixed (λ and the box given)."""
+    one_hot_org = torch.zeros(target_org.size(0), num_classes).scatter_(1, target_org.view(-1, 1), 1)
+    one_hot_org_w = weights * one_hot_org
+    one_hot_invs = torch.zeros(target_invs.size(0), num_classes).scatter_(1, target_invs.view(-1, 1), 1)
+    one_hot_invs_w = weights * one_hot_invs
+    mixup_x = lam * org1 + (1 - lam) * invs1
+    mixup_y = lam * one_hot_org + (1 - lam) * one_hot_invs
+    mixup_y_w = lam * one_hot_org_w + (1 - lam) * one_hot_invs_w
+    bbx1, bby1, bbx2, bby2 = box
+    org2 = org2.clone()
+    org2[:, :, bbx1:bbx2, bby1:bby2] = invs2[:, :, bbx1:bbx2, bby1:bby2]
+    mixcut_y = lam * one_hot_org + (1 - lam) * one_hot_invs
+    cutmix_y_w = lam * one_hot_org_w + (1 - lam) * one_hot_invs_w
+    output_1, output_cb_1, z1, p1 = model_heads(mixup_x)
+    output_2, output_cb_2, z2, p2 = model_heads(org2)
+
+    def simsiam(p, z):
+        return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
+    contrastive_loss = simsiam(p1, z2) + simsiam(p2, z1)
+    loss_mix = -torch.mean(torch.sum(F.log_softmax(output_1, dim=1) * mixup_y, dim=1))
+    loss_cut = -torch.mean(torch.sum(F.log_softmax(output_2, dim=1) * mixcut_y, dim=1))
+    loss_mix_w = -torch.mean(torch.sum(F.log_softmax(output_cb_1, dim=1) * mixup_y_w, dim=1))
+    loss_cut_w = -torch.mean(torch.sum(F.log_softmax(output_cb_2, dim=1) * cutmix_y_w, dim=1))
+    return alpha * (loss_mix + loss_cut) + (1 - alpha) * (loss_mix_w + loss_cut_w) + contrast_weight * contrastive_loss
+
+
+def test_glmc_label_weights_and_cumulative_alpha():
+    for k in (1.0, 1.2):
+        assert torch.allclose(glmc_label_weights(CIFAR10_LT_100, k), official_update_weight(CIFAR10_LT_100, k))
+    # alpha = 1 - (epoch / epochs) ** 2 with the 0-based epoch of Trainer.train
+    assert [cumulative_alpha(e, 200) for e in (0, 100, 199)] == [1.0, 0.75, 1 - (199 / 200) ** 2]
+
+
+@pytest.mark.parametrize("lam,cx,cy", [(0.3, 1, 6), (0.8, 7, 0), (0.05, 4, 4)])
+def test_glmc_box_is_the_official_rand_bbox(lam, cx, cy):
+    class Fixed:  # stands in for np.random: the two centre draws, in the official order (W first)
+        def __init__(self):
+            self.draws = [cx, cy]
+
+        def integers(self, high):
+            return self.draws.pop(0)
+    size = (5, 3, 8, 10)
+    assert rand_bbox(size, lam, Fixed()) == tuple(int(v) for v in official_rand_bbox(size, lam, cx, cy))
+
+
+def test_glmc_step_loss_equals_the_official_step():
+    g = torch.Generator().manual_seed(0)
+    b, c, d = 6, 10, 16
+    x = [torch.randn(b, 3, 8, 8, generator=g) for _ in range(4)]
+    y_org, y_invs = torch.randint(0, c, (b,), generator=g), torch.randint(0, c, (b,), generator=g)
+    feat, fc, fc_cb = nn_linear(3 * 64, d, g), nn_linear(d, c, g), nn_linear(d, c, g)
+    proj, pred = nn_linear(d, 8, g), nn_linear(8, 8, g)
+
+    def heads(inp):
+        h = torch.relu(feat(inp.flatten(1)))
+        z = proj(h)
+        return fc(h), fc_cb(h), z, pred(z)
+
+    w = glmc_label_weights(CIFAR10_LT_100, 1.2)
+    lam, box, alpha = 0.37, (2, 1, 7, 5), cumulative_alpha(60, 200)
+    mix_x, cut_x, t, tw = glmc_mixed(*x, y_org, y_invs, w, lam, box)
+    ours = glmc_loss(heads(mix_x), heads(cut_x), t, tw, alpha, 4.0)
+    official = official_glmc_step(heads, *x, y_org, y_invs, w, lam, box, alpha, 4.0, c)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    assert not torch.equal(cut_x, x[1]) and torch.equal(cut_x[:, :, 7:], x[1][:, :, 7:])  # only the box pasted
+    # the gradients agree too (the stop-gradient on z of the consistency term included)
+    go = torch.autograd.grad(ours, list(fc_cb.parameters()) + list(pred.parameters()) + list(proj.parameters()))
+    gf = torch.autograd.grad(official, list(fc_cb.parameters()) + list(pred.parameters()) + list(proj.parameters()))
+    assert all(torch.allclose(a, b_, atol=1e-6) for a, b_ in zip(go, gf))
+
+
+def nn_linear(i, o, g):
+    layer = torch.nn.Linear(i, o)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(o, i, generator=g) / math.sqrt(i))
+        layer.bias.copy_(torch.randn(o, generator=g) * 0.1)
+    return layer
+
+
+def test_glmc_model_heads_and_official_protocol():
+    cfg = load_config("configs/centralized/cifar_lt_glmc.yaml")
+    o = cfg.centralized
+    assert (o.method, o.epochs, o.lr, o.batch_size, o.weight_decay, o.label_weighting, o.contrast_weight,
+            o.resample_weighting, o.mix_alpha) == ("glmc", 200, 0.01, 64, 5e-3, 1.2, 1.0, 0.0, 1.0)
+    m = CENTRALIZED.get("glmc")(cfg, CIFAR10_LT_100)
+
+    class Exp:
+        num_classes, in_channels = 10, 3
+    model = m.build_model(Exp())
+    assert model.feature_dim == 256 and model.projection_head.out_features == 128  # ResNet_modify(nf=64)
+    out, cb, z, p = model.heads(torch.randn(2, 3, 32, 32))
+    assert out.shape == cb.shape == (2, 10) and z.shape == p.shape == (2, 128)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model.heads(x)[1])  # test time: the re-balanced head fc_cb
+
+
+def test_glmc_runs_and_resamples_by_n_to_the_minus_q(tmp_path, monkeypatch):
+    smoke("glmc", tmp_path, monkeypatch)
+    m = CENTRALIZED.get("glmc")(tiny_cfg("glmc", "centralized.resample_weighting=1"), np.array([40, 16, 8, 4]))
+    assert torch.allclose(m.resample, torch.full((4,), 0.25, dtype=torch.float64))  # q = 1: class-balanced
+    m = CENTRALIZED.get("glmc")(tiny_cfg("glmc"), np.array([40, 16, 8, 4]))
+    assert torch.allclose(m.resample, torch.tensor([40, 16, 8, 4], dtype=torch.float64) / 68)  # q = 0
