@@ -155,3 +155,80 @@ def test_glmc_runs_and_resamples_by_n_to_the_minus_q(tmp_path, monkeypatch):
     assert torch.allclose(m.resample, torch.full((4,), 0.25, dtype=torch.float64))  # q = 1: class-balanced
     m = CENTRALIZED.get("glmc")(tiny_cfg("glmc"), np.array([40, 16, 8, 4]))
     assert torch.allclose(m.resample, torch.tensor([40, 16, 8, 4], dtype=torch.float64) / 68)  # q = 0
+
+
+# ------------------------------------------------------------------------------------------------------ SSP
+
+
+def official_rotation(inputs, permutation):
+    """YyzHarry/imbalanced-semi-self utils.py rotation (np.random.permutation given)."""
+    batch = inputs.shape[0]
+    target = torch.Tensor(permutation([0, 1, 2, 3] * (int(batch / 4) + 1)))[:batch].long()
+    image = torch.zeros_like(inputs)
+    image.copy_(inputs)
+    for i in range(batch):
+        image[i, :, :, :] = torch.rot90(inputs[i, :, :, :], target[i], [1, 2])
+    return image, target
+
+
+@pytest.mark.parametrize("batch", [1, 7, 8, 13])
+def test_rotation_batch_is_the_official_rotation(batch):
+    from fedlt.centralized.pretrain import rotation_batch
+    x = torch.randn(batch, 3, 5, 5, generator=torch.Generator().manual_seed(batch))
+    ours = rotation_batch(x, np.random.default_rng(3))
+    official = official_rotation(x, np.random.default_rng(3).permutation)
+    assert torch.equal(ours[0], official[0]) and torch.equal(ours[1], official[1])
+    if batch >= 4:  # a balanced mix of the four rotations, each image one of its own rotations
+        assert set(ours[1].tolist()) == {0, 1, 2, 3}
+    assert torch.equal(torch.rot90(ours[0][0], -int(ours[1][0]), [1, 2]), x[0])
+
+
+def test_pretrain_needs_epochs_and_a_single_feature_extractor(tmp_path, monkeypatch):
+    from fedlt.errors import FedLTError
+    with pytest.raises(FedLTError, match="centralized.pretrain_epochs"):
+        tiny_cfg("ce", "centralized.pretrain=rotation")
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    with pytest.raises(FedLTError, match="one feature extractor"):
+        C.run_centralized(tiny_cfg("balpoe", "centralized.pretrain=rotation", "centralized.pretrain_epochs=1"),
+                          RunDir(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["ce", "glmc"])
+def test_ssp_stage0_trains_features_only_then_the_method_runs(method, tmp_path, monkeypatch):
+    import json
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg(method, "centralized.pretrain=rotation", "centralized.pretrain_epochs=2")
+    steps = R.CentralizedSteps(cfg, tiny_experiment(), torch.device("cpu"))
+    head0 = {k: v.clone() for k, v in steps.model.classifier.state_dict().items()}
+    feat0 = {k: v.clone() for k, v in steps.model.features.state_dict().items()}
+    assert steps.total == 3 and steps.stage == 0
+    steps.step(1)
+    assert all(torch.equal(v, head0[k]) for k, v in steps.model.classifier.state_dict().items())
+    assert any(not torch.equal(v, feat0[k]) for k, v in steps.model.features.state_dict().items())
+    summary = C.run_centralized(cfg, RunDir(tmp_path))
+    assert math.isfinite(summary["accuracy"]) and summary["pretrain_epochs"] == 2
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("stage") for r in rows] == [None, 0, 0, 1]
+
+
+def test_ssp_resumes_across_the_stage_switch(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("ce", "centralized.pretrain=rotation", "centralized.pretrain_epochs=2", "centralized.epochs=2")
+    full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
+    orig = RunDir.save_checkpoint
+    for cut in (1, 2):
+        run = RunDir(tmp_path / f"cut{cut}")
+
+        def save(self, state, cut=cut):
+            orig(self, state)
+            if state["step"] == cut:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(RunDir, "save_checkpoint", save)
+        with pytest.raises(KeyboardInterrupt):
+            C.run_centralized(cfg, run)
+        monkeypatch.setattr(RunDir, "save_checkpoint", orig)
+        resumed = C.run_centralized(cfg, run)
+        assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])

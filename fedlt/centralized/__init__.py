@@ -10,13 +10,14 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
 - :mod:`.experts`: multi-expert methods (balpoe, mdcs);
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
+- :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
 from fedlt.centralized import (  # noqa: F401  (register the methods)
            decoupled,
            experts,
-           glmc,  # noqa: F401,E402  (GLMC, issue 14)
+           glmc,
            methods,
 )
 from fedlt.centralized.base import CentralizedMethod, StrongView
