@@ -232,3 +232,130 @@ def test_ssp_resumes_across_the_stage_switch(tmp_path, monkeypatch):
         monkeypatch.setattr(RunDir, "save_checkpoint", orig)
         resumed = C.run_centralized(cfg, run)
         assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
+
+
+# ----------------------------------------------------------------------------------------------------- SBCL
+
+
+def official_supcon_rank(features, labels, cluster_target, ranking_temperature, temperature=0.1,
+                         base_temperature=0.07, grama=0.25):
+    """JackHck/SBCL SimCLR/loss.py SupConLoss_rank.forward (features [bsz, 2, d]; .cuda() dropped)."""
+    batch_size = features.shape[0]
+    cluster_target = cluster_target.contiguous().view(-1, 1)
+    mask = torch.eq(cluster_target, cluster_target.T).float()
+    contrast_count = features.shape[1]
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_feature, anchor_count = contrast_feature, contrast_count
+    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    one_hot_labels = F.one_hot(labels, num_classes=len(ranking_temperature)).repeat(anchor_count, 1).float()
+    rt = torch.from_numpy(ranking_temperature).float()
+    rt = torch.matmul(one_hot_labels, rt.T).unsqueeze(0).T
+    anchor_rank_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), rt)
+    logits_rank_max, _ = torch.max(anchor_rank_contrast, dim=1, keepdim=True)
+    logits_rank = anchor_rank_contrast - logits_rank_max.detach()
+    mask = mask.repeat(anchor_count, contrast_count)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * anchor_count).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    labels = labels.contiguous().view(-1, 1)
+    label_mask = torch.eq(labels, labels.T).float().repeat(anchor_count, contrast_count)
+    logits_label_mask = (~mask.bool()).float() * logits_mask
+    lst = np.arange(batch_size, batch_size * anchor_count).tolist()
+    lst.extend(np.arange(batch_size).tolist())
+    ad_mask = torch.scatter(torch.zeros(mask.size(0), mask.size(1)), 0, torch.tensor([lst]), 1)
+    exp_logits_rank = torch.exp(logits_rank) * (ad_mask + logits_label_mask)
+    label_mask = ad_mask + logits_label_mask * label_mask
+    log_prob_rank = logits_rank - torch.log(exp_logits_rank.sum(1, keepdim=True))
+    mean_log_label_pos = (label_mask * log_prob_rank).sum(1) / label_mask.sum(1)
+    loss = -(temperature / base_temperature) * mean_log_prob_pos - grama * mean_log_label_pos
+    return loss.mean()
+
+
+def official_supcon(features, labels, temperature=0.1, base_temperature=0.1):
+    """SimCLR/loss.py SupConLoss.forward, contrast_mode 'all'."""
+    batch_size = features.shape[0]
+    mask = torch.eq(labels.view(-1, 1), labels.view(-1, 1).T).float()
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    adc = torch.div(torch.matmul(contrast_feature, contrast_feature.T), temperature)
+    logits = adc - adc.max(dim=1, keepdim=True)[0].detach()
+    mask = mask.repeat(2, 2)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * 2).view(-1, 1), 0)
+    mask = mask * logits_mask
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
+    return (-(temperature / base_temperature) * (mask * log_prob).sum(1) / mask.sum(1)).view(2, batch_size).mean()
+
+
+def official_density(features_by_class, cluster_number, temperature):
+    """SimCLR/main.py cluster(), train_rule 'Rank': the ranking temperatures."""
+    feature_center = [torch.mean(t, dim=0) for t in features_by_class]
+    density = np.zeros(len(cluster_number))
+    for i in range(len(cluster_number)):
+        center_distance = F.pairwise_distance(features_by_class[i], feature_center[i], p=2).mean() / np.log(
+            len(features_by_class[i]) + 10)
+        density[i] = center_distance.numpy()
+    density = density.clip(np.percentile(density, 20), np.percentile(density, 80))
+    density = temperature * (density / density.mean())
+    for index, value in enumerate(cluster_number):
+        if value == 1:
+            density[index] = temperature
+    return density
+
+
+def test_sbcl_loss_equals_the_official_supcon_rank():
+    from fedlt.losses.sbcl import sbcl_loss, supcon_loss
+    g = torch.Generator().manual_seed(1)
+    b = 10
+    f = F.normalize(torch.randn(2 * b, 8, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 0])
+    sub = torch.tensor([0, 1, 0, 1, 2, 3, 2, 4, 4, 1])  # classes 0 and 1 split in two, class 2 whole
+    tau = np.array([0.08, 0.13, 0.1])
+    official = official_supcon_rank(torch.stack([f[:b], f[b:]], 1), labels, sub, tau)
+    assert sbcl_loss(f, labels, sub, torch.tensor(tau)).item() == pytest.approx(official.item(), rel=1e-5)
+    assert supcon_loss(f, labels).item() == pytest.approx(
+        official_supcon(torch.stack([f[:b], f[b:]], 1), labels).item(), rel=1e-5)
+
+
+def test_sbcl_subclass_numbers_density_and_kmeans():
+    from fedlt.losses.sbcl import class_temperatures, cosine_kmeans, subclass_numbers
+    counts = CIFAR10_LT_100.tolist()
+    official = [t // max(min(counts), 10) for t in counts]
+    assert subclass_numbers(counts) == [v if v else 1 for v in official] == [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
+    assert subclass_numbers([3, 2, 1]) == [1, 1, 1]  # max(min n, 10) = 10
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 6 + [3] * 4 + [4] * 3)
+    f = F.normalize(torch.randn(len(labels), 6, generator=g) + labels[:, None] * 0.3, dim=1)
+    numbers = [3, 2, 1, 1, 1]
+    ours = class_temperatures(f, labels, numbers, 0.1)
+    want = official_density([f[labels == c] for c in range(5)], numbers, 0.1)
+    assert torch.allclose(ours, torch.tensor(want, dtype=torch.float32), rtol=1e-5)
+    # k-means: two well-separated cosine groups are found whatever the start
+    x = torch.cat([torch.tensor([[1.0, 0.05 * i] for i in range(5)]), torch.tensor([[0.05 * i, 1.0] for i in range(4)])])
+    ids = cosine_kmeans(x, 2, np.random.default_rng(0))
+    assert len(set(ids[:5].tolist())) == 1 and len(set(ids[5:].tolist())) == 1 and ids[0] != ids[5]
+
+
+def test_sbcl_clusters_after_the_warmup_and_runs_both_stages(tmp_path, monkeypatch):
+    summary = smoke("sbcl", tmp_path, monkeypatch, "centralized.epochs=2", "centralized.supcon_epochs=1",
+                    "centralized.cluster_step=1", "centralized.stage2_epochs=1", "centralized.cluster=4")
+    assert summary["stage2_epochs"] == 1
+    cfg = tiny_cfg("sbcl", "centralized.supcon_epochs=1", "centralized.cluster=4")
+    m = CENTRALIZED.get("sbcl")(cfg, np.array([40, 16, 8, 4]))
+    assert m.numbers == [10, 4, 2, 1]
+    assert not m.clustering_due(0) and m.clustering_due(1)  # first epoch after the warm-up, then every step
+    m.subclasses = torch.zeros(1)
+    assert not m.clustering_due(1) and m.clustering_due(10) and not m.clustering_due(11)
+    exp = tiny_experiment()
+    model = m.build_model(exp)
+    m.augment(exp.tensor_data("train"))
+    m.cluster(model)
+    labels = m.data.labels
+    assert m.subclasses.max().item() + 1 == sum(m.numbers)
+    for c, k in enumerate(m.numbers):  # each class's subclasses are its own block of ids
+        ids = set(m.subclasses[labels == c].tolist())
+        offset = sum(m.numbers[:c])
+        assert ids <= set(range(offset, offset + k)) and len(ids) >= 1
+    assert m.class_tau[3] == pytest.approx(0.1)  # one subclass: τ = T
