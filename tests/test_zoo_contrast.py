@@ -359,3 +359,84 @@ def test_sbcl_clusters_after_the_warmup_and_runs_both_stages(tmp_path, monkeypat
         offset = sum(m.numbers[:c])
         assert ids <= set(range(offset, offset + k)) and len(ids) >= 1
     assert m.class_tau[3] == pytest.approx(0.1)  # one subclass: τ = T
+
+
+def official_moco_rank(logits, im_label, queue_label, im_cluster, queue_cluster, temperature=0.07,
+                       ranking_temperature=0.12, grama=0.2):
+    """JackHck/SBCL moco/loss.py SupConLoss_rank.forward (.cuda() dropped)."""
+    im_label = im_label.contiguous().view(-1, 1)
+    label_mask = torch.eq(im_label, queue_label).float()
+    im_cluster = im_cluster.contiguous().view(-1, 1)
+    cluster_mask = torch.eq(im_cluster, queue_cluster).float()
+    cluster_mask_com = torch.cat([torch.ones([cluster_mask.shape[0], 1]), cluster_mask], dim=1)
+    log_cluster_prob = F.normalize((logits / temperature).exp(), dim=1, p=1).log()
+    loss_cluster = -torch.sum((cluster_mask_com * log_cluster_prob).sum(1) / cluster_mask_com.sum(1)) / \
+        cluster_mask_com.shape[0]
+    inverse_cluster = (~cluster_mask.bool()).float()
+    label_mask = torch.cat([torch.ones([label_mask.shape[0], 1]), inverse_cluster * label_mask], dim=1)
+    inverse_cluster = torch.cat([torch.ones([inverse_cluster.shape[0], 1]), inverse_cluster], dim=1)
+    logits_label = logits / ranking_temperature
+    log_label_prob = logits_label - torch.log((torch.exp(logits_label) * inverse_cluster).sum(1, keepdim=True))
+    loss_label = -torch.sum((label_mask * log_label_prob).sum(1) / label_mask.sum(1)) / label_mask.shape[0]
+    return loss_cluster + grama * loss_label
+
+
+def test_sbcl_queue_losses_equal_the_official_moco_losses():
+    from fedlt.losses.sbcl import kcl_loss, sbcl_queue_loss
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 1 + 8, generator=g) * 0.5
+    labels, sub = torch.tensor([0, 0, 1, 2, 1]), torch.tensor([0, 1, 2, 3, 2])
+    q_labels = torch.tensor([[0, 0, 1, 1, -1, 2, 0, 1]])
+    q_sub = torch.tensor([[0, 1, 2, 2, -1, 3, 1, 2]])
+    ours = sbcl_queue_loss(logits, labels, q_labels[0], sub, q_sub[0])
+    assert ours.item() == pytest.approx(official_moco_rank(logits, labels, q_labels, sub, q_sub).item(), rel=1e-5)
+    # KCL with one same-class entry per anchor: every draw picks it, so the loss is deterministic
+    q_one = torch.tensor([0, 1, 2, -1, -1, -1, -1, 3])
+    log_prob = F.log_softmax(logits / 0.07, 1)
+    want = -torch.stack([(log_prob[i, 0] + log_prob[i, 1 + int((q_one == labels[i]).nonzero())]) / 2
+                         for i in range(5)]).mean()
+    assert kcl_loss(logits, labels, q_one, 6, torch.Generator().manual_seed(0)).item() == pytest.approx(want.item())
+
+
+def test_sbcl_queue_form_runs_and_fills_the_queue(tmp_path, monkeypatch):
+    smoke("sbcl", tmp_path, monkeypatch, "centralized.epochs=2", "centralized.supcon_epochs=1",
+          "centralized.cluster_step=1", "centralized.stage2_epochs=1", "centralized.cluster=4",
+          "centralized.queue_size=32")
+    cfg = tiny_cfg("sbcl", "centralized.queue_size=32", "centralized.supcon_epochs=0", "centralized.cluster=4")
+    m = CENTRALIZED.get("sbcl")(cfg, np.array([40, 16, 8, 4]))
+    exp = tiny_experiment()
+    model = m.build_model(exp)
+    data = exp.tensor_data("train")
+    m.augment(data)
+    m.sampler()(data.labels, torch.Generator().manual_seed(0), 0)
+    idx = m.recorder.order[:16]
+    x, y = m.views(((data.images[idx].float() - 127) / 64), torch.Generator().manual_seed(1)), data.labels[idx]
+    before = [p.clone() for p in m.key_model.parameters()] if m.key_model else None
+    assert before is None
+    loss = m.objective(0)(model, x, y)
+    assert math.isfinite(loss.item()) and m.subclasses is not None  # clustered at epoch 0 (no warm-up)
+    assert int(m.queue["ptr"]) == 16 and torch.equal(m.queue["labels"][:16], y)
+    assert torch.equal(m.queue["subclasses"][:16], m.subclasses[idx]) and (m.queue["labels"][16:] == -1).all()
+
+
+@pytest.mark.parametrize("queue", [0, 32])
+def test_sbcl_resumes_with_its_subclasses_and_queue(queue, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("sbcl", "centralized.epochs=2", "centralized.supcon_epochs=0", "centralized.cluster_step=2",
+                   "centralized.stage2_epochs=1", "centralized.cluster=4", f"centralized.queue_size={queue}")
+    full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
+    orig = RunDir.save_checkpoint
+    run = RunDir(tmp_path / "cut")
+
+    def save(self, state):
+        orig(self, state)
+        if state["step"] == 1:  # epoch 2 trains on the subclasses of epoch 1's clustering (step 2)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        C.run_centralized(cfg, run)
+    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
+    resumed = C.run_centralized(cfg, run)
+    assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])

@@ -12,12 +12,22 @@ mode. Stage 2 (``stage2_epochs``) trains a cosine classifier (s = 30) on the fro
 class-balanced weights (β = 0.9999) from its first epoch (``linear_classify.py --train_rule DRW`` sets
 ``idx = 1``) and instance-balanced batches; test logits are s·cos.
 
+With ``queue_size`` > 0 the stage follows the official MoCo form instead (``moco/moco.py``, ``moco/loss.py``,
+``moco/main.py``, used there for ImageNet-LT): the keys of view 2 come from a momentum copy of features +
+projection (θ_k ← m·θ_k + (1 − m)·θ_q before each step), the loss contrasts each query with its key and a
+queue of the last ``queue_size`` keys with their classes and subclasses (:func:`~fedlt.losses.sbcl.sbcl_queue_loss`,
+constant ranking temperature τ_r; KCL with 6 drawn positives as the warm-up), and the clustering reads the
+momentum encoder's projections. The official batch shuffle across GPUs (a DDP device for BatchNorm) has no
+single-device counterpart and is not done; a last batch shorter than the others wraps around the queue (the
+official code asserts that it never happens).
+
 Not followed: the official SimCLR augmentation (RandomResizedCrop(0.2–1), colour jitter, grayscale) — fedlt's
 views are crop/flip (+ ``autoaugment``); stage 2 keeps stage 1's weight decay (official: 0).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import numpy as np
@@ -31,7 +41,15 @@ from fedlt.centralized.glmc import TwoCrops
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses import loss_objective
-from fedlt.losses.sbcl import class_temperatures, cosine_kmeans, sbcl_loss, subclass_numbers, supcon_loss
+from fedlt.losses.sbcl import (
+    class_temperatures,
+    cosine_kmeans,
+    kcl_loss,
+    sbcl_loss,
+    sbcl_queue_loss,
+    subclass_numbers,
+    supcon_loss,
+)
 from fedlt.models.base import NormedLinear
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.samplers import make_sampler
@@ -85,6 +103,10 @@ class SBCL(DecoupledMethod):
             "instance", description="sampler of stage 2")
         s: float = Field(30.0, gt=0, description="LDAM scale s of stage 2")
         max_margin: float = Field(0.5, gt=0, description="LDAM's largest margin of stage 2")
+        queue_size: int = Field(0, ge=0, description="MoCo queue of past keys (0: in-batch, the CIFAR form)")
+        key_momentum: float = Field(0.999, ge=0, le=1, description="m of the momentum key encoder (queue)")
+        ranking_temperature: float = Field(0.12, gt=0, description="τ_r of the class term with a queue")
+        kcl_positives: int = Field(6, ge=0, description="KCL warm-up: positives drawn per anchor (queue)")
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
@@ -96,6 +118,9 @@ class SBCL(DecoupledMethod):
         self.subclasses: torch.Tensor | None = None  # per training sample
         self.class_tau: torch.Tensor | None = None
         self.in_stage2 = False
+        self.key_model: SBCLModel | None = None  # the momentum encoder of the queue form
+        self.queue: dict[str, torch.Tensor] | None = None
+        self.pending_keys: dict | None = None  # key encoder state of a resumed run, loaded at its creation
 
     def build_model(self, exp: Experiment) -> nn.Module:
         base = model_for(self.cfg, exp)
@@ -123,7 +148,7 @@ class SBCL(DecoupledMethod):
         for start in range(0, len(self.data), 1024):
             idx = torch.arange(start, min(start + 1024, len(self.data)))
             x, _ = prepare_batch(self.data, idx, self.views.view, self.generator)
-            feats.append(model.project(x).float())
+            feats.append((self.key_model or model).project(x).float())
         model.train(was_training)
         f, labels = torch.cat(feats), self.data.labels
         subclasses = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
@@ -142,19 +167,63 @@ class SBCL(DecoupledMethod):
         o, state = self.opt, {"cursor": 0, "checked": self.clustering_due(epoch) is False}
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if o.queue_size:
+                self.ensure_queue(model, x.device)
             if not state["checked"]:
                 self.cluster(model)
                 state["checked"] = True
             b = len(y)
+            warm = epoch < o.supcon_epochs or self.subclasses is None
+            sub = None
+            if not warm:
+                idx = self.recorder.order[state["cursor"]:state["cursor"] + b].to(y.device)
+                state["cursor"] += b
+                if not torch.equal(self.data.labels[idx], y):
+                    raise FedLTError("sbcl lost track of the batch order (its sampler and the trainer disagree)")
+                sub = self.subclasses[idx]
+            if o.queue_size:
+                return self.queue_loss(model, x, y, sub)
             f = model.project(x)
-            if epoch < o.supcon_epochs or self.subclasses is None:
+            if warm:
                 return supcon_loss(f, y, o.temperature, o.temperature)
-            idx = self.recorder.order[state["cursor"]:state["cursor"] + b].to(y.device)
-            state["cursor"] += b
-            if not torch.equal(self.data.labels[idx], y):
-                raise FedLTError("sbcl lost track of the batch order (its sampler and the trainer disagree)")
-            return sbcl_loss(f, y, self.subclasses[idx], self.class_tau, o.temperature, o.base_temperature, o.gamma)
+            return sbcl_loss(f, y, sub, self.class_tau, o.temperature, o.base_temperature, o.gamma)
         return objective
+
+    # --- the MoCo-queue form ---
+    def ensure_queue(self, model: SBCLModel, device: torch.device) -> None:
+        """The momentum encoder (a copy of the model) and a queue of random unit keys of class/subclass −1."""
+        if self.key_model is None:
+            self.key_model = copy.deepcopy(model)
+            for p in self.key_model.parameters():
+                p.requires_grad_(False)
+            if self.pending_keys is not None:
+                self.key_model.load_state_dict(self.pending_keys)
+        if self.queue is None:
+            keys = torch.randn(self.opt.queue_size, self.opt.feat_dim, generator=self.generator)
+            empty = torch.full((self.opt.queue_size,), -1, dtype=torch.long)
+            self.queue = {"keys": F.normalize(keys, dim=1), "labels": empty, "subclasses": empty.clone(),
+                          "ptr": torch.zeros((), dtype=torch.long)}
+        self.queue = {k: v.to(device) for k, v in self.queue.items()}
+
+    def queue_loss(self, model: SBCLModel, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor | None) -> torch.Tensor:
+        o, b, qu = self.opt, len(y), self.queue
+        q = model.project(x[:b])
+        with torch.no_grad():
+            for pk, pq in zip(self.key_model.parameters(), model.parameters()):
+                pk.mul_(o.key_momentum).add_(pq.detach(), alpha=1 - o.key_momentum)
+            k = self.key_model.project(x[b:])
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ qu["keys"].clone().T], 1)
+        if sub is None:
+            loss = kcl_loss(logits, y, qu["labels"], o.kcl_positives, self.generator, o.temperature)
+        else:
+            loss = sbcl_queue_loss(logits, y, qu["labels"], sub, qu["subclasses"], o.temperature,
+                                   o.ranking_temperature, o.gamma)
+        slots = (qu["ptr"] + torch.arange(b, device=y.device)) % o.queue_size
+        qu["keys"][slots] = k.float()
+        qu["labels"][slots] = y
+        qu["subclasses"][slots] = sub if sub is not None else -1
+        qu["ptr"] = (qu["ptr"] + b) % o.queue_size
+        return loss
 
     # --- stage 2: LDAM-DRW cosine classifier on the frozen features ---
     def start_stage2(self, model: nn.Module) -> None:
@@ -173,11 +242,13 @@ class SBCL(DecoupledMethod):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state(), "subclasses": self.subclasses,
-                "class_tau": self.class_tau}
+                "class_tau": self.class_tau, "queue": self.queue,
+                "key_model": None if self.key_model is None else self.key_model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "generator" in state:
             self.generator.set_state(state["generator"])
             self.subclasses, self.class_tau = state["subclasses"], state["class_tau"]
+            self.queue, self.pending_keys = state["queue"], state["key_model"]
 

@@ -105,3 +105,44 @@ def sbcl_loss(features: torch.Tensor, labels: torch.Tensor, subclasses: torch.Te
     label_pos = other_sub * same_class + other_view
     class_term = (label_pos * log_prob_rank).sum(1) / label_pos.sum(1)
     return (-(temperature / base_temperature) * subclass_term - gamma * class_term).mean()
+
+
+# --- the MoCo-queue form (JackHck/SBCL moco/moco.py, moco/loss.py: ImageNet-LT) ---
+# logits (B, 1 + K): [q·k⁺, q·queue]; the queue holds past keys with their class and subclass (−1: empty slot).
+
+
+def sbcl_queue_loss(logits: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor,
+                    subclasses: torch.Tensor, queue_subclasses: torch.Tensor, temperature: float = 0.07,
+                    ranking_temperature: float = 0.12, gamma: float = 0.2) -> torch.Tensor:
+    """``moco/loss.py`` ``SupConLoss_rank``: mean_a −mean_{p ∈ {k⁺} ∪ S(a)} log softmax(l/T)_p
+    − γ·mean_a mean_{p ∈ {k⁺} ∪ P(a)} log(e^{l_p/τ_r} / Σ_{q ∈ {k⁺} ∪ Q(a)} e^{l_q/τ_r}); S: queue entries of
+    the same subclass, Q: of another subclass, P: of the same class in another subclass; τ_r a constant."""
+    ones = torch.ones(len(labels), 1, device=logits.device)
+    same_sub = (subclasses[:, None] == queue_subclasses[None]).float()
+    same_class = (labels[:, None] == queue_labels[None]).float()
+    log_prob = F.log_softmax(logits / temperature, dim=1)
+    sub_mask = torch.cat([ones, same_sub], 1)
+    loss_subclass = -((sub_mask * log_prob).sum(1) / sub_mask.sum(1)).mean()
+    other_sub = 1 - same_sub
+    class_mask = torch.cat([ones, other_sub * same_class], 1)
+    rank = logits / ranking_temperature
+    log_rank = rank - torch.log((torch.exp(rank) * torch.cat([ones, other_sub], 1)).sum(1, keepdim=True))
+    loss_class = -((class_mask * log_rank).sum(1) / class_mask.sum(1)).mean()
+    return loss_subclass + gamma * loss_class
+
+
+def kcl_loss(logits: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor, k: int,
+             generator: torch.Generator, temperature: float = 0.07) -> torch.Tensor:
+    """``moco/loss.py`` ``KCL`` (the warm-up): k draws of one uniformly chosen same-class queue entry per anchor
+    (repeats merge), L = mean_a −Σ_{p ∈ {k⁺} ∪ drawn} log softmax(l/T)_p / (1 + #drawn)."""
+    mask = (labels[:, None] == queue_labels[None]).float()
+    drawn = torch.zeros_like(mask)
+    has = mask.sum(1) > 0
+    for _ in range(k):
+        pick = torch.multinomial(mask[has].cpu(), 1, generator=generator).squeeze(1) if has.any() else None
+        if pick is not None:
+            drawn[has.nonzero().squeeze(1), pick.to(mask.device)] = 1
+    ones = torch.ones(len(labels), 1, device=logits.device)
+    pos = torch.cat([ones, drawn], 1)
+    log_prob = F.log_softmax(logits / temperature, dim=1)
+    return -((pos * log_prob).sum(1) / pos.sum(1)).mean()
