@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Options(BaseModel):
@@ -96,6 +96,16 @@ class CentralizedOptions(Options):
     autoaugment: bool = Field(False, description="add AutoAugment (CIFAR policy) + Cutout to crop/flip")
     cutout: int = Field(16, ge=0, description="Cutout size with autoaugment")
     augment_chunk: int = Field(1, gt=0, description="images sharing one AutoAugment sub-policy draw")
+    pretrain: Literal["none", "rotation"] = Field(
+        "none", description="self-supervised stage 0 before the method (rotation: SSP, fedlt/centralized/pretrain.py)")
+    pretrain_epochs: int = Field(0, ge=0, description="epochs of the pretrain stage (> 0 with pretrain=rotation)")
+
+    @field_validator("pretrain_epochs")
+    @classmethod
+    def _pretrain_has_epochs(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("pretrain", "none") != "none" and value == 0:
+            raise ValueError("must be > 0 with centralized.pretrain=rotation")
+        return value
 
 
 def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str, str]]:

@@ -25,6 +25,7 @@ class Stream(IntEnum):
     CCVR = 9  # CCVR's virtual features and classifier re-fit, per round
     CREFF = 10  # CReFF's federated-feature initialisation (round 0) and classifier re-training, per round
     FAILURE = 11  # injected client failures (federation.failure_rate), per (round, client)
+    PRETRAIN = 12  # a centralized run's self-supervised stage 0 (SSP's rotations, the rotation head), under CENTRAL
 
 
 def seeded_rng(seed: int, *stream: int) -> np.random.Generator:

@@ -9,10 +9,19 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
 - :mod:`.experts`: multi-expert methods (balpoe, mdcs);
+- :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
+- :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
+- :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
-from fedlt.centralized import decoupled, experts, methods  # noqa: F401  (register the methods)
+from fedlt.centralized import (  # noqa: F401  (register the methods)
+           decoupled,
+           experts,
+           glmc,
+           methods,
+           sbcl,
+)
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight
 from fedlt.centralized.experts import TwoViews

@@ -1,6 +1,8 @@
 """The centralized epochs: train ``centralized.method`` (:class:`~fedlt.centralized.base.CentralizedMethod`) on the
 pooled long-tailed set with the same trainer, model, test set and metrics as the federated runs, one epoch per
-step of the shared run skeleton (:mod:`fedlt.run_loop`), resumable across the two stages of a decoupled method."""
+step of the shared run skeleton (:mod:`fedlt.run_loop`), resumable across the stages: an optional
+self-supervised stage 0 (``centralized.pretrain``, :mod:`.pretrain`), the method's stage 1 and a decoupled
+method's stage 2."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
+from fedlt.centralized.pretrain import rotation_model, rotation_objective
 from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.evaluation import evaluate_model
@@ -18,7 +21,7 @@ from fedlt.experiment import Experiment, augment_for, experiment_for
 from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
-from fedlt.streams import Stream, torch_generator
+from fedlt.streams import Stream, seeded_rng, torch_generator
 from fedlt.train import NonFiniteLoss, OptimConfig, TensorData, make_optimizer, train
 
 
@@ -45,8 +48,9 @@ def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
 
 
 class CentralizedSteps:
-    """The epochs of a centralized run (:class:`fedlt.run_loop.Steps`): ``ceil(epochs)`` epochs of stage 1, then
-    a decoupled method's ``stage2_epochs`` on the frozen backbone; a checkpoint after every epoch."""
+    """The epochs of a centralized run (:class:`fedlt.run_loop.Steps`): ``pretrain_epochs`` of rotation prediction
+    (stage 0, with ``centralized.pretrain=rotation``), ``ceil(epochs)`` epochs of stage 1, then a decoupled
+    method's ``stage2_epochs`` on the frozen backbone; a checkpoint after every epoch."""
 
     unit = "epoch"
     checkpoint_every = 1
@@ -57,14 +61,26 @@ class CentralizedSteps:
         self.label = f"centralized {cfg.centralized.method}"
         self.model: nn.Module = self.method.build_model(exp).to(device)
         self.opt, self.opt2 = centralized_optim(cfg), stage2_optim(cfg, self.method)
-        self.optimizer = make_optimizer(self.model, self.opt)
         self.data: TensorData = exp.tensor_data("train", device=device)
         self.test = exp.tensor_data("test", device=device)
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL)
         self.augment = self.method.augment(self.data)
         self.epochs = cfg.centralized.epochs
         self.stage1, self.stage2 = int(np.ceil(self.epochs)), self.method.stage2_epochs()
-        self.total = self.stage1 + self.stage2
+        self.pretrain = cfg.centralized.pretrain_epochs if cfg.centralized.pretrain == "rotation" else 0
+        self.total = self.pretrain + self.stage1 + self.stage2
+        self.stage = 0 if self.pretrain else 1
+        if self.pretrain:
+            head_seed = int(seeded_rng(cfg.seed, Stream.INIT, Stream.PRETRAIN).integers(2**31))
+            self.rotation = rotation_model(self.model, head_seed).to(device)
+            self.rotation_rng = seeded_rng(cfg.seed, Stream.CENTRAL, Stream.PRETRAIN)
+            self.optimizer = make_optimizer(self.rotation, self.opt)
+        else:
+            self.optimizer = make_optimizer(self.model, self.opt)
+
+    def begin_stage1(self) -> None:
+        """After stage 0: the method's model (pre-trained features, its own classifier), a fresh optimizer."""
+        self.optimizer = make_optimizer(self.model, self.opt)
         self.stage = 1
 
     def begin_stage2(self) -> None:
@@ -85,6 +101,14 @@ class CentralizedSteps:
 
     def _train_epoch(self, t: int) -> dict:
         epoch = t - 1
+        if self.stage == 0 and epoch >= self.pretrain:
+            self.begin_stage1()
+        if self.stage == 0:
+            result = train(self.rotation, self.data, rotation_objective(self.rotation_rng), opt=self.opt, epochs=1.0,
+                           generator=self.generator, augment=augment_for(self.cfg), optimizer=self.optimizer,
+                           start_epoch=epoch, total_epochs=self.pretrain)
+            return {"stage": 0, "train_loss": result.loss, "train_images": result.num_examples}
+        epoch -= self.pretrain
         if epoch >= self.stage1 and self.stage == 1:
             self.begin_stage2()
         if self.stage == 1:
@@ -110,10 +134,19 @@ class CentralizedSteps:
         return False
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "method": self.method.state_dict()}
+        state = {"stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "generator": self.generator.get_state(), "method": self.method.state_dict()}
+        if self.pretrain:
+            state["pretrain"] = {"head": self.rotation.classifier.state_dict(),
+                                 "rng": self.rotation_rng.bit_generator.state}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.pretrain:
+            self.rotation.classifier.load_state_dict(state["pretrain"]["head"])
+            self.rotation_rng.bit_generator.state = state["pretrain"]["rng"]
+            if state["stage"] >= 1:
+                self.begin_stage1()
         if state["stage"] == 2:
             self.begin_stage2()
         self.model.load_state_dict(state["model"])
@@ -123,6 +156,7 @@ class CentralizedSteps:
 
     def summary(self) -> dict:
         return {"mode": "centralized", "method": self.cfg.centralized.method, "epochs": self.epochs,
+                "pretrain": self.cfg.centralized.pretrain, "pretrain_epochs": self.pretrain,
                 "stage2_epochs": self.stage2, "train_class_counts": self.exp.train_counts.tolist()}
 
 
