@@ -25,6 +25,8 @@ class Stream(IntEnum):
     CCVR = 9  # CCVR's virtual features and classifier re-fit, per round
     CREFF = 10  # CReFF's federated-feature initialisation (round 0) and classifier re-training, per round
     FAILURE = 11  # injected client failures (federation.failure_rate), per (round, client)
+    LOCAL_TEST = 12  # each client's local test set drawn from the balanced test set, per client
+    PERSONALISE = 13  # a client's personalisation (fine-tuning) before its local evaluation, per client
 
 
 def seeded_rng(seed: int, *stream: int) -> np.random.Generator:
