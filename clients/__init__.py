@@ -2,8 +2,10 @@
 
 from clients import (  # noqa: F401  # noqa: F401
     fedavg,
+    fedbabu,
     fedlc,
     fedprox,
+    fedrod,
     gbme,  # noqa: F401
     local_loss,
 )

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from fedlt.config import Config
+from fedlt.experiment import augment_for
 from fedlt.options import ClientOptions
+from fedlt.streams import Stream, torch_generator
 from fedlt.train import (
     Augment,
     Objective,
@@ -71,6 +73,23 @@ class ClientMethod:
         return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
                          metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps,
                                   "train-images": result.num_examples})
+
+    def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
+        """The client's personalised model for its local evaluation (:mod:`fedlt.federation.local_eval`), built
+        from the received global model (already in ``model``) and the client's training ``data``.
+
+        Default: the global model itself, or, with ``eval.finetune_epochs`` = E > 0, the global model after E
+        epochs of plain local cross-entropy SGD at the message's lr (FedAvg+FT, the fine-tuning baseline of
+        FedBABU, Oh et al., ICLR 2022, and FedLoGe), batches drawn from the stream
+        ``(seed, Stream.PERSONALISE, partition id)``. A method with a personal part of its own overrides this;
+        per-client state the server keeps for it arrives in ``config["records"]``."""
+        epochs = self.cfg.eval.finetune_epochs
+        if epochs <= 0:
+            return model
+        gen = torch_generator(self.cfg.seed, Stream.PERSONALISE, int(config.get("partition-id", 0)))
+        train(model, data, cross_entropy_objective, opt=self.optim(config), generator=gen,
+              augment=augment_for(self.cfg), epochs=epochs, sampler=instance_balanced_sampler)
+        return model
 
     def query(self, action: str, model: nn.Module, data: TensorData, config: dict,
               generator: torch.Generator, augment: Augment) -> FitResult:

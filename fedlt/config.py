@@ -87,6 +87,11 @@ class EvalConfig(Options):
 
     batch_size: int = Field(1024, gt=0, description="evaluation batch size")
     every: int = Field(1, gt=0, description="evaluate every N rounds / epochs (and after the last)")
+    local: Literal["off", "final", "every"] = Field(
+        "off", description="personalised (local) evaluation of a federated run: each client's personalised model "
+        "on its own local test set (fedlt/federation/local_eval.py), at the final evaluation or at every one")
+    finetune_epochs: float = Field(0.0, ge=0, description="local evaluation: epochs of local cross-entropy "
+                                   "fine-tuning of the global model before it is evaluated (FedAvg+FT; 0: none)")
 
 
 class Config(Options):

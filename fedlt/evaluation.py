@@ -25,11 +25,12 @@ def evaluate_model(model: nn.Module, test: TensorData, train_counts: np.ndarray,
 
 
 ROW_KEYS = ("loss", "accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
+LOCAL_ROW_KEYS = ("local_accuracy", "local_accuracy_weighted")  # where the round had a local evaluation
 
 
 def metrics_row(m: dict) -> dict:
     """The per-round / per-epoch metrics that go into ``metrics.jsonl`` (no per-class lists)."""
-    return {k: m[k] for k in ROW_KEYS}
+    return {**{k: m[k] for k in ROW_KEYS}, **{k: m[k] for k in LOCAL_ROW_KEYS if k in m}}
 
 
 def due(step: int, total: int, every: int) -> bool:

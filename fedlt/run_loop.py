@@ -22,8 +22,6 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-import numpy as np
-
 from fedlt.config import Config
 from fedlt.device import environment, peak_memory
 from fedlt.evaluation import due, metrics_row, progress_line
@@ -75,18 +73,17 @@ def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
     return f"{what}; elapsed time and time left (eta) on every progress line"
 
 
-def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarray, np.ndarray, np.ndarray, str],
-              device: Any) -> dict:
+def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: Any) -> dict:
     """Run (or resume) ``steps`` into ``run``; return the summary. ``partition`` is (client × class counts,
-    training class counts, test class counts, method name) for partition.json. Holds the run directory's lock
+    training class counts, test class counts, method name[, local test sets]) for partition.json
+    (:meth:`RunDir.write_partition`). Holds the run directory's lock
     throughout (:meth:`RunDir.lock`); a directory of another config is a :class:`FedLTError`."""
     with run.lock():
         run.check_config(cfg)
         return _run_steps(cfg, run, steps, partition, device)
 
 
-def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple[np.ndarray, np.ndarray, np.ndarray, str],
-               device: Any) -> dict:
+def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: Any) -> dict:
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
     meters = {"train_seconds": 0.0, "train_images": 0}  # time in steps.step() and the images it trained on
     if ckpt is None:

@@ -211,12 +211,16 @@ class RunDir:
         write_json(f, {**(json.loads(f.read_text()) if f.is_file() else {}), **extra})
 
     def write_partition(self, counts: np.ndarray, train_counts: np.ndarray, test_counts: np.ndarray,
-                        method: str) -> None:
-        write_json(self.path / "partition.json", {
-            "method": method, "num_clients": int(counts.shape[0]),
-            "train_class_counts": train_counts, "test_class_counts": test_counts,
-            "client_sizes": counts.sum(1), "client_class_counts": counts,
-        })
+                        method: str, local_test: tuple[np.ndarray, list[np.ndarray]] | None = None) -> None:
+        """partition.json; with ``local_test`` (client × class counts, per-client test indices) also the local
+        test sets of the personalised evaluation (:mod:`fedlt.federation.local_eval`)."""
+        record = {"method": method, "num_clients": int(counts.shape[0]),
+                  "train_class_counts": train_counts, "test_class_counts": test_counts,
+                  "client_sizes": counts.sum(1), "client_class_counts": counts}
+        if local_test is not None:
+            record["local_test_class_counts"] = local_test[0]
+            record["local_test_indices"] = [np.asarray(i).tolist() for i in local_test[1]]
+        write_json(self.path / "partition.json", record)
 
     def append_metrics(self, row: dict) -> None:
         """Append ``row`` to metrics.jsonl and, where tensorboard is installed, its numbers to the event file:

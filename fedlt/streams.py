@@ -26,6 +26,8 @@ class Stream(IntEnum):
     CREFF = 10  # CReFF's federated-feature initialisation (round 0) and classifier re-training, per round
     FAILURE = 11  # injected client failures (federation.failure_rate), per (round, client)
     PRETRAIN = 12  # a centralized run's self-supervised stage 0 (SSP's rotations, the rotation head), under CENTRAL
+    LOCAL_TEST = 13  # each client's local test set drawn from the balanced test set, per client
+    PERSONALISE = 14  # a client's personalisation (fine-tuning) before its local evaluation, per client
 
 
 def seeded_rng(seed: int, *stream: int) -> np.random.Generator:

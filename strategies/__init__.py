@@ -7,8 +7,10 @@ from strategies import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
     dp_server_fixed,
     fedavg,
     fedavgm,
+    fedbabu,
     fedlc,
     fedprox,
+    fedrod,
     gbme,  # noqa: F401
     posthoc_calibration,
 )

@@ -279,3 +279,23 @@ def test_accuracy_curve_starts_at_round_zero(runs, tmp_path, monkeypatch):
     curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 2]
     assert curves and all(list(ln.get_xdata()) == [0, 1, 2, 3] for ln in curves)
     assert ax.get_xlim()[0] < 0 and "initial model" in ax.get_xlabel()
+
+
+def test_local_accuracy_column_beside_global_accuracy(tmp_path):
+    from fedlt.report.runs import load_runs
+    from fedlt.report.tables import build_rows, markdown_table
+
+    root = tmp_path / "runs"
+    for seed, local in ((0, 0.8), (1, 0.9)):
+        d = make_run(root, f"fa{seed}", "federated", "fedavg", seed, 0.4)
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "local_accuracy": local}))
+    make_run(root, "ce0", "centralized", "ce", 0, 0.6)
+    runs, _ = load_runs([root])
+    lines = markdown_table(build_rows(runs)).splitlines()
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    col = head.index("Local acc")
+    cells = {line.split("|")[2].strip(): line.strip("|").split("|")[col].strip() for line in lines[2:]}
+    assert cells["fedavg"] == "85.0 ± 7.1" and cells["ce"] == "n/a"
+    without = markdown_table(build_rows(load_runs([root / "ce0"])[0]))
+    assert "Local acc" not in without

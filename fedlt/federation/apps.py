@@ -44,7 +44,7 @@ from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.dp import client_clipping_mod
-from fedlt.federation.records import load_into, metric_record, to_arrays
+from fedlt.federation.records import load_into, metric_record, to_arrays, to_state
 from fedlt.federation.strategy import CLIENT_ERROR
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, seeded_rng, torch_generator
@@ -136,6 +136,17 @@ def _reply(msg: Message, result: FitResult, pid: int) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def message_config(msg: Message) -> dict:
+    """A client message's config as a dict, with the client's own records (every ArrayRecord but the global
+    ``arrays``, :meth:`fedlt.federation.strategy.FedLTStrategy.client_records`) as state dicts under
+    ``config["records"]`` where there are any."""
+    config = dict(msg.content["config"])
+    records = {k: to_state(v) for k, v in msg.content.array_records.items() if k != "arrays"}
+    if records:
+        config["records"] = records
+    return config
+
+
 @contextmanager
 def client_errors(msg: Message, context: Context) -> Iterator[None]:
     """Mark a :class:`FedLTError` raised on a client (bad data, a non-finite loss) with :data:`CLIENT_ERROR`,
@@ -169,7 +180,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if "arrays" in msg.content:
             load_into(model, msg.content["arrays"])
         method: ClientMethod = CLIENTS.get(c.client.name)(c)
-        config = dict(msg.content["config"])
+        config = message_config(msg)
         gen = torch_generator(c.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
         return c, pid, exp.client_data(pid, device), model, method, config, gen
 
@@ -190,6 +201,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         if config["action"] == "partition-id":
             pid = int(context.node_config["partition-id"])
             return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        import fedlt.federation.local_eval  # noqa: F401  (registers the core query ``local-eval``)
         from fedlt.federation.queries import (
             QUERIES,  # computations every client answers (prior, features …)
         )

@@ -143,6 +143,9 @@ class StrategyWrapper(FedLTStrategy):
     def train_config(self, server_round: int, partition_id: int) -> dict:
         return self.base.train_config(server_round, partition_id)
 
+    def client_records(self, server_round: int, partition_id: int) -> dict[str, ArrayRecord]:
+        return self.base.client_records(server_round, partition_id)
+
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return self.base.transform_logits(logits)
 

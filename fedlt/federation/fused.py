@@ -70,7 +70,7 @@ from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
-from fedlt.federation.apps import _reply, make_client_app
+from fedlt.federation.apps import _reply, make_client_app, message_config
 from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, run_on_grid
 from fedlt.federation.records import load_into
 from fedlt.registry import CLIENTS
@@ -294,7 +294,7 @@ class FusedGrid(InProcessGrid):
                 trainable = None
                 for msg in msgs:
                     pid = int(self.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
-                    config = dict(msg.content["config"])
+                    config = message_config(msg)
                     if "arrays" in msg.content:
                         load_into(model, msg.content["arrays"])
                     data = self._client_data(pid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -19,6 +20,7 @@ from fedlt.device import resolve_device
 from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, experiment_for, model_for
+from fedlt.federation.local_eval import LOCAL_EVAL, local_metrics, local_tests
 from fedlt.federation.records import load_into, to_arrays
 from fedlt.federation.strategy import FedLTStrategy, RoundRecord, round_lr
 from fedlt.registry import STRATEGIES
@@ -71,6 +73,7 @@ class FederatedSteps:
         self.strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
         self.strategy.bind(discover_nodes(grid, cfg.partition.num_clients, cfg.federation.discovery_timeout))
         self.test = exp.tensor_data("test", device=device)
+        self.round = 0  # the latest round trained in this process (resumed: set by load_state_dict)
 
     def start(self) -> None:
         self.strategy.begin_round(0)
@@ -78,6 +81,7 @@ class FederatedSteps:
 
     def step(self, server_round: int) -> dict:
         t0 = time.time()
+        self.round = server_round
         self.strategy.begin_round(server_round)
         config = ConfigRecord({"lr": round_lr(self.cfg, server_round)})
         arrays, train_metrics = self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid)
@@ -99,18 +103,44 @@ class FederatedSteps:
         return record.aggregated or self.strategy.last_cohort
 
     def evaluate(self, final: bool) -> dict:
-        return evaluate_model(self.strategy.eval_model(self.model), self.test, self.exp.train_counts,
-                              self.cfg.eval.batch_size, self.strategy.transform_logits, with_bins=final)
+        model = self.strategy.eval_model(self.model)
+        metrics = evaluate_model(model, self.test, self.exp.train_counts, self.cfg.eval.batch_size,
+                                 self.strategy.transform_logits, with_bins=final)
+        local = self.cfg.eval.local
+        if local == "every" or (local == "final" and final):
+            metrics.update(self.evaluate_local(model))
+        return metrics
+
+    def evaluate_local(self, model: torch.nn.Module) -> dict:
+        """Every client's personalised model on its local test set (the query ``local-eval``,
+        :mod:`fedlt.federation.local_eval`), from the model the global evaluation evaluates (the strategy's
+        ``eval_model``, e.g. CCVR's calibrated classifier, where it has the global model's keys; its post-hoc
+        ``transform_logits`` is a global-test-set change and is not applied). A failed client within
+        ``federation.max_failures`` is left out (``local_clients`` says how many answered)."""
+        state = model.state_dict()
+        arrays = to_arrays(state) if state.keys() == self.model.state_dict().keys() else self.strategy.global_arrays
+        t = max(self.round, 1)  # the round just trained (the initial model: round 1's lr)
+        self.strategy.begin_round(self.round)
+        replies = self.strategy.query(self.grid, list(range(self.strategy.num_clients)), arrays, LOCAL_EVAL,
+                                      {"lr": round_lr(self.cfg, t)}, server_round=t)
+        k, c = self.strategy.num_clients, self.exp.num_classes
+        correct, counts = np.zeros((k, c), np.int64), np.zeros((k, c), np.int64)
+        for msg in replies:
+            m = next(iter(msg.content.metric_records.values()))
+            pid = int(m["partition-id"])
+            correct[pid], counts[pid] = m["local-correct"], m["local-total"]
+        return local_metrics(correct, counts, self.exp.train_counts)
 
     def finish(self) -> bool:
         return False
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "strategy": self.strategy.state_dict()}
+        return {"model": self.model.state_dict(), "strategy": self.strategy.state_dict(), "round": self.round}
 
     def load_state_dict(self, state: dict) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.strategy.global_arrays = to_arrays(state["model"])
+        self.round = int(state.get("round", 0))
         load_into(self.model, self.strategy.global_arrays)
 
     def summary(self) -> dict:
@@ -126,5 +156,6 @@ def run_rounds(grid: Grid, cfg: Config, run: RunDir) -> dict:
         run.check_config(cfg)
         exp = experiment_for(cfg)
         device = resolve_device(cfg.device)
-        partition = (exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method)
+        local = local_tests(cfg) if cfg.eval.local != "off" else None
+        partition = (exp.partition_counts(), exp.train_counts, exp.test.class_counts, cfg.partition.method, local)
         return run_steps(cfg, run, FederatedSteps(grid, cfg, exp, device), partition, device)

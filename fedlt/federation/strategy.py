@@ -8,6 +8,9 @@ Hooks a strategy plug-in may override (each optional):
   send-and-receive, aggregate_train); a strategy with sub-rounds (GBME's expert phase) or extra query
   rounds (CReFF) overrides it;
 - ``train_config(server_round, partition_id)``: extra config for one client's train message;
+- ``client_records(server_round, partition_id)``: extra ArrayRecords for one client's messages (train and
+  query): per-client state the server keeps for it, e.g. FedROD's personal head (the client reads them from
+  ``config["records"]``, :func:`fedlt.federation.apps.message_config`);
 - ``aggregate_train(server_round, replies)``: Flower's own hook: checks the replies, then ``aggregate_checked``;
 - ``aggregate_checked(server_round, replies)``: the aggregation of checked replies (Flower's FedAvg by
   default; a strategy with another rule, e.g. FedAvgM's server momentum, inherits it from Flower);
@@ -172,7 +175,8 @@ class FedLTStrategy(FedAvg):
         for pid in pids:
             cfg = ConfigRecord({**dict(config), "server-round": server_round, "partition-id": pid,
                                 **self.outer.train_config(server_round, pid)})
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg,
+                                  **self.outer.client_records(server_round, pid)})
             out.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
         return out
 
@@ -258,6 +262,9 @@ class FedLTStrategy(FedAvg):
         return model
 
     def train_config(self, server_round: int, partition_id: int) -> dict:
+        return {}
+
+    def client_records(self, server_round: int, partition_id: int) -> dict[str, ArrayRecord]:
         return {}
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:

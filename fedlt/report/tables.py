@@ -22,9 +22,11 @@ import numpy as np
 from fedlt.report.runs import Run
 from fedlt.sweep import flatten
 
-METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
+METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "local_accuracy")
 HEADERS = {"accuracy": "Acc", "balanced_accuracy": "Bal. acc", "many": "Many", "medium": "Med.", "few": "Few",
-           "ece": "ECE"}
+           "ece": "ECE", "local_accuracy": "Local acc"}
+# local_accuracy: the mean over clients of each personalised model's accuracy on its own local test set
+# (fedlt/federation/local_eval.py; eval.local), beside the global model's accuracy; n/a where not evaluated.
 # Throughput (mean over seeds): wall-clock seconds per round (federated) or epoch (centralized), evaluation
 # included; training images per second of training time (images: epochs × examples of every trained client).
 SPEED = ("seconds_per_step", "images_per_second")
@@ -198,8 +200,10 @@ def cell(stat: tuple[float | None, float | None]) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Other*
-    column only where some row has keys that tell it apart from rows of the same method."""
-    head = ["Mode", "Method", "Data", "β", "α", "K", "Other", "Seeds"] + [HEADERS[m] for m in METRICS] + \
+    column only where some row has keys that tell it apart from rows of the same method; *Local acc* only
+    where some row has a local evaluation."""
+    metrics = [m for m in METRICS if m != "local_accuracy" or any(r.stats[m][0] is not None for r in rows)]
+    head = ["Mode", "Method", "Data", "β", "α", "K", "Other", "Seeds"] + [HEADERS[m] for m in metrics] + \
            ["Δ best central"] + [SPEED_HEADERS[k] for k in SPEED]
     if not any(r.other for r in rows):
         head.remove("Other")
@@ -208,7 +212,7 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
                  r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
-                [str(len(r.runs))] + [cell(r.stats[m]) for m in METRICS] + \
+                [str(len(r.runs))] + [cell(r.stats[m]) for m in metrics] + \
                 ["–" if r.gap is None else f"{100 * r.gap:+.1f}"] + \
                 [_speed(r.stats["seconds_per_step"][0], "{:.1f}"), _speed(r.stats["images_per_second"][0], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
