@@ -88,6 +88,7 @@ class CentralizedSteps:
         if epoch >= self.stage1 and self.stage == 1:
             self.begin_stage2()
         if self.stage == 1:
+            self.method.begin_epoch(self.model, self.data, self.augment, epoch)
             result = train(self.model, self.data, self.method.objective(epoch), opt=self.opt,
                            epochs=min(1.0, self.epochs - epoch), generator=self.generator, augment=self.augment,
                            sampler=self.method.sampler(), optimizer=self.optimizer, start_epoch=epoch,

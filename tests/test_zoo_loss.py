@@ -1,0 +1,177 @@
+"""Centralized zoo II, losses and re-weighting: EQL (tztztztztz/eql.detectron2) and AREA (xiaohua-chen/AREA), each
+against a transcription of the official arithmetic on hand-made inputs; a 1-epoch centralized smoke run; and one
+federated round (in-process engine) with the method as the client objective."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_centralized_methods import tiny_cfg, tiny_experiment
+from test_federated_methods import simulate, tiny_config, tiny_lists  # noqa: F401  (fixture)
+
+import fedlt.centralized as C
+import fedlt.centralized.run as R
+from fedlt.losses.area import area_class_weights, area_weights, batch_effective_areas, class_feature_means
+from fedlt.losses.equalization import eql_bias_init, equalization_loss
+from fedlt.registry import CENTRALIZED, CLIENTS, LOSSES
+from fedlt.rundir import RunDir
+
+
+# --------------------------------------------------------------------------- EQL
+def official_eql_loss(pred_class_logits, gt_classes, freq_info, lambda_):
+    """EQLFastRCNNOutputs.eql_loss of projects/EQL/eql/fast_rcnn.py, transcribed (background index n_c)."""
+    n_i, n_c = pred_class_logits.size()
+    target = pred_class_logits.new_zeros(n_i, n_c + 1)
+    target[torch.arange(n_i), gt_classes] = 1
+    target = target[:, :n_c]
+    exclude = (gt_classes != n_c).float().view(n_i, 1).expand(n_i, n_c)
+    threshold = pred_class_logits.new_zeros(n_c)
+    threshold[freq_info < lambda_] = 1
+    threshold = threshold.view(1, n_c).expand(n_i, n_c)
+    eql_w = 1 - exclude * threshold * (1 - target)
+    cls_loss = F.binary_cross_entropy_with_logits(pred_class_logits, target, reduction="none")
+    return torch.sum(cls_loss * eql_w) / n_i
+
+
+def test_eql_matches_the_official_loss_and_silences_tail_negatives():
+    counts = torch.tensor([50, 30, 15, 5])  # f = (0.5, 0.3, 0.15, 0.05)
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.5], [-0.3, 0.7, 1.2, -2.0], [0.1, 0.2, -0.4, 0.9]], requires_grad=True)
+    y = torch.tensor([0, 2, 3])
+    lam = 0.2  # classes 2 and 3 are tail
+    ours = equalization_loss(logits, y, counts, lam)
+    official = official_eql_loss(logits.detach(), y, counts / counts.sum(), lam)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    ours.backward()
+    g = logits.grad
+    assert g[0, 2] == 0 and g[0, 3] == 0 and g[1, 3] == 0  # negatives of the tail classes: no gradient
+    assert g[1, 2] != 0 and g[2, 3] != 0  # their positives do
+    assert g[1, 0] != 0 and g[2, 1] != 0  # head negatives do
+    # λ = 0 is the plain sigmoid BCE summed over classes
+    plain = F.binary_cross_entropy_with_logits(logits.detach(), F.one_hot(y, 4).float(), reduction="sum") / 3
+    assert equalization_loss(logits.detach(), y, counts, 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_eql_head_starts_at_the_prior_probability():
+    assert eql_bias_init(0.001) == pytest.approx(-math.log(999))
+    method = CENTRALIZED.get("eql")(tiny_cfg("eql"), np.array([40, 16, 8, 4]))
+    model = method.build_model(tiny_experiment())
+    assert torch.allclose(model.classifier.bias, torch.full((4,), -math.log(999)))
+    assert model.classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    again = CENTRALIZED.get("eql")(tiny_cfg("eql"), np.array([40, 16, 8, 4])).build_model(tiny_experiment())
+    assert torch.equal(model.classifier.weight, again.classifier.weight)  # seeded
+
+
+# --------------------------------------------------------------------------- AREA
+def official_area_weights(batches, cls_num_list, feature_mean):
+    """calculate_eff_weight of AREA_cifar.py, transcribed (numpy indexing, per-class loop, Eq. 14)."""
+    class_num = len(cls_num_list)
+    eff_all = torch.zeros(class_num)
+    for features, target in batches:
+        mu = feature_mean[target]
+        feature_bz = features - mu
+        index = torch.unique(target)
+        index2 = target.numpy()
+        eff = torch.zeros(class_num)
+        for i in range(len(index)):
+            index3 = torch.squeeze(torch.from_numpy(np.argwhere(index2 == index[i].item())))
+            fj = feature_bz[index3]
+            if fj.dim() == 1:
+                eff[index[i]] = 1
+            else:
+                ab = torch.matmul(fj, fj.transpose(0, 1))
+                a_norm = torch.unsqueeze(torch.sqrt(torch.mul(fj, fj).sum(axis=1)), 1)
+                length = torch.mul(a_norm, a_norm.transpose(0, 1))
+                length[length == 0] = 1
+                r = torch.div(ab, length)
+                num = fj.size(0)
+                a, b = torch.ones(1, num) / num, torch.ones(num, 1) / num
+                eff[index[i]] = 1 / torch.matmul(torch.matmul(a, r), b)
+        eff_all = eff_all + eff
+    weights = torch.where(eff_all > 0, 1 / eff_all, eff_all)
+    return weights / torch.sum(weights) * class_num
+
+
+def official_feature_mean(batches, cls_num_list, dim):
+    """get_feature_mean of AREA_cifar.py, transcribed."""
+    total = torch.zeros(len(cls_num_list), dim)
+    for features, target in batches:
+        for out, label in zip(features, target):
+            total[label] = total[label] + out
+    return total / torch.tensor(cls_num_list).unsqueeze(1)
+
+
+def test_area_effective_area_by_hand():
+    means = torch.zeros(3, 2)
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    eff = batch_effective_areas(h, y, means)
+    # class 0: orthogonal pair, aᵀRa = (1+1)/4 -> 2; class 1: two parallel + one zero vector: R sums to 4 of 9
+    # -> 9/4; class 2: one sample -> 1
+    assert eff.tolist() == pytest.approx([2.0, 9 / 4, 1.0])
+    # 1/A = (1/2, 1/4, 0), Σ = 3/4, × C = 3 (the absent class still counts in C, as in Eq. 14 of the code)
+    assert area_weights(torch.tensor([2.0, 4.0, 0.0])).tolist() == pytest.approx([2.0, 1.0, 0.0])
+
+
+def test_area_weights_match_the_official_two_passes():
+    g = torch.Generator().manual_seed(0)
+    counts = [7, 4, 2, 1]
+    labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    feats = torch.randn(len(labels), 5, generator=g)
+    perms = [torch.randperm(len(labels), generator=g) for _ in range(2)]
+
+    def batches_of(perm):
+        return [(feats[perm[s:s + 4]], labels[perm[s:s + 4]]) for s in range(0, len(perm), 4)]
+
+    means = official_feature_mean(batches_of(perms[0]), counts, 5)
+    assert torch.allclose(class_feature_means(iter(batches_of(perms[0])), 4, torch.tensor(counts)), means, atol=1e-6)
+    expected = official_area_weights(batches_of(perms[1]), counts, means)
+    passes = iter([batches_of(perms[0]), batches_of(perms[1])])
+    ours = area_class_weights(lambda: iter(next(passes)), 4, torch.tensor(counts))
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert ours.sum().item() == pytest.approx(4.0)
+
+
+def test_area_reweights_from_its_epoch(monkeypatch):
+    cfg = tiny_cfg("area", "centralized.epochs=4", "centralized.area_fraction=0.5")
+    method = CENTRALIZED.get("area")(cfg, np.array([40, 16, 8, 4]))
+    exp = tiny_experiment()
+    model = method.build_model(exp)
+    data = exp.tensor_data("train", device=torch.device("cpu"))
+    method.begin_epoch(model, data, None, 1)
+    assert method.weights is None
+    method.begin_epoch(model, data, None, 2)
+    w = method.weights
+    assert w.shape == (4,) and w.sum().item() == pytest.approx(4.0) and (w > 0).all()
+    x, y = torch.randn(6, 1, 12, 12), torch.tensor([0, 0, 1, 2, 3, 3])
+    expected = F.cross_entropy(model(x), y, weight=w)
+    assert method.objective(2)(model, x, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- runs
+@pytest.mark.parametrize("method,extra", [("eql", ["centralized.lam=0.2"]), ("area", ["centralized.area_fraction=0"])])
+def test_smoke_one_epoch(method, extra, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg(method, *extra), RunDir(tmp_path))
+    for key in ("accuracy", "balanced_accuracy", "loss", "ece"):
+        assert math.isfinite(summary[key]), key
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_registered():
+    assert {"eql", "area"} <= set(CENTRALIZED) and "eql" in LOSSES and "area" in CLIENTS
+
+
+@pytest.mark.parametrize("overrides", [["client.name=local_loss", "client.loss=eql", "client.loss_options={lam: 0.1}"],
+                                       ["client.name=area"]], ids=["local_loss_eql", "area_client"])
+def test_one_federated_round(tiny_lists, tmp_path, overrides):  # noqa: F811
+    cfg = tiny_config(tiny_lists, "federation.rounds=1", *overrides)
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert len(rows) == 1 and math.isfinite(rows[0]["accuracy"])
+    assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
