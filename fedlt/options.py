@@ -91,6 +91,10 @@ class CentralizedOptions(Options):
     autoaugment: bool = Field(False, description="add AutoAugment (CIFAR policy) + Cutout to crop/flip")
     cutout: int = Field(16, ge=0, description="Cutout size with autoaugment")
     augment_chunk: int = Field(1, gt=0, description="images sharing one AutoAugment sub-policy draw")
+    sam: Literal["none", "cc_sam"] = Field("none", description="cc_sam: class-conditional sharpness-aware "
+                                           "classifier around the method's objective (fedlt/sharpness.py)")
+    sam_flat_ratio: float = Field(0.3, ge=0, le=1, description="CC-SAM weight λ of the perturbed loss")
+    sam_noise_ratio: float = Field(1e-6, ge=0, description="CC-SAM noise ratio r of the perturbation")
 
 
 def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str, str]]:

@@ -175,3 +175,110 @@ def test_one_federated_round(tiny_lists, tmp_path, overrides):  # noqa: F811
     summary, rows = simulate(cfg, tmp_path / "run")
     assert len(rows) == 1 and math.isfinite(rows[0]["accuracy"])
     assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+
+
+# --------------------------------------------------------------------------- CC-SAM
+def official_cc_sam_step(model, x, y, class_ratio, flat_ratio, noise_ratio):
+    """train() of zzpustc/CC-SAM train_cifar.py for one batch, transcribed (no mixup, no DataParallel): the loss,
+    after which ``backward`` leaves the official gradients in the classifier."""
+    from copy import deepcopy
+
+    fea = model.features(x)
+    o = model.classifier(fea)
+    loss_ori = F.cross_entropy(o, y, reduction="none")
+    y_in = y.numpy()
+    params_num = sum(p.numel() for p in model.classifier.parameters())
+    disturb_params = list(model.classifier.parameters())
+    origin_params = deepcopy(disturb_params)
+    grad_list = {}
+    for y_tmp in np.unique(y_in):
+        idx = np.where(y_in == y_tmp)
+        grad_list[str(y_tmp)] = list(torch.autograd.grad(loss_ori[idx].mean(), disturb_params, retain_graph=True))
+    param_norm = torch.norm(torch.stack([p.norm(p=2) for p in disturb_params]), p=2) + 1e-12
+    loss_list, noises = [], {}
+    for y_tmp in np.unique(y_in):
+        idx = np.where(y_in == y_tmp)
+        noises[int(y_tmp)] = []
+        for param_c, param in enumerate(disturb_params):
+            grad_c = grad_list[str(y_tmp)][param_c]
+            grad_c_norm = torch.norm(grad_c)
+            rho_c = (noise_ratio * torch.sqrt(param_norm) / torch.sqrt(grad_c_norm) / np.sqrt(2)
+                     / np.sqrt(np.sqrt(class_ratio[y_tmp] - 1)) / np.sqrt(np.sqrt(params_num)))
+            noise = rho_c * 1.0 * (grad_c / grad_c_norm) * np.sqrt(params_num)
+            noises[int(y_tmp)].append(noise.detach().clone())
+            param.data = param.data + noise
+        o_tmp = model.classifier(fea[idx])
+        loss_list.extend(F.cross_entropy(o_tmp, y[idx], reduction="none"))
+        for i in range(len(disturb_params)):
+            disturb_params[i].data = origin_params[i].data.clone()
+    return (1 - flat_ratio) * loss_ori.mean() + flat_ratio * torch.stack(loss_list).mean(), noises
+
+
+def tiny_split_model():
+    from fedlt.models.base import SplitModel
+
+    torch.manual_seed(0)
+    return SplitModel(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh()), torch.nn.Linear(3, 4), 3)
+
+
+def test_cc_sam_perturbation_and_loss_match_the_official_step():
+    from fedlt.sharpness import cc_sam_objective, cc_sam_perturbation
+    from fedlt.train import cross_entropy_objective
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 5, generator=g), torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    counts = np.array([50, 20, 9, 3])
+    ratio, noise_ratio = 0.3, 0.05  # a noise ratio large enough that the perturbation changes the loss
+
+    official_model, ours_model = tiny_split_model(), tiny_split_model()
+    official, noises = official_cc_sam_step(official_model, x, y, counts, ratio, noise_ratio)
+    official.backward()
+    # the perturbation of each class, by itself
+    head = ours_model.classifier
+    params = list(head.parameters())
+    loss_ori = F.cross_entropy(head(ours_model.features(x)), y, reduction="none")
+    for c in range(4):
+        grads = torch.autograd.grad(loss_ori[y == c].mean(), params, retain_graph=True)
+        for ours, theirs in zip(cc_sam_perturbation(list(grads), params, float(counts[c]), noise_ratio), noises[c]):
+            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-8)
+    assert noises[0][0].norm() > 1e-3  # not a vanishing perturbation
+    # the loss and the classifier's gradient (taken at θ + ε_c in both: ∂o/∂W does not depend on W)
+    ours = cc_sam_objective(cross_entropy_objective, torch.tensor(counts), ratio, noise_ratio)(ours_model, x, y)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    plain = F.cross_entropy(ours_model(x), y)
+    assert abs(ours.item() - plain.item()) > 1e-4  # the flat term is not the plain loss
+    ours.backward()
+    for a, b in zip(ours_model.classifier.parameters(), official_model.classifier.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cc_sam_wraps_any_loss_objective_in_the_trainer():
+    """With sam=cc_sam and a zero noise ratio the objective is (1−λ)L + λΣ_c (B_c/B) L_c: for a batch-mean loss
+    that is L itself, so one SGD step equals the plain step; a positive noise ratio changes it."""
+    from fedlt.losses import loss_objective
+    from fedlt.train import OptimConfig, TensorData, train
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 2 + [3] * 2)
+    data = TensorData(torch.randint(0, 256, (13, 5, 1, 1), generator=g, dtype=torch.uint8), labels,
+                      torch.tensor([0.5]), torch.tensor([0.25]), 4)
+    objective = loss_objective(LOSSES.get("eql")(data.class_counts, lam=0.3))
+
+    def step(sam, noise):
+        model = tiny_split_model()
+        model.features[0] = torch.nn.Sequential(torch.nn.Flatten(), model.features[0])
+        opt = OptimConfig(lr=0.5, batch_size=16, sam=sam, sam_noise_ratio=noise, momentum=0, weight_decay=0)
+        train(model, data, objective, opt=opt, steps=1, generator=torch.Generator().manual_seed(0))
+        return model.classifier.weight.detach()
+
+    plain = step("none", 0.0)
+    assert torch.allclose(step("cc_sam", 0.0), plain, atol=1e-6)
+    assert not torch.allclose(step("cc_sam", 0.5), plain, atol=1e-4)
+
+
+def test_cc_sam_centralized_option(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg("area", "centralized.sam=cc_sam", "centralized.area_fraction=0"),
+                                RunDir(tmp_path))
+    assert math.isfinite(summary["accuracy"])
