@@ -1,7 +1,8 @@
 """CC-SAM: class-conditional sharpness-aware minimisation of the classifier (Zhou et al., "Class-Conditional
 Sharpness-Aware Minimization for Deep Long-Tailed Recognition", CVPR 2023; follows zzpustc/CC-SAM
 ``train_cifar.py`` ``train`` (stage 1), constants of ``configs/Cifar10.json``), as an option of the one trainer
-(:func:`fedlt.train.train`, ``OptimConfig.sam = "cc_sam"``) around ANY objective that calls ``model(x)`` once.
+(:func:`fedlt.train.train`, ``OptimConfig.sam = "cc_sam"``) around ANY objective that calls ``model(x)`` on its
+batch (every loss objective; mixup, which calls the model on mixed images, is refused with a one-line error).
 
 Per batch, with h = model.features(x) and θ the classifier's parameters (P numbers in all):
 
@@ -40,13 +41,19 @@ CC_SAM_NOISE_RATIO = 1e-6  # configs/Cifar10.json "noise_ratio"
 
 
 class _HeadOn(nn.Module):
-    """What an objective sees as the model: ``view(x) = head_params(features)`` (``x`` itself is not used)."""
+    """What an objective sees as the model: ``view(x) = head_params(features of x)``, the features computed once
+    per batch. An objective that calls the model on anything but the batch it was given (mixup's mixed images)
+    is refused: its features would not be those of its input."""
 
-    def __init__(self, head: nn.Module, params: dict[str, torch.Tensor], features: torch.Tensor) -> None:
+    def __init__(self, head: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 features: torch.Tensor) -> None:
         super().__init__()
-        self.head, self.params, self.h = head, params, features
+        self.head, self.params, self.x, self.h = head, params, x, features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.x:
+            raise FedLTError("sam=cc_sam needs an objective that calls model(x) on its own batch x (this one "
+                             "transforms the batch first, e.g. mixup)")
         return functional_call(self.head, self.params, (self.h,))
 
 
@@ -78,15 +85,16 @@ def cc_sam_objective(objective: "Objective", class_counts: torch.Tensor, flat_ra
         names = [n for n, p in head.named_parameters() if p.requires_grad]
         params = dict(head.named_parameters())
         trainable = [params[n] for n in names]
-        loss = objective(_HeadOn(head, params, h), x, y)
+        loss = objective(_HeadOn(head, params, x, h), x, y)
         flat = loss.new_zeros(())
         for c in torch.unique(y).tolist():
             idx = y == c
-            class_loss = objective(_HeadOn(head, params, h[idx]), x[idx], y[idx])
+            xc = x[idx]
+            class_loss = objective(_HeadOn(head, params, xc, h[idx]), xc, y[idx])
             grads = torch.autograd.grad(class_loss, trainable, retain_graph=True)
             noise = cc_sam_perturbation(list(grads), trainable, float(counts[c]), noise_ratio)
             perturbed = {**params, **{n: p + e.detach() for n, p, e in zip(names, trainable, noise)}}
-            flat = flat + idx.sum() / len(y) * objective(_HeadOn(head, perturbed, h[idx]), x[idx], y[idx])
+            flat = flat + idx.sum() / len(y) * objective(_HeadOn(head, perturbed, xc, h[idx]), xc, y[idx])
         return (1 - flat_ratio) * loss + flat_ratio * flat
 
     return sam_objective

@@ -282,3 +282,12 @@ def test_cc_sam_centralized_option(tmp_path, monkeypatch):
     summary = C.run_centralized(tiny_cfg("area", "centralized.sam=cc_sam", "centralized.area_fraction=0"),
                                 RunDir(tmp_path))
     assert math.isfinite(summary["accuracy"])
+
+
+def test_cc_sam_refuses_an_objective_that_transforms_the_batch(tmp_path, monkeypatch):
+    from fedlt.errors import FedLTError
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    with pytest.raises(FedLTError, match="sam=cc_sam needs an objective that calls model"):
+        C.run_centralized(tiny_cfg("mixup", "centralized.sam=cc_sam"), RunDir(tmp_path))
