@@ -291,3 +291,64 @@ def test_cc_sam_refuses_an_objective_that_transforms_the_batch(tmp_path, monkeyp
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     with pytest.raises(FedLTError, match="sam=cc_sam needs an objective that calls model"):
         C.run_centralized(tiny_cfg("mixup", "centralized.sam=cc_sam"), RunDir(tmp_path))
+
+
+# --------------------------------------------------------------------------- TDE
+def official_causal_norm_forward(x, weight, embed, training, num_head=2, tau=16.0, alpha=1.0, gamma=0.03125):
+    """Causal_Norm_Classifier.forward of classification/models/CausalNormClassifier.py, transcribed."""
+    head_dim = weight.shape[1] // num_head
+    scale = tau / num_head
+
+    def multi_head_call(func, t, w=None):
+        return torch.cat([func(item, w) if w else func(item) for item in torch.split(t, head_dim, dim=1)], dim=1)
+
+    def l2_norm(t):
+        return t / torch.norm(t, 2, 1, keepdim=True)
+
+    def causal_norm(t, w):
+        return t / (torch.norm(t, 2, 1, keepdim=True) + w)
+
+    normed_w = multi_head_call(causal_norm, weight, w=gamma)
+    normed_x = multi_head_call(l2_norm, x)
+    y = torch.mm(normed_x * scale, normed_w.t())
+    if not training:
+        normed_c = multi_head_call(l2_norm, embed.view(1, -1))
+        output = []
+        for nx, nc, nw in zip(torch.split(normed_x, head_dim, 1), torch.split(normed_c, head_dim, 1),
+                              torch.split(normed_w, head_dim, 1)):
+            cos_val = (nx * nc).sum(-1, keepdim=True) / torch.norm(nx, 2, 1, keepdim=True) / torch.norm(nc, 2, 1,
+                                                                                                         keepdim=True)
+            output.append(torch.mm((nx - cos_val * alpha * nc) * scale, nw.t()))
+        y = sum(output)
+    return y
+
+
+def test_tde_head_matches_the_official_classifier_and_moving_average():
+    from fedlt.centralized.tde import CausalNormClassifier
+
+    g = torch.Generator().manual_seed(0)
+    head = CausalNormClassifier(6, 4, num_head=2, tau=16.0, alpha=1.5, gamma=0.03125, mu=0.9)
+    x1, x2, xt = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g)
+    # training: plain causal-norm logits, and ē ← 0.9·ē + mean(x) per batch (run_networks.py, CIFAR: μ fixed)
+    assert torch.allclose(head(x1), official_causal_norm_forward(x1, head.weight, None, True, alpha=1.5), atol=1e-5)
+    head(x2)
+    embed = 0.9 * (0.9 * torch.zeros(6) + x1.mean(0)) + x2.mean(0)
+    assert torch.allclose(head.embed, embed, atol=1e-6)
+    # test: the counterfactual logits
+    head.eval()
+    expected = official_causal_norm_forward(xt, head.weight.detach(), embed, False, alpha=1.5)
+    assert torch.allclose(head(xt), expected, atol=1e-5)
+    assert not torch.allclose(expected, official_causal_norm_forward(xt, head.weight.detach(), embed, True), atol=1e-3)
+    assert torch.equal(head.embed, embed)  # evaluation does not move the average
+    fresh = CausalNormClassifier(6, 4)
+    fresh.eval()
+    assert torch.isfinite(fresh(xt)).all()  # no training batch yet: no removal (the official ē would be 0/0)
+
+
+def test_tde_smoke_and_resume_keeps_the_moving_average(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg("tde"), RunDir(tmp_path))
+    assert math.isfinite(summary["accuracy"])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["model"]
+    assert state["classifier.embed"].abs().sum() > 0

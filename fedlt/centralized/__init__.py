@@ -9,11 +9,11 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
 - :mod:`.experts`: multi-expert methods (balpoe, mdcs);
-- :mod:`.eql`, :mod:`.area`: the equalization loss and effective-area re-weighting;
+- :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss, effective-area re-weighting, causal-norm + TDE;
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
-from fedlt.centralized import area, decoupled, eql, experts, methods  # noqa: F401  (register the methods)
+from fedlt.centralized import area, decoupled, eql, experts, methods, tde  # noqa: F401  (register the methods)
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight
 from fedlt.centralized.experts import TwoViews
