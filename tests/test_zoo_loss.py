@@ -352,3 +352,10 @@ def test_tde_smoke_and_resume_keeps_the_moving_average(tmp_path, monkeypatch):
     assert math.isfinite(summary["accuracy"])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["model"]
     assert state["classifier.embed"].abs().sum() > 0
+
+
+def test_tde_refuses_cc_sam_at_config_time():
+    from fedlt.errors import FedLTError
+
+    with pytest.raises(FedLTError, match="tde cannot run with centralized.sam=cc_sam"):
+        tiny_cfg("tde", "centralized.sam=cc_sam")

@@ -88,6 +88,13 @@ class TDE(CentralizedMethod):
         mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
         use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.centralized.sam != "none":
+            raise FedLTError("centralized.method=tde cannot run with centralized.sam=cc_sam: CC-SAM calls the head "
+                             "once per class of a batch, and every training call of the causal-norm head moves its "
+                             "moving-average feature")
+
     def build_model(self, exp: Experiment) -> nn.Module:
         model = model_for(self.cfg, exp)
         o = self.opt
