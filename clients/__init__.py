@@ -1,6 +1,7 @@
 """Client-method plug-ins: one file each, registered by name with ``@CLIENTS.register``."""
 
 from clients import (  # noqa: F401  # noqa: F401
+    area,
     fedavg,
     fedbabu,
     fedlc,

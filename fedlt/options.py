@@ -106,6 +106,10 @@ class CentralizedOptions(Options):
         if info.data.get("pretrain", "none") != "none" and value == 0:
             raise ValueError("must be > 0 with centralized.pretrain=rotation")
         return value
+    sam: Literal["none", "cc_sam"] = Field("none", description="cc_sam: class-conditional sharpness-aware "
+                                           "classifier around the method's objective (fedlt/sharpness.py)")
+    sam_flat_ratio: float = Field(0.3, ge=0, le=1, description="CC-SAM weight λ of the perturbed loss")
+    sam_noise_ratio: float = Field(1e-6, ge=0, description="CC-SAM noise ratio r of the perturbation")
 
 
 def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str, str]]:

@@ -93,6 +93,9 @@ class OptimConfig:
     schedule: str = "constant"  # constant | step | cosine | cosine_epoch
     milestones: list[float] = field(default_factory=list)  # epochs, for "step"
     gamma: float = 0.1
+    sam: str = "none"  # none | cc_sam: the objective made class-conditionally sharpness-aware (fedlt.sharpness)
+    sam_flat_ratio: float = 0.3  # CC-SAM's weight λ of the perturbed loss
+    sam_noise_ratio: float = 1e-6  # CC-SAM's noise ratio r
 
     def lr_at(self, epoch: float, total_epochs: float) -> float:
         """lr at fractional ``epoch`` of ``total_epochs`` (warm-up is linear from lr/warmup to lr)."""
@@ -181,6 +184,9 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
           start_epoch: float = 0.0, total_epochs: float | None = None) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes (or ``steps`` batches) over ``data``.
 
+    With ``opt.sam = "cc_sam"`` the objective is made class-conditionally sharpness-aware in the classifier
+    (:func:`fedlt.sharpness.cc_sam_objective`, class counts of ``data``), whatever the objective.
+
     The lr follows ``opt`` at the global position ``start_epoch + progress`` of ``total_epochs``,
     so a caller may split one schedule over several calls (a centralized run that checkpoints, or
     federated rounds that share a schedule). Batches of one sample are dropped (BatchNorm).
@@ -196,6 +202,12 @@ def train(model: nn.Module, data: TensorData, objective: Objective = cross_entro
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or make_optimizer(model, opt)
+    if opt.sam == "cc_sam":
+        from fedlt.sharpness import cc_sam_objective
+
+        objective = cc_sam_objective(objective, data.class_counts, opt.sam_flat_ratio, opt.sam_noise_ratio)
+    elif opt.sam != "none":
+        raise ValueError(f"unknown sharpness-aware option {opt.sam!r}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 

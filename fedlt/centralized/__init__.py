@@ -12,15 +12,19 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
+- :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss, effective-area re-weighting, causal-norm + TDE;
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
 from fedlt.centralized import (  # noqa: F401  (register the methods)
-           decoupled,
-           experts,
-           glmc,
-           methods,
-           sbcl,
+    area,
+    decoupled,
+    eql,
+    experts,
+    glmc,
+    methods,
+    sbcl,
+    tde,
 )
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight

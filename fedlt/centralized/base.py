@@ -65,6 +65,9 @@ class CentralizedMethod:
     def build_model(self, exp: Experiment) -> nn.Module:
         return model_for(self.cfg, exp)
 
+    def begin_epoch(self, model: nn.Module, data: TensorData, augment: Augment | None, epoch: int) -> None:
+        """Called before each stage-1 epoch with the current model and the training data (AREA's weights)."""
+
     def loss_options(self, epoch: int) -> dict[str, Any]:
         """The options of ``loss`` at ``epoch`` (keywords of its factory, from ``self.opt``)."""
         return {}

@@ -34,7 +34,8 @@ def centralized_optim(cfg: Config) -> OptimConfig:
 
     return OptimConfig(lr=pick("lr"), momentum=pick("momentum"), weight_decay=pick("weight_decay"),
                        nesterov=pick("nesterov"), batch_size=pick("batch_size"), warmup_epochs=c.warmup_epochs,
-                       schedule=c.schedule, milestones=list(c.milestones), gamma=c.gamma)
+                       schedule=c.schedule, milestones=list(c.milestones), gamma=c.gamma, sam=c.sam,
+                       sam_flat_ratio=c.sam_flat_ratio, sam_noise_ratio=c.sam_noise_ratio)
 
 
 def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
@@ -112,6 +113,7 @@ class CentralizedSteps:
         if epoch >= self.stage1 and self.stage == 1:
             self.begin_stage2()
         if self.stage == 1:
+            self.method.begin_epoch(self.model, self.data, self.augment, epoch)
             result = train(self.model, self.data, self.method.objective(epoch), opt=self.opt,
                            epochs=min(1.0, self.epochs - epoch), generator=self.generator, augment=self.augment,
                            sampler=self.method.sampler(), optimizer=self.optimizer, start_epoch=epoch,

@@ -1,0 +1,42 @@
+"""AREA as a federated client objective: before local training, the client computes the AREA class weights
+(:mod:`fedlt.losses.area`, xiaohua-chen/AREA ``calculate_eff_weight``) from the received global model on its own
+data (two passes: class means, then effective areas), and trains the weighted CE ``F.cross_entropy(weight=w)``.
+
+``client.area_from_round`` (default 1): plain CE before that round (the official CE warm-up stage, counted in
+rounds). A class absent from the client gets weight 0, as a class absent from the official loader does.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fedlt.centralized.area import feature_pass
+from fedlt.client_method import ClientMethod, FitResult
+from fedlt.losses import cross_entropy_loss, loss_objective
+from fedlt.losses.area import area_class_weights, area_loss
+from fedlt.registry import CLIENTS
+from fedlt.train import Augment, Objective, TensorData
+
+
+@CLIENTS.register("area")
+class AREAClient(ClientMethod):
+    class Options(ClientMethod.Options):
+        area_from_round: int = Field(1, ge=1, description="first round that re-weights (CE before it)")
+
+    weights: torch.Tensor | None = None
+
+    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+            augment: Augment) -> FitResult:
+        self.weights = None
+        if int(config.get("server-round", 0)) >= self.opts.area_from_round:
+            batches = feature_pass(model.to(data.images.device), data, augment, self.cfg.train.batch_size, generator)
+            self.weights = area_class_weights(batches, data.num_classes, data.class_counts)
+        return super().fit(model, data, config, generator, augment)
+
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        if self.weights is None:
+            return loss_objective(cross_entropy_loss)
+        weights = self.weights
+        return loss_objective(lambda logits, targets: area_loss(logits, targets, weights))

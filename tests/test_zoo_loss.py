@@ -1,0 +1,361 @@
+"""Centralized zoo II, losses and re-weighting: EQL (tztztztztz/eql.detectron2) and AREA (xiaohua-chen/AREA), each
+against a transcription of the official arithmetic on hand-made inputs; a 1-epoch centralized smoke run; and one
+federated round (in-process engine) with the method as the client objective."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_centralized_methods import tiny_cfg, tiny_experiment
+from test_federated_methods import simulate, tiny_config, tiny_lists  # noqa: F401  (fixture)
+
+import fedlt.centralized as C
+import fedlt.centralized.run as R
+from fedlt.losses.area import area_class_weights, area_weights, batch_effective_areas, class_feature_means
+from fedlt.losses.equalization import eql_bias_init, equalization_loss
+from fedlt.registry import CENTRALIZED, CLIENTS, LOSSES
+from fedlt.rundir import RunDir
+
+
+# --------------------------------------------------------------------------- EQL
+def official_eql_loss(pred_class_logits, gt_classes, freq_info, lambda_):
+    """EQLFastRCNNOutputs.eql_loss of projects/EQL/eql/fast_rcnn.py, transcribed (background index n_c)."""
+    n_i, n_c = pred_class_logits.size()
+    target = pred_class_logits.new_zeros(n_i, n_c + 1)
+    target[torch.arange(n_i), gt_classes] = 1
+    target = target[:, :n_c]
+    exclude = (gt_classes != n_c).float().view(n_i, 1).expand(n_i, n_c)
+    threshold = pred_class_logits.new_zeros(n_c)
+    threshold[freq_info < lambda_] = 1
+    threshold = threshold.view(1, n_c).expand(n_i, n_c)
+    eql_w = 1 - exclude * threshold * (1 - target)
+    cls_loss = F.binary_cross_entropy_with_logits(pred_class_logits, target, reduction="none")
+    return torch.sum(cls_loss * eql_w) / n_i
+
+
+def test_eql_matches_the_official_loss_and_silences_tail_negatives():
+    counts = torch.tensor([50, 30, 15, 5])  # f = (0.5, 0.3, 0.15, 0.05)
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.5], [-0.3, 0.7, 1.2, -2.0], [0.1, 0.2, -0.4, 0.9]], requires_grad=True)
+    y = torch.tensor([0, 2, 3])
+    lam = 0.2  # classes 2 and 3 are tail
+    ours = equalization_loss(logits, y, counts, lam)
+    official = official_eql_loss(logits.detach(), y, counts / counts.sum(), lam)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    ours.backward()
+    g = logits.grad
+    assert g[0, 2] == 0 and g[0, 3] == 0 and g[1, 3] == 0  # negatives of the tail classes: no gradient
+    assert g[1, 2] != 0 and g[2, 3] != 0  # their positives do
+    assert g[1, 0] != 0 and g[2, 1] != 0  # head negatives do
+    # λ = 0 is the plain sigmoid BCE summed over classes
+    plain = F.binary_cross_entropy_with_logits(logits.detach(), F.one_hot(y, 4).float(), reduction="sum") / 3
+    assert equalization_loss(logits.detach(), y, counts, 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_eql_head_starts_at_the_prior_probability():
+    assert eql_bias_init(0.001) == pytest.approx(-math.log(999))
+    method = CENTRALIZED.get("eql")(tiny_cfg("eql"), np.array([40, 16, 8, 4]))
+    model = method.build_model(tiny_experiment())
+    assert torch.allclose(model.classifier.bias, torch.full((4,), -math.log(999)))
+    assert model.classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    again = CENTRALIZED.get("eql")(tiny_cfg("eql"), np.array([40, 16, 8, 4])).build_model(tiny_experiment())
+    assert torch.equal(model.classifier.weight, again.classifier.weight)  # seeded
+
+
+# --------------------------------------------------------------------------- AREA
+def official_area_weights(batches, cls_num_list, feature_mean):
+    """calculate_eff_weight of AREA_cifar.py, transcribed (numpy indexing, per-class loop, Eq. 14)."""
+    class_num = len(cls_num_list)
+    eff_all = torch.zeros(class_num)
+    for features, target in batches:
+        mu = feature_mean[target]
+        feature_bz = features - mu
+        index = torch.unique(target)
+        index2 = target.numpy()
+        eff = torch.zeros(class_num)
+        for i in range(len(index)):
+            index3 = torch.squeeze(torch.from_numpy(np.argwhere(index2 == index[i].item())))
+            fj = feature_bz[index3]
+            if fj.dim() == 1:
+                eff[index[i]] = 1
+            else:
+                ab = torch.matmul(fj, fj.transpose(0, 1))
+                a_norm = torch.unsqueeze(torch.sqrt(torch.mul(fj, fj).sum(axis=1)), 1)
+                length = torch.mul(a_norm, a_norm.transpose(0, 1))
+                length[length == 0] = 1
+                r = torch.div(ab, length)
+                num = fj.size(0)
+                a, b = torch.ones(1, num) / num, torch.ones(num, 1) / num
+                eff[index[i]] = 1 / torch.matmul(torch.matmul(a, r), b)
+        eff_all = eff_all + eff
+    weights = torch.where(eff_all > 0, 1 / eff_all, eff_all)
+    return weights / torch.sum(weights) * class_num
+
+
+def official_feature_mean(batches, cls_num_list, dim):
+    """get_feature_mean of AREA_cifar.py, transcribed."""
+    total = torch.zeros(len(cls_num_list), dim)
+    for features, target in batches:
+        for out, label in zip(features, target):
+            total[label] = total[label] + out
+    return total / torch.tensor(cls_num_list).unsqueeze(1)
+
+
+def test_area_effective_area_by_hand():
+    means = torch.zeros(3, 2)
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    eff = batch_effective_areas(h, y, means)
+    # class 0: orthogonal pair, aᵀRa = (1+1)/4 -> 2; class 1: two parallel + one zero vector: R sums to 4 of 9
+    # -> 9/4; class 2: one sample -> 1
+    assert eff.tolist() == pytest.approx([2.0, 9 / 4, 1.0])
+    # 1/A = (1/2, 1/4, 0), Σ = 3/4, × C = 3 (the absent class still counts in C, as in Eq. 14 of the code)
+    assert area_weights(torch.tensor([2.0, 4.0, 0.0])).tolist() == pytest.approx([2.0, 1.0, 0.0])
+
+
+def test_area_weights_match_the_official_two_passes():
+    g = torch.Generator().manual_seed(0)
+    counts = [7, 4, 2, 1]
+    labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    feats = torch.randn(len(labels), 5, generator=g)
+    perms = [torch.randperm(len(labels), generator=g) for _ in range(2)]
+
+    def batches_of(perm):
+        return [(feats[perm[s:s + 4]], labels[perm[s:s + 4]]) for s in range(0, len(perm), 4)]
+
+    means = official_feature_mean(batches_of(perms[0]), counts, 5)
+    assert torch.allclose(class_feature_means(iter(batches_of(perms[0])), 4, torch.tensor(counts)), means, atol=1e-6)
+    expected = official_area_weights(batches_of(perms[1]), counts, means)
+    passes = iter([batches_of(perms[0]), batches_of(perms[1])])
+    ours = area_class_weights(lambda: iter(next(passes)), 4, torch.tensor(counts))
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert ours.sum().item() == pytest.approx(4.0)
+
+
+def test_area_reweights_from_its_epoch(monkeypatch):
+    cfg = tiny_cfg("area", "centralized.epochs=4", "centralized.area_fraction=0.5")
+    method = CENTRALIZED.get("area")(cfg, np.array([40, 16, 8, 4]))
+    exp = tiny_experiment()
+    model = method.build_model(exp)
+    data = exp.tensor_data("train", device=torch.device("cpu"))
+    method.begin_epoch(model, data, None, 1)
+    assert method.weights is None
+    method.begin_epoch(model, data, None, 2)
+    w = method.weights
+    assert w.shape == (4,) and w.sum().item() == pytest.approx(4.0) and (w > 0).all()
+    x, y = torch.randn(6, 1, 12, 12), torch.tensor([0, 0, 1, 2, 3, 3])
+    expected = F.cross_entropy(model(x), y, weight=w)
+    assert method.objective(2)(model, x, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- runs
+@pytest.mark.parametrize("method,extra", [("eql", ["centralized.lam=0.2"]), ("area", ["centralized.area_fraction=0"])])
+def test_smoke_one_epoch(method, extra, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg(method, *extra), RunDir(tmp_path))
+    for key in ("accuracy", "balanced_accuracy", "loss", "ece"):
+        assert math.isfinite(summary[key]), key
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_registered():
+    assert {"eql", "area"} <= set(CENTRALIZED) and "eql" in LOSSES and "area" in CLIENTS
+
+
+@pytest.mark.parametrize("overrides", [["client.name=local_loss", "client.loss=eql", "client.loss_options={lam: 0.1}"],
+                                       ["client.name=area"]], ids=["local_loss_eql", "area_client"])
+def test_one_federated_round(tiny_lists, tmp_path, overrides):  # noqa: F811
+    cfg = tiny_config(tiny_lists, "federation.rounds=1", *overrides)
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert len(rows) == 1 and math.isfinite(rows[0]["accuracy"])
+    assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+
+
+# --------------------------------------------------------------------------- CC-SAM
+def official_cc_sam_step(model, x, y, class_ratio, flat_ratio, noise_ratio):
+    """train() of zzpustc/CC-SAM train_cifar.py for one batch, transcribed (no mixup, no DataParallel): the loss,
+    after which ``backward`` leaves the official gradients in the classifier."""
+    from copy import deepcopy
+
+    fea = model.features(x)
+    o = model.classifier(fea)
+    loss_ori = F.cross_entropy(o, y, reduction="none")
+    y_in = y.numpy()
+    params_num = sum(p.numel() for p in model.classifier.parameters())
+    disturb_params = list(model.classifier.parameters())
+    origin_params = deepcopy(disturb_params)
+    grad_list = {}
+    for y_tmp in np.unique(y_in):
+        idx = np.where(y_in == y_tmp)
+        grad_list[str(y_tmp)] = list(torch.autograd.grad(loss_ori[idx].mean(), disturb_params, retain_graph=True))
+    param_norm = torch.norm(torch.stack([p.norm(p=2) for p in disturb_params]), p=2) + 1e-12
+    loss_list, noises = [], {}
+    for y_tmp in np.unique(y_in):
+        idx = np.where(y_in == y_tmp)
+        noises[int(y_tmp)] = []
+        for param_c, param in enumerate(disturb_params):
+            grad_c = grad_list[str(y_tmp)][param_c]
+            grad_c_norm = torch.norm(grad_c)
+            rho_c = (noise_ratio * torch.sqrt(param_norm) / torch.sqrt(grad_c_norm) / np.sqrt(2)
+                     / np.sqrt(np.sqrt(class_ratio[y_tmp] - 1)) / np.sqrt(np.sqrt(params_num)))
+            noise = rho_c * 1.0 * (grad_c / grad_c_norm) * np.sqrt(params_num)
+            noises[int(y_tmp)].append(noise.detach().clone())
+            param.data = param.data + noise
+        o_tmp = model.classifier(fea[idx])
+        loss_list.extend(F.cross_entropy(o_tmp, y[idx], reduction="none"))
+        for i in range(len(disturb_params)):
+            disturb_params[i].data = origin_params[i].data.clone()
+    return (1 - flat_ratio) * loss_ori.mean() + flat_ratio * torch.stack(loss_list).mean(), noises
+
+
+def tiny_split_model():
+    from fedlt.models.base import SplitModel
+
+    torch.manual_seed(0)
+    return SplitModel(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh()), torch.nn.Linear(3, 4), 3)
+
+
+def test_cc_sam_perturbation_and_loss_match_the_official_step():
+    from fedlt.sharpness import cc_sam_objective, cc_sam_perturbation
+    from fedlt.train import cross_entropy_objective
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 5, generator=g), torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    counts = np.array([50, 20, 9, 3])
+    ratio, noise_ratio = 0.3, 0.05  # a noise ratio large enough that the perturbation changes the loss
+
+    official_model, ours_model = tiny_split_model(), tiny_split_model()
+    official, noises = official_cc_sam_step(official_model, x, y, counts, ratio, noise_ratio)
+    official.backward()
+    # the perturbation of each class, by itself
+    head = ours_model.classifier
+    params = list(head.parameters())
+    loss_ori = F.cross_entropy(head(ours_model.features(x)), y, reduction="none")
+    for c in range(4):
+        grads = torch.autograd.grad(loss_ori[y == c].mean(), params, retain_graph=True)
+        for ours, theirs in zip(cc_sam_perturbation(list(grads), params, float(counts[c]), noise_ratio), noises[c]):
+            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-8)
+    assert noises[0][0].norm() > 1e-3  # not a vanishing perturbation
+    # the loss and the classifier's gradient (taken at θ + ε_c in both: ∂o/∂W does not depend on W)
+    ours = cc_sam_objective(cross_entropy_objective, torch.tensor(counts), ratio, noise_ratio)(ours_model, x, y)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    plain = F.cross_entropy(ours_model(x), y)
+    assert abs(ours.item() - plain.item()) > 1e-4  # the flat term is not the plain loss
+    ours.backward()
+    for a, b in zip(ours_model.classifier.parameters(), official_model.classifier.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cc_sam_wraps_any_loss_objective_in_the_trainer():
+    """With sam=cc_sam and a zero noise ratio the objective is (1−λ)L + λΣ_c (B_c/B) L_c: for a batch-mean loss
+    that is L itself, so one SGD step equals the plain step; a positive noise ratio changes it."""
+    from fedlt.losses import loss_objective
+    from fedlt.train import OptimConfig, TensorData, train
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 2 + [3] * 2)
+    data = TensorData(torch.randint(0, 256, (13, 5, 1, 1), generator=g, dtype=torch.uint8), labels,
+                      torch.tensor([0.5]), torch.tensor([0.25]), 4)
+    objective = loss_objective(LOSSES.get("eql")(data.class_counts, lam=0.3))
+
+    def step(sam, noise):
+        model = tiny_split_model()
+        model.features[0] = torch.nn.Sequential(torch.nn.Flatten(), model.features[0])
+        opt = OptimConfig(lr=0.5, batch_size=16, sam=sam, sam_noise_ratio=noise, momentum=0, weight_decay=0)
+        train(model, data, objective, opt=opt, steps=1, generator=torch.Generator().manual_seed(0))
+        return model.classifier.weight.detach()
+
+    plain = step("none", 0.0)
+    assert torch.allclose(step("cc_sam", 0.0), plain, atol=1e-6)
+    assert not torch.allclose(step("cc_sam", 0.5), plain, atol=1e-4)
+
+
+def test_cc_sam_centralized_option(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg("area", "centralized.sam=cc_sam", "centralized.area_fraction=0"),
+                                RunDir(tmp_path))
+    assert math.isfinite(summary["accuracy"])
+
+
+def test_cc_sam_refuses_an_objective_that_transforms_the_batch(tmp_path, monkeypatch):
+    from fedlt.errors import FedLTError
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    with pytest.raises(FedLTError, match="sam=cc_sam needs an objective that calls model"):
+        C.run_centralized(tiny_cfg("mixup", "centralized.sam=cc_sam"), RunDir(tmp_path))
+
+
+# --------------------------------------------------------------------------- TDE
+def official_causal_norm_forward(x, weight, embed, training, num_head=2, tau=16.0, alpha=1.0, gamma=0.03125):
+    """Causal_Norm_Classifier.forward of classification/models/CausalNormClassifier.py, transcribed."""
+    head_dim = weight.shape[1] // num_head
+    scale = tau / num_head
+
+    def multi_head_call(func, t, w=None):
+        return torch.cat([func(item, w) if w else func(item) for item in torch.split(t, head_dim, dim=1)], dim=1)
+
+    def l2_norm(t):
+        return t / torch.norm(t, 2, 1, keepdim=True)
+
+    def causal_norm(t, w):
+        return t / (torch.norm(t, 2, 1, keepdim=True) + w)
+
+    normed_w = multi_head_call(causal_norm, weight, w=gamma)
+    normed_x = multi_head_call(l2_norm, x)
+    y = torch.mm(normed_x * scale, normed_w.t())
+    if not training:
+        normed_c = multi_head_call(l2_norm, embed.view(1, -1))
+        output = []
+        for nx, nc, nw in zip(torch.split(normed_x, head_dim, 1), torch.split(normed_c, head_dim, 1),
+                              torch.split(normed_w, head_dim, 1)):
+            cos_val = (nx * nc).sum(-1, keepdim=True) / torch.norm(nx, 2, 1, keepdim=True) / torch.norm(nc, 2, 1,
+                                                                                                         keepdim=True)
+            output.append(torch.mm((nx - cos_val * alpha * nc) * scale, nw.t()))
+        y = sum(output)
+    return y
+
+
+def test_tde_head_matches_the_official_classifier_and_moving_average():
+    from fedlt.centralized.tde import CausalNormClassifier
+
+    g = torch.Generator().manual_seed(0)
+    head = CausalNormClassifier(6, 4, num_head=2, tau=16.0, alpha=1.5, gamma=0.03125, mu=0.9)
+    x1, x2, xt = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g)
+    # training: plain causal-norm logits, and ē ← 0.9·ē + mean(x) per batch (run_networks.py, CIFAR: μ fixed)
+    assert torch.allclose(head(x1), official_causal_norm_forward(x1, head.weight, None, True, alpha=1.5), atol=1e-5)
+    head(x2)
+    embed = 0.9 * (0.9 * torch.zeros(6) + x1.mean(0)) + x2.mean(0)
+    assert torch.allclose(head.embed, embed, atol=1e-6)
+    # test: the counterfactual logits
+    head.eval()
+    expected = official_causal_norm_forward(xt, head.weight.detach(), embed, False, alpha=1.5)
+    assert torch.allclose(head(xt), expected, atol=1e-5)
+    assert not torch.allclose(expected, official_causal_norm_forward(xt, head.weight.detach(), embed, True), atol=1e-3)
+    assert torch.equal(head.embed, embed)  # evaluation does not move the average
+    fresh = CausalNormClassifier(6, 4)
+    fresh.eval()
+    assert torch.isfinite(fresh(xt)).all()  # no training batch yet: no removal (the official ē would be 0/0)
+
+
+def test_tde_smoke_and_resume_keeps_the_moving_average(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    summary = C.run_centralized(tiny_cfg("tde"), RunDir(tmp_path))
+    assert math.isfinite(summary["accuracy"])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["model"]
+    assert state["classifier.embed"].abs().sum() > 0
+
+
+def test_tde_refuses_cc_sam_at_config_time():
+    from fedlt.errors import FedLTError
+
+    with pytest.raises(FedLTError, match="tde cannot run with centralized.sam=cc_sam"):
+        tiny_cfg("tde", "centralized.sam=cc_sam")
