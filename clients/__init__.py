@@ -2,7 +2,9 @@
 
 from clients import (  # noqa: F401  # noqa: F401
     fedavg,
+    fedetf,
     fedlc,
+    fedloge,
     fedprox,
     gbme,  # noqa: F401
     local_loss,

@@ -7,7 +7,9 @@ from strategies import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
     dp_server_fixed,
     fedavg,
     fedavgm,
+    fedetf,
     fedlc,
+    fedloge,
     fedprox,
     gbme,  # noqa: F401
     posthoc_calibration,
