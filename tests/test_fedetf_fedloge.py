@@ -350,6 +350,12 @@ def test_tiny_federated_run(strategy, tiny_lists, tmp_path):
     summary, rows = simulate(cfg, tmp_path / strategy)
     assert summary["client"] == strategy and len(rows) == 2
     assert all(math.isfinite(r["accuracy"]) and math.isfinite(r["train_loss"]) for r in rows)
+    if strategy == "fedloge":  # the server kept the local head of every client that trained
+        state = torch.load(tmp_path / strategy / "checkpoint.pt", weights_only=True)
+        trained = {p for r in rows for p in r["clients"]}
+        heads = state["state"]["strategy"]["local_heads"]
+        assert {int(k) for k in heads} == trained
+        assert all(w.shape == (10, 128) and torch.isfinite(w).all() for w, _ in heads.values())
 
 
 @pytest.fixture(scope="module")
