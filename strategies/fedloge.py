@@ -7,7 +7,7 @@ messages and stores the one the client returns.
 Global model (``strategy.global_head``): ``gha`` (default) — the backbone with g_aux realigned,
 w_c ← 1.7·w_c/‖w_c‖ (``globaltest_calibra``; the readme's step 2.2); ``sse_c`` — the backbone with the fixed
 SSE-C (``fedloge.py``'s per-round ``globaltest`` with ``global_test_head = 'g_head'``); ``aux`` — g_aux as
-trained. Official protocol (CIFAR-10-LT): configs/federated/fedloge_cifar10_lt.yaml.
+trained; summary.json's ``fedloge_heads`` holds the final metrics of all three. Official protocol (CIFAR-10-LT): configs/federated/fedloge_cifar10_lt.yaml.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from clients.fedloge import FedLoGeHead, HeadModel, gha_weight
+from fedlt.federation.compose import global_model_metrics
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
 
@@ -52,15 +53,24 @@ class FedLoGe(FedLTStrategy):
                 del r.content["l-head"]  # Flower's FedAvg aggregates a reply's one ArrayRecord
         return super().aggregate_checked(server_round, replies)
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        head = model.classifier
-        if not isinstance(head, FedLoGeHead) or self.opts.global_head == "sse_c":
+    def eval_model(self, model: nn.Module, global_head: str | None = None) -> nn.Module:
+        head, which = model.classifier, global_head or self.opts.global_head
+        if not isinstance(head, FedLoGeHead) or which == "sse_c":
             return model
-        if self.opts.global_head == "aux":
+        if which == "aux":
             return HeadModel(model.features, head.aux)
         weight = gha_weight(head.aux.weight.detach())
         bias = head.aux.bias.detach()
         return HeadModel(model.features, lambda h: F.linear(h, weight.to(h.device), bias.to(h.device)))
+
+    def summary_extras(self) -> dict:
+        """summary.json's ``fedloge_heads``: the final global model's test metrics with each global head."""
+        out = super().summary_extras()
+        if self.global_arrays is not None:
+            out["fedloge_heads"] = {which: global_model_metrics(self, lambda m, w=which: self.eval_model(m, w),
+                                                                self.transform_logits)
+                                    for which in ("gha", "sse_c", "aux")}
+        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "local_heads": {str(k): [w, b] for k, (w, b) in self.local_heads.items()}}

@@ -356,6 +356,9 @@ def test_tiny_federated_run(strategy, tiny_lists, tmp_path):
         heads = state["state"]["strategy"]["local_heads"]
         assert {int(k) for k in heads} == trained
         assert all(w.shape == (10, 128) and torch.isfinite(w).all() for w, _ in heads.values())
+        by_head = summary["fedloge_heads"]
+        assert set(by_head) == {"gha", "sse_c", "aux"}
+        assert by_head["gha"]["accuracy"] == pytest.approx(rows[-1]["accuracy"])  # the reported global head
 
 
 @pytest.fixture(scope="module")
