@@ -368,3 +368,21 @@ def tiny_lists(tmp_path_factory):
     if not (CIFAR_JPEG / "train.txt").is_file():
         pytest.skip("no CIFAR-10 JPEG copy")
     return write_tiny_lists(tmp_path_factory.mktemp("tiny"))
+
+
+def test_fedetf_fused_engine_matches_inprocess(tiny_lists, tmp_path, capsys):
+    """The fused engine trains FedETF's clients as one stacked model (its fixed ETF, a non-persistent buffer, shared)
+    with the same result as the in-process engine."""
+    from test_federated_methods import tiny_config
+
+    from fedlt.federation.fused import run_fused
+    from fedlt.federation.inprocess import run_inprocess
+
+    results = {}
+    for name, engine in (("inprocess", run_inprocess), ("fused", run_fused)):
+        cfg = tiny_config(tiny_lists, "strategy.name=fedetf", f"federation.engine={name}")
+        s = engine(cfg, str(tmp_path / name))
+        results[name] = (s["accuracy"], s["loss"])
+    assert "fused training failed" not in capsys.readouterr().out
+    assert results["fused"][0] == results["inprocess"][0]
+    assert results["fused"][1] == pytest.approx(results["inprocess"][1], rel=1e-4)
