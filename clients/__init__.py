@@ -1,12 +1,14 @@
 """Client-method plug-ins: one file each, registered by name with ``@CLIENTS.register``."""
 
-from clients import (  # noqa: F401  # noqa: F401
+from clients import (  # noqa: F401
     area,
     fedavg,
     fedbabu,
+    fedetf,
     fedlc,
+    fedloge,
     fedprox,
     fedrod,
-    gbme,  # noqa: F401
+    gbme,
     local_loss,
 )

@@ -53,6 +53,14 @@ class ClientMethod:
         """Refuse, as a one-line :class:`~fedlt.errors.FedLTError`, a config this method cannot run (a check
         across sections, e.g. on the model; :func:`fedlt.config.check_parts` calls it when the config is read)."""
 
+    @classmethod
+    def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:
+        """The model this method trains, made from the config's model (default: unchanged). Called by
+        :func:`fedlt.experiment.model_for` on the server and on every client alike, under the seeded
+        initialisation stream, so a method that replaces the classifier (FedETF's projected simplex ETF,
+        FedLoGe's fixed sparse ETF) builds the same head everywhere."""
+        return model
+
     def optim(self, config: dict) -> OptimConfig:
         t = self.cfg.train
         return OptimConfig(lr=float(config.get("lr", t.lr)), momentum=t.momentum,

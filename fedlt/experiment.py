@@ -19,7 +19,7 @@ from fedlt.data.sources import Split, load_source
 from fedlt.errors import FedLTError
 from fedlt.models import SplitModel, build_model
 from fedlt.options import DataOptions
-from fedlt.registry import DATASETS
+from fedlt.registry import CLIENTS, DATASETS
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Augment, TensorData
 
@@ -138,12 +138,15 @@ def experiment_for(cfg: Config) -> Experiment:
 
 def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides) -> SplitModel:
     """The config's model (``name`` instead, where given), initialised from the seed; ``overrides`` replace
-    the model's options (``classifier="cosine"``)."""
+    the model's options (``classifier="cosine"``); then the client method's
+    :meth:`~fedlt.client_method.ClientMethod.adapt_model` (e.g. FedETF's classifier)."""
     name = name or cfg.model.name
     kw = {**cfg.model.model_dump(exclude={"name"}), **overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT).integers(2**31)))
-        return build_model(name, exp.num_classes, exp.in_channels, **kw)
+        model = build_model(name, exp.num_classes, exp.in_channels, **kw)
+        client = cfg.client.name
+        return model if client is None else CLIENTS.get(client).adapt_model(model, cfg, exp.num_classes)
 
 
 def augment_for(cfg: Config) -> Augment:

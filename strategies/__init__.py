@@ -1,6 +1,6 @@
 """Server-strategy plug-ins: one file each, registered by name with ``@STRATEGIES.register``."""
 
-from strategies import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
+from strategies import (  # noqa: F401
     ccvr,
     creff,
     dp_client_fixed,
@@ -8,9 +8,11 @@ from strategies import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
     fedavg,
     fedavgm,
     fedbabu,
+    fedetf,
     fedlc,
+    fedloge,
     fedprox,
     fedrod,
-    gbme,  # noqa: F401
+    gbme,
     posthoc_calibration,
 )

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion
 from test_bad_input import resumed_equals_uninterrupted
 
+from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.federation.local_eval import draw_local_tests, local_metrics, local_test_counts
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_fashion
 from flwr.app import Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.fedbabu import FedBABUClient
 from clients.fedrod import PERSONAL, FedRODClient, PersonalisedModel, RodPair, balanced_softmax_loss, fedrod_loss
+from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.models.base import SplitModel

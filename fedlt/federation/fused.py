@@ -187,7 +187,8 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
                       nesterov=opts[0].nesterov and opts[0].momentum > 0)
     param_names = [n for n, _ in model.named_parameters()]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    buffer_names = [n for n, _ in model.named_buffers()]
+    # the states' buffers; a non-persistent one (FedETF's fixed ETF) is not sent and stays the model's own
+    buffer_names = [n for n, _ in model.named_buffers() if n in states[0]]
     P = {n: torch.stack([s[n] for s in states]).to(device) for n in param_names}
     B = {n: torch.stack([s[n] for s in states]).to(device) for n in buffer_names}
     M = {n: torch.zeros_like(P[n]) for n in trainable}

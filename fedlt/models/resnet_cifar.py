@@ -107,3 +107,16 @@ def resnet8_x4(num_classes: int, in_channels: int = 3, classifier: str = "linear
 def resnet8(num_classes: int, in_channels: int = 3, **kw) -> SplitModel:
     """ResNet-8 (one block per stage), the CReFF / BalanceFL client model family."""
     return cifar_resnet(8, num_classes, in_channels, **kw)
+
+
+@MODELS.register("resnet18_cifar")
+def resnet18_cifar(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+    """ResNet-18 for 32×32 images (the kuangliu/pytorch-cifar layout that FedLoGe and Fed-GraB use,
+    ZackZikaiXiao/FedLoGe ``model/model_res.py``): a 3×3 stem with 64 channels, no max-pool, four stages of two
+    basic blocks (64, 128, 256, 512 channels; option-B shortcuts), global average pooling, 512-d features;
+    PyTorch's default initialisation. About 11.2M parameters."""
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        make_stage(64, 64, 2, 1, "B"), make_stage(64, 128, 2, 2, "B"), make_stage(128, 256, 2, 2, "B"),
+        make_stage(256, 512, 2, 2, "B"), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return SplitModel(features, make_classifier(512, num_classes, classifier, scale), 512)

@@ -1,0 +1,191 @@
+"""FedLoGe client (Xiao et al., "FedLoGe: Joint Local and Generic Federated Learning under Long-tailed Data",
+ICLR 2024; official code ZackZikaiXiao/FedLoGe).
+
+The model's classifier is replaced (:meth:`FedLoGeClient.adapt_model`) by :class:`FedLoGeHead`:
+
+- SSE-C, a fixed sparse ETF ``W_s`` (C × d) and a fixed bias (``nn.Linear``'s initial one, never trained, as
+  the official ``g_head``): :func:`sparse_etf` zeroes a random fraction β = 0.6 of a simplex ETF's entries,
+  then Adam (lr 10⁻⁴, 10,000 steps, gradients masked to the kept entries) on
+  Σ_c (‖m_c‖ − 0.1)² − mean_c arccos(clamp(max_{j≠c} cos(m_c, m_j), ±0.99999))
+  (``util/etf_methods.py``, ``ETF_Classifier.gen_sparse_ETF``; ``fedloge.py``, ``cls_switch = "SSE-C"``);
+- ``aux``: the global auxiliary head g_aux (``nn.Linear``), aggregated by FedAvg;
+- per client, a local head l_k (``nn.Linear``, never aggregated; the server keeps it and sends it back).
+
+Local training (``util/update_baseline.py``, ``update_weights_gaux``): per batch, CE(SSE-C(h), y) trains the
+backbone, CE(g_aux(h.detach()), y) the global head and CE(l_k(h.detach()), y) the local head (one SGD over
+the sum: the three losses touch disjoint parameters, as the official three optimizers).
+
+Global model (GHA, readme step 2.2 and ``util/update_baseline.py``, ``globaltest_calibra``):
+w_c ← 1.7·w_c/‖w_c‖ on g_aux's rows, bias unchanged (strategies/fedloge.py). Personalised model (LHA,
+readme step 2.1): logits = (diag(‖l_{k,c}‖)·W_aux) h + b_l + g_aux(h), classes the client holds no
+training sample of masked out. The official masks the classes absent from the client's *test* set (its
+``class_distribution``), reading test labels; fedlt masks by the client's training counts instead
+(``client.mask_absent``). The official ``localtest`` (``p_mode = 1``) evaluates l_k(h) + g_aux(h) without the
+realignment; fedlt follows the readme's LHA.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from clients.fedetf import simplex_etf
+from fedlt.client_method import ClientMethod, FitResult
+from fedlt.config import Config
+from fedlt.errors import FedLTError
+from fedlt.registry import CLIENTS
+from fedlt.streams import Stream, seeded_rng
+from fedlt.train import Augment, Objective, TensorData
+
+
+def sparse_etf(etf: torch.Tensor, zero: np.ndarray, steps: int, lr: float = 1e-4,
+               target_norm: float = 0.1) -> torch.Tensor:
+    """The official SSE-C optimisation of a (d × C) ETF with the flat indices ``zero`` set to 0: Adam on
+    Σ_c (‖m_c‖ − t)² − mean_c arccos(clamp(max_{j≠c} cos(m_c, m_j), −0.99999, 0.99999)), the gradient
+    multiplied by the non-zero mask (the zeroed entries stay 0). Returns the (d × C) matrix."""
+    m = etf.detach().clone().float().flatten()
+    m[torch.as_tensor(zero, dtype=torch.long)] = 0
+    m = m.reshape(etf.shape).requires_grad_(True)
+    mask = (m != 0).float()
+    opt = torch.optim.Adam([m], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        norms = torch.norm(m, p=2, dim=0)
+        norm_loss = torch.sum((norms - target_norm) ** 2)
+        cos = (m / norms).t() @ (m / norms)
+        cos = cos - torch.diag(torch.diagonal(cos)) - torch.eye(cos.shape[0])  # diagonal -1, as fill_(-1)
+        angle_loss = -torch.acos(cos.max(dim=1)[0].clamp(-0.99999, 0.99999)).mean()
+        (norm_loss + angle_loss).backward()
+        m.grad *= mask
+        opt.step()
+    return m.detach()
+
+
+@lru_cache(maxsize=8)
+def _sse_c(feature_dim: int, num_classes: int, sparsity: float, steps: int, seed: int) -> torch.Tensor:
+    """SSE-C (d × C) of one seed, computed once per process (every client and the server build the same)."""
+    rng = seeded_rng(seed)
+    etf = simplex_etf(torch.from_numpy(rng.random((feature_dim, num_classes))))
+    zero = rng.choice(feature_dim * num_classes, int(sparsity * feature_dim * num_classes), replace=False)
+    return sparse_etf(etf, zero, steps)
+
+
+def lha_logits(h: torch.Tensor, aux: nn.Linear, local: nn.Linear, absent: torch.Tensor | None = None) -> torch.Tensor:
+    """LHA: (diag(‖l_c‖)·W_aux) h + b_l + W_aux h + b_aux; ``absent`` (C bools) classes set to −inf."""
+    scaled = aux.weight * torch.norm(local.weight, p=2, dim=1).unsqueeze(1)
+    z = F.linear(h, scaled, local.bias) + aux(h)
+    return z if absent is None else z.masked_fill(absent.to(z.device), float("-inf"))
+
+
+def gha_weight(weight: torch.Tensor, scale: float = 1.7) -> torch.Tensor:
+    """GHA: each row w_c → scale·w_c/‖w_c‖ (the official 1.7)."""
+    return weight * (scale / torch.norm(weight, dim=1)).view(-1, 1)
+
+
+class FedLoGeHead(nn.Module):
+    """SSE-C (fixed, not sent) and the auxiliary global head; ``local`` is attached only while a client trains
+    or evaluates its own model. ``forward`` is SSE-C's output (the backbone's training logits)."""
+
+    def __init__(self, feature_dim: int, num_classes: int, sse: torch.Tensor) -> None:
+        super().__init__()
+        bias = nn.Linear(feature_dim, num_classes).bias.detach()  # the official g_head's untrained bias
+        self.register_buffer("sse_weight", sse.t().contiguous().clone(), persistent=False)
+        self.register_buffer("sse_bias", bias.clone(), persistent=False)
+        self.aux = nn.Linear(feature_dim, num_classes)
+        self.local: nn.Linear | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.sse_weight, self.sse_bias)
+
+
+class HeadModel(nn.Module):
+    """``head(features(x))`` for a head function of the features (GHA, LHA)."""
+
+    def __init__(self, features: nn.Module, head) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def fedloge_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE(SSE-C(h), y) + CE(g_aux(h.detach()), y) + CE(l_k(h.detach()), y)."""
+    h = m.features(x)
+    head: FedLoGeHead = m.classifier
+    loss = F.cross_entropy(head(h).float(), y) + F.cross_entropy(head.aux(h.detach()).float(), y)
+    if head.local is not None:
+        loss = loss + F.cross_entropy(head.local(h.detach()).float(), y)
+    return loss
+
+
+def _head(model: nn.Module) -> FedLoGeHead:
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, FedLoGeHead):
+        raise TypeError("the fedloge client needs the model its adapt_model builds (a FedLoGeHead)")
+    return head
+
+
+@CLIENTS.register("fedloge")
+class FedLoGeClient(ClientMethod):
+    class Options(ClientMethod.Options):
+        sparsity: float = Field(0.6, ge=0, lt=1, description="SSE-C: fraction β of the ETF's entries set to 0")
+        sse_steps: int = Field(10000, ge=0, description="SSE-C: Adam steps (lr 1e-4) of the official optimisation")
+        mask_absent: bool = Field(True, description="LHA: mask the classes the client has no training sample of")
+
+    @classmethod
+    def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:
+        if not hasattr(model, "feature_dim"):
+            raise FedLTError(f"client method fedloge needs a model with one classifier head, not {cfg.model.name}")
+        if model.feature_dim < num_classes:
+            raise FedLTError(f"client method fedloge needs a feature width ≥ the number of classes ({num_classes}), "
+                             f"model {cfg.model.name} has {model.feature_dim}")
+        seed = int(torch.randint(2**31 - 1, (1,)))  # from the seeded initialisation stream
+        sse = _sse_c(model.feature_dim, num_classes, cfg.client.sparsity, cfg.client.sse_steps, seed)
+        model.classifier = FedLoGeHead(model.feature_dim, num_classes, sse)
+        return model
+
+    def local_head(self, model: nn.Module, config: dict) -> nn.Linear:
+        """The client's l_k: as the server sent it (``l-head-weight``/``l-head-bias``), or, before the client's
+        first round, ``nn.Linear``'s initialisation from the seed and the partition id."""
+        head = _head(model)
+        d, c = head.aux.in_features, head.aux.out_features
+        pid = int(config.get("partition-id", 0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, 1, pid).integers(2**31)))
+            local = nn.Linear(d, c)
+        if "l-head-weight" in config:
+            with torch.no_grad():
+                local.weight.copy_(torch.as_tensor(list(config["l-head-weight"])).view(c, d))
+                local.bias.copy_(torch.as_tensor(list(config["l-head-bias"])))
+        return local.to(head.aux.weight.device)
+
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        _head(model)
+        return fedloge_loss
+
+    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+            augment: Augment) -> FitResult:
+        head = _head(model)
+        head.local = self.local_head(model, config)
+        result = super().fit(model, data, config, generator, augment)  # its state holds classifier.local.*
+        local = head.local
+        head.local = None
+        result.state = {k: v for k, v in result.state.items() if not k.startswith("classifier.local.")}
+        result.extra_arrays["l-head"] = {"weight": local.weight.detach().cpu(), "bias": local.bias.detach().cpu()}
+        return result
+
+    def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
+        """LHA: the global backbone and g_aux with the client's l_k (no further training, as the official)."""
+        head = _head(model)
+        local = self.local_head(model, config)
+        aux = copy.deepcopy(head.aux)
+        absent = (data.class_counts == 0) if self.opts.mask_absent else None
+        return HeadModel(model.features, lambda h: lha_logits(h, aux, local, absent)).eval()
