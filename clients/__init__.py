@@ -2,6 +2,7 @@
 
 from clients import (  # noqa: F401  # noqa: F401
     fedavg,
+    fedgrab,
     fedlc,
     fedprox,
     gbme,  # noqa: F401

@@ -7,6 +7,7 @@ from strategies import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
     dp_server_fixed,
     fedavg,
     fedavgm,
+    fedgrab,
     fedlc,
     fedprox,
     gbme,  # noqa: F401
