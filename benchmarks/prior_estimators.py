@@ -1,11 +1,13 @@
 """Global-prior estimators side by side on Fashion-MNIST-LT (IF = 100; the default config's data, model, lr).
 
-Run by hand (not in CI), from the repository root:
+Config: fedlt's defaults (Fashion-MNIST-LT IF = 100, small_cnn, SGD lr 0.05 m 0.9, batch 64, every client
+every round) with partition.alpha and partition.num_clients set. Run by hand (not in CI), from the repository root:
 
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py [--seeds 0 1 2] [--settings 0.5:10 ...]
         [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--out DIR]
 
-(1) error of each estimate (``strategy.prior`` = gbme, dpa, dp_counts at ε = 1, δ = 1e-5; :mod:`strategies.global_prior`)
+(1) error of each estimate (``strategy.prior`` = gbme, dpa, dp_counts and dp_counts_agm at ε = 1, δ = 1e-5;
+    :mod:`strategies.global_prior`)
     for α ∈ {0.1, 0.5, 1.0} × K ∈ {10, 100} clients: L1, KL(π‖π̂) and the mean relative error
     |π̂_c − π_c| / π_c over the few-shot classes (fedlt.metrics.class_groups), mean over ``--seeds``. Each
     estimate is computed exactly as a run's set-up computes it: the clients' one-epoch query from the seed's
@@ -45,6 +47,7 @@ from fedlt.streams import Stream, torch_generator  # noqa: E402
 from fedlt.train import predict_logits  # noqa: E402
 from strategies.gbme.prior import classifier_weight_dc, estimate_prior  # noqa: E402
 from strategies.global_prior import (  # noqa: E402
+    analytic_gaussian_sigma,
     dp_counts_estimate,
     dpa_estimate,
     gaussian_sigma,
@@ -54,13 +57,16 @@ from strategies.global_prior import (  # noqa: E402
 from strategies.posthoc_calibration import calibrate  # noqa: E402
 
 ALPHAS, CLIENTS_K = (0.1, 0.5, 1.0), (10, 100)
-ESTIMATORS = ("gbme", "dpa", "dp_counts", "oracle")
+ESTIMATORS = ("gbme", "dpa", "dp_counts", "dp_counts_agm", "oracle")
+
+
+MIN_SIZE: list[str] = []  # ["partition.min_size=N"] from --min-size
 
 
 def config(alpha: float, k: int, seed: int, rounds: int, *extra: str):
     return load_config(None, [f"seed={seed}", "mode=federated", f"partition.alpha={alpha}",
                               f"partition.num_clients={k}", f"federation.rounds={rounds}",
-                              f"eval.every={rounds}", *extra])
+                              f"eval.every={rounds}", *MIN_SIZE, *extra])
 
 
 def estimates(cfg, epsilon: float = 1.0, delta: float = 1e-5) -> dict:
@@ -68,8 +74,8 @@ def estimates(cfg, epsilon: float = 1.0, delta: float = 1e-5) -> dict:
     exp = experiment_for(cfg)
     model0 = model_for(cfg, exp)
     w0 = classifier_weight_dc(model0)
-    sigma = gaussian_sigma(epsilon, delta)
-    weights, sizes, noisy = [], [], []
+    sigmas = {"dp_counts": gaussian_sigma(epsilon, delta), "dp_counts_agm": analytic_gaussian_sigma(epsilon, delta)}
+    weights, sizes, noisy = [], [], {name: [] for name in sigmas}
     for pid in range(cfg.partition.num_clients):
         data = exp.client_data(pid)
         model = model_for(cfg, exp)
@@ -77,11 +83,12 @@ def estimates(cfg, epsilon: float = 1.0, delta: float = 1e-5) -> dict:
         r = QUERIES.get("prior-epoch")(cfg, model, data, {"lr": round_lr(cfg, 1)}, gen, augment_for(cfg))
         weights.append(r.extra_arrays["classifier"]["weight"])
         sizes.append(len(data))
-        gen = torch_generator(cfg.seed, Stream.CLIENT, 0, pid)
-        noisy.append(np.asarray(QUERIES.get("noisy-counts")(cfg, model, data, {"sigma": sigma}, gen,
-                                                           augment_for(cfg)).metrics["noisy-counts"]))
+        for name, sigma in sigmas.items():
+            gen = torch_generator(cfg.seed, Stream.CLIENT, 0, pid)
+            noisy[name].append(np.asarray(QUERIES.get("noisy-counts")(cfg, model, data, {"sigma": sigma}, gen,
+                                                                     augment_for(cfg)).metrics["noisy-counts"]))
     return {"gbme": estimate_prior(w0, weights, sizes).pi_hat, "dpa": dpa_estimate(w0, weights, sizes).pi_hat,
-            "dp_counts": dp_counts_estimate(noisy).pi_hat, "oracle": oracle_estimate(cfg).pi_hat}
+            **{name: dp_counts_estimate(noisy[name]).pi_hat for name in sigmas}, "oracle": oracle_estimate(cfg).pi_hat}
 
 
 def final_logits(cfg, run: Path) -> torch.Tensor:
@@ -128,16 +135,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16, help="rounds of the accuracy runs")
     ap.add_argument("--posthoc-settings", nargs="*", default=None, help="α:K for post-hoc accuracy (default: all)")
     ap.add_argument("--gbme-settings", nargs="*", default=["0.5:10"], help="α:K for GBME accuracy")
+    ap.add_argument("--min-size", type=int, default=None,
+                    help="partition.min_size (α=0.1 with 100 clients has no draw with the default 10 per client)")
     ap.add_argument("--out", default="runs/prior_estimators")
     args = ap.parse_args()
+    if args.min_size is not None:
+        MIN_SIZE.append(f"partition.min_size={args.min_size}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     posthoc_settings = args.settings if args.posthoc_settings is None else args.posthoc_settings
     raw: dict = {"errors": {}, "posthoc": {}, "gbme": {}, "args": vars(args)}
     err = ["| α | K | estimator | L1 | KL(π‖π̂) | few-shot rel. err |", "|---|---|---|---|---|---|"]
-    ph = ["| α | K | uncalibrated | " + " | ".join(ESTIMATORS) + " |", "|---" * 7 + "|"]
-    gb = ["| α | K | " + " | ".join(ESTIMATORS) + " |", "|---" * 6 + "|"]
+    ph = ["| α | K | uncalibrated | " + " | ".join(ESTIMATORS) + " |", "|---" * (len(ESTIMATORS) + 3) + "|"]
+    gb = ["| α | K | " + " | ".join(ESTIMATORS) + " |", "|---" * (len(ESTIMATORS) + 2) + "|"]
     seed0 = args.seeds[0]
 
     def write() -> None:
@@ -166,7 +177,7 @@ def main() -> None:
             m = {key: float(np.mean([d[key] for d in errs[e]])) for key in errs[e][0]}
             raw["errors"][f"{alpha}:{k}:{e}"] = {"mean": m, "per_seed": errs[e], "pi_hat_seed0": pis[e].tolist()}
             err.append(f"| {alpha} | {k} | {e} | {m['l1']:.3f} | {m['kl']:.3f} | {m['few_rel_err']:.2f} |")
-        print("\n".join(err[-4:]), flush=True)
+        print("\n".join(err[-len(ESTIMATORS):]), flush=True)
         write()
         if setting in posthoc_settings:
             t0 = time.time()

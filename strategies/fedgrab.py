@@ -31,7 +31,7 @@ from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
 from fedlt.registry import STRATEGIES
 from strategies.gbme.prior import COUNT_FLOOR, PriorEstimate, classifier_weight_dc, prior_report
-from strategies.global_prior import DirectPriorAnalyzer, GlobalPriorOptions, estimate_global_prior
+from strategies.global_prior import DirectPriorAnalyzer, GlobalPriorOptions, PriorName, estimate_global_prior
 
 SHOT_THRESHOLDS = (75.0, 95.0)  # WENO.weno_estimation: shot_split(…, threshold_3shot=[75, 95])
 SGB_KEYS = ("sgb-pos", "sgb-neg", "sgb-out", "sgb-err")
@@ -57,8 +57,8 @@ class FedGraB(FedLTStrategy):
     client = "fedgrab"
 
     class Options(FedLTStrategy.Options, GlobalPriorOptions):
-        prior: Literal["gbme", "dpa", "dp_counts", "oracle"] = Field(
-            "dpa", description="global-prior estimator: dpa (Fed-GraB's, every round), gbme, dp_counts or oracle")
+        prior: PriorName = Field(
+            "dpa", description="global-prior estimator: dpa (Fed-GraB's, every round), gbme, dp_counts(_agm), oracle")
         controlled: Literal["tail", "all"] = Field(
             "tail", description="classes the balancers control: the prior's tail (paper) or all (release)")
 

@@ -13,11 +13,16 @@
   count vector changes by one in one class when one of its samples is added or removed: L2 sensitivity Δ = 1,
   so the release is (ε, δ)-DP per client at sample level with σ = Δ·σ_RDP(ε, δ), σ_RDP from Opacus' RDP
   accountant for one Gaussian release (``strategy.prior_epsilon``, ``strategy.prior_delta``);
+- ``dp_counts_agm``: the same release with σ from the analytic Gaussian mechanism (Balle & Wang, "Improving the
+  Gaussian Mechanism for Differential Privacy", ICML 2018, Theorem 8): the smallest σ with
+  Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ) ≤ δ, which is exactly (ε, δ)-DP for one Gaussian release (σ = 3.73
+  against RDP's 4.05 at ε = 1, δ = 1e-5): the same privacy with 8 % less noise;
 - ``oracle``: the true training prior (no server knows it): an ablation measuring what the estimate costs.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -38,14 +43,14 @@ from fedlt.options import Options
 from fedlt.train import Augment, TensorData
 from strategies.gbme.prior import COUNT_FLOOR, PriorEstimate, classifier_weight_dc, estimate_prior, prior_error
 
-PriorName = Literal["gbme", "dpa", "dp_counts", "oracle"]
+PriorName = Literal["gbme", "dpa", "dp_counts", "dp_counts_agm", "oracle"]
 DPA_ASSUMED_TOTAL = 10000  # WENO.assump_num: the release scales proportions to 10 000 samples
 
 
 class GlobalPriorOptions(Options):
     """The keys of a strategy that uses a global prior (mixed into its ``Options``)."""
 
-    prior: PriorName = Field("gbme", description="global-prior estimator: gbme, dpa, dp_counts or oracle")
+    prior: PriorName = Field("gbme", description="global-prior estimator: gbme, dpa, dp_counts, dp_counts_agm, oracle")
     prior_epsilon: float = Field(1.0, gt=0, description="ε of the dp_counts release (per client, sample level)")
     prior_delta: float = Field(1e-5, gt=0, lt=1, description="δ of the dp_counts release")
 
@@ -112,6 +117,22 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> fl
                                                         steps=1, accountant="rdp", epsilon_tolerance=0.001))
 
 
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """The smallest σ (to 1e-9 relative, by bisection) with δ(σ) = Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ) ≤ δ:
+    one Gaussian release at σ is then exactly (ε, δ)-DP (Balle & Wang, ICML 2018, Theorem 8)."""
+    from scipy.stats import norm
+
+    def spent(sigma: float) -> float:
+        a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+        return float(norm.cdf(a - b) - math.exp(epsilon) * norm.cdf(-a - b))
+
+    lo, hi = 1e-6 * sensitivity, 1e6 * sensitivity
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spent(mid) > delta else (lo, mid)
+    return hi
+
+
 def dp_counts_estimate(noisy_counts: list[np.ndarray]) -> PriorEstimate:
     """Ñ_c = max(1, Σ_k ñ_kc) and π̂ = Ñ / Σ Ñ from the clients' noisy count vectors."""
     n = np.stack([np.asarray(c, dtype=np.float64) for c in noisy_counts])
@@ -153,17 +174,20 @@ def estimate_global_prior(strategy: FedLTStrategy, grid: Grid, arrays: ArrayReco
     opts = strategy.opts
     if name == "oracle":
         return oracle_estimate(strategy.cfg), {}
-    if name == "dp_counts":
-        sigma = gaussian_sigma(opts.prior_epsilon, opts.prior_delta)
+    if name in ("dp_counts", "dp_counts_agm"):
+        calibrate = gaussian_sigma if name == "dp_counts" else analytic_gaussian_sigma
+        sigma = calibrate(opts.prior_epsilon, opts.prior_delta)
         replies = strategy.query(grid, list(range(strategy.num_clients)), arrays, "noisy-counts", {"sigma": sigma})
         est = dp_counts_estimate([np.asarray(r.content["metrics"]["noisy-counts"]) for r in replies])
+        accountant = "opacus RDP, one Gaussian release" if name == "dp_counts" else \
+            "analytic Gaussian mechanism (Balle & Wang 2018), one release"
         return est, {"prior_privacy": {"epsilon": opts.prior_epsilon, "delta": opts.prior_delta, "sensitivity": 1.0,
                                        "sigma": sigma, "unit": "one sample of one client (add/remove)",
-                                       "accountant": "opacus RDP, one Gaussian release"}}
+                                       "accountant": accountant}}
     if name in ("gbme", "dpa"):
         w0, weights, sizes = classifiers or query_classifiers(strategy, grid, arrays)
         return (estimate_prior if name == "gbme" else dpa_estimate)(w0, weights, sizes), {}
-    raise ValueError(f"unknown prior estimator {name!r}; known: gbme, dpa, dp_counts, oracle")
+    raise ValueError(f"unknown prior estimator {name!r}; known: gbme, dpa, dp_counts, dp_counts_agm, oracle")
 
 
 def prior_errors(pi: np.ndarray, pi_hat: np.ndarray, few: np.ndarray) -> dict[str, float]:

@@ -4,8 +4,8 @@
 
 Before round 1 the server estimates π̂ with ``strategy.prior`` (:mod:`strategies.global_prior`): by default
 every client trains one CE epoch from θ0 and returns only its classifier weight and the server estimates π̂ from
-the updates (GBME's estimator, Zeng et al., ICCV 2023: strategies/gbme/prior.py); ``dpa``, ``dp_counts`` and
-``oracle`` are the other choices. The base
+the updates (GBME's estimator, Zeng et al., ICCV 2023: strategies/gbme/prior.py); ``dpa``, ``dp_counts``,
+``dp_counts_agm`` and ``oracle`` are the other choices. The base
 strategy trains as usual; the global model then predicts argmax_c (z_c − τ·log π̂_c) (post-hoc logit
 adjustment, Menon et al., ICLR 2021). summary.json reports π̂ against the true
 π (L1, KL) and the test metrics without calibration, with π̂ and with the true π.

@@ -14,6 +14,7 @@ from fedlt.config import load_config
 from fedlt.errors import FedLTError
 from fedlt.federation.dp import epsilon
 from strategies.global_prior import (
+    analytic_gaussian_sigma,
     dp_counts_estimate,
     dpa_estimate,
     floored_prior,
@@ -34,6 +35,20 @@ def test_dp_counts_sigma_meets_the_stated_budget():
     assert epsilon(1.0, 0.9 * sigma, 1, 1e-5)[0] > 1.0
     assert gaussian_sigma(1.0, 1e-5, sensitivity=2.0) == pytest.approx(2 * sigma)
     assert gaussian_sigma(4.0, 1e-5) < sigma  # more budget, less noise
+
+
+def test_analytic_gaussian_sigma_spends_exactly_delta():
+    """Balle & Wang (ICML 2018) Thm 8 at the returned σ: δ(σ) = δ to within the bisection's tolerance, and a
+    smaller σ spends more; 3.73 at (1, 1e-5), below the RDP calibration; σ scales with Δ."""
+    from scipy.stats import norm
+
+    def spent(s, eps=1.0):
+        return norm.cdf(1 / (2 * s) - eps * s) - np.exp(eps) * norm.cdf(-1 / (2 * s) - eps * s)
+
+    s = analytic_gaussian_sigma(1.0, 1e-5)
+    assert s == pytest.approx(3.7306, abs=1e-3) and s < gaussian_sigma(1.0, 1e-5)
+    assert spent(s) <= 1e-5 < spent(0.999 * s)
+    assert analytic_gaussian_sigma(1.0, 1e-5, sensitivity=3.0) == pytest.approx(3 * s, rel=1e-6)
 
 
 def test_noisy_counts_query_adds_gaussian_noise_on_the_client():
@@ -80,7 +95,7 @@ def test_prior_errors_few_shot_relative_error():
 
 def test_the_choice_is_a_config_key_of_every_strategy_with_a_global_prior():
     for name, extra in (("gbme", ["model.name=small_cnn_experts"]), ("posthoc_calibration", []), ("fedgrab", [])):
-        for prior in ("gbme", "dpa", "dp_counts", "oracle"):
+        for prior in ("gbme", "dpa", "dp_counts", "dp_counts_agm", "oracle"):
             assert load_config(None, [f"strategy.name={name}", f"strategy.prior={prior}", *extra]).strategy.prior == prior
         with pytest.raises(FedLTError, match="strategy.prior"):
             load_config(None, [f"strategy.name={name}", "strategy.prior=counts", *extra])
@@ -105,7 +120,7 @@ def test_gbme_balances_with_the_chosen_estimate():
     np.testing.assert_allclose(resumed.train_config(3, 0)["log-prior"], np.log(chosen))
 
 
-@pytest.mark.parametrize("prior", ["dpa", "dp_counts", "oracle"])
+@pytest.mark.parametrize("prior", ["dpa", "dp_counts", "dp_counts_agm", "oracle"])
 def test_posthoc_calibration_with_each_estimator(prior, tmp_path):
     from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
 
@@ -121,6 +136,6 @@ def test_posthoc_calibration_with_each_estimator(prior, tmp_path):
         assert summary["posthoc_estimated_prior"] == summary["posthoc_true_prior"]
     else:
         assert summary["prior_l1"] > 0
-    assert ("prior_privacy" in summary) == (prior == "dp_counts")
-    if prior == "dp_counts":
+    assert ("prior_privacy" in summary) == prior.startswith("dp_counts")
+    if prior.startswith("dp_counts"):
         assert summary["prior_privacy"]["epsilon"] == 1.0 and summary["prior_privacy"]["sensitivity"] == 1.0
