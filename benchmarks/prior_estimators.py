@@ -4,7 +4,8 @@ Config: fedlt's defaults (Fashion-MNIST-LT IF = 100, small_cnn, SGD lr 0.05 m 0.
 every round) with partition.alpha and partition.num_clients set. Run by hand (not in CI), from the repository root:
 
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py [--seeds 0 1 2] [--settings 0.5:10 ...]
-        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--out DIR]
+        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--min-size N] [--out DIR]
+    nice -n 10 .venv/bin/python benchmarks/prior_estimators.py --noise-only 300   # dp_counts vs dp_counts_agm
 
 (1) error of each estimate (``strategy.prior`` = gbme, dpa, dp_counts and dp_counts_agm at ε = 1, δ = 1e-5;
     :mod:`strategies.global_prior`)
@@ -116,11 +117,34 @@ def posthoc_row(alpha: float, k: int, seed: int, rounds: int, pis: dict) -> dict
 def gbme_row(alpha: float, k: int, seed: int, rounds: int) -> dict:
     row = {}
     for e in ESTIMATORS:
-        cfg = config(alpha, k, seed, rounds, "strategy.name=gbme", "model.name=small_cnn_experts", f"strategy.prior={e}")
+        cfg = config(alpha, k, seed, rounds, "strategy.name=gbme", "model.name=small_cnn_experts",
+                     f"strategy.prior={e}")
         with tempfile.TemporaryDirectory() as tmp:
             s = run_inprocess(cfg, tmp)
         row[e] = {"accuracy": s["accuracy"], "few": s["few"], "prior_l1": s["prior_l1"]}
     return row
+
+
+def noise_only(settings: list[str], draws: int, min_size_01_100: int = 2) -> list[str]:
+    """dp_counts against dp_counts_agm over ``draws`` noise draws per setting (no training: the noisy-count
+    estimate reads only the partition's counts), with partition.min_size=2 where α=0.1, K=100 needs it."""
+    lines = ["| α | K | estimator | σ | L1 | KL(π‖π̂) | few-shot rel. err |", "|---|---|---|---|---|---|---|"]
+    sigmas = {"dp_counts": gaussian_sigma(1.0, 1e-5), "dp_counts_agm": analytic_gaussian_sigma(1.0, 1e-5)}
+    for setting in settings:
+        alpha, k = float(setting.split(":")[0]), int(setting.split(":")[1])
+        extra = [f"partition.min_size={min_size_01_100}"] if (alpha, k) == (0.1, 100) else []
+        cfg = load_config(None, ["mode=federated", f"partition.alpha={alpha}", f"partition.num_clients={k}", *extra])
+        exp = experiment_for(cfg)
+        per_client, counts = exp.partition_counts().astype(float), exp.train_counts
+        few = class_groups(counts)[0] == 2
+        for name, sigma in sigmas.items():
+            errs = [prior_errors(counts, dp_counts_estimate(list(per_client + np.random.default_rng(d).normal(
+                0, sigma, per_client.shape))).pi_hat, few) for d in range(draws)]
+            m = {key: float(np.mean([e[key] for e in errs])) for key in errs[0]}
+            lines.append(f"| {alpha} | {k} | {name} | {sigma:.3f} | {m['l1']:.4f} | {m['kl']:.5f} | "
+                         f"{m['few_rel_err']:.3f} |")
+        print("\n".join(lines[-2:]), flush=True)
+    return lines
 
 
 def cell(m: dict) -> str:
@@ -137,6 +161,8 @@ def main() -> None:
     ap.add_argument("--gbme-settings", nargs="*", default=["0.5:10"], help="α:K for GBME accuracy")
     ap.add_argument("--min-size", type=int, default=None,
                     help="partition.min_size (α=0.1 with 100 clients has no draw with the default 10 per client)")
+    ap.add_argument("--noise-only", type=int, default=0, metavar="DRAWS",
+                    help="only compare dp_counts with dp_counts_agm over DRAWS noise draws per setting")
     ap.add_argument("--out", default="runs/prior_estimators")
     args = ap.parse_args()
     if args.min_size is not None:
@@ -144,6 +170,11 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.noise_only:
+        lines = noise_only(args.settings, args.noise_only)
+        (out / "noise_only.md").write_text(f"## Noisy counts, ε = 1, δ = 1e-5: mean over {args.noise_only} draws\n"
+                                           + "\n".join(lines) + "\n")
+        return
     posthoc_settings = args.settings if args.posthoc_settings is None else args.posthoc_settings
     raw: dict = {"errors": {}, "posthoc": {}, "gbme": {}, "args": vars(args)}
     err = ["| α | K | estimator | L1 | KL(π‖π̂) | few-shot rel. err |", "|---|---|---|---|---|---|"]

@@ -96,7 +96,8 @@ def test_prior_errors_few_shot_relative_error():
 def test_the_choice_is_a_config_key_of_every_strategy_with_a_global_prior():
     for name, extra in (("gbme", ["model.name=small_cnn_experts"]), ("posthoc_calibration", []), ("fedgrab", [])):
         for prior in ("gbme", "dpa", "dp_counts", "dp_counts_agm", "oracle"):
-            assert load_config(None, [f"strategy.name={name}", f"strategy.prior={prior}", *extra]).strategy.prior == prior
+            cfg = load_config(None, [f"strategy.name={name}", f"strategy.prior={prior}", *extra])
+            assert cfg.strategy.prior == prior
         with pytest.raises(FedLTError, match="strategy.prior"):
             load_config(None, [f"strategy.name={name}", "strategy.prior=counts", *extra])
         with pytest.raises(FedLTError, match="strategy.prior_epsilon"):

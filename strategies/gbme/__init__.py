@@ -17,8 +17,8 @@ summary.json gets π̂, its L1/KL error, the groups and each expert's test accur
 
 ``strategy.prior`` chooses the π̂ of the losses (:mod:`strategies.global_prior`): ``gbme`` (the default, GBME's
 own), ``dpa`` (Fed-GraB's analyzer), ``dp_counts``/``dp_counts_agm`` (counts under Gaussian DP noise) or
-``oracle`` (the true training prior, which no server knows: an ablation). Estimation (a) and grouping (b) are GBME's in every case;
-``estimated`` is read as ``gbme``.
+``oracle`` (the true training prior, which no server knows: an ablation). Estimation (a) and grouping (b) are
+GBME's in every case; ``estimated`` is read as ``gbme``.
 """
 
 from __future__ import annotations
