@@ -5,6 +5,7 @@ from clients import (  # noqa: F401
     fedavg,
     fedbabu,
     fedetf,
+    fedgrab,
     fedlc,
     fedloge,
     fedprox,

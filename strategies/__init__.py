@@ -9,6 +9,7 @@ from strategies import (  # noqa: F401
     fedavgm,
     fedbabu,
     fedetf,
+    fedgrab,
     fedlc,
     fedloge,
     fedprox,

@@ -15,8 +15,10 @@ ICCV 2023), following the official code Spinozaaa/Federated-Long-tailed-Learning
 (e) prediction argmax z̄ (the model's mean output); no post-hoc adjustment.
 summary.json gets π̂, its L1/KL error, the groups and each expert's test accuracy.
 
-``strategy.prior=oracle`` is an ablation, not GBME: the losses use the true global training prior π (which no
-server knows) instead of π̂; estimation and grouping are unchanged. It measures what the estimator costs.
+``strategy.prior`` chooses the π̂ of the losses (:mod:`strategies.global_prior`): ``gbme`` (the default, GBME's
+own), ``dpa`` (Fed-GraB's analyzer), ``dp_counts``/``dp_counts_agm`` (counts under Gaussian DP noise) or
+``oracle`` (the true training prior, which no server knows: an ablation). Estimation (a) and grouping (b) are
+GBME's in every case; ``estimated`` is read as ``gbme``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fedlt.config import Config
 from fedlt.experiment import experiment_for, model_for
@@ -37,20 +39,24 @@ from fedlt.models.experts import require_experts
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import predict_logits
-from strategies.gbme.prior import PriorEstimate, group_clients, prior_report, run_prior_estimation, sample_expert_cohort
+from strategies.gbme.prior import PriorEstimate, estimate_prior, group_clients, prior_report, sample_expert_cohort
+from strategies.global_prior import GlobalPriorOptions, estimate_global_prior, oracle_estimate, query_classifiers
 
 
 @STRATEGIES.register("gbme")
 class GBME(FedLTStrategy):
     client = "gbme"
 
-    class Options(FedLTStrategy.Options):
+    class Options(FedLTStrategy.Options, GlobalPriorOptions):
         joint_fraction: float = Field(0.6, ge=0, le=1, description="fraction of the rounds in the joint phase")
         beta_g: float = Field(0.8, ge=0, le=1, description="share of an expert's cohort drawn from its own group")
         group_rule: Literal["official", "array_split"] = Field(
             "official", description="client groups cut at floor(K*m/M) (official) or by np.array_split")
-        prior: Literal["estimated", "oracle"] = Field(
-            "estimated", description="estimated (GBME) or oracle (the true training prior, an ablation)")
+
+        @field_validator("prior", mode="before")
+        @classmethod
+        def _estimated_is_gbme(cls, value: object) -> object:
+            return "gbme" if value == "estimated" else value
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -58,7 +64,9 @@ class GBME(FedLTStrategy):
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
-        self.prior: PriorEstimate | None = None
+        self.prior: PriorEstimate | None = None  # GBME's estimate (the groups)
+        self.balance: PriorEstimate | None = None  # the estimate of strategy.prior (the losses)
+        self.prior_extras: dict = {}
         self.groups: list[list[int]] = []
         self.scores: list[float] = []
         self.expert = -1
@@ -71,18 +79,20 @@ class GBME(FedLTStrategy):
         model = model_for(self.cfg, experiment_for(self.cfg))
         if not hasattr(model, "expert_forward"):
             raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts or small_cnn_experts")
-        self.prior, _ = run_prior_estimation(self, grid, arrays)
+        classifiers = query_classifiers(self, grid, arrays)
+        self.prior = estimate_prior(*classifiers)
+        self.balance, self.prior_extras = estimate_global_prior(self, grid, arrays, self.opts.prior, classifiers)
         groups, scores = group_clients(self.prior.p_hat, self.prior.counts, model.num_experts,
                                        self.opts.group_rule)
         self.groups, self.scores = groups, scores.tolist()
         return arrays
 
     def balancing_prior(self) -> np.ndarray:
-        """The π in the clients' CE(z + log π, y): π̂, or the true training prior under ``prior=oracle``."""
+        """The π in the clients' CE(z + log π, y): the estimate of ``strategy.prior`` (GBME's own when none was
+        made apart, e.g. a checkpoint written before the estimator was a choice)."""
         if self.opts.prior == "oracle":
-            counts = experiment_for(self.cfg).train_counts
-            return counts / counts.sum()
-        return self.prior.pi_hat
+            return oracle_estimate(self.cfg).pi_hat
+        return (self.balance or self.prior).pi_hat
 
     def train_config(self, server_round: int, partition_id: int) -> dict:
         if self.prior is None:  # the estimation query itself
@@ -129,19 +139,26 @@ class GBME(FedLTStrategy):
 
     def summary_extras(self) -> dict:
         out = {"expert_groups": self.groups, "client_scores": self.scores}
-        if self.prior is not None:
-            out.update(prior_report(self.prior, experiment_for(self.cfg).train_counts))
+        counts = experiment_for(self.cfg).train_counts
+        if self.balance is not None:
+            out.update(prior_report(self.balance, counts), prior_estimator=self.opts.prior, **self.prior_extras)
+        if self.prior is not None and self.opts.prior != "gbme":
+            out["gbme_prior"] = prior_report(self.prior, counts)
         if self.global_arrays is not None:
             out["expert_accuracy"] = self.expert_accuracy()
         return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "prior": None if self.prior is None else self.prior.state_dict(),
-                "groups": self.groups, "scores": self.scores}
+                "balance": None if self.balance is None else self.balance.state_dict(),
+                "prior_extras": self.prior_extras, "groups": self.groups, "scores": self.scores}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if state.get("prior") is not None:
             self.prior = PriorEstimate.from_state(state["prior"])
+        if state.get("balance") is not None:
+            self.balance = PriorEstimate.from_state(state["balance"])
+        self.prior_extras = state.get("prior_extras", {})
         self.groups, self.scores = state.get("groups", []), state.get("scores", [])
 
