@@ -31,3 +31,23 @@ def message_identity(monkeypatch):
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, getattr(TaskIdentity, attr) or 0)
+
+
+def resumed_after_cut(run_centralized, cfg, run, cut: int, monkeypatch) -> tuple[dict, list[int]]:
+    """Run ``run_centralized(cfg, run)``, kill it (KeyboardInterrupt) right after the checkpoint of step ``cut``,
+    then run it again from that checkpoint: the resumed run's summary and the steps checkpointed before the cut."""
+    from fedlt.rundir import RunDir
+
+    orig, steps = RunDir.save_checkpoint, []
+
+    def save(self, state):
+        orig(self, state)
+        steps.append(state["step"])
+        if state["step"] == cut:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        run_centralized(cfg, run)
+    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
+    return run_centralized(cfg, run), steps

@@ -12,6 +12,7 @@ from torch import nn
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
+from conftest import resumed_after_cut
 from fedlt.config import load_config
 from fedlt.data.augment import auto_augment, cutout, strong_augment
 from fedlt.data.sources import Split
@@ -173,21 +174,7 @@ def test_stage2_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     cfg = tiny_cfg("lws", "centralized.epochs=2", "centralized.stage2_epochs=2")
     full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
-    run = RunDir(tmp_path / "cut")
-    ckpts = []
-    orig = RunDir.save_checkpoint
-
-    def save(self, state):
-        orig(self, state)
-        ckpts.append(state["step"])
-        if state["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", save)
-    with pytest.raises(KeyboardInterrupt):
-        C.run_centralized(cfg, run)
-    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
-    resumed = C.run_centralized(cfg, run)
+    resumed, _ = resumed_after_cut(C.run_centralized, cfg, RunDir(tmp_path / "cut"), 3, monkeypatch)
     assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
 
 

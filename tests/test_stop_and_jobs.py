@@ -93,6 +93,16 @@ def session_processes(sid: int) -> list[str]:
     return [line for line in ps.splitlines() if line.split(None, 1)[0] == str(sid)]
 
 
+def assert_session_ends(sid: int) -> None:
+    """Nothing is left of session ``sid`` (Ray's processes take a moment to go)."""
+    for _ in range(100):
+        left = session_processes(sid)
+        if not left:
+            return
+        time.sleep(0.2)
+    assert not left, left
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_ctrl_c_leaves_no_ray_process(tmp_path):
@@ -104,12 +114,7 @@ def test_ctrl_c_leaves_no_ray_process(tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "ActorUnavailableError" not in err
-    for _ in range(100):  # Ray's processes take a moment to go
-        left = session_processes(proc.pid)
-        if not left:
-            break
-        time.sleep(0.2)
-    assert not left, left
+    assert_session_ends(proc.pid)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == rows(run)[-1]["round"]
 
@@ -128,12 +133,7 @@ def test_ctrl_c_in_a_terminal_finishes_the_round_under_ray(tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     assert "resume with" in err and "Traceback" not in err and "failed" not in out + err, err
-    for _ in range(100):
-        left = session_processes(proc.pid)
-        if not left:
-            break
-        time.sleep(0.2)
-    assert not left, left
+    assert_session_ends(proc.pid)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     last = rows(run)[-1]
     assert last["round"] >= 2 and last["failed"] == [], last

@@ -14,6 +14,7 @@ from test_centralized_methods import tiny_cfg, tiny_experiment
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
+from conftest import resumed_after_cut
 from fedlt.config import load_config
 from fedlt.losses.glmc import cumulative_alpha, glmc_label_weights, glmc_loss, glmc_mixed, rand_bbox
 from fedlt.registry import CENTRALIZED
@@ -217,20 +218,8 @@ def test_ssp_resumes_across_the_stage_switch(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     cfg = tiny_cfg("ce", "centralized.pretrain=rotation", "centralized.pretrain_epochs=2", "centralized.epochs=2")
     full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
-    orig = RunDir.save_checkpoint
     for cut in (1, 2):
-        run = RunDir(tmp_path / f"cut{cut}")
-
-        def save(self, state, cut=cut):
-            orig(self, state)
-            if state["step"] == cut:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(RunDir, "save_checkpoint", save)
-        with pytest.raises(KeyboardInterrupt):
-            C.run_centralized(cfg, run)
-        monkeypatch.setattr(RunDir, "save_checkpoint", orig)
-        resumed = C.run_centralized(cfg, run)
+        resumed, _ = resumed_after_cut(C.run_centralized, cfg, RunDir(tmp_path / f"cut{cut}"), cut, monkeypatch)
         assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
 
 
@@ -426,17 +415,6 @@ def test_sbcl_resumes_with_its_subclasses_and_queue(queue, tmp_path, monkeypatch
     cfg = tiny_cfg("sbcl", "centralized.epochs=2", "centralized.supcon_epochs=0", "centralized.cluster_step=2",
                    "centralized.stage2_epochs=1", "centralized.cluster=4", f"centralized.queue_size={queue}")
     full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
-    orig = RunDir.save_checkpoint
-    run = RunDir(tmp_path / "cut")
-
-    def save(self, state):
-        orig(self, state)
-        if state["step"] == 1:  # epoch 2 trains on the subclasses of epoch 1's clustering (step 2)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", save)
-    with pytest.raises(KeyboardInterrupt):
-        C.run_centralized(cfg, run)
-    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
-    resumed = C.run_centralized(cfg, run)
+    # cut after epoch 1: epoch 2 trains on the subclasses of epoch 1's clustering (step 2)
+    resumed, _ = resumed_after_cut(C.run_centralized, cfg, RunDir(tmp_path / "cut"), 1, monkeypatch)
     assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
