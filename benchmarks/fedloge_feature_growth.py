@@ -1,7 +1,7 @@
 """FedLoGe at two optimizers: per local step, the three CEs (SSE-C on the backbone, g_aux and l_k on detached
 features) and the mean feature norm, on client 0 of the default Fashion-MNIST-LT partition (small_cnn,
 batch 64, 60 steps). Shows why FedLoGe's heads diverge at the federated table's lr 0.05 / momentum 0.9 and
-not at FedLoGe's own lr 0.03 / momentum 0.5 (docs/results_pending/fed-etf.md). Run by hand:
+not at FedLoGe's own lr 0.03 / momentum 0.5 (docs/results.md, "FedETF, FedLoGe"). Run by hand:
     PYTHONPATH=$PWD python benchmarks/fedloge_feature_growth.py
 """
 
