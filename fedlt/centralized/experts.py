@@ -16,6 +16,7 @@ from torch import nn
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.methods import mixup_objective
 from fedlt.data.augment import random_rotation
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import balpoe_loss, mdcs_loss
@@ -40,12 +41,23 @@ class ExpertMethod(CentralizedMethod):
     def num_experts(self) -> int:
         raise NotImplementedError
 
-    def build_model(self, exp: Experiment) -> nn.Module:
-        name = self.cfg.model.name
-        if not name.endswith("_experts"):
-            name += "_experts"
+    @staticmethod
+    def expert_model(cfg: Config) -> str:
+        """The multi-expert model of ``cfg``: ``model.name`` with ``_experts`` appended (unless it ends so)."""
+        name = cfg.model.name
+        return name if name.endswith("_experts") else name + "_experts"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        name = cls.expert_model(cfg)
         if name not in MODELS:
-            raise FedLTError(f"{self.cfg.centralized.method} needs a multi-expert model; {name!r} is not registered")
+            have = ", ".join(sorted(n for n in MODELS if n.endswith("_experts")))
+            raise FedLTError(f"centralized.method={cfg.centralized.method} needs a multi-expert model, and {name!r} is "
+                             f"not registered: set model.name to one of {have}")
+
+    def build_model(self, exp: Experiment) -> nn.Module:
+        name = self.expert_model(self.cfg)
         extra = {}
         if name == "resnet32_experts":
             extra["widths"] = (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64)
