@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CIFAR-10-LT section of docs/results.md: β = 100 on the JPEG copy (../shared/data/cifar10-jpeg) at the CPU
 # budget of configs/cifar10_jpeg_lt_cpu.yaml (ResNet-8), seed 0, most telling comparisons first: centralized CE and
-# Balanced Softmax, federated FedAvg and FedLC, then LDAM-DRW, cRT, CCVR, CReFF, MiSLAS, BalPoE, GBME; then the
+# Balanced Softmax, federated FedAvg and FedLC, then LDAM-DRW, cRT, CCVR, CReFF, MiSLAS, BalPoE
+# and GBME (both on their three-expert ResNet-32); then the
 # comparison report. Resumable: finished runs are skipped. Run from the repository root:
 #     bash benchmarks/cifar10_cpu_table.sh [OUT]
 set -euo pipefail
@@ -15,13 +16,14 @@ CEN=(data.name=cifar10_files data.root=../shared/data/cifar10-jpeg data.imbalanc
      model.name=resnet8 centralized.epochs=5 centralized.lr=0.1 centralized.batch_size=128
      centralized.weight_decay=2e-4 eval.every=5)
 centralized() { PYTHONPATH=. $PY benchmarks/centralized_table.py --out "$OUT/centralized" --seeds 0 --threads 2 \
-    --methods "$1" "${CEN[@]}"; }
+    --methods "$1" "${CEN[@]}" "${@:2}"; }
 federated() { $PY -m fedlt.simulate --config $CFG --out "$OUT/federated" mode=federated "$@"; }
 centralized ce,balanced_softmax
 federated "sweep.strategy.name=[fedavg,fedlc]"
 centralized ldam_drw,crt
 federated "sweep.strategy.name=[ccvr,creff]"  # CReFF on ResNet-8 (its official ResNet-8×4 is 4× wider)
-centralized mislas,balpoe
+centralized mislas
+centralized balpoe model.name=resnet32  # BalPoE's three-expert ResNet-32 (its R32 recipe; resnet8 has no experts)
 federated strategy.name=gbme model.name=resnet32_experts  # GBME's three-expert ResNet-32 (cosine heads, s = 30)
 centralized ce,balanced_softmax,ldam_drw,crt,mislas,balpoe  # (all finished: only writes the table)
 $PY -m fedlt.compare "$OUT/centralized"/*/* "$OUT/federated" --out "$OUT/report"
