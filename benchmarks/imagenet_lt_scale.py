@@ -98,11 +98,14 @@ def config(root: Path, cache: bool, cache_dir: Path, clients: int, size: int, ex
 
 
 def memory_kib() -> dict[str, int]:
-    """This process's resident set (RSS) and proportional set (PSS: shared pages divided among their users)."""
+    """This process's resident set (RSS), proportional set (PSS: shared pages divided among their users) and
+    anonymous memory (private to it: what it costs beyond the page cache that all processes share). RSS counts
+    the mapped cache file's page-cache folios in whole (often 2 MiB) pieces, so it overstates what a process
+    that maps the cache holds."""
     out = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("Rss", "Pss"):
+        if key in ("Rss", "Pss", "Anonymous"):
             out[key.lower()] = int(value.split()[0])
     return out
 
@@ -129,6 +132,14 @@ def actors_memory(root: Path, cache: bool, cache_dir: Path, clients: int, size: 
             return pool.map(_actor, [(str(root), cache, str(cache_dir), clients, size, k, barrier) for k in range(n)])
 
 
+def summary(mem: list[dict], n: int) -> dict:
+    return {"n": n, **{f"{k}_mib": [m[k] // 1024 for m in mem] for k in ("rss", "pss", "anonymous")}}
+
+
+def said(s: dict) -> str:
+    return ", ".join(f"{k.split('_')[0]} {np.mean(v):.0f} MiB" for k, v in s.items() if k != "n") + " each (mean)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the generated images and the cache")
@@ -141,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="processes generating images")
+    p.add_argument("--rounds", type=int, default=3, help="ResNet-50 rounds to time (0: skip them)")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -164,19 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cache: built (or found) in {built:.1f}s, {size_gib:.2f} GiB on disk", flush=True)
 
     mem = actors_memory(root, True, cache_dir, args.clients, args.size, args.actors)
-    result["cached_actors"] = {"n": args.actors, "rss_mib": [m["rss"] // 1024 for m in mem],
-                               "pss_mib": [m["pss"] // 1024 for m in mem]}
-    print(f"{args.actors} processes mapping the cache: RSS {np.mean(result['cached_actors']['rss_mib']):.0f} MiB, "
-          f"PSS {np.mean(result['cached_actors']['pss_mib']):.0f} MiB each (mean)", flush=True)
+    result["cached_actors"] = summary(mem, args.actors)
+    print(f"{args.actors} processes mapping the cache: {said(result['cached_actors'])}", flush=True)
     mem = actors_memory(root, False, cache_dir, args.clients, args.size, 2)
-    result["decoding_actors"] = {"n": 2, "rss_mib": [m["rss"] // 1024 for m in mem],
-                                 "pss_mib": [m["pss"] // 1024 for m in mem]}
-    print(f"2 processes decoding (data.cache=false): RSS {np.mean(result['decoding_actors']['rss_mib']):.0f} MiB, "
-          f"PSS {np.mean(result['decoding_actors']['pss_mib']):.0f} MiB each (mean)", flush=True)
+    result["decoding_actors"] = summary(mem, 2)
+    print(f"2 processes decoding (data.cache=false): {said(result['decoding_actors'])}", flush=True)
 
+    if args.rounds == 0:
+        (work / f"result-scale{args.scale:g}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return 0
     from fedlt.federation.inprocess import run_inprocess
 
-    rounds = 3
+    rounds = args.rounds
     cfg = config(root, True, cache_dir, args.clients, args.size, [
         "mode=federated", "model.name=resnet50", "federation.engine=inprocess", f"federation.rounds={rounds}",
         f"federation.fraction={args.cohort / args.clients}", f"train.local_steps={args.local_steps}",

@@ -52,7 +52,7 @@ class Experiment:
         images, labels = s.images, torch.from_numpy(s.labels)
         if indices is not None:
             idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-            images, labels = images[idx], labels[idx]
+            images, labels = images.index_select(0, idx), labels[idx]
         return TensorData(images, labels, self.mean, self.std, self.num_classes).to(torch.device(device))
 
     def client_data(self, client: int, device: torch.device | str = "cpu") -> TensorData:

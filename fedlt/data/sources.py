@@ -57,7 +57,7 @@ class Split:
         return Split(
             labels=self.labels[indices],
             num_classes=self.num_classes,
-            images=None if self.images is None else self.images[torch.from_numpy(indices)],
+            images=None if self.images is None else self.images.index_select(0, torch.from_numpy(indices)),
             paths=None if self.paths is None else [self.paths[i] for i in indices],
             image_size=self.image_size,
             class_names=self.class_names,
