@@ -189,6 +189,7 @@ TINY = ["mode=federated", "partition.num_clients=2", "federation.rounds=2", "fed
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (the next test runs TLS + node auth in make test / CI; this one the command line around it)
 def test_deployment_with_tls_and_node_auth(certs, tmp_path):
     """``python -m fedlt.deploy run`` end to end: TLS, 2 authenticated SuperNodes, 2 rounds; exit 0 and the run
     directory's summary; every process stopped afterwards."""
