@@ -72,6 +72,8 @@ def test_local_accuracy_is_in_the_summary_and_the_local_test_sets_in_partition_j
     assert last["local_accuracy"] == summary["local_accuracy"]
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 @needs_fashion
 def test_fused_engine_gives_the_in_process_local_accuracy(inprocess_local, tmp_path):
     from fedlt.federation.fused import run_fused
@@ -93,6 +95,7 @@ def test_resumed_run_gives_the_same_local_accuracy(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @needs_fashion
 def test_flower_engine_gives_the_in_process_local_accuracy(inprocess_local, tmp_path):
     from fedlt.federation.runner import run_federated
