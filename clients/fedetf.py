@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedlt.client_method import ClientMethod
+from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.registry import CLIENTS
@@ -76,10 +76,7 @@ class ETFProjectionHead(nn.Module):
 
 
 def _head(model: nn.Module) -> ETFProjectionHead:
-    head = getattr(model, "classifier", None)
-    if not isinstance(head, ETFProjectionHead):
-        raise TypeError("the fedetf client needs the model its adapt_model builds (an ETFProjectionHead)")
-    return head
+    return classifier_of(model, ETFProjectionHead, "fedetf")
 
 
 @CLIENTS.register("fedetf")

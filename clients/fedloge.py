@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from clients.fedetf import simplex_etf
-from fedlt.client_method import ClientMethod, FitResult
+from fedlt.client_method import ClientMethod, FitResult, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.registry import CLIENTS
@@ -127,10 +127,7 @@ def fedloge_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def _head(model: nn.Module) -> FedLoGeHead:
-    head = getattr(model, "classifier", None)
-    if not isinstance(head, FedLoGeHead):
-        raise TypeError("the fedloge client needs the model its adapt_model builds (a FedLoGeHead)")
-    return head
+    return classifier_of(model, FedLoGeHead, "fedloge")
 
 
 @CLIENTS.register("fedloge")

@@ -8,6 +8,7 @@ sends more than weights, :meth:`fit` or :meth:`query`) and registers itself in o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -103,3 +104,15 @@ class ClientMethod:
               generator: torch.Generator, augment: Augment) -> FitResult:
         """Answer a strategy's query (e.g. a prior-estimation round, feature statistics)."""
         raise NotImplementedError(f"client method {type(self).__name__} does not answer query {action!r}")
+
+
+Head = TypeVar("Head", bound=nn.Module)
+
+
+def classifier_of(model: nn.Module, kind: type[Head], method: str) -> Head:
+    """``model.classifier`` where it is a ``kind`` (the head a method's ``adapt_model`` put there), else a
+    TypeError naming ``method``: its training and personalisation only work on that model."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, kind):
+        raise TypeError(f"the {method} client needs the model its adapt_model builds (classifier {kind.__name__})")
+    return head
