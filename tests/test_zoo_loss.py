@@ -17,7 +17,7 @@ from test_federated_methods import simulate, tiny_config, tiny_lists  # noqa: F4
 import fedlt.centralized as C
 import fedlt.centralized.run as R
 from fedlt.losses.area import area_class_weights, area_weights, batch_effective_areas, class_feature_means
-from fedlt.losses.equalization import eql_bias_init, equalization_loss
+from fedlt.losses.equalization import eql_bias_init, equalization_loss, softmax_equalization_loss
 from fedlt.registry import CENTRALIZED, CLIENTS, LOSSES
 from fedlt.rundir import RunDir
 
@@ -54,6 +54,48 @@ def test_eql_matches_the_official_loss_and_silences_tail_negatives():
     # λ = 0 is the plain sigmoid BCE summed over classes
     plain = F.binary_cross_entropy_with_logits(logits.detach(), F.one_hot(y, 4).float(), reduction="sum") / 3
     assert equalization_loss(logits.detach(), y, counts, 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def transcribed_seql(inputs, targets, num_class_list, lam, gamma, rand):
+    """SEQL.forward of zhangyongshun/BagofTricks-LT lib/loss/seql.py, transcribed (``rand`` replaces its
+    ``torch.rand(onehot_label.size())``)."""
+    t_lambda = (num_class_list / num_class_list.sum()) < lam
+    onehot = F.one_hot(targets, inputs.shape[1]).float()
+    beta = rand < gamma
+    w = 1 - beta * t_lambda * (1 - onehot)
+    p = torch.exp(inputs) / (w * torch.exp(inputs)).sum(axis=1, keepdims=True)
+    return F.nll_loss(torch.log(p), targets)
+
+
+def test_softmax_eql_matches_the_transcription_and_drops_tail_negatives():
+    counts = torch.tensor([50.0, 30, 15, 5])  # f = (0.5, 0.3, 0.15, 0.05): classes 2, 3 are tail at λ = 0.2
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.5], [-0.3, 0.7, 1.2, -2.0], [0.1, 0.2, -0.4, 0.9]], requires_grad=True)
+    y = torch.tensor([0, 2, 3])
+    rand = torch.rand((3, 4), generator=torch.Generator().manual_seed(5))
+    ours = softmax_equalization_loss(logits, y, counts, 0.2, 0.6, torch.Generator().manual_seed(5))
+    assert ours.item() == pytest.approx(transcribed_seql(logits.detach(), y, counts, 0.2, 0.6, rand).item(), rel=1e-6)
+    # γ = 1: every tail negative leaves the denominator, so it gets no gradient; γ = 0 is plain CE
+    always = softmax_equalization_loss(logits, y, counts, 0.2, 1.0)
+    logits.grad = None
+    always.backward()
+    g = logits.grad
+    assert g[0, 2] == 0 and g[0, 3] == 0 and g[1, 3] == 0 and g[1, 2] != 0 and g[2, 3] != 0 and g[1, 0] != 0
+    hand = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(-1.0)))  # sample 0: only classes 0 and 1 remain
+    assert softmax_equalization_loss(logits[:1].detach(), y[:1], counts, 0.2, 1.0).item() == pytest.approx(hand)
+    ce = F.cross_entropy(logits.detach(), y)
+    assert softmax_equalization_loss(logits.detach(), y, counts, 0.2, 0.0).item() == pytest.approx(ce.item())
+    # large logits: the log-sum-exp stays finite where exp(z) overflows
+    big = softmax_equalization_loss(logits.detach() * 100, y, counts, 0.2, 0.0)
+    assert big.item() == pytest.approx(F.cross_entropy(logits.detach() * 100, y).item(), rel=1e-5)
+
+
+def test_softmax_eql_epoch_draws_are_reproducible():
+    method = CENTRALIZED.get("seql")(tiny_cfg("seql", "centralized.lam=0.2"), np.array([50, 30, 15, 5]))
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    model = torch.nn.Identity()
+    a, b, c = method.objective(1)(model, x, y), method.objective(1)(model, x, y), method.objective(2)(model, x, y)
+    assert a.item() == b.item()  # the same epoch draws the same β (a resumed run too)
+    assert method.loss_options(1)["seed"] != method.loss_options(2)["seed"] and math.isfinite(c.item())
 
 
 def test_eql_head_starts_at_the_prior_probability():
@@ -153,7 +195,8 @@ def test_area_reweights_from_its_epoch(monkeypatch):
 
 
 # --------------------------------------------------------------------------- runs
-@pytest.mark.parametrize("method,extra", [("eql", ["centralized.lam=0.2"]), ("area", ["centralized.area_fraction=0"])])
+@pytest.mark.parametrize("method,extra", [("eql", ["centralized.lam=0.2"]), ("area", ["centralized.area_fraction=0"]),
+                                          ("seql", ["centralized.lam=0.2"])])
 def test_smoke_one_epoch(method, extra, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
@@ -165,11 +208,13 @@ def test_smoke_one_epoch(method, extra, tmp_path, monkeypatch):
 
 
 def test_registered():
-    assert {"eql", "area"} <= set(CENTRALIZED) and "eql" in LOSSES and "area" in CLIENTS
+    assert {"eql", "seql", "area"} <= set(CENTRALIZED) and {"eql", "seql"} <= set(LOSSES) and "area" in CLIENTS
 
 
 @pytest.mark.parametrize("overrides", [["client.name=local_loss", "client.loss=eql", "client.loss_options={lam: 0.1}"],
-                                       ["client.name=area"]], ids=["local_loss_eql", "area_client"])
+                                       ["client.name=local_loss", "client.loss=seql",
+                                        "client.loss_options={lam: 0.1, drop_prob: 0.9}"],
+                                       ["client.name=area"]], ids=["local_loss_eql", "local_loss_seql", "area_client"])
 def test_one_federated_round(tiny_lists, tmp_path, overrides):  # noqa: F811
     cfg = tiny_config(tiny_lists, "federation.rounds=1", *overrides)
     summary, rows = simulate(cfg, tmp_path / "run")

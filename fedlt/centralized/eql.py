@@ -1,4 +1,5 @@
-"""EQL centrally: the equalization loss (:mod:`fedlt.losses.equalization`) on a sigmoid-initialised linear head."""
+"""EQL centrally: the equalization loss (:mod:`fedlt.losses.equalization`) on a sigmoid-initialised linear head
+(``eql``), and its softmax form (``seql``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.experiment import Experiment, model_for
-from fedlt.losses.equalization import EQL_LAMBDA, EQL_PRIOR_PROB, eql_bias_init
+from fedlt.losses.equalization import EQL_LAMBDA, EQL_PRIOR_PROB, SEQL_GAMMA, SEQL_LAMBDA, eql_bias_init
 from fedlt.options import CentralizedOptions
 from fedlt.registry import CENTRALIZED
-from fedlt.streams import Stream, torch_generator
+from fedlt.streams import Stream, seeded_rng, torch_generator
 
 
 @CENTRALIZED.register("eql")
@@ -42,3 +43,22 @@ class EQL(CentralizedMethod):
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
         return {"lam": self.opt.lam}
+
+
+@CENTRALIZED.register("seql")
+class SoftmaxEQL(CentralizedMethod):
+    """Softmax equalization loss (Tan et al., CVPR 2020, its image-classification form; see
+    :func:`fedlt.losses.equalization.softmax_equalization_loss`) on the plain linear head: a tail class
+    (n_c/N < λ) leaves the softmax denominator of a sample of another class with probability γ. The β draws
+    of epoch e come from a generator seeded by (seed, method stream, e), so a resumed run draws the same."""
+
+    class Options(CentralizedOptions):
+        lam: float = Field(SEQL_LAMBDA, ge=0, le=1, description="tail threshold λ on n_c/N (BagofTricks-LT 5e-3)")
+        drop_prob: float = Field(SEQL_GAMMA, ge=0, le=1, description="the paper's γ: probability that a tail "
+                                 "negative leaves the softmax denominator (BagofTricks-LT 0.9)")
+
+    loss = "seql"
+
+    def loss_options(self, epoch: int) -> dict[str, Any]:
+        seed = int(seeded_rng(self.cfg.seed, Stream.CENTRAL, Stream.METHOD, epoch).integers(2**62))
+        return {"lam": self.opt.lam, "drop_prob": self.opt.drop_prob, "seed": seed}

@@ -12,7 +12,7 @@ model it is registered with (``LOSSES.register("focal", make_focal_loss, options
 ``LOSSES.options(name)``). Centralized methods that are just a loss build their objective this way with the
 pooled counts; the ``local_loss`` client does the same with each client's own counts.
 
-Registered: ce, focal, reweight, cb, ldam, la, balanced_softmax, bal_bce, label_aware_smoothing, eql.
+Registered: ce, focal, reweight, cb, ldam, la, balanced_softmax, bal_bce, label_aware_smoothing, eql, seql.
 Not registered, because they are not ``loss(logits, targets)``: the post-hoc logit adjustment (a test-time
 logit transform), mixup (a batch transform of the inputs), and the multi-expert losses of BalPoE and MDCS
 (they need each expert's logits, and MDCS two views per image); the centralized methods of those names use
@@ -21,7 +21,7 @@ the functions below directly.
 
 from fedlt.losses.balanced_bce import bal_bce_loss, sigmoid_bias_init, smoothed_one_hot
 from fedlt.losses.base import Loss, LossFactory, loss_objective
-from fedlt.losses.equalization import eql_bias_init, equalization_loss
+from fedlt.losses.equalization import eql_bias_init, equalization_loss, softmax_equalization_loss
 from fedlt.losses.experts import balpoe_loss, confident_kl, mdcs_loss
 from fedlt.losses.ldam import ldam_loss, ldam_margins
 from fedlt.losses.logit_adjusted import (
@@ -48,6 +48,7 @@ from fedlt.losses.reweighting import (
 
 __all__ = ["Loss", "LossFactory", "bal_bce_loss", "balanced_softmax_loss", "balpoe_loss", "class_balanced_loss",
            "class_weights", "confident_kl", "cross_entropy_loss", "eql_bias_init", "equalization_loss", "focal_loss",
+           "softmax_equalization_loss",
            "label_aware_epsilons",
            "label_aware_smoothing_loss", "ldam_loss", "ldam_margins", "log_prior", "logit_adjusted_loss",
            "loss_objective", "mdcs_loss", "mixup_batch", "mixup_cross_entropy", "mixup_cutmix_batch", "posthoc_adjust", "reweighted_loss",

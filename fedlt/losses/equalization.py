@@ -1,6 +1,6 @@
-"""EQL: the equalization loss in its classification (sigmoid) form (Tan et al., "Equalization Loss for Long-Tailed
-Object Recognition", CVPR 2020; follows tztztztztz/eql.detectron2 ``projects/EQL/eql/fast_rcnn.py``
-``EQLFastRCNNOutputs.eql_loss``).
+"""EQL: the equalization loss (Tan et al., "Equalization Loss for Long-Tailed Object Recognition", CVPR 2020) in
+its sigmoid form (``eql``; follows tztztztztz/eql.detectron2 ``projects/EQL/eql/fast_rcnn.py``
+``EQLFastRCNNOutputs.eql_loss``) and its softmax form for image classification (``seql``, below).
 
 Per-class sigmoid BCE, with the negative (discouraging) gradients of the rare classes switched off:
 
@@ -58,6 +58,52 @@ def eql_bias_init(prior_prob: float = EQL_PRIOR_PROB) -> float:
     return -math.log((1 - prior_prob) / prior_prob)
 
 
+SEQL_LAMBDA = 5e-3  # softmax EQL's tail threshold on n_c/N (BagofTricks-LT's LOSS.SEQL.LAMBDA default)
+SEQL_GAMMA = 0.9  # probability that a tail negative is dropped from the denominator (LOSS.SEQL.GAMMA)
+
+
+def seql_weights(targets: torch.Tensor, num_classes: int, frequencies: torch.Tensor, lam: float, gamma: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """w_ic = 1 − β_ic·T_λ(f_c)·(1 − y_ic), (B, C), with β_ic ~ Bernoulli(γ) drawn per sample and class (on the
+    CPU from ``generator``): a tail negative leaves the softmax denominator with probability γ."""
+    y = F.one_hot(targets, num_classes).float()
+    beta = (torch.rand(y.shape, generator=generator) < gamma).float().to(y.device)
+    tail = (frequencies.to(y.device) < lam).float()
+    return 1 - beta * tail[None, :] * (1 - y)
+
+
+def softmax_equalization_loss(logits: torch.Tensor, targets: torch.Tensor, counts, lam: float = SEQL_LAMBDA,
+                              gamma: float = SEQL_GAMMA, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Softmax EQL (the paper's image-classification form, its Eq. 7-8):
+
+        p̃_y = exp(z_y) / Σ_k w_k exp(z_k),   L = −log p̃_y = logsumexp_k(z_k + log w_k) − z_y,
+
+    batch mean, with w from :func:`seql_weights` (w_y = 1, so the sum is never empty). The official detection
+    repository has no classification form; this follows the transcription in zhangyongshun/BagofTricks-LT
+    ``lib/loss/seql.py`` (same w and β), computed as a log-sum-exp: that code takes exp(z) without subtracting
+    the maximum, which overflows to inf/nan for logits above ~88 in float32 — a defect not copied."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    w = seql_weights(targets, z.shape[1], class_frequencies(counts), lam, gamma, generator).to(z.dtype)
+    lse = torch.logsumexp(z + torch.log(w), dim=1)  # log 0 = −inf drops a term
+    return (lse - z.gather(1, targets[:, None]).squeeze(1)).mean()
+
+
+class SEQLOptions(Options):
+    lam: float = Field(SEQL_LAMBDA, ge=0, le=1, description="tail threshold λ on n_c/N (BagofTricks-LT 5e-3)")
+    drop_prob: float = Field(SEQL_GAMMA, ge=0, le=1, description="the paper's γ: probability that a tail "
+                             "negative leaves the softmax denominator (BagofTricks-LT 0.9)")
+    seed: int = Field(0, ge=0, description="seed of the β draws (the centralized method sets it per epoch from "
+                      "the run's seed)")
+
+
+def make_softmax_equalization_loss(class_counts: torch.Tensor, lam: float = SEQL_LAMBDA,
+                                   drop_prob: float = SEQL_GAMMA, seed: int = 0) -> Loss:
+    """Softmax EQL with the frequencies of ``class_counts``; its β draws come from a generator seeded with
+    ``seed`` (one per built loss: a centralized epoch, a client's round)."""
+    return partial(softmax_equalization_loss, counts=class_counts, lam=lam, gamma=drop_prob,
+                   generator=torch.Generator().manual_seed(seed))
+
+
 class EQLOptions(Options):
     lam: float = Field(EQL_LAMBDA, ge=0, le=1, description="tail threshold λ: classes with n_c/N < λ get no "
                        "negative gradients (official LVIS value 1.76e-3)")
@@ -69,3 +115,4 @@ def make_equalization_loss(class_counts: torch.Tensor, lam: float = EQL_LAMBDA) 
 
 
 LOSSES.register("eql", make_equalization_loss, options=EQLOptions)
+LOSSES.register("seql", make_softmax_equalization_loss, options=SEQLOptions)
