@@ -284,3 +284,43 @@ def test_fedgrab_simulation(tmp_path):
     assert summary["controlled_classes"] == sorted(summary["shot_split"]["tail"])
     assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0
     assert not any(k.startswith("sgb-") for r in rows for k in r)  # the balancer state is no metric
+
+
+def test_a_resumed_run_carries_each_clients_balancer_state(tmp_path, monkeypatch):
+    """Killed after round 1 and resumed: round 2's clients get their round-1 controller state back from the
+    checkpoint (the server holds it for the stateless ClientApp), so the final model and every balancer state
+    equal the uninterrupted run's, bit for bit."""
+    import shutil
+
+    from test_bad_input import TINY, write_fashion
+
+    from fedlt.federation.inprocess import run_inprocess
+    from fedlt.rundir import RunDir
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=federated", "federation.rounds=2",
+                             "federation.fraction=1", "train.local_steps=6", "train.lr=0.2", "strategy.name=fedgrab",
+                             "strategy.controlled=all"])
+    path, save = tmp_path / "run", RunDir.save_checkpoint
+
+    def keep_first(self, state):
+        save(self, state)
+        if state["step"] == 1:
+            shutil.copyfile(self.path / "checkpoint.pt", self.path / "step1.pt")
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", keep_first)
+    run_inprocess(cfg, str(path))
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    whole = torch.load(path / "checkpoint.pt", weights_only=True)["state"]
+    for name in ("summary.json", "done", "checkpoint.pt"):
+        (path / name).unlink()
+    (path / "step1.pt").replace(path / "checkpoint.pt")
+    assert torch.load(path / "checkpoint.pt", weights_only=True)["state"]["strategy"]["sgb"]  # round 1's states
+    run_inprocess(cfg, str(path))
+    resumed = torch.load(path / "checkpoint.pt", weights_only=True)["state"]
+    a, b = resumed["strategy"]["sgb"], whole["strategy"]["sgb"]
+    assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[p][k]), torch.as_tensor(b[p][k]))
+                                        for p in b for k in b[p])
+    for k, v in whole["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
