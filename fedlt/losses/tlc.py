@@ -8,7 +8,9 @@ S_i = Σ_c α_ic; its subjective-logic opinion is belief b_i = e_i/S_i and uncer
 Combination (``ResNet_s.forward``): w_0 = 1, and w_{i+1} = w_i·u_i/(1 − κ_i) with the conflict
 κ_i = Σ_{j≠k} b_{i−1,j}·b_{i,k} (κ_0 = 0): w_{i+1} is the Dempster-Shafer uncertainty of experts 0..i, except
 that the official code takes the conflict with the previous expert's own belief b_{i−1}, not with the combined
-belief of experts 0..i−1 (transcribed as it is: the two agree for two experts). The output is
+belief of experts 0..i−1 (transcribed as it is: the two agree for two experts). 1 − κ is computed as
+Σ_j b_{i−1,j}·b_{ij} + u_{i−1} + u_i − u_{i−1}·u_i (equal to it; the official 1 − κ cancels catastrophically
+in float32 when two confident experts disagree, giving inf or a negative w). The output is
 Σ_i z_i·a_i with a_i = softmax over the BATCH of w_i/η (η = 0.2): a sample's weights depend on the other
 samples of its batch, and the output is ~1/B of an expert's logits (the official test batch is 4096).
 
@@ -22,7 +24,8 @@ T = (R + 500)/0.05 (R the re-weighting epoch), x the combined output (no gradien
 weights (β = 0.9999) and t the diversity temperatures t_c = (C·π_c·0.05 + 0.95)/max (t̄ their mean) after
 epoch R (ω = 1, t = 1 before). Dynamic engagement: expert i learns only from the samples with
 w_i/max_batch(w_i) > τ (τ = 0.54): L = Σ_i Σ_n m_in·ℓ_in / Σ_n m_in. The cross-entropy term is computed as a
-log-softmax (equal to the official log α̃ − log S̃, and finite where exp would overflow).
+log-softmax (equal to the official log α̃ − log S̃, and finite where exp would overflow), the KL in float64
+(ln Γ of an α̂ near e^30, a confident cosine head's evidence, is ~3e14: float32 keeps no digit of the KL).
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ def tlc_combine(expert_logits: torch.Tensor, eta: float = 0.2) -> tuple[torch.Te
     previous = None
     for zi in z:
         b, u = evidential_opinion(zi)
-        conflict = 0.0 if previous is None else previous.sum(1) * b.sum(1) - (previous * b).sum(1)
-        w.append(w[-1] * u / (1 - conflict))
-        previous = b
+        if previous is None:
+            w.append(w[-1] * u)
+        else:  # 1 − κ = 1 − (1 − u')(1 − u) + Σ_j b'_j·b_j: no cancellation where the experts disagree surely
+            b0, u0 = previous
+            w.append(w[-1] * u / ((b0 * b).sum(1) + u0 + u - u0 * u))
+        previous = b, u
     weights = torch.stack(w)
     a = torch.softmax(weights[:-1] / eta, dim=1)  # over the batch, as the official exp(w/η)/Σ_batch
     return (z * a[:, :, None]).sum(0), weights
@@ -96,7 +102,7 @@ def tlc_loss(expert_logits: torch.Tensor, output: torch.Tensor, weights: torch.T
         ce = F.nll_loss(F.log_softmax(zm, 1), y, weight=None if class_weight is None else class_weight.to(z.device),
                         reduction="none")
         alpha_hat = one_hot + (1 - one_hot) * (torch.exp(zm) + 1)
-        kl = dirichlet_kl_to_uniform(alpha_hat)
+        kl = dirichlet_kl_to_uniform(alpha_hat.double()).float()  # float32 ln Γ(α ~ e^30) keeps no digit of the KL
         div = (torch.xlogy(mean_dist, mean_dist) - mean_dist * F.log_softmax(zi / t, 1)).sum(1)
         per_sample = ce + epoch / kl_period * kl - diversity * t_mean * t_mean * div
         loss = loss + (mask[i] * per_sample).sum() / mask[i].sum()
