@@ -26,11 +26,26 @@ def evaluate_model(model: nn.Module, test: TensorData, train_counts: np.ndarray,
 
 ROW_KEYS = ("loss", "accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
 LOCAL_ROW_KEYS = ("local_accuracy", "local_accuracy_weighted")  # where the round had a local evaluation
+# where the method gives an uncertainty per test sample (TLC: fedlt.metrics.uncertainty_metrics, experts engaged)
+UNCERTAINTY_ROW_KEYS = ("uncertainty_mean", "uncertainty_correct", "uncertainty_wrong", "failure_auc",
+                        "uncertainty_ece", "experts_engaged")
 
 
 def metrics_row(m: dict) -> dict:
     """The per-round / per-epoch metrics that go into ``metrics.jsonl`` (no per-class lists)."""
-    return {**{k: m[k] for k in ROW_KEYS}, **{k: m[k] for k in LOCAL_ROW_KEYS if k in m}}
+    return {**{k: m[k] for k in ROW_KEYS}, **{k: m[k] for k in LOCAL_ROW_KEYS + UNCERTAINTY_ROW_KEYS if k in m}}
+
+
+def uncertainty_text(m: dict) -> str:
+    """`` u=0.412 (ok 0.301, wrong 0.655) auc=81.2 u_ece=4.10 experts=2.31`` where ``m`` has TLC's uncertainty
+    metrics (else ``""``)."""
+    if "uncertainty_mean" not in m:
+        return ""
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    text = (f" u={m['uncertainty_mean']:.3g} (ok {f(m['uncertainty_correct'], '.3g')}, wrong "
+            f"{f(m['uncertainty_wrong'], '.3g')}) auc={f(None if m['failure_auc'] is None else m['failure_auc'] * 100, '.1f')}"
+            f" u_ece={m['uncertainty_ece'] * 100:.2f}")
+    return text + (f" experts={m['experts_engaged']:.2f}" if "experts_engaged" in m else "")
 
 
 def due(step: int, total: int, every: int) -> bool:
@@ -63,4 +78,4 @@ def progress_line(prefix: str, m: dict | None, seconds: float, train_loss: float
         return f"{prefix} train_loss={loss} (not evaluated, eval.every) ({clock})"
     groups = " ".join(f"{g}={m[g] * 100:5.1f}" if m[g] is not None else f"{g}=  n/a" for g in ("many", "medium", "few"))
     return (f"{prefix} loss={m['loss']:.3f} acc={m['accuracy'] * 100:5.2f} bal={m['balanced_accuracy'] * 100:5.2f} "
-            f"{groups} ({clock})")
+            f"{groups}{uncertainty_text(m)} ({clock})")

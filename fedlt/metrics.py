@@ -86,3 +86,42 @@ def evaluate_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
         accs = per_class[groups == g]
         out[name] = float(np.nanmean(accs)) if len(accs) and not np.all(np.isnan(accs)) else None
     return out
+
+
+def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` separating ``positive`` from the rest: P(s⁺ > s⁻) + ½·P(s⁺ = s⁻) (the Mann-Whitney
+    statistic, equal to scikit-learn's ``roc_auc_score``); None where one of the two sets is empty."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average ranks of ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def uncertainty_metrics(uncertainty: np.ndarray, correct: np.ndarray, num_bins: int = 10) -> dict[str, float | None]:
+    """What an uncertainty u per test sample says about the errors (TLC, Li et al. CVPR 2022; the metrics of
+    lblaoke/TLC ``model/metric.py`` of its first release): with the confidence c = 1 − u/max(u),
+
+    - ``failure_auc``: ROC AUC of c separating correct from wrong predictions (``AUC``);
+    - ``uncertainty_ece``: Σ_b (|B_b|/n)·|acc(B_b) − mean c(B_b)| over ``num_bins`` = 10 equal bins [lo, hi)
+      of c (``ece_score``);
+    - ``uncertainty_mean``, ``uncertainty_correct``, ``uncertainty_wrong``: the mean u over all, the correct
+      and the wrong predictions (None where there are none).
+    """
+    u = np.asarray(uncertainty, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    c = 1.0 - u / u.max()
+    ece = 0.0
+    for b in range(num_bins):
+        m = (b / num_bins <= c) & (c < (b + 1) / num_bins)
+        if m.any():
+            ece += m.sum() * abs(correct[m].mean() - c[m].mean())
+    return {"uncertainty_mean": float(u.mean()),
+            "uncertainty_correct": float(u[correct].mean()) if correct.any() else None,
+            "uncertainty_wrong": float(u[~correct].mean()) if (~correct).any() else None,
+            "failure_auc": rank_auc(c, correct), "uncertainty_ece": float(ece / len(u))}

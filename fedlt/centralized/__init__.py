@@ -13,6 +13,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
 - :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss, effective-area re-weighting, causal-norm + TDE;
+- :mod:`.tlc`: TLC (evidential experts, Dempster-Shafer combination, uncertainty metrics);
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
 
@@ -25,6 +26,7 @@ from fedlt.centralized import (  # noqa: F401  (register the methods)
     methods,
     sbcl,
     tde,
+    tlc,
 )
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.decoupled import FrozenFeatures, LWSClassifier, TauNormLinear, tau_normalized_weight

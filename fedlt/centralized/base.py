@@ -16,6 +16,7 @@ from torch import nn
 
 from fedlt.config import Config
 from fedlt.data.augment import strong_augment
+from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import log_prior, loss_objective
 from fedlt.options import CentralizedOptions
@@ -87,6 +88,12 @@ class CentralizedMethod:
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
+
+    def evaluate(self, model: nn.Module, test: TensorData, train_counts: np.ndarray, batch_size: int,
+                 with_bins: bool) -> dict:
+        """Test metrics of ``model`` (:func:`~fedlt.evaluation.evaluate_model` of ``transform_logits``); a method
+        with a test-time combination of its own (TLC) overrides this and may add metrics."""
+        return evaluate_model(model, test, train_counts, batch_size, self.transform_logits, with_bins=with_bins)
 
     # --- second stage (DecoupledMethod) ---
     def stage2_epochs(self) -> int:

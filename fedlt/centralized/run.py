@@ -16,7 +16,6 @@ from fedlt.centralized.base import CentralizedMethod
 from fedlt.centralized.pretrain import rotation_model, rotation_objective
 from fedlt.config import Config
 from fedlt.device import resolve_device
-from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, augment_for, experiment_for
 from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
@@ -126,8 +125,7 @@ class CentralizedSteps:
         return {"stage": self.stage, "train_loss": result.loss, "train_images": result.num_examples}
 
     def evaluate(self, final: bool) -> dict:
-        return evaluate_model(self.model, self.test, self.exp.train_counts, self.cfg.eval.batch_size,
-                              self.method.transform_logits, with_bins=final)
+        return self.method.evaluate(self.model, self.test, self.exp.train_counts, self.cfg.eval.batch_size, final)
 
     def finish(self) -> bool:
         if self.method.two_stage and self.stage == 1:  # a second stage without training (τ-norm)

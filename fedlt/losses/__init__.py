@@ -45,6 +45,7 @@ from fedlt.losses.reweighting import (
                                 reweighted_loss,
                                 weighted_cross_entropy,
 )
+from fedlt.losses.tlc import dirichlet_kl_to_uniform, engaged, evidential_opinion, tlc_combine, tlc_loss
 
 __all__ = ["Loss", "LossFactory", "bal_bce_loss", "balanced_softmax_loss", "balpoe_loss", "class_balanced_loss",
            "class_weights", "confident_kl", "cross_entropy_loss", "eql_bias_init", "equalization_loss", "focal_loss",
@@ -52,4 +53,5 @@ __all__ = ["Loss", "LossFactory", "bal_bce_loss", "balanced_softmax_loss", "balp
            "label_aware_epsilons",
            "label_aware_smoothing_loss", "ldam_loss", "ldam_margins", "log_prior", "logit_adjusted_loss",
            "loss_objective", "mdcs_loss", "mixup_batch", "mixup_cross_entropy", "mixup_cutmix_batch", "posthoc_adjust", "reweighted_loss",
-           "sigmoid_bias_init", "smoothed_one_hot", "weighted_cross_entropy"]
+           "sigmoid_bias_init", "smoothed_one_hot", "weighted_cross_entropy",
+           "dirichlet_kl_to_uniform", "engaged", "evidential_opinion", "tlc_combine", "tlc_loss"]

@@ -87,14 +87,16 @@ class MultiExpertModel(nn.Module):
 
 @MODELS.register("resnet32_experts", options=ExpertOptions)
 def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
-                     classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
-    """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head."""
+                     classifier: str = "cosine", scale: float = 30.0, shared_layer1: bool = True) -> MultiExpertModel:
+    """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head;
+    ``shared_layer1=False``: only conv1/bn1 shared, layer1 per expert too (TLC's ``ResnetCifar.py``)."""
     n = 5
     stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                         nn.ReLU(inplace=True), make_stage(widths[0], widths[0], n, 1))
+                         nn.ReLU(inplace=True), *([make_stage(widths[0], widths[0], n, 1)] if shared_layer1 else []))
     experts = []
     for _ in range(num_experts):
-        features = nn.Sequential(make_stage(widths[0], widths[1], n, 2), make_stage(widths[1], widths[2], n, 2),
+        own = [] if shared_layer1 else [make_stage(widths[0], widths[0], n, 1)]
+        features = nn.Sequential(*own, make_stage(widths[0], widths[1], n, 2), make_stage(widths[1], widths[2], n, 2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
         experts.append(SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
     model = MultiExpertModel(stem, experts)
