@@ -86,16 +86,21 @@ def lfme_groups(train_counts: np.ndarray) -> list[list[int]]:
     return [np.flatnonzero(group_of == g).tolist() for g in range(3) if (group_of == g).any()]
 
 
-def build_lfme_model(cfg: Config, exp: Experiment, groups: list[list[int]]) -> LFMEModel:
-    """The student (``model_for``) and one expert per group (the same model, a head over the group's classes),
-    each expert initialised from its own seed (``Stream.INIT``, ``Stream.METHOD``, g)."""
+def with_experts(cfg: Config, student: nn.Module, in_channels: int, groups: list[list[int]]) -> LFMEModel:
+    """``student`` and one expert per group (the configured model, a head over the group's classes), each
+    expert initialised from its own seed (``Stream.INIT``, ``Stream.METHOD``, g)."""
     kw = cfg.model.model_dump(exclude={"name"})
     experts = []
     for g, cls in enumerate(groups):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT, Stream.METHOD, g).integers(2**31)))
-            experts.append(build_model(cfg.model.name, len(cls), exp.in_channels, **kw))
-    return LFMEModel(model_for(cfg, exp), experts, groups)
+            experts.append(build_model(cfg.model.name, len(cls), in_channels, **kw))
+    return LFMEModel(student, experts, groups)
+
+
+def build_lfme_model(cfg: Config, exp: Experiment, groups: list[list[int]]) -> LFMEModel:
+    """The student (``model_for``) with the group experts (:func:`with_experts`)."""
+    return with_experts(cfg, model_for(cfg, exp), exp.in_channels, groups)
 
 
 def group_data(data: TensorData, cls: list[int] | torch.Tensor) -> tuple[TensorData, torch.Tensor]:
