@@ -191,6 +191,8 @@ def test_two_stage_run_resumes_in_the_student_stage(tmp_path, monkeypatch):
     assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
 
 
-def test_sharpness_aware_is_refused():
+def test_sharpness_aware_and_pretraining_are_refused():
     with pytest.raises(FedLTError, match="centralized.sam=none"):
         tiny_cfg("lfme", "centralized.sam=cc_sam")
+    with pytest.raises(FedLTError, match="centralized.pretrain=none"):
+        tiny_cfg("lfme", "centralized.pretrain=rotation", "centralized.pretrain_epochs=1")

@@ -191,6 +191,9 @@ class LFME(CentralizedMethod):
         super().check_config(cfg)
         if cfg.centralized.sam != "none":
             raise FedLTError("centralized.method=lfme trains its experts and student itself: set centralized.sam=none")
+        if cfg.centralized.pretrain != "none":
+            raise FedLTError("centralized.method=lfme has no pre-training stage (its experts and student start from "
+                             "scratch, as the official): set centralized.pretrain=none")
 
     def build_model(self, exp: Experiment) -> nn.Module:
         return build_lfme_model(self.cfg, exp, self.groups)
