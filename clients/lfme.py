@@ -13,7 +13,9 @@ alike on the server and every client (:meth:`adapt_model`).
   with the experts' logits computed here, the server's self-paced weights ``lfme-lambdas``, and curriculum
   instance weights from the experts' confidence on the client's (un-augmented) samples, min–max scaled per
   class over the client's samples (the official scales over the whole training set, which no client holds),
-  scheduled over the phase-2 rounds (``lfme-round`` e = 1, 2, … of ``lfme-rounds``).
+  scheduled over the phase-2 rounds (``lfme-round`` e = 1, 2, … of ``lfme-rounds``). Local batches are drawn
+  instance-balanced, as every fedlt client's (the official class-aware sampler over one client's data would
+  repeat its handful of tail samples in every batch).
 
 The query ``lfme-accuracy`` answers, per class, how many of the client's samples the student and the class's
 expert classify correctly, and the counts: the server's accuracies for the self-paced weights.

@@ -17,6 +17,8 @@ Departures from the official code, each forced or said: accuracies are class-mea
 (the official uses its validation split, fedlt has none; on the balanced ImageNet-LT val micro = class mean);
 the groups are fedlt's (many > 100, few < 20; the official ≥ 100, ≤ 20); the student's lr follows
 ``stage2_lr`` and the cosine schedule of stage 2 (the official MultiStepLR at 50, 80 of 90 epochs).
+
+The evaluated model is the student: the rows of stage 1 repeat the initial model's metrics.
 """
 
 from __future__ import annotations
