@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la", "crt",
-           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs", "glmc", "sbcl", "eql", "seql", "area", "tde", "tlc"]
+           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs", "glmc", "sbcl", "eql", "seql", "area", "tde", "tlc",
+           "lfme"]
 # The CPU budget of the table (2 shared CPU cores): small CNN, 2 epochs, SGD lr 0.1 cosine, batch 128; one
 # classifier epoch for the decoupled second stages. DRW switches on for the last epoch (round(0.5·2) = 1),
 # MDCS's consistency weight 0.6·min(e/1, 1) = 0.6 in both epochs (e counted from 1, as the official trainer).
@@ -34,7 +35,8 @@ STAGE2 = {"crt": 1, "lws": 1, "mislas": 1, "sbcl": 1}
 EXTRA = {"ldam_drw": ["centralized.drw_fraction=0.5"], "mdcs": ["centralized.ramp_fraction=0.5"],
          "sbcl": ["centralized.supcon_epochs=1", "centralized.cluster_step=1"],
          "eql": ["centralized.lam=0.02"], "seql": ["centralized.lam=0.02"], "area": ["centralized.area_fraction=0.5"],
-         "tlc": ["centralized.drw_fraction=0.5"]}
+         "tlc": ["centralized.drw_fraction=0.5"],
+         "lfme": ["centralized.stage2_epochs=2"]}  # LFME: 2 expert epochs, then a 2-epoch student from scratch
 # Stage 1 of these methods is plain CE training from the same seed and random streams, bit-identical on the
 # CPU to the ce run (crt's stage-1 metrics equal ce's in the logs); to save CPU they start from ce's final
 # checkpoint, so only their second stage (or post-hoc transform) runs.

@@ -11,5 +11,6 @@ from clients import (  # noqa: F401
     fedprox,
     fedrod,
     gbme,
+    lfme,
     local_loss,
 )

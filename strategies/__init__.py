@@ -15,5 +15,6 @@ from strategies import (  # noqa: F401
     fedprox,
     fedrod,
     gbme,
+    lfme,
     posthoc_calibration,
 )

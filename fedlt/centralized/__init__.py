@@ -9,6 +9,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
 - :mod:`.experts`: multi-expert methods (balpoe, mdcs);
+- :mod:`.lfme`: LFME (group experts, then a student by self-paced distillation and curriculum);
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
@@ -23,6 +24,7 @@ from fedlt.centralized import (  # noqa: F401  (register the methods)
     eql,
     experts,
     glmc,
+    lfme,
     methods,
     sbcl,
     tde,

@@ -23,7 +23,7 @@ from fedlt.options import CentralizedOptions
 from fedlt.registry import LOSSES
 from fedlt.samplers import make_sampler
 from fedlt.streams import Stream, seeded_rng
-from fedlt.train import Augment, Objective, Sampler, TensorData, cross_entropy_objective
+from fedlt.train import Augment, Objective, OptimConfig, Sampler, TensorData, TrainResult, cross_entropy_objective
 
 
 class StrongView:
@@ -68,6 +68,13 @@ class CentralizedMethod:
 
     def begin_epoch(self, model: nn.Module, data: TensorData, augment: Augment | None, epoch: int) -> None:
         """Called before each stage-1 epoch with the current model and the training data (AREA's weights)."""
+
+    def train_epoch(self, stage: int, model: nn.Module, data: TensorData, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, opt: OptimConfig, augment: Augment | None,
+                    epoch: int) -> TrainResult | None:
+        """Train epoch ``epoch`` (0-based, within ``stage``) its own way and return its result; None (the default):
+        the run's generic epoch of ``objective``/``sampler`` (stage 1) or ``stage2_objective`` (stage 2)."""
+        return None
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
         """The options of ``loss`` at ``epoch`` (keywords of its factory, from ``self.opt``)."""

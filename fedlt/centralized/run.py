@@ -111,7 +111,13 @@ class CentralizedSteps:
         epoch -= self.pretrain
         if epoch >= self.stage1 and self.stage == 1:
             self.begin_stage2()
-        if self.stage == 1:
+        stage_epoch = epoch if self.stage == 1 else epoch - self.stage1
+        own = self.method.train_epoch(self.stage, self.model, self.data, self.optimizer, self.generator,
+                                      self.opt if self.stage == 1 else self.opt2,
+                                      self.augment if self.stage == 1 else augment_for(self.cfg), stage_epoch)
+        if own is not None:  # a method that trains its epochs its own way (LFME's experts and student)
+            result = own
+        elif self.stage == 1:
             self.method.begin_epoch(self.model, self.data, self.augment, epoch)
             result = train(self.model, self.data, self.method.objective(epoch), opt=self.opt,
                            epochs=min(1.0, self.epochs - epoch), generator=self.generator, augment=self.augment,
