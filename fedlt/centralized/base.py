@@ -22,7 +22,7 @@ from fedlt.options import CentralizedOptions
 from fedlt.registry import LOSSES
 from fedlt.samplers import make_sampler
 from fedlt.streams import Stream, seeded_rng
-from fedlt.train import Augment, Objective, Sampler, TensorData, cross_entropy_objective
+from fedlt.train import Augment, Objective, OptimConfig, Sampler, TensorData, cross_entropy_objective
 
 
 class StrongView:
@@ -88,6 +88,11 @@ class CentralizedMethod:
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
+    def optim(self, opt: OptimConfig, stage: int) -> OptimConfig:
+        """The optimizer settings of ``stage`` (1 or 2) made from the config's ``opt``; a method with an lr
+        schedule of its own returns an :class:`OptimConfig` whose ``lr_at`` is that schedule (SHIKE)."""
+        return opt
+
     # --- second stage (DecoupledMethod) ---
     def stage2_epochs(self) -> int:
         return 0
@@ -100,6 +105,10 @@ class CentralizedMethod:
 
     def stage2_sampler(self) -> Sampler:
         return make_sampler("instance")
+
+    def stage2_augment(self, data: TensorData) -> Augment:
+        """The augmentation of stage 2: crop/flip (SHIKE keeps its stage-1 augmentation)."""
+        return augment_for(self.cfg)
 
     stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
 
