@@ -25,7 +25,6 @@ from fedlt.registry import CENTRALIZED
 from fedlt.rundir import RunDir
 from fedlt.train import make_optimizer, train
 
-
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. .mean. divides the total loss")
 
 

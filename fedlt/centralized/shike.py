@@ -47,7 +47,8 @@ from fedlt.train import Augment, Objective, OptimConfig, TensorData
 class WarmupCosineLR(OptimConfig):
     """``CosineAnnealingLRWarmup`` of SHIKE's ``utils.py`` (η_min = 0), stepped once per epoch: for epoch
     e = ⌊epoch⌋, ``lr`` + (``peak_lr`` − ``lr``)·(e − 1)/(W − 1) while e < W, then
-    ``peak_lr``·½(1 + cos(π·(e − W)/(T − W))) with T the stage's epochs; W = 0: the cosine from e = 0."""
+    ``peak_lr``·½(1 + cos(π·(e − W)/(T − W))) with T the stage's epochs. W = 0 (the cosine from e = 0, for
+    short budgets) is fedlt's; the official asserts W ≥ 2."""
 
     peak_lr: float = 0.15
 

@@ -25,14 +25,27 @@ channels, per expert a strided conv of 4w channels).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedlt.models.base import make_classifier
 from fedlt.models.cnn import _norm
-from fedlt.models.experts import ExpertOptions, MultiExpertModel
+from fedlt.models.experts import MultiExpertModel
 from fedlt.models.resnet_cifar import make_stage
+from fedlt.options import HeadOptions
 from fedlt.registry import MODELS
+
+
+class DepthFusedOptions(HeadOptions):
+    """A depth-fused multi-expert model; not an ``ExpertOptions`` model, so the federated expert methods
+    (GBME, :func:`~fedlt.models.experts.require_experts`), not tested with it, do not offer it."""
+
+    classifier: Literal["linear", "cosine"] = Field("cosine", description="each expert's head: linear or cosine")
+    scale: float = Field(30.0, gt=0, description="scale s of the cosine heads")
+    num_experts: int = Field(3, gt=0, description="number of experts M")
 
 
 class SharedStages(nn.Module):
@@ -91,7 +104,7 @@ def depth_fused_experts(stages: list[nn.Module], channels: list[int], make_deep,
     return MultiExpertModel(SharedStages(stages), experts)
 
 
-@MODELS.register("resnet32_shike", options=ExpertOptions)
+@MODELS.register("resnet32_shike", options=DepthFusedOptions)
 def resnet32_shike(num_classes: int, in_channels: int = 3, num_experts: int = 3, classifier: str = "cosine",
                    scale: float = 30.0) -> MultiExpertModel:
     """The official SHIKE ResNet-32 (n = 5 blocks per stage, option-B shortcuts): shared stem + layer1 (16),
@@ -109,7 +122,7 @@ def resnet32_shike(num_classes: int, in_channels: int = 3, num_experts: int = 3,
     return model
 
 
-@MODELS.register("small_cnn_shike", options=ExpertOptions)
+@MODELS.register("small_cnn_shike", options=DepthFusedOptions)
 def small_cnn_shike(num_classes: int, in_channels: int = 1, num_experts: int = 3, width: int = 32,
                     norm: str = "group", classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
     """The small CNN's two conv blocks shared (w, 2w channels, each max-pooled); per expert a strided conv block
