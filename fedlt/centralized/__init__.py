@@ -8,7 +8,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.methods`: single-stage methods, each one loss of :mod:`fedlt.losses` (ce, focal, reweight, cb,
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
-- :mod:`.experts`: multi-expert methods (balpoe, mdcs);
+- :mod:`.experts`: multi-expert methods (balpoe, mdcs); :mod:`.shike`: SHIKE (depth-fused experts, DKT);
 - :mod:`.lfme`: LFME (group experts, then a student by self-paced distillation and curriculum);
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
@@ -27,6 +27,7 @@ from fedlt.centralized import (  # noqa: F401  (register the methods)
     lfme,
     methods,
     sbcl,
+    shike,
     tde,
     tlc,
 )

@@ -101,6 +101,10 @@ class CentralizedMethod:
         """Test metrics of ``model`` (:func:`~fedlt.evaluation.evaluate_model` of ``transform_logits``); a method
         with a test-time combination of its own (TLC) overrides this and may add metrics."""
         return evaluate_model(model, test, train_counts, batch_size, self.transform_logits, with_bins=with_bins)
+    def optim(self, opt: OptimConfig, stage: int) -> OptimConfig:
+        """The optimizer settings of ``stage`` (1 or 2) made from the config's ``opt``; a method with an lr
+        schedule of its own returns an :class:`OptimConfig` whose ``lr_at`` is that schedule (SHIKE)."""
+        return opt
 
     # --- second stage (DecoupledMethod) ---
     def stage2_epochs(self) -> int:
@@ -114,6 +118,10 @@ class CentralizedMethod:
 
     def stage2_sampler(self) -> Sampler:
         return make_sampler("instance")
+
+    def stage2_augment(self, data: TensorData) -> Augment:
+        """The augmentation of stage 2: crop/flip (SHIKE keeps its stage-1 augmentation)."""
+        return augment_for(self.cfg)
 
     stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
 

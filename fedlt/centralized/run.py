@@ -60,11 +60,12 @@ class CentralizedSteps:
         self.method: CentralizedMethod = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
         self.label = f"centralized {cfg.centralized.method}"
         self.model: nn.Module = self.method.build_model(exp).to(device)
-        self.opt, self.opt2 = centralized_optim(cfg), stage2_optim(cfg, self.method)
+        self.opt = self.method.optim(centralized_optim(cfg), 1)
+        self.opt2 = self.method.optim(stage2_optim(cfg, self.method), 2)
         self.data: TensorData = exp.tensor_data("train", device=device)
         self.test = exp.tensor_data("test", device=device)
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL)
-        self.augment = self.method.augment(self.data)
+        self.augment, self.augment2 = self.method.augment(self.data), self.method.stage2_augment(self.data)
         self.epochs = cfg.centralized.epochs
         self.stage1, self.stage2 = int(np.ceil(self.epochs)), self.method.stage2_epochs()
         self.pretrain = cfg.centralized.pretrain_epochs if cfg.centralized.pretrain == "rotation" else 0
@@ -125,7 +126,7 @@ class CentralizedSteps:
                            total_epochs=self.epochs)
         else:
             result = train(self.model, self.data, self.method.stage2_objective(epoch - self.stage1), opt=self.opt2,
-                           epochs=1.0, generator=self.generator, augment=augment_for(self.cfg),
+                           epochs=1.0, generator=self.generator, augment=self.augment2,
                            sampler=self.method.stage2_sampler(), optimizer=self.optimizer,
                            start_epoch=epoch - self.stage1, total_epochs=self.stage2)
         return {"stage": self.stage, "train_loss": result.loss, "train_images": result.num_examples}
