@@ -101,6 +101,10 @@ class CentralizedMethod:
     def stage2_sampler(self) -> Sampler:
         return make_sampler("instance")
 
+    def stage2_augment(self, stage1: Augment | None) -> Augment | None:
+        """The augmentation of stage 2, given stage 1's: crop/flip (without stage 1's AutoAugment/Cutout)."""
+        return augment_for(self.cfg)
+
     stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
 
     def stage2_param_groups(self, model: nn.Module) -> list[dict] | None:

@@ -120,7 +120,7 @@ class CentralizedSteps:
                            total_epochs=self.epochs)
         else:
             result = train(self.model, self.data, self.method.stage2_objective(epoch - self.stage1), opt=self.opt2,
-                           epochs=1.0, generator=self.generator, augment=augment_for(self.cfg),
+                           epochs=1.0, generator=self.generator, augment=self.method.stage2_augment(self.augment),
                            sampler=self.method.stage2_sampler(), optimizer=self.optimizer,
                            start_epoch=epoch - self.stage1, total_epochs=self.stage2)
         return {"stage": self.stage, "train_loss": result.loss, "train_images": result.num_examples}
