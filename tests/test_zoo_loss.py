@@ -468,6 +468,22 @@ def test_cc_sam_method_runs_both_stages_and_resumes(tmp_path, monkeypatch):
     assert all(torch.equal(final[k], after3[k]) for k in after3)
 
 
+@pytest.mark.parametrize("path,data,flat_ratio,up_limit", [("cifar_lt_cc_sam.yaml", "cifar10", 0.3, 1.0),
+                                                             ("cifar100_lt_cc_sam.yaml", "cifar100", 0.5, 0.3)])
+def test_cc_sam_configs_run_both_official_stages(path, data, flat_ratio, up_limit):
+    """configs/Cifar10.json, Cifar100.json: stage 200 of max_epoch 230; flat_ratio and up_limit per data set."""
+    from fedlt.sweep import expand
+
+    combos = expand(f"configs/centralized/{path}")
+    assert sorted(cfg.data.imbalance_factor for cfg, _ in combos) == [10, 50, 100]
+    for cfg, _ in combos:
+        c = cfg.centralized
+        assert (cfg.data.name, c.method, c.sam, c.sam_flat_ratio, c.sam_noise_ratio, c.up_limit) == (
+            data, "cc_sam", "cc_sam", flat_ratio, 1e-6, up_limit)
+        assert (c.epochs, c.stage2_epochs, c.stage2_lr, c.stage2_sampler, c.batch_size, c.weight_decay, c.div,
+                c.adver_reg) == (200, 30, 0.01, "class_balanced", 64, 2e-4, 2.0, 1.0)
+
+
 # --------------------------------------------------------------------------- TDE
 def official_causal_norm_forward(x, weight, embed, training, num_head=2, tau=16.0, alpha=1.0, gamma=0.03125):
     """Causal_Norm_Classifier.forward of classification/models/CausalNormClassifier.py, transcribed."""
