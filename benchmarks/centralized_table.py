@@ -22,16 +22,18 @@ import torch
 
 METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la", "crt",
            "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs", "glmc", "sbcl", "eql", "seql", "area", "tde", "tlc",
-           "lfme", "shike"]
+           "lfme", "shike", "cc_sam"]
 # The CPU budget of the table (2 shared CPU cores): small CNN, 2 epochs, SGD lr 0.1 cosine, batch 128; one
 # classifier epoch for the decoupled second stages. DRW switches on for the last epoch (round(0.5·2) = 1),
 # MDCS's consistency weight 0.6·min(e/1, 1) = 0.6 in both epochs (e counted from 1, as the official trainer).
 BUDGET = ["mode=centralized", "model.name=small_cnn", "centralized.epochs=2", "centralized.lr=0.1",
           "centralized.batch_size=128", "centralized.schedule=cosine", "device=cpu"]
-STAGE2 = {"crt": 1, "lws": 1, "mislas": 1, "sbcl": 1, "shike": 1}
+STAGE2 = {"crt": 1, "lws": 1, "mislas": 1, "sbcl": 1, "shike": 1, "cc_sam": 1}
 # SBCL: SupCon in epoch 1, subclasses (clustered at the start of epoch 2) in epoch 2, then 1 LDAM-DRW epoch.
 # EQL: λ = 0.02 silences the negatives of the 4 rarest classes (n_c/N < 2%; the official LVIS λ = 1.76e-3
-# is below every class frequency of 10 classes); AREA re-weights in the second epoch, as DRW
+# is below every class frequency of 10 classes); AREA re-weights in the second epoch, as DRW. CC-SAM: stage 1 with
+# sam=cc_sam (its default), 1 epoch of its stage 2 (so α = min(1/1, up_limit) = 1: the noisy loss alone) at its
+# default constant lr 0.01 (the official 0.1 × stage-1 lr, as the table's lr is the official 0.1)
 # SHIKE: its official per-epoch warm-up cosine without the warm-ups (W = 0), peak lr 0.1 (epochs at 0.1, 0.05),
 # then one classifier re-training epoch at its official peak 0.1.
 SHIKE = ["centralized.warmup_epochs=0", "centralized.warmup_lr=0.1", "centralized.stage2_warmup_epochs=0"]

@@ -19,7 +19,8 @@ Not copied: (a) the official code perturbs ``param.data`` in place and restores 
 gradient through the features uses the unperturbed weights; here the perturbed head is a functional call, so the
 whole gradient of L_flat is taken at θ + ε_c (the SAM gradient; the two differ by O(ε)). (b) A class with one
 training sample makes the official (n_c − 1)^{1/4} zero (an infinite ρ); here n_c − 1 is clamped at 1.
-The official stage 2 (classifier re-training with feature-space noise, ``train_sample``) is not part of this option.
+The official stage 2 (classifier re-training with feature-space noise, ``train_sample``) is not part of this option:
+``centralized.method=cc_sam`` (:mod:`fedlt.centralized.ccsam`) runs this option as stage 1, then that stage 2.
 """
 
 from __future__ import annotations

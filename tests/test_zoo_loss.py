@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import resumed_after_cut
 from test_centralized_methods import tiny_cfg, tiny_experiment
 from test_federated_methods import simulate, tiny_config, tiny_lists  # noqa: F401  (fixture)
 
@@ -336,6 +337,151 @@ def test_cc_sam_refuses_an_objective_that_transforms_the_batch(tmp_path, monkeyp
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     with pytest.raises(FedLTError, match="sam=cc_sam needs an objective that calls model"):
         C.run_centralized(tiny_cfg("mixup", "centralized.sam=cc_sam"), RunDir(tmp_path))
+
+
+def official_train_sample_step(classifier, fea, y, class_weights, epoch, stage, max_epoch, up_limit, adver_reg=1.0):
+    """train_sample() of zzpustc/CC-SAM train_cifar.py for one batch, transcribed (sampler "Decoup", no
+    DataParallel, ``fea`` the frozen backbone's output): the loss and each class's feature noise."""
+    fea = fea.detach().clone()
+    fea.requires_grad = True
+    o = classifier(fea)
+    loss_ori = F.cross_entropy(o, y, reduction="none")
+    y_in = y.detach().cpu().numpy()
+    loss_list, noises = [], {}
+    alpha = (epoch - stage + 1) * 1.0 / (max_epoch - stage)
+    alpha = alpha if alpha < up_limit else up_limit
+    for y_tmp in np.unique(y_in):
+        idx = np.where(y_in == y_tmp)
+        loss_cls_spc = loss_ori[idx]
+        if len(idx[0]) > 1:
+            loss_cls_spc = loss_ori[idx].mean()
+        fea_grad = torch.autograd.grad(loss_cls_spc, fea, retain_graph=True, allow_unused=True)[0]
+        fea_grad = fea_grad / torch.norm(fea_grad)
+        noise = adver_reg * fea_grad * class_weights[y_tmp]
+        noises[int(y_tmp)] = noise
+        o_tmp = classifier(fea + noise)
+        loss_tmp = F.cross_entropy(o_tmp, y, reduction="none") * class_weights[y_tmp]
+        loss_list.extend(loss_tmp[idx])
+    loss_list = torch.stack(loss_list)
+    return alpha * loss_list.mean() + (1 - alpha) * loss_ori.mean(), noises
+
+
+def official_class_weights(labels, div):
+    """pre_compute_class_ratio of zzpustc/CC-SAM utils/utils.py, transcribed: the class weights."""
+    ratios = [int((labels == c).sum()) for c in range(len(np.unique(labels)))]
+    return np.log(max(ratios) / np.array(ratios) + 0.01) / div
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "cosine"])
+def test_cc_sam_stage2_noise_and_loss_match_the_official_train_sample(head_kind):
+    from fedlt.centralized.ccsam import cc_sam_alpha, cc_sam_class_weights, cc_sam_feature_noise, cc_sam_stage2_loss
+    from fedlt.models.base import make_classifier
+
+    counts = np.array([50, 20, 9, 3])
+    labels = np.repeat(np.arange(4), counts)
+    weights = cc_sam_class_weights(torch.tensor(counts), div=2.0)
+    official_w = official_class_weights(labels, 2.0)
+    assert np.allclose(weights.numpy(), official_w, rtol=1e-6)
+    assert weights[0] == pytest.approx(math.log(1.01) / 2) and weights[3] == pytest.approx(math.log(50 / 3 + .01) / 2)
+    # α: official epoch 205 of stage 200 and max_epoch 230 is stage-2 epoch 5 of 30; CIFAR-100 caps it at 0.3
+    assert cc_sam_alpha(5, 30, 1.0) == pytest.approx((205 - 200 + 1) / 30) and cc_sam_alpha(29, 30, 1.0) == 1.0
+    assert cc_sam_alpha(20, 30, 0.3) == 0.3
+
+    g = torch.Generator().manual_seed(3)
+    fea = torch.randn(7, 3, generator=g) * 2
+    y = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # classes 1 and 3 with one sample each (the official non-mean branch)
+    torch.manual_seed(0)
+    ours_head = make_classifier(3, 4, head_kind, scale=5.0)
+    official_head = make_classifier(3, 4, head_kind, scale=5.0)
+    official_head.load_state_dict(ours_head.state_dict())
+    official, noises = official_train_sample_step(official_head, fea, y, torch.as_tensor(official_w).float(),
+                                                  epoch=205, stage=200, max_epoch=230, up_limit=1.0, adver_reg=1.5)
+    noise = cc_sam_feature_noise(ours_head, fea, y, weights, adver_reg=1.5)
+    for c in range(4):
+        rows = y == c
+        assert torch.allclose(noise[rows], noises[c][rows], rtol=1e-5, atol=1e-7)
+        assert (noises[c][~rows] == 0).all()  # the official noise of class c touches only class c's rows
+        assert noise[rows].norm().item() == pytest.approx(1.5 * weights[c].item(), rel=1e-5)  # ‖n_c‖ = a·w_c
+    ours = cc_sam_stage2_loss(ours_head, fea, y, weights, alpha=cc_sam_alpha(5, 30, 1.0), adver_reg=1.5)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    # not vacuous: the noisy term differs from the re-weighted clean one
+    clean = 0.2 * (weights[y] * F.cross_entropy(ours_head(fea), y, reduction="none")).mean() + 0.8 * F.cross_entropy(
+        ours_head(fea), y)
+    assert abs(ours.item() - clean.item()) > 1e-3
+    ours.backward()
+    official.backward()
+    for a, b in zip(ours_head.parameters(), official_head.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cc_sam_stage2_noise_is_zero_where_the_feature_gradient_is():
+    """The official G_c/‖G_c‖ is 0/0 (NaN) for a class whose feature gradient vanishes; fedlt gives it no noise."""
+    from fedlt.centralized.ccsam import cc_sam_feature_noise
+
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.zero_()  # logits independent of the features: ∂ℓ/∂h = 0 for every sample
+    noise = cc_sam_feature_noise(head, torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), torch.tensor([0.5, 2.0]))
+    assert torch.equal(noise, torch.zeros(4, 3))
+
+
+def test_cc_sam_method_runs_both_stages_and_resumes(tmp_path, monkeypatch):
+    from fedlt.errors import FedLTError
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
+    cfg = tiny_cfg("cc_sam", "centralized.stage2_epochs=2")
+    assert (cfg.centralized.sam, cfg.centralized.stage2_lr, cfg.centralized.stage2_sampler) == (
+        "cc_sam", 0.01, "class_balanced")
+    with pytest.raises(FedLTError, match="method=cc_sam trains stage 1 with centralized.sam=cc_sam"):
+        tiny_cfg("cc_sam", "centralized.sam=none")
+    # stage 2's optimizer: a constant lr 0.01 (official adjust_learning_rate on CIFAR), no CC-SAM on the weights;
+    # its augmentation: stage 1's (the official stage 2 reads the same transformed training set)
+    method = CENTRALIZED.get("cc_sam")(cfg, np.array([40, 16, 8, 4]))
+    opt2 = R.stage2_optim(cfg, method)
+    assert [opt2.lr_at(e, 30) for e in (0, 15.5, 29.9)] == [0.01] * 3 and opt2.sam == "none"
+    stage1_augment = method.augment(tiny_experiment().tensor_data("train"))
+    assert method.stage2_augment(stage1_augment) is stage1_augment
+    states, orig = {}, RunDir.save_checkpoint
+
+    def save(self, state):
+        states[state["step"]] = {k: v.clone() for k, v in state["state"]["model"].items()}
+        orig(self, state)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    full = C.run_centralized(cfg, RunDir(tmp_path / "full"))
+    monkeypatch.setattr(RunDir, "save_checkpoint", orig)
+    rows = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("stage") for r in rows] == [None, 1, 2, 2] and full["stage2_epochs"] == 2
+    assert math.isfinite(full["accuracy"])
+    # stage 2 trains the stage-1 classifier (kept, not re-initialised) and nothing of the backbone
+    after1, after3 = states[1], states[3]
+    head = [k for k in after3 if k.startswith("classifier.")]
+    assert head and all(not torch.equal(after1[k], after3[k]) for k in head)
+    backbone = [k for k in after3 if k.startswith("features.")]
+    assert backbone and all(torch.equal(after1[k.replace("features.inner.", "features.")], after3[k])
+                            for k in backbone)
+    # killed after the first stage-2 epoch and resumed: the same final model, bit for bit
+    resumed, steps = resumed_after_cut(C.run_centralized, cfg, RunDir(tmp_path / "cut"), 2, monkeypatch)
+    assert steps == [1, 2] and resumed["accuracy"] == full["accuracy"]
+    final = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["state"]["model"]
+    assert all(torch.equal(final[k], after3[k]) for k in after3)
+
+
+@pytest.mark.parametrize("path,data,flat_ratio,up_limit", [("cifar_lt_cc_sam.yaml", "cifar10", 0.3, 1.0),
+                                                             ("cifar100_lt_cc_sam.yaml", "cifar100", 0.5, 0.3)])
+def test_cc_sam_configs_run_both_official_stages(path, data, flat_ratio, up_limit):
+    """configs/Cifar10.json, Cifar100.json: stage 200 of max_epoch 230; flat_ratio and up_limit per data set."""
+    from fedlt.sweep import expand
+
+    combos = expand(f"configs/centralized/{path}")
+    assert sorted(cfg.data.imbalance_factor for cfg, _ in combos) == [10, 50, 100]
+    for cfg, _ in combos:
+        c = cfg.centralized
+        assert (cfg.data.name, c.method, c.sam, c.sam_flat_ratio, c.sam_noise_ratio, c.up_limit) == (
+            data, "cc_sam", "cc_sam", flat_ratio, 1e-6, up_limit)
+        assert (c.epochs, c.stage2_epochs, c.stage2_lr, c.stage2_sampler, c.batch_size, c.weight_decay, c.div,
+                c.adver_reg) == (200, 30, 0.01, "class_balanced", 64, 2e-4, 2.0, 1.0)
 
 
 # --------------------------------------------------------------------------- TDE

@@ -13,6 +13,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
+- :mod:`.ccsam`: CC-SAM (class-conditional SAM stage 1, classifier re-training with feature noise);
 - :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss, effective-area re-weighting, causal-norm + TDE;
 - :mod:`.tlc`: TLC (evidential experts, Dempster-Shafer combination, uncertainty metrics);
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
@@ -20,6 +21,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 
 from fedlt.centralized import (  # noqa: F401  (register the methods)
     area,
+    ccsam,
     decoupled,
     eql,
     experts,

@@ -120,7 +120,8 @@ class CentralizedMethod:
         return make_sampler("instance")
 
     def stage2_augment(self, data: TensorData) -> Augment:
-        """The augmentation of stage 2: crop/flip (SHIKE keeps its stage-1 augmentation)."""
+        """The augmentation of stage 2: crop/flip, without stage 1's AutoAugment/Cutout (SHIKE and CC-SAM keep
+        their stage-1 augmentation)."""
         return augment_for(self.cfg)
 
     stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
