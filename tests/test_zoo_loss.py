@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import resumed_after_cut
 from test_centralized_methods import tiny_cfg, tiny_experiment
 from test_federated_methods import simulate, tiny_config, tiny_lists  # noqa: F401  (fixture)
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
+from conftest import resumed_after_cut
+from fedlt.centralized.base import StrongView
 from fedlt.losses.area import area_class_weights, area_weights, batch_effective_areas, class_feature_means
 from fedlt.losses.equalization import eql_bias_init, equalization_loss, softmax_equalization_loss
 from fedlt.registry import CENTRALIZED, CLIENTS, LOSSES
@@ -440,8 +441,10 @@ def test_cc_sam_method_runs_both_stages_and_resumes(tmp_path, monkeypatch):
     method = CENTRALIZED.get("cc_sam")(cfg, np.array([40, 16, 8, 4]))
     opt2 = R.stage2_optim(cfg, method)
     assert [opt2.lr_at(e, 30) for e in (0, 15.5, 29.9)] == [0.01] * 3 and opt2.sam == "none"
-    stage1_augment = method.augment(tiny_experiment().tensor_data("train"))
-    assert method.stage2_augment(stage1_augment) is stage1_augment
+    data = tiny_experiment().tensor_data("train")
+    strong = CENTRALIZED.get("cc_sam")(tiny_cfg("cc_sam", "centralized.autoaugment=true"), np.array([40, 16, 8, 4]))
+    assert isinstance(strong.stage2_augment(data), StrongView)  # not the crop/flip of other methods' stage 2
+    assert method.stage2_augment(data) == method.augment(data)
     states, orig = {}, RunDir.save_checkpoint
 
     def save(self, state):
