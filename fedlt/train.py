@@ -67,8 +67,10 @@ class Objective(Protocol):
 
 
 def cross_entropy_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """L = −log softmax(model(x))_y, averaged over the batch."""
-    return F.cross_entropy(model(x).float(), y)
+    """L = −log softmax(model(x))_y, averaged over the batch (in float32 at least: bfloat16 logits of autocast
+    are upcast, float64 ones kept)."""
+    logits = model(x)
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), y)
 
 
 Sampler = Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]

@@ -30,8 +30,11 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     return x
 
 
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> (x/255 − mean)/std in ``dtype``."""
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> (x/255 − mean)/std in ``dtype`` (default: torch's default dtype, float32 unless a
+    caller set float64 for an exactness check)."""
+    dtype = dtype or torch.get_default_dtype()
     return ((x_uint8.to(dtype) / 255.0) - mean.to(dtype)[None, :, None, None]) / std.to(dtype)[None, :, None, None]
 
 
