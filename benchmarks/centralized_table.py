@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 METHODS = ["ce", "focal", "reweight", "cb", "ldam_drw", "la", "balanced_softmax", "bal_bce", "posthoc_la", "crt",
-           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs", "glmc", "sbcl", "eql", "area", "tde"]
+           "tau_norm", "lws", "mixup", "mislas", "balpoe", "mdcs", "glmc", "sbcl", "eql", "area", "tde", "ncl"]
 # The CPU budget of the table (2 shared CPU cores): small CNN, 2 epochs, SGD lr 0.1 cosine, batch 128; one
 # classifier epoch for the decoupled second stages. DRW switches on for the last epoch (round(0.5·2) = 1),
 # MDCS's consistency weight 0.6·min(e/1, 1) = 0.6 in both epochs (e counted from 1, as the official trainer).

@@ -8,7 +8,7 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
 - :mod:`.methods`: single-stage methods, each one loss of :mod:`fedlt.losses` (ce, focal, reweight, cb,
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
-- :mod:`.experts`: multi-expert methods (balpoe, mdcs);
+- :mod:`.experts`: multi-expert methods (balpoe, mdcs); :mod:`.ncl`: NCL (nested collaborative learning);
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
@@ -23,6 +23,7 @@ from fedlt.centralized import (  # noqa: F401  (register the methods)
     experts,
     glmc,
     methods,
+    ncl,
     sbcl,
     tde,
 )
