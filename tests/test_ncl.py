@@ -221,3 +221,14 @@ def test_ncl_config_is_the_official_cifar_protocol():
     cfg = load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet32"])
     assert CENTRALIZED.get("ncl")(cfg, np.ones(100, dtype=int)).k == 30
     assert CENTRALIZED.get("ncl")(cfg, np.ones(10, dtype=int)).k == 3
+
+
+def test_ncl_resnet32_heads_keep_the_default_linear_initialisation():
+    from test_centralized_methods import tiny_experiment
+
+    cfg = load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet32"])
+    exp = tiny_experiment()
+    model = CENTRALIZED.get("ncl")(cfg, np.bincount(exp.train.labels)).build_model(exp)
+    w = model.experts[0].classifier.weight
+    # nn.Linear's default: U(−1/√64, 1/√64); the backbone's Kaiming normal would have std √(2/64) ≈ 0.18
+    assert w.shape == (4, 64) and w.abs().max() <= 1 / 8 and model.experts[0].classifier.bias is not None

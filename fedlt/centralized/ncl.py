@@ -6,7 +6,8 @@ a MoCo contrastive term per expert. Test: the mean of the experts' raw logits (`
 Follows the official CIFAR configs ``config/CIFAR/CIFAR100/cifar100_im100_NCL.yaml`` and
 ``..._NCL_with_contrastive.yaml`` (the method's full form, the default here): 3 experts, each a whole ResNet-32
 (``MULTI_NETWORK_TYPE: [res32_cifar] × 3``, no shared layer: ``shared_stem=false``, 16/32/64 channels) with a
-linear classifier with bias (``CLASSIFIER.TYPE: FC``); every expert sees the same image, crop/flip +
+linear classifier with bias (``CLASSIFIER.TYPE: FC``, PyTorch's default initialisation, the Kaiming-normal
+initialisation of ``resnet_cifar.py`` being for the backbone only); every expert sees the same image, crop/flip +
 AutoAugment (CIFAR policy) + Cutout(16) (``aug_plus``); λ = λ_h = 0.6, CE and HCM ratios 1, 30 hard categories
 of CIFAR-100's 100 (here ``hard_categories``, default 30 % of the classes: the repository has no CIFAR-10
 config, so the 3 of 10 is that proportion, not a published constant).
@@ -100,14 +101,18 @@ class NCL(ExpertMethod):
     def build_model(self, exp: Experiment) -> nn.Module:
         name = self.expert_model(self.cfg)
         model = model_for(self.cfg, exp, name, **self.model_options())
-        if self.opt.contrastive:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, Stream.METHOD).integers(2**31)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, Stream.METHOD).integers(2**31)))
+            for expert in model.experts:  # resnet32_experts draws Kaiming-normal heads; the official FC keeps
+                if name == "resnet32_experts" and isinstance(expert.classifier, nn.Linear):  # nn.Linear's own
+                    expert.classifier.reset_parameters()
+            if self.opt.contrastive:
                 model.projections = projection_heads(self.opt.num_experts, model.feature_dim, self.opt.moco_dim)
                 # the official momentum encoder and its MLPs: a model of their own random initialisation
                 key = build_model(name, exp.num_classes, exp.in_channels,
                                   **{**self.cfg.model.model_dump(exclude={"name"}), **self.model_options()})
                 key.projections = projection_heads(self.opt.num_experts, key.feature_dim, self.opt.moco_dim)
+        if self.opt.contrastive:
             key.requires_grad_(False)
             if self.pending_keys is not None:
                 key.load_state_dict(self.pending_keys)
