@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlt.config import load_config
+from fedlt.data.augment import simclr_augment
 from fedlt.losses.ncl import hard_category_mask, log_counts, moco_loss, nbod, nil_nbod_loss
 from fedlt.models.experts import resnet32_experts, small_cnn_experts
 from fedlt.registry import CENTRALIZED
@@ -215,8 +216,8 @@ def test_ncl_config_is_the_official_cifar_protocol():
         3, "linear", False, False, True, 16)
     assert (c.distill_weight, c.distill_weight_hard, c.ce_ratio, c.hard_ratio, c.hard_categories) == (
         0.6, 0.6, 1.0, 1.0, None)
-    assert (c.contrastive, c.contrastive_weight, c.moco_dim, c.queue_size, c.moco_temperature,
-            c.key_momentum) == (True, 1.0, 64, 1024, 0.2, 0.999)
+    assert (c.contrastive, c.key_view, c.contrastive_weight, c.moco_dim, c.queue_size, c.moco_temperature,
+            c.key_momentum) == (True, "simclr", 1.0, 64, 1024, 0.2, 0.999)
     # 30 hard categories of CIFAR-100's 100 (HCM_N: 30), in proportion 3 of CIFAR-10's 10
     cfg = load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet32"])
     assert CENTRALIZED.get("ncl")(cfg, np.ones(100, dtype=int)).k == 30
@@ -232,3 +233,22 @@ def test_ncl_resnet32_heads_keep_the_default_linear_initialisation():
     w = model.experts[0].classifier.weight
     # nn.Linear's default: U(−1/√64, 1/√64); the backbone's Kaiming normal would have std √(2/64) ≈ 0.18
     assert w.shape == (4, 64) and w.abs().max() <= 1 / 8 and model.experts[0].classifier.bias is not None
+
+
+def test_the_key_view_is_the_simclr_view_drawn_from_the_generator():
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    a = simclr_augment(x, torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and torch.equal(a, simclr_augment(x, torch.Generator().manual_seed(5)))
+    assert a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, x, atol=0.05)
+    # chunk = 2: one draw per pair, so two identical images in a pair get the identical view
+    pair = torch.cat([x[:1], x[:1]])
+    b = simclr_augment(pair, torch.Generator().manual_seed(5), chunk=2)
+    assert torch.equal(b[0], b[1])
+    method, _ = tiny_ncl()
+    from fedlt.train import TensorData
+    data = TensorData(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                      torch.tensor([0.5]), torch.tensor([0.25]), 4)
+    views = method.augment(data)
+    z = torch.randn(4, 1, 12, 12)
+    out = views(z, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 1, 12, 12) and views.key == "simclr"

@@ -21,10 +21,12 @@ momentum copy starts from its own random initialisation (not a copy of the query
 extractor follows θ_k ← 0.999·θ_k + 0.001·θ_q (after the key forward pass, before the step), and its MLP stays
 at its random initialisation (``classifier_MA`` is detached and never updated).
 
-Not followed: the key view is a second independent draw of the training view, not the official SimCLR-style
-view (RandomResizedCrop(0.2–1), colour jitter, grayscale, Gaussian blur), which fedlt does not have; the
-single-device batch shuffle of the keys (``shuffle_BN``) is not done (on one device it leaves BatchNorm's
-batch statistics unchanged); a last batch shorter than the others wraps around the queue (the official code
+The key view is the official SimCLR-style view (``augmentation_sim_cifar``: RandomResizedCrop(0.2–1), flip,
+colour jitter, grayscale, Gaussian blur; :func:`~fedlt.data.augment.simclr_augment`), or with
+``key_view=same`` a second draw of the training view (cheaper on a CPU).
+
+Not followed: the single-device batch shuffle of the keys (``shuffle_BN``) is not done (on one device it
+leaves BatchNorm's batch statistics unchanged); a last batch shorter than the others wraps around the queue (the official code
 asserts K % B = 0); fedlt's linear warm-up goes (e + 1)/5·lr over the 5 warm-up epochs (official: from lr/3).
 """
 
@@ -37,7 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from fedlt.centralized.experts import ExpertMethod
-from fedlt.centralized.glmc import TwoCrops
+from fedlt.data.augment import simclr_augment
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses.ncl import log_counts, moco_loss, nil_nbod_loss
 from fedlt.models.base import build_model
@@ -45,6 +47,24 @@ from fedlt.models.experts import MultiExpertModel
 from fedlt.registry import CENTRALIZED
 from fedlt.streams import Stream, seeded_rng, torch_generator
 from fedlt.train import Augment, Objective, TensorData
+
+
+class QueryKeyViews:
+    """[query; key] views of a batch (2B rows): the training view, and the key view, either the official
+    SimCLR view (:func:`~fedlt.data.augment.simclr_augment` on the un-normalised images) or a second draw of
+    the training view (``same``)."""
+
+    def __init__(self, query: Augment, key: str, mean: torch.Tensor, std: torch.Tensor, chunk: int) -> None:
+        self.query, self.key, self.mean, self.std, self.chunk = query, key, mean, std, chunk
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        q = self.query(x, generator)
+        if self.key == "same":
+            return torch.cat([q, self.query(x, generator)])
+        m = self.mean.to(x.device, x.dtype)[None, :, None, None]
+        s = self.std.to(x.device, x.dtype)[None, :, None, None]
+        k = (simclr_augment((x * s + m).clamp(0, 1), generator, self.chunk) - m) / s
+        return torch.cat([q, k])
 
 
 def projection_heads(num_experts: int, feature_dim: int, dim: int) -> nn.ModuleList:
@@ -71,6 +91,8 @@ class NCL(ExpertMethod):
         ce_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on all categories")
         hard_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on the hard categories")
         contrastive: bool = Field(True, description="add the MoCo self-supervised term per expert")
+        key_view: Literal["simclr", "same"] = Field("simclr", description="the MoCo key's view: the official "
+                                                    "SimCLR view, or a second draw of the training view")
         contrastive_weight: float = Field(1.0, ge=0, description="CON_RATIO, weight of the MoCo term")
         moco_dim: int = Field(64, gt=0, description="width of the MoCo projection")
         queue_size: int = Field(1024, gt=0, description="K, keys in each expert's MoCo queue")
@@ -121,7 +143,9 @@ class NCL(ExpertMethod):
 
     def augment(self, data: TensorData) -> Augment:
         view = super().augment(data)
-        return TwoCrops(view) if self.opt.contrastive else view
+        if not self.opt.contrastive:
+            return view
+        return QueryKeyViews(view, self.opt.key_view, data.mean, data.std, self.opt.augment_chunk)
 
     def objective(self, epoch: int) -> Objective:
         o = self.opt
