@@ -12,4 +12,5 @@ from clients import (  # noqa: F401
     fedrod,
     gbme,
     local_loss,
+    ncl,
 )

@@ -252,3 +252,38 @@ def test_the_key_view_is_the_simclr_view_drawn_from_the_generator():
     z = torch.randn(4, 1, 12, 12)
     out = views(z, torch.Generator().manual_seed(0))
     assert out.shape == (8, 1, 12, 12) and views.key == "simclr"
+
+
+# --- the federated client (NIL + NBOD only) ---
+def test_ncl_client_objective_is_nil_nbod_on_the_local_counts():
+    from clients.ncl import NCLClient
+    from fedlt.train import TensorData
+
+    cfg = load_config(None, ["client.name=ncl", "model.name=small_cnn_experts", "model.num_experts=2"])
+    model = small_cnn_experts(4, num_experts=2)
+    labels = torch.tensor([0, 0, 0, 1, 3, 3])  # local counts (3, 1, 0, 2): class 2 absent, counted as 1
+    data = TensorData(torch.zeros(6, 1, 12, 12, dtype=torch.uint8), labels, torch.tensor([0.5]),
+                      torch.tensor([0.25]), 4)
+    x, y = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    got = NCLClient(cfg).objective(model, data, {})(model, x, y)
+    want = official_nil_nbod(list(model.expert_logits(x)), y, [3, 1, 1, 2], 1, 0.6, 0.6, 1.0, 1.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_ncl_client_refuses_a_model_without_experts():
+    from fedlt.errors import FedLTError
+
+    with pytest.raises(FedLTError, match="client method ncl needs a multi-expert model"):
+        load_config(None, ["client.name=ncl", "model.name=small_cnn"])
+
+
+def test_ncl_client_one_federated_round(tmp_path):
+    from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
+
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    cfg = tiny_config(write_tiny_lists(tmp_path / "tiny"), "client.name=ncl", "model.name=small_cnn_experts",
+                      "federation.rounds=1")
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert summary["client"] == "ncl" and len(rows) >= 1
+    assert math.isfinite(summary["accuracy"]) and math.isfinite(summary["loss"])
