@@ -270,9 +270,13 @@ def test_ncl_client_objective_is_nil_nbod_on_the_local_counts():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_ncl_client_refuses_a_model_without_experts():
+def test_ncl_refuses_a_model_without_experts_and_cc_sam():
     from fedlt.errors import FedLTError
 
+    with pytest.raises(FedLTError, match="centralized.method=ncl needs a multi-expert model"):
+        load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet8"])
+    with pytest.raises(FedLTError, match="set centralized.sam=none"):
+        load_config(None, ["mode=centralized", "centralized.method=ncl", "centralized.sam=cc_sam"])
     with pytest.raises(FedLTError, match="client method ncl needs a multi-expert model"):
         load_config(None, ["client.name=ncl", "model.name=small_cnn"])
 

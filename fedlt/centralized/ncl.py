@@ -40,6 +40,7 @@ from torch import nn
 
 from fedlt.centralized.experts import ExpertMethod
 from fedlt.data.augment import simclr_augment
+from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses.ncl import log_counts, moco_loss, nil_nbod_loss
 from fedlt.models.base import build_model
@@ -108,6 +109,13 @@ class NCL(ExpertMethod):
         self.queues: torch.Tensor | None = None  # (M, K, d) unit keys
         self.pointer = 0
         self.pending_keys: dict | None = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.centralized.sam != "none":
+            raise FedLTError("centralized.sam=cc_sam perturbs one classifier on model(x); centralized.method=ncl "
+                             "trains every expert's classifier and projection: set centralized.sam=none")
 
     def num_experts(self) -> int:
         return self.opt.num_experts
