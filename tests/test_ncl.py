@@ -168,10 +168,16 @@ def test_ncl_objective_against_the_official_combiner_and_momentum_update():
         new_queues.append(new_queue.T)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert torch.allclose(method.queues, torch.stack(new_queues), atol=1e-6) and method.pointer == 6
-    # θ_k ← 0.999·θ_k + 0.001·θ_q on the feature extractors; the key MLPs and classifiers are never updated
-    for e_k, e_old, e_q in zip(method.key_model.experts, key_before.experts, model.experts):
-        for pk, po, pq in zip(e_k.features.parameters(), e_old.features.parameters(), e_q.features.parameters()):
-            assert torch.allclose(pk, 0.999 * po + 0.001 * pq, atol=1e-7)
+    # function.py: inside ``for net_id in range(network_num)``, ema.mul_(α).add_(1 − α, θ_q) over EVERY
+    # expert's backbone parameters, i.e. M = 3 updates per step; the key MLPs and classifiers never change
+    want_keys = copy.deepcopy(key_before)
+    for _ in range(3):
+        for e_k, e_q in zip(want_keys.experts, model.experts):
+            for pk, pq in zip(e_k.features.parameters(), e_q.features.parameters()):
+                pk.data.mul_(0.999).add_(pq.data, alpha=1 - 0.999)
+    for e_k, e_old, e_want in zip(method.key_model.experts, key_before.experts, want_keys.experts):
+        for pk, pw in zip(e_k.features.parameters(), e_want.features.parameters()):
+            assert torch.allclose(pk, pw, atol=1e-7)
         assert all(torch.equal(a, b) for a, b in zip(e_k.classifier.parameters(), e_old.classifier.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(method.key_model.projections.parameters(),
                                                  key_before.projections.parameters()))

@@ -18,8 +18,10 @@ bias; ``model.projections[m]``) of expert m's feature of the training view; the 
 expert m's feature extractor on a second view, through its own MLP; loss CE over [q·k, q·queue]/T with T = 0.2,
 a queue of K = 1024 unit keys (initially random), weight ``CON_RATIO`` = 1. Kept from the official code: the
 momentum copy starts from its own random initialisation (not a copy of the query networks), only its feature
-extractor follows θ_k ← 0.999·θ_k + 0.001·θ_q (after the key forward pass, before the step), and its MLP stays
-at its random initialisation (``classifier_MA`` is detached and never updated).
+extractor follows θ_k ← m·θ_k + (1 − m)·θ_q with m = 0.999 (after the key forward pass, before the step), and
+its MLP stays at its random initialisation (``classifier_MA`` is detached and never updated). The official
+update sits in a ``for net_id in range(network_num)`` loop whose body updates every expert's parameters, so
+each step applies it M times: θ_k ← m^M·θ_k + (1 − m^M)·θ_q (0.997 for M = 3), as here.
 
 The key view is the official SimCLR-style view (``augmentation_sim_cifar``: RandomResizedCrop(0.2–1), flip,
 colour jitter, grayscale, Gaussian blur; :func:`~fedlt.data.augment.simclr_augment`), or with
@@ -176,7 +178,7 @@ class NCL(ExpertMethod):
 
     @torch.no_grad()
     def momentum_keys(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(M, B, d) keys of the momentum encoder on the second view, then θ_k ← m·θ_k + (1 − m)·θ_q on the
+        """(M, B, d) keys of the momentum encoder on the second view, then θ_k ← m^M·θ_k + (1 − m^M)·θ_q on the
         feature extractors (stem + each expert's features; not the classifiers, not the key MLPs)."""
         key = self.key_model.to(x.device)
         key.train(model.training)
@@ -187,7 +189,7 @@ class NCL(ExpertMethod):
         s = key.stem(x)
         keys = torch.stack([p(e.features(s)).float() for e, p in zip(key.experts, key.projections)])
         pairs = [(key.stem, model.stem)] + [(k.features, q.features) for k, q in zip(key.experts, model.experts)]
-        m = self.opt.key_momentum
+        m = self.opt.key_momentum ** self.opt.num_experts  # the official update runs once per expert (see above)
         for k_part, q_part in pairs:
             for pk, pq in zip(k_part.parameters(), q_part.parameters()):
                 pk.mul_(m).add_(pq.detach(), alpha=1 - m)
