@@ -28,8 +28,9 @@ colour jitter, grayscale, Gaussian blur; :func:`~fedlt.data.augment.simclr_augme
 ``key_view=same`` a second draw of the training view (cheaper on a CPU).
 
 Not followed: the single-device batch shuffle of the keys (``shuffle_BN``) is not done (on one device it
-leaves BatchNorm's batch statistics unchanged); a last batch shorter than the others wraps around the queue (the official code
-asserts K % B = 0); fedlt's linear warm-up goes (e + 1)/5·lr over the 5 warm-up epochs (official: from lr/3).
+leaves BatchNorm's batch statistics unchanged); a last batch shorter than the others wraps around the queue
+(the official code asserts K % B = 0); fedlt's linear warm-up goes (e + 1)/5·lr over the 5 warm-up epochs
+(official ``WarmupMultiStepLR``: from lr/3).
 """
 
 from __future__ import annotations
