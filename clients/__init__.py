@@ -13,4 +13,5 @@ from clients import (  # noqa: F401
     gbme,
     lfme,
     local_loss,
+    ncl,
 )

@@ -9,12 +9,13 @@ method accepts ``centralized.sampler`` (instance | class_balanced | sqrt | progr
   ldam_drw, la, balanced_softmax, bal_bce, posthoc_la, mixup);
 - :mod:`.decoupled`: two-stage methods on a frozen backbone (crt, tau_norm, lws, mislas);
 - :mod:`.experts`: multi-expert methods (balpoe, mdcs); :mod:`.shike`: SHIKE (depth-fused experts, DKT);
+  :mod:`.ncl`: NCL (nested collaborative learning);
 - :mod:`.lfme`: LFME (group experts, then a student by self-paced distillation and curriculum);
 - :mod:`.glmc`: GLMC (mixture consistency + cumulative re-weighted soft labels);
 - :mod:`.sbcl`: SBCL (subclass-balancing contrastive stage 1, LDAM-DRW linear stage 2);
 - :mod:`.pretrain`: SSP's rotation-prediction stage 0 before any method (``centralized.pretrain=rotation``);
 - :mod:`.ccsam`: CC-SAM (class-conditional SAM stage 1, classifier re-training with feature noise);
-- :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss, effective-area re-weighting, causal-norm + TDE;
+- :mod:`.eql`, :mod:`.area`, :mod:`.tde`: the equalization loss (sigmoid eql, softmax seql), effective-area re-weighting, causal-norm + TDE;
 - :mod:`.tlc`: TLC (evidential experts, Dempster-Shafer combination, uncertainty metrics);
 - :mod:`.run`: the epoch loop :func:`run_centralized`.
 """
@@ -28,6 +29,7 @@ from fedlt.centralized import (  # noqa: F401  (register the methods)
     glmc,
     lfme,
     methods,
+    ncl,
     sbcl,
     shike,
     tde,

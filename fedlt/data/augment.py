@@ -122,3 +122,28 @@ def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator 
                                                  mode="nearest", padding_mode="zeros", align_corners=False)
         out = torch.where(inside < 0.5, fill.to(dev, x.dtype)[None, :, None, None], out)
     return out
+
+
+def simclr_augment(x01: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 1) -> torch.Tensor:
+    """The SimCLR/MoCo-v2 view of CIFAR-size images (the ``augmentation_sim_cifar`` of Bazinga699/NCL
+    ``lib/dataset/cui_cifar.py``) on a float batch in [0, 1]: RandomResizedCrop(H×W, scale 0.2–1), horizontal
+    flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with probability 0.8, grayscale with probability 0.2, Gaussian blur
+    σ ~ U(0.1, 2) with probability 0.5 (kernel 13 = 2·⌈3·2⌉ + 1; the official PIL blur takes σ as its radius).
+
+    One torchvision draw per chunk of ``chunk`` images (1: every image its own, as the per-sample reference
+    pipeline), inside ``fork_rng`` seeded from ``generator`` like :func:`auto_augment`.
+    """
+    from torchvision.transforms import v2
+
+    view = v2.Compose([v2.RandomResizedCrop(tuple(x01.shape[2:]), scale=(0.2, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(),
+                       v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                       v2.RandomGrayscale(p=0.2),
+                       v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5)])
+    seeds = torch.randint(0, 2**62, (max(1, -(-len(x01) // chunk)),), generator=generator, device="cpu")
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for i, start in enumerate(range(0, len(x01), chunk)):
+            torch.manual_seed(int(seeds[i]))
+            out.append(view(x01[start:start + chunk]))
+    return torch.cat(out) if out else x01

@@ -87,15 +87,27 @@ class MultiExpertModel(nn.Module):
 
 @MODELS.register("resnet32_experts", options=ExpertOptions)
 def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
-                     classifier: str = "cosine", scale: float = 30.0, shared_layer1: bool = True) -> MultiExpertModel:
+                     classifier: str = "cosine", scale: float = 30.0, shared_layer1: bool = True,
+                     shared_stem: bool = True) -> MultiExpertModel:
     """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head;
-    ``shared_layer1=False``: only conv1/bn1 shared, layer1 per expert too (TLC's ``ResnetCifar.py``)."""
+    ``shared_layer1=False``: only conv1/bn1 shared, layer1 per expert too (TLC's ``ResnetCifar.py``);
+    ``shared_stem=False``: M whole ResNet-32s (empty stem; NCL's independent networks)."""
     n = 5
-    stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                         nn.ReLU(inplace=True), *([make_stage(widths[0], widths[0], n, 1)] if shared_layer1 else []))
+
+    def conv_block() -> list[nn.Module]:
+        return [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True)]
+
+    if not shared_stem:
+        stem: nn.Module = nn.Identity()
+    else:
+        stem = nn.Sequential(*conv_block(), *([make_stage(widths[0], widths[0], n, 1)] if shared_layer1 else []))
     experts = []
     for _ in range(num_experts):
-        own = [] if shared_layer1 else [make_stage(widths[0], widths[0], n, 1)]
+        if not shared_stem:
+            own = [*conv_block(), make_stage(widths[0], widths[0], n, 1)]
+        else:
+            own = [] if shared_layer1 else [make_stage(widths[0], widths[0], n, 1)]
         features = nn.Sequential(*own, make_stage(widths[0], widths[1], n, 2), make_stage(widths[1], widths[2], n, 2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
         experts.append(SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
@@ -108,13 +120,18 @@ def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 
 
 @MODELS.register("small_cnn_experts", options=ExpertOptions)
 def small_cnn_experts(num_classes: int, in_channels: int = 1, num_experts: int = 3, width: int = 32,
-                      norm: str = "group", classifier: str = "cosine", scale: float = 30.0) -> MultiExpertModel:
-    """The small CNN with a shared first conv block and per-expert second block, FC(128) and head."""
-    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
-                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+                      norm: str = "group", classifier: str = "cosine", scale: float = 30.0,
+                      shared_stem: bool = True) -> MultiExpertModel:
+    """The small CNN with a shared first conv block and per-expert second block, FC(128) and head;
+    ``shared_stem=False``: M whole small CNNs (empty stem)."""
+
+    def stem_layers() -> list[nn.Module]:
+        return [nn.Conv2d(in_channels, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
+                nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    stem = nn.Sequential(*stem_layers()) if shared_stem else nn.Identity()
     experts = []
     for _ in range(num_experts):
-        features = nn.Sequential(
+        features = nn.Sequential(*([] if shared_stem else stem_layers()),
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=norm == "none"), _norm(norm, 2 * width),
             nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
             nn.Linear(2 * width * 16, 128), nn.ReLU(inplace=True))
