@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import resumed_after_cut
 from test_centralized_methods import tiny_cfg, tiny_experiment
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
+from conftest import resumed_after_cut
 from fedlt.centralized.lfme import LFMEModel, RecordedOrder, group_data, lfme_groups
 from fedlt.errors import FedLTError
 from fedlt.losses.lfme import (

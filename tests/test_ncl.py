@@ -195,11 +195,11 @@ def test_ncl_without_the_contrastive_part_is_nil_nbod_on_one_view():
 
 
 def test_ncl_trains_and_resumes_bit_identically(tmp_path, monkeypatch):
-    from conftest import resumed_after_cut
     from test_centralized_methods import tiny_cfg, tiny_experiment
 
     import fedlt.centralized as C
     import fedlt.centralized.run as R
+    from conftest import resumed_after_cut
     from fedlt.rundir import RunDir
 
     torch.set_num_threads(1)

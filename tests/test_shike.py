@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import resumed_after_cut
 from test_centralized_methods import tiny_cfg, tiny_experiment
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
+from conftest import resumed_after_cut
 from fedlt.config import load_config
 from fedlt.errors import FedLTError
 from fedlt.losses.shike import hardest_negative_teacher, shike_balanced_loss, shike_loss

@@ -15,8 +15,8 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod, StrongView
 from fedlt.centralized.methods import mixup_objective
-from fedlt.data.augment import random_rotation
 from fedlt.config import Config
+from fedlt.data.augment import random_rotation
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import balpoe_loss, mdcs_loss
