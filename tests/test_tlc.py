@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_official_centralized import FixedExperts
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
@@ -43,15 +43,6 @@ def method(counts, *overrides: str) -> TLC:
     return CENTRALIZED.get("tlc")(cfg, np.asarray(counts))
 
 
-class FixedExperts(nn.Module):
-    """A stand-in multi-expert model whose ``expert_logits`` are fixed (M, B, C) logits."""
-
-    def __init__(self, z: torch.Tensor) -> None:
-        super().__init__()
-        self.z = z
-
-    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.z
 
 
 def official_forward(outs: list[torch.Tensor], num_classes: int, eta: float = 0.2):

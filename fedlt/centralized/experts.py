@@ -25,6 +25,21 @@ from fedlt.registry import CENTRALIZED, MODELS
 from fedlt.train import Augment, Objective, TensorData
 
 
+def model_variant(cfg: Config, suffix: str) -> str:
+    """``model.name`` with ``suffix`` appended, unless it ends so (``small_cnn`` -> ``small_cnn_experts``)."""
+    name = cfg.model.name
+    return name if name.endswith(suffix) else name + suffix
+
+
+def check_model_variant(cfg: Config, suffix: str, what: str) -> None:
+    """Refuse, in one line, a ``model.name`` without a registered ``suffix`` variant (``what`` names the kind)."""
+    name = model_variant(cfg, suffix)
+    if name not in MODELS:
+        have = ", ".join(sorted(n for n in MODELS if n.endswith(suffix)))
+        raise FedLTError(f"centralized.method={cfg.centralized.method} needs {what}, and {name!r} is not registered: "
+                         f"set model.name to one of {have}")
+
+
 class ExpertMethod(CentralizedMethod):
     """A method on :class:`~fedlt.models.experts.MultiExpertModel`: ``model.name`` (or the data set's default)
     with ``_experts`` appended, cosine classifiers with scale ``expert_scale``; test = mean of raw logits.
@@ -44,17 +59,12 @@ class ExpertMethod(CentralizedMethod):
     @staticmethod
     def expert_model(cfg: Config) -> str:
         """The multi-expert model of ``cfg``: ``model.name`` with ``_experts`` appended (unless it ends so)."""
-        name = cfg.model.name
-        return name if name.endswith("_experts") else name + "_experts"
+        return model_variant(cfg, "_experts")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
-        name = cls.expert_model(cfg)
-        if name not in MODELS:
-            have = ", ".join(sorted(n for n in MODELS if n.endswith("_experts")))
-            raise FedLTError(f"centralized.method={cfg.centralized.method} needs a multi-expert model, and {name!r} is "
-                             f"not registered: set model.name to one of {have}")
+        check_model_variant(cfg, "_experts", "a multi-expert model")
 
     def build_model(self, exp: Experiment) -> nn.Module:
         name = self.expert_model(self.cfg)

@@ -33,13 +33,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
+from fedlt.centralized.experts import check_model_variant, model_variant
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses.shike import shike_balanced_loss, shike_loss
 from fedlt.models.base import NormedLinear, make_classifier
 from fedlt.options import CentralizedOptions
-from fedlt.registry import CENTRALIZED, MODELS
+from fedlt.registry import CENTRALIZED
 from fedlt.train import Augment, Objective, OptimConfig, TensorData
 
 
@@ -91,17 +92,13 @@ class SHIKE(CentralizedMethod):
 
     @staticmethod
     def expert_model(cfg: Config) -> str:
-        name = cfg.model.name
-        return name if name.endswith("_shike") else name + "_shike"
+        return model_variant(cfg, "_shike")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
-        c, name = cfg.centralized, cls.expert_model(cfg)
-        if name not in MODELS:
-            have = ", ".join(sorted(n for n in MODELS if n.endswith("_shike")))
-            raise FedLTError(f"centralized.method=shike needs a depth-fused multi-expert model, and {name!r} is not "
-                             f"registered: set model.name to one of {have}")
+        c = cfg.centralized
+        check_model_variant(cfg, "_shike", "a depth-fused multi-expert model")
         if c.schedule != "cosine" or c.milestones:
             raise FedLTError("centralized.method=shike follows the official warm-up cosine lr "
                              "(centralized.warmup_epochs, warmup_lr): leave centralized.schedule at cosine")
