@@ -14,4 +14,6 @@ from clients import (  # noqa: F401
     lfme,
     local_loss,
     ncl,
+    shike,
+    tlc,
 )
