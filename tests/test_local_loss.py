@@ -63,7 +63,7 @@ def test_local_prior_and_options_reach_the_loss():
 
 @pytest.mark.parametrize("extra, message", [
     (["client.loss=mixup"], "config key 'client.loss' must be a registered loss (bal_bce, balanced_softmax, cb, "
-                            "ce, eql, focal, la, label_aware_smoothing, ldam, reweight), got 'mixup'"),
+                            "ce, eql, focal, la, label_aware_smoothing, ldam, reweight, seql), got 'mixup'"),
     (["client.loss=posthoc_la"], "config key 'client.loss' must be a registered loss ("),
     (["client.loss=focal", "client.loss_options={tau: 1}"],
      "config key 'client.loss_options' has no key 'tau' for loss 'focal' (it takes gamma)"),

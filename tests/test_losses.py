@@ -40,7 +40,7 @@ def t(x):
 
 def test_every_loss_is_registered():
     assert list(LOSSES) == ["bal_bce", "balanced_softmax", "cb", "ce", "eql", "focal", "la", "label_aware_smoothing", "ldam",
-                            "reweight"]
+                            "reweight", "seql"]
     # not loss(logits, targets): a test-time logit transform, a batch transform, multi-expert objectives
     for name in ("posthoc_la", "mixup", "balpoe", "mdcs"):
         assert name not in LOSSES
