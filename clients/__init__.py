@@ -15,5 +15,6 @@ from clients import (  # noqa: F401
     local_loss,
     ncl,
     shike,
+    tde,
     tlc,
 )

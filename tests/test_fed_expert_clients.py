@@ -119,3 +119,42 @@ def test_expert_client_one_federated_round(tmp_path, client, model):
     assert summary["client"] == client and len(rows) == 1
     assert math.isfinite(summary["accuracy"]) and math.isfinite(summary["loss"])
     assert math.isfinite(rows[0]["train_loss"])
+
+
+# --------------------------------------------------------------------------- TDE client
+def test_tde_client_builds_the_centralized_causal_norm_head():
+    from fedlt.centralized.tde import CausalNormClassifier
+    from fedlt.experiment import experiment_for, model_for
+
+    fed = load_config(None, ["mode=federated", "client.name=tde", "client.alpha=2", "seed=3"])
+    exp = experiment_for(fed)
+    model = model_for(fed, exp)
+    assert isinstance(model.classifier, CausalNormClassifier) and model.classifier.alpha == 2
+    central = CENTRALIZED.get("tde")(load_config(None, ["mode=centralized", "centralized.method=tde",
+                                                        "centralized.alpha=2", "seed=3"]), exp.train_counts)
+    reference = central.build_model(exp)
+    for k, v in reference.state_dict().items():  # the same seeded weights as centralized.method=tde
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(FedLTError, match="client method tde replaces one classifier"):
+        load_config(None, ["mode=federated", "client.name=tde", "model.name=small_cnn_experts"])
+
+
+def test_tde_client_round_averages_the_moving_feature_and_evaluates_with_the_effect_removed(tmp_path):
+    from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
+
+    from fedlt.experiment import experiment_for, model_for
+
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    cfg = tiny_config(write_tiny_lists(tmp_path / "tiny"), "client.name=tde", "federation.rounds=1")
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert summary["client"] == "tde" and len(rows) == 1 and math.isfinite(summary["accuracy"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["model"]
+    assert state["classifier.embed"].abs().sum() > 0  # the clients' moving averages came back and were averaged
+    model = model_for(cfg, experiment_for(cfg))
+    model.load_state_dict(state)
+    model.eval()
+    x = torch.randn(5, 3, 32, 32)
+    with_effect = model(x)
+    model.classifier.use_effect = False
+    assert not torch.allclose(with_effect, model(x))  # the server's evaluation removes the ē direction
