@@ -101,6 +101,7 @@ class CentralizedMethod:
         """Test metrics of ``model`` (:func:`~fedlt.evaluation.evaluate_model` of ``transform_logits``); a method
         with a test-time combination of its own (TLC) overrides this and may add metrics."""
         return evaluate_model(model, test, train_counts, batch_size, self.transform_logits, with_bins=with_bins)
+
     def optim(self, opt: OptimConfig, stage: int) -> OptimConfig:
         """The optimizer settings of ``stage`` (1 or 2) made from the config's ``opt``; a method with an lr
         schedule of its own returns an :class:`OptimConfig` whose ``lr_at`` is that schedule (SHIKE)."""

@@ -115,7 +115,7 @@ class CentralizedSteps:
         stage_epoch = epoch if self.stage == 1 else epoch - self.stage1
         own = self.method.train_epoch(self.stage, self.model, self.data, self.optimizer, self.generator,
                                       self.opt if self.stage == 1 else self.opt2,
-                                      self.augment if self.stage == 1 else augment_for(self.cfg), stage_epoch)
+                                      self.augment if self.stage == 1 else self.augment2, stage_epoch)
         if own is not None:  # a method that trains its epochs its own way (LFME's experts and student)
             result = own
         elif self.stage == 1:
