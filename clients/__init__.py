@@ -11,6 +11,7 @@ from clients import (  # noqa: F401
     fedprox,
     fedrod,
     gbme,
+    glmc,
     lfme,
     local_loss,
     ncl,
