@@ -15,6 +15,7 @@ from clients import (  # noqa: F401
     lfme,
     local_loss,
     ncl,
+    sbcl,
     shike,
     tlc,
 )

@@ -105,3 +105,70 @@ def test_glmc_client_one_federated_round(tmp_path):
     assert summary["client"] == "glmc" and len(rows) == 1
     assert math.isfinite(summary["accuracy"]) and math.isfinite(summary["loss"])
     assert math.isfinite(rows[0]["train_loss"])
+
+
+# --- SBCL ---
+SBCL_COUNTS = [12, 4, 6, 3]  # with client.cluster=2: K = (4, 1, 2, 1) subclasses
+SBCL_KEYS = ["cluster=2", "feat_dim=16", "gamma=0.5"]
+
+
+def sbcl_data() -> TensorData:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(SBCL_COUNTS)])
+    return TensorData(torch.randint(0, 256, (len(labels), 1, 12, 12), generator=g, dtype=torch.uint8), labels,
+                      torch.tensor([0.5]), torch.tensor([0.25]), 4)
+
+
+def test_sbcl_client_clusters_and_loss_are_the_centralized_sbcl_on_the_local_data():
+    from clients.sbcl import SBCLClient, cluster_client
+    from fedlt.losses.ldam import make_ldam_loss
+
+    cfg = load_config(None, ["client.name=sbcl", "model.name=small_cnn", "federation.rounds=5",
+                             "client.supcon_fraction=0.2"] + [f"client.{k}" for k in SBCL_KEYS])
+    client, data = SBCLClient(cfg), sbcl_data()
+    torch.manual_seed(0)
+    model = SBCLClient.adapt_model(small_cnn(4, 1, width=8), cfg, 4)
+    central = CENTRALIZED.get("sbcl")(
+        load_config(None, ["mode=centralized", "centralized.method=sbcl", "centralized.supcon_epochs=1"]
+                    + [f"centralized.{k}" for k in SBCL_KEYS]), np.asarray(SBCL_COUNTS))
+    config = {"server-round": 2, "partition-id": 1}
+    central.data, central.views = data, TwoCrops(augment_for(cfg))
+    central.generator, central.rng = client.streams(config)
+    central.cluster(model)
+    groups = client.subclasses(model, data, config, augment_for(cfg))
+    assert torch.equal(groups.of_sample, central.subclasses) and torch.equal(groups.class_tau, central.class_tau)
+    assert groups.classes.tolist() == [0, 0, 0, 0, 1, 2, 2, 3] and len(set(groups.of_sample[:12].tolist())) == 4
+
+    idx = torch.tensor([0, 5, 11, 12, 16, 20, 22, 3])
+    y = data.labels[idx]
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    b = len(y)
+    ldam = make_ldam_loss(torch.tensor(SBCL_COUNTS), 0.5, 30.0, 0.9999)
+    classifier_term = ldam(model.classifier(model.features(x[:b])) / 30.0, y)
+    got = client.round_objective(data, groups)(model, x, groups.of_sample[idx])
+    central.recorder.order = idx
+    want = central.objective(2)(model, x, y)  # epoch 2: subclass loss, no clustering due
+    assert got.item() == pytest.approx(want.item() + classifier_term.item(), rel=1e-5)
+    # round 1 is the SupCon warm-up (W = round(0.2 · 5) = 1): no clustering, class labels
+    assert client.warm({"server-round": 1}) and not client.warm({"server-round": 2})
+    assert client.subclasses(model, data, {"server-round": 1}, augment_for(cfg)) is None
+    warm = client.round_objective(data, None)(model, x, y)
+    assert warm.item() == pytest.approx(central.objective(0)(model, x, y).item() + classifier_term.item(), rel=1e-5)
+    # a client lacking class 1 clusters the classes it holds; class 1 keeps τ = T and has no subclass
+    local = data.subset(torch.nonzero(data.labels != 1).squeeze(1))
+    lacking = cluster_client(model, local, augment_for(cfg), 2, 0.1, 35, *client.streams(config))
+    assert 1 not in lacking.classes.tolist() and lacking.class_tau[1].item() == pytest.approx(0.1)
+    assert int(lacking.of_sample.max()) + 1 == len(lacking.classes)
+
+
+def test_sbcl_client_one_federated_round(tmp_path):
+    from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
+
+    if not (CIFAR_JPEG / "train.txt").is_file():
+        pytest.skip("no CIFAR-10 JPEG copy")
+    cfg = tiny_config(write_tiny_lists(tmp_path / "tiny"), "client.name=sbcl", "federation.rounds=1",
+                      "client.feat_dim=16", "client.cluster=2")
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert summary["client"] == "sbcl" and len(rows) == 1
+    assert math.isfinite(summary["accuracy"]) and math.isfinite(summary["loss"])
+    assert math.isfinite(rows[0]["train_loss"])
