@@ -34,10 +34,10 @@ from torch import nn
 from fedlt.centralized.glmc import GLMCModel, TwoCrops
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.errors import FedLTError
 from fedlt.experiment import augment_for
 from fedlt.losses.glmc import cumulative_alpha, glmc_label_weights, glmc_loss, glmc_mixed, rand_bbox
 from fedlt.models.base import build_model
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.samplers import class_probabilities, sample_by_class
 from fedlt.streams import Stream, seeded_rng, torch_generator
@@ -76,9 +76,7 @@ class GLMCClient(ClientMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.model.name.endswith(("_experts", "_shike")):
-            raise FedLTError(f"client method glmc adds its heads to a single-head model, got model.name="
-                             f"{cfg.model.name}: choose e.g. small_cnn or resnet32")
+        require_single_network(cfg, "client method glmc adds its heads to a single-head model")
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

@@ -44,10 +44,10 @@ from fedlt.centralized.glmc import TwoCrops
 from fedlt.centralized.sbcl import SBCLModel
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.errors import FedLTError
 from fedlt.losses.ldam import make_ldam_loss
 from fedlt.losses.sbcl import class_temperatures, cosine_kmeans, sbcl_loss, subclass_numbers, supcon_loss
 from fedlt.models.base import NormedLinear
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, seeded_rng, torch_generator
 from fedlt.train import Augment, Objective, TensorData, instance_balanced_sampler, prepare_batch, train
@@ -107,9 +107,7 @@ class SBCLClient(ClientMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.model.name.endswith(("_experts", "_shike")):
-            raise FedLTError(f"client method sbcl adds its projection to a single-head model, got model.name="
-                             f"{cfg.model.name}: choose e.g. small_cnn or resnet32")
+        require_single_network(cfg, "client method sbcl adds its projection to a single-head model")
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 from fedlt.centralized.tde import CausalNormClassifier
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.errors import FedLTError
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData
@@ -49,9 +49,7 @@ class TDEClient(ClientMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.model.name.endswith(("_experts", "_shike")):
-            raise FedLTError(f"client method tde replaces one classifier by the causal-norm head: model.name="
-                             f"{cfg.model.name!r} is a multi-expert model; set a single-network model")
+        require_single_network(cfg, "client method tde replaces one classifier by the causal-norm head")
 
     def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
             augment: Augment) -> FitResult:

@@ -41,6 +41,15 @@ def require_experts(cfg: "Config", who: str) -> None:
                          f"to one of {', '.join(names)}")
 
 
+def require_single_network(cfg: "Config", who: str) -> None:
+    """Raise a one-line :class:`FedLTError` if ``cfg.model`` is a multi-expert (``*_experts``) or depth-fused
+    (``*_shike``) model: the config-time check of a part (``who``, saying what it does to the head) that replaces
+    or extends the one classifier of a single network."""
+    if cfg.model.name.endswith(("_experts", "_shike")):
+        raise FedLTError(f"{who}, and model.name={cfg.model.name!r} is a multi-expert model: choose a single "
+                         f"network, e.g. small_cnn or resnet32")
+
+
 class MultiExpertModel(nn.Module):
     """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)); each expert is a :class:`SplitModel` on the stem's
     output. ``expert_logits`` gives the (M, N, C) stack, ``expert_forward(x, m)`` expert m's logits alone and
