@@ -17,35 +17,24 @@ vmapped call of the fused trainer.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from fedlt.centralized.tde import CausalNormClassifier
+from fedlt.centralized.tde import CausalNormOptions, causal_norm_head
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
 from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
-from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData
 
 
 @CLIENTS.register("tde")
 class TDEClient(ClientMethod):
-    class Options(ClientMethod.Options):
-        num_head: int = Field(2, ge=1, description="heads K of the causal-norm classifier")
-        tau: float = Field(16.0, gt=0, description="logit scale τ (τ/K per head)")
-        alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (CIFAR 1, else 3)")
-        norm_gamma: float = Field(1 / 32, ge=0, description="γ of the weight norm w/(‖w‖ + γ)")
-        mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
-        use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
+    class Options(ClientMethod.Options, CausalNormOptions):
+        pass
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:
-        o = cfg.client
-        model.classifier = CausalNormClassifier(model.feature_dim, num_classes, o.num_head, o.tau, o.alpha,
-                                                o.norm_gamma, o.mu, o.use_effect,
-                                                torch_generator(cfg.seed, Stream.INIT, 2))
-        return model
+        return causal_norm_head(model, num_classes, cfg.client, cfg.seed)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

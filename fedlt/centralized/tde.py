@@ -29,7 +29,7 @@ from torch import nn
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
-from fedlt.options import CentralizedOptions
+from fedlt.options import CentralizedOptions, Options
 from fedlt.registry import CENTRALIZED
 from fedlt.streams import Stream, torch_generator
 
@@ -74,19 +74,33 @@ class CausalNormClassifier(nn.Module):
         return self.scale * torch.einsum("nkd,ckd->nc", x, w)
 
 
+class CausalNormOptions(Options):
+    """The keys of the causal-norm head and TDE inference (``centralized.*`` of tde, ``client.*`` of its client)."""
+
+    num_head: int = Field(2, ge=1, description="heads K of the causal-norm classifier")
+    tau: float = Field(16.0, gt=0, description="logit scale τ (τ/K per head)")
+    alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (CIFAR 1, else 3)")
+    norm_gamma: float = Field(1 / 32, ge=0, description="γ of the weight norm w/(‖w‖ + γ)")
+    mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
+    use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
+
+
+def causal_norm_head(model: nn.Module, num_classes: int, o: CausalNormOptions, seed: int) -> nn.Module:
+    """``model`` with its classifier replaced by a :class:`CausalNormClassifier` of options ``o``, weights from
+    the seeded initialisation stream (the same head centrally and on every client)."""
+    model.classifier = CausalNormClassifier(model.feature_dim, num_classes, o.num_head, o.tau, o.alpha,
+                                            o.norm_gamma, o.mu, o.use_effect, torch_generator(seed, Stream.INIT, 2))
+    return model
+
+
 @CENTRALIZED.register("tde")
 class TDE(CentralizedMethod):
     """TDE (Tang et al., NeurIPS 2020; KaihuaTang/Long-Tailed-Recognition.pytorch): the model's head replaced by
     the causal-norm classifier (:class:`CausalNormClassifier`), trained with CE; test logits de-confounded by
     removing the projection on the moving-average feature direction."""
 
-    class Options(CentralizedOptions):
-        num_head: int = Field(2, ge=1, description="heads K of the causal-norm classifier")
-        tau: float = Field(16.0, gt=0, description="logit scale τ (τ/K per head)")
-        alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (CIFAR 1, else 3)")
-        norm_gamma: float = Field(1 / 32, ge=0, description="γ of the weight norm w/(‖w‖ + γ)")
-        mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
-        use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
+    class Options(CentralizedOptions, CausalNormOptions):
+        pass
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -96,9 +110,4 @@ class TDE(CentralizedMethod):
                              "moving-average feature")
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        model = model_for(self.cfg, exp)
-        o = self.opt
-        model.classifier = CausalNormClassifier(model.feature_dim, self.num_classes, o.num_head, o.tau, o.alpha,
-                                                o.norm_gamma, o.mu, o.use_effect,
-                                                torch_generator(self.cfg.seed, Stream.INIT, 2))
-        return model
+        return causal_norm_head(model_for(self.cfg, exp), self.num_classes, self.opt, self.cfg.seed)
