@@ -30,6 +30,7 @@ from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.losses import class_weights, ldam_margins, tlc_combine, tlc_loss
+from fedlt.losses.tlc import TLCLossOptions
 from fedlt.models.experts import require_experts, resnet32_experts
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
@@ -42,16 +43,10 @@ def reweight_round(drw_fraction: float, rounds: int) -> int:
 
 @CLIENTS.register("tlc")
 class TLCClient(ClientMethod):
-    class Options(ClientMethod.Options):
+    class Options(ClientMethod.Options, TLCLossOptions):
         reduce_dimension: bool = Field(False, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
         max_margin: float = Field(0.5, gt=0, description="largest LDAM margin Δ (rarest local class)")
         drw_fraction: float = Field(0.8, ge=0, le=1, description="fraction of the rounds before re-weighting")
-        beta: float = Field(0.9999, ge=0, lt=1, description="β of the class-balanced weights after re-weighting")
-        reweight_factor: float = Field(0.05, gt=0, le=1, description="diversity temperature factor (and T's divisor)")
-        annealing: float = Field(500.0, ge=0, description="KL annealing: T = (R + annealing)/reweight_factor")
-        tau: float = Field(0.54, gt=0, lt=1, description="engagement threshold τ on w_i/max_batch(w_i)")
-        eta: float = Field(0.2, gt=0, description="temperature η of the combination weights softmax_batch(w/η)")
-        diversity: float = Field(0.01, ge=0, description="weight of the diversity KL")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

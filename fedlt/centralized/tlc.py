@@ -27,6 +27,7 @@ from fedlt.centralized.experts import ExpertMethod
 from fedlt.data.augment import normalize, random_rotation
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses import class_weights, engaged, ldam_margins, tlc_combine, tlc_loss
+from fedlt.losses.tlc import TLCLossOptions
 from fedlt.metrics import evaluate_logits, reliability_bins, uncertainty_metrics
 from fedlt.registry import CENTRALIZED
 from fedlt.train import Augment, Objective, TensorData
@@ -49,17 +50,11 @@ class TLC(ExpertMethod):
     tlc_combine`; re-weighting (class-balanced ω, diversity temperatures) from epoch R = round(drw_fraction·epochs)
     (official 160 of 200), KL annealing e/T with T = (R + annealing)/reweight_factor."""
 
-    class Options(ExpertMethod.Options):
+    class Options(ExpertMethod.Options, TLCLossOptions):
         reduce_dimension: bool = Field(False, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
         num_experts: int = Field(3, gt=0, description="number of experts M")
         max_margin: float = Field(0.5, gt=0, description="largest LDAM margin Δ (rarest class)")
         drw_fraction: float = Field(0.8, ge=0, le=1, description="fraction of the epochs before re-weighting (160/200)")
-        beta: float = Field(0.9999, ge=0, lt=1, description="β of the class-balanced weights after re-weighting")
-        reweight_factor: float = Field(0.05, gt=0, le=1, description="diversity temperature factor (and T's divisor)")
-        annealing: float = Field(500.0, ge=0, description="KL annealing: T = (R + annealing)/reweight_factor")
-        tau: float = Field(0.54, gt=0, lt=1, description="engagement threshold τ on w_i/max_batch(w_i)")
-        eta: float = Field(0.2, gt=0, description="temperature η of the combination weights softmax_batch(w/η)")
-        diversity: float = Field(0.01, ge=0, description="weight of the diversity KL")
         rotation: float = Field(15.0, ge=0, le=180, description="RandomRotation degrees of the training view")
         test_batch: int = Field(4096, gt=0, description="test batch of the combination (softmax over the batch)")
 

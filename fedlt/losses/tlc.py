@@ -34,6 +34,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from fedlt.options import Options
 
 
 def evidential_opinion(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,3 +110,14 @@ def tlc_loss(expert_logits: torch.Tensor, output: torch.Tensor, weights: torch.T
         per_sample = ce + epoch / kl_period * kl - diversity * t_mean * t_mean * div
         loss = loss + (mask[i] * per_sample).sum() / mask[i].sum()
     return loss
+
+
+class TLCLossOptions(Options):
+    """The keys of TLC's loss and expert combination shared by ``centralized.method=tlc`` and the tlc client."""
+
+    beta: float = Field(0.9999, ge=0, lt=1, description="β of the class-balanced weights after re-weighting")
+    reweight_factor: float = Field(0.05, gt=0, le=1, description="diversity temperature factor (and T's divisor)")
+    annealing: float = Field(500.0, ge=0, description="KL annealing: T = (R + annealing)/reweight_factor")
+    tau: float = Field(0.54, gt=0, lt=1, description="engagement threshold τ on w_i/max_batch(w_i)")
+    eta: float = Field(0.2, gt=0, description="temperature η of the combination weights softmax_batch(w/η)")
+    diversity: float = Field(0.01, ge=0, description="weight of the diversity KL")
