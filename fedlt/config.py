@@ -40,7 +40,9 @@ from fedlt.options import (
 class PartitionConfig(Options):
     """How the long-tailed training set is split across clients."""
 
-    method: Literal["dirichlet", "shards", "iid"] = Field("dirichlet", description="dirichlet | shards | iid")
+    method: Literal["dirichlet", "creff_dirichlet", "shards", "iid"] = Field(
+        "dirichlet", description="dirichlet | creff_dirichlet (CReFF-FL's routine: balanced Dirichlet in groups of "
+        "10 clients, then equal-size clients; ignores balance and min_size) | shards | iid")
     num_clients: int = Field(10, gt=0, description="number of clients K")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (smaller: more skew)")
     min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many")

@@ -2,10 +2,19 @@ import numpy as np
 import pytest
 
 from fedlt.data.longtail import longtail_counts
-from fedlt.data.partition import dirichlet_partition, iid_partition, partition_counts, shard_partition
+import functools
+import math
+
+from fedlt.data.partition import (
+    creff_dirichlet_partition,
+    dirichlet_partition,
+    iid_partition,
+    partition_counts,
+    shard_partition,
+)
 from fedlt.errors import FedLTError
 
-LABELS = np.repeat(np.arange(10), longtail_counts(600, 10, 100))  # 1,488 samples, long-tailed
+LABELS = np.repeat(np.arange(10), longtail_counts(600, 10, 100))  # 1,485 samples, long-tailed
 
 
 def assert_exact_cover(parts, n):
@@ -224,3 +233,74 @@ def test_shards_partitioner():
     part = ShardsPartitioner(num_partitions=5, shards_per_partition=2, seed=0)
     part.dataset = ds
     assert all(len(np.unique(part.load_partition(k)["label"])) <= 2 for k in range(5))
+
+
+# --------------------------------------------------------------------------- CReFF's routine
+def creff_official(labels, num_clients, alpha, seed):
+    """Transcription of CReFF-FL's ``Dataset/sample_dirichlet.py`` (``clients_indices`` →
+    ``build_non_iid_by_dirichlet`` with 10 auxiliary workers → ``partition_balance``), list arithmetic as there."""
+    num_classes = int(labels.max()) + 1
+    random_state = np.random.RandomState(seed)
+    pairs = [(i, int(y)) for i, y in enumerate(labels)]
+    random_state.shuffle(pairs)
+    aux, n_workers, num = 10, num_clients, len(pairs)
+    splits = math.ceil(n_workers / aux)
+    chunks, start = [], 0
+    for s in range(splits):
+        end = start + int(aux / n_workers * num)
+        chunks.append(pairs[start:(num if s == splits - 1 else end)])
+        start = end
+    batches = []
+    for chunk in chunks:
+        chunk = np.array(chunk)
+        size = len(chunk)
+        workers = min(aux, n_workers)
+        n_workers = n_workers - aux
+        min_size, batch = 0, None
+        while min_size < int(0.50 * size / workers):
+            batch = [[] for _ in range(workers)]
+            for c in range(num_classes):
+                idx_c = chunk[np.where(chunk[:, 1] == c)[0], 0]
+                p = random_state.dirichlet(np.repeat(alpha, workers))
+                p = np.array([q * (len(b) < size / workers) for q, b in zip(p, batch)])
+                p = p / p.sum()
+                p = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
+                batch = [b + part.tolist() for b, part in zip(batch, np.split(idx_c, p))]
+                min_size = min(len(b) for b in batch)
+        batches += batch
+    flat = functools.reduce(lambda x, y: x + y, batches)
+    per, r = len(flat) // num_clients, len(flat) % num_clients
+    out, i, used = [], 0, 0
+    while i < len(flat):
+        step = per + 1 if used < r else per
+        used += used < r
+        out.append(flat[i:i + step])
+        i += step
+    return out
+
+
+@pytest.mark.parametrize("num_clients,alpha,seed", [(10, 0.5, 7), (20, 0.3, 0), (25, 0.5, 1)])
+def test_creff_partition_draws_the_official_partition(num_clients, alpha, seed):
+    """Given the same RandomState, fedlt's routine returns CReFF-FL's clients (25 clients: groups of 10, 10, 5)."""
+    ours = creff_dirichlet_partition(LABELS, num_clients, alpha, np.random.RandomState(seed))
+    theirs = creff_official(LABELS, num_clients, alpha, seed)
+    assert len(ours) == len(theirs) == num_clients
+    assert all(np.array_equal(a, np.sort(b)) for a, b in zip(ours, theirs))
+
+
+def test_creff_partition_gives_equal_clients_with_label_skew():
+    parts = creff_dirichlet_partition(LABELS, 20, 0.3, np.random.default_rng(0))
+    assert_exact_cover(parts, len(LABELS))
+    per, extra = divmod(len(LABELS), 20)
+    assert extra > 0 and [len(p) for p in parts] == [per + 1] * extra + [per] * (20 - extra)
+    counts = partition_counts(LABELS, parts, 10)
+    assert (counts > 0).sum(1).mean() < 6  # α = 0.3: a client sees few of the 10 classes
+
+
+def test_creff_partition_errors_are_one_line():
+    with pytest.raises(FedLTError, match="num_clients >= 10"):
+        creff_dirichlet_partition(LABELS, 8, 0.5, np.random.default_rng(0))
+    with pytest.raises(FedLTError, match="fewer than 2 each"):
+        creff_dirichlet_partition(LABELS[:30], 20, 0.5, np.random.default_rng(0))
+    with pytest.raises(FedLTError, match="alpha"):
+        creff_dirichlet_partition(LABELS, 10, 0.0, np.random.default_rng(0))

@@ -9,6 +9,9 @@ Two Dirichlet forms (``partition.balance``):
 - NIID-Bench's balanced Dirichlet (``balance=true``; Li et al., ICDE 2022, used by GBME's release): a client
   already holding ≥ N/K samples gets no share of the classes dealt after. On long-tailed data the head class
   is dealt first, so balancing closes clients early and leaves some with the head class only.
+
+CReFF's routine (``method=creff_dirichlet``, :func:`creff_dirichlet_partition`) is a third form: balanced
+Dirichlet within groups of ten clients, then equal-size clients cut from the concatenation.
 """
 
 from __future__ import annotations
@@ -53,6 +56,65 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise FedLTError(f"no Dirichlet(α={alpha}) partition into {num_clients} clients with at least {min_size} "
                      f"samples each after {max_tries} draws; raise alpha or lower num_clients/min_size")
+
+
+def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,
+                              rng: np.random.Generator | np.random.RandomState, group_size: int = 10,
+                              max_tries: int = 1000) -> list[np.ndarray]:
+    """CReFF-FL's client partition (Shang et al., IJCAI 2022; shangxinyi/CReFF-FL ``Dataset/sample_dirichlet.py``
+    ``clients_indices``), also used by the federated long-tail work built on that code:
+
+    1. shuffle the (index, label) pairs; cut them into G = ⌈K/10⌉ consecutive chunks of ⌊10·N/K⌋ pairs (the last
+       chunk takes the rest), one per group of 10 clients (the last group has K − 10(G−1));
+    2. in each chunk, NIID-Bench's balanced Dirichlet over its group (for every class c in 0..C−1: q ~ Dir(α·1),
+       q_k ← 0 where client k already holds ≥ chunk/n; the chunk's indices of c, in shuffled order, cut at
+       cumsum(q)·n_c), redrawn until every client of the group holds ≥ ⌊0.5·chunk/n⌋;
+    3. concatenate the groups' clients' index lists in order and cut that list into K consecutive parts of
+       ⌊N/K⌋ or ⌈N/K⌉ (the first N mod K parts are the larger ones).
+
+    So every client holds N/K samples: the label skew comes from where the equal cuts fall in the concatenated
+    Dirichlet lists. Given a ``np.random.RandomState`` it draws exactly the official numbers (tested); fedlt's
+    runs pass their PARTITION ``Generator``. Two official behaviours are not copied: a chunk too small for the
+    ⌊0.5·chunk/n⌋ rule to be ≥ 1 is silently dropped there (its samples belong to no client) and an impossible
+    draw loops for ever; both are one-line :class:`FedLTError` here.
+    """
+    if alpha <= 0:
+        raise FedLTError(f"partition.alpha must be > 0, got {alpha}")
+    if num_clients < group_size:
+        raise FedLTError(f"partition.method=creff_dirichlet deals to groups of {group_size} clients and needs "
+                         f"partition.num_clients >= {group_size}, got {num_clients}")
+    n = len(labels)
+    _check(n, num_clients)
+    num_classes = int(labels.max()) + 1
+    pairs = np.stack([np.arange(n), labels]).T.astype(np.int64)
+    rng.shuffle(pairs)
+    groups = -(-num_clients // group_size)
+    step = int(group_size / num_clients * n)
+    dealt: list[list[int]] = []
+    for g in range(groups):
+        chunk = pairs[g * step:(n if g == groups - 1 else (g + 1) * step)]
+        workers = min(group_size, num_clients - g * group_size)
+        floor = int(0.5 * len(chunk) / workers)
+        if floor < 1:
+            raise FedLTError(f"partition.method=creff_dirichlet: group {g} has {len(chunk)} samples for {workers} "
+                             f"clients, fewer than 2 each; lower partition.num_clients")
+        for _ in range(max_tries):
+            parts: list[list[int]] = [[] for _ in range(workers)]
+            for c in range(num_classes):
+                idx = chunk[chunk[:, 1] == c, 0]
+                q = rng.dirichlet(np.full(workers, alpha))
+                q = q * np.array([len(p) < len(chunk) / workers for p in parts])
+                cuts = (np.cumsum(q / q.sum()) * len(idx)).astype(int)[:-1]
+                for k, piece in enumerate(np.split(idx, cuts)):
+                    parts[k].extend(piece.tolist())
+            if min(len(p) for p in parts) >= floor:
+                break
+        else:
+            raise FedLTError(f"no creff_dirichlet draw (α={alpha}) gave every client of group {g} at least {floor} "
+                             f"samples after {max_tries} draws; raise alpha")
+        dealt.extend(parts)
+    flat = np.asarray([i for p in dealt for i in p], dtype=np.int64)
+    return [np.sort(p) for p in np.array_split(flat, num_clients)]
 
 
 def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int,
