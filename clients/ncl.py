@@ -11,12 +11,11 @@ keys kept across steps, which a stateless client of one round does not hold (the
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
-from fedlt.losses.ncl import log_counts, nil_nbod_loss
+from fedlt.losses.ncl import NILNBODOptions, log_counts
 from fedlt.models.experts import require_experts
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
@@ -24,13 +23,8 @@ from fedlt.train import Objective, TensorData
 
 @CLIENTS.register("ncl")
 class NCLClient(ClientMethod):
-    class Options(ClientMethod.Options):
-        hard_categories: int | None = Field(None, gt=0, description="k hard categories per sample "
-                                            "(None: round(0.3·C), the official 30 of CIFAR-100)")
-        distill_weight: float = Field(0.6, ge=0, description="λ of NBOD on all categories")
-        distill_weight_hard: float = Field(0.6, ge=0, description="λ_h of NBOD on the hard categories")
-        ce_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on all categories")
-        hard_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on the hard categories")
+    class Options(ClientMethod.Options, NILNBODOptions):
+        pass
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -39,6 +33,4 @@ class NCLClient(ClientMethod):
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         o = self.opts
         log_n = log_counts(torch.as_tensor(data.class_counts)).to(data.images.device)
-        k = o.hard_categories or max(1, round(0.3 * data.num_classes))
-        return lambda m, x, y: nil_nbod_loss(m.expert_logits(x), y, log_n, k, o.distill_weight,
-                                             o.distill_weight_hard, o.ce_ratio, o.hard_ratio)
+        return lambda m, x, y: o.nil_nbod(m.expert_logits(x), y, log_n)

@@ -1,10 +1,10 @@
+import functools
+import math
+
 import numpy as np
 import pytest
 
 from fedlt.data.longtail import longtail_counts
-import functools
-import math
-
 from fedlt.data.partition import (
     creff_dirichlet_partition,
     dirichlet_partition,

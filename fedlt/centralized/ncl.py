@@ -45,7 +45,7 @@ from fedlt.centralized.experts import ExpertMethod
 from fedlt.data.augment import simclr_augment
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
-from fedlt.losses.ncl import log_counts, moco_loss, nil_nbod_loss
+from fedlt.losses.ncl import NILNBODOptions, log_counts, moco_loss
 from fedlt.models.base import build_model
 from fedlt.models.experts import MultiExpertModel
 from fedlt.registry import CENTRALIZED
@@ -82,18 +82,12 @@ class NCL(ExpertMethod):
     """NCL: NIL + NBOD over hard categories, + a MoCo term per expert (``contrastive``). Defaults: the
     official ``cifar100_im100_NCL_with_contrastive.yaml``; see the module docstring."""
 
-    class Options(ExpertMethod.Options):
+    class Options(ExpertMethod.Options, NILNBODOptions):
         reduce_dimension: bool = Field(False, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
         num_experts: int = Field(3, gt=0, description="number of experts M")
         classifier: Literal["linear", "cosine"] = Field("linear", description="each expert's classifier")
         shared_stem: bool = Field(False, description="share the experts' first layers (official: M whole networks)")
         autoaugment: bool = Field(True, description="add AutoAugment (CIFAR policy) + Cutout to crop/flip")
-        hard_categories: int | None = Field(None, gt=0, description="k hard categories per sample (HCM_N; "
-                                            "None: round(0.3·C), the official 30 of CIFAR-100)")
-        distill_weight: float = Field(0.6, ge=0, description="λ of NBOD on all categories")
-        distill_weight_hard: float = Field(0.6, ge=0, description="λ_h of NBOD on the hard categories")
-        ce_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on all categories")
-        hard_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on the hard categories")
         contrastive: bool = Field(True, description="add the MoCo self-supervised term per expert")
         key_view: Literal["simclr", "same"] = Field("simclr", description="the MoCo key's view: the official "
                                                     "SimCLR view, or a second draw of the training view")
@@ -106,7 +100,6 @@ class NCL(ExpertMethod):
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
         self.log_n = log_counts(self.class_counts)
-        self.k = self.opt.hard_categories or max(1, round(0.3 * self.num_classes))
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL, Stream.METHOD)
         self.key_model: MultiExpertModel | None = None
         self.queues: torch.Tensor | None = None  # (M, K, d) unit keys
@@ -166,8 +159,7 @@ class NCL(ExpertMethod):
             s = model.stem(x[:b])
             feats = [e.features(s) for e in model.experts]
             z = torch.stack([e.classifier(h) for e, h in zip(model.experts, feats)])
-            loss = nil_nbod_loss(z, y, self.log_n, self.k, o.distill_weight, o.distill_weight_hard,
-                                 o.ce_ratio, o.hard_ratio)
+            loss = o.nil_nbod(z, y, self.log_n)
             if not o.contrastive:
                 return loss
             keys = self.momentum_keys(model, x[b:])

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from fedlt.options import Options
 
 
 def log_counts(class_counts: torch.Tensor) -> torch.Tensor:
@@ -77,3 +80,23 @@ def moco_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, tempe
     """CE(:func:`moco_logits`, 0): InfoNCE of each query against its key and the queue (T = ``MOCO_T`` = 0.2)."""
     logits = moco_logits(query, key, queue, temperature)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+class NILNBODOptions(Options):
+    """The keys of NIL + NBOD shared by ``centralized.method=ncl`` and the ncl client."""
+
+    hard_categories: int | None = Field(None, gt=0, description="k hard categories per sample (HCM_N; "
+                                        "None: round(0.3·C), the official 30 of CIFAR-100)")
+    distill_weight: float = Field(0.6, ge=0, description="λ of NBOD on all categories")
+    distill_weight_hard: float = Field(0.6, ge=0, description="λ_h of NBOD on the hard categories")
+    ce_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on all categories")
+    hard_ratio: float = Field(1.0, ge=0, description="weight of NIL's balanced CE on the hard categories")
+
+    def hard_k(self, num_classes: int) -> int:
+        """k: ``hard_categories``, else round(0.3·C) (at least 1)."""
+        return self.hard_categories or max(1, round(0.3 * num_classes))
+
+    def nil_nbod(self, expert_logits: torch.Tensor, targets: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        """:func:`nil_nbod_loss` with these keys."""
+        return nil_nbod_loss(expert_logits, targets, log_n, self.hard_k(expert_logits.shape[-1]),
+                             self.distill_weight, self.distill_weight_hard, self.ce_ratio, self.hard_ratio)
