@@ -16,12 +16,13 @@ Those three come from whoever submits the run, so they are read as untrusted inp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -214,21 +215,21 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
                 result = method.query(config["action"], model, data, config, gen, augment_for(c))
         return _reply(msg, result, pid)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        try:
-            return fit(msg, context)
-        except Exception as exc:
-            raise client_error(int(context.node_config["partition-id"]), exc) from exc
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        try:
-            return answer(msg, context)
-        except Exception as exc:
-            raise client_error(int(context.node_config["partition-id"]), exc) from exc
-
+    app.train()(reported(fit))
+    app.query()(reported(answer))
     return app
+
+
+def reported(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """``handler`` with any exception it raises re-raised as :func:`client_error` (the partition id, the
+    error's first line and its traceback), the one form a failing ClientApp reports in."""
+    @functools.wraps(handler)
+    def reply(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            raise client_error(int(context.node_config["partition-id"]), exc) from exc
+    return reply
 
 
 def make_server_app(cfg: Config | None = None, out: str | None = None, outcome: dict | None = None) -> ServerApp:
