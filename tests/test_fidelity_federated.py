@@ -203,10 +203,13 @@ def test_creff_round_one_queries_a_fresh_linear_head(monkeypatch):
 
 
 # --------------------------------------------------------------------------- GBME's model in its configs
-@pytest.mark.parametrize("name", ["gbme_cifar10_lt", "gbme_cifar100_lt", "grid_gbme"])
-def test_gbme_configs_build_cosine_heads_with_scale_30(name):
-    """fedavg_api.py's ResNet32Model(reduce_dimension=True, use_norm=True): per-expert NormedLinear, s = 30,
-    24/48-channel expert stages; a part's own default holds when the config omits the key."""
+@pytest.mark.parametrize("name, model, width", [("gbme_cifar10_lt", "resnet18_gn_experts", 512),
+                                                ("gbme_cifar100_lt", "resnet32_experts", 48),
+                                                ("grid_gbme", "resnet32_experts", 48)])
+def test_gbme_configs_build_cosine_heads_with_scale_30(name, model, width):
+    """main_fedavg.py's ResNet32Model / ResNet18GNModel(reduce_dimension=True, use_norm=True): per-expert
+    NormedLinear, s = 30, on 48-d (ResNet-32, 24/48-channel expert stages) or 512-d (ResNet-18 GN) features; a
+    part's own default holds when the config omits the key."""
     from pathlib import Path
 
     from fedlt.models.base import NormedLinear
@@ -214,10 +217,11 @@ def test_gbme_configs_build_cosine_heads_with_scale_30(name):
 
     path = Path(__file__).resolve().parents[1] / "configs" / "federated" / f"{name}.yaml"
     for cfg, _ in expand(path):
-        model = build_model(cfg.model.name, 10, 3, **cfg.model.model_dump(exclude={"name"}))
-        assert len(model.experts) == 3
-        for expert in model.experts:
+        assert cfg.model.name == model
+        net = build_model(cfg.model.name, 10, 3, **cfg.model.model_dump(exclude={"name"}))
+        assert len(net.experts) == 3
+        for expert in net.experts:
             assert isinstance(expert.classifier, NormedLinear) and expert.classifier.scale == 30.0
-            assert expert.classifier.weight.shape == (48, 10)
+            assert expert.classifier.weight.shape == (width, 10)
     bare = load_config(None, ["mode=federated", "model.name=resnet32_experts", "strategy.name=gbme"])
     assert bare.model.classifier == "cosine" and bare.model.scale == 30.0

@@ -78,7 +78,8 @@ class GBME(FedLTStrategy):
     def setup(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         model = model_for(self.cfg, experiment_for(self.cfg))
         if not hasattr(model, "expert_forward"):
-            raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts or small_cnn_experts")
+            raise TypeError("gbme needs a multi-expert model: model.name=resnet32_experts, resnet18_gn_experts or "
+                            "small_cnn_experts")
         classifiers = query_classifiers(self, grid, arrays)
         self.prior = estimate_prior(*classifiers)
         self.balance, self.prior_extras = estimate_global_prior(self, grid, arrays, self.opts.prior, classifiers)
