@@ -2,7 +2,8 @@
 # The CIFAR-10-LT section of docs/results.md: β = 100 on the JPEG copy (../shared/data/cifar10-jpeg) at the CPU
 # budget of configs/cifar10_jpeg_lt_cpu.yaml (ResNet-8), seed 0, most telling comparisons first: centralized CE and
 # Balanced Softmax, federated FedAvg and FedLC, then LDAM-DRW, cRT, CCVR, CReFF, MiSLAS, BalPoE
-# and GBME (both on their three-expert ResNet-32), the single-network methods of issue 14; then the
+# and GBME (both on resnet8_experts: the three-expert layout of their ResNet-32 at ResNet-8's depth, one block per
+# stage, since the three-expert ResNet-32 does not fit this budget on 2 cores), the single-network methods of issue 14; then the
 # comparison report. Resumable: finished runs are skipped. Run from the repository root:
 #     bash benchmarks/cifar10_cpu_table.sh [OUT]
 set -euo pipefail
@@ -23,8 +24,8 @@ federated "sweep.strategy.name=[fedavg,fedlc]"
 centralized ldam_drw,crt
 federated "sweep.strategy.name=[ccvr,creff]"  # CReFF on ResNet-8 (its official ResNet-8×4 is 4× wider)
 centralized mislas
-centralized balpoe model.name=resnet32  # BalPoE's three-expert ResNet-32 (its R32 recipe; resnet8 has no experts)
-federated strategy.name=gbme model.name=resnet32_experts  # GBME's three-expert ResNet-32 (cosine heads, s = 30)
+centralized balpoe  # model.name=resnet8 -> resnet8_experts (BalPoE's full-width 32/64 experts, cosine s = 30)
+federated strategy.name=gbme model.name=resnet8_experts  # GBME's layout (24/48 experts, cosine heads, s = 30)
 # issue 14's single-network methods (their table EXTRA keys; CC-SAM adds 1 classifier epoch); LFME's student
 # gets CE's 5 epochs after its 5 expert epochs
 centralized seql,area,tde,cc_sam,glmc

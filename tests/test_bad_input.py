@@ -46,7 +46,7 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "config key 'strategy.joint_fraction' must be >= 0, got -5"),
     (["seed=-1"], "config key 'seed' must be >= 0, got -1"),
     (["strategy.name=gbme"], "strategy gbme needs a multi-expert model, got model.name='small_cnn': set model.name "
-                             "to one of resnet18_gn_experts, resnet32_experts, small_cnn_experts"),
+                             "to one of resnet18_gn_experts, resnet32_experts, resnet8_experts, small_cnn_experts"),
     (["client.name=gbme"], "client method gbme needs a multi-expert model"),
     (["strategy.name=posthoc_calibration", "strategy.base=gbme"], "strategy gbme needs a multi-expert model"),
     ([f"federation.client_cpus={(os.cpu_count() or 1) + 1}"],

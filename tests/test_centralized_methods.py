@@ -208,6 +208,6 @@ def test_eval_every_skips_evaluations_but_not_training(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["balpoe", "mdcs"])
 def test_a_multi_expert_method_refuses_a_model_without_experts_when_the_config_is_read(method):
     with pytest.raises(FedLTError, match=rf"centralized.method={method} needs a multi-expert model, and "
-                                         r"'resnet8_experts' is not registered: set model.name to one of .*resnet32_experts"):
-        load_config(None, ["mode=centralized", "model.name=resnet8", f"centralized.method={method}"])
+                                         r"'resnet20_experts' is not registered: set model.name to one of .*resnet32_experts"):
+        load_config(None, ["mode=centralized", "model.name=resnet20", f"centralized.method={method}"])
     assert load_config(None, ["mode=centralized", "model.name=resnet32", f"centralized.method={method}"])

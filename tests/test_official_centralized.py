@@ -225,10 +225,12 @@ def test_balpoe_loss_and_full_width_experts():
     # reduce_dimension: false in every official CIFAR config -> layer2/layer3 of 32/64 channels; MDCS's are 24/48
     exp = SimpleNamespace(num_classes=10, in_channels=3)
     for name, widths in (("balpoe", (32, 64)), ("mdcs", (24, 48))):
-        model = method(name, CIFAR10_LT_100, "model.name=resnet32").build_model(exp)
-        expert = model.experts[0]
-        convs = [mod for mod in expert.features.modules() if isinstance(mod, nn.Conv2d)]
-        assert (convs[0].out_channels, convs[-1].out_channels, model.feature_dim) == (*widths, widths[1]), name
+        for base, blocks in (("resnet32", 5), ("resnet8", 1)):  # resnet8_experts: fedlt's CPU-budget depth
+            model = method(name, CIFAR10_LT_100, f"model.name={base}").build_model(exp)
+            expert = model.experts[0]
+            convs = [mod for mod in expert.features.modules() if isinstance(mod, nn.Conv2d)]
+            assert (convs[0].out_channels, convs[-1].out_channels, model.feature_dim) == (*widths, widths[1]), name
+            assert sum(c.kernel_size == (3, 3) for c in convs) == 2 * 2 * blocks  # layer2 + layer3, 2 convs/block
 
 
 def test_balpoe_long_recipe_configs():

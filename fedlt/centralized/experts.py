@@ -20,6 +20,7 @@ from fedlt.data.augment import random_rotation
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import balpoe_loss, mdcs_loss
+from fedlt.models.experts import CIFAR_RESNET_EXPERTS
 from fedlt.options import CentralizedOptions
 from fedlt.registry import CENTRALIZED, MODELS
 from fedlt.train import Augment, Objective, TensorData
@@ -69,7 +70,7 @@ class ExpertMethod(CentralizedMethod):
     def build_model(self, exp: Experiment) -> nn.Module:
         name = self.expert_model(self.cfg)
         extra = {}
-        if name == "resnet32_experts":
+        if name in CIFAR_RESNET_EXPERTS:
             extra["widths"] = (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64)
         return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
                          num_experts=self.num_experts(), **extra)

@@ -47,7 +47,7 @@ from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses.ncl import NILNBODOptions, log_counts, moco_loss
 from fedlt.models.base import build_model
-from fedlt.models.experts import MultiExpertModel
+from fedlt.models.experts import CIFAR_RESNET_EXPERTS, MultiExpertModel
 from fedlt.registry import CENTRALIZED
 from fedlt.streams import Stream, seeded_rng, torch_generator
 from fedlt.train import Augment, Objective, TensorData
@@ -119,7 +119,7 @@ class NCL(ExpertMethod):
     def model_options(self) -> dict:
         o, extra = self.opt, {}
         name = self.expert_model(self.cfg)
-        if name == "resnet32_experts":
+        if name in CIFAR_RESNET_EXPERTS:
             extra["widths"] = (16, 24, 48) if o.reduce_dimension else (16, 32, 64)
         return dict(classifier=o.classifier, scale=o.expert_scale, num_experts=o.num_experts,
                     shared_stem=o.shared_stem, **extra)
@@ -130,7 +130,7 @@ class NCL(ExpertMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, Stream.METHOD).integers(2**31)))
             for expert in model.experts:  # resnet32_experts draws Kaiming-normal heads; the official FC keeps
-                if name == "resnet32_experts" and isinstance(expert.classifier, nn.Linear):  # nn.Linear's own
+                if name in CIFAR_RESNET_EXPERTS and isinstance(expert.classifier, nn.Linear):  # nn.Linear's own
                     expert.classifier.reset_parameters()
             if self.opt.contrastive:
                 model.projections = projection_heads(self.opt.num_experts, model.feature_dim, self.opt.moco_dim)

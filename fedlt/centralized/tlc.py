@@ -29,6 +29,7 @@ from fedlt.experiment import Experiment, model_for
 from fedlt.losses import class_weights, engaged, ldam_margins, tlc_combine, tlc_loss
 from fedlt.losses.tlc import TLCLossOptions
 from fedlt.metrics import evaluate_logits, reliability_bins, uncertainty_metrics
+from fedlt.models.experts import CIFAR_RESNET_EXPERTS
 from fedlt.registry import CENTRALIZED
 from fedlt.train import Augment, Objective, TensorData
 
@@ -78,7 +79,7 @@ class TLC(ExpertMethod):
     def build_model(self, exp: Experiment) -> nn.Module:
         name = self.expert_model(self.cfg)
         extra = {}
-        if name == "resnet32_experts":
+        if name in CIFAR_RESNET_EXPERTS:
             extra = {"widths": (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64), "shared_layer1": False}
         return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
                          num_experts=self.num_experts(), **extra)

@@ -94,6 +94,10 @@ class MultiExpertModel(nn.Module):
         return torch.cat([e.features(s) for e in self.experts], dim=1)
 
 
+CIFAR_RESNET_EXPERTS = ("resnet8_experts", "resnet32_experts")
+"""The multi-expert CIFAR ResNets whose expert widths a method sets (``reduce_dimension``: 24/48, else 32/64)."""
+
+
 @MODELS.register("resnet32_experts", options=ExpertOptions)
 def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
                      classifier: str = "cosine", scale: float = 30.0, shared_layer1: bool = True,
@@ -101,7 +105,23 @@ def resnet32_experts(num_classes: int, in_channels: int = 3, num_experts: int = 
     """ResNet-32 (n = 5 blocks per stage) with a shared stem + layer1 and per-expert layer2, layer3, head;
     ``shared_layer1=False``: only conv1/bn1 shared, layer1 per expert too (TLC's ``ResnetCifar.py``);
     ``shared_stem=False``: M whole ResNet-32s (empty stem; NCL's independent networks)."""
-    n = 5
+    return cifar_resnet_experts(5, num_classes, in_channels, num_experts, widths, classifier, scale, shared_layer1,
+                                shared_stem)
+
+
+@MODELS.register("resnet8_experts", options=ExpertOptions)
+def resnet8_experts(num_classes: int, in_channels: int = 3, num_experts: int = 3, widths=(16, 24, 48),
+                    classifier: str = "cosine", scale: float = 30.0, shared_layer1: bool = True,
+                    shared_stem: bool = True) -> MultiExpertModel:
+    """:func:`resnet32_experts` with one block per stage (ResNet-8's depth): fedlt's multi-expert model for CPU
+    budgets, where the single-network methods run ``resnet8`` (no paper uses it; ≈ 1/5 of ResNet-32's compute)."""
+    return cifar_resnet_experts(1, num_classes, in_channels, num_experts, widths, classifier, scale, shared_layer1,
+                                shared_stem)
+
+
+def cifar_resnet_experts(n: int, num_classes: int, in_channels: int, num_experts: int, widths, classifier: str,
+                         scale: float, shared_layer1: bool, shared_stem: bool) -> MultiExpertModel:
+    """The CIFAR ResNet-(6n+2) multi-expert layout of :func:`resnet32_experts` with n blocks per stage."""
 
     def conv_block() -> list[nn.Module]:
         return [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
