@@ -235,6 +235,17 @@ def test_shards_partitioner():
     assert all(len(np.unique(part.load_partition(k)["label"])) <= 2 for k in range(5))
 
 
+def test_creff_partitioner_gives_the_routines_equal_partitions():
+    from fedlt.data.flower_partitioners import CReFFDirichletPartitioner
+
+    part = CReFFDirichletPartitioner(num_partitions=10, alpha=0.5, seed=0)
+    part.dataset = FakeDataset({"label": LABELS.tolist()})
+    ours = part.partition_indices()
+    assert all(np.array_equal(a, b) for a, b in zip(ours, creff_dirichlet_partition(
+        LABELS, 10, 0.5, np.random.default_rng(0))))
+    assert [len(part.load_partition(k)["label"]) for k in range(10)] == [len(p) for p in np.array_split(LABELS, 10)]
+
+
 # --------------------------------------------------------------------------- CReFF's routine
 def creff_official(labels, num_clients, alpha, seed):
     """Transcription of CReFF-FL's ``Dataset/sample_dirichlet.py`` (``clients_indices`` →

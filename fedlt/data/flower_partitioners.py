@@ -107,6 +107,18 @@ class DirichletLabelPartitioner(_LabelPartitioner):
                                      self._max_tries)
 
 
+class CReFFDirichletPartitioner(_LabelPartitioner):
+    """CReFF-FL's routine (balanced Dirichlet(α) in groups of 10 partitions, then equal-size partitions cut from
+    the concatenation; :func:`fedlt.data.partition.creff_dirichlet_partition`)."""
+
+    def __init__(self, num_partitions: int, alpha: float, partition_by: str = "label", seed: int | None = 42) -> None:
+        super().__init__(num_partitions, partition_by, seed)
+        self._alpha = alpha
+
+    def _partition(self, labels: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        return P.creff_dirichlet_partition(labels, self._num_partitions, self._alpha, rng)
+
+
 class ShardsPartitioner(_LabelPartitioner):
     """Label-sorted shards, ``shards_per_partition`` dealt at random to each partition (McMahan et al., 2017)."""
 
