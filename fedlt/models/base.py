@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class NormedLinear(nn.Module):
@@ -48,3 +52,12 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
     from fedlt.registry import MODELS
 
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def kaiming_normal_init(model: M, skip: frozenset[int] = frozenset()) -> M:
+    """Kaiming-normal weights (He et al., 2015) for every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` in module
+    order, except those whose weight's ``id`` is in ``skip`` (the CIFAR ResNets' ``_weights_init``); in place."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) not in skip:
+            nn.init.kaiming_normal_(m.weight)
+    return model

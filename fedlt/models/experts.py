@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from fedlt.errors import FedLTError
-from fedlt.models.base import SplitModel, make_classifier
+from fedlt.models.base import SplitModel, kaiming_normal_init, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.resnet_cifar import make_stage
 from fedlt.options import HeadOptions
@@ -141,10 +141,7 @@ def cifar_resnet_experts(n: int, num_classes: int, in_channels: int, num_experts
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
         experts.append(SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2]))
     model = MultiExpertModel(stem, experts)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
-    return model
+    return kaiming_normal_init(model)
 
 
 @MODELS.register("small_cnn_experts", options=ExpertOptions)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from fedlt.models.base import SplitModel, make_classifier
+from fedlt.models.base import SplitModel, kaiming_normal_init, make_classifier
 from fedlt.models.experts import ExpertOptions, MultiExpertModel
 from fedlt.registry import MODELS
 
@@ -134,7 +134,4 @@ def resnet18_gn_experts(num_classes: int, in_channels: int = 3, num_experts: int
                                  nn.Flatten())
         experts.append(SplitModel(features, make_classifier(WIDTHS[3], num_classes, classifier, scale), WIDTHS[3]))
     model = MultiExpertModel(stem, experts)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
-    return model
+    return kaiming_normal_init(model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.models.base import SplitModel, make_classifier
+from fedlt.models.base import SplitModel, kaiming_normal_init, make_classifier
 from fedlt.registry import MODELS
 
 
@@ -68,10 +68,7 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3, widths=(16,
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )
     model = SplitModel(features, make_classifier(widths[2], num_classes, classifier, scale), widths[2])
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
-    return model
+    return kaiming_normal_init(model)
 
 
 @MODELS.register("resnet32")

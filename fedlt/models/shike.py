@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedlt.models.base import make_classifier
+from fedlt.models.base import kaiming_normal_init, make_classifier
 from fedlt.models.cnn import _norm
 from fedlt.models.experts import MultiExpertModel
 from fedlt.models.resnet_cifar import make_stage
@@ -116,10 +116,7 @@ def resnet32_shike(num_classes: int, in_channels: int = 3, num_experts: int = 3,
     model = depth_fused_experts(stages, [16, 32], lambda: make_stage(32, 64, n, 2, "B"), num_experts, 64,
                                 num_classes, classifier, scale, "batch")
     shallow = {id(p) for e in model.experts for p in e.shallow.parameters()}
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) not in shallow:
-            nn.init.kaiming_normal_(m.weight)
-    return model
+    return kaiming_normal_init(model, frozenset(shallow))
 
 
 @MODELS.register("small_cnn_shike", options=DepthFusedOptions)
