@@ -42,10 +42,11 @@ class PartitionConfig(Options):
 
     method: Literal["dirichlet", "creff_dirichlet", "shards", "iid"] = Field(
         "dirichlet", description="dirichlet | creff_dirichlet (CReFF-FL's routine: balanced Dirichlet in groups of "
-        "10 clients, then equal-size clients; ignores balance and min_size) | shards | iid")
+        "10 clients, then equal-size clients, always balanced) | shards | iid")
     num_clients: int = Field(10, gt=0, description="number of clients K")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (smaller: more skew)")
-    min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many")
+    min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many "
+                          "(creff_dirichlet: an error unless its equal clients hold this many)")
     balance: bool = Field(False, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding "
                           "≥ N/K; GBME's protocol); false: the plain per-class Dirichlet")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client")

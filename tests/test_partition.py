@@ -315,3 +315,5 @@ def test_creff_partition_errors_are_one_line():
         creff_dirichlet_partition(LABELS[:30], 20, 0.5, np.random.default_rng(0))
     with pytest.raises(FedLTError, match="alpha"):
         creff_dirichlet_partition(LABELS, 10, 0.0, np.random.default_rng(0))
+    with pytest.raises(FedLTError, match="at least 100 samples each"):  # 1,485 / 20 = 74 per client
+        creff_dirichlet_partition(LABELS, 20, 0.5, np.random.default_rng(0), min_size=100)

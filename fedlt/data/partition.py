@@ -59,8 +59,8 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng:
 
 
 def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,
-                              rng: np.random.Generator | np.random.RandomState, group_size: int = 10,
-                              max_tries: int = 1000) -> list[np.ndarray]:
+                              rng: np.random.Generator | np.random.RandomState, min_size: int = 1,
+                              group_size: int = 10, max_tries: int = 1000) -> list[np.ndarray]:
     """CReFF-FL's client partition (Shang et al., IJCAI 2022; shangxinyi/CReFF-FL ``Dataset/sample_dirichlet.py``
     ``clients_indices``), also used by the federated long-tail work built on that code:
 
@@ -76,7 +76,7 @@ def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float
     Dirichlet lists. Given a ``np.random.RandomState`` it draws exactly the official numbers (tested); fedlt's
     runs pass their PARTITION ``Generator``. Two official behaviours are not copied: a chunk too small for the
     ⌊0.5·chunk/n⌋ rule to be ≥ 1 is silently dropped there (its samples belong to no client) and an impossible
-    draw loops for ever; both are one-line :class:`FedLTError` here.
+    draw loops for ever; both are one-line :class:`FedLTError` here, as is ⌊N/K⌋ < ``min_size``.
     """
     if alpha <= 0:
         raise FedLTError(f"partition.alpha must be > 0, got {alpha}")
@@ -84,7 +84,7 @@ def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float
         raise FedLTError(f"partition.method=creff_dirichlet deals to groups of {group_size} clients and needs "
                          f"partition.num_clients >= {group_size}, got {num_clients}")
     n = len(labels)
-    _check(n, num_clients)
+    _check(n, num_clients, min_size)
     num_classes = int(labels.max()) + 1
     pairs = np.stack([np.arange(n), labels]).T.astype(np.int64)
     rng.shuffle(pairs)
