@@ -16,6 +16,8 @@ Dirichlet within groups of ten clients, then equal-size clients cut from the con
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from fedlt.errors import FedLTError
@@ -27,6 +29,23 @@ def _check(n: int, num_clients: int, min_size: int = 1) -> None:
     if num_clients * min_size > n:
         raise FedLTError(f"cannot give {num_clients} clients at least {min_size} samples each "
                          f"from {n} training samples")
+
+
+def _deal(class_indices: Iterable[np.ndarray], num_clients: int, alpha: float,
+          rng: np.random.Generator | np.random.RandomState, capacity: float | None) -> list[list[int]]:
+    """One Dirichlet deal: for each class's indices (in the iterable's order, drawn lazily so that any draw it
+    makes comes before the class's q), q ~ Dir(α·1_K); with a ``capacity``, q_k ← 0 for clients already holding
+    ≥ capacity and q renormalised (NIID-Bench's balance); the indices cut at cumsum(q)·n_c."""
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for idx in class_indices:
+        q = rng.dirichlet(np.full(num_clients, alpha))
+        if capacity is not None:
+            q = q * np.array([len(p) < capacity for p in parts])
+            q = q / q.sum()
+        cuts = (np.cumsum(q) * len(idx)).astype(int)[:-1]
+        for k, piece in enumerate(np.split(idx, cuts)):
+            parts[k].extend(piece.tolist())
+    return parts
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
@@ -42,16 +61,8 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, rng:
     _check(n, num_clients, min_size)
     by_class = {c: np.flatnonzero(labels == c) for c in classes}
     for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            idx = rng.permutation(by_class[c])
-            q = rng.dirichlet(np.full(num_clients, alpha))
-            if balance:
-                q = q * np.array([len(p) < n / num_clients for p in parts])
-                q = q / q.sum()
-            cuts = (np.cumsum(q) * len(idx)).astype(int)[:-1]
-            for k, piece in enumerate(np.split(idx, cuts)):
-                parts[k].extend(piece.tolist())
+        parts = _deal((rng.permutation(by_class[c]) for c in classes), num_clients, alpha, rng,
+                      n / num_clients if balance else None)
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise FedLTError(f"no Dirichlet(α={alpha}) partition into {num_clients} clients with at least {min_size} "
@@ -99,14 +110,8 @@ def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float
             raise FedLTError(f"partition.method=creff_dirichlet: group {g} has {len(chunk)} samples for {workers} "
                              f"clients, fewer than 2 each; lower partition.num_clients")
         for _ in range(max_tries):
-            parts: list[list[int]] = [[] for _ in range(workers)]
-            for c in range(num_classes):
-                idx = chunk[chunk[:, 1] == c, 0]
-                q = rng.dirichlet(np.full(workers, alpha))
-                q = q * np.array([len(p) < len(chunk) / workers for p in parts])
-                cuts = (np.cumsum(q / q.sum()) * len(idx)).astype(int)[:-1]
-                for k, piece in enumerate(np.split(idx, cuts)):
-                    parts[k].extend(piece.tolist())
+            parts = _deal((chunk[chunk[:, 1] == c, 0] for c in range(num_classes)), workers, alpha, rng,
+                          len(chunk) / workers)
             if min(len(p) for p in parts) >= floor:
                 break
         else:
