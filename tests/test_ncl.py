@@ -280,7 +280,7 @@ def test_ncl_refuses_a_model_without_experts_and_cc_sam():
     from fedlt.errors import FedLTError
 
     with pytest.raises(FedLTError, match="centralized.method=ncl needs a multi-expert model"):
-        load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet8"])
+        load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet20"])
     with pytest.raises(FedLTError, match="set centralized.sam=none"):
         load_config(None, ["mode=centralized", "centralized.method=ncl", "centralized.sam=cc_sam"])
     with pytest.raises(FedLTError, match="client method ncl needs a multi-expert model"):
