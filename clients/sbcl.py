@@ -45,7 +45,14 @@ from fedlt.centralized.sbcl import SBCLModel
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
 from fedlt.losses.ldam import make_ldam_loss
-from fedlt.losses.sbcl import class_temperatures, cosine_kmeans, sbcl_loss, subclass_numbers, supcon_loss
+from fedlt.losses.sbcl import (
+    SBCLContrastOptions,
+    class_temperatures,
+    cosine_kmeans,
+    sbcl_loss,
+    subclass_numbers,
+    supcon_loss,
+)
 from fedlt.models.base import NormedLinear
 from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
@@ -92,15 +99,9 @@ def cluster_client(model: SBCLModel, data: TensorData, view: Augment, cluster: i
 
 @CLIENTS.register("sbcl")
 class SBCLClient(ClientMethod):
-    class Options(ClientMethod.Options):
-        temperature: float = Field(0.1, gt=0, description="T of both contrastive terms")
-        base_temperature: float = Field(0.07, gt=0, description="T_b: the subclass term is scaled by T/T_b")
-        gamma: float = Field(0.25, ge=0, description="γ, weight of the class-level (ranking) term")
-        cluster: int = Field(10, gt=0, description="L: local class c has ⌊n_c / max(min n, L)⌋ subclasses")
+    class Options(ClientMethod.Options, SBCLContrastOptions):
         supcon_fraction: float = Field(0.05, ge=0, le=1, description="fraction of the rounds of plain SupCon "
                                        "(official: 10 warm-up epochs of 200)")
-        feat_dim: int = Field(128, gt=0, description="width of the normalised projection")
-        kmeans_iters: int = Field(35, gt=0, description="k-means rounds at most")
         s: float = Field(30.0, gt=0, description="scale of the cosine classifier (LDAM's s)")
         max_margin: float = Field(0.5, gt=0, description="LDAM's largest margin")
         beta: float = Field(0.9999, ge=0, lt=1, description="β of LDAM's class-balanced weights (DRW from round 1)")

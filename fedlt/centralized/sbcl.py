@@ -42,6 +42,7 @@ from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses import loss_objective
 from fedlt.losses.sbcl import (
+    SBCLContrastOptions,
     class_temperatures,
     cosine_kmeans,
     kcl_loss,
@@ -89,15 +90,9 @@ class SBCL(DecoupledMethod):
     """SBCL: subclass-balancing contrastive stage 1 (clustering, class temperatures), LDAM-DRW linear stage 2.
     Defaults: the official CIFAR command (T = 0.1, cluster low 10, step 10, 10 warm-up epochs, feat 128)."""
 
-    class Options(DecoupledMethod.Options):
-        temperature: float = Field(0.1, gt=0, description="T of both contrastive terms")
-        base_temperature: float = Field(0.07, gt=0, description="T_b: the subclass term is scaled by T/T_b")
-        gamma: float = Field(0.25, ge=0, description="γ, weight of the class-level (ranking) term")
-        cluster: int = Field(10, gt=0, description="L: class c has ⌊n_c / max(min n, L)⌋ subclasses")
+    class Options(SBCLContrastOptions, DecoupledMethod.Options):  # SBCL's γ before the schedule's gamma
         cluster_step: int = Field(10, gt=0, description="re-cluster every this many epochs")
         supcon_epochs: int = Field(10, ge=0, description="epochs of plain SupCon before the first clustering")
-        feat_dim: int = Field(128, gt=0, description="width of the normalised projection")
-        kmeans_iters: int = Field(35, gt=0, description="k-means rounds at most")
         stage2_epochs: int = Field(200, ge=0, description="LDAM-DRW classifier epochs on the frozen features")
         stage2_sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
             "instance", description="sampler of stage 2")

@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from fedlt.options import Options
 
 
 def subclass_numbers(class_counts, cluster: int = 10) -> list[int]:
@@ -146,3 +149,15 @@ def kcl_loss(logits: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Ten
     pos = torch.cat([ones, drawn], 1)
     log_prob = F.log_softmax(logits / temperature, dim=1)
     return -((pos * log_prob).sum(1) / pos.sum(1)).mean()
+
+
+class SBCLContrastOptions(Options):
+    """The keys of SBCL's contrastive stage shared by ``centralized.method=sbcl`` and the sbcl client."""
+
+    temperature: float = Field(0.1, gt=0, description="T of both contrastive terms")
+    base_temperature: float = Field(0.07, gt=0, description="T_b: the subclass term is scaled by T/T_b")
+    gamma: float = Field(0.25, ge=0, description="γ, weight of the class-level (ranking) term")
+    cluster: int = Field(10, gt=0, description="L: class c (on a client: local class c) has "
+                         "⌊n_c / max(min n, L)⌋ subclasses")
+    feat_dim: int = Field(128, gt=0, description="width of the normalised projection")
+    kmeans_iters: int = Field(35, gt=0, description="k-means rounds at most")
