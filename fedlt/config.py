@@ -70,6 +70,9 @@ class FederationConfig(Options):
     engine: Literal["flower", "inprocess", "fused"] = Field(
         "flower", description="flower (Ray, one ClientApp per client) | inprocess (the same, in this process) | "
                               "fused (a round's clients trained as one stacked model, fedlt/federation/fused.py)")
+    hosts: int = Field(0, ge=0, description="0: one Flower node per client; H >= 1: H host nodes, each holding a "
+                       "contiguous share of the clients and training its share of a round fused "
+                       "(fedlt/federation/hosts.py; engines flower and inprocess, and deployments)")
     rounds: int = Field(20, gt=0, description="federated rounds T")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled per round, in (0, 1]")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")
@@ -78,8 +81,9 @@ class FederationConfig(Options):
     max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
     failure_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client fails in a round "
                                 "(injected, for robustness studies), in [0, 1)")
-    client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray)")
-    client_gpus: float | None = Field(None, ge=0, description="GPU fraction per client (None: 0.25 with a GPU, else 0)")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray), or per host node")
+    client_gpus: float | None = Field(None, ge=0, description="GPU fraction per client, or per host node (None: "
+                                      "with a GPU 0.25 per client, a host its share of the GPUs up to 1; else 0)")
     checkpoint_every: int = Field(1, gt=0, description="checkpoint every N rounds (and after the last)")
     discovery_timeout: float = Field(600.0, gt=0, description="seconds to wait for every client node to connect "
                                      "and report its partition id (a busy machine starts Ray's actors slowly)")
@@ -370,8 +374,20 @@ def resolve(raw: dict) -> Config:
         sections[section] = validate_section(section, {**given[section], name_key: name}, registry.options(name),
                                              name)
     cfg = top.replace(**sections)
+    _check_hosts(cfg)
     check_parts(cfg)
     return cfg
+
+
+def _check_hosts(cfg: Config) -> None:
+    """``federation.hosts``: at most one host per client, and not with the fused engine (already one host)."""
+    fed = cfg.federation
+    if fed.hosts > cfg.partition.num_clients:
+        raise FedLTError(f"config key 'federation.hosts' must be <= partition.num_clients={cfg.partition.num_clients} "
+                         f"(each host holds at least one client), got {fed.hosts}")
+    if fed.hosts and fed.engine == "fused":
+        raise FedLTError(f"config key 'federation.hosts' ({fed.hosts}) applies to the flower and inprocess engines: "
+                         f"federation.engine=fused is already one host training every client in this process")
 
 
 def check_parts(cfg: Config) -> None:

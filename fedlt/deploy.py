@@ -10,7 +10,7 @@
    --enable-supernode-auth --database WORK/state.db --host 127.0.0.1 --port P`` (one HTTPS port serves the
    Fleet, Control and Runtime APIs in 1.42), with ``FEDLT_RUN_ROOT=ROOT`` for the ServerApp (see "Trust" in
    README);
-2. ``flwr supernode register node-K.pub`` for K = 0..N-1 (N = ``partition.num_clients``), through a
+2. ``flwr supernode register node-K.pub`` for K = 0..N-1 (N = ``partition.num_clients``, or ``federation.hosts`` where set), through a
    connection ``fedlt`` written to ``WORK/flwr/config.toml`` (``FLWR_HOME=WORK/flwr``) that trusts ``ca.crt``;
 3. N × ``flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
    node-K --node-config "partition-id=K num-partitions=N"``;
@@ -222,7 +222,9 @@ class Deployment:
 
     # ------------------------------------------------------------------ SuperNodes
     def start_node(self, k: int, num_partitions: int, key: Path | None = None) -> subprocess.Popen:
-        """SuperNode ``node-K`` holding partition K, authenticated by ``key`` (default: the certs' node-K)."""
+        """SuperNode ``node-K`` holding partition K (or, with ``federation.hosts``, host K of ``num_partitions``
+    hosts: :func:`fedlt.federation.hosts.hosted_partitions`), authenticated by ``key`` (default: the certs'
+    node-K)."""
         key = key or self.certs.node_key(k)
         return self.start(f"node-{k}", [
             _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs.ca),
@@ -287,9 +289,11 @@ def deploy(args: argparse.Namespace) -> int:
     if cfg.mode == "both":  # the default config's mode; a deployment runs the federated part
         args.overrides = [*args.overrides, "mode=federated"]
         cfg = cfg.replace(mode="federated")
-    n = cfg.partition.num_clients
+    n = cfg.federation.hosts or cfg.partition.num_clients
     if args.nodes is not None and args.nodes != n:
-        raise FedLTError(f"--nodes {args.nodes} differs from partition.num_clients={n}: one SuperNode per partition")
+        per = (f"federation.hosts={n}: one SuperNode per host" if cfg.federation.hosts
+               else f"partition.num_clients={n}: one SuperNode per partition")
+        raise FedLTError(f"--nodes {args.nodes} differs from {per}")
     if cfg.mode != "federated":
         raise FedLTError(f"a deployment runs a federated config, got mode={cfg.mode}")
     if cfg.plugins and not args.allow_plugins:
@@ -318,7 +322,8 @@ def deploy(args: argparse.Namespace) -> int:
         d.register([certs.node_key(k) for k in range(n)])
         for k in range(n):
             d.start_node(k, n)
-        print(f"deploy: {n} SuperNodes registered and started; submitting the run", flush=True)
+        hosting = f" (hosts, {cfg.partition.num_clients} partitions among them)" if cfg.federation.hosts else ""
+        print(f"deploy: {n} SuperNodes{hosting} registered and started; submitting the run", flush=True)
         run_id = d.submit(app, {"config": config, "overrides": shlex.join(args.overrides), "out": cfg.name})
         row = d.follow(run_id, args.timeout, stream=not args.quiet)
     finally:
@@ -352,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--app", default=".", help="the Flower app folder submitted (default: .)")
     r.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
     r.add_argument("--port", type=int, default=0, help="its port (default: a free one)")
-    r.add_argument("--nodes", type=int, default=None, help="check: must equal partition.num_clients")
+    r.add_argument("--nodes", type=int, default=None,
+                   help="check: must equal partition.num_clients (federation.hosts where set)")
     r.add_argument("--allow-plugins", action="store_true", help="let submitted runs import `plugins:` modules")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
     r.add_argument("--quiet", action="store_true", help="do not stream the run's log")

@@ -254,3 +254,18 @@ def test_unregistered_node_is_refused_and_a_killed_node_is_tolerated(certs, tmp_
         assert not (tmp_path / "escape").exists()
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_deployment_of_host_nodes(certs, tmp_path):
+    """``python -m fedlt.deploy run federation.hosts=2`` with 4 partitions: 2 authenticated SuperNodes, each a
+    host of 2 partitions training them fused; the run completes and aggregates all 4 clients every round."""
+    res = subprocess.run([sys.executable, "-m", "fedlt.deploy", "run", "--certs", str(certs), "--out", str(tmp_path),
+                          "--quiet", "--timeout", "900", "name=hosts", *TINY, "partition.num_clients=4",
+                          "federation.hosts=2"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 SuperNodes (hosts, 4 partitions among them) registered and started" in res.stdout
+    rows = [json.loads(line) for line in (tmp_path / "hosts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows if r.get("round", 0) > 0] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert json.loads((tmp_path / "hosts" / "summary.json").read_text())["rounds"] == 2

@@ -178,9 +178,9 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
     cfg = load_config(None, FASHION + ENGINE_RUNS[method] + [f"federation.rounds={rounds}", "train.local_steps=4",
                                                             "eval.every=10"])
     answered = []
-    original = fused.FusedGrid._fused
-    monkeypatch.setattr(fused.FusedGrid, "_fused",
-                        lambda self, m, msgs: answered.append(len(msgs)) or original(self, m, msgs))
+    original = fused.fused_replies
+    monkeypatch.setattr(fused, "fused_replies",
+                        lambda cfg, device, m, items: answered.append(len(items)) or original(cfg, device, m, items))
     run_inprocess(cfg, str(tmp_path / "inprocess"))
     run_fused(cfg, str(tmp_path / "fused"))
     expected = [3] if method != "gbme" else [3, 3, 3, 3]

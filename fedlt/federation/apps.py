@@ -164,15 +164,19 @@ def client_errors(msg: Message, context: Context) -> Iterator[None]:
 
 
 def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it.
+    """A ClientApp that holds partition ``node_config['partition-id']`` of the experiment and trains on it
+    (with ``federation.hosts``, a host node holding a share of the partitions: :mod:`fedlt.federation.hosts`).
 
     The config travels as plain data and is validated again in the client's process (where the plug-ins it
     names are imported first), so no plug-in class needs to be importable before that."""
     app = ClientApp(mods=[client_clipping_mod])  # clips train replies only when the strategy asks (DP)
     data = None if cfg is None else json.dumps(cfg.model_dump(mode="json"))
 
+    def config_of(context: Context) -> Config:
+        return _config(data) if data is not None else config_from_context(context)
+
     def setup(msg: Message, context: Context):
-        c = _config(data) if data is not None else config_from_context(context)
+        c = config_of(context)
         torch.set_num_threads(max(1, int(c.federation.client_cpus)))
         pid = int(context.node_config["partition-id"])
         exp = experiment_for(c)
@@ -215,8 +219,25 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
                 result = method.query(config["action"], model, data, config, gen, augment_for(c))
         return _reply(msg, result, pid)
 
-    app.train()(reported(fit))
-    app.query()(reported(answer))
+    def hosting(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        """``handler`` on a partition's own messages; a host node's messages (``federation.hosts``: a packed
+        message, the query for the partitions it holds) to :func:`fedlt.federation.hosts.answer_hosted`,
+        which calls this app on each part. A host's own error names the host (there is no one partition)."""
+        @functools.wraps(handler)
+        def route(msg: Message, context: Context) -> Message:
+            from fedlt.federation.hosts import answer_hosted, is_host_message
+
+            if not is_host_message(msg):
+                return handler(msg, context)
+            try:
+                return answer_hosted(config_of(context), app, msg, context)
+            except FedLTError as exc:
+                where = f"host {context.node_config.get('partition-id')}"
+                raise FedLTError(f"{CLIENT_ERROR}{where}: {str(exc).splitlines()[0]}") from None
+        return route
+
+    app.train()(hosting(reported(fit)))
+    app.query()(hosting(reported(answer)))
     return app
 
 
@@ -243,6 +264,10 @@ def make_server_app(cfg: Config | None = None, out: str | None = None, outcome: 
     def main(grid: Grid, context: Context) -> None:
         c = cfg or config_from_context(context)
         path = out or out_from_context(context)
+        if c.federation.hosts:  # the strategies address one (virtual) node per partition
+            from fedlt.federation.hosts import HostedGrid
+
+            grid = HostedGrid(grid, c.federation.hosts, c.partition.num_clients)
         try:
             summary = run_rounds(grid, c, RunDir(path))
             if outcome is not None:

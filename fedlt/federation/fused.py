@@ -1,18 +1,19 @@
 """The fused engine (``federation.engine=fused``): a round's train messages trained as ONE stacked model.
 
-Design: a Flower ``Grid`` (:class:`FusedGrid`, an :class:`~fedlt.federation.inprocess.InProcessGrid`) receives
-the round's messages from the unchanged ServerApp and strategy. Its ``push_messages`` hands every TRAIN
-message whose client method trains by :meth:`fedlt.client_method.ClientMethod.fit` (the shared loop of
-:func:`fedlt.train.train` with the method's own :meth:`~fedlt.client_method.ClientMethod.objective`) to
-:func:`fused_train`, and answers each with one reply Message holding the same arrays and metrics the
-ClientApp would have sent (:func:`fedlt.federation.apps._reply`). Everything else — query messages (prior
-estimation, CReFF's gradients, CCVR's statistics), a method that overrides ``fit``, a train message that
-carries a DP clipping norm (the ClientApp's clipping mod acts on it), an objective that reads more of the
-model than the view below offers — goes to the ClientApp one message at a time, as in the in-process engine.
-The Grid was chosen over a node that hosts many partitions because the in-process Grid already carries
-Flower's message semantics (copies, error replies, process state); the fused trainer itself is a function of
-(template model, per-client initial states, data, objectives, generators), so a SuperNode-side ClientApp
-hosting a share of the partitions could call it unchanged (not built here).
+Design: a node's cohort (:func:`answer_cohort`) — messages, each with its partition's ``Context`` — is answered
+by handing every TRAIN message whose client method trains by :meth:`fedlt.client_method.ClientMethod.fit` (the
+shared loop of :func:`fedlt.train.train` with the method's own
+:meth:`~fedlt.client_method.ClientMethod.objective`) to :func:`fused_train`, and answering each with one reply
+Message holding the same arrays and metrics the ClientApp would have sent
+(:func:`fedlt.federation.apps._reply`). Everything else — query messages (prior estimation, CReFF's gradients,
+CCVR's statistics), a method that overrides ``fit``, a train message that carries a DP clipping norm (the
+ClientApp's clipping mod acts on it), a client that draws an injected failure this round
+(``federation.failure_rate``: the ClientApp raises it), an objective that reads more of the model than the view
+below offers — goes to the ClientApp one message at a time, as in the in-process engine. Two callers:
+:class:`FusedGrid` (``federation.engine=fused``), a Flower ``Grid`` in the ServerApp's process that answers the
+round's messages for every partition, and a host node (``federation.hosts``, :mod:`fedlt.federation.hosts`),
+a Flower node holding a share of the partitions that answers its share — the same trainer on several GPUs or
+machines under one SuperLink.
 
 Stacking: per-client parameters, BatchNorm buffers and SGD momentum buffers are stacked along a leading
 client dimension; one step runs ``torch.func.vmap`` over ``torch.func.functional_call`` of the model. vmap's
@@ -61,7 +62,9 @@ from dataclasses import dataclass
 from uuid import uuid4
 
 import torch
-from flwr.app import Message, MessageType
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp import ClientApp
+from flwr.common.constant import PARTITION_ID_KEY
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 from torch.func import functional_call, vmap
@@ -70,8 +73,8 @@ from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
-from fedlt.federation.apps import _reply, make_client_app, message_config
-from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, run_on_grid
+from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
+from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, call_client_app, run_on_grid
 from fedlt.federation.records import load_into
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
@@ -144,12 +147,14 @@ class _ClientView:
 
 @dataclass
 class FusedResult:
-    """Per client: its final state dict (parameters and buffers), momentum buffers, mean loss and steps."""
+    """Per client: its final state dict (parameters and buffers), momentum buffers, mean loss, steps and images
+    trained on."""
 
     states: list[dict[str, torch.Tensor]]
     momentum: list[dict[str, torch.Tensor]]
     losses: list[float]
     steps: list[int]
+    images: list[int]
     seconds: float = 0.0
 
 
@@ -252,7 +257,77 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
     out_states = [{n: (P[n][j] if n in P else B[n][j]).detach() for n in order} for j in range(k)]
     momentum = [{n: M[n][j] for n in trainable if has_momentum[n][j]} for j in range(k)]
     losses = [(loss_sum[j] / max(seen[j], 1)).item() for j in range(k)]
-    return FusedResult(out_states, momentum, losses, done_steps, time.perf_counter() - t0)
+    return FusedResult(out_states, momentum, losses, done_steps, seen, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ a node's cohort
+
+def answer_cohort(cfg: Config, app: ClientApp, device: torch.device,
+                  items: list[tuple[Message, Context]]) -> list[Message]:
+    """The replies to ``items`` (messages, each with the ``Context`` of the partition it is for), in order: the
+    train messages that fuse (:func:`fuses`) trained together by :func:`fused_train` where there are two or
+    more, every other message answered by ``app`` one at a time (:func:`~fedlt.federation.inprocess.call_client_app`).
+    Used by :class:`FusedGrid` (every partition in this process) and by a host node
+    (:mod:`fedlt.federation.hosts`: its share of the partitions)."""
+    method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
+    group = [(m, c) for m, c in items if type(method).fit is ClientMethod.fit and fuses(cfg, m, c)]
+    replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
+    return [replies.get(m.metadata.message_id) or call_client_app(app, m, c) for m, c in items]
+
+
+def fuses(cfg: Config, msg: Message, context: Context) -> bool:
+    """Whether ``msg`` can join a fused group: a train message without a DP clipping norm (the ClientApp's
+    clipping mod acts on it) whose client does not draw an injected failure this round (the ClientApp raises
+    it)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return False
+    config = msg.content["config"]
+    pid = int(context.node_config[PARTITION_ID_KEY])
+    return KEY_CLIPPING_NORM not in config and not injected_failure(cfg, int(config.get("server-round", 0)), pid)
+
+
+def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
+                  items: list[tuple[Message, Context]]) -> dict[str, Message]:
+    """Replies (by message id) to the train messages ``items`` from one fused training, or {} (the ClientApp
+    answers them) when they do not fuse."""
+    try:
+        with _ServerProcessState():
+            model = model_for(cfg, experiment_for(cfg)).to(device)
+            pids, states, datas, objectives, opts, gens = [], [], [], [], [], []
+            trainable = None
+            for msg, context in items:
+                pid = int(context.node_config[PARTITION_ID_KEY])
+                config = message_config(msg)
+                if "arrays" in msg.content:
+                    load_into(model, msg.content["arrays"])
+                data = experiment_for(cfg).client_data(pid, device)  # resident on the device where it fits
+                objectives.append(method.objective(model, data, config))
+                now = {n for n, p in model.named_parameters() if p.requires_grad}
+                if trainable is not None and now != trainable:
+                    raise NotFusable("clients of one round train different parameters")
+                trainable = now
+                states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+                pids.append(pid)
+                datas.append(data)
+                opts.append(method.optim(config))
+                gens.append(torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid))
+            t = cfg.train
+            result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg),
+                                 epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
+    except NotFusable:
+        return {}
+    except Exception as exc:  # the ClientApp, one client at a time, answers (a client's own error included)
+        print(f"warning: fused training failed ({type(exc).__name__}: {exc}); the round's clients train one "
+              f"by one\n{traceback.format_exc()}", flush=True)
+        return {}
+    replies = {}
+    for j, (msg, _) in enumerate(items):
+        fit = FitResult(state=result.states[j],
+                        metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
+                                 "steps": result.steps[j], "train-images": result.images[j],
+                                 "fit_seconds": result.seconds / len(items)})
+        replies[msg.metadata.message_id] = _reply(msg, fit, pids[j])
+    return replies
 
 
 # ------------------------------------------------------------------------------------------ the grid
@@ -264,68 +339,14 @@ class FusedGrid(InProcessGrid):
         super().__init__(make_client_app(cfg), num_nodes)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.fused_messages = 0  # how many train messages were answered by the fused trainer (tests read it)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs, ids = [], []
-        for msg in messages:
-            msgs.append(self.accept(msg))
-            ids.append(msg.metadata.message_id)
-        method: ClientMethod = CLIENTS.get(self.cfg.client.name)(self.cfg)
-        fusable = type(method).fit is ClientMethod.fit
-        group = [msg for msg in msgs if fusable and msg.metadata.message_type == MessageType.TRAIN
-                 and KEY_CLIPPING_NORM not in msg.content["config"]]
-        replies = self._fused(method, group) if len(group) > 1 else {}
-        for msg in msgs:
-            reply = replies.get(msg.metadata.message_id) or self._call_client(msg)
+        msgs = [self.accept(msg) for msg in messages]
+        items = [(msg, self.contexts[msg.metadata.dst_node_id]) for msg in msgs]
+        for msg, reply in zip(msgs, answer_cohort(self.cfg, self.client_app, self.device, items)):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
-        return ids
-
-    def _client_data(self, pid: int) -> TensorData:
-        return experiment_for(self.cfg).client_data(pid, self.device)  # resident on the device where it fits
-
-    def _fused(self, method: ClientMethod, msgs: list[Message]) -> dict[str, Message]:
-        """Replies to ``msgs`` from one fused training, or {} (the ClientApp answers them) when they do not fuse."""
-        cfg = self.cfg
-        try:
-            with _ServerProcessState():
-                model = model_for(cfg, experiment_for(cfg)).to(self.device)
-                pids, states, datas, objectives, opts, gens = [], [], [], [], [], []
-                trainable = None
-                for msg in msgs:
-                    pid = int(self.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
-                    config = message_config(msg)
-                    if "arrays" in msg.content:
-                        load_into(model, msg.content["arrays"])
-                    data = self._client_data(pid)
-                    objectives.append(method.objective(model, data, config))
-                    now = {n for n, p in model.named_parameters() if p.requires_grad}
-                    if trainable is not None and now != trainable:
-                        raise NotFusable("clients of one round train different parameters")
-                    trainable = now
-                    states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-                    pids.append(pid)
-                    datas.append(data)
-                    opts.append(method.optim(config))
-                    gens.append(torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid))
-                t = cfg.train
-                result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg),
-                                     epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
-        except NotFusable:
-            return {}
-        except Exception as exc:  # the ClientApp, one client at a time, answers (a client's own error included)
-            print(f"warning: fused training failed ({type(exc).__name__}: {exc}); the round's clients train one "
-                  f"by one\n{traceback.format_exc()}", flush=True)
-            return {}
-        self.fused_messages += len(msgs)
-        replies = {}
-        for j, msg in enumerate(msgs):
-            fit = FitResult(state=result.states[j],
-                            metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
-                                     "steps": result.steps[j], "fit_seconds": result.seconds / len(msgs)})
-            replies[msg.metadata.message_id] = _reply(msg, fit, pids[j])
-        return replies
+        return [msg.metadata.message_id for msg in msgs]
 
 
 def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:
@@ -333,4 +354,3 @@ def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     fused (:class:`FusedGrid`); return the summary."""
     return run_on_grid(cfg, run_path, FusedGrid(cfg, cfg.partition.num_clients), verbose,
                        "the fused run ended without a result")
-

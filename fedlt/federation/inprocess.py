@@ -41,7 +41,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlt.config import Config
 from fedlt.federation.apps import make_client_app, make_server_app
-from fedlt.federation.runner import quiet_output, summary_of
+from fedlt.federation.runner import num_nodes, quiet_output, summary_of
 
 RUN_ID = 1
 TASK_ID = 1
@@ -61,6 +61,19 @@ class _ServerProcessState:
         torch.set_rng_state(self.torch_rng)
         np.random.set_state(self.numpy_rng)
         random.setstate(self.python_rng)
+
+
+def call_client_app(app: ClientApp, msg: Message, context: Context) -> Message:
+    """``app``'s reply to ``msg`` as a separate worker would give it: an exception becomes an error reply
+    (``CLIENT_APP_RAISED_EXCEPTION``, Flower's simulation worker's form) and the caller's process state
+    (torch threads, global random generators) is left as it was."""
+    with _ServerProcessState():
+        try:
+            return app(msg, context)
+        except Exception as ex:  # as Flower's simulation worker: the exception becomes an error reply
+            exc = ClientAppException(f"{ex}\n{traceback.format_exc()}")
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 class InProcessGrid(Grid):
@@ -113,13 +126,7 @@ class InProcessGrid(Grid):
         return copy.deepcopy(msg)
 
     def _call_client(self, msg: Message) -> Message:
-        with _ServerProcessState():
-            try:
-                return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as ex:  # as Flower's simulation worker: the exception becomes an error reply
-                exc = ClientAppException(f"{ex}\n{traceback.format_exc()}")
-                reason = str(type(exc)) + ":<'" + str(exc) + "'>"
-                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+        return call_client_app(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
@@ -131,7 +138,7 @@ class InProcessGrid(Grid):
 def run_inprocess(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     """Run ``cfg`` as :func:`fedlt.federation.runner.run_federated` does, in this process; return the summary.
     A failing client or server re-raises here; Flower's log shows below WARNING only when ``verbose``."""
-    grid = InProcessGrid(make_client_app(cfg), cfg.partition.num_clients)
+    grid = InProcessGrid(make_client_app(cfg), num_nodes(cfg))
     return run_on_grid(cfg, run_path, grid, verbose, "the in-process run ended without a result")
 
 

@@ -49,12 +49,14 @@ def check_resources(cfg: Config) -> None:
 
 
 def backend_config(cfg: Config, verbose: bool = False) -> dict:
-    """Ray's resources per client; Ray logs errors only, and its actors' output reaches this process only when
+    """Ray's resources per client (per host node with ``federation.hosts``); Ray logs errors only, and its actors' output reaches this process only when
     ``verbose``."""
     fed = cfg.federation
     gpus = fed.client_gpus
     if gpus is None:
-        gpus = 0.25 if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else 0.0
+        gpus = 0.0
+        if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):  # a host: its share of the GPUs, ≤ 1
+            gpus = min(1.0, torch.cuda.device_count() / fed.hosts) if fed.hosts else 0.25
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
             "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose}}
 
@@ -118,11 +120,16 @@ def run_federated(cfg: Config, run_path: str, verbose: bool = False) -> dict:
     try:
         with quiet_output(verbose):
             run_simulation(server_app=make_server_app(cfg, run_path, outcome), client_app=make_client_app(cfg),
-                           num_supernodes=cfg.partition.num_clients, backend_config=backend_config(cfg, verbose),
+                           num_supernodes=num_nodes(cfg), backend_config=backend_config(cfg, verbose),
                            verbose_logging=verbose)
     finally:
         shutdown_ray()
     return summary_of(outcome, "the Flower simulation ended without a result (see the log above)")
+
+
+def num_nodes(cfg: Config) -> int:
+    """The federation's Flower nodes: one per client, or ``federation.hosts`` host nodes."""
+    return cfg.federation.hosts or cfg.partition.num_clients
 
 
 def shutdown_ray() -> None:

@@ -36,6 +36,11 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict
     raise_it = f"federation.discovery_timeout={timeout:g}; raise it on a busy machine"
     while len(list(grid.get_node_ids())) < num_clients:
         if time.time() - t0 > timeout:
+            hosts = getattr(grid, "hosts", 0)  # a HostedGrid: its nodes appear once every host has connected
+            if hosts:
+                raise FedLTError(f"only {len(list(grid.grid.get_node_ids()))} of {hosts} host nodes connected "
+                                 f"within {time.time() - t0:.0f} s ({raise_it}; a deployment starts one node per "
+                                 f"host, federation.hosts)")
             raise FedLTError(f"only {len(list(grid.get_node_ids()))} of {num_clients} client nodes connected within "
                              f"{time.time() - t0:.0f} s ({raise_it}; a deployment starts one node per partition)")
         time.sleep(0.2)
