@@ -77,9 +77,13 @@ def check_data(cfgs: list[Config]) -> None:
         if cfg.mode != "centralized":
             check_resources(cfg)
         exp = experiment_for(cfg)
-        line = (f"data: {cfg.data.name} long-tailed (IF={cfg.data.imbalance_factor:g}): {len(exp.train)} "
-                f"train / {len(exp.test)} test, {exp.num_classes} classes; {cfg.partition.num_clients} clients "
-                f"({cfg.partition.method}, alpha={cfg.partition.alpha:g})")
+        counts = exp.train_counts
+        ratio = f"N_max/N_min = {counts.max() / max(counts.min(), 1):.4g}"
+        shape = (f"{cfg.data.profile} profile, IF={cfg.data.imbalance_factor:g}" if cfg.data.profile != "none"
+                 else "profile none: the training set as given")
+        line = (f"data: {cfg.data.name} ({shape}; {ratio}): {len(exp.train)} train / {len(exp.test)} test, "
+                f"{exp.num_classes} classes; {cfg.partition.num_clients} clients ({cfg.partition.method}, "
+                f"alpha={cfg.partition.alpha:g})")
         if line not in seen:
             seen.add(line)
             print(line, flush=True)
