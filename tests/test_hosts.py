@@ -153,3 +153,39 @@ def test_two_hosts_under_flowers_simulation_engine_match_the_in_process_hosts(tm
     sa, sb = checkpoint_model(tmp_path / "inprocess"), checkpoint_model(tmp_path / "flower")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [r["clients"] for r in rows_of(tmp_path / "inprocess")] == [r["clients"] for r in rows_of(tmp_path / "flower")]
+
+
+@pytest.fixture
+def server_identity():
+    """The ServerApp's task identity, which Flower's Message() reads (run_on_grid sets it around a run)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_push_and_pull_answer_each_virtual_node_from_its_host(server_identity):
+    """Flower's push/pull form of the HostedGrid (strategies use send_and_receive): 5 partitions on 2 hosts; each
+    virtual node's query comes back from that virtual node with its own partition id, and a reply is pulled
+    once."""
+    from flwr.app import Message, MessageType
+
+    from fedlt.federation.hosts import HostedGrid
+
+    cfg = load_config(None, ["mode=federated", "partition.num_clients=5", "federation.hosts=2"])
+    grid = HostedGrid(InProcessGrid(make_client_app(cfg), 2), 2, 5)
+    nodes = list(grid.get_node_ids())
+    assert len(nodes) == 5 and not set(nodes) & set(grid.grid.get_node_ids())
+    pid_of = {node: pid for node, (_, pid) in grid.host_of.items()}
+    assert sorted({host for host, _ in grid.host_of.values()}) == sorted(grid.grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": ConfigRecord({"action": "partition-id"})}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in nodes]
+    ids = list(grid.push_messages(msgs))
+    assert len(ids) == 5 and len(grid.pending) == 2  # one packed message per host
+    replies = list(grid.pull_messages(ids))
+    assert {r.metadata.reply_to_message_id for r in replies} == set(ids)
+    assert all(int(r.content["metrics"]["partition-id"]) == pid_of[r.metadata.src_node_id] for r in replies)
+    assert list(grid.pull_messages(ids)) == []
