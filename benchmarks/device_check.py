@@ -112,8 +112,9 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                 ("gbme_protocol", sim + gbme + ["federation.rounds=2", "partition.num_clients=10",
                                                 "train.local_epochs=null", "train.local_steps=1", "eval.every=2",
                                                 "strategy.prior=oracle"], 600),
-                ("fedloge_protocol", sim + fedloge + ["federation.rounds=1", "train.local_epochs=null", "train.local_steps=1",
-                                                      "client.sse_steps=10", "model.name=resnet8"], 300)]
+                ("fedloge_protocol", sim + fedloge + ["federation.rounds=1", "train.local_epochs=null",
+                                                      "train.local_steps=1", "client.sse_steps=10",
+                                                      "model.name=resnet8"], 300)]
     return [("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
             ("engine_50", engine + ["--clients-per-round", "50", "--rounds", "3", *data], 150),
             ("gbme_protocol", sim + gbme + ["federation.rounds=20", "eval.every=10"], 150),

@@ -10,8 +10,9 @@
    --enable-supernode-auth --database WORK/state.db --host 127.0.0.1 --port P`` (one HTTPS port serves the
    Fleet, Control and Runtime APIs in 1.42), with ``FEDLT_RUN_ROOT=ROOT`` for the ServerApp (see "Trust" in
    README);
-2. ``flwr supernode register node-K.pub`` for K = 0..N-1 (N = ``partition.num_clients``, or ``federation.hosts`` where set), through a
-   connection ``fedlt`` written to ``WORK/flwr/config.toml`` (``FLWR_HOME=WORK/flwr``) that trusts ``ca.crt``;
+2. ``flwr supernode register node-K.pub`` for K = 0..N-1 (N = ``partition.num_clients``, or
+   ``federation.hosts`` where set), through a connection ``fedlt`` written to ``WORK/flwr/config.toml``
+   (``FLWR_HOME=WORK/flwr``) that trusts ``ca.crt``;
 3. N × ``flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
    node-K --node-config "partition-id=K num-partitions=N"``;
 4. ``flwr run APP fedlt --run-config 'config=… overrides=… out=NAME'``, then follows the run with

@@ -49,8 +49,8 @@ def check_resources(cfg: Config) -> None:
 
 
 def backend_config(cfg: Config, verbose: bool = False) -> dict:
-    """Ray's resources per client (per host node with ``federation.hosts``); Ray logs errors only, and its actors' output reaches this process only when
-    ``verbose``."""
+    """Ray's resources per client (per host node with ``federation.hosts``); Ray logs errors only, and its
+    actors' output reaches this process only when ``verbose``."""
     fed = cfg.federation
     gpus = fed.client_gpus
     if gpus is None:
