@@ -190,3 +190,26 @@ def test_push_and_pull_answer_each_virtual_node_from_its_host(server_identity):
     assert {r.metadata.reply_to_message_id for r in replies} == set(ids)
     assert all(int(r.content["metrics"]["partition-id"]) == pid_of[r.metadata.src_node_id] for r in replies)
     assert list(grid.pull_messages(ids)) == []
+
+
+@needs_fashion
+def test_a_failing_host_fails_each_of_its_clients_within_the_failure_budget(tmp_path, monkeypatch, small_test_set):
+    """Host 1 (partitions 2, 3) raises while training: each of its two clients gets that error reply, counted
+    against federation.max_failures, and the round aggregates host 0's clients."""
+    original = fused.answer_cohort
+
+    def host_1_breaks(cfg, app, device, items):
+        train = items[0][0].metadata.message_type == "train"
+        if train and any(int(c.node_config["partition-id"]) >= 2 for _, c in items):
+            raise RuntimeError("GPU fell off the bus")
+        return original(cfg, app, device, items)
+
+    monkeypatch.setattr(fused, "answer_cohort", host_1_breaks)
+    cfg = load_config(None, SMALL + ["federation.rounds=1", "train.local_steps=2", "federation.hosts=2",
+                                     "federation.max_failures=2"])
+    summary = run_inprocess(cfg, str(tmp_path / "run"))
+    (row,) = rows_of(tmp_path / "run")
+    assert row["clients"] == [0, 1]
+    assert [f["partition"] for f in row["failed"]] == [2, 3]
+    assert all("GPU fell off the bus" in f["error"] for f in row["failed"])
+    assert summary["failures"]["total"] == 2
