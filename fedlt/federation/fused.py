@@ -54,12 +54,10 @@ and momentum after one round in float64 to 1e-9, in float32 within float toleran
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from uuid import uuid4
 
 import torch
 from flwr.app import Context, Message, MessageType
@@ -340,13 +338,9 @@ class FusedGrid(InProcessGrid):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = [self.accept(msg) for msg in messages]
+    def answer(self, msgs: list[Message]) -> list[Message]:
         items = [(msg, self.contexts[msg.metadata.dst_node_id]) for msg in msgs]
-        for msg, reply in zip(msgs, answer_cohort(self.cfg, self.client_app, self.device, items)):
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
-        return [msg.metadata.message_id for msg in msgs]
+        return answer_cohort(self.cfg, self.client_app, self.device, items)
 
 
 def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:

@@ -105,14 +105,16 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Run the ClientApp on each message now; keep its reply for :meth:`pull_messages`."""
-        ids = []
-        for msg in messages:
-            reply = self._call_client(self.accept(msg))
+        """Answer the messages now (:meth:`answer`); keep each reply for :meth:`pull_messages`."""
+        msgs = [self.accept(msg) for msg in messages]
+        for msg, reply in zip(msgs, self.answer(msgs)):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
-            ids.append(msg.metadata.message_id)
-        return ids
+        return [msg.metadata.message_id for msg in msgs]
+
+    def answer(self, msgs: list[Message]) -> list[Message]:
+        """The replies to one push's (accepted) messages, in order: the ClientApp on each, one at a time."""
+        return [self._call_client(msg) for msg in msgs]
 
     def accept(self, msg: Message) -> Message:
         """Give ``msg`` its id, check it as a SuperLink would (not a reply, alive, to a known node) and return the
