@@ -222,15 +222,17 @@ class Deployment:
                 raise FedLTError(f"could not register {key}.pub with the SuperLink: {_last_line(out)}")
 
     # ------------------------------------------------------------------ SuperNodes
-    def start_node(self, k: int, num_partitions: int, key: Path | None = None) -> subprocess.Popen:
+    def start_node(self, k: int, num_partitions: int, key: Path | None = None,
+                   gpu: int | None = None) -> subprocess.Popen:
         """SuperNode ``node-K`` holding partition K (or, with ``federation.hosts``, host K of ``num_partitions``
-    hosts: :func:`fedlt.federation.hosts.hosted_partitions`), authenticated by ``key`` (default: the certs'
-    node-K)."""
+        hosts: :func:`fedlt.federation.hosts.hosted_partitions`), authenticated by ``key`` (default: the certs'
+        node-K), seeing only GPU ``gpu`` (``CUDA_VISIBLE_DEVICES``) where given, else every GPU."""
         key = key or self.certs.node_key(k)
+        env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
         return self.start(f"node-{k}", [
             _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs.ca),
             "--auth-supernode-private-key", str(key), "--node-config", f"partition-id={k} num-partitions={num_partitions}",
-            "--host", "127.0.0.1", "--port", str(free_port())])
+            "--host", "127.0.0.1", "--port", str(free_port())], **env)
 
     # ------------------------------------------------------------------ runs
     def submit(self, app: Path, run_config: dict[str, str]) -> int:
@@ -277,6 +279,15 @@ class Deployment:
                 self.kill("log", wait=2)
 
 
+def host_gpus(hosts: int) -> list[int | None]:
+    """The GPU each of ``hosts`` host nodes on this machine sees: host k GPU k mod G with G > 1 GPUs (so that
+    hosts spread over the cards instead of all training on the first), else None (no restriction)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return [k % count if count > 1 else None for k in range(hosts)]
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "(no output)"
@@ -321,8 +332,11 @@ def deploy(args: argparse.Namespace) -> int:
               flush=True)
         d.start_superlink()
         d.register([certs.node_key(k) for k in range(n)])
+        gpus = host_gpus(n) if cfg.federation.hosts else [None] * n
         for k in range(n):
-            d.start_node(k, n)
+            d.start_node(k, n, gpu=gpus[k])
+        if any(g is not None for g in gpus):
+            print(f"deploy: host k sees GPU k mod {max(gpus) + 1} (CUDA_VISIBLE_DEVICES)", flush=True)
         hosting = f" (hosts, {cfg.partition.num_clients} partitions among them)" if cfg.federation.hosts else ""
         print(f"deploy: {n} SuperNodes{hosting} registered and started; submitting the run", flush=True)
         run_id = d.submit(app, {"config": config, "overrides": shlex.join(args.overrides), "out": cfg.name})

@@ -164,6 +164,31 @@ def test_nodes_must_equal_num_clients(run_deploy, certs, tmp_path):
                               "partition.num_clients=2"), r"--nodes 3 differs from partition.num_clients=2")
 
 
+def test_nodes_must_equal_hosts_where_set(run_deploy, certs, tmp_path):
+    one_line_error(run_deploy("run", "--certs", str(certs), "--out", str(tmp_path), "--nodes", "4",
+                              "partition.num_clients=4", "federation.hosts=2"),
+                   r"--nodes 4 differs from federation.hosts=2: one SuperNode per host")
+
+
+def test_host_nodes_spread_over_the_gpus(certs, tmp_path, monkeypatch):
+    """Host k of a deployment on a machine with G > 1 GPUs sees GPU k mod G only; with one GPU or none, every
+    node sees what the machine has."""
+    import torch
+
+    from fedlt.deploy import host_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert host_gpus(5) == [0, 1, 2, 0, 1]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert host_gpus(2) == [None, None]
+    started = {}
+    monkeypatch.setattr(Deployment, "start", lambda self, name, cmd, **env: started.setdefault(name, env))
+    d = Deployment(Certs(certs), tmp_path / "work", tmp_path / "runs")
+    d.start_node(0, 2, gpu=1)
+    d.start_node(1, 2)
+    assert started == {"node-0": {"CUDA_VISIBLE_DEVICES": "1"}, "node-1": {}}
+
+
 def test_a_port_in_use_is_refused(run_deploy, certs, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]

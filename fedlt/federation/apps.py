@@ -267,7 +267,7 @@ def make_server_app(cfg: Config | None = None, out: str | None = None, outcome: 
         if c.federation.hosts:  # the strategies address one (virtual) node per partition
             from fedlt.federation.hosts import HostedGrid
 
-            grid = HostedGrid(grid, c.federation.hosts, c.partition.num_clients)
+            grid = HostedGrid(grid, c.federation.hosts, c.partition.num_clients, c.federation.discovery_timeout)
         try:
             summary = run_rounds(grid, c, RunDir(path))
             if outcome is not None:

@@ -128,8 +128,8 @@ class HostedGrid(Grid):
     """The Grid the strategies see with host nodes: one virtual node per partition over the host nodes of
     ``grid`` (module docstring). Node ids are drawn like Flower's (random, not in partition order)."""
 
-    def __init__(self, grid: Grid, hosts: int, num_partitions: int) -> None:
-        self.grid, self.hosts, self.num_partitions = grid, hosts, num_partitions
+    def __init__(self, grid: Grid, hosts: int, num_partitions: int, timeout: float = 600.0) -> None:
+        self.grid, self.hosts, self.num_partitions, self.timeout = grid, hosts, num_partitions, timeout
         self.host_of: dict[int, tuple[int, int]] | None = None  # virtual node -> (host node, partition id)
         self.pending: dict[str, list[Message]] = {}  # packed message id -> the virtual messages in it
         self.replies: dict[str, Message] = {}  # virtual message id -> its reply, until pulled
@@ -160,7 +160,7 @@ class HostedGrid(Grid):
         msgs = [Message(RecordDict({"config": ConfigRecord({"action": HOSTED_PARTITIONS})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
         held: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=600):
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 raise client_error(reply) or RuntimeError(f"host node {node} failed to report its partitions:\n"
