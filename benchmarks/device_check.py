@@ -19,7 +19,9 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
    rounds) for 20 rounds on the fused engine, projected to its 2,000 rounds — on CIFAR-10-LT images, as no
    CIFAR-100 copy is available offline (the same 32 × 32 compute; 10 classes instead of 100);
 3. FedLoGe's protocol (40 clients, 30 % per round, 5 local epochs, batch 8, ResNet-18) for 3 rounds on the
-   fused engine, projected to its 500 rounds.
+   fused engine, projected to its 500 rounds;
+4. JPEG decoding into the image cache on the CPU and on the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317
+   generated 224 px JPEGs (``benchmarks/imagenet_lt_scale.py --scale 0.02``, written under /tmp, not $OUT).
 
 Measured and projected figures are written apart (``projected_*`` keys). ``--device cpu --smoke`` runs every
 step at toy sizes on this machine (the check of the script itself).
@@ -107,6 +109,8 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                       "mode=federated", "federation.engine=fused", f"device={device}", "data.name=cifar10_files", *data]
                      for c in ("gbme_cifar100_lt", "fedloge_cifar10_lt"))
     sim = [py, "-m", "fedlt.simulate"]
+    decode = [py, str(ROOT / "benchmarks" / "imagenet_lt_scale.py"), "--work", "/tmp/fedlt-decode", "--decode-only",
+              "--rounds", "0"]
     if smoke:  # toy sizes: the script itself, on a CPU
         return [("engine_10", engine + ["--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", *data], 300),
                 ("gbme_protocol", sim + gbme + ["federation.rounds=2", "partition.num_clients=10",
@@ -114,11 +118,13 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                                                 "strategy.prior=oracle"], 600),
                 ("fedloge_protocol", sim + fedloge + ["federation.rounds=1", "train.local_epochs=null",
                                                       "train.local_steps=1", "client.sse_steps=10",
-                                                      "model.name=resnet8"], 300)]
+                                                      "model.name=resnet8"], 300),
+                ("jpeg_decode", decode + ["--scale", "0.001", "--decode-devices", "cpu"], 300)]
     return [("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
             ("engine_50", engine + ["--clients-per-round", "50", "--rounds", "3", *data], 150),
             ("gbme_protocol", sim + gbme + ["federation.rounds=20", "eval.every=10"], 150),
-            ("fedloge_protocol", sim + fedloge + ["federation.rounds=3", "eval.every=3"], 150)]
+            ("fedloge_protocol", sim + fedloge + ["federation.rounds=3", "eval.every=3"], 150),
+            ("jpeg_decode", decode + ["--scale", "0.02", "--workers", "16", "--decode-devices", "cpu,cuda"], 90)]
 
 
 def round_seconds(out: Path) -> list[dict]:
@@ -194,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         log.flush()
         result: dict = {"rc": rc, "wall_seconds": round(time.time() - t0, 1)}
         result["lines"] = [ln for ln in text.splitlines() if not ln.startswith("image cache:") and
-                           ("img/s" in ln or "ratio" in ln or "fused /" in ln or "error" in ln.lower())]
+                           ("img/s" in ln or "ratio" in ln or ln.startswith("decode on") or "fused /" in ln or "error" in ln.lower())]
         if name.endswith("_protocol"):
             project(name, round_seconds(out / name / "runs"), result)
         results["steps"][name] = result

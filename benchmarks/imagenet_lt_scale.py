@@ -9,7 +9,9 @@ The images are generated JPEGs at 224 px (smooth random colour fields with noise
 It reports: the image cache's build time and size (fedlt.data.image_cache), the resident memory (RSS and PSS)
 of 10 processes that each build the experiment and take one client's shard (a Flower actor does this), against
 decoding in each process (data.cache=false: measured with 2 processes at this scale), and the wall time of the
-first and of a later round of ResNet-50 on a small cohort (in-process engine).
+first and of a later round of ResNet-50 on a small cohort (in-process engine). ``--decode-devices cpu,cuda``
+first builds the cache once per listed decoding device (``data.decode_device``: the CPU, or nvJPEG on the GPU),
+each into its own folder from nothing, and reports each one's rate (``--decode-only``: only that).
 
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /tmp/inlt --scale 0.05    # 5,792 images
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /data/inlt                 # the full 115,846
@@ -140,6 +142,29 @@ def said(s: dict) -> str:
     return ", ".join(f"{k.split('_')[0]} {np.mean(v):.0f} MiB" for k, v in s.items() if k != "n") + " each (mean)"
 
 
+def decode_rate(root: Path, size: int, device: str, cache_dir: Path) -> dict:
+    """Build the train list's cache from nothing with JPEGs decoded on ``device``: seconds and images/s."""
+    import shutil
+
+    from fedlt.data.sources import load_file_list
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    split = load_file_list(str(root), "train.txt", "test.txt", size, CLASSES, cache=True, cache_dir=str(cache_dir),
+                           decode_device=device)["train"]
+    if device == "cuda":  # nvJPEG's start-up (CUDA context, decoder handles) is paid once per process, not per image
+        from fedlt.data.sources import decode_images
+
+        decode_images(split.paths[:8], size, device)
+    t0 = time.time()
+    images = split.materialize().images
+    seconds = time.time() - t0
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    out = {"seconds": round(seconds, 2), "images_per_second": round(len(images) / seconds, 1)}
+    print(f"decode on {device}: {len(images):,} images in {seconds:.1f}s ({out['images_per_second']:,.0f} img/s)",
+          flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the generated images and the cache")
@@ -153,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="processes generating images")
     p.add_argument("--rounds", type=int, default=3, help="ResNet-50 rounds to time (0: skip them)")
+    p.add_argument("--decode-devices", default="", help="comma-separated decoding devices to time (cpu,cuda)")
+    p.add_argument("--decode-only", action="store_true", help="time the decoding devices, then stop")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -165,14 +192,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedlt.data.sources import load_file_list
 
+    result: dict = {"images": int(counts.sum()), "size": args.size}
+    for device in filter(None, args.decode_devices.split(",")):
+        result[f"decode_{device}"] = decode_rate(root, args.size, device, work / f"cache-{device}")
+    if args.decode_only:
+        print(json.dumps(result))
+        return 0
     t0 = time.time()
     splits = load_file_list(str(root), "train.txt", "test.txt", args.size, CLASSES, cache=True, cache_dir=str(cache_dir))
     train = splits["train"].materialize()
     splits["test"].materialize()
     built = time.time() - t0
     size_gib = sum(f.stat().st_size for f in cache_dir.glob("*.u8")) / 2**30
-    result: dict = {"images": int(counts.sum()), "size": args.size, "cache_build_seconds": round(built, 1),
-                    "cache_gib": round(size_gib, 3), "train_tensor_gib": round(train.images.numel() / 2**30, 3)}
+    result.update(cache_build_seconds=round(built, 1), cache_gib=round(size_gib, 3),
+                  train_tensor_gib=round(train.images.numel() / 2**30, 3))
     print(f"cache: built (or found) in {built:.1f}s, {size_gib:.2f} GiB on disk", flush=True)
 
     mem = actors_memory(root, True, cache_dir, args.clients, args.size, args.actors)
