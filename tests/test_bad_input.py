@@ -256,16 +256,21 @@ def test_centralized_nan_loss_stops_at_its_epoch_keeping_the_last_checkpoint(cap
     assert [r["epoch"] for r in rows] == [0, 1]  # the initial model, then the last good epoch
 
 
-def test_federated_nan_loss_names_partition_and_round_keeping_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("engine", ["inprocess", "fused", "hosts"])
+def test_federated_nan_loss_names_partition_and_round_keeping_the_last_checkpoint(engine, tmp_path):
+    """The same stop on every engine: the fused trainer (engine fused, and one host fusing both clients) must not
+    aggregate the diverged client's NaN weights."""
+    from fedlt.federation.fused import run_fused
     from fedlt.federation.inprocess import run_inprocess
 
     torch.set_num_threads(1)
     write_fashion(tmp_path)
     cfg = load_config(None, ["plugins=[plugins_for_tests.nonfinite]", "client.name=nan_client", "mode=federated",
                              f"data.root={tmp_path}", *TINY, "federation.rounds=3", "federation.fraction=1",
-                             "train.local_steps=2"])
+                             "train.local_steps=2", *{"inprocess": [], "fused": ["federation.engine=fused"],
+                                                      "hosts": ["federation.hosts=1"]}[engine]])
     with pytest.raises(FedLTError) as e:
-        run_inprocess(cfg, str(tmp_path / "run"))
+        (run_fused if engine == "fused" else run_inprocess)(cfg, str(tmp_path / "run"))
     assert str(e.value) == ("partition 1, round 2: the training loss became non-finite (nan) within 2 steps: lower "
                             "the learning rate or check the data and the loss")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1

@@ -50,6 +50,9 @@ is skipped as SGD skips it. On CUDA the forward runs under bf16 autocast, as :fu
 Equivalence with the per-client engines is tested (tests/test_fused.py): the same weights, BatchNorm buffers
 and momentum after one round in float64 to 1e-9, in float32 within float tolerance, and the same accuracy.
 ``fit_seconds`` of each reply is the fused group's wall time divided by its size (their sum is the time).
+A client whose loss or trained weights became NaN or infinite gets no fused reply: the ClientApp trains it
+again from the same message and stream, and its :class:`~fedlt.train.NonFiniteLoss` ("partition p, round t:
+the training loss became non-finite …") stops the run as on the other engines — never NaN weights aggregated.
 """
 
 from __future__ import annotations
@@ -146,13 +149,15 @@ class _ClientView:
 @dataclass
 class FusedResult:
     """Per client: its final state dict (parameters and buffers), momentum buffers, mean loss, steps and images
-    trained on."""
+    trained on, and whether its loss and trained weights stayed finite (:func:`fedlt.train.train` raises
+    :class:`~fedlt.train.NonFiniteLoss` where they did not)."""
 
     states: list[dict[str, torch.Tensor]]
     momentum: list[dict[str, torch.Tensor]]
     losses: list[float]
     steps: list[int]
     images: list[int]
+    finite: list[bool]
     seconds: float = 0.0
 
 
@@ -217,7 +222,7 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
             groups.setdefault(len(batches[j][1]), []).append(j)
         for size, members in groups.items():
             whole = members == list(range(k))
-            idx = torch.tensor(members, device=device)
+            idx = None if whole else torch.tensor(members, device=device)  # no copy to the device when whole
             params = {n: (P[n] if whole else P[n][idx]).detach().requires_grad_(n in trainable) for n in param_names}
             buffers = B if whole else {n: B[n][idx] for n in buffer_names}
             x = torch.stack([batches[j][0] for j in members]).to(dtype)
@@ -254,8 +259,13 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
     order = list(model.state_dict())
     out_states = [{n: (P[n][j] if n in P else B[n][j]).detach() for n in order} for j in range(k)]
     momentum = [{n: M[n][j] for n in trainable if has_momentum[n][j]} for j in range(k)]
-    losses = [(loss_sum[j] / max(seen[j], 1)).item() for j in range(k)]
-    return FusedResult(out_states, momentum, losses, done_steps, seen, time.perf_counter() - t0)
+    # one wait for the device: each client's mean loss, and whether its loss and trained weights stayed finite
+    finite = torch.stack(loss_sum).isfinite()
+    for n in trainable:
+        finite &= P[n].detach().isfinite().flatten(1).all(1)
+    means = torch.stack([loss_sum[j] / max(seen[j], 1) for j in range(k)])
+    losses, finite_list = means.tolist(), finite.tolist()
+    return FusedResult(out_states, momentum, losses, done_steps, seen, finite_list, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------ a node's cohort
@@ -320,6 +330,8 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
         return {}
     replies = {}
     for j, (msg, _) in enumerate(items):
+        if not result.finite[j]:  # diverged: the ClientApp trains it again and replies with its NonFiniteLoss
+            continue
         fit = FitResult(state=result.states[j],
                         metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
                                  "steps": result.steps[j], "train-images": result.images[j],
