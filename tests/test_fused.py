@@ -14,7 +14,7 @@ import torch
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.experiment import augment_for
-from fedlt.federation.fused import fused_train, run_fused
+from fedlt.federation.fused import NotFusable, fused_train, run_fused
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.models import build_model
 from fedlt.registry import CLIENTS
@@ -122,6 +122,21 @@ def test_fused_trainer_matches_per_client_sgd_in_float32():
             assert torch.allclose(fused.states[j][k].float(), v.float(), rtol=1e-3, atol=1e-4), (j, k)
         for k, v in momentum[j].items():
             assert torch.allclose(fused.momentum[j][k], v, rtol=1e-3, atol=1e-3), (j, k)
+
+
+def test_fused_trainer_flags_a_diverged_client_and_refuses_sharpness_aware_sgd():
+    datas = synthetic_clients()[:2]
+    model = build_model("small_cnn", 10, 1, norm="batch", width=4)
+    states = [{k: v.clone() for k, v in model.state_dict().items()} for _ in datas]
+    ce = torch.nn.functional.cross_entropy
+    objectives = [lambda m, x, y: ce(m(x), y), lambda m, x, y: ce(m(x), y) * float("inf")]  # client 1 diverges
+    opts = [OptimConfig(lr=0.05, batch_size=16)] * 2
+    gens = [torch_generator(0, Stream.CLIENT, 1, j) for j in range(2)]
+    result = fused_train(model, states, datas, objectives, opts, gens, None, epochs=None, steps=2)
+    assert result.finite == [True, False] and np.isfinite(result.losses[0]) and not np.isfinite(result.losses[1])
+    with pytest.raises(NotFusable, match="sharpness-aware"):
+        fused_train(model, states, datas, objectives, [OptimConfig(lr=0.05, batch_size=16, sam="cc_sam")] * 2,
+                    gens, None, epochs=None, steps=2)
 
 
 def test_batch_schedule_draws_what_train_draws():

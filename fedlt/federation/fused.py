@@ -191,6 +191,8 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
     if any((o.momentum, o.weight_decay, o.nesterov) != (opts[0].momentum, opts[0].weight_decay, opts[0].nesterov)
            for o in opts):
         raise NotFusable("clients with different SGD momentum / weight decay in one round")
+    if any(o.sam != "none" for o in opts):  # train() wraps the objective sharpness-aware; not written here
+        raise NotFusable("a sharpness-aware client optimizer")
     opt = OptimConfig(lr=opts[0].lr, momentum=opts[0].momentum, weight_decay=opts[0].weight_decay,
                       nesterov=opts[0].nesterov and opts[0].momentum > 0)
     param_names = [n for n, _ in model.named_parameters()]
