@@ -31,6 +31,7 @@ METHODS = {  # name -> (client method, model, the server's config for the round)
     "local_loss": ("local_loss", "small_cnn", {}),
     "gbme_joint": ("gbme", "small_cnn_experts", {"expert": -1}),
     "gbme_expert": ("gbme", "small_cnn_experts", {"expert": 1}),
+    "fedetf": ("fedetf", "small_cnn", {}),  # a 0-d parameter (the ETF head's temperature)
 }
 
 
@@ -52,7 +53,8 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
                              "train.batch_size=16", "train.weight_decay=0.01", f"train.nesterov={nesterov}"])
     method = CLIENTS.get(name)(cfg)
     torch.manual_seed(0)
-    template = build_model(model_name, 10, 1, norm="batch", width=4).to(dtype)  # small: fast on a CPU
+    template = build_model(model_name, 10, 1, norm="batch", width=4)  # small: fast on a CPU
+    template = type(method).adapt_model(template, cfg, 10).to(dtype)
     datas = synthetic_clients()
     starts = []
     for j in range(len(datas)):
@@ -137,6 +139,27 @@ def test_fused_trainer_flags_a_diverged_client_and_refuses_sharpness_aware_sgd()
     with pytest.raises(NotFusable, match="sharpness-aware"):
         fused_train(model, states, datas, objectives, [OptimConfig(lr=0.05, batch_size=16, sam="cc_sam")] * 2,
                     gens, None, epochs=None, steps=2)
+
+
+def objective_mixup(m, x, y):  # a forward of a changed batch
+    perm = torch.arange(len(y) - 1, -1, -1)
+    return torch.nn.functional.cross_entropy(m(0.5 * x + 0.5 * x[perm]), y)
+
+
+def objective_two_passes(m, x, y):  # two forwards in one step: BatchNorm's statistics move twice
+    return torch.nn.functional.cross_entropy(m(x), y) + torch.nn.functional.cross_entropy(m(x), y)
+
+
+@pytest.mark.parametrize("objective", [objective_mixup, objective_two_passes])
+def test_an_objective_the_group_forward_cannot_answer_is_not_fused(objective):
+    """The group's forward is of each client's own batch, once a step: anything else must not be answered from it
+    (it would train on the unchanged batch / update BatchNorm once) but go to the ClientApp."""
+    datas = synthetic_clients()[:2]
+    model = build_model("small_cnn", 10, 1, norm="batch", width=4)
+    states = [{k: v.clone() for k, v in model.state_dict().items()} for _ in datas]
+    with pytest.raises(NotFusable):
+        fused_train(model, states, datas, [objective] * 2, [OptimConfig(lr=0.05, batch_size=16)] * 2,
+                    [torch_generator(0, Stream.CLIENT, 1, j) for j in range(2)], None, epochs=None, steps=1)
 
 
 def test_batch_schedule_draws_what_train_draws():

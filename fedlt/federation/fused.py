@@ -25,9 +25,10 @@ Objectives unchanged: each client's objective is built by its method from the mo
 global weights (FedProx clones them, GBME freezes the other experts); it is then called with a
 :class:`_ClientView` of client j: ``view(x)``, ``view.expert_logits(x)`` and ``view.expert_forward(x, m)``
 return client j's slice of ONE vmapped forward pass of the whole group (computed on first use in the step,
-shared by every client), and ``view.parameters()`` yields client j's slices of the stacked parameters (the
+shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields client j's slices of the stacked parameters (the
 proximal term). The group's loss is Σ_j L_j, so the gradient reaching client j's slice is ∇L_j exactly. An
-objective that asks the view for anything else raises :class:`NotFusable` and the group falls back to the
+objective that asks the view for anything else (another attribute, a forward of a changed batch such as
+mixup's, a second forward in one step, which would update BatchNorm twice) raises :class:`NotFusable` and the group falls back to the
 ClientApp. fedavg, fedprox, fedlc, local_loss and gbme (joint and expert phases) all fuse.
 
 Same random streams: client j's batches come from :func:`fedlt.train.batch_schedule`, the loop of
@@ -123,19 +124,32 @@ class _GroupForward:
 
 
 class _ClientView:
-    """Client ``j`` of a fused group as the model its objective sees (see the module docstring)."""
+    """Client ``j`` of a fused group as the model its objective sees (see the module docstring). Each of the
+    model's methods may be called once per step and on the client's own batch only: the group's forward pass is
+    of that batch, once (a changed batch — mixup, a flip — or a second pass raises :class:`NotFusable`)."""
 
-    def __init__(self, group: _GroupForward, j: int, names: list[str]) -> None:
-        self._group, self._j, self._names = group, j, names
+    def __init__(self, group: _GroupForward, j: int, names: list[str], batch: torch.Tensor) -> None:
+        self._group, self._j, self._names, self._batch = group, j, names, batch
+        self._called: set[tuple] = set()
+
+    def _output(self, x: torch.Tensor, name: str, args: tuple = ()) -> torch.Tensor:
+        if x is not self._batch:  # a cast copy (x.to(dtype)) is the batch; anything else is not
+            own = self._group.x[self._j]
+            if x.shape != own.shape or not torch.equal(x.to(own.dtype), own):
+                raise NotFusable(f"a client objective calls model.{name} on another batch than its own")
+        if (name, args) in self._called:
+            raise NotFusable(f"a client objective calls model.{name} twice in one step")
+        self._called.add((name, args))
+        return self._group.output(name, args)[self._j]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output("forward")[self._j]
+        return self._output(x, "forward")
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output("expert_logits")[self._j]
+        return self._output(x, "expert_logits")
 
     def expert_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        return self._group.output("expert_forward", (int(m),))[self._j]
+        return self._output(x, "expert_forward", (int(m),))
 
     def parameters(self) -> Iterator[torch.Tensor]:
         return (self._group.params[n][self._j] for n in self._names)
@@ -232,7 +246,8 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
             total = 0
             for i, j in enumerate(members):
                 with autocast:
-                    loss = objectives[j](_ClientView(step, i, param_names), batches[j][0], batches[j][1])
+                    view = _ClientView(step, i, param_names, batches[j][0])
+                    loss = objectives[j](view, batches[j][0], batches[j][1])
                 total = total + loss
                 loss_sum[j] += loss.detach() * size
                 seen[j] += size
@@ -264,7 +279,7 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
     # one wait for the device: each client's mean loss, and whether its loss and trained weights stayed finite
     finite = torch.stack(loss_sum).isfinite()
     for n in trainable:
-        finite &= P[n].detach().isfinite().flatten(1).all(1)
+        finite &= P[n].detach().isfinite().reshape(k, -1).all(1)  # a 0-d parameter too
     means = torch.stack([loss_sum[j] / max(seen[j], 1) for j in range(k)])
     losses, finite_list = means.tolist(), finite.tolist()
     return FusedResult(out_states, momentum, losses, done_steps, seen, finite_list, time.perf_counter() - t0)
