@@ -17,18 +17,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedlt.report.document import write_report
+from fedlt.errors import FedLTError
+from fedlt.report.document import check_report_dir, write_report
 from fedlt.report.figures import FIGURES
 from fedlt.report.runs import Run, RunError, find_run_dirs, load_runs, read_run
 from fedlt.report.tables import Row, build_rows
 
-__all__ = ["FIGURES", "Row", "Run", "RunError", "build_rows", "find_run_dirs", "load_runs", "make_report",
-           "read_run", "write_report"]
+__all__ = ["FIGURES", "Row", "Run", "RunError", "build_rows", "check_report_dir", "find_run_dirs", "load_runs",
+           "make_report", "read_run", "write_report"]
 
 
 def make_report(paths: list[str | Path], out: str | Path, command: str | None = None) -> int:
     """Write the report of the runs under ``paths`` into ``out``; print unreadable runs to stderr and the
-    report's path to stdout. Returns the exit status: 1 when no run could be read."""
+    report's path to stdout. Returns the exit status: 1 when no run could be read, 2 when ``out`` cannot be
+    a report folder (:func:`check_report_dir`); then nothing is written."""
+    try:
+        check_report_dir(out)
+    except FedLTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     runs, errors = load_runs(paths)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)

@@ -3,9 +3,13 @@ directories; :func:`write_report` writes it with summary.csv, table.md and the f
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
+from fedlt.errors import FedLTError
 from fedlt.report.figures import (
     FIGURES,
     fig_accuracy_rounds,
@@ -28,15 +32,47 @@ def _data_title(row: Row) -> str:
     return f"{row.column('data')}" + ("" if beta == "–" else f", β={beta}")
 
 
+def check_report_dir(out: str | Path) -> Path:
+    """Raise :class:`FedLTError` (one line) unless a report can be written into the folder ``out``: it is a
+    writable folder, or it can be created (its nearest existing parent is a writable folder). Creates
+    nothing; returns ``out`` as a Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FedLTError(f"report folder {out} is an existing file, not a folder")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise FedLTError(f"report folder {out} cannot be created: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise FedLTError(f"report folder {out} cannot be written: {base} is not writable")
+    return out
+
+
 def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = None,
                  command: str | None = None) -> Path:
-    """Write summary.csv, table.md, the figures (PNG + PDF) and report.md into ``out``; return report.md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stem in FIGURES:  # figures of an earlier report in the same folder
-        for old in [*out.glob(f"{stem}.*"), *out.glob(f"{stem}-*.*")]:
-            if old.suffix in (".png", ".pdf"):
-                old.unlink()
+    """Write summary.csv, table.md, the figures (PNG + PDF) and report.md into ``out``; return report.md.
+
+    Everything is written into a temporary folder beside ``out`` first and moved into ``out`` at the end,
+    so a failure leaves no partial report (and an earlier report in ``out`` untouched)."""
+    out = check_report_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _write_report(runs, staging, errors, command)
+        out.mkdir(exist_ok=True)
+        for stem in FIGURES:  # figures of an earlier report in the same folder
+            for old in [*out.glob(f"{stem}.*"), *out.glob(f"{stem}-*.*")]:
+                if old.suffix in (".png", ".pdf"):
+                    old.unlink()
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.md"):  # report.md last
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "report.md"
+
+
+def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command: str | None) -> None:
     rows = build_rows(runs)
     write_csv(rows, out / "summary.csv")
     table = markdown_table(rows)
@@ -119,9 +155,7 @@ def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = No
     for r, lab in zip(rows, row_labels(rows)):
         lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs)
                      + "".join(f" (left out `{x.path}`: same config and seed as a run above)" for x in r.repeated))
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def _figure(files: list[str], heading: str, caption: str) -> str:

@@ -18,6 +18,11 @@ from fedlt.sweep import CENTRALIZED_ONLY, FEDERATED_ONLY, flatten
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
 SUMMARY_KEYS = ("mode", "method", "accuracy", "balanced_accuracy", "ece", "per_class", "train_class_counts")
+# Values the report reads as numbers (JSON null: not finite, or not measured) or as one number per class.
+SUMMARY_NUMBERS = ("accuracy", "balanced_accuracy", "ece", "many", "medium", "few", "local_accuracy", "prior_l1",
+                   "seconds_per_round", "seconds_per_epoch", "images_per_second", "wall_clock_seconds")
+SUMMARY_PER_CLASS = ("per_class", "estimated_prior", "true_prior")  # estimated_prior, true_prior: optional
+ENV_TEXT = ("gpu", "device", "platform", "peak_memory_of")
 # Config keys that do not change a run's result.
 BOOKKEEPING = ("name", "seed", "mode", "device", "eval.", "sweep", "plugins", "data.root", "data.train_list",
                "data.test_list", "federation.client_cpus", "federation.client_gpus",
@@ -74,8 +79,64 @@ def _read_json(path: Path, name: str) -> Any:
         raise RunError(f"{path}: cannot read {name} ({exc.__class__.__name__})") from None
 
 
+def _number(value: Any, null: bool = True) -> bool:
+    return (null and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _numbers_error(value: Any, length: int | None = None, unit: str = "classes", null: bool = True) -> str | None:
+    """What keeps ``value`` from being a list of numbers (``length`` of them), or None."""
+    if not isinstance(value, list):
+        return f"is not a list ({_brief(value)})"
+    if length is not None and len(value) != length:
+        return f"has {len(value)} values for {length} {unit}"
+    bad = [i for i, x in enumerate(value) if not _number(x, null)]
+    return f"[{bad[0]}] is not a number ({_brief(value[bad[0]])})" if bad else None
+
+
+def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
+    """The first value the report reads from a run's files that has the wrong type or shape, as
+    ``"<file> <key> <what is wrong>"``; None if all are right (metrics.jsonl is checked in :func:`read_run`)."""
+    counts = summary["train_class_counts"]
+    if error := _numbers_error(counts, null=False):
+        return f"summary.json train_class_counts {error}"
+    for key in SUMMARY_NUMBERS:
+        if not _number(summary.get(key)):
+            return f"summary.json {key} is not a number ({_brief(summary[key])})"
+    for key in SUMMARY_PER_CLASS:
+        if key in summary and (key == "per_class" or summary[key] is not None):
+            if error := _numbers_error(summary[key], len(counts)):
+                return f"summary.json {key} {error}"
+    bins = summary.get("reliability")
+    if isinstance(bins, dict) and "count" in bins:  # (without bin counts the report leaves the diagram out)
+        n_bins = len(bins["count"]) if isinstance(bins["count"], list) else None
+        for key in ("count", "accuracy", "confidence"):
+            if error := _numbers_error(bins.get(key), n_bins, "bins", null=key != "count"):
+                return f"summary.json reliability.{key} {error}"
+    clients = partition["client_class_counts"]
+    if not isinstance(clients, list) or not clients:
+        return f"partition.json client_class_counts is not a list of clients ({_brief(clients)})"
+    for i, row in enumerate(clients):
+        if error := _numbers_error(row, len(counts), null=False):
+            return f"partition.json client_class_counts[{i}] {error}"
+    if partition.get("train_class_counts") is not None:
+        if error := _numbers_error(partition["train_class_counts"], null=False):
+            return f"partition.json train_class_counts {error}"
+    for key in ENV_TEXT:
+        if env.get(key) is not None and not isinstance(env[key], str):
+            return f"env.json {key} is not a string ({_brief(env[key])})"
+    if not _number(env.get("peak_memory_mib")):
+        return f"env.json peak_memory_mib is not a number ({_brief(env['peak_memory_mib'])})"
+    return None
+
+
 def read_run(path: str | Path) -> Run:
-    """Read one finished run directory; a missing or corrupt file raises :class:`RunError` naming it."""
+    """Read one finished run directory; a missing or corrupt file, or a value of the wrong type or shape,
+    raises :class:`RunError` naming the run and the file."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: not a directory")
@@ -95,17 +156,31 @@ def read_run(path: str | Path) -> Run:
         raise RunError(f"{path}: summary.json lacks {', '.join(lacks)}")
     if summary["mode"] not in ("federated", "centralized"):
         raise RunError(f"{path}: summary.json has unknown mode {summary['mode']!r}")
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read metrics.jsonl ({exc.__class__.__name__})") from None
     metrics = []
-    for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
-                metrics.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise RunError(f"{path}: metrics.jsonl line {i} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise RunError(f"{path}: metrics.jsonl line {i} is not a JSON object ({_brief(row)})")
+            for key, null in (("round", False), ("epoch", False), ("accuracy", True)):
+                if key in row and not _number(row[key], null):
+                    raise RunError(f"{path}: metrics.jsonl line {i} {key} is not a number ({_brief(row[key])})")
+            metrics.append(row)
     partition = _read_json(path, "partition.json")
     if not isinstance(partition, dict) or "client_class_counts" not in partition:
         raise RunError(f"{path}: partition.json lacks client_class_counts")
     env = _read_json(path, "env.json") if (path / "env.json").is_file() else {}
+    if not isinstance(env, dict):
+        raise RunError(f"{path}: env.json does not hold a JSON object ({_brief(env)})")
+    if error := _content_error(summary, partition, env):
+        raise RunError(f"{path}: {error}")
     return Run(path, config, summary, metrics, partition, env)
 
 

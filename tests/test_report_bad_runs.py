@@ -1,0 +1,116 @@
+"""Run directories of valid JSON but wrong content, and report folders that cannot be written: one line naming
+the run (or folder), the other runs still reported, no partial report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_report import make_run, read_csv
+
+from fedlt import compare
+from fedlt.errors import FedLTError
+from fedlt.report import check_report_dir, load_runs
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# damage: (how to make it, what the one-line error says after "<run>: ")
+DAMAGE = {
+    "accuracy-string": (lambda d: _edit_json(d / "summary.json", accuracy="abc"),
+                        'summary.json accuracy is not a number ("abc")'),
+    "per-class-short": (lambda d: _edit_json(d / "summary.json", per_class=[0.1]),
+                        "summary.json per_class has 1 values for 10 classes"),
+    "per-class-null": (lambda d: _edit_json(d / "summary.json", per_class=None),
+                       "summary.json per_class is not a list (null)"),
+    "metrics-scalar": (lambda d: (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text() + "5\n"),
+                       "metrics.jsonl line 5 is not a JSON object (5)"),
+    "metrics-round": (lambda d: (d / "metrics.jsonl").write_text('{"round": "one", "accuracy": 0.1}\n'),
+                      'metrics.jsonl line 1 round is not a number ("one")'),
+    "env-list": (lambda d: (d / "env.json").write_text("[1]"), "env.json does not hold a JSON object ([1])"),
+    "env-gpu": (lambda d: _edit_json(d / "env.json", gpu=3), "env.json gpu is not a string (3)"),
+    "partition-string": (lambda d: _edit_json(d / "partition.json", client_class_counts="x"),
+                         'partition.json client_class_counts is not a list of clients ("x")'),
+    "partition-row": (lambda d: _edit_json(d / "partition.json", client_class_counts=[[1, 2]]),
+                      "partition.json client_class_counts[0] has 2 values for 10 classes"),
+    "reliability": (lambda d: _edit_json(d / "summary.json", reliability={"count": [1, 2], "accuracy": [0.5],
+                                                                          "confidence": [0.5, 0.6]}),
+                    "summary.json reliability.accuracy has 1 values for 2 bins"),
+}
+# the cases of the audit (each crashed the report with a traceback and left a partial one)
+AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string")
+
+
+def bad_run(root, damage):
+    d = make_run(root, "bad", "federated", "fedavg", 2, 0.9)
+    DAMAGE[damage][0](d)
+    return d
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_wrong_content_is_one_line_naming_run_file_and_fault(tmp_path, damage):
+    good = make_run(tmp_path, "good", "federated", "fedavg", 0, 0.4)
+    bad = bad_run(tmp_path, damage)
+    runs, errors = load_runs([tmp_path])
+    assert [r.path for r in runs] == [good]
+    assert errors == [f"{bad}: {DAMAGE[damage][1]}"]
+
+
+@pytest.mark.parametrize("damage", AUDIT)
+def test_bad_run_left_out_and_others_reported(tmp_path, capsys, damage):
+    good = make_run(tmp_path / "runs", "good", "centralized", "ce", 0, 0.6)
+    bad = bad_run(tmp_path / "runs", damage)
+    out = tmp_path / "rep"
+    assert compare.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {bad}: {DAMAGE[damage][1]}"]
+    assert "report of 1 runs" in captured.out
+    report = (out / "report.md").read_text()
+    assert f"`{good}`" in report and DAMAGE[damage][1] in report
+    assert list(read_csv(out / "summary.csv")) == [("centralized", "ce")]
+
+
+def test_every_run_bad_exits_nonzero_without_report(tmp_path, capsys):
+    bad = bad_run(tmp_path / "runs", "accuracy-string")
+    out = tmp_path / "rep"
+    assert compare.main([str(bad), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {bad}: {DAMAGE['accuracy-string'][1]}",
+                                                     "error: no run could be read; no report written"]
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    make_run(tmp_path / "runs", "good", "centralized", "ce", 0, 0.6)
+    out = tmp_path / "afile"
+    out.write_text("keep")
+    assert compare.main([str(tmp_path / "runs"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: report folder {out} is an existing file, not a folder"]
+    assert out.read_text() == "keep"
+
+
+def test_check_report_dir(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FedLTError, match=r"report folder .*afile is an existing file, not a folder$"):
+        check_report_dir(tmp_path / "afile")
+    with pytest.raises(FedLTError, match=r"report folder .*afile/rep cannot be created: .*afile is not a folder$"):
+        check_report_dir(tmp_path / "afile" / "rep")
+    assert check_report_dir(tmp_path / "new" / "rep") == tmp_path / "new" / "rep"
+    assert check_report_dir(str(tmp_path)) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # creates nothing
+
+
+def test_failure_while_writing_leaves_no_partial_report(tmp_path, monkeypatch):
+    from fedlt.report import document
+
+    make_run(tmp_path / "runs", "good", "federated", "fedavg", 0, 0.4)
+    runs, _ = load_runs([tmp_path / "runs"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(document, "fig_per_class", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        document.write_report(runs, tmp_path / "rep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no report folder, no staging folder
