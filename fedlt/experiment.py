@@ -116,6 +116,10 @@ def build_experiment(cfg: Config) -> Experiment:
     own = data.model_dump(exclude=set(DataOptions.model_fields) - {"root"})  # the data set's own keys
     splits = load_source(data.name, **own)
     train, test = splits["train"], splits["test"]
+    for split, s in (("train", train), ("test", test)):
+        if len(s) == 0:
+            raise FedLTError(f"data set {data.name} at {data.root or 'its default place'} has an empty {split} split: "
+                             f"it needs at least one {split} image")
     if data.profile != "none":
         train = train.subset(longtail_subset(cfg, train.labels, train.num_classes))
     train, test = train.materialize(), test.materialize()
@@ -147,8 +151,38 @@ def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT).integers(2**31)))
         model = build_model(name, exp.num_classes, exp.in_channels, **kw)
+        check_input_size(model, name, kw, exp)
         client = cfg.client.name
         return model if client is None else CLIENTS.get(client).adapt_model(model, cfg, exp.num_classes)
+
+
+_INPUT_CHECKED: set[tuple] = set()  # (model, its options, image shape) whose dry forward ran in this process
+_TOO_SMALL = ("too small", "Kernel size can't be greater", "padding should be at most half")
+
+
+def check_input_size(model: SplitModel, name: str, options: dict, exp: Experiment) -> None:
+    """Run ``model`` once on one blank image of the experiment's shape (on the CPU, no gradient; once per model,
+    options and shape in a process): images too small for its pooling are a :class:`FedLTError` before training."""
+    images = getattr(getattr(exp, "train", None), "images", None)  # None: not decoded, or a stand-in of the tests
+    if images is None:
+        return
+    shape = tuple(images.shape[1:])
+    key = (name, repr(sorted(options.items())), exp.num_classes, shape)
+    if key in _INPUT_CHECKED:
+        return
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *shape)))
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in _TOO_SMALL):
+            raise
+        raise FedLTError(f"images of {shape[-2]}×{shape[-1]} pixels are too small for model {name}: "
+                         f"{str(exc).splitlines()[0]}; use larger images (a file list's data.image_size) or "
+                         f"another model.name") from None
+    finally:
+        model.train(was_training)
+    _INPUT_CHECKED.add(key)
 
 
 def augment_for(cfg: Config) -> Augment:

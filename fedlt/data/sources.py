@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +31,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
+CIFAR_IMAGE_VALUES = 3 * 32 * 32  # one row of a CIFAR batch's ``data``
+MAX_OPEN_CLASSES = 100_000  # a file list without a known class count: labels above this are a broken list
+LABEL = re.compile(r"-?[0-9]+")  # a file list's label: ASCII digits (int() would also take '²' or '３')
 
 
 @dataclass
@@ -103,8 +108,9 @@ def check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> Non
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): magic 0x0000 08 NDIM, NDIM big-endian sizes, uint8 data."""
+def _read_idx(path: Path, dims: int, what: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic 0x0000 08 NDIM, NDIM big-endian sizes, uint8 data; it must
+    hold ``dims`` dimensions (``what`` says which, for the error)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -118,7 +124,16 @@ def _read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise FedLTError(f"malformed IDX file {path}: expected {int(np.prod(shape))} values, found {body.size}")
+    if len(shape) != dims:
+        raise FedLTError(f"malformed IDX file {path}: {len(shape)}-D {shape}, expected {dims}-D ({what}); use the "
+                         f"IDX files of Fashion-MNIST as published")
     return body.reshape(shape)
+
+
+def _check_not_empty(n: int, path: Path | str, split: str) -> None:
+    if n == 0:
+        raise FedLTError(f"empty {split} split in {path}: it holds 0 images; the data set needs a {split} split "
+                         f"with at least one image")
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -134,12 +149,14 @@ def load_fashion_mnist(root: str | None = None) -> dict[str, Split]:
     root_path = Path(root or FASHION_MNIST_ROOT)
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = _read_idx(_find(root_path, f"{prefix}-images-idx3-ubyte"))
+        image_file = _find(root_path, f"{prefix}-images-idx3-ubyte")
+        images = _read_idx(image_file, 3, "images × rows × columns")
         label_file = _find(root_path, f"{prefix}-labels-idx1-ubyte")
-        labels = _read_idx(label_file).astype(np.int64)
+        labels = _read_idx(label_file, 1, "one label per image").astype(np.int64)
         check_labels(labels, 10, str(label_file))
         if len(images) != len(labels):
             raise FedLTError(f"malformed Fashion-MNIST at {root_path}: {len(images)} images but {len(labels)} labels")
+        _check_not_empty(len(images), image_file, split)
         splits[split] = Split(labels, 10, torch.from_numpy(images.copy()).unsqueeze(1), class_names=FASHION_MNIST_CLASSES)
     return splits
 
@@ -160,10 +177,38 @@ def _load_cifar_pickles(folder: Path, files: list[str], label_key: str,
                 entry = pickle.load(f, encoding="latin1")
             except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
                 raise FedLTError(f"malformed CIFAR batch {path}: {exc}") from None
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[label_key], dtype=np.int64))
-        check_labels(labels[-1], num_classes, str(path))
+        batch_images, batch_labels = _cifar_batch(path, entry, label_key)
+        check_labels(batch_labels, num_classes, str(path))
+        images.append(batch_images)
+        labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _cifar_batch(path: Path, entry: object, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 3, 32, 32) and labels (N,) of one unpickled CIFAR batch, else a :class:`FedLTError`."""
+    def bad(what: str) -> FedLTError:
+        return FedLTError(f"malformed CIFAR batch {path}: {what}; use the python version of CIFAR as published")
+
+    if not isinstance(entry, dict):
+        raise bad(f"holds a {type(entry).__name__}, expected a dict with keys 'data' and {label_key!r}")
+    for key in ("data", label_key):
+        if key not in entry:
+            raise bad(f"no {key!r} key (keys: {', '.join(map(str, entry)) or 'none'})")
+    images = _as_array(entry["data"], np.uint8, "data", bad)
+    labels = _as_array(entry[label_key], np.int64, label_key, bad)
+    if images.size % CIFAR_IMAGE_VALUES:
+        raise bad(f"'data' holds {images.size} values, not a multiple of {CIFAR_IMAGE_VALUES} (3×32×32 per image)")
+    images = images.reshape(-1, 3, 32, 32)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise bad(f"{len(images)} images but {labels.size} labels in {label_key!r}")
+    return images, labels
+
+
+def _as_array(values: object, dtype: type, key: str, bad: Callable[[str], FedLTError]) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise bad(f"{key!r} is not an array of {np.dtype(dtype).name}") from None
 
 
 def load_cifar(root: str | None, num_classes: int) -> dict[str, Split]:
@@ -182,6 +227,7 @@ def load_cifar(root: str | None, num_classes: int) -> dict[str, Split]:
     out = {}
     for split, files in (("train", train), ("test", test)):
         images, labels = _load_cifar_pickles(folder, files, key, num_classes)
+        _check_not_empty(len(images), folder / files[0] if len(files) == 1 else folder, split)
         out[split] = Split(labels, num_classes, torch.from_numpy(images), class_names=names)
     return out
 
@@ -190,31 +236,53 @@ def load_cifar(root: str | None, num_classes: int) -> dict[str, Split]:
 def read_file_list(root: str | Path, list_file: str | Path,
                    num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
     """Read a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist-2018 format); every label in
-    0..num_classes−1 (``None``: the data set's classes are the labels found, each ≥ 0)."""
+    0..num_classes−1 (``None``: the data set's classes are the labels found, each in
+    0..MAX_OPEN_CLASSES−1)."""
     root, list_file = Path(root), Path(list_file)
     if not list_file.is_absolute():
         list_file = root / list_file
     if not list_file.is_file():
         raise _missing(list_file, "the list file must hold one 'relative/path label' line per image")
     paths, labels = [], []
-    with open(list_file) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise FedLTError(f"malformed list file {list_file}:{lineno}: expected 'relative/path label', got {line!r}")
-            label = int(parts[1])
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                rule = ("a label must be >= 0" if num_classes is None else
-                        f"the data set has {num_classes} classes, labels 0..{num_classes - 1}")
-                raise FedLTError(f"label {label} out of range in list file {list_file}:{lineno}: {rule}")
-            paths.append(str(root / parts[0]))
-            labels.append(label)
+    for lineno, line in enumerate(_read_text(list_file).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not LABEL.fullmatch(parts[1]):
+            raise FedLTError(f"malformed list file {list_file}:{lineno}: expected 'relative/path label', got {line!r}")
+        label = int(parts[1])
+        _check_list_label(label, num_classes, f"{list_file}:{lineno}")
+        paths.append(str(root / parts[0]))
+        labels.append(label)
     if not paths:
         raise FedLTError(f"malformed list file {list_file}: no entries")
     return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _read_text(list_file: Path) -> str:
+    """A list file's text (UTF-8, an optional byte-order mark), else a :class:`FedLTError` naming the line."""
+    data = list_file.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise FedLTError(f"malformed list file {list_file}:{lineno}: not UTF-8 text (byte {data[exc.start]:#04x}); "
+                         f"save the list as UTF-8") from None
+
+
+def _check_list_label(label: int, num_classes: int | None, where: str) -> None:
+    """A list file's label in 0..num_classes−1; with no class count, below :data:`MAX_OPEN_CLASSES`."""
+    limit = num_classes if num_classes is not None else MAX_OPEN_CLASSES
+    if 0 <= label < limit:
+        return
+    if num_classes is not None:
+        rule = f"the data set has {num_classes} classes, labels 0..{num_classes - 1}"
+    elif label < 0:
+        rule = "a label must be >= 0"
+    else:
+        rule = f"a file list holds at most {MAX_OPEN_CLASSES:,} classes, labels 0..{MAX_OPEN_CLASSES - 1}"
+    raise FedLTError(f"label {label} out of range in list file {where}: {rule}")
 
 
 def _read_bytes(path: str) -> torch.Tensor:
@@ -222,6 +290,9 @@ def _read_bytes(path: str) -> torch.Tensor:
 
     if not os.path.isfile(path):
         raise _missing(path, "an image named in the list file is missing under the image root")
+    if os.path.getsize(path) == 0:
+        raise FedLTError(f"cannot decode image {path}: the file is empty (0 bytes); replace it or drop its line "
+                         f"from the list file")
     return read_file(path)
 
 
