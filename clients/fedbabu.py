@@ -21,7 +21,9 @@ from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
+from fedlt.config import Config
 from fedlt.experiment import augment_for
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Objective, TensorData, cross_entropy_objective, instance_balanced_sampler, train
@@ -37,6 +39,10 @@ class FedBABUClient(ClientMethod):
     class Options(ClientMethod.Options):
         finetune: Literal["head", "full"] = Field(
             "head", description="personalisation: fine-tune the head alone (FedBABU) or the whole model")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "client method fedbabu freezes the one classifier")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         """Cross-entropy with the head frozen at its initial weights (body-only update)."""

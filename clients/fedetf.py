@@ -34,6 +34,7 @@ from torch import nn
 from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Objective, OptimConfig, TensorData, train
@@ -91,6 +92,10 @@ class FedETFClient(ClientMethod):
         personal_epochs: float = Field(3.0, gt=0, description="personalisation: epochs per alternation step")
         proto_lr: float = Field(0.1, gt=0, description="personalisation: lr on the ETF (plain SGD)")
         projection_lr: float = Field(0.05, gt=0, description="personalisation: lr on the projection")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "client method fedetf replaces the classifier by its ETF projection")
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

@@ -39,6 +39,7 @@ from clients.fedetf import simplex_etf
 from fedlt.client_method import ClientMethod, FitResult, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Augment, Objective, TensorData
@@ -132,6 +133,12 @@ def _head(model: nn.Module) -> FedLoGeHead:
 
 @CLIENTS.register("fedloge")
 class FedLoGeClient(ClientMethod):
+    strategy = "fedloge"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "client method fedloge replaces the classifier by its sparse ETF")
+
     class Options(ClientMethod.Options):
         sparsity: float = Field(0.6, ge=0, lt=1, description="SSE-C: fraction β of the ETF's entries set to 0")
         sse_steps: int = Field(10000, ge=0, description="SSE-C: Adam steps (lr 1e-4) of the official optimisation")

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.client_method import ClientMethod, FitResult
+from fedlt.config import Config
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.train import Augment, TensorData, instance_balanced_sampler, train
 
@@ -70,6 +72,12 @@ class PersonalisedModel(nn.Module):
 
 @CLIENTS.register("fedrod")
 class FedRODClient(ClientMethod):
+    strategy = "fedrod"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "client method fedrod adds a personal head beside the one classifier")
+
     def personal_head(self, model: nn.Module, config: dict) -> nn.Module:
         """p_k from the message's records; where the server sent none, a copy of the received generic head."""
         head = copy.deepcopy(model.classifier)

@@ -29,6 +29,8 @@ def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor
 
 @CLIENTS.register("gbme")
 class GBMEClient(ClientMethod):
+    strategy = "gbme"
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_experts(cfg, "client method gbme")

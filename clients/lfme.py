@@ -30,7 +30,6 @@ from torch import nn
 from fedlt.centralized.lfme import LFMEModel, RecordedOrder, expert_statistics, group_data, lfme_groups, with_experts
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.errors import FedLTError
 from fedlt.experiment import experiment_for
 from fedlt.losses.lfme import group_thresholds, lfme_loss, scheduled_instance_weight
 from fedlt.registry import CLIENTS
@@ -52,11 +51,7 @@ def group_thresholds_of(counts: np.ndarray, groups: list[torch.Tensor]) -> np.nd
 
 @CLIENTS.register("lfme")
 class LFMEClient(ClientMethod):
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        if cfg.strategy.name != "lfme":
-            raise FedLTError(f"client.name=lfme trains in the phases of strategy lfme, not {cfg.strategy.name!r}: "
-                             f"set strategy.name=lfme")
+    strategy = "lfme"  # its phases
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

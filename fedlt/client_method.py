@@ -44,6 +44,9 @@ class ClientMethod:
     """Plain local SGD on cross-entropy (the FedAvg client). Subclasses change the objective."""
 
     Options = ClientOptions  # a method with keys of its own subclasses this (``class Options(...)``)
+    # the strategy (registry name) this method trains under, where it needs that strategy's messages (its config
+    # keys, records) or sends replies only it aggregates; checked when the config is read. None: any strategy
+    strategy: str | None = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -120,6 +120,14 @@ class Config(Options):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: dict[str, Any] = Field(default_factory=dict, description="dotted key -> list of values (fedlt.sweep)")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in ("", ".", "..") or "/" in v or "\\" in v or v.startswith("-"):
+            raise ValueError("must be a plain name (the start of the run directory's name inside --out), without "
+                             "/ or \\, not . or .., not starting with -")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -393,7 +401,8 @@ def _check_hosts(cfg: Config) -> None:
 def check_parts(cfg: Config) -> None:
     """The checks across sections that a selected part declares: ``check_config(cfg)``, a classmethod of a
     strategy, client method or centralized method, raising a one-line :class:`FedLTError` (e.g. GBME needs a
-    multi-expert model). Only the parts the run's ``mode`` uses are asked."""
+    multi-expert model), then a client method's :attr:`~fedlt.client_method.ClientMethod.strategy`. Only the
+    parts the run's ``mode`` uses are asked."""
     from fedlt.registry import CENTRALIZED, CLIENTS, STRATEGIES
 
     parts = []
@@ -405,6 +414,15 @@ def check_parts(cfg: Config) -> None:
         check = getattr(part, "check_config", None)
         if check is not None:
             check(cfg)
+    if cfg.mode in ("federated", "both"):  # a client method that needs its strategy (ClientMethod.strategy)
+        needs = getattr(parts[1], "strategy", None)
+        chain, section = [], cfg.strategy  # the strategy and, where it wraps another, the ones it wraps
+        while isinstance(section, StrategyOptions):
+            chain.append(STRATEGIES.get(section.name))
+            section = getattr(section, "base_options", None)
+        if needs is not None and not any(issubclass(s, STRATEGIES.get(needs)) for s in chain):
+            raise FedLTError(f"client.name={cfg.client.name} trains under strategy {needs} (its messages and the "
+                             f"replies only it aggregates), not {cfg.strategy.name!r}: set strategy.name={needs}")
 
 
 def own_client(strategy: str) -> str:

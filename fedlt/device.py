@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from fedlt.errors import FedLTError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu."""
@@ -18,6 +20,23 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def check_device(name: str) -> None:
+    """A one-line :class:`FedLTError` unless the device ``name`` (config key ``device``) is on this machine:
+    checked before any data is built or run directory made (torch would fail mid-run)."""
+    if name in ("auto", "cpu"):
+        return
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise FedLTError("device=mps, but this machine has no MPS device: use device=auto or device=cpu")
+        return
+    if not torch.cuda.is_available():
+        raise FedLTError(f"device={name}, but this machine has no CUDA device (torch {torch.__version__}): use "
+                         f"device=auto or device=cpu")
+    count, index = torch.cuda.device_count(), int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise FedLTError(f"device={name}, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
 
 
 def environment(device: torch.device) -> dict:

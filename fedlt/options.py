@@ -16,15 +16,34 @@ keys are refused (:mod:`fedlt.config` says which part would take them). Code rea
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class Options(BaseModel):
-    """A validated, immutable group of config keys: unknown keys, NaN and infinity are refused."""
+    """A validated, immutable group of config keys: unknown keys, NaN and infinity are refused, and so is a
+    boolean given for a number (pydantic would read ``train.batch_size=true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError("int_type" if float not in kinds else "float_type", "not a number")
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set:
+    """The plain types an annotation admits at its top level (``int | None`` -> {int, NoneType})."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_scalar_kinds(a) for a in get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 class DataOptions(Options):

@@ -69,11 +69,13 @@ def check_data(cfgs: list[Config]) -> None:
     """Build the data of every distinct data/partition/seed once, and check the federated runs' client
     resources: fail early on missing data, an impossible partition or resources the machine lacks, before
     any run starts."""
+    from fedlt.device import check_device
     from fedlt.experiment import experiment_for
     from fedlt.federation.runner import check_resources
 
     seen = set()
     for cfg in cfgs:
+        check_device(cfg.device)
         if cfg.mode != "centralized":
             check_resources(cfg)
         exp = experiment_for(cfg)
@@ -514,6 +516,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 run_one(cfg.mode, cfg, Path(args.run_dir), args.verbose, args.overwrite, args.wait)
                 return 0
             combos = expand(path, args.overrides)
+            if args.report:  # before any training: a report folder that cannot be written fails now
+                from fedlt.report import check_report_dir
+
+                check_report_dir(args.report)
             summaries = run_sweep(combos, args.out, args.verbose, args.jobs, args.overwrite, args.wait)
     except FedLTError as exc:
         print(f"error: {exc}", file=sys.stderr)

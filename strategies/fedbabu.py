@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedlt.config import Config
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.federation.strategy import FedLTStrategy
+from fedlt.models.experts import require_single_network
 from fedlt.registry import STRATEGIES
 
 
 @STRATEGIES.register("fedbabu")
 class FedBABU(FedLTStrategy):
     client = "fedbabu"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "strategy fedbabu keeps the one classifier at its initial weights")
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -21,8 +21,10 @@ from pydantic import Field
 from torch import nn
 
 from clients.fedloge import FedLoGeHead, HeadModel, gha_weight
+from fedlt.config import Config
 from fedlt.federation.compose import global_model_metrics
 from fedlt.federation.strategy import FedLTStrategy
+from fedlt.models.experts import require_single_network
 from fedlt.registry import STRATEGIES
 
 
@@ -33,6 +35,10 @@ class FedLoGe(FedLTStrategy):
     class Options(FedLTStrategy.Options):
         global_head: Literal["gha", "sse_c", "aux"] = Field(
             "gha", description="the global model's head: gha (realigned g_aux), sse_c (fixed sparse ETF), aux")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "strategy fedloge realigns the one classifier")
 
     def __init__(self, cfg, num_classes: int, **kw) -> None:
         super().__init__(cfg, num_classes, **kw)

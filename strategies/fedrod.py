@@ -16,8 +16,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from clients.fedrod import PERSONAL
+from fedlt.config import Config
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.federation.strategy import FedLTStrategy
+from fedlt.models.experts import require_single_network
 from fedlt.registry import STRATEGIES
 
 
@@ -29,6 +31,10 @@ def classifier_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @STRATEGIES.register("fedrod")
 class FedROD(FedLTStrategy):
     client = "fedrod"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        require_single_network(cfg, "strategy fedrod keeps a personal copy of the one classifier")
 
     def __init__(self, cfg, num_classes: int) -> None:
         super().__init__(cfg, num_classes)

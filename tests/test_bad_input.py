@@ -52,14 +52,61 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     ([f"federation.client_cpus={(os.cpu_count() or 1) + 1}"],
      f"config key 'federation.client_cpus' must be <= this machine's {os.cpu_count()} CPUs"),
     (["federation.discovery_timeout=0"], "config key 'federation.discovery_timeout' must be > 0"),
+    # a client method that needs its strategy's messages, or sends replies only its strategy aggregates
+    (["strategy.name=fedavg", "client.name=fedrod"], "client.name=fedrod trains under strategy fedrod (its messages "
+     "and the replies only it aggregates), not 'fedavg': set strategy.name=fedrod"),
+    (["strategy.name=fedprox", "client.name=fedloge"], "client.name=fedloge trains under strategy fedloge"),
+    (["strategy.name=fedavg", "client.name=gbme", "model.name=small_cnn_experts"],
+     "client.name=gbme trains under strategy gbme"),
+    (["strategy.name=fedavg", "client.name=lfme"], "client.name=lfme trains under strategy lfme"),
+    # a part that replaces or keeps the one classifier of a single network, given a multi-expert model
+    (["strategy.name=fedbabu", "model.name=small_cnn_experts"], "strategy fedbabu keeps the one classifier at its "
+     "initial weights, and model.name='small_cnn_experts' is a multi-expert model: choose a single network"),
+    (["strategy.name=fedrod", "client.name=fedavg", "model.name=small_cnn_experts"], "strategy fedrod keeps a personal"),
+    (["strategy.name=fedloge", "client.name=fedavg", "model.name=small_cnn_experts"], "strategy fedloge realigns"),
+    (["strategy.name=fedetf", "model.name=small_cnn_experts"], "client method fedetf replaces the classifier"),
+    (["strategy.name=fedavg", "client.name=fedbabu", "model.name=small_cnn_experts"], "client method fedbabu freezes"),
+    (["mode=centralized", "centralized.method=tde", "model.name=small_cnn_experts"],
+     "centralized.method=tde replaces one classifier by the causal-norm head, and model.name='small_cnn_experts'"),
+    (["mode=centralized", "centralized.method=glmc", "model.name=small_cnn_experts"], "centralized.method=glmc adds"),
+    (["mode=centralized", "centralized.method=sbcl", "model.name=small_cnn_experts"], "centralized.method=sbcl adds"),
+    # a boolean for a number (pydantic alone reads true as 1)
+    (["train.batch_size=true"], "config key 'train.batch_size' must be int, got True"),
+    (["partition.alpha=yes"], "config key 'partition.alpha' must be float, got True"),
+    (["data.imbalance_factor=true"], "config key 'data.imbalance_factor' must be float, got True"),
+    (["seed=false"], "config key 'seed' must be int, got False"),
+    # a run name that would leave --out
+    (["name=../../etc"], "config key 'name' must be a plain name (the start of the run directory's name inside "
+                         "--out), without / or \\, not . or .., not starting with -, got '../../etc'"),
+    (["name=/tmp/elsewhere"], "config key 'name' must be a plain name"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)
 
 
+def test_a_device_this_machine_lacks_is_refused_before_any_data(capsys, tmp_path):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    line = refused(capsys, tmp_path, f"device=cuda:{count}")
+    assert line == (f"error: device=cuda:{count}, but this machine has {count} CUDA device(s): cuda:0 to "
+                    f"cuda:{count - 1}" if count else f"error: device=cuda:0, but this machine has no CUDA device "
+                    f"(torch {torch.__version__}): use device=auto or device=cpu")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_report_folder_that_is_a_file_is_refused_before_training(capsys, tmp_path):
+    report = tmp_path / "report"
+    report.write_text("keep me")
+    line = refused(capsys, tmp_path, "--report", str(report), *TINY_CENTRAL)
+    assert line == f"error: report folder {report} is an existing file, not a folder"
+    assert report.read_text() == "keep me" and not (tmp_path / "runs").exists()
+
+
 def test_a_check_across_sections_asks_only_the_parts_the_mode_runs():
     assert load_config(None, ["strategy.name=gbme", "mode=centralized"]).model.name == "small_cnn"
     assert load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"]).client.name == "gbme"
+    # a client method that needs its strategy runs under a wrapper of it (calibration around GBME)
+    assert load_config(None, ["strategy.name=posthoc_calibration", "strategy.base=gbme", "client.name=gbme",
+                              "model.name=small_cnn_experts"]).client.name == "gbme"
 
 
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():

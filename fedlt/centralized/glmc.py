@@ -18,8 +18,10 @@ from pydantic import Field
 from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
+from fedlt.config import Config
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses.glmc import cumulative_alpha, glmc_label_weights, glmc_loss, glmc_mixed, rand_bbox
+from fedlt.models.experts import require_single_network
 from fedlt.options import CentralizedOptions
 from fedlt.registry import CENTRALIZED
 from fedlt.samplers import class_probabilities, sample_by_class
@@ -76,6 +78,11 @@ class GLMC(CentralizedMethod):
         projection_dim: int = Field(128, gt=0, description="width of the projection and predictor heads")
         resnet32_widths: list[int] = Field([64, 128, 256], min_length=3, max_length=3,
                                            description="resnet32's stage widths (official GLMC: 64/128/256)")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        require_single_network(cfg, "centralized.method=glmc adds its heads to a single-head model")
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)

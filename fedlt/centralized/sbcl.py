@@ -38,6 +38,7 @@ from torch import nn
 
 from fedlt.centralized.decoupled import DecoupledMethod, FrozenFeatures
 from fedlt.centralized.glmc import TwoCrops
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
 from fedlt.losses import loss_objective
@@ -52,6 +53,7 @@ from fedlt.losses.sbcl import (
     supcon_loss,
 )
 from fedlt.models.base import NormedLinear
+from fedlt.models.experts import require_single_network
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.samplers import make_sampler
 from fedlt.streams import Stream, seeded_rng, torch_generator
@@ -102,6 +104,11 @@ class SBCL(DecoupledMethod):
         key_momentum: float = Field(0.999, ge=0, le=1, description="m of the momentum key encoder (queue)")
         ranking_temperature: float = Field(0.12, gt=0, description="τ_r of the class term with a queue")
         kcl_positives: int = Field(6, ge=0, description="KCL warm-up: positives drawn per anchor (queue)")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        require_single_network(cfg, "centralized.method=sbcl adds its projection to a single-head model")
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
