@@ -43,6 +43,10 @@ def make_certs(folder: str | Path, nodes: int = 2, hosts: tuple[str, ...] = ()) 
             from exc
 
     out = Path(folder)
+    if nodes < 1:
+        raise FedLTError(f"--nodes {nodes}: make at least one SuperNode key pair")
+    if out.exists() and not out.is_dir():
+        raise FedLTError(f"{out} is a file, not a folder for the certificates")
     if (out / "ca.crt").exists():
         raise FedLTError(f"{out / 'ca.crt'} already exists: choose an empty folder (certificates are never replaced)")
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ keys are refused (:mod:`fedlt.config` says which part would take them). Code rea
 from __future__ import annotations
 
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -108,7 +108,8 @@ class CentralizedOptions(Options):
     nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")
     warmup_epochs: float = Field(0.0, ge=0, description="linear lr warm-up epochs")
     schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="lr schedule over the epochs")
-    milestones: list[float] = Field(default_factory=list, description="epochs at which a step schedule decays")
+    milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
+                                                            description="epochs at which a step schedule decays")
     gamma: float = Field(0.1, gt=0, description="decay factor of a step schedule")
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
         "instance", description="class-aware sampler of the training batches (fedlt/samplers.py)")

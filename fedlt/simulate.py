@@ -79,6 +79,7 @@ def check_data(cfgs: list[Config]) -> None:
         if cfg.mode != "centralized":
             check_resources(cfg)
         exp = experiment_for(cfg)
+        check_steps(cfg, exp)
         counts = exp.train_counts
         ratio = f"N_max/N_min = {counts.max() / max(counts.min(), 1):.4g}"
         shape = (f"{cfg.data.profile} profile, IF={cfg.data.imbalance_factor:g}" if cfg.data.profile != "none"
@@ -89,6 +90,29 @@ def check_data(cfgs: list[Config]) -> None:
         if line not in seen:
             seen.add(line)
             print(line, flush=True)
+
+
+def check_steps(cfg: Config, exp) -> None:
+    """A fraction of an epoch that rounds to no step at all: centralized ``epochs`` below one batch is a one-line
+    error (the run would train nothing and report the initial model), as are federated ``train.local_epochs``
+    that give no client a step; where only some clients get none, one warning line says how many."""
+    if cfg.mode in ("centralized", "both"):
+        batch = cfg.centralized.batch_size or cfg.train.batch_size
+        per_epoch = math.ceil(len(exp.train) / batch)
+        if round(min(1.0, cfg.centralized.epochs) * per_epoch) == 0:
+            raise FedLTError(f"config key 'centralized.epochs' ({cfg.centralized.epochs:g}) is less than one batch "
+                             f"of the {len(exp.train)} training images at batch {batch}: give at least "
+                             f"{0.5 / per_epoch:.3g}")
+    if cfg.mode in ("federated", "both") and cfg.train.local_steps is None:
+        batch, epochs = cfg.train.batch_size, cfg.train.local_epochs
+        idle = sum(round(epochs * math.ceil(len(p) / batch)) == 0 for p in exp.parts)
+        if idle == len(exp.parts):
+            raise FedLTError(f"config key 'train.local_epochs' ({epochs:g}) gives no client a local step (the "
+                             f"largest holds {max(len(p) for p in exp.parts)} images at batch {batch}): raise it or "
+                             f"set train.local_steps")
+        if idle:
+            print(f"warning: train.local_epochs={epochs:g} gives {idle} of {len(exp.parts)} clients no local step "
+                  f"(their replies are the global model unchanged)", flush=True)
 
 
 def run_config(cfg: Config, out: str, verbose: bool = False, overwrite: bool = False) -> list[dict]:

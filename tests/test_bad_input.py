@@ -400,3 +400,51 @@ def test_centralized_resume_through_weights_only_checkpoints(tmp_path, monkeypat
     cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=centralized", f"centralized.method={method}",
                              *stage2])
     resumed_equals_uninterrupted(tmp_path, monkeypatch, lambda c, p: run_centralized(c, RunDir(p)), cfg)
+
+
+# ------------------------------------------------------------------------------------------ less than a step
+def test_epochs_below_one_batch_are_refused_before_training(capsys, tmp_path):
+    """40 images at batch 32: 2 steps an epoch, so 0.2 epochs round to no step (the run would report the initial
+    model as trained)."""
+    write_fashion(tmp_path)
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}", *TINY, "mode=centralized", "centralized.epochs=0.2")
+    assert line == ("error: config key 'centralized.epochs' (0.2) is less than one batch of the 40 training images "
+                    "at batch 32: give at least 0.25")
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}", *TINY, "mode=federated", "train.local_epochs=0.01")
+    assert line.startswith("error: config key 'train.local_epochs' (0.01) gives no client a local step (the "
+                           "largest holds ")
+
+
+def test_local_epochs_that_leave_some_clients_idle_say_how_many(capsys, tmp_path):
+    from fedlt.experiment import experiment_for
+    from fedlt.simulate import check_steps
+
+    write_fashion(tmp_path)
+    cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=federated", "partition.num_clients=4",
+                             "train.batch_size=2"])
+    exp = experiment_for(cfg)
+    steps = sorted(-(-len(p) // 2) for p in exp.parts)  # steps an epoch per client, ascending
+    assert steps[0] / steps[-1] < 0.8, steps  # uneven Dirichlet clients
+    epochs = 0.6 / steps[-1]  # the largest client rounds 0.6 to one step; the smallest rounds to none
+    idle = sum(round(epochs * n) == 0 for n in steps)
+    check_steps(cfg.replace(train=cfg.train.model_copy(update={"local_epochs": epochs})), exp)
+    assert capsys.readouterr().out == (f"warning: train.local_epochs={epochs:g} gives {idle} of 4 clients no local "
+                                       f"step (their replies are the global model unchanged)\n")
+    check_steps(cfg.replace(train=cfg.train.model_copy(update={"local_epochs": 1.0})), exp)
+    assert capsys.readouterr().out == ""
+
+
+def test_deploy_certs_refuses_no_nodes_and_a_file_for_the_folder(capsys, tmp_path):
+    from fedlt.deploy import main as deploy_main
+
+    assert deploy_main(["certs", str(tmp_path / "certs"), "--nodes", "0"]) == 2
+    assert capsys.readouterr().err == "error: --nodes 0: make at least one SuperNode key pair\n"
+    (tmp_path / "file").write_text("x")
+    assert deploy_main(["certs", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'file'} is a file, not a folder for the certificates\n"
+    assert not (tmp_path / "certs").exists() and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_negative_milestone_is_refused():
+    with pytest.raises(FedLTError, match=r"config key 'centralized.milestones.0' must be >= 0, got -1"):
+        load_config(None, ["centralized.milestones=[-1]"])
