@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
@@ -76,7 +76,7 @@ class FederationConfig(Options):
     rounds: int = Field(20, gt=0, description="federated rounds T")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled per round, in (0, 1]")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")
-    lr_milestones: list[int] = Field(default_factory=list, description="rounds at which a step schedule decays")
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="rounds at which a step schedule decays")
     lr_gamma: float = Field(0.1, gt=0, description="decay factor of the step schedule")
     max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
     failure_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client fails in a round "
@@ -178,16 +178,81 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _BadKey(Exception):
+    """A mapping key of a config file that :class:`_ConfigLoader` refuses: ``line`` (1-based) and what is wrong."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(problem)
+        self.line, self.problem = line, problem
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (YAML 1.1 as before: ``1e-3`` stays a string that the float keys read as a
+    number) whose mappings refuse a key given twice (YAML would keep the last one silently) and a key that is
+    not a name (``1: 2``, ``null: x``, ``yes: 1``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(self, node)
+        return super().construct_mapping(node, deep)
+
+
+def _check_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """Raise :class:`_BadKey` for the first key of ``node`` that is not a string or that it gives twice
+    (``<<`` merge keys aside: the keys written next to them replace the merged ones, as YAML means)."""
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _BadKey(line, "a key is a list or mapping, not a name: config keys are names (key: value)")
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str):
+            raise _BadKey(line, f"key {key_node.value} is not a name (YAML reads it as {type(key).__name__} "
+                                f"{key!r}): config keys are names; quote it if you meant one ('{key_node.value}': ...)")
+        if key in seen:
+            raise _BadKey(line, f"key {key!r} given twice: give it once")
+        seen.add(key)
+
+
+def _key_given_twice(mapping: dict) -> str | None:
+    """The first dotted key that ``mapping`` gives both nested and dotted (``train: {lr: ..}`` and
+    ``train.lr: ..``, e.g. in ``sweep:``), or None."""
+    seen: set[str] = set()
+    for key in _leaves(mapping):
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FedLTError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FedLTError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"save it as UTF-8") from None
+    except OSError as exc:
+        raise FedLTError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.load(text, Loader=_ConfigLoader) or {}
+    except _BadKey as exc:
+        raise FedLTError(f"config file {path} line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise FedLTError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise FedLTError(f"config file {path} must hold a mapping at the top level")
+    try:
+        twice = _key_given_twice(raw)
+    except RecursionError:
+        raise FedLTError(f"config file {path}: a mapping holds itself (an alias *x inside its own anchor &x) "
+                         f"or is nested too deep") from None
+    if twice is not None:
+        raise FedLTError(f"config file {path}: key {twice!r} given twice (nested and dotted): give it once")
     return raw
 
 

@@ -44,6 +44,9 @@ from fedlt.errors import FedLTError
 LOCK = ".lock"
 RESULTS = ("metrics.jsonl", "summary.json", "checkpoint.pt", "done")  # what a fresh start removes
 RECORDS = ("config.yaml", "env.json", "partition.json")  # what --overwrite removes besides
+# What every summary.json holds and the command's table reads; the metrics a number or null.
+SUMMARY_KEYS = ("mode", "method", "group_rule")
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece")
 _held: dict[str, list] = {}  # run directory (resolved) -> [open lock file, depth]: the locks this process holds
 
 
@@ -192,8 +195,8 @@ class RunDir:
         except yaml.YAMLError:
             old = {"config.yaml": "unreadable"}
         diff = first_difference(old, yaml.safe_load(dump_config(cfg)))
-        state = "finished" if self.done else "unfinished"
-        return (f"run directory {self.path} holds a {state} run of another config ({diff}); "
+        state = "a finished" if self.done else "an unfinished"
+        return (f"run directory {self.path} holds {state} run of another config ({diff}); "
                 f"pass --overwrite to replace it, or choose another --out or name=")
 
     def check_config(self, cfg: Any) -> None:
@@ -264,6 +267,21 @@ class RunDir:
         write_atomic(self.path / "done", "")
         self._close_board()
 
+    def read_summary(self) -> dict:
+        """summary.json of a finished run. A file that cannot be read (truncated, not JSON, not an object, without
+        the keys every summary holds) is a one-line :class:`FedLTError` naming it and what to do."""
+        f = self.path / "summary.json"
+        try:
+            summary = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = (str(exc).splitlines() or [type(exc).__name__])[0]
+        else:
+            problem = _summary_problem(summary)
+        if problem:
+            raise FedLTError(f"run {self.path}: summary.json is not readable ({problem}); delete it to finish the "
+                             f"run again from its checkpoint, or delete the run folder to run it over")
+        return summary
+
     def save_checkpoint(self, state: dict) -> None:
         """Write ``state`` atomically to checkpoint.pt. It must hold only tensors and plain Python values
         (:func:`check_plain`), so that :meth:`load_checkpoint` can read it with ``weights_only=True``."""
@@ -309,6 +327,18 @@ class RunDir:
         self.reset()
         for name in RECORDS:
             (self.path / name).unlink(missing_ok=True)
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What keeps ``summary`` (read from summary.json) from being a run's summary, or None."""
+    if not isinstance(summary, dict):
+        return f"a JSON {type(summary).__name__}, not an object"
+    lacks = [k for k in SUMMARY_KEYS + SUMMARY_METRICS if k not in summary]
+    if lacks:
+        return f"lacks {', '.join(lacks)}"
+    bad = [k for k in SUMMARY_METRICS if summary[k] is not None
+           and (not isinstance(summary[k], Real) or isinstance(summary[k], bool))]
+    return f"{bad[0]} is not a number: {summary[bad[0]]!r}"[:200] if bad else None
 
 
 PLAIN = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size, torch.dtype)

@@ -165,8 +165,8 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
         count = f" ({i + 1}/{len(runs)})" if len(combos) > 1 else ""
         run = RunDir(r.path)
         if run.done and run.same_config(r.cfg):
+            summaries[i] = run.read_summary()
             print(f"[{r.mode}] {r.path} already finished; skipped{count}", flush=True)
-            summaries[i] = json.loads((r.path / "summary.json").read_text())
         else:
             todo.append((i, count))
     if jobs > 1 and len(todo) > 1:

@@ -183,3 +183,11 @@ def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]
             seen[key] = PlannedRun(mode, c, path, mine)
             runs.append(seen[key])
     return runs
+
+
+if __name__ == "__main__":  # a library module: sweeps run through fedlt.simulate
+    import sys
+
+    print("error: fedlt.sweep has no command line; run a sweep with python -m fedlt.simulate [--config FILE] "
+          "sweep.KEY=[a,b] ... (or a sweep: mapping in the config file)", file=sys.stderr)
+    sys.exit(2)

@@ -448,3 +448,5 @@ def test_deploy_certs_refuses_no_nodes_and_a_file_for_the_folder(capsys, tmp_pat
 def test_a_negative_milestone_is_refused():
     with pytest.raises(FedLTError, match=r"config key 'centralized.milestones.0' must be >= 0, got -1"):
         load_config(None, ["centralized.milestones=[-1]"])
+    with pytest.raises(FedLTError, match=r"config key 'federation.lr_milestones.1' must be >= 1, got -5"):
+        load_config(None, ["federation.lr_milestones=[3, -5]"])

@@ -118,8 +118,8 @@ def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, mo
     capsys.readouterr()
     assert simulate.main(args + ["centralized.epochs=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    state = "finished" if finished else "unfinished"
-    assert err == [(f"error: run directory runs/c-seed0-cen-ce holds a {state} run of another config "
+    state = "a finished" if finished else "an unfinished"
+    assert err == [(f"error: run directory runs/c-seed0-cen-ce holds {state} run of another config "
                     f"(centralized.epochs: 10.0 there, 3.0 now); pass --overwrite to replace it, or choose another "
                     f"--out or name=")]
     assert calls == ["c-seed0-cen-ce"] and {p.name: p.read_text() for p in path.iterdir() if p.is_file()} == before
