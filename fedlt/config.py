@@ -542,8 +542,12 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (what ``config.yaml`` holds)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
+    """The resolved config as YAML (what ``config.yaml`` holds), loadable again as a ``--config``: with
+    ``train.local_steps`` set, ``train.local_epochs`` (unused) is written null."""
+    data = cfg.model_dump(mode="json", exclude={"sweep"})
+    if data["train"].get("local_steps") is not None:
+        data["train"]["local_epochs"] = None
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def config_from_dict(data: dict) -> Config:

@@ -180,9 +180,18 @@ class RunDir:
     def write_config(self, cfg: dict) -> None:
         write_atomic(self.path / "config.yaml", dump_config(cfg))
 
-    def same_config(self, cfg: dict) -> bool:
+    def same_config(self, cfg: Any) -> bool:
+        """Whether config.yaml holds a run of ``cfg``: the same keys that the run's mode depends on
+        (:func:`run_identity`; a centralized run does not depend on the federated sections)."""
         f = self.path / "config.yaml"
-        return f.is_file() and f.read_text() == dump_config(cfg)
+        return f.is_file() and run_identity(self._recorded_config()) == run_identity(yaml.safe_load(dump_config(cfg)))
+
+    def _recorded_config(self) -> dict:
+        try:
+            old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            old = None
+        return old if isinstance(old, dict) else {"config.yaml": "unreadable"}
 
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
@@ -190,11 +199,7 @@ class RunDir:
         f = self.path / "config.yaml"
         if not f.is_file() or self.same_config(cfg):
             return None
-        try:
-            old = yaml.safe_load(f.read_text())
-        except yaml.YAMLError:
-            old = {"config.yaml": "unreadable"}
-        diff = first_difference(old, yaml.safe_load(dump_config(cfg)))
+        diff = first_difference(run_identity(self._recorded_config()), run_identity(yaml.safe_load(dump_config(cfg))))
         state = "a finished" if self.done else "an unfinished"
         return (f"run directory {self.path} holds {state} run of another config ({diff}); "
                 f"pass --overwrite to replace it, or choose another --out or name=")
@@ -251,11 +256,36 @@ class RunDir:
         ``last + 1`` (``SummaryWriter(purge_step=last + 1)``): TensorBoard drops the earlier files' points
         from that step on and shows each step once, with the resumed run's value."""
         f = self.path / "metrics.jsonl"
-        if f.is_file():
-            rows = [r for r in (json.loads(x) for x in f.read_text().splitlines() if x) if r[key] <= last]
-            write_atomic(f, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        rows = [r for r in self._metric_rows(key) if r[key] <= last]
+        have = [r[key] for r in rows]
+        if have != list(range(last + 1)):  # rows lost or damaged since: the curve cannot be resumed
+            shown = f"{key}s {have[0]}..{have[-1]} of them" if have else "no row"
+            raise FedLTError(f"run {self.path}: metrics.jsonl holds {len(have)} rows ({shown}) before the "
+                             f"checkpoint after {key} {last}, not one per {key} 0..{last}: delete the run folder "
+                             f"to run it over")
+        write_atomic(f, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         self._close_board()
         self._purge_step = last + 1
+
+    def _metric_rows(self, key: str) -> list[dict]:
+        """metrics.jsonl's rows (each written whole, atomically); a line that is not a row with ``key`` (damage
+        from outside) is a one-line :class:`FedLTError` naming it."""
+        f = self.path / "metrics.jsonl"
+        if not f.is_file():
+            return []
+        rows = []
+        for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get(key), int):
+                raise FedLTError(f"run {self.path}: metrics.jsonl line {i} is not a row with its {key} "
+                                 f"({line[:40]!r}): delete the run folder to run it over")
+            rows.append(row)
+        return rows
 
     def _close_board(self) -> None:
         if self._board:
@@ -327,6 +357,20 @@ class RunDir:
         self.reset()
         for name in RECORDS:
             (self.path / name).unlink(missing_ok=True)
+
+
+def run_identity(config: dict) -> dict:
+    """A run's resolved config (config.yaml's mapping) without what its mode does not depend on: the other
+    mode's sections (:data:`fedlt.sweep.FEDERATED_ONLY` / ``CENTRALIZED_ONLY``, as :func:`fedlt.sweep.identity`),
+    and ``train.local_epochs`` where ``train.local_steps`` is set (written 1.0 by earlier versions)."""
+    from fedlt.sweep import CENTRALIZED_ONLY, FEDERATED_ONLY
+
+    ignored = {"federated": CENTRALIZED_ONLY, "centralized": FEDERATED_ONLY}.get(config.get("mode"), ())
+    out = {k: v for k, v in config.items() if k not in ignored}
+    train = out.get("train")
+    if isinstance(train, dict) and train.get("local_steps") is not None:
+        out["train"] = {**train, "local_epochs": None}
+    return out
 
 
 def _summary_problem(summary: Any) -> str | None:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,8 +229,10 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool =
     if in_main:
         signal.signal(signal.SIGINT, on_sigint)
     try:
-        while pending or running:
+        while True:
             stop = interrupts > 0 or stop_requested()
+            if not running and (stop or not pending):  # stopped: the runs not started stay pending
+                break
             while pending and len(running) < jobs and not stop:
                 i, r = pending.pop(0)
                 cfg_file = tmp / f"{i}.yaml"
@@ -264,6 +267,7 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool =
     finally:
         for proc, _, _ in running.values():  # only after an error here: no child outlives the sweep
             proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
         if in_main:
             signal.signal(signal.SIGINT, previous)
     if interrupts or stop_requested():

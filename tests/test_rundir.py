@@ -213,3 +213,59 @@ def test_flowers_per_client_error_logs_are_left_out_unless_verbose():
     assert not keep(record(logging.ERROR, "An exception was raised when processing a message by RayBackend"))
     assert keep(record(logging.ERROR, "Simulation Runtime crashed."))  # the engine's own failures stay
     assert keep(record(logging.WARNING, RuntimeError("x")))
+
+
+def test_a_run_depends_on_its_modes_keys_and_a_resolved_config_loads_again(tmp_path):
+    """config.yaml of a run with train.local_steps loads again as a --config (a --jobs child reads it so); a
+    centralized run is the same run whatever the federated sections say (a sweep over strategies reuses it),
+    not when a key it reads changes; config.yaml of earlier versions (local_epochs 1.0 beside local_steps) too."""
+    import yaml
+
+    from fedlt.config import dump_config
+
+    cfg = load_config(None, ["mode=centralized", "train.local_steps=3", "centralized.epochs=2"])
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "config.yaml").write_text(dump_config(cfg))
+    other = load_config(None, ["mode=centralized", "train.local_steps=3", "centralized.epochs=2",
+                               "strategy.name=fedprox", "federation.rounds=7"])
+    assert run.same_config(other) and run.config_conflict(other) is None
+    changed = load_config(None, ["mode=centralized", "train.local_steps=3", "centralized.epochs=5"])
+    assert not run.same_config(changed) and "centralized.epochs: 2.0 there, 5.0 now" in run.config_conflict(changed)
+    old = yaml.safe_load(dump_config(cfg))
+    old["train"]["local_epochs"] = 1.0
+    (run.path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert run.same_config(cfg)
+    fed = load_config(None, ["mode=federated", "federation.rounds=2"])
+    (run.path / "config.yaml").write_text(dump_config(fed))
+    assert run.same_config(load_config(None, ["mode=federated", "federation.rounds=2", "centralized.epochs=9"]))
+    assert not run.same_config(load_config(None, ["mode=federated", "federation.rounds=3"]))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "first rows lost", "a line cut"])
+def test_resuming_with_damaged_metrics_is_one_line_not_a_curve_with_holes(tmp_path, damage):
+    run = RunDir(tmp_path)
+    for t in range(4):
+        run.append_metrics({"round": t, "accuracy": 0.1 * t})
+    f = tmp_path / "metrics.jsonl"
+    lines = f.read_text().splitlines(keepends=True)
+    if damage == "deleted":
+        f.unlink()
+    elif damage == "emptied":
+        f.write_text("")
+    elif damage == "first rows lost":
+        f.write_text("".join(lines[2:]))
+    else:
+        f.write_text("".join(lines[:2]) + lines[2][:9] + "\n" + lines[3])
+    with pytest.raises(FedLTError, match=r"^run .*: metrics.jsonl .*: delete the run folder to run it over$"):
+        run.truncate_metrics("round", 2)
+
+
+def test_resuming_keeps_the_rows_up_to_the_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    for t in range(5):
+        run.append_metrics({"round": t, "accuracy": 0.1 * t})
+    run.truncate_metrics("round", 2)
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]

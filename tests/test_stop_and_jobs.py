@@ -160,3 +160,17 @@ def test_jobs_2_runs_a_sweep_at_once_with_the_results_of_jobs_1(tmp_path, capfd,
     # the same command again: both finished, skipped without starting a process
     assert simulate.main(["--out", str(tmp_path / "parallel"), "--jobs", "2", *args]) == 0
     assert capfd.readouterr().out.count("already finished; skipped") == 2
+
+
+def test_ctrl_c_on_a_sweep_with_runs_not_started_exits_130(tmp_path):
+    """3 runs, 2 at a time: Ctrl-C stops the 2 running ones after their step; the third is never started and the
+    sweep ends (it waited for a pending run forever before) with the resume command."""
+    args = ["--out", str(tmp_path), "--jobs", "2", "mode=centralized", "centralized.epochs=20", "sweep.seed=[0,1,2]",
+            "train.local_steps=1", *TINY]  # local_steps: the children's config files must load again
+    proc = start(cli(*args))
+    wait_for(proc, "epoch 0/20")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume with" in err
+    assert sum(p.is_dir() for p in tmp_path.iterdir()) == 2  # the third run never started
