@@ -49,7 +49,8 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     """Both trainers on the same 4 clients (each from its own perturbed start); returns their states and
     momentum buffers, per client."""
     name, model_name, server = METHODS[method_key]
-    cfg = load_config(None, [f"client.name={name}", f"model.name={model_name}",
+    strategy = CLIENTS.get(name).strategy or "fedavg"  # a client method that needs its strategy (gbme)
+    cfg = load_config(None, [f"client.name={name}", f"strategy.name={strategy}", f"model.name={model_name}",
                              "train.batch_size=16", "train.weight_decay=0.01", f"train.nesterov={nesterov}"])
     method = CLIENTS.get(name)(cfg)
     torch.manual_seed(0)

@@ -59,16 +59,16 @@ def test_resumed_run_shows_each_step_once(tmp_path):
     replace the old ones in TensorBoard (purge_step), as in metrics.jsonl."""
     pytest.importorskip("tensorboard")
     first = RunDir(tmp_path)
-    for t in (1, 2, 3):
+    for t in (0, 1, 2, 3):  # round 0: the initial model
         first.append_metrics({"round": t, "accuracy": 0.1 * t})
     resumed = RunDir(tmp_path)
     resumed.truncate_metrics("round", 1)
     for t in (2, 3):
         resumed.append_metrics({"round": t, "accuracy": 0.5 + 0.1 * t})
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
-    assert read_scalars(tmp_path)["accuracy"] == pytest.approx({1: 0.1, 2: 0.7, 3: 0.8})
+    assert read_scalars(tmp_path)["accuracy"] == pytest.approx({0: 0.0, 1: 0.1, 2: 0.7, 3: 0.8})
     assert [json.loads(x)["accuracy"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
-        pytest.approx([0.1, 0.7, 0.8])
+        pytest.approx([0.0, 0.1, 0.7, 0.8])
 
 
 def test_reset_removes_event_files(tmp_path):
@@ -86,10 +86,10 @@ def test_without_tensorboard_nothing_written(tmp_path, monkeypatch):
     with pytest.raises(ImportError):
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     run = RunDir(tmp_path)
-    for row in ROWS:
+    for row in [{"round": 0, "accuracy": 0.1}, *ROWS]:
         run.append_metrics(row)
     run.truncate_metrics("round", 1)
     run.append_metrics(ROWS[1])
     run.write_summary({"accuracy": 0.375})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "metrics.jsonl", "summary.json"]
-    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
