@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from fedlt.config import Config
 from fedlt.device import environment, peak_memory
+from fedlt.errors import FedLTError
 from fedlt.evaluation import due, metrics_row, progress_line
 from fedlt.interrupt import RunInterrupted, stop_requested
 from fedlt.rundir import RunDir
@@ -94,8 +95,13 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
         steps.start()
         start, elapsed = 1, 0.0
     else:
-        steps.load_state_dict(ckpt["state"])
-        start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
+        try:
+            steps.load_state_dict(ckpt["state"])
+            start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checkpoint of another kind of run
+            reason = (str(exc).strip().splitlines() or [""])[0][:120]
+            raise FedLTError(f"checkpoint {run.path / 'checkpoint.pt'} does not fit this run "
+                             f"({type(exc).__name__}: {reason}): delete it to start the run over") from None
         meters.update({k: ckpt[k] for k in meters if k in ckpt})
         run.truncate_metrics(steps.unit, ckpt["step"])
         print(f"[{steps.label}] resuming after {steps.unit} {ckpt['step']}", flush=True)

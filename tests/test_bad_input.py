@@ -233,6 +233,24 @@ def test_cifar_batch_label_out_of_range(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+def test_a_checkpoint_of_another_kind_of_run_is_one_line(tmp_path):
+    """A centralized run's checkpoint.pt in a federated run's folder (the config.yaml is the federated one)."""
+    from fedlt.federation.inprocess import run_inprocess
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    cfg = load_config(None, ["mode=federated", f"data.root={tmp_path}", *TINY, "federation.rounds=2",
+                             "train.local_steps=1", "federation.engine=inprocess"])
+    run = RunDir(tmp_path / "run")
+    run_inprocess(cfg, str(run.path))
+    for name in ("summary.json", "done"):
+        (run.path / name).unlink()
+    run.save_checkpoint({"step": 1, "elapsed": 1.0, "state": {"model": {}, "optimizer": {}}})
+    with pytest.raises(FedLTError, match=r"^checkpoint .*checkpoint.pt does not fit this run \(KeyError: .*\): "
+                                         r"delete it to start the run over$"):
+        run_inprocess(cfg, str(run.path))
+
+
 class RunsCode:
     """Unpickling this object runs ``touch <marker>`` (what a replaced checkpoint.pt could do)."""
 
