@@ -62,15 +62,35 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+class WriteFailed(FedLTError, OSError):
+    """A run file could not be written (a full disk, a folder that became read-only): one line naming it. The
+    files written before are whole (every write is atomic), so the same command resumes once it is fixed."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path, tmp: Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` (through ``tmp``) into :class:`WriteFailed`; nothing half-written stays."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save on a full disk raises RuntimeError
+        if isinstance(exc, FedLTError):
+            raise
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WriteFailed(f"cannot write {path} ({reason}); the run's files written before are whole: fix the "
+                          f"disk or folder and run the same command again to resume") from None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: into ``<path>.tmp``, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def finite_json(obj: Any) -> tuple[Any, list[str]]:
@@ -316,10 +336,11 @@ class RunDir:
         """Write ``state`` atomically to checkpoint.pt. It must hold only tensors and plain Python values
         (:func:`check_plain`), so that :meth:`load_checkpoint` can read it with ``weights_only=True``."""
         check_plain(state, "checkpoint")
-        self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path / "checkpoint.pt")
+        with _writing(self.path / "checkpoint.pt", tmp):
+            self.path.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            os.replace(tmp, self.path / "checkpoint.pt")
 
     def load_checkpoint(self) -> dict | None:
         """checkpoint.pt, or None where there is none. Read with ``torch.load(..., weights_only=True)``: tensors

@@ -269,3 +269,31 @@ def test_resuming_keeps_the_rows_up_to_the_checkpoint(tmp_path):
         run.append_metrics({"round": t, "accuracy": 0.1 * t})
     run.truncate_metrics("round", 2)
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    run = RunDir(tmp_path)
+    run.append_metrics({"round": 0, "accuracy": 0.5})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(FedLTError, match=r"^cannot write .*metrics.jsonl \(No space left on device\); the run's "
+                                         r"files written before are whole"):
+        run.append_metrics({"round": 1, "accuracy": 0.75})
+    monkeypatch.undo()
+
+    def cut(obj, f):  # what torch.save raises when the disk fills mid-file
+        open(f, "wb").write(b"PK\x03")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64")
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(FedLTError, match=r"^cannot write .*checkpoint.pt \(\[enforce fail"):
+        run.save_checkpoint({"step": 1, "elapsed": 1.0, "state": {}})
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 0, "accuracy": 0.5}\n'
