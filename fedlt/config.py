@@ -76,7 +76,8 @@ class FederationConfig(Options):
     rounds: int = Field(20, gt=0, description="federated rounds T")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of the clients sampled per round, in (0, 1]")
     lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")
-    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="rounds at which a step schedule decays")
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list,
+                                                             description="rounds at which a step schedule decays")
     lr_gamma: float = Field(0.1, gt=0, description="decay factor of the step schedule")
     max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
     failure_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client fails in a round "

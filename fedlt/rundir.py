@@ -203,23 +203,30 @@ class RunDir:
     def same_config(self, cfg: Any) -> bool:
         """Whether config.yaml holds a run of ``cfg``: the same keys that the run's mode depends on
         (:func:`run_identity`; a centralized run does not depend on the federated sections)."""
-        f = self.path / "config.yaml"
-        return f.is_file() and run_identity(self._recorded_config()) == run_identity(yaml.safe_load(dump_config(cfg)))
+        if not (self.path / "config.yaml").is_file():
+            return False
+        recorded, wanted = self._identities(cfg)
+        return recorded == wanted
 
-    def _recorded_config(self) -> dict:
+    def _identities(self, cfg: Any) -> tuple[dict, dict]:
+        """:func:`run_identity` of config.yaml (``{"config.yaml": "unreadable"}`` where it cannot be read) and of
+        ``cfg`` written as config.yaml would be."""
         try:
             old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             old = None
-        return old if isinstance(old, dict) else {"config.yaml": "unreadable"}
+        recorded = old if isinstance(old, dict) else {"config.yaml": "unreadable"}
+        return run_identity(recorded), run_identity(yaml.safe_load(dump_config(cfg)))
 
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
         line naming the directory and the first key (of the resolved config.yaml) that differs."""
-        f = self.path / "config.yaml"
-        if not f.is_file() or self.same_config(cfg):
+        if not (self.path / "config.yaml").is_file():
             return None
-        diff = first_difference(run_identity(self._recorded_config()), run_identity(yaml.safe_load(dump_config(cfg))))
+        recorded, wanted = self._identities(cfg)
+        if recorded == wanted:
+            return None
+        diff = first_difference(recorded, wanted)
         state = "a finished" if self.done else "an unfinished"
         return (f"run directory {self.path} holds {state} run of another config ({diff}); "
                 f"pass --overwrite to replace it, or choose another --out or name=")
@@ -382,11 +389,11 @@ class RunDir:
 
 def run_identity(config: dict) -> dict:
     """A run's resolved config (config.yaml's mapping) without what its mode does not depend on: the other
-    mode's sections (:data:`fedlt.sweep.FEDERATED_ONLY` / ``CENTRALIZED_ONLY``, as :func:`fedlt.sweep.identity`),
-    and ``train.local_epochs`` where ``train.local_steps`` is set (written 1.0 by earlier versions)."""
-    from fedlt.sweep import CENTRALIZED_ONLY, FEDERATED_ONLY
+    mode's sections (:func:`fedlt.sweep.other_mode_sections`, as :func:`fedlt.sweep.identity`), and
+    ``train.local_epochs`` where ``train.local_steps`` is set (written 1.0 by earlier versions)."""
+    from fedlt.sweep import other_mode_sections
 
-    ignored = {"federated": CENTRALIZED_ONLY, "centralized": FEDERATED_ONLY}.get(config.get("mode"), ())
+    ignored = other_mode_sections(config.get("mode"))
     out = {k: v for k, v in config.items() if k not in ignored}
     train = out.get("train")
     if isinstance(train, dict) and train.get("local_steps") is not None:

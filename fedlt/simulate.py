@@ -97,16 +97,18 @@ def check_steps(cfg: Config, exp) -> None:
     """A fraction of an epoch that rounds to no step at all: centralized ``epochs`` below one batch is a one-line
     error (the run would train nothing and report the initial model), as are federated ``train.local_epochs``
     that give no client a step; where only some clients get none, one warning line says how many."""
+    from fedlt.centralized.run import centralized_optim
+    from fedlt.train import epoch_steps, steps_per_epoch
+
     if cfg.mode in ("centralized", "both"):
-        batch = cfg.centralized.batch_size or cfg.train.batch_size
-        per_epoch = math.ceil(len(exp.train) / batch)
-        if round(min(1.0, cfg.centralized.epochs) * per_epoch) == 0:
+        batch, n = centralized_optim(cfg).batch_size, len(exp.train)
+        if epoch_steps(n, batch, min(1.0, cfg.centralized.epochs)) == 0:  # its first (partial) epoch
             raise FedLTError(f"config key 'centralized.epochs' ({cfg.centralized.epochs:g}) is less than one batch "
-                             f"of the {len(exp.train)} training images at batch {batch}: give at least "
-                             f"{0.5 / per_epoch:.3g}")
+                             f"of the {n} training images at batch {batch}: give at least "
+                             f"{0.5 / steps_per_epoch(n, batch):.3g}")
     if cfg.mode in ("federated", "both") and cfg.train.local_steps is None:
         batch, epochs = cfg.train.batch_size, cfg.train.local_epochs
-        idle = sum(round(epochs * math.ceil(len(p) / batch)) == 0 for p in exp.parts)
+        idle = sum(epoch_steps(len(p), batch, epochs) == 0 for p in exp.parts)
         if idle == len(exp.parts):
             raise FedLTError(f"config key 'train.local_epochs' ({epochs:g}) gives no client a local step (the "
                              f"largest holds {max(len(p) for p in exp.parts)} images at batch {batch}): raise it or "
@@ -356,14 +358,14 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     from fedlt.config import federated_method
     from fedlt.evaluation import due
     from fedlt.experiment import model_for
+    from fedlt.train import epoch_steps, steps_per_epoch
 
     if mode == "federated":
         t, fed = cfg.train, cfg.federation
         k = cfg.partition.num_clients
         cohort = max(1, round(fed.fraction * k))
         sizes = exp.partition_counts().sum(1)
-        local = np.array([t.local_steps or round(t.local_epochs * max(1, math.ceil(n / t.batch_size)))
-                          for n in sizes])
+        local = np.array([t.local_steps or epoch_steps(n, t.batch_size, t.local_epochs) for n in sizes])
         step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
         evals = sum(due(r, fed.rounds, cfg.eval.every) for r in range(1, fed.rounds + 1))
         seconds = fed.rounds * cohort * float(local.mean()) * step + evals * evaluation
@@ -377,7 +379,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     method = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
     bs = centralized_optim(cfg).batch_size
     epochs = math.ceil(cfg.centralized.epochs) + method.stage2_epochs()
-    per_epoch = max(1, math.ceil(len(exp.train) / bs))
+    per_epoch = steps_per_epoch(len(exp.train), bs)
     step, evaluation = time_model(cfg, exp, method.build_model(exp), bs, cache)
     evals = sum(due(e, epochs, cfg.eval.every) for e in range(1, epochs + 1))
     what = (f"centralized {cfg.centralized.method}: {epochs} epochs × {per_epoch} steps (batch {bs}) = "

@@ -32,6 +32,12 @@ from fedlt.errors import FedLTError
 
 FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
 CENTRALIZED_ONLY = ("centralized",)
+
+
+def other_mode_sections(mode: str) -> tuple[str, ...]:
+    """The config sections a run of ``mode`` does not depend on (the other mode's; none for another mode)."""
+    return {"federated": CENTRALIZED_ONLY, "centralized": FEDERATED_ONLY}.get(mode, ())
+
 # Short names of keys in run directory names; other keys use their last part.
 SHORT = {"data.imbalance_factor": "if", "partition.num_clients": "clients", "data.name": "data",
          "model.name": "model", "strategy.name": "", "centralized.method": ""}
@@ -145,14 +151,12 @@ def run_name(name: str, mode: str, cfg: Config, values: dict[str, Any], short: d
 
 
 def _relevant(mode: str, key: str) -> bool:
-    ignored = CENTRALIZED_ONLY if mode == "federated" else FEDERATED_ONLY
-    return key.split(".")[0] not in ignored
+    return key.split(".")[0] not in other_mode_sections(mode)
 
 
 def identity(mode: str, cfg: Config) -> str:
     """What the run of ``mode`` depends on: its config without the other mode's sections."""
-    ignored = CENTRALIZED_ONLY if mode == "federated" else FEDERATED_ONLY
-    return json.dumps(cfg.model_dump(mode="json", exclude=set(ignored)), sort_keys=True)
+    return json.dumps(cfg.model_dump(mode="json", exclude=set(other_mode_sections(mode))), sort_keys=True)
 
 
 def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]:

@@ -148,6 +148,17 @@ def prepare_batch(data: TensorData, idx: torch.Tensor, augment: Augment | None,
     return x, data.labels[idx]
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one pass over ``n`` samples: ⌈n / batch_size⌉ (at least 1)."""
+    return max(1, math.ceil(n / batch_size))
+
+
+def epoch_steps(n: int, batch_size: int, epochs: float) -> int:
+    """Steps of ``epochs`` passes over ``n`` samples, as :func:`batch_schedule` counts them: round(epochs · ⌈n/B⌉)
+    (0 for a fraction of an epoch below half a batch)."""
+    return round(epochs * steps_per_epoch(n, batch_size))
+
+
 def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
                    generator: torch.Generator, augment: Augment | None, sampler: Sampler = instance_balanced_sampler,
                    start_epoch: float = 0.0, total_epochs: float | None = None
@@ -158,9 +169,9 @@ def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, 
     yields no batch of two samples ends the schedule (there is nothing to train). :func:`train` and the fused
     trainer (:mod:`fedlt.federation.fused`) both draw their steps from here."""
     n, bs = len(data), opt.batch_size
-    steps_per_epoch = max(1, math.ceil(n / bs))
-    total_steps = steps if steps is not None else round(epochs * steps_per_epoch)
-    total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / steps_per_epoch
+    per_epoch = steps_per_epoch(n, bs)
+    total_steps = steps if steps is not None else epoch_steps(n, bs, epochs)
+    total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / per_epoch
     step, epoch = 0, 0
     while step < total_steps:
         order = sampler(data.labels.cpu(), generator, int(start_epoch) + epoch)
@@ -172,7 +183,7 @@ def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, 
             if len(idx) < 2:
                 continue
             x, y = prepare_batch(data, idx, augment, generator)
-            yield x, y, opt.lr_at(start_epoch + step / steps_per_epoch, total_epochs)
+            yield x, y, opt.lr_at(start_epoch + step / per_epoch, total_epochs)
             step += 1
         if step == before:
             return

@@ -25,11 +25,12 @@ Objectives unchanged: each client's objective is built by its method from the mo
 global weights (FedProx clones them, GBME freezes the other experts); it is then called with a
 :class:`_ClientView` of client j: ``view(x)``, ``view.expert_logits(x)`` and ``view.expert_forward(x, m)``
 return client j's slice of ONE vmapped forward pass of the whole group (computed on first use in the step,
-shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields client j's slices of the stacked parameters (the
-proximal term). The group's loss is Σ_j L_j, so the gradient reaching client j's slice is ∇L_j exactly. An
-objective that asks the view for anything else (another attribute, a forward of a changed batch such as
-mixup's, a second forward in one step, which would update BatchNorm twice) raises :class:`NotFusable` and the group falls back to the
-ClientApp. fedavg, fedprox, fedlc, local_loss and gbme (joint and expert phases) all fuse.
+shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields
+client j's slices of the stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
+reaching client j's slice is ∇L_j exactly. An objective that asks the view for anything else (another
+attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
+BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox,
+fedlc, local_loss, fedetf and gbme (joint and expert phases) all fuse.
 
 Same random streams: client j's batches come from :func:`fedlt.train.batch_schedule`, the loop of
 :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the same

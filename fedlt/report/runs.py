@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fedlt.sweep import CENTRALIZED_ONLY, FEDERATED_ONLY, flatten
+from fedlt.sweep import flatten, other_mode_sections
 
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
@@ -56,7 +56,7 @@ class Run:
         """The flattened config that decides the result, without the seed and bookkeeping. A centralized
         run ignores the federated sections (partition, federation, strategy, client), as in
         :mod:`fedlt.sweep`."""
-        ignored = CENTRALIZED_ONLY if self.mode == "federated" else FEDERATED_ONLY
+        ignored = other_mode_sections(self.mode)
         flat = flatten({k: v for k, v in self.config.items() if k not in ignored})
         return {k: v for k, v in flat.items() if not _bookkeeping(k)}
 
