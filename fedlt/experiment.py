@@ -123,6 +123,12 @@ def build_experiment(cfg: Config) -> Experiment:
     if data.profile != "none":
         train = train.subset(longtail_subset(cfg, train.labels, train.num_classes))
     train, test = train.materialize(), test.materialize()
+    if train.images.shape[1:] != test.images.shape[1:]:  # a model would test on another resolution than it trained
+        c, h, w = train.images.shape[1:]
+        tc, th, tw = test.images.shape[1:]
+        raise FedLTError(f"data set {data.name}: the training images are {c}×{h}×{w}, the test images "
+                         f"{tc}×{th}×{tw}; both splits must have one size (for a file list, set data.image_size to "
+                         f"resize them)")
     parts = partition_labels(cfg, train.labels)
     channels = train.images.shape[1]
     mean = torch.tensor(meta.get("mean", (0.5,) * channels), dtype=torch.float32)

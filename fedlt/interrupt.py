@@ -12,6 +12,7 @@ ServerApp's thread while the signal handler runs in the main thread.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,18 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
     _stop.set()
     print("\nstopping after the current step (Ctrl-C again to abort at once) ...", file=sys.stderr, flush=True)
+
+
+def _exit_while_starting(signum: int, frame: object) -> None:
+    print("interrupted before the run started", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
+def exit_on_sigint_while_starting() -> None:
+    """Until :func:`install_stop_handler` replaces it: SIGINT ends the process at once with 130 and one line, not
+    a ``KeyboardInterrupt`` traceback from whatever module was being imported (a ``--jobs`` child told to stop
+    while it starts). Nothing has run yet, so there is nothing to checkpoint."""
+    signal.signal(signal.SIGINT, _exit_while_starting)
 
 
 def stop_handler_installed() -> bool:

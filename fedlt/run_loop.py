@@ -27,7 +27,7 @@ from fedlt.device import environment, peak_memory
 from fedlt.errors import FedLTError
 from fedlt.evaluation import due, metrics_row, progress_line
 from fedlt.interrupt import RunInterrupted, stop_requested
-from fedlt.rundir import RunDir
+from fedlt.rundir import RunDir, config_digest
 
 
 class Steps(Protocol):
@@ -86,6 +86,7 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: 
 
 def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: Any) -> dict:
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
+    digest = config_digest(cfg)
     meters = {"train_seconds": 0.0, "train_images": 0}  # time in steps.step() and the images it trained on
     if ckpt is None:
         run.reset()
@@ -95,6 +96,9 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
         steps.start()
         start, elapsed = 1, 0.0
     else:
+        if ckpt.get("config", digest) != digest:  # copied in from another run (older checkpoints lack the key)
+            raise FedLTError(f"checkpoint {run.path / 'checkpoint.pt'} was written by a run of another config than "
+                             f"the folder's config.yaml: delete it to start the run over")
         try:
             steps.load_state_dict(ckpt["state"])
             start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
@@ -129,7 +133,8 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
                             fields.get("train_loss"), elapsed, elapsed / t * (steps.total - t)), flush=True)
         stop = stop_requested() and t < steps.total
         if due(t, steps.total, steps.checkpoint_every) or stop:
-            run.save_checkpoint({"step": t, "elapsed": elapsed, "state": steps.state_dict(), **meters})
+            run.save_checkpoint({"step": t, "elapsed": elapsed, "config": digest, "state": steps.state_dict(),
+                                 **meters})
         if stop:
             raise RunInterrupted(f"[{steps.label}] stopped after {steps.unit} {t}/{steps.total}; "
                                  f"checkpoint: {run.path / 'checkpoint.pt'}")

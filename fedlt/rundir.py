@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -399,6 +400,13 @@ def run_identity(config: dict) -> dict:
     if isinstance(train, dict) and train.get("local_steps") is not None:
         out["train"] = {**train, "local_epochs": None}
     return out
+
+
+def config_digest(cfg: Any) -> str:
+    """A short hash of :func:`run_identity` of ``cfg`` written as config.yaml would be: a checkpoint records the
+    config that wrote it, so that one copied in from a run of another config is refused, not resumed."""
+    identity = run_identity(yaml.safe_load(dump_config(cfg)))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _summary_problem(summary: Any) -> str | None:

@@ -39,7 +39,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from fedlt.interrupt import exit_on_sigint_while_starting
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below run: exit 130 without a traceback
+    exit_on_sigint_while_starting()
+
+import numpy as np  # noqa: E402
 
 from fedlt.config import Config, dump_config
 from fedlt.errors import ClientFailure, FedLTError

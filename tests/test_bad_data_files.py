@@ -104,6 +104,14 @@ def test_flat_idx_images_stop_before_training(capsys, tmp_path):
                            f"expected 3-D (images × rows × columns)")
 
 
+def test_idx_images_that_are_not_28_by_28(capsys, tmp_path):
+    """32×32 test images used to be evaluated on a model trained on 28×28 ones (small_cnn pools them adaptively)."""
+    write_fashion(tmp_path, test_images=np.zeros((10, 32, 32)))
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}")
+    assert line == (f"malformed Fashion-MNIST: {tmp_path / 't10k-images-idx3-ubyte.gz'} holds 32×32 images, not "
+                    f"28×28; use the IDX files of Fashion-MNIST as published")
+
+
 @pytest.mark.parametrize("split,prefix", [("test", "t10k"), ("train", "train")])
 def test_empty_idx_split_is_refused(capsys, tmp_path, split, prefix):
     """An empty test split used to finish with accuracy null in summary.json."""
@@ -175,6 +183,22 @@ def test_zero_byte_image(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ image size
+def test_file_list_splits_of_two_image_sizes(capsys, tmp_path):
+    """Without data.image_size each split kept its own size: a model trained on 8×8 images was tested on 16×16."""
+    from torchvision.io import write_png
+
+    write_pngs(tmp_path)
+    for i in range(4):
+        write_png(torch.full((3, 16, 16), 9, dtype=torch.uint8), str(tmp_path / f"big{i}.png"))
+    write_list(tmp_path / "test.txt", [f"big{i}.png {i}" for i in range(4)])
+    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.cache=false",
+                   "data.profile=none", "partition.num_clients=2", "partition.min_size=1")
+    assert line == ("data set cifar10_files: the training images are 3×8×8, the test images 3×16×16; both splits "
+                    "must have one size (for a file list, set data.image_size to resize them)")
+    assert main(["--dry-run", "--config", DEFAULT, *TINY, "data.name=cifar10_files", f"data.root={tmp_path}",
+                 "data.cache=false", "partition.min_size=1", "data.image_size=8"]) == 0
+
+
 @pytest.mark.parametrize("size", [1, 3])
 def test_image_size_too_small_for_the_model(capsys, tmp_path, size):
     """It used to reach max_pool2d's 'Output size is too small' in training; 4×4, the least small_cnn takes, is

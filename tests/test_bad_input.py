@@ -251,6 +251,29 @@ def test_a_checkpoint_of_another_kind_of_run_is_one_line(tmp_path):
         run_inprocess(cfg, str(run.path))
 
 
+def test_a_checkpoint_of_a_run_of_another_config_is_refused_not_resumed(tmp_path):
+    """The same kind of run and the same shapes, another learning rate: its checkpoint.pt copied into this run's
+    folder would load; the config it records says it is not this run's."""
+    from fedlt.federation.inprocess import run_inprocess
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    base = ["mode=federated", f"data.root={tmp_path}", *TINY, "federation.rounds=2", "train.local_steps=1",
+            "federation.engine=inprocess"]
+    this, other = (RunDir(tmp_path / name) for name in ("this", "other"))
+    run_inprocess(load_config(None, base), str(this.path))
+    run_inprocess(load_config(None, [*base, "train.lr=0.5"]), str(other.path))
+    for name in ("summary.json", "done"):
+        (this.path / name).unlink()
+    kept = this.load_checkpoint()
+    shutil.copy(other.path / "checkpoint.pt", this.path / "checkpoint.pt")
+    with pytest.raises(FedLTError, match=r"^checkpoint .*this/checkpoint.pt was written by a run of another config "
+                                         r"than the folder's config.yaml: delete it to start the run over$"):
+        run_inprocess(load_config(None, base), str(this.path))
+    this.save_checkpoint(kept)  # its own checkpoint back: the run finishes from it
+    assert run_inprocess(load_config(None, base), str(this.path))["accuracy"] is not None
+
+
 class RunsCode:
     """Unpickling this object runs ``touch <marker>`` (what a replaced checkpoint.pt could do)."""
 

@@ -76,6 +76,27 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path):
     assert [r["epoch"] for r in rows(run)] == list(range(21)) and (run / "done").is_file()
 
 
+STARTING = """
+import os, runpy, signal, sys
+
+class CtrlCOnImport:  # Ctrl-C arrives while fedlt.simulate imports numpy (a --jobs child stopped as it starts)
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlCOnImport())
+sys.argv = ["fedlt.simulate", "--list"]
+runpy.run_module("fedlt.simulate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_the_command_starts_exits_130_without_traceback():
+    """It used to end in a KeyboardInterrupt traceback from the module being imported."""
+    p = subprocess.run([sys.executable, "-c", STARTING], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "interrupted before the run started\n", "")
+
+
 def test_second_ctrl_c_aborts_without_traceback(tmp_path):
     proc = start(cli("--out", str(tmp_path), "mode=centralized", "centralized.epochs=20", *TINY))
     wait_for(proc, "epoch 0/20")

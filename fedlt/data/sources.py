@@ -156,6 +156,9 @@ def load_fashion_mnist(root: str | None = None) -> dict[str, Split]:
         check_labels(labels, 10, str(label_file))
         if len(images) != len(labels):
             raise FedLTError(f"malformed Fashion-MNIST at {root_path}: {len(images)} images but {len(labels)} labels")
+        if images.shape[1:] != (28, 28):
+            raise FedLTError(f"malformed Fashion-MNIST: {image_file} holds {images.shape[1]}×{images.shape[2]} "
+                             f"images, not 28×28; use the IDX files of Fashion-MNIST as published")
         _check_not_empty(len(images), image_file, split)
         splits[split] = Split(labels, 10, torch.from_numpy(images.copy()).unsqueeze(1), class_names=FASHION_MNIST_CLASSES)
     return splits
