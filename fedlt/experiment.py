@@ -89,7 +89,12 @@ def longtail_subset(cfg: Config, labels: np.ndarray, num_classes: int) -> np.nda
     meta = DATASETS.meta[data.name] if data.name in DATASETS else {}
     n_max = meta.get("n_max") or int(np.bincount(labels, minlength=num_classes).max())
     counts = longtail_counts(n_max, num_classes, data.imbalance_factor, data.profile)
-    return longtail_indices(labels, counts, seeded_rng(cfg.seed, Stream.LONGTAIL))
+    try:
+        return longtail_indices(labels, counts, seeded_rng(cfg.seed, Stream.LONGTAIL))
+    except FedLTError as exc:  # the usual cause: a list that is long-tailed already (ImageNet-LT, Places-LT, iNat)
+        raise FedLTError(f"{exc} (data.profile={data.profile}, data.imbalance_factor={data.imbalance_factor:g}, "
+                         f"n_max={n_max}); a training set that is long-tailed already takes data.profile=none"
+                         ) from None
 
 
 def partition_labels(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:

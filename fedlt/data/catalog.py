@@ -33,7 +33,7 @@ DATASETS.register("cifar10", partial(_cifar, 10), num_classes=10, n_max=5000, mo
 DATASETS.register("cifar100", partial(_cifar, 100), num_classes=100, n_max=500, model="resnet32", channels=3,
                   **CIFAR100)
 # Image root + file list: ImageNet-LT / Places-LT / iNaturalist-2018 lists, or the CIFAR-10 JPEG copy.
-# Their lists are long-tailed already (imbalance_factor is ignored unless the list is balanced).
+# Their lists are long-tailed already: they take data.profile=none (the default exp profile would cut them).
 DATASETS.register("file_list", _file_list, options=FileListOptions, num_classes=None, n_max=None, model="resnet18", channels=3, **IMAGENET)
 DATASETS.register("cifar10_files", partial(_file_list, 10), options=FileListOptions, num_classes=10, n_max=5000, model="resnet32", channels=3, **CIFAR10)
 DATASETS.register("imagenet_lt", partial(_file_list, 1000), options=FileListOptions, num_classes=1000, n_max=None, model="resnet50", channels=3, **IMAGENET)
