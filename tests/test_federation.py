@@ -243,6 +243,22 @@ def test_fedavg_aggregate_is_the_weighted_mean(message_identity):
     assert metrics["train_loss"] == pytest.approx(expected)
 
 
+def test_fedavg_aggregate_keeps_dtypes_and_rounds_integer_buffers(message_identity):
+    """Weights 59, 59, 7 of a num_batches_tracked of 50: Flower's float mean is 49.999…, which a cast truncates
+    to 49; the aggregate keeps every array's dtype, the integer buffer rounded."""
+    strategy = FedLTStrategy(small_cfg(), 10)
+
+    def bn_reply(pid: int, n: int) -> Message:
+        msg = reply(pid, n, 1.0)
+        msg.content["arrays"] = ArrayRecord({"w": torch.full((2, 2), 1.0), "num_batches_tracked": torch.tensor(50)})
+        return msg
+
+    arrays, _ = strategy.aggregate_train(1, [bn_reply(0, 59), bn_reply(1, 59), bn_reply(2, 7)])
+    state = arrays.to_torch_state_dict()
+    assert state["num_batches_tracked"].dtype == torch.int64 and state["num_batches_tracked"].item() == 50
+    assert state["w"].dtype == torch.float32 and torch.allclose(state["w"], torch.ones(2, 2))
+
+
 def test_cohorts_are_seeded_distinct_and_sized():
     a = sample_cohort(0, 5, 100, 0.2)
     assert a == sample_cohort(0, 5, 100, 0.2) and len(a) == 20 and len(set(a)) == 20

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 
 def to_cpu(value: torch.Tensor | np.ndarray | list) -> torch.Tensor:
@@ -33,6 +33,21 @@ def load_into(model: torch.nn.Module, arrays: ArrayRecord) -> torch.nn.Module:
     state = {k: v.to(own[k].dtype) for k, v in to_state(arrays).items()}
     model.load_state_dict(state)
     return model
+
+
+def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` (an aggregate) with each array back in the dtype of the same key in ``like`` (a reply's),
+    in place. Flower's weighted mean Σ_k (n_k/Σ n_j)·a_k turns an integer array (BatchNorm's
+    ``num_batches_tracked``) into float64, which a later cast truncates (49.999… -> 49): an integer array
+    is rounded to the nearest integer instead (as LFME's :func:`strategies.lfme.weighted_average`)."""
+    for key, ref in like.items():
+        if key not in arrays:
+            continue
+        dtype, value = ref.numpy().dtype, arrays[key].numpy()
+        if value.dtype != dtype:
+            value = np.rint(value) if np.issubdtype(dtype, np.integer) else value
+            arrays[key] = Array(np.asarray(value).astype(dtype))
+    return arrays
 
 
 def metric_record(values: dict) -> MetricRecord:

@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config
 from fedlt.errors import ClientFailure, FedLTError
+from fedlt.federation.records import keep_dtypes
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
 
@@ -242,8 +243,12 @@ class FedLTStrategy(FedAvg):
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate replies already checked (:meth:`check_replies`): Flower's rule of this class's bases."""
-        return super().aggregate_train(server_round, replies)
+        """Aggregate replies already checked (:meth:`check_replies`): Flower's rule of this class's bases, each
+        array back in its replies' dtype (an integer buffer rounded, :func:`~fedlt.federation.records.keep_dtypes`)."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and replies:
+            keep_dtypes(arrays, replies[0].content[self.arrayrecord_key])
+        return arrays, metrics
 
     def summary(self) -> None:  # Flower's log summary; fedlt prints its own progress
         pass
