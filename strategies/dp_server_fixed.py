@@ -2,8 +2,9 @@
 ``DifferentialPrivacyServerSideFixedClipping``; fedlt/federation/dp.py has Opacus' accountant):
 ``strategy.name=dp_server_fixed strategy.base=fedavg strategy.clipping_norm=1 strategy.noise_multiplier=1``.
 Every aggregation of the base (each of GBME's sub-rounds too) clips each reply's update w_k − w_t to norm C,
-takes the mean (uniform weights by default) and adds N(0, (σ·C/S)²). summary.json gets ``privacy``:
-(ε, δ = 1/K unless ``delta`` > 0) from the RDP accountant."""
+takes the mean (uniform weights by default) and adds N(0, (σ·C/S)²). Integer arrays (BatchNorm's step
+counters) are held at w_t's in every reply first (fedlt/federation/dp.py ``hold_counters``). summary.json gets
+``privacy``: (ε, δ = 1/K unless ``delta`` > 0) from the RDP accountant."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedlt.config import Config
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DPOptions, epsilon
+from fedlt.federation.dp import DPOptions, epsilon, hold_counters
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, seeded_rng
 
@@ -47,9 +48,11 @@ class DPServerFixed(StrategyWrapper):
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.opts.uniform_weights:
-            for r in replies:
+        for r in replies:
+            if self.opts.uniform_weights:
                 r.content["metrics"][self.weighted_by_key] = 1
+            if self.current is not None:  # step counters are no part of the clipped update
+                hold_counters(r.content[self.arrayrecord_key], self.current)
         dp = self.flower_wrapper(_Inner(self.base.aggregate_checked), self.opts.noise_multiplier,
                                  self.opts.clipping_norm, self.sampled)
         dp.current_arrays = self.current

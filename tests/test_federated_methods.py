@@ -328,6 +328,42 @@ def test_dp_without_opacus_is_a_one_line_error_when_the_config_is_read(monkeypat
     assert load_config(None, ["strategy.name=fedavg"]).strategy.name == "fedavg"  # other runs do not need it
 
 
+def test_dp_server_fixed_clips_averages_and_adds_noise_by_hand(message_identity):
+    """Flower's server-side fixed clipping: w_t + mean_k(Δ_k·min(1, C/‖Δ_k‖)) + N(0, (σ·C/S)²), S the clients
+    sent to; a BatchNorm step counter is held at w_t's (it counted in ‖Δ‖ and scaled a 0.14 update by 1/50)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedlt.registry import STRATEGIES
+
+    def make(sigma: float):
+        s = STRATEGIES.get("dp_server_fixed")(load_config(None, [
+            "strategy.name=dp_server_fixed", "strategy.clipping_norm=1", f"strategy.noise_multiplier={sigma}"]), 10)
+        s.bind({0: 100, 1: 101})
+        s.begin_round(1)
+        return s
+
+    w0 = {"w": torch.zeros(2), "num_batches_tracked": torch.tensor(0)}
+
+    def reply(pid: int, n: int, w: list[float], size: int = 2) -> Message:
+        arrays = {"w": torch.tensor(w), "num_batches_tracked": torch.tensor(50)} if size == 2 else \
+            {"w": torch.full((size,), w[0]), "num_batches_tracked": torch.tensor(50)}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(
+            {"num-examples": n, "partition-id": pid, "train_loss": 0.0})}), dst_node_id=0, message_type="train")
+
+    s = make(0.0)
+    s.messages([0, 1], ArrayRecord(w0), ConfigRecord({}), "train", 1)
+    out, _ = s.aggregate_train(1, [reply(0, 10, [0.1, 0.0]), reply(1, 30, [3.0, 4.0])])  # ‖Δ‖ = 0.1 and 5
+    state = out.to_torch_state_dict()
+    # uniform weights: (0.1 + 3/5) / 2 and (0 + 4/5) / 2; the counter stays w_t's
+    assert torch.allclose(state["w"], torch.tensor([0.35, 0.4])) and state["num_batches_tracked"].item() == 0
+    s = make(1.0)  # noise std σ·C/S = 1/2 on every entry of the mean
+    big = {"w": torch.zeros(20000), "num_batches_tracked": torch.tensor(0)}
+    s.messages([0, 1], ArrayRecord(big), ConfigRecord({}), "train", 1)
+    out, _ = s.aggregate_train(1, [reply(0, 1, [1e-3], 20000), reply(1, 1, [1e-3], 20000)])  # ‖Δ‖ < C
+    assert out["w"].numpy().mean() == pytest.approx(1e-3, abs=0.02) and out["w"].numpy().std() == pytest.approx(
+        0.5, rel=0.03)
+
+
 # --------------------------------------------------------------------------- composed run: DP ∘ posthoc ∘ CCVR ∘ FedLC
 @pytest.fixture(scope="module")
 def composed_run(tiny_lists, tmp_path_factory):
@@ -374,8 +410,10 @@ def test_client_clipping_mod_clips_train_updates_that_ask_for_it(message_identit
 
     from fedlt.federation.dp import client_clipping_mod
 
-    w0 = {"a": torch.zeros(3), "b": torch.ones(2)}
-    update = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 4.0])}  # ‖Δ‖ = 5
+    w0 = {"a": torch.zeros(3), "b": torch.ones(2), "num_batches_tracked": torch.tensor(7)}
+    # ‖Δ‖ = 5; a BatchNorm step counter is no weight: it stays w_t's and out of the norm
+    update = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 4.0]),
+              "num_batches_tracked": torch.tensor(50)}
 
     def call(message_type: str, config: dict) -> dict:
         msg = Message(RecordDict({"arrays": ArrayRecord(w0), "config": ConfigRecord(config)}),
@@ -391,7 +429,7 @@ def test_client_clipping_mod_clips_train_updates_that_ask_for_it(message_identit
 
     clipped = call("train", {KEY_CLIPPING_NORM: 1.0, "lr": 0.1})
     assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0, 0.0]))  # Δ · 1/5
-    assert torch.allclose(clipped["b"], torch.tensor([1.0, 1.8]))
+    assert torch.allclose(clipped["b"], torch.tensor([1.0, 1.8])) and clipped["num_batches_tracked"].item() == 7
     assert torch.allclose(call("train", {KEY_CLIPPING_NORM: 10.0})["a"], update["a"])  # ‖Δ‖ < C: unchanged
     assert torch.allclose(call("train", {"lr": 0.1})["a"], update["a"])  # no DP asked: untouched
     assert torch.allclose(call("query", {KEY_CLIPPING_NORM: 1.0})["a"], update["a"])  # only train replies

@@ -34,7 +34,7 @@ import math
 import warnings
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key Flower's mods read
 from pydantic import Field, model_validator
@@ -76,10 +76,30 @@ def epsilon(q: float, sigma: float, steps: int, delta: float, orders=ORDERS) -> 
     return float(eps), np.asarray(order).item()
 
 
+def hold_counters(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """``arrays`` (a client's reply) with each integer array (BatchNorm's ``num_batches_tracked``) set back to
+    its value in ``sent`` (w_t), in place. A counter is no weight: in the update w_k − w_t it would add the
+    client's step count to ‖Δ‖ (50 steps outweigh any C, so the weights' update was scaled by C/50), and Flower
+    leaves a 0-d array unclipped, releasing the count. Held, it is neither clipped nor released."""
+    for key, value in arrays.items():
+        dtype = value.numpy().dtype
+        if np.issubdtype(dtype, np.integer) and key in sent:
+            arrays[key] = Array(np.asarray(np.rint(sent[key].numpy())).astype(dtype))
+    return arrays
+
+
 def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: Flower's ``fixedclipping_mod`` on train messages whose config names a clipping norm
-    (sent by ``dp_client_fixed``): the reply's update w_k − w_t is scaled by min(1, C / ‖w_k − w_t‖₂)."""
+    (sent by ``dp_client_fixed``): the reply's update w_k − w_t is scaled by min(1, C / ‖w_k − w_t‖₂), its
+    integer counters held at w_t's (:func:`hold_counters`)."""
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
+        def call_and_hold(m: Message, ctx: Context) -> Message:
+            out = call_next(m, ctx)
+            if not out.has_error() and len(out.content.array_records) == len(m.content.array_records) == 1:
+                hold_counters(next(iter(out.content.array_records.values())),
+                              next(iter(m.content.array_records.values())))
+            return out
+
+        return fixedclipping_mod(msg, context, call_and_hold)
     return call_next(msg, context)
