@@ -20,10 +20,18 @@ from fedlt.streams import Stream, seeded_rng
 
 
 class _Inner:
-    """What Flower's DP wrapper sees as the wrapped strategy: the base's aggregation of checked replies."""
+    """What Flower's DP wrapper sees as the wrapped strategy: the base's aggregation of checked replies, given
+    back the client records (e.g. FedROD's personal head) that were taken off the replies so that Flower clips
+    the model's ArrayRecord alone (it clips every ArrayRecord of a reply against w_t's arrays)."""
 
-    def __init__(self, aggregate) -> None:
-        self.aggregate_train = aggregate
+    def __init__(self, aggregate, held: list[dict[str, ArrayRecord]]) -> None:
+        self.aggregate, self.held = aggregate, held
+
+    def aggregate_train(self, server_round: int, replies: list[Message]):
+        for reply, records in zip(replies, self.held, strict=True):
+            for name, record in records.items():
+                reply.content[name] = record
+        return self.aggregate(server_round, replies)
 
 
 @STRATEGIES.register("dp_server_fixed")
@@ -48,12 +56,17 @@ class DPServerFixed(StrategyWrapper):
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        held = []
         for r in replies:
             if self.opts.uniform_weights:
                 r.content["metrics"][self.weighted_by_key] = 1
             if self.current is not None:  # step counters are no part of the clipped update
                 hold_counters(r.content[self.arrayrecord_key], self.current)
-        dp = self.flower_wrapper(_Inner(self.base.aggregate_checked), self.opts.noise_multiplier,
+            names = [k for k in r.content.array_records if k != self.arrayrecord_key]
+            held.append({k: r.content[k] for k in names})
+            for k in names:
+                del r.content[k]
+        dp = self.flower_wrapper(_Inner(self.base.aggregate_checked, held), self.opts.noise_multiplier,
                                  self.opts.clipping_norm, self.sampled)
         dp.current_arrays = self.current
         state = np.random.get_state()  # Flower draws its noise from numpy's global generator: seed each release

@@ -364,6 +364,30 @@ def test_dp_server_fixed_clips_averages_and_adds_noise_by_hand(message_identity)
         0.5, rel=0.03)
 
 
+def test_dp_server_fixed_clips_the_model_record_alone(message_identity):
+    """Over FedROD a reply also carries the personal head: Flower clipped it against w_t's arrays (a ValueError
+    on mismatched shapes); now the model is clipped and the head reaches FedROD untouched."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from clients.fedrod import PERSONAL
+    from fedlt.registry import STRATEGIES
+
+    s = STRATEGIES.get("dp_server_fixed")(load_config(None, [
+        "strategy.name=dp_server_fixed", "strategy.base=fedrod", "client.name=fedrod", "strategy.clipping_norm=1",
+        "strategy.noise_multiplier=0"]), 10)
+    s.bind({0: 100})
+    s.begin_round(1)
+    w0 = {"f.weight": torch.zeros(3), "classifier.weight": torch.zeros(2), "classifier.bias": torch.zeros(1)}
+    s.messages([0], ArrayRecord(w0), ConfigRecord({}), "train", 1)
+    head = {"weight": torch.full((2,), 9.0), "bias": torch.full((1,), 9.0)}
+    new = {**w0, "f.weight": torch.tensor([3.0, 4.0, 0.0])}
+    reply = Message(RecordDict({"arrays": ArrayRecord(new), PERSONAL: ArrayRecord(head), "metrics": MetricRecord(
+        {"num-examples": 5, "partition-id": 0, "train_loss": 0.0})}), dst_node_id=0, message_type="train")
+    out, _ = s.aggregate_train(1, [reply])
+    assert torch.allclose(out.to_torch_state_dict()["f.weight"], torch.tensor([0.6, 0.8, 0.0]))  # ‖Δ‖ = 5 -> 1
+    assert all(torch.equal(s.base.personal[0][k], head[k]) for k in head)
+
+
 # --------------------------------------------------------------------------- composed run: DP ∘ posthoc ∘ CCVR ∘ FedLC
 @pytest.fixture(scope="module")
 def composed_run(tiny_lists, tmp_path_factory):
