@@ -527,6 +527,31 @@ def test_fedavgm_server_momentum_by_hand(message_identity):
     assert np.allclose(a["w"].numpy(), -1.5 - (0.5 * 1.5 - 1.5)) and np.array_equal(a["w"].numpy(), b["w"].numpy())
 
 
+def test_fedavgm_steps_the_parameters_and_averages_batchnorm_statistics(message_identity):
+    """Flower's step on running_var: 1 → 0.05 (Δ = 0.95, v = 0.95), then v = 0.9·0.95 → 0.05 − 0.855 < 0."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from strategies.fedavgm import FedAvgM
+
+    def bn_reply(pid, n, w, var):
+        arrays = ArrayRecord({"conv.weight": torch.full((2,), w), "bn.running_var": torch.full((2,), var),
+                              "bn.num_batches_tracked": torch.tensor(5 * pid + 6)})
+        metrics = MetricRecord({"num-examples": n, "partition-id": pid, "train_loss": 0.0})
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
+                       message_type="train")
+
+    s = FedAvgM(load_config(None, ["strategy.name=fedavgm", "strategy.momentum=0.9", "strategy.server_lr=1"]), 10)
+    s.current_arrays = ArrayRecord({"conv.weight": torch.ones(2), "bn.running_var": torch.ones(2),
+                                    "bn.num_batches_tracked": torch.tensor(0)})
+    s.aggregate_train(1, [bn_reply(0, 1, 0.0, 0.05), bn_reply(1, 3, 0.0, 0.05)])  # Δ = 1 on the weight
+    w2, _ = s.aggregate_train(2, [bn_reply(0, 1, 0.0, 0.02), bn_reply(1, 3, 0.0, 0.06)])  # Δ = 0, v = 0.9
+    assert np.allclose(w2["conv.weight"].numpy(), -0.9)  # the parameter: Flower's momentum step
+    assert np.allclose(w2["bn.running_var"].numpy(), 0.25 * 0.02 + 0.75 * 0.06)  # the statistic: the mean
+    # num_batches_tracked: 0.25·6 + 0.75·11 = 9.75, rounded
+    assert w2["bn.num_batches_tracked"].numpy() == 10 and w2["bn.num_batches_tracked"].numpy().dtype == np.int64
+    assert np.allclose(s.current_arrays["bn.running_var"].numpy(), 0.05)  # w_t of the next round holds it too
+
+
 def final_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path / "checkpoint.pt", weights_only=True)["state"]["model"]
 
