@@ -299,3 +299,31 @@ def test_local_accuracy_column_beside_global_accuracy(tmp_path):
     assert cells["fedavg"] == "85.0 ± 7.1" and cells["ce"] == "n/a"
     without = markdown_table(build_rows(load_runs([root / "ce0"])[0]))
     assert "Local acc" not in without
+
+
+def test_metric_missing_in_some_seeds_says_how_many(tmp_path):
+    """A metric null in one seed's summary (not measured, or NaN written as null) is averaged over the other
+    seeds, and the cell and summary.csv say over how many; the run with non-finite values is named."""
+    from fedlt.report.tables import build_rows, markdown_table, write_csv
+
+    root = tmp_path / "runs"
+    for seed, acc in ((0, 0.15), (1, 0.45), (2, 0.47)):  # seed 0: acc < 0.2, so few is null
+        make_run(root, f"fa{seed}", "federated", "fedavg", seed, acc)
+    s = json.loads((root / "fa2" / "summary.json").read_text())
+    (root / "fa2" / "summary.json").write_text(json.dumps({**s, "ece": None, "non_finite": ["ece"]}))
+    rows = build_rows(load_runs([root])[0])
+    few = [0.45 - 0.2, 0.47 - 0.2]
+    mean, std = float(np.mean(few)), float(np.std(few, ddof=1))
+    eces = [0.05 + 0.015, 0.05 + 0.045]
+    lines = markdown_table(rows).splitlines()
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[head.index("Seeds")] == "3"
+    assert cells[head.index("Few")] == f"{100 * mean:.1f} ± {100 * std:.1f} (2/3)"
+    assert cells[head.index("ECE")] == f"{100 * np.mean(eces):.1f} ± {100 * np.std(eces, ddof=1):.1f} (2/3)"
+    assert cells[head.index("Acc")].endswith(f"{100 * np.std([0.15, 0.45, 0.47], ddof=1):.1f}")  # all three
+    write_csv(rows, tmp_path / "s.csv")
+    row = read_csv(tmp_path / "s.csv")["federated", "fedavg"]
+    assert (row["few_n"], row["ece_n"], row["accuracy_n"], row["n_seeds"]) == ("2", "2", "3", "3")
+    text = write_report(load_runs([root])[0], tmp_path / "rep").read_text()
+    assert f"- `{root / 'fa2'}`: ece" in text.split("## Runs with non-finite values")[1]

@@ -146,8 +146,15 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
               "Test metrics of the final model on the balanced test set, in %: mean ± sample standard "
               "deviation (n − 1) over seeds (no ± for a single seed). *Seeds*: number of seeds in the row. "
               "*Δ best central*: accuracy minus the best centralized accuracy of the same data setting, in "
-              "percentage points. Lower ECE is better. The same numbers as fractions: "
-              "[summary.csv](summary.csv).", "", table, ""]
+              "percentage points. Lower ECE is better. *(k/n)* after a value: only k of the row's n seeds have "
+              "that metric (the others' summary.json holds null: not measured, or not finite); the mean and std "
+              "are over those k. The same numbers as fractions: [summary.csv](summary.csv).", "", table, ""]
+    bad = [r for r in runs if r.summary.get("non_finite")]
+    if bad:
+        lines += ["## Runs with non-finite values", "",
+                  "These runs' summary.json holds null where a value was NaN or infinite (e.g. a diverged run); "
+                  "the table leaves those values out:", ""]
+        lines += [f"- `{r.path}`: {_keys(r.summary['non_finite'])}" for r in bad] + [""]
     lines += ["## Figures", "", "Each figure is also saved as PDF (same name).", ""] + sections
     if errors:
         lines += ["## Runs that could not be read", ""] + [f"- {e}" for e in errors] + [""]
@@ -156,6 +163,11 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
         lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs)
                      + "".join(f" (left out `{x.path}`: same config and seed as a run above)" for x in r.repeated))
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _keys(value: object) -> str:
+    """summary.json's ``non_finite`` (a list of dotted keys) as text."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _figure(files: list[str], heading: str, caption: str) -> str:

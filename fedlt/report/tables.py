@@ -62,6 +62,7 @@ class Row:
     setting: dict[str, Any]
     runs: list[Run]
     stats: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # seeds with a value of each metric (not null)
     gap: float | None = None  # accuracy minus the best centralized accuracy of the data setting
     # (key, value) of the keys that tell apart rows of the same method, e.g. ("strategy.mu", "0.1")
     other_items: list[tuple[str, str]] = field(default_factory=list)
@@ -131,6 +132,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
             for k, g in groups.items()]
     for row in rows:
         row.stats = {m: mean_std([r.summary.get(m) for r in row.runs]) for m in METRICS}
+        row.counts = {m: sum(r.summary.get(m) is not None for r in row.runs) for m in METRICS}
         row.stats.update({k: mean_std([speed_value(r.summary, k) for r in row.runs]) for k in SPEED})
     best: dict[str, float] = {}
     for row in rows:
@@ -190,12 +192,14 @@ def pct(v: float | None, digits: int = 1) -> str:
     return "–" if v is None else f"{100 * v:.{digits}f}"
 
 
-def cell(stat: tuple[float | None, float | None]) -> str:
-    """``mean ± std`` in %, ``mean`` for one seed, n/a for none."""
+def cell(stat: tuple[float | None, float | None], n: int | None = None, seeds: int | None = None) -> str:
+    """``mean ± std`` in %, ``mean`` for one seed, n/a for none; `` (n/seeds)`` after it where only ``n`` of the
+    row's ``seeds`` runs have the metric (the others' summary.json holds null: not measured, or not finite)."""
     mean, std = stat
     if mean is None:
         return "n/a"
-    return pct(mean) if std is None else f"{pct(mean)} ± {pct(std)}"
+    text = pct(mean) if std is None else f"{pct(mean)} ± {pct(std)}"
+    return text + (f" ({n}/{seeds})" if n is not None and seeds is not None and n < seeds else "")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -212,7 +216,7 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
                  r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
-                [str(len(r.runs))] + [cell(r.stats[m]) for m in metrics] + \
+                [str(len(r.runs))] + [cell(r.stats[m], r.counts.get(m), len(r.runs)) for m in metrics] + \
                 ["–" if r.gap is None else f"{100 * r.gap:+.1f}"] + \
                 [_speed(r.stats["seconds_per_step"][0], "{:.1f}"), _speed(r.stats["images_per_second"][0], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,10 +228,11 @@ def _speed(v: float | None, fmt: str) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    """One line per row; metrics as fractions (as in summary.json): <metric>_mean, <metric>_std, gap."""
+    """One line per row; metrics as fractions (as in summary.json): <metric>_mean, <metric>_std, gap, and
+    <metric>_n: the seeds whose summary has the metric (not null), of n_seeds."""
     cols = ["mode", "method", "data", "imbalance_factor", "alpha", "clients", "other", "n_seeds", "seeds"]
     cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["gap_to_best_centralized", "runs"]
-    cols += [f"{k}_mean" for k in SPEED]
+    cols += [f"{k}_mean" for k in SPEED] + [f"{m}_n" for m in METRICS]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -239,6 +244,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 vals += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
             vals += ["" if r.gap is None else repr(r.gap), " ".join(str(x.path) for x in r.runs)]
             vals += ["" if r.stats[k][0] is None else repr(r.stats[k][0]) for k in SPEED]
+            vals += [r.counts.get(m, len(r.runs)) for m in METRICS]
             w.writerow(vals)
 
 
