@@ -327,3 +327,27 @@ def test_metric_missing_in_some_seeds_says_how_many(tmp_path):
     assert (row["few_n"], row["ece_n"], row["accuracy_n"], row["n_seeds"]) == ("2", "2", "3", "3")
     text = write_report(load_runs([root])[0], tmp_path / "rep").read_text()
     assert f"- `{root / 'fa2'}`: ece" in text.split("## Runs with non-finite values")[1]
+
+
+def test_local_evaluation_settings_are_not_merged(tmp_path):
+    """eval.finetune_epochs changes the local accuracy (FedAvg+FT): two runs that differ in it are two rows,
+    not one run and a left-out repeat; a centralized run ignores the local evaluation's keys."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    for name, mode, seed, ft, local, acc in (("ft0", "federated", 0, 0.0, "final", 0.6),
+                                             ("ft1", "federated", 0, 1.0, "final", 0.7),
+                                             ("ce0", "centralized", 0, 0.0, "off", None),
+                                             ("ce1", "centralized", 1, 1.0, "final", None)):
+        d = make_run(root, name, mode, "fedavg" if mode == "federated" else "ce", seed, 0.5)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["eval"].update(finetune_epochs=ft, local=local)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "local_accuracy": acc}))
+    rows = build_rows(load_runs([root])[0])
+    fed = sorted((r for r in rows if r.mode == "federated"), key=lambda r: r.get("eval.finetune_epochs"))
+    assert [r.stats["local_accuracy"][0] for r in fed] == [0.6, 0.7] and not any(r.repeated for r in fed)
+    assert [r.other for r in fed] == ["eval.finetune_epochs=0", "eval.finetune_epochs=1"]
+    (cen,) = [r for r in rows if r.mode == "centralized"]
+    assert cen.seeds == [0, 1]

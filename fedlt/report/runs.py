@@ -23,10 +23,12 @@ SUMMARY_NUMBERS = ("accuracy", "balanced_accuracy", "ece", "many", "medium", "fe
                    "seconds_per_round", "seconds_per_epoch", "images_per_second", "wall_clock_seconds")
 SUMMARY_PER_CLASS = ("per_class", "estimated_prior", "true_prior")  # estimated_prior, true_prior: optional
 ENV_TEXT = ("gpu", "device", "platform", "peak_memory_of")
-# Config keys that do not change a run's result.
-BOOKKEEPING = ("name", "seed", "mode", "device", "eval.", "sweep", "plugins", "data.root", "data.train_list",
-               "data.test_list", "federation.client_cpus", "federation.client_gpus",
+# Config keys that do not change a run's result (eval.local and eval.finetune_epochs do: whether the local accuracy
+# is measured, and of which personalised model).
+BOOKKEEPING = ("name", "seed", "mode", "device", "eval.batch_size", "eval.every", "sweep", "plugins", "data.root",
+               "data.train_list", "data.test_list", "federation.client_cpus", "federation.client_gpus",
                "federation.checkpoint_every", "federation.max_failures")
+FEDERATED_EVAL = ("eval.local", "eval.finetune_epochs")  # the local evaluation: a centralized run ignores them
 
 
 class RunError(Exception):
@@ -55,10 +57,11 @@ class Run:
     def setting(self) -> dict[str, Any]:
         """The flattened config that decides the result, without the seed and bookkeeping. A centralized
         run ignores the federated sections (partition, federation, strategy, client), as in
-        :mod:`fedlt.sweep`."""
+        :mod:`fedlt.sweep`, and the local evaluation's keys."""
         ignored = other_mode_sections(self.mode)
         flat = flatten({k: v for k, v in self.config.items() if k not in ignored})
-        return {k: v for k, v in flat.items() if not _bookkeeping(k)}
+        return {k: v for k, v in flat.items()
+                if not _bookkeeping(k) and not (self.mode == "centralized" and k in FEDERATED_EVAL)}
 
     def data_key(self) -> str:
         """The run's *data setting*: its ``data`` and ``model`` sections (as a JSON string)."""
