@@ -427,6 +427,8 @@ def dry_run(path: str | None, overrides: list[str], out: str) -> str:
 
 
 def format_table(summaries: list[dict]) -> str:
+    """The final table of the runs (metrics in %), then the many/medium/few rule: ``groups: <rule>``, or where the
+    runs used different rules (e.g. 10 and 100 classes), one line per rule naming its runs."""
     def pct(v):
         return "  n/a" if v is None else f"{100 * v:5.1f}"
 
@@ -436,8 +438,13 @@ def format_table(summaries: list[dict]) -> str:
     for label, s in zip(labels, summaries):
         lines.append(f"{label:<{width}} {pct(s['accuracy'])} {pct(s['balanced_accuracy'])} {pct(s['many'])} "
                      f"{pct(s['medium'])} {pct(s['few'])} {pct(s['ece'])}")
-    if summaries:
-        lines.append(f"groups: {summaries[0]['group_rule']}")
+    rules: dict[str, list[str]] = {}
+    for label, s in zip(labels, summaries):
+        rules.setdefault(str(s["group_rule"]), []).append(label)
+    if len(rules) == 1:
+        lines.append(f"groups: {next(iter(rules))}")
+    else:
+        lines += [f"groups of {', '.join(runs)}: {rule}" for rule, runs in rules.items()]
     return "\n".join(lines)
 
 

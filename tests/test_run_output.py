@@ -16,7 +16,7 @@ from conftest import ROOT, needs_fashion
 from fedlt.config import load_config
 from fedlt.evaluation import duration, progress_line
 from fedlt.federation.runner import quiet_output
-from fedlt.simulate import main, sweep_eta
+from fedlt.simulate import format_table, main, sweep_eta
 from fedlt.sweep import expand, plan
 
 TINY = ["data.name=fashion_mnist", "data.imbalance_factor=100", "partition.num_clients=2", "partition.min_size=2",
@@ -35,6 +35,17 @@ def test_a_progress_line_shows_elapsed_time_and_time_left():
     line = progress_line("[federated fedavg] round 3/10", m, 2.0, elapsed=62.0, remaining=7 * 62.0 / 3)
     assert line.endswith("(2.0s; elapsed 1m02s, eta 2m25s)")
     assert progress_line("[x] round 1/2", None, 1.0, 0.5, 1.0, 1.0).endswith("(1.0s; elapsed 1s, eta 1s)")
+
+
+def test_the_final_table_names_each_runs_group_rule():
+    thirds, count = "class-index thirds (count rule leaves a group empty)", "count (many >100, medium 20-100, few <20)"
+    m = {"mode": "federated", "method": "fedavg", "accuracy": 0.5, "balanced_accuracy": 0.4, "many": 0.9,
+         "medium": None, "few": 0.1, "ece": 0.05}
+    one = format_table([{**m, "group_rule": count, "run": "a"}, {**m, "group_rule": count, "run": "b"}])
+    assert one.splitlines()[-1] == f"groups: {count}" and "  n/a" in one.splitlines()[1]
+    both = format_table([{**m, "group_rule": thirds, "run": "c10"}, {**m, "group_rule": count, "run": "c100"},
+                         {**m, "group_rule": thirds, "run": "c10b"}])
+    assert both.splitlines()[-2:] == [f"groups of c10, c10b: {thirds}", f"groups of c100: {count}"]
 
 
 def test_the_sweep_eta_is_the_mean_time_of_its_mode_times_the_runs_left(tmp_path):
