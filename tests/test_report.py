@@ -351,3 +351,22 @@ def test_local_evaluation_settings_are_not_merged(tmp_path):
     assert [r.other for r in fed] == ["eval.finetune_epochs=0", "eval.finetune_epochs=1"]
     (cen,) = [r for r in rows if r.mode == "centralized"]
     assert cen.seeds == [0, 1]
+
+
+def test_partition_named_by_its_method(tmp_path):
+    """The α column and the legend say which partition a row used: a CReFF partition is not "2 shards", and a
+    shard partition has no α."""
+    from fedlt.report.tables import build_rows, markdown_table, row_labels
+
+    root = tmp_path / "runs"
+    for method in ("dirichlet", "creff_dirichlet", "shards", "iid"):
+        d = make_run(root, method, "federated", "fedavg", 0, 0.5)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["partition"].update(method=method, shards_per_client=3)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = build_rows(load_runs([root])[0])
+    by = {r.get("partition.method"): (r.column("alpha"), label) for r, label in zip(rows, row_labels(rows))}
+    assert by == {"dirichlet": ("0.5", "FL fedavg (α=0.5)"),
+                  "creff_dirichlet": ("CReFF 0.5", "FL fedavg (CReFF α=0.5)"),
+                  "shards": ("3 shards", "FL fedavg (3 shards)"), "iid": ("IID", "FL fedavg (IID)")}
+    assert "| CReFF 0.5 |" in markdown_table(rows)

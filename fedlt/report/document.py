@@ -109,12 +109,12 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
             if r.mode != "federated":
                 continue
             run = r.runs[0]
-            p, k = r.column("alpha"), r.column("clients")
-            desc = (f"Dirichlet α={p}" if p[0].isdigit() else p) + f", K={k}"
+            p, k = r.partition_text(), r.column("clients")
+            desc = ("Dirichlet " if r.get("partition.method") == "dirichlet" else "") + f"{p}, K={k}"
             if desc in seen_parts:
                 continue
             seen_parts.append(desc)
-            pfiles.append(f"partition{sfx}-{_slug(('alpha' if p[0].isdigit() else '') + p)}-K{k}")
+            pfiles.append(f"partition{sfx}-{_slug(p.replace('α=', 'alpha'))}-K{k}")
             fig_partition(run, out, pfiles[-1], f"Client × class partition ({desc}, seed {run.seed})")
         if len(pfiles) == 1:  # one partition setting: a plain name
             for ext in ("png", "pdf"):

@@ -96,8 +96,19 @@ class Row:
             method = g("partition.method")
             if method == "dirichlet":
                 return fmt_value(g("partition.alpha"))
+            if method == "creff_dirichlet":
+                return f"CReFF {fmt_value(g('partition.alpha'))}"
             return "IID" if method == "iid" else f"{g('partition.shards_per_client')} shards"
         return str(g("partition.num_clients"))
+
+    def partition_text(self) -> str:
+        """The partition as a legend says it: ``α=0.5`` (Dirichlet), ``CReFF α=0.5`` (creff_dirichlet),
+        ``2 shards`` (per client), ``IID``; ``–`` for a centralized row."""
+        alpha = fmt_value(self.get("partition.alpha"))
+        method = self.get("partition.method")
+        if self.mode == "federated" and method in ("dirichlet", "creff_dirichlet"):
+            return ("CReFF " if method == "creff_dirichlet" else "") + f"α={alpha}"
+        return self.column("alpha")
 
     def per_class(self) -> np.ndarray:
         arr = np.array([[np.nan if a is None else a for a in r.summary["per_class"]] for r in self.runs], float)
@@ -176,8 +187,7 @@ def row_labels(rows: list[Row]) -> list[str]:
     for row in rows:
         extra = []
         if row.mode == "federated" and vary_alpha:
-            a = row.column("alpha")
-            extra.append(f"α={a}" if a[0].isdigit() else a)
+            extra.append(row.partition_text())
         if row.mode == "federated" and vary_k:
             extra.append(f"K={row.column('clients')}")
         extra += [f"{k.split('.')[-1]}={v}" for k, v in row.other_items]
