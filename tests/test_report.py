@@ -370,3 +370,22 @@ def test_partition_named_by_its_method(tmp_path):
                   "creff_dirichlet": ("CReFF 0.5", "FL fedavg (CReFF α=0.5)"),
                   "shards": ("3 shards", "FL fedavg (3 shards)"), "iid": ("IID", "FL fedavg (IID)")}
     assert "| CReFF 0.5 |" in markdown_table(rows)
+
+
+def test_data_settings_of_one_data_set_told_apart(tmp_path):
+    """Two data settings of the same data set and β (here: two models) get their own figures, headings and Data
+    cells; before, the second setting's figures overwrote the first's under the same name."""
+    root = tmp_path / "runs"
+    for model in ("small_cnn", "resnet8"):
+        for mode, method in (("federated", "fedavg"), ("centralized", "ce")):
+            d = make_run(root, f"{model}-{method}", mode, method, 0, 0.5)
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            cfg["model"]["name"] = model
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "rep"
+    text = write_report(load_runs([root])[0], out).read_text()
+    for model in ("small_cnn", "resnet8"):
+        assert f"### fashion_mnist, β=100, model.name={model}\n" in text
+        assert (out / f"accuracy_rounds-fashion_mnist-beta100-model.name-{model}.png").is_file()
+        assert f"](accuracy_rounds-fashion_mnist-beta100-model.name-{model}.png)" in text
+        assert text.count(f"| fashion_mnist (model.name={model}) |") == 2

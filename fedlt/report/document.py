@@ -20,7 +20,15 @@ from fedlt.report.figures import (
     fig_reliability,
 )
 from fedlt.report.runs import Run
-from fedlt.report.tables import Row, build_rows, markdown_table, row_labels, settings_table, write_csv
+from fedlt.report.tables import (
+    Row,
+    build_rows,
+    data_distinctions,
+    markdown_table,
+    row_labels,
+    settings_table,
+    write_csv,
+)
 
 
 def _slug(text: str) -> str:
@@ -82,12 +90,14 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
     for r in rows:
         by_data.setdefault(r.data_key, []).append(r)
     multi = len(by_data) > 1
+    apart = data_distinctions(rows)
     sections: list[str] = []
-    for rs in by_data.values():
+    for key, rs in by_data.items():
         labels = row_labels(rs)
-        name = _data_title(rs[0])
+        name = _data_title(rs[0]) + (f", {apart[key]}" if apart[key] else "")
         beta = rs[0].column("beta")
-        sfx = (f"-{_slug(rs[0].column('data'))}" + ("" if beta == "–" else f"-beta{beta}")) if multi else ""
+        sfx = (f"-{_slug(rs[0].column('data'))}" + ("" if beta == "–" else f"-beta{beta}")
+               + (f"-{_slug(apart[key])}" if apart[key] else "")) if multi else ""
         head = f"### {name}\n\n" if multi else ""
         part = [head]
         files = fig_accuracy_rounds(rs, labels, out, f"accuracy_rounds{sfx}", f"Test accuracy per round ({name})")

@@ -169,6 +169,23 @@ def build_rows(runs: list[Run]) -> list[Row]:
     return rows
 
 
+def data_distinctions(rows: list[Row]) -> dict[str, str]:
+    """For each data setting of ``rows`` (:attr:`Row.data_key`), the ``data`` / ``model`` keys that tell it apart
+    from the other settings of the same data set and β, e.g. ``model.name=resnet8``; ``""`` where none does."""
+    settings = {r.data_key: json.loads(r.data_key) for r in rows}
+    same: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        keys = same.setdefault((r.column("data"), r.column("beta")), [])
+        if r.data_key not in keys:
+            keys.append(r.data_key)
+    out = {}
+    for keys in same.values():
+        names = sorted({k for d in keys for k in settings[d]} - {"data.name", "data.imbalance_factor"})
+        varying = [k for k in names if len({json.dumps(settings[d].get(k), default=str) for d in keys}) > 1]
+        out.update({d: ", ".join(f"{k}={fmt_value(settings[d].get(k))}" for k in varying) for d in keys})
+    return out
+
+
 def fmt_value(v: Any) -> str:
     """A config value as the table shows it (floats in ``%g``, ``?`` for a missing one)."""
     return f"{v:g}" if isinstance(v, float) else "?" if v is None else str(v)
@@ -213,9 +230,10 @@ def cell(stat: tuple[float | None, float | None], n: int | None = None, seeds: i
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Other*
-    column only where some row has keys that tell it apart from rows of the same method; *Local acc* only
-    where some row has a local evaluation."""
+    """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Data* column
+    adds the keys that tell apart data settings of the same data set and β (:func:`data_distinctions`); the
+    *Other* column only where some row has keys that tell it apart from rows of the same method; *Local acc*
+    only where some row has a local evaluation."""
     metrics = [m for m in METRICS if m != "local_accuracy" or any(r.stats[m][0] is not None for r in rows)]
     head = ["Mode", "Method", "Data", "β", "α", "K", "Other", "Seeds"] + [HEADERS[m] for m in metrics] + \
            ["Δ best central"] + [SPEED_HEADERS[k] for k in SPEED]
@@ -223,8 +241,10 @@ def markdown_table(rows: list[Row]) -> str:
         head.remove("Other")
     text = ("Mode", "Method", "Data", "Other")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in text else "--:" for h in head) + "|"]
+    apart = data_distinctions(rows)
     for r in rows:
-        cells = ["FL" if r.mode == "federated" else "Central", r.method, r.column("data"), r.column("beta"),
+        data = r.column("data") + (f" ({apart[r.data_key]})" if apart[r.data_key] else "")
+        cells = ["FL" if r.mode == "federated" else "Central", r.method, data, r.column("beta"),
                  r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
                 [str(len(r.runs))] + [cell(r.stats[m], r.counts.get(m), len(r.runs)) for m in metrics] + \
                 ["–" if r.gap is None else f"{100 * r.gap:+.1f}"] + \
