@@ -16,15 +16,21 @@ GROUPS = ("many", "medium", "few")
 def class_groups(train_counts: np.ndarray) -> tuple[np.ndarray, str]:
     """Group id per class (0 many, 1 medium, 2 few) and the rule used.
 
-    Count rule: many > 100, few < 20, medium 20–100 (classifier-balancing's ``shot_acc``, Kang et al., ICLR 2020). Where it leaves a group
-    empty (10-class sets), class-index thirds g(c) = ⌊3c/C⌋ instead.
+    Count rule: many > 100, few < 20, medium 20–100 (classifier-balancing's ``shot_acc``, Kang et al., ICLR 2020).
+    Where it leaves a group empty (10-class sets), thirds by size g(c) = ⌊3·r(c)/C⌋ instead, r(c) the class's rank
+    by training count (0: the largest; ties in class order). Classes in decreasing size (class 0 the head, as the
+    long-tailed profiles cut them) have r(c) = c: class-index thirds ⌊3c/C⌋; the rule's name says which.
     """
     counts = np.asarray(train_counts)
     by_count = np.where(counts > MANY_THRESHOLD, 0, np.where(counts < FEW_THRESHOLD, 2, 1))
     if all((by_count == g).any() for g in range(3)):
         return by_count, "count (many >100, medium 20-100, few <20)"
     c = len(counts)
-    return (3 * np.arange(c)) // c, "class-index thirds (count rule leaves a group empty)"
+    rank = np.empty(c, dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(c)
+    if np.all(np.diff(counts) <= 0):
+        return (3 * rank) // c, "class-index thirds (count rule leaves a group empty)"
+    return (3 * rank) // c, "thirds by training count (count rule leaves a group empty; classes not in size order)"
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

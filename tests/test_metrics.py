@@ -17,6 +17,17 @@ def test_thirds_when_count_rule_leaves_a_group_empty():
     assert rule.startswith("class-index thirds")
 
 
+def test_thirds_follow_training_size_where_classes_are_not_in_size_order():
+    # a long-tailed file list (data.profile=none) whose head class is class 9: the many group is the largest
+    # classes, not classes 0-3; ties keep class order
+    counts = np.array([50, 83, 139, 232, 387, 645, 1077, 1796, 2997, 5000])
+    groups, rule = class_groups(counts)
+    assert groups.tolist() == [2, 2, 2, 1, 1, 1, 0, 0, 0, 0]
+    assert rule.startswith("thirds by training count")
+    groups, _ = class_groups(np.array([500, 40, 500, 40, 500, 40]))  # step profile, interleaved
+    assert groups.tolist() == [0, 1, 0, 2, 1, 2]  # ranks 0, 3, 1, 4, 2, 5
+
+
 def test_accuracy_balanced_and_groups_on_hand_made_predictions():
     # 3 classes; test labels unbalanced on purpose so that top-1 != balanced accuracy
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
