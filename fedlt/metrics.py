@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedlt.errors import FedLTError
+
 MANY_THRESHOLD = 100  # a class with more than 100 training samples is many-shot
 FEW_THRESHOLD = 20  # fewer than 20 is few-shot; 20..100 inclusive is medium (Kang et al., `shot_acc`)
 GROUPS = ("many", "medium", "few")
@@ -70,6 +72,11 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) 
     return out
 
 
+class NonFiniteOutputs(FedLTError):
+    """The evaluated model's test outputs hold NaN or +inf (e.g. a BatchNorm variance gone negative): the run
+    stops, its last checkpoint kept, rather than report the accuracy of an argmax over NaN."""
+
+
 def evaluate_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
                     train_counts: np.ndarray) -> dict:
     """All metrics of a run from test logits (N, C), test labels (N,) and training counts (C,)."""
@@ -77,6 +84,10 @@ def evaluate_logits(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
     labels_np = np.asarray(torch.as_tensor(labels).cpu().numpy(), dtype=np.int64)
     num_classes = logits.shape[1]
     probs = torch.softmax(logits, dim=1).numpy()
+    broken = int((~np.isfinite(probs)).any(axis=1).sum())  # NaN or +inf logits (−inf alone is a valid mask)
+    if broken:
+        raise NonFiniteOutputs(f"the model's outputs are NaN or infinite on {broken:,} of {len(probs):,} test images, "
+                               f"so its accuracy would mean nothing (argmax of NaN): the model diverged")
     pred = probs.argmax(axis=1)
     per_class = per_class_accuracy(pred, labels_np, num_classes)
     groups, rule = class_groups(train_counts)

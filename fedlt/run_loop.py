@@ -27,6 +27,7 @@ from fedlt.device import environment, peak_memory
 from fedlt.errors import FedLTError
 from fedlt.evaluation import due, metrics_row, progress_line
 from fedlt.interrupt import RunInterrupted, stop_requested
+from fedlt.metrics import NonFiniteOutputs
 from fedlt.rundir import RunDir, config_digest
 
 
@@ -58,6 +59,15 @@ class Steps(Protocol):
 
     def summary(self) -> dict:
         """What summary.json holds besides the final test metrics, the seed and the wall-clock time."""
+
+
+def _evaluate(steps: Steps, final: bool, what: str) -> dict:
+    """``steps.evaluate``; test outputs that are not finite stop the run naming ``what`` was evaluated (the
+    checkpoint of this step is not written: the last one stays)."""
+    try:
+        return steps.evaluate(final=final)
+    except NonFiniteOutputs as exc:
+        raise NonFiniteOutputs(f"{what}: {exc}; the last checkpoint stays") from None
 
 
 def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
@@ -113,7 +123,7 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
     print(f"[{steps.label}] {plan_line(cfg, steps, start)}", flush=True)
     if ckpt is None:  # the initial model: step 0 of the accuracy curve
         t0 = time.time()
-        metrics = steps.evaluate(final=False)
+        metrics = _evaluate(steps, False, "the initial model")
         seconds = time.time() - t0
         elapsed += seconds
         run.append_metrics({steps.unit: 0, **metrics_row(metrics), "seconds": seconds})
@@ -125,7 +135,8 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
         fields = steps.step(t)
         meters["train_seconds"] += time.time() - t0
         meters["train_images"] += int(fields.get("train_images") or 0)
-        metrics = steps.evaluate(final=t == steps.total) if due(t, steps.total, cfg.eval.every) else None
+        metrics = _evaluate(steps, t == steps.total, f"{steps.unit} {t}") if due(t, steps.total, cfg.eval.every) \
+            else None
         seconds = time.time() - t0
         elapsed += seconds
         run.append_metrics({steps.unit: t, **(metrics_row(metrics) if metrics else {}), **fields, "seconds": seconds})
@@ -140,7 +151,7 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
                                  f"checkpoint: {run.path / 'checkpoint.pt'}")
 
     if steps.finish() or metrics is None:  # changed after the last step, or no step ran now (a finished run)
-        metrics = steps.evaluate(final=True)
+        metrics = _evaluate(steps, True, "the final model")
     done = max(steps.total, 1)
     throughput = {f"seconds_per_{steps.unit}": elapsed / done, **meters,
                   "images_per_second": meters["train_images"] / meters["train_seconds"]

@@ -344,6 +344,29 @@ def test_centralized_nan_loss_stops_at_its_epoch_keeping_the_last_checkpoint(cap
     assert [r["epoch"] for r in rows] == [0, 1]  # the initial model, then the last good epoch
 
 
+def test_nan_test_outputs_stop_the_run_at_their_epoch_keeping_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    """A model whose test logits hold NaN (a BatchNorm variance gone negative) used to be reported with the
+    accuracy of an argmax over NaN."""
+    from fedlt import evaluation
+
+    real, calls = evaluation.predict_logits, []
+
+    def nan_from_the_second_evaluation(*args, **kwargs):  # the initial model, then epoch 2 (eval.every)
+        logits = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 2:
+            logits[5, 3] = float("nan")
+        return logits
+
+    monkeypatch.setattr(evaluation, "predict_logits", nan_from_the_second_evaluation)
+    write_fashion(tmp_path)
+    line = refused(capsys, tmp_path, f"data.root={tmp_path}", *TINY_CENTRAL)
+    assert line == ("error: epoch 2: the model's outputs are NaN or infinite on 1 of 10 test images, so its accuracy "
+                    "would mean nothing (argmax of NaN): the model diverged; the last checkpoint stays")
+    (ckpt,) = tmp_path.rglob("checkpoint.pt")
+    assert torch.load(ckpt, weights_only=True)["step"] == 1
+
+
 @pytest.mark.parametrize("engine", ["inprocess", "fused", "hosts"])
 def test_federated_nan_loss_names_partition_and_round_keeping_the_last_checkpoint(engine, tmp_path):
     """The same stop on every engine: the fused trainer (engine fused, and one host fusing both clients) must not

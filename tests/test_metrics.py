@@ -57,3 +57,17 @@ def test_reliability_bins_put_full_confidence_in_the_last_bin():
     assert bins["count"][14] == 1 and bins["accuracy"][14] == 1.0
     assert bins["count"][7] == 1  # 0.5 lies in (7/15, 8/15]
     assert sum(bins["count"]) == 2
+
+
+def test_nan_or_inf_outputs_are_refused_and_a_minus_inf_mask_is_not():
+    from fedlt.errors import FedLTError
+
+    logits, labels, counts = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]), np.array([50, 10, 5])
+    masked = logits.clone()
+    masked[:, 2] = float("-inf")  # a class masked out: its probability is 0, the others are finite
+    assert evaluate_logits(masked, labels, counts)["per_class"][2] == 0.0
+    for bad in (float("nan"), float("inf")):
+        broken = logits.clone()
+        broken[1, 0] = bad
+        with pytest.raises(FedLTError, match=r"^the model's outputs are NaN or infinite on 1 of 4 test images"):
+            evaluate_logits(broken, labels, counts)
