@@ -454,6 +454,23 @@ def test_client_clipping_mod_clips_train_updates_that_ask_for_it(message_identit
     clipped = call("train", {KEY_CLIPPING_NORM: 1.0, "lr": 0.1})
     assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0, 0.0]))  # Δ · 1/5
     assert torch.allclose(clipped["b"], torch.tensor([1.0, 1.8])) and clipped["num_batches_tracked"].item() == 7
+
+    # a personal head in the message and in the reply (FedROD): the client sees it, it comes back unclipped
+    head_in, head_out = {"h": torch.full((2,), 2.0)}, {"h": torch.full((2,), 9.0)}
+    msg = Message(RecordDict({"arrays": ArrayRecord(w0), "fedrod-personal": ArrayRecord(head_in),
+                              "config": ConfigRecord({KEY_CLIPPING_NORM: 1.0})}), dst_node_id=0, message_type="train")
+
+    def train_with_head(m, ctx):
+        assert torch.equal(m.content["fedrod-personal"].to_torch_state_dict()["h"], head_in["h"])
+        new = {k: w0[k] + update[k] for k in w0}
+        return Message(RecordDict({"arrays": ArrayRecord(new), "fedrod-personal": ArrayRecord(head_out),
+                                   "metrics": MetricRecord({"n": 1})}), reply_to=m)
+
+    ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    out = client_clipping_mod(msg, ctx, train_with_head)
+    assert not out.has_error()
+    assert torch.allclose(out.content["arrays"].to_torch_state_dict()["a"], torch.tensor([0.6, 0.0, 0.0]))
+    assert torch.equal(out.content["fedrod-personal"].to_torch_state_dict()["h"], head_out["h"])
     assert torch.allclose(call("train", {KEY_CLIPPING_NORM: 10.0})["a"], update["a"])  # ‖Δ‖ < C: unchanged
     assert torch.allclose(call("train", {"lr": 0.1})["a"], update["a"])  # no DP asked: untouched
     assert torch.allclose(call("query", {KEY_CLIPPING_NORM: 1.0})["a"], update["a"])  # only train replies
@@ -478,6 +495,14 @@ def test_dp_client_fixed_simulation_moves_the_model_at_most_c_per_round(tiny_lis
     inprocess, _ = simulate(cfg, tmp_path / "inprocess")
     w2_inprocess = final_weights(tmp_path / "inprocess")
     assert all(torch.equal(w2[k], w2_inprocess[k]) for k in w2) and inprocess["accuracy"] == summary["accuracy"]
+
+
+def test_dp_client_fixed_over_fedrod_runs(tiny_lists, tmp_path):
+    """Flower's client mod takes one ArrayRecord: FedROD's personal head record used to fail round 1."""
+    cfg = tiny_config(tiny_lists, "strategy.name=dp_client_fixed", "strategy.base=fedrod",
+                      "strategy.clipping_norm=0.5", "strategy.noise_multiplier=0")
+    summary, rows = simulate(cfg, tmp_path / "run")
+    assert len(rows) == 2 and summary["failures"]["total"] == 0 and summary["privacy"]["releases"] == 2
 
 
 def test_dp_options_are_checked_before_training():

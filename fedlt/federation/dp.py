@@ -90,16 +90,41 @@ def hold_counters(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
 
 def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: Flower's ``fixedclipping_mod`` on train messages whose config names a clipping norm
-    (sent by ``dp_client_fixed``): the reply's update w_k − w_t is scaled by min(1, C / ‖w_k − w_t‖₂), its
-    integer counters held at w_t's (:func:`hold_counters`)."""
+    (sent by ``dp_client_fixed``): the reply's update w_k − w_t of the model (``arrays``) is scaled by
+    min(1, C / ‖w_k − w_t‖₂), its integer counters held at w_t's (:func:`hold_counters`). Other ArrayRecords
+    (FedROD's personal head, FedLoGe's local head, which never leave for the aggregate) are set aside around
+    Flower's mod, which takes one ArrayRecord only, and are neither clipped nor changed."""
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        sent_aside = _set_aside(msg)
+        replied_aside: dict[str, ArrayRecord] = {}
+
         def call_and_hold(m: Message, ctx: Context) -> Message:
+            _put_back(m, sent_aside)
             out = call_next(m, ctx)
-            if not out.has_error() and len(out.content.array_records) == len(m.content.array_records) == 1:
-                hold_counters(next(iter(out.content.array_records.values())),
-                              next(iter(m.content.array_records.values())))
+            if not out.has_error() and MODEL in out.content.array_records:
+                replied_aside.update(_set_aside(out))
+                hold_counters(out.content[MODEL], m.content[MODEL])
             return out
 
-        return fixedclipping_mod(msg, context, call_and_hold)
+        out = fixedclipping_mod(msg, context, call_and_hold)
+        if not out.has_error():
+            _put_back(out, replied_aside)
+        return out
     return call_next(msg, context)
+
+
+MODEL = "arrays"  # the ArrayRecord of a message that holds the model (FedLTStrategy.arrayrecord_key)
+
+
+def _set_aside(msg: Message) -> dict[str, ArrayRecord]:
+    """Take every ArrayRecord but the model's off ``msg``; return them."""
+    aside = {k: v for k, v in msg.content.array_records.items() if k != MODEL}
+    for k in aside:
+        del msg.content[k]
+    return aside
+
+
+def _put_back(msg: Message, aside: dict[str, ArrayRecord]) -> None:
+    for k, record in aside.items():
+        msg.content[k] = record
