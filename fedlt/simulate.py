@@ -103,6 +103,7 @@ def check_steps(cfg: Config, exp) -> None:
     error (the run would train nothing and report the initial model), as are federated ``train.local_epochs``
     that give no client a step; where only some clients get none, one warning line says how many."""
     from fedlt.centralized.run import centralized_optim
+    from fedlt.registry import STRATEGIES
     from fedlt.train import epoch_steps, steps_per_epoch
 
     if cfg.mode in ("centralized", "both"):
@@ -118,6 +119,10 @@ def check_steps(cfg: Config, exp) -> None:
             raise FedLTError(f"config key 'train.local_epochs' ({epochs:g}) gives no client a local step (the "
                              f"largest holds {max(len(p) for p in exp.parts)} images at batch {batch}): raise it or "
                              f"set train.local_steps")
+        if idle and getattr(STRATEGIES.get(cfg.strategy.name), "clipping", None):
+            raise FedLTError(f"config key 'train.local_epochs' ({epochs:g}) gives {idle} of {len(exp.parts)} clients "
+                             f"no local step, and {cfg.strategy.name}'s clipping divides by each update's norm (0 for "
+                             f"them): raise it or set train.local_steps")
         if idle:
             print(f"warning: train.local_epochs={epochs:g} gives {idle} of {len(exp.parts)} clients no local step "
                   f"(their replies are the global model unchanged)", flush=True)

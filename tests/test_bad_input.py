@@ -496,6 +496,13 @@ def test_local_epochs_that_leave_some_clients_idle_say_how_many(capsys, tmp_path
                                        f"step (their replies are the global model unchanged)\n")
     check_steps(cfg.replace(train=cfg.train.model_copy(update={"local_epochs": 1.0})), exp)
     assert capsys.readouterr().out == ""
+    dp = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=federated", "partition.num_clients=4",
+                            "train.batch_size=2", "strategy.name=dp_server_fixed", "strategy.clipping_norm=1"])
+    with pytest.raises(FedLTError) as e:  # Flower's clipping would divide by the idle clients' zero update norm
+        check_steps(dp.replace(train=dp.train.model_copy(update={"local_epochs": epochs})), exp)
+    assert str(e.value) == (f"config key 'train.local_epochs' ({epochs:g}) gives {idle} of 4 clients no local step, "
+                            f"and dp_server_fixed's clipping divides by each update's norm (0 for them): raise it or "
+                            f"set train.local_steps")
 
 
 def test_deploy_certs_refuses_no_nodes_and_a_file_for_the_folder(capsys, tmp_path):
