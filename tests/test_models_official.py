@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlt.config import load_config
 from fedlt.models import build_model
 from fedlt.models.experts import resnet32_experts
 
@@ -174,3 +175,12 @@ def test_resnet18_cifar_is_fedloges_model_res_resnet18():
     load_in_order(official, ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["fedrod_cifar10_lt", "fedbabu_cifar10_lt", "fedgrab_cifar10_lt",
+                                  "fedloge_cifar10_lt"])
+def test_cifar_protocols_of_the_fedloge_family_use_the_cifar_resnet18(path):
+    """These releases build model/model_res.py's ResNet-18 (3×3 stem, no max-pool), not torchvision's ImageNet
+    stem, which shrinks a 32×32 image to 2×2 maps at layer4's input (1×1 at its output)."""
+    cfg = load_config(f"configs/federated/{path}.yaml")
+    assert cfg.model.name == "resnet18_cifar"
