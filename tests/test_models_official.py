@@ -184,3 +184,13 @@ def test_cifar_protocols_of_the_fedloge_family_use_the_cifar_resnet18(path):
     stem, which shrinks a 32×32 image to 2×2 maps at layer4's input (1×1 at its output)."""
     cfg = load_config(f"configs/federated/{path}.yaml")
     assert cfg.model.name == "resnet18_cifar"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnet_grayscale_stem_is_initialised_as_torchvision(name):
+    """in_channels != 3 replaces conv1; torchvision draws every conv N(0, 2/(k²·out)) (kaiming, fan-out), not
+    PyTorch's default uniform(±1/√fan_in) (std 0.082 for a 7×7 grayscale stem, against 0.025)."""
+    torch.manual_seed(0)
+    w = build_model(name, 10, 1).features[0].conv1.weight
+    assert w.shape == (64, 1, 7, 7)
+    assert w.std().item() == pytest.approx((2 / (49 * 64)) ** 0.5, rel=0.1)
