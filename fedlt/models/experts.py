@@ -2,7 +2,11 @@
 experts' logits (RIDE / BalPoE / MDCS / GBME layout).
 
 GBME (Zeng et al., ICCV 2023) on CIFAR: ResNet-32 with a shared conv1/bn1/layer1 (16 channels) and per
-expert layer2 (24 channels), layer3 (48 channels) and a cosine classifier with scale 30.
+expert layer2 (24 channels), layer3 (48 channels) and a cosine classifier with scale 30 (Spinozaaa/Federated-
+Long-tailed-Learning ``fedml_api/model/multiexp_model/ldam_drw_resnets/expert_resnet_cifar.py`` ``ResNet_s``,
+``reduce_dimension=True, use_norm=True``). BalPoE's is the same ``ResNet_s`` (emasa/BalPoE-CalibratedLT
+``model/ldam_drw_resnets/expert_resnet_cifar.py``) with ``reduce_dimension: false`` (32/64 channels), which the
+method sets. Option-A shortcuts pad (planes − in_planes)/2 zero channels on each side, as those files do.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""CIFAR ResNets (He et al., 2016, §4.2) with option-A shortcuts, as in LDAM-DRW's ``resnet32``.
+"""CIFAR ResNets (He et al., 2016, §4.2) with option-A shortcuts, as in LDAM-DRW's ``resnet32``
+(kaidic/LDAM-DRW ``models/resnet_cifar.py``, ``ResNet_s``: kaiming-normal Conv2d and Linear weights,
+``NormedLinear`` for ``use_norm``).
 
 ResNet-6n+2: a 3×3 stem with 16 channels, three stages of n basic blocks (16, 32, 64 channels).
-ResNet-32 (n = 5) has about 0.46M parameters.
+ResNet-32 (n = 5) has 464,154 parameters at 10 classes (0.46M), ResNet-20 269,722.
 
 ``resnet8_x4`` is CReFF's model (shangxinyi/CReFF-FL ``Model/Resnet8.py``, ``ResNet_cifar(resnet_size=8,
 scaling=4)``): one basic block per stage at 4× width (64, 128, 256 channels, 256-d features), option-B
@@ -102,16 +104,20 @@ def resnet8_x4(num_classes: int, in_channels: int = 3, classifier: str = "linear
 
 @MODELS.register("resnet8")
 def resnet8(num_classes: int, in_channels: int = 3, **kw) -> SplitModel:
-    """ResNet-8 (one block per stage), the CReFF / BalanceFL client model family."""
+    """LDAM-DRW's ``ResNet_s`` with one block per stage (16/32/64 channels, option A; 75K parameters): fedlt's
+    CPU-budget CIFAR model. Not CReFF's ResNet-8 (``resnet8_x4``) nor BalanceFL's ``ResNet8`` (its
+    ``BBN_ResNet_Cifar`` with two parallel last blocks)."""
     return cifar_resnet(8, num_classes, in_channels, **kw)
 
 
 @MODELS.register("resnet18_cifar")
-def resnet18_cifar(num_classes: int, in_channels: int = 3, classifier: str = "linear", scale: float = 1.0) -> SplitModel:
+def resnet18_cifar(num_classes: int, in_channels: int = 3, classifier: str = "linear",
+                   scale: float = 1.0) -> SplitModel:
     """ResNet-18 for 32×32 images (the kuangliu/pytorch-cifar layout that FedLoGe and Fed-GraB use,
     ZackZikaiXiao/FedLoGe ``model/model_res.py``): a 3×3 stem with 64 channels, no max-pool, four stages of two
     basic blocks (64, 128, 256, 512 channels; option-B shortcuts), global average pooling, 512-d features;
-    PyTorch's default initialisation. About 11.2M parameters."""
+    PyTorch's default initialisation. 11,173,962 parameters at 10 classes. The release's ``projection``
+    Linear(512, 512), which its ``forward`` never calls, is left out."""
     features = nn.Sequential(
         nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
         make_stage(64, 64, 2, 1, "B"), make_stage(64, 128, 2, 2, "B"), make_stage(128, 256, 2, 2, "B"),
