@@ -61,7 +61,7 @@ class TrainConfig(Options):
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
     nesterov: bool = Field(False, description="Nesterov momentum")
-    batch_size: int = Field(64, gt=0, description="local batch size")
+    batch_size: int = Field(64, ge=2, description="local batch size (≥ 2: a batch of one sample is dropped, BatchNorm)")
 
 
 class FederationConfig(Options):

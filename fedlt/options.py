@@ -102,7 +102,7 @@ class CentralizedOptions(Options):
     method: str = Field("ce", description="registered centralized method (--list)")
     epochs: float = Field(10.0, gt=0, description="training epochs (stage 1 of a two-stage method)")
     lr: float | None = Field(None, gt=0, description="learning rate (None: train.lr)")
-    batch_size: int | None = Field(None, gt=0, description="batch size (None: train.batch_size)")
+    batch_size: int | None = Field(None, ge=2, description="batch size, ≥ 2 (None: train.batch_size)")
     momentum: float | None = Field(None, ge=0, description="SGD momentum (None: train.momentum)")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (None: train.weight_decay)")
     nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")

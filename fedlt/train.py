@@ -149,14 +149,15 @@ def prepare_batch(data: TensorData, idx: torch.Tensor, augment: Augment | None,
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Batches in one pass over ``n`` samples: ⌈n / batch_size⌉ (at least 1)."""
-    return max(1, math.ceil(n / batch_size))
+    """Batches :func:`batch_schedule` trains in one pass over ``n`` samples: ⌊n/B⌋ + [n mod B ≥ 2] (a last batch
+    of one sample is dropped for BatchNorm), at least 1."""
+    return max(1, n // batch_size + (n % batch_size >= 2))
 
 
 def epoch_steps(n: int, batch_size: int, epochs: float) -> int:
-    """Steps of ``epochs`` passes over ``n`` samples, as :func:`batch_schedule` counts them: round(epochs · ⌈n/B⌉)
-    (0 for a fraction of an epoch below half a batch)."""
-    return round(epochs * steps_per_epoch(n, batch_size))
+    """Steps of ``epochs`` passes over ``n`` samples, as :func:`batch_schedule` counts them:
+    round(epochs · :func:`steps_per_epoch`) (0 for a fraction of an epoch below half a batch, or under 2 samples)."""
+    return round(epochs * steps_per_epoch(n, batch_size)) if n >= 2 else 0
 
 
 def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
