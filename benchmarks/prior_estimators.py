@@ -81,13 +81,13 @@ def estimates(cfg, epsilon: float = 1.0, delta: float = 1e-5) -> dict:
         data = exp.client_data(pid)
         model = model_for(cfg, exp)
         gen = torch_generator(cfg.seed, Stream.CLIENT, 0, pid)
-        r = QUERIES.get("prior-epoch")(cfg, model, data, {"lr": round_lr(cfg, 1)}, gen, augment_for(cfg))
+        r = QUERIES.get("prior-epoch")(cfg, model, data, {"lr": round_lr(cfg, 1)}, gen, augment_for(cfg, data))
         weights.append(r.extra_arrays["classifier"]["weight"])
         sizes.append(len(data))
         for name, sigma in sigmas.items():
             gen = torch_generator(cfg.seed, Stream.CLIENT, 0, pid)
             noisy[name].append(np.asarray(QUERIES.get("noisy-counts")(cfg, model, data, {"sigma": sigma}, gen,
-                                                                     augment_for(cfg)).metrics["noisy-counts"]))
+                                                                     augment_for(cfg, data)).metrics["noisy-counts"]))
     return {"gbme": estimate_prior(w0, weights, sizes).pi_hat, "dpa": dpa_estimate(w0, weights, sizes).pi_hat,
             **{name: dp_counts_estimate(noisy[name]).pi_hat for name in sigmas}, "oracle": oracle_estimate(cfg).pi_hat}
 

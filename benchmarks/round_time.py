@@ -55,7 +55,7 @@ def in_process_rounds(cfg: dict, rounds: int) -> list[float]:
             model.load_state_dict(global_state)
             data = exp.client_data(pid)
             r = method.fit(model, data, {"lr": round_lr(cfg, t), "partition-id": pid},
-                           torch_generator(cfg.seed, Stream.CLIENT, t, pid), augment_for(cfg))
+                           torch_generator(cfg.seed, Stream.CLIENT, t, pid), augment_for(cfg, data))
             states.append(r.state)
             sizes.append(len(data))
         total = sum(sizes)

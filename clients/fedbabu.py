@@ -61,5 +61,5 @@ class FedBABUClient(ClientMethod):
             freeze(model.features)
         gen = torch_generator(self.cfg.seed, Stream.PERSONALISE, int(config.get("partition-id", 0)))
         train(model, data, cross_entropy_objective, opt=self.optim(config), generator=gen,
-              augment=augment_for(self.cfg), epochs=epochs, sampler=instance_balanced_sampler)
+              augment=augment_for(self.cfg, data), epochs=epochs, sampler=instance_balanced_sampler)
         return model

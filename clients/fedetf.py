@@ -122,7 +122,7 @@ class FedETFClient(ClientMethod):
         t, o = self.cfg.train, self.opts
         gen = torch_generator(self.cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)),
                               int(config.get("partition-id", 0)), 1)
-        augment = augment_for(self.cfg)
+        augment = augment_for(self.cfg, data)
         finetune = t.local_epochs if o.finetune_epochs is None else o.finetune_epochs
         if finetune > 0:
             train(model, data, self.objective(model, data, config), opt=self.optim(config),

@@ -103,7 +103,8 @@ class GLMCClient(ClientMethod):
         o = self.opts
         counts = data.class_counts
         generator, rng = self.streams(config)
-        return glmc_objective(data, TwoCrops(augment_for(self.cfg)), glmc_label_weights(counts, o.label_weighting),
+        return glmc_objective(data, TwoCrops(augment_for(self.cfg, data)),
+                              glmc_label_weights(counts, o.label_weighting),
                               class_probabilities(counts, 1.0 - o.resample_weighting), self.round_alpha(config),
                               o.mix_alpha, o.contrast_weight, generator, rng)
 

@@ -154,7 +154,7 @@ class SBCLClient(ClientMethod):
         """The loss of a batch labelled as :meth:`fit` labels it (by subclass after the warm-up)."""
         from fedlt.experiment import augment_for
 
-        return self.round_objective(data, self.subclasses(model, data, config, augment_for(self.cfg)))
+        return self.round_objective(data, self.subclasses(model, data, config, augment_for(self.cfg, data)))
 
     def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
             augment: Augment) -> FitResult:

@@ -100,7 +100,7 @@ class ClientMethod:
             return model
         gen = torch_generator(self.cfg.seed, Stream.PERSONALISE, int(config.get("partition-id", 0)))
         train(model, data, cross_entropy_objective, opt=self.optim(config), generator=gen,
-              augment=augment_for(self.cfg), epochs=epochs, sampler=instance_balanced_sampler)
+              augment=augment_for(self.cfg, data), epochs=epochs, sampler=instance_balanced_sampler)
         return model
 
     def query(self, action: str, model: nn.Module, data: TensorData, config: dict,

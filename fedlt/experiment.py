@@ -196,5 +196,6 @@ def check_input_size(model: SplitModel, name: str, options: dict, exp: Experimen
     _INPUT_CHECKED.add(key)
 
 
-def augment_for(cfg: Config) -> Augment:
-    return Augment(cfg.data.crop_padding, cfg.data.flip)
+def augment_for(cfg: Config, data: TensorData | Experiment) -> Augment:
+    """The config's crop/flip for batches normalised with ``data``'s mean/std (the crop pads with black)."""
+    return Augment(cfg.data.crop_padding, cfg.data.flip, data.mean, data.std)

@@ -347,11 +347,11 @@ def time_model(cfg: Config, exp, model, batch_size: int, cache: dict | None = No
     opt = OptimConfig(lr=1e-3, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
                       batch_size=batch_size)
     gen = torch_generator(cfg.seed, Stream.CLIENT, 0, 0)
-    train(model, data, opt=opt, steps=1, generator=gen, augment=augment_for(cfg))
+    train(model, data, opt=opt, steps=1, generator=gen, augment=augment_for(cfg, data))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    train(model, data, opt=opt, steps=steps, generator=gen, augment=augment_for(cfg))
+    train(model, data, opt=opt, steps=steps, generator=gen, augment=augment_for(cfg, data))
     sync()
     step = (time.perf_counter() - t0) / steps
     t0 = time.perf_counter()

@@ -49,15 +49,25 @@ class TensorData:
 
 @dataclass
 class Augment:
-    """Per-image random crop (zero padding) and horizontal flip, batched."""
+    """Per-image random crop and horizontal flip, batched, of a batch normalised with ``mean``/``std``: the crop
+    pads with black, (0 − mean)/std, as torchvision's ``RandomCrop(32, padding=4)`` on the raw image before
+    ``Normalize`` (without ``mean``/``std``: with 0)."""
 
     crop_padding: int = 4
     flip: bool = True
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def black(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The value of a black pixel in the units of ``x``: (0 − mean)/std per channel, in x's dtype."""
+        if self.mean is None or self.std is None:
+            return None
+        return (0.0 - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.crop_padding == 0 and not self.flip:
             return x
-        return random_crop_flip(x, self.crop_padding, generator, self.flip)
+        return random_crop_flip(x, self.crop_padding, generator, self.flip, self.black(x))
 
 
 class Objective(Protocol):

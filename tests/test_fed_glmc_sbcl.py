@@ -46,7 +46,7 @@ def central_glmc(counts, cfg, data, generator, rng):
     central = CENTRALIZED.get("glmc")(
         load_config(None, ["mode=centralized", "centralized.method=glmc", "centralized.epochs=5"]
                     + [f"centralized.{k}" for k in GLMC_KEYS]), np.asarray(counts))
-    central.data, central.views = data, TwoCrops(augment_for(cfg))
+    central.data, central.views = data, TwoCrops(augment_for(cfg, data))
     central.generator, central.rng = generator, rng
     return central
 
@@ -132,10 +132,10 @@ def test_sbcl_client_clusters_and_loss_are_the_centralized_sbcl_on_the_local_dat
         load_config(None, ["mode=centralized", "centralized.method=sbcl", "centralized.supcon_epochs=1"]
                     + [f"centralized.{k}" for k in SBCL_KEYS]), np.asarray(SBCL_COUNTS))
     config = {"server-round": 2, "partition-id": 1}
-    central.data, central.views = data, TwoCrops(augment_for(cfg))
+    central.data, central.views = data, TwoCrops(augment_for(cfg, data))
     central.generator, central.rng = client.streams(config)
     central.cluster(model)
-    groups = client.subclasses(model, data, config, augment_for(cfg))
+    groups = client.subclasses(model, data, config, augment_for(cfg, data))
     assert torch.equal(groups.of_sample, central.subclasses) and torch.equal(groups.class_tau, central.class_tau)
     assert groups.classes.tolist() == [0, 0, 0, 0, 1, 2, 2, 3] and len(set(groups.of_sample[:12].tolist())) == 4
 
@@ -151,12 +151,12 @@ def test_sbcl_client_clusters_and_loss_are_the_centralized_sbcl_on_the_local_dat
     assert got.item() == pytest.approx(want.item() + classifier_term.item(), rel=1e-5)
     # round 1 is the SupCon warm-up (W = round(0.2 · 5) = 1): no clustering, class labels
     assert client.warm({"server-round": 1}) and not client.warm({"server-round": 2})
-    assert client.subclasses(model, data, {"server-round": 1}, augment_for(cfg)) is None
+    assert client.subclasses(model, data, {"server-round": 1}, augment_for(cfg, data)) is None
     warm = client.round_objective(data, None)(model, x, y)
     assert warm.item() == pytest.approx(central.objective(0)(model, x, y).item() + classifier_term.item(), rel=1e-5)
     # a client lacking class 1 clusters the classes it holds; class 1 keeps τ = T and has no subclass
     local = data.subset(torch.nonzero(data.labels != 1).squeeze(1))
-    lacking = cluster_client(model, local, augment_for(cfg), 2, 0.1, 35, *client.streams(config))
+    lacking = cluster_client(model, local, augment_for(cfg, local), 2, 0.1, 35, *client.streams(config))
     assert 1 not in lacking.classes.tolist() and lacking.class_tau[1].item() == pytest.approx(0.1)
     assert int(lacking.of_sample.max()) + 1 == len(lacking.classes)
 

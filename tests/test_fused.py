@@ -65,7 +65,7 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
                 p.add_(0.01 * j * torch.randn_like(p))
         starts.append({k: v.clone() for k, v in m.state_dict().items()})
     config = {"lr": 0.05, **server, "log-prior": [-2.3 + 0.1 * c for c in range(10)]}
-    augment = augment_for(cfg)
+    augment = augment_for(cfg, datas[0])
 
     def cast(objective):  # the data are float32 images; a float64 model needs float64 inputs
         return lambda m, x, y: objective(m, x.to(dtype), y)
@@ -167,7 +167,7 @@ def test_batch_schedule_draws_what_train_draws():
     data = synthetic_clients()[3]  # 33 samples at batch 16: the last batch of one is dropped
     opt = OptimConfig(lr=0.1, batch_size=16, schedule="cosine")
     seen = []
-    augment = augment_for(load_config(None, []))
+    augment = augment_for(load_config(None, []), data)
     batches = list(batch_schedule(data, opt, epochs=2.0, steps=None, generator=torch_generator(1, 2), augment=augment))
     assert [len(y) for _, y, _ in batches] == [16] * 4  # 2 epochs of 2 steps each, the batches of one dropped
     assert batches[0][2] == 0.1 and batches[-1][2] < 0.1  # lr at the same fractional epoch as train()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fedlt.data.augment import random_crop_flip
+from fedlt.data.augment import normalize, random_crop_flip
 from fedlt.models import build_model
-from fedlt.train import Augment, OptimConfig, TensorData, predict_logits, train
+from fedlt.train import Augment, OptimConfig, TensorData, predict_logits, prepare_batch, train
 
 
 def test_resnet32_has_about_046m_parameters_and_split_parts():
@@ -113,3 +113,20 @@ def test_one_epoch_is_one_pass_when_the_last_batch_of_one_is_dropped(n, bs, step
     r = train(m, data, opt=OptimConfig(batch_size=bs), epochs=1.0, generator=torch.Generator().manual_seed(0))
     assert r.steps == steps == epoch_steps(n, bs, 1.0) and r.num_examples == min(n, steps * bs)
     assert steps_per_epoch(n, bs) == max(1, steps)
+
+
+def test_crop_pads_the_normalised_batch_with_black_as_torchvision_before_normalize():
+    """RandomCrop(32, padding=4) pads the raw image with pixel 0 before Normalize: on the normalised batch the
+    padding is (0 − mean)/std, not 0 (the mean colour). Each crop equals the torchvision pipeline's crop of the raw
+    image at the same offset, normalised."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(1, 256, (64, 3, 6, 6), generator=g, dtype=torch.uint8)
+    mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.20, 0.20, 0.20])
+    data = TensorData(raw, torch.zeros(64, dtype=torch.long), mean, std, 2)
+    x, _ = prepare_batch(data, torch.arange(64), Augment(2, False, mean, std), torch.Generator().manual_seed(1))
+    padded = normalize(torch.nn.functional.pad(raw, (2, 2, 2, 2)), mean, std)  # black pixels, then normalised
+    for i in range(64):
+        assert any(torch.equal(x[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5)), i
+    corner = x[:, :, 0, 0][(x[:, :, 0, 0] - (-mean / std)).abs().sum(1) == 0]
+    assert len(corner) > 5  # some crops start in the padding: their corner is black, (0 − mean)/std
+    assert not torch.isclose(x, torch.zeros(())).any()  # no pixel is the mean colour 0 (raw pixels are ≥ 1)

@@ -88,7 +88,7 @@ class CentralizedMethod:
 
     def augment(self, data: TensorData) -> Augment:
         """Crop/flip; with ``autoaugment`` (the long recipes) + AutoAugment + Cutout(``cutout``) per image."""
-        weak = augment_for(self.cfg)
+        weak = augment_for(self.cfg, data)
         if not self.opt.autoaugment:
             return weak
         return StrongView(weak, data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
@@ -123,7 +123,7 @@ class CentralizedMethod:
     def stage2_augment(self, data: TensorData) -> Augment:
         """The augmentation of stage 2: crop/flip, without stage 1's AutoAugment/Cutout (SHIKE and CC-SAM keep
         their stage-1 augmentation)."""
-        return augment_for(self.cfg)
+        return augment_for(self.cfg, data)
 
     stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
 

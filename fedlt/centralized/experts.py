@@ -137,7 +137,7 @@ class MDCS(ExpertMethod):
         return len(self.opt.lambdas)
 
     def augment(self, data: TensorData) -> Augment:
-        return TwoViews(augment_for(self.cfg), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk,
+        return TwoViews(augment_for(self.cfg, data), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk,
                         self.opt.weak_rotation)
 
     def kl_weight(self, epoch: int) -> float:

@@ -106,8 +106,8 @@ class CentralizedSteps:
             self.begin_stage1()
         if self.stage == 0:
             result = train(self.rotation, self.data, rotation_objective(self.rotation_rng), opt=self.opt, epochs=1.0,
-                           generator=self.generator, augment=augment_for(self.cfg), optimizer=self.optimizer,
-                           start_epoch=epoch, total_epochs=self.pretrain)
+                           generator=self.generator, augment=augment_for(self.cfg, self.data),
+                           optimizer=self.optimizer, start_epoch=epoch, total_epochs=self.pretrain)
             return {"stage": 0, "train_loss": result.loss, "train_images": result.num_examples}
         epoch -= self.pretrain
         if epoch >= self.stage1 and self.stage == 1:

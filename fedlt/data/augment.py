@@ -9,16 +9,23 @@ import torch
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
-                     flip: bool = True) -> torch.Tensor:
-    """RandomCrop(H, padding) with zero padding, then a horizontal flip with probability ½, per image.
+                     flip: bool = True, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """RandomCrop(H, padding) with constant padding ``fill`` (one value per channel, in the units of ``x``;
+    default 0), then a horizontal flip with probability ½, per image.
 
-    Each image gets its own offset (dy, dx) ∈ [0, 2·padding]²: the padded batch is gathered with one
-    index per output row and column.
+    torchvision's ``RandomCrop(32, padding=4)`` pads the raw image with black (pixel 0) before ``Normalize``; on a
+    normalised batch that is ``fill`` = (0 − mean)/std (:class:`fedlt.train.Augment` passes it). Each image gets
+    its own offset (dy, dx) ∈ [0, 2·padding]²: the padded batch is gathered with one index per output row and
+    column.
     """
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     dev = x.device
     if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        if fill is None:
+            padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        else:
+            padded = fill.to(dev, x.dtype)[None, :, None, None].expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+            padded[:, :, padding:padding + h, padding:padding + w] = x
         off = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu").to(dev)
         rows = (off[0][:, None] + torch.arange(h, device=dev)[None, :])  # (n, h)
         cols = (off[1][:, None] + torch.arange(w, device=dev)[None, :])  # (n, w)

@@ -197,7 +197,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
                 raise InjectedFailure(f"injected failure of partition {pid} in round {server_round} "
                                       f"(federation.failure_rate={c.federation.failure_rate:g})")
             t0 = time.perf_counter()
-            result = method.fit(model, data, config, gen, augment_for(c))
+            result = method.fit(model, data, config, gen, augment_for(c, data))
         result.metrics["fit_seconds"] = time.perf_counter() - t0
         return _reply(msg, result, pid)
 
@@ -214,9 +214,9 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         with client_errors(msg, context):
             c, pid, data, model, method, config, gen = setup(msg, context)
             if config["action"] in QUERIES:
-                result = QUERIES.get(config["action"])(c, model, data, config, gen, augment_for(c))
+                result = QUERIES.get(config["action"])(c, model, data, config, gen, augment_for(c, data))
             else:
-                result = method.query(config["action"], model, data, config, gen, augment_for(c))
+                result = method.query(config["action"], model, data, config, gen, augment_for(c, data))
         return _reply(msg, result, pid)
 
     def hosting(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

@@ -338,7 +338,7 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 opts.append(method.optim(config))
                 gens.append(torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid))
             t = cfg.train
-            result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg),
+            result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg, datas[0]),
                                  epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
     except NotFusable:
         return {}
