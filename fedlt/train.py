@@ -166,8 +166,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def epoch_steps(n: int, batch_size: int, epochs: float) -> int:
     """Steps of ``epochs`` passes over ``n`` samples, as :func:`batch_schedule` counts them:
-    round(epochs · :func:`steps_per_epoch`) (0 for a fraction of an epoch below half a batch, or under 2 samples)."""
-    return round(epochs * steps_per_epoch(n, batch_size)) if n >= 2 else 0
+    ⌊epochs · :func:`steps_per_epoch` + ½⌋, half a step rounded up (not Python's round-half-to-even, which gave
+    2.5 epochs of one batch 2 steps); 0 for a fraction of an epoch below half a batch, or under 2 samples."""
+    return math.floor(epochs * steps_per_epoch(n, batch_size) + 0.5) if n >= 2 else 0
 
 
 def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,

@@ -130,3 +130,15 @@ def test_crop_pads_the_normalised_batch_with_black_as_torchvision_before_normali
     corner = x[:, :, 0, 0][(x[:, :, 0, 0] - (-mean / std)).abs().sum(1) == 0]
     assert len(corner) > 5  # some crops start in the padding: their corner is black, (0 − mean)/std
     assert not torch.isclose(x, torch.zeros(())).any()  # no pixel is the mean colour 0 (raw pixels are ≥ 1)
+
+
+@pytest.mark.parametrize("epochs,steps", [(0.25, 1), (0.2, 0), (0.75, 2), (1.25, 3), (2.25, 5)])
+def test_fractional_epochs_round_half_a_step_up(epochs, steps):
+    """40 images at batch 32: 2 steps an epoch; 0.25 epochs is half a step and trains one (round-half-to-even gave
+    0, and check_steps refused 0.25 while telling to give at least 0.25; 1.25 epochs gave 2 steps, 0.75 gave 2)."""
+    from fedlt.train import epoch_steps
+
+    assert epoch_steps(40, 32, epochs) == steps
+    data = TensorData(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.arange(40) % 2, torch.zeros(1), torch.ones(1), 2)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    assert train(m, data, opt=OptimConfig(batch_size=32), epochs=epochs, generator=torch.Generator()).steps == steps
