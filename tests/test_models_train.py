@@ -108,7 +108,8 @@ def test_one_epoch_is_one_pass_when_the_last_batch_of_one_is_dropped(n, bs, step
     trained 12 images in 3 steps, the third from a fresh permutation)."""
     from fedlt.train import epoch_steps, steps_per_epoch
 
-    data = TensorData(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n) % 2, torch.zeros(1), torch.ones(1), 2)
+    data = TensorData(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n) % 2, torch.zeros(1),
+                      torch.ones(1), 2)
     m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     r = train(m, data, opt=OptimConfig(batch_size=bs), epochs=1.0, generator=torch.Generator().manual_seed(0))
     assert r.steps == steps == epoch_steps(n, bs, 1.0) and r.num_examples == min(n, steps * bs)
@@ -139,6 +140,7 @@ def test_fractional_epochs_round_half_a_step_up(epochs, steps):
     from fedlt.train import epoch_steps
 
     assert epoch_steps(40, 32, epochs) == steps
-    data = TensorData(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.arange(40) % 2, torch.zeros(1), torch.ones(1), 2)
+    data = TensorData(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.arange(40) % 2, torch.zeros(1),
+                      torch.ones(1), 2)
     m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     assert train(m, data, opt=OptimConfig(batch_size=32), epochs=epochs, generator=torch.Generator()).steps == steps
