@@ -40,13 +40,14 @@ from fedlt.options import (
 class PartitionConfig(Options):
     """How the long-tailed training set is split across clients."""
 
-    method: Literal["dirichlet", "creff_dirichlet", "shards", "iid"] = Field(
+    method: Literal["dirichlet", "creff_dirichlet", "multinomial_dirichlet", "shards", "iid"] = Field(
         "dirichlet", description="dirichlet | creff_dirichlet (CReFF-FL's routine: balanced Dirichlet in groups of "
-        "10 clients, then equal-size clients, always balanced) | shards | iid")
+        "10 clients, then equal-size clients, always balanced) | multinomial_dirichlet (FedLoGe's / Fed-GraB's: "
+        "each sample to a client drawn from its class's Dir(α) proportions, no redraw) | shards | iid")
     num_clients: int = Field(10, gt=0, description="number of clients K")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (smaller: more skew)")
     min_size: int = Field(10, ge=0, description="Dirichlet: redraw until every client holds at least this many "
-                          "(creff_dirichlet: an error unless its equal clients hold this many)")
+                          "(creff_dirichlet, multinomial_dirichlet: an error unless every client holds this many)")
     balance: bool = Field(False, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding "
                           "≥ N/K; GBME's protocol); false: the plain per-class Dirichlet")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client")

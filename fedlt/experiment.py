@@ -109,6 +109,8 @@ def partition_labels(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
         return P.dirichlet_partition(labels, k, part.alpha, rng, part.min_size, part.balance)
     if part.method == "creff_dirichlet":
         return P.creff_dirichlet_partition(labels, k, part.alpha, rng, part.min_size)
+    if part.method == "multinomial_dirichlet":
+        return P.multinomial_dirichlet_partition(labels, k, part.alpha, rng, part.min_size)
     if part.method == "shards":
         return P.shard_partition(labels, k, part.shards_per_client, rng)
     return P.iid_partition(labels, k, rng)

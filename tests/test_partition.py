@@ -9,6 +9,7 @@ from fedlt.data.partition import (
     creff_dirichlet_partition,
     dirichlet_partition,
     iid_partition,
+    multinomial_dirichlet_partition,
     partition_counts,
     shard_partition,
 )
@@ -317,3 +318,69 @@ def test_creff_partition_errors_are_one_line():
         creff_dirichlet_partition(LABELS, 10, 0.0, np.random.default_rng(0))
     with pytest.raises(FedLTError, match="at least 100 samples each"):  # 1,485 / 20 = 74 per client
         creff_dirichlet_partition(LABELS, 20, 0.5, np.random.default_rng(0), min_size=100)
+
+
+# --------------------------------------------------------------------------- FedLoGe's / Fed-GraB's routine
+def fedloge_official(y_train, num_classes, p, num_users, seed, alpha_dirichlet):
+    """Transcription of ZackZikaiXiao/FedLoGe (and FedGraB) ``util/sampling.py`` ``non_iid_dirichlet_sampling``
+    (numpy's global generator replaced by a RandomState of the same seed), sets of indices as there."""
+    rs = np.random.RandomState(seed)
+    p = 1
+    phi = rs.binomial(1, p, size=(num_users, num_classes))
+    n_classes_per_client = np.sum(phi, axis=1)
+    while np.min(n_classes_per_client) == 0:
+        invalid = np.where(n_classes_per_client == 0)[0]
+        phi[invalid] = rs.binomial(1, p, size=(len(invalid), num_classes))
+        n_classes_per_client = np.sum(phi, axis=1)
+    psi = [list(np.where(phi[:, j] == 1)[0]) for j in range(num_classes)]
+    num_clients_per_class = np.array([len(x) for x in psi])
+    dict_users = {}
+    for class_i in range(num_classes):
+        all_idxs = np.where(y_train == class_i)[0]
+        p_dirichlet = rs.dirichlet([alpha_dirichlet] * num_clients_per_class[class_i])
+        assignment = rs.choice(psi[class_i], size=len(all_idxs), p=p_dirichlet.tolist())
+        for client_k in psi[class_i]:
+            dict_users[client_k] = dict_users.get(client_k, set()) | set(all_idxs[assignment == client_k])
+    return dict_users
+
+
+@pytest.mark.parametrize("num_clients,alpha,seed", [(10, 0.5, 3407), (40, 1.0, 1), (7, 0.1, 0)])
+def test_multinomial_dirichlet_draws_fedloges_partition(num_clients, alpha, seed):
+    """Given the same RandomState, fedlt's routine returns FedLoGe's clients."""
+    ours = multinomial_dirichlet_partition(LABELS, num_clients, alpha, np.random.RandomState(seed), min_size=0)
+    theirs = fedloge_official(LABELS, 10, 0.6, num_clients, seed, alpha)
+    assert [set(p.tolist()) for p in ours] == [theirs.get(k, set()) for k in range(num_clients)]
+    assert_exact_cover(ours, len(LABELS))
+
+
+def test_multinomial_dirichlet_counts_are_multinomial_draws_not_cuts():
+    """A class of 1,000 samples over 2 clients: the cut gives ⌊q·n⌋ exactly; the multinomial draw scatters around
+    q·n with variance n·q(1−q) (over 200 seeds, the mean of (count − q·n)² ≈ n·q(1−q) ± 20 %)."""
+    labels = np.zeros(1000, dtype=np.int64)
+    sq, var = [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        parts = multinomial_dirichlet_partition(labels, 2, 1.0, rng, min_size=0)
+        q = np.random.default_rng(seed)
+        q.binomial(1, 1.0, size=(2, 1))
+        q0 = q.dirichlet(np.ones(2))[0]
+        sq.append((len(parts[0]) - q0 * 1000) ** 2)
+        var.append(1000 * q0 * (1 - q0))
+    assert 0.8 < np.mean(sq) / np.mean(var) < 1.2
+
+
+def test_multinomial_dirichlet_errors_are_one_line():
+    with pytest.raises(FedLTError, match=r"^partition.method=multinomial_dirichlet \(α=0.01\) left client \d+ "
+                                         r"with \d+ samples, fewer than partition.min_size=10"):
+        multinomial_dirichlet_partition(LABELS, 40, 0.01, np.random.default_rng(0), min_size=10)
+    with pytest.raises(FedLTError, match="alpha"):
+        multinomial_dirichlet_partition(LABELS, 10, 0.0, np.random.default_rng(0))
+
+
+def test_multinomial_dirichlet_partitioner_is_the_same_routine():
+    from fedlt.data.flower_partitioners import MultinomialDirichletPartitioner
+
+    part = MultinomialDirichletPartitioner(num_partitions=10, alpha=0.5, seed=0)
+    part.dataset = FakeDataset({"label": LABELS.tolist()})
+    ours = multinomial_dirichlet_partition(LABELS, 10, 0.5, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(part.partition_indices(), ours))

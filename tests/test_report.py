@@ -359,7 +359,7 @@ def test_partition_named_by_its_method(tmp_path):
     from fedlt.report.tables import build_rows, markdown_table, row_labels
 
     root = tmp_path / "runs"
-    for method in ("dirichlet", "creff_dirichlet", "shards", "iid"):
+    for method in ("dirichlet", "creff_dirichlet", "multinomial_dirichlet", "shards", "iid"):
         d = make_run(root, method, "federated", "fedavg", 0, 0.5)
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         cfg["partition"].update(method=method, shards_per_client=3)
@@ -368,6 +368,7 @@ def test_partition_named_by_its_method(tmp_path):
     by = {r.get("partition.method"): (r.column("alpha"), label) for r, label in zip(rows, row_labels(rows))}
     assert by == {"dirichlet": ("0.5", "FL fedavg (α=0.5)"),
                   "creff_dirichlet": ("CReFF 0.5", "FL fedavg (CReFF α=0.5)"),
+                  "multinomial_dirichlet": ("multinomial 0.5", "FL fedavg (multinomial α=0.5)"),
                   "shards": ("3 shards", "FL fedavg (3 shards)"), "iid": ("IID", "FL fedavg (IID)")}
     assert "| CReFF 0.5 |" in markdown_table(rows)
 

@@ -119,6 +119,19 @@ class CReFFDirichletPartitioner(_LabelPartitioner):
         return P.creff_dirichlet_partition(labels, self._num_partitions, self._alpha, rng)
 
 
+class MultinomialDirichletPartitioner(_LabelPartitioner):
+    """FedLoGe's and Fed-GraB's routine (each sample to a partition drawn from its class's Dir(α) proportions,
+    drawn once; :func:`fedlt.data.partition.multinomial_dirichlet_partition`)."""
+
+    def __init__(self, num_partitions: int, alpha: float, partition_by: str = "label", min_partition_size: int = 1,
+                 seed: int | None = 42) -> None:
+        super().__init__(num_partitions, partition_by, seed)
+        self._alpha, self._min_size = alpha, min_partition_size
+
+    def _partition(self, labels: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        return P.multinomial_dirichlet_partition(labels, self._num_partitions, self._alpha, rng, self._min_size)
+
+
 class ShardsPartitioner(_LabelPartitioner):
     """Label-sorted shards, ``shards_per_partition`` dealt at random to each partition (McMahan et al., 2017)."""
 

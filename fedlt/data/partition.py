@@ -11,7 +11,9 @@ Two Dirichlet forms (``partition.balance``):
   is dealt first, so balancing closes clients early and leaves some with the head class only.
 
 CReFF's routine (``method=creff_dirichlet``, :func:`creff_dirichlet_partition`) is a third form: balanced
-Dirichlet within groups of ten clients, then equal-size clients cut from the concatenation.
+Dirichlet within groups of ten clients, then equal-size clients cut from the concatenation. FedLoGe's and
+Fed-GraB's (``method=multinomial_dirichlet``, :func:`multinomial_dirichlet_partition`) is a fourth: each sample
+goes to a client drawn from its class's Dir(α) proportions, with no redraw.
 """
 
 from __future__ import annotations
@@ -120,6 +122,41 @@ def creff_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float
         dealt.extend(parts)
     flat = np.asarray([i for p in dealt for i in p], dtype=np.int64)
     return [np.sort(p) for p in np.array_split(flat, num_clients)]
+
+
+def multinomial_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,
+                                    rng: np.random.Generator | np.random.RandomState,
+                                    min_size: int = 1) -> list[np.ndarray]:
+    """FedLoGe's and Fed-GraB's client partition (Xiao et al., ICLR 2024 / Xiao et al., NeurIPS 2023;
+    ZackZikaiXiao/FedLoGe and ZackZikaiXiao/FedGraB ``util/sampling.py`` ``non_iid_dirichlet_sampling``, taken
+    from FedCorr): for every class c in 0..C−1, q ~ Dir(α·1_K) and each sample of c goes to client k with
+    probability q_k (one categorical draw per sample), so a client's count of c is Multinomial(n_c, q)-distributed
+    rather than the cut ⌊cumsum(q)·n_c⌋ of :func:`dirichlet_partition`; nothing is redrawn.
+
+    The release's class-choice matrix Φ ~ Bernoulli(p) is drawn with p forced to 1 (every client may hold every
+    class), so it selects nothing; it is drawn here too, so that a ``np.random.RandomState`` seeded as the release
+    seeds numpy gives its exact partition (tested). Not copied: a client left with fewer than ``min_size`` samples
+    (the release trains it on what it got, even none) is a one-line :class:`FedLTError`.
+    """
+    if alpha <= 0:
+        raise FedLTError(f"partition.alpha must be > 0, got {alpha}")
+    n = len(labels)
+    _check(n, num_clients, min_size)
+    num_classes = int(labels.max()) + 1
+    rng.binomial(1, 1.0, size=(num_clients, num_classes))  # the release's Φ with p = 1: every client, every class
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        q = rng.dirichlet(np.full(num_clients, alpha))
+        owner = rng.choice(num_clients, size=len(idx), p=q)
+        for k in range(num_clients):
+            parts[k].extend(idx[owner == k].tolist())
+    small = [k for k, p in enumerate(parts) if len(p) < min_size]
+    if small:
+        raise FedLTError(f"partition.method=multinomial_dirichlet (α={alpha}) left client {small[0]} with "
+                         f"{len(parts[small[0]])} samples, fewer than partition.min_size={min_size} (it draws once, "
+                         f"as FedLoGe's release): change the seed, raise alpha or lower num_clients/min_size")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
 def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int,

@@ -39,6 +39,7 @@ def speed_value(summary: dict, key: str) -> float | None:
         return summary.get("seconds_per_round", summary.get("seconds_per_epoch"))
     return summary.get(key)
 # Keys that the table shows in their own columns.
+DIRICHLET_PREFIX = {"creff_dirichlet": "CReFF", "multinomial_dirichlet": "multinomial"}  # other Dirichlet routines
 COLUMN_KEYS = ("data.name", "data.imbalance_factor", "partition.method", "partition.alpha",
                "partition.num_clients", "partition.shards_per_client", "strategy.name", "centralized.method")
 
@@ -96,18 +97,21 @@ class Row:
             method = g("partition.method")
             if method == "dirichlet":
                 return fmt_value(g("partition.alpha"))
-            if method == "creff_dirichlet":
-                return f"CReFF {fmt_value(g('partition.alpha'))}"
+            if method in DIRICHLET_PREFIX:
+                return f"{DIRICHLET_PREFIX[method]} {fmt_value(g('partition.alpha'))}"
             return "IID" if method == "iid" else f"{g('partition.shards_per_client')} shards"
         return str(g("partition.num_clients"))
 
     def partition_text(self) -> str:
         """The partition as a legend says it: ``α=0.5`` (Dirichlet), ``CReFF α=0.5`` (creff_dirichlet),
-        ``2 shards`` (per client), ``IID``; ``–`` for a centralized row."""
+        ``multinomial α=0.5`` (multinomial_dirichlet), ``2 shards`` (per client), ``IID``; ``–`` for a centralized
+        row."""
         alpha = fmt_value(self.get("partition.alpha"))
         method = self.get("partition.method")
-        if self.mode == "federated" and method in ("dirichlet", "creff_dirichlet"):
-            return ("CReFF " if method == "creff_dirichlet" else "") + f"α={alpha}"
+        if self.mode == "federated" and method == "dirichlet":
+            return f"α={alpha}"
+        if self.mode == "federated" and method in DIRICHLET_PREFIX:
+            return f"{DIRICHLET_PREFIX[method]} α={alpha}"
         return self.column("alpha")
 
     def per_class(self) -> np.ndarray:
