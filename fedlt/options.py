@@ -120,6 +120,14 @@ class CentralizedOptions(Options):
         "none", description="self-supervised stage 0 before the method (rotation: SSP, fedlt/centralized/pretrain.py)")
     pretrain_epochs: int = Field(0, ge=0, description="epochs of the pretrain stage (> 0 with pretrain=rotation)")
 
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _whole_warmup(cls, value: float) -> float:
+        if value != int(value):  # OptimConfig.lr_at: lr·(⌊e⌋+1)/⌈W⌉ for e < W; 0.5 gave no warm-up at all
+            raise ValueError("must be a whole number of epochs (the warm-up steps once per epoch, lr·(e+1)/W, as "
+                             "LDAM-DRW's)")
+        return value
+
     @field_validator("pretrain_epochs")
     @classmethod
     def _pretrain_has_epochs(cls, value: int, info: ValidationInfo) -> int:

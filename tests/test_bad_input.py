@@ -524,3 +524,11 @@ def test_a_negative_milestone_is_refused():
         load_config(None, ["centralized.milestones=[-1]"])
     with pytest.raises(FedLTError, match=r"config key 'federation.lr_milestones.1' must be >= 1, got -5"):
         load_config(None, ["federation.lr_milestones=[3, -5]"])
+
+
+def test_a_fractional_warmup_is_refused():
+    """The warm-up steps once per epoch (lr·(e+1)/W): 0.5 epochs used to give no warm-up, 2.5 a warm-up of 2."""
+    with pytest.raises(FedLTError, match=r"config key 'centralized.warmup_epochs' must be a whole number of epochs "
+                                         r".*, got 0.5$"):
+        load_config(None, ["centralized.warmup_epochs=0.5"])
+    assert load_config(None, ["centralized.warmup_epochs=5"]).centralized.warmup_epochs == 5
