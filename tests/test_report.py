@@ -390,3 +390,18 @@ def test_data_settings_of_one_data_set_told_apart(tmp_path):
         assert (out / f"accuracy_rounds-fashion_mnist-beta100-model.name-{model}.png").is_file()
         assert f"](accuracy_rounds-fashion_mnist-beta100-model.name-{model}.png)" in text
         assert text.count(f"| fashion_mnist (model.name={model}) |") == 2
+
+
+def test_settings_table_gives_alpha_of_every_dirichlet_form_and_no_beta_for_profile_none(tmp_path):
+    from fedlt.report.tables import build_rows, settings_table
+
+    root = tmp_path / "runs"
+    for name, method, alpha, profile in (("a", "creff_dirichlet", 0.3, "none"), ("b", "shards", 0.9, "none")):
+        d = make_run(root, name, "federated", "fedavg", 0, 0.5, alpha=alpha)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["partition"]["method"], cfg["data"]["profile"] = method, profile
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs = load_runs([root])[0]
+    table = settings_table(runs, build_rows(runs))
+    assert "| Partition | creff_dirichlet, shards; Dirichlet α: 0.3 |" in table  # the shard run's α is unused
+    assert "| Imbalance factor β = N_max/N_min | – (data.profile none) |" in table

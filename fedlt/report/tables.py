@@ -307,7 +307,8 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
                                              f"torch {e.get('torch', '?')}", f"flwr {e.get('flwr', '?')}",
                                              e.get("platform", "")) if x) for e in env}) or ["unknown (no env.json)"]
     models = _values(runs, "model.name")
-    dirichlet = [r for r in fed if flatten(r.config).get("partition.method") == "dirichlet"]
+    dirichlet = [r for r in fed if str(flatten(r.config).get("partition.method")).endswith("dirichlet")]
+    cut = [r for r in runs if flatten(r.config).get("data.profile") != "none"]  # β is unused with profile none
     seconds = sum(float(r.summary.get("wall_clock_seconds") or 0) for r in runs)
     peaks = [(float(e["peak_memory_mib"]), e.get("peak_memory_of", "")) for e in env if e.get("peak_memory_mib")]
     peak = max(peaks) if peaks else None
@@ -315,7 +316,7 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
         ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
         ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
                                                      f"test set balanced)"),
-        ("Imbalance factor β = N_max/N_min", _join(_values(runs, "data.imbalance_factor"))),
+        ("Imbalance factor β = N_max/N_min", _join(_values(cut, "data.imbalance_factor"), "– (data.profile none)")),
         ("Model", _join(models, "data set default")),
         ("Partition", f"{_join(_values(fed, 'partition.method'))}; Dirichlet α: "
                       f"{_join(_values(dirichlet, 'partition.alpha'))}"),
