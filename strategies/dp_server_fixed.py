@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedlt.config import Config
 from fedlt.federation.compose import StrategyWrapper
-from fedlt.federation.dp import DPOptions, epsilon, hold_counters
+from fedlt.federation.dp import DPOptions, epsilon, hold_counters, put_back, set_aside
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, seeded_rng
 
@@ -29,8 +29,7 @@ class _Inner:
 
     def aggregate_train(self, server_round: int, replies: list[Message]):
         for reply, records in zip(replies, self.held, strict=True):
-            for name, record in records.items():
-                reply.content[name] = record
+            put_back(reply, records)
         return self.aggregate(server_round, replies)
 
 
@@ -62,10 +61,7 @@ class DPServerFixed(StrategyWrapper):
                 r.content["metrics"][self.weighted_by_key] = 1
             if self.current is not None:  # step counters are no part of the clipped update
                 hold_counters(r.content[self.arrayrecord_key], self.current)
-            names = [k for k in r.content.array_records if k != self.arrayrecord_key]
-            held.append({k: r.content[k] for k in names})
-            for k in names:
-                del r.content[k]
+            held.append(set_aside(r, self.arrayrecord_key))
         dp = self.flower_wrapper(_Inner(self.base.aggregate_checked, held), self.opts.noise_multiplier,
                                  self.opts.clipping_norm, self.sampled)
         dp.current_arrays = self.current

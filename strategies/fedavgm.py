@@ -58,8 +58,7 @@ class FedAvgM(FedLTStrategy, FlowerFedAvgM):
             arrays[key] = Array(np.tensordot(weights / weights.sum(), values, axes=1))
             if self.momentum_vector is not None:
                 self.momentum_vector[i] = np.zeros_like(self.momentum_vector[i])
-        keep_dtypes(arrays, replies[0].content[self.arrayrecord_key])
-        self.current_arrays = arrays
+        keep_dtypes(arrays, replies[0].content[self.arrayrecord_key])  # in place: arrays is Flower's new w_t too
         return arrays, metrics
 
     def state_dict(self) -> dict:

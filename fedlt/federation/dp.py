@@ -96,20 +96,20 @@ def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     Flower's mod, which takes one ArrayRecord only, and are neither clipped nor changed."""
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
-        sent_aside = _set_aside(msg)
+        sent_aside = set_aside(msg)
         replied_aside: dict[str, ArrayRecord] = {}
 
         def call_and_hold(m: Message, ctx: Context) -> Message:
-            _put_back(m, sent_aside)
+            put_back(m, sent_aside)
             out = call_next(m, ctx)
             if not out.has_error() and MODEL in out.content.array_records:
-                replied_aside.update(_set_aside(out))
+                replied_aside.update(set_aside(out))
                 hold_counters(out.content[MODEL], m.content[MODEL])
             return out
 
         out = fixedclipping_mod(msg, context, call_and_hold)
         if not out.has_error():
-            _put_back(out, replied_aside)
+            put_back(out, replied_aside)
         return out
     return call_next(msg, context)
 
@@ -117,14 +117,16 @@ def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 MODEL = "arrays"  # the ArrayRecord of a message that holds the model (FedLTStrategy.arrayrecord_key)
 
 
-def _set_aside(msg: Message) -> dict[str, ArrayRecord]:
-    """Take every ArrayRecord but the model's off ``msg``; return them."""
-    aside = {k: v for k, v in msg.content.array_records.items() if k != MODEL}
+def set_aside(msg: Message, model: str = MODEL) -> dict[str, ArrayRecord]:
+    """Take every ArrayRecord but the ``model``'s off ``msg`` (a personal head: Flower's DP clips or accepts one
+    ArrayRecord); return them for :func:`put_back`."""
+    aside = {k: v for k, v in msg.content.array_records.items() if k != model}
     for k in aside:
         del msg.content[k]
     return aside
 
 
-def _put_back(msg: Message, aside: dict[str, ArrayRecord]) -> None:
+def put_back(msg: Message, aside: dict[str, ArrayRecord]) -> None:
+    """Give ``msg`` back the records :func:`set_aside` took off."""
     for k, record in aside.items():
         msg.content[k] = record
