@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m fedlt.simulate --config configs/default.yaml --out runs --report runs/report
 
 test: setup
-	$(PY) -m pytest -q -m "not heavy" tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m "not heavy" tests
 
 test-heavy: setup
 	$(PY) -m pytest -q -m heavy tests

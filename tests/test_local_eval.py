@@ -16,7 +16,7 @@ from fedlt.federation.local_eval import draw_local_tests, local_metrics, local_t
 
 LOCAL = ["mode=federated", "partition.num_clients=4", "federation.rounds=2", "federation.fraction=0.5",
          "train.local_steps=3", "train.batch_size=32", "model.name=small_cnn", "data.imbalance_factor=100",
-         "eval.local=final", "eval.finetune_epochs=0.05"]
+         "eval.local=final", "eval.finetune_epochs=0.05", "eval.every=2"]
 
 
 def test_local_test_counts_are_proportional_to_the_clients_training_counts():

@@ -147,7 +147,7 @@ def test_short_run_reports_global_and_local_accuracy(method, tmp_path):
     cfg = load_config(None, ["mode=federated", "partition.num_clients=2", "federation.rounds=2",
                              "federation.fraction=1", "train.local_steps=2", "train.batch_size=32",
                              "model.name=small_cnn", f"strategy.name={method}", "eval.local=final",
-                             "eval.finetune_epochs=0.02"])
+                             "eval.finetune_epochs=0.02", "eval.every=2"])
     s = run_inprocess(cfg, str(tmp_path / "run"))
     assert s["method"] == method and 0 <= s["accuracy"] <= 1
     assert s["local_clients"] == 2 and s["local_accuracy"] == pytest.approx(np.mean(s["local_per_client"]))
