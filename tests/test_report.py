@@ -327,6 +327,11 @@ def test_metric_missing_in_some_seeds_says_how_many(tmp_path):
     assert (row["few_n"], row["ece_n"], row["accuracy_n"], row["n_seeds"]) == ("2", "2", "3", "3")
     text = write_report(load_runs([root])[0], tmp_path / "rep").read_text()
     assert f"- `{root / 'fa2'}`: ece" in text.split("## Runs with non-finite values")[1]
+    assert "*(k/n)* after a value: only k of the row's n seeds" in text
+    (root / "fa0").rename(tmp_path / "fa0")  # seeds 1 and 2, each with every metric: the legend leaves (k/n) out
+    (root / "fa2" / "summary.json").write_text(json.dumps(s))
+    text = write_report(load_runs([root])[0], tmp_path / "rep2").read_text()
+    assert "(k/n)" not in text and "(1/2)" not in text and "(2/2)" not in text
 
 
 def test_local_evaluation_settings_are_not_merged(tmp_path):

@@ -27,6 +27,7 @@ from fedlt.report.tables import (
     markdown_table,
     row_labels,
     settings_table,
+    some_seeds_lack_a_metric,
     write_csv,
 )
 
@@ -156,9 +157,11 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
               "Test metrics of the final model on the balanced test set, in %: mean ± sample standard "
               "deviation (n − 1) over seeds (no ± for a single seed). *Seeds*: number of seeds in the row. "
               "*Δ best central*: accuracy minus the best centralized accuracy of the same data setting, in "
-              "percentage points. Lower ECE is better. *(k/n)* after a value: only k of the row's n seeds have "
-              "that metric (the others' summary.json holds null: not measured, or not finite); the mean and std "
-              "are over those k. The same numbers as fractions: [summary.csv](summary.csv).", "", table, ""]
+              "percentage points. Lower ECE is better. "
+              + ("*(k/n)* after a value: only k of the row's n seeds have that metric (the others' summary.json "
+                 "holds null: not measured, or not finite); the mean and std are over those k. "
+                 if some_seeds_lack_a_metric(rows) else "")
+              + "The same numbers as fractions: [summary.csv](summary.csv).", "", table, ""]
     bad = [r for r in runs if r.summary.get("non_finite")]
     if bad:
         lines += ["## Runs with non-finite values", "",

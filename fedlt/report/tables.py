@@ -233,6 +233,12 @@ def cell(stat: tuple[float | None, float | None], n: int | None = None, seeds: i
     return text + (f" ({n}/{seeds})" if n is not None and seeds is not None and n < seeds else "")
 
 
+def some_seeds_lack_a_metric(rows: list[Row]) -> bool:
+    """Whether some cell of the results table says ``(k/n)`` (:func:`cell`)."""
+    return any(r.stats[m][0] is not None and r.counts.get(m) is not None and r.counts[m] < len(r.runs)
+               for r in rows for m in METRICS)
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The results table (table.md): one line per row, metrics in % as mean ± std over seeds; the *Data* column
     adds the keys that tell apart data settings of the same data set and β (:func:`data_distinctions`); the
