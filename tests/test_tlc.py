@@ -220,7 +220,12 @@ def test_official_resnet32_experts_have_their_own_layer1():
 
 def test_cifar_config_is_the_official_recipe():
     combos = expand(ROOT / "configs/centralized/cifar_lt_tlc.yaml")
-    assert len(combos) == 6
+    c100 = expand(ROOT / "configs/centralized/cifar100_lt_tlc.yaml")
+    assert len(combos) == len(c100) == 3
+    # lblaoke/TLC configs/cifar10_lt.json "weight_decay": 2e-4, configs/cifar100_lt.json 5e-4 (the only difference)
+    assert {(c.data.name, c.centralized.weight_decay) for c, _ in combos + c100} == {("cifar10", 2e-4),
+                                                                                   ("cifar100", 5e-4)}
+    assert {unnamed_without_wd(c) for c, _ in combos} == {unnamed_without_wd(c) for c, _ in c100}
     cfg = combos[0][0]
     c = cfg.centralized
     assert (c.method, c.epochs, c.batch_size, c.weight_decay, c.nesterov, c.lr) == ("tlc", 200, 128, 2e-4, True, 0.1)
@@ -233,6 +238,14 @@ def test_cifar_config_is_the_official_recipe():
     assert [opt.lr_at(e, 200) for e in range(200)] == pytest.approx([official_lr(e) for e in range(200)])
     m = CENTRALIZED.get("tlc")(cfg, CIFAR10_LT_100)
     assert m.reweight_epoch() == 160 and m.opt.rotation == 15 and m.opt.test_batch == 4096
+
+
+def unnamed_without_wd(cfg):
+    """``cfg`` as text without its name, data set and weight decay (the keys the two CIFAR configs may differ in)."""
+    from fedlt.config import dump_config
+
+    return dump_config(cfg.replace(name="run", data=cfg.data.model_copy(update={"name": "cifar10"}),
+                                   centralized=cfg.centralized.model_copy(update={"weight_decay": 0.0})))
 
 
 # ------------------------------------------------------------------------------------ uncertainty metrics
