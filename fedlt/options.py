@@ -107,6 +107,10 @@ class CentralizedOptions(Options):
     weight_decay: float | None = Field(None, ge=0, description="weight decay (None: train.weight_decay)")
     nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")
     warmup_epochs: float = Field(0.0, ge=0, description="linear lr warm-up epochs")
+    warmup_factor: float = Field(0.0, ge=0, lt=1, description=(
+        "f: warm-up epoch e runs at lr·(f + (1 − f)(e + 1)/W); 0: lr·(e + 1)/W (LDAM-DRW); 1/3 with the "
+        "milestones one epoch early: WarmupMultiStepLR (warmup_factor 1/3) stepped before each epoch (TDE, NCL, "
+        "CC-SAM)"))
     schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="lr schedule over the epochs")
     milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
                                                             description="epochs at which a step schedule decays")

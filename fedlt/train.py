@@ -102,6 +102,7 @@ class OptimConfig:
     nesterov: bool = False
     batch_size: int = 128
     warmup_epochs: float = 0.0
+    warmup_factor: float = 0.0  # f: warm-up epoch e runs at lr·(f + (1 − f)·(e + 1)/W)
     schedule: str = "constant"  # constant | step | cosine | cosine_epoch
     milestones: list[float] = field(default_factory=list)  # epochs, for "step"
     gamma: float = 0.1
@@ -110,9 +111,11 @@ class OptimConfig:
     sam_noise_ratio: float = 1e-6  # CC-SAM's noise ratio r
 
     def lr_at(self, epoch: float, total_epochs: float) -> float:
-        """lr at fractional ``epoch`` of ``total_epochs`` (warm-up is linear from lr/warmup to lr)."""
+        """lr at fractional ``epoch`` of ``total_epochs`` (warm-up: epoch e < W runs at lr·(f + (1 − f)·(e + 1)/W),
+        f = ``warmup_factor``; f = 0 is LDAM-DRW's lr·(e + 1)/W)."""
         if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
-            return self.lr * (math.floor(epoch) + 1) / math.ceil(self.warmup_epochs)
+            f = self.warmup_factor
+            return self.lr * (f + (1 - f) * (math.floor(epoch) + 1) / math.ceil(self.warmup_epochs))
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.schedule == "cosine_epoch":  # the lr of the epoch's start, held for the whole epoch

@@ -50,6 +50,40 @@ def test_lr_schedule_warmup_step_cosine():
     assert cos.lr_at(0, 10) == pytest.approx(1.0) and cos.lr_at(5, 10) == pytest.approx(0.5)
 
 
+def official_warmup_multistep_lrs(base_lr, milestones, epochs, gamma=0.1, warmup_factor=1 / 3, warmup_epochs=5):
+    """The lr of each (0-based) training epoch under WarmupMultiStepLR (KaihuaTang/Long-Tailed-Recognition.pytorch
+    classification/utils.py; the same class in Bazinga699/NCL lib/utils/lr_scheduler.py and zzpustc/CC-SAM
+    utils/lr_scheduler.py), transcribed: the constructor's initial step sets last_epoch = 0, and the training
+    loops (run_networks.py, main/multi_network_train_final.py, train_cifar.py) call scheduler.step() before each
+    epoch's batches, so epoch e trains at last_epoch = e + 1."""
+    from bisect import bisect_right
+
+    lrs = []
+    for e in range(epochs):
+        last_epoch = e + 1
+        factor = 1
+        if last_epoch < warmup_epochs:
+            alpha = float(last_epoch) / warmup_epochs
+            factor = warmup_factor * (1 - alpha) + alpha
+        lrs.append(base_lr * factor * gamma ** bisect_right(milestones, last_epoch))
+    return lrs
+
+
+@pytest.mark.parametrize("lr,milestones,gamma,epochs", [(0.2, [120, 160], 0.01, 200),  # TDE causal_norm_32.yaml
+                                                        (0.1, [320, 360], 0.1, 400),  # NCL cifar100_im100_NCL*.yaml
+                                                        (0.1, [160, 180], 0.1, 200)])  # CC-SAM Cifar10/100.json
+def test_warmup_factor_gives_the_official_warmup_multistep_schedule(lr, milestones, gamma, epochs):
+    """warmup_factor 1/3 and every milestone one epoch early reproduce WarmupMultiStepLR as the official loops step
+    it (warm-up lr·7/15, 9/15, 11/15, 13/15, then lr; decay from epoch m − 1); the default factor 0 does not."""
+    official = official_warmup_multistep_lrs(lr, milestones, epochs, gamma)
+    opt = OptimConfig(lr=lr, warmup_epochs=5, warmup_factor=1 / 3, schedule="step",
+                      milestones=[m - 1 for m in milestones], gamma=gamma)
+    assert [opt.lr_at(e + 0.5, epochs) for e in range(epochs)] == pytest.approx(official)
+    assert official[:5] == pytest.approx([lr * k / 15 for k in (7, 9, 11, 13, 15)])
+    plain = OptimConfig(lr=lr, warmup_epochs=5, schedule="step", milestones=milestones, gamma=gamma)
+    assert plain.lr_at(0, epochs) == pytest.approx(lr / 5) and plain.lr_at(milestones[0] - 1, epochs) == pytest.approx(lr)
+
+
 def toy_data(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)

@@ -33,6 +33,7 @@ def centralized_optim(cfg: Config) -> OptimConfig:
 
     return OptimConfig(lr=pick("lr"), momentum=pick("momentum"), weight_decay=pick("weight_decay"),
                        nesterov=pick("nesterov"), batch_size=pick("batch_size"), warmup_epochs=c.warmup_epochs,
+                       warmup_factor=c.warmup_factor,
                        schedule=c.schedule, milestones=list(c.milestones), gamma=c.gamma, sam=c.sam,
                        sam_flat_ratio=c.sam_flat_ratio, sam_noise_ratio=c.sam_noise_ratio)
 
