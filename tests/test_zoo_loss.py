@@ -488,6 +488,22 @@ def test_cc_sam_configs_run_both_official_stages(path, data, flat_ratio, up_limi
 
 
 # --------------------------------------------------------------------------- TDE
+def test_tde_configs_differ_only_in_the_official_alpha():
+    """classification/config/CIFAR10_LT/causal_norm_32.yaml α 1.0, CIFAR100_LT/causal_norm_32.yaml α 1.5; the
+    rest of the two official files is the same recipe."""
+    from fedlt.sweep import expand
+
+    runs = {d: expand(f"configs/centralized/{f}") for d, f in (("cifar10", "cifar_lt_tde.yaml"),
+                                                               ("cifar100", "cifar100_lt_tde.yaml"))}
+    for data, alpha in (("cifar10", 1.0), ("cifar100", 1.5)):
+        assert sorted(c.data.imbalance_factor for c, _ in runs[data]) == [10, 50, 100]
+        for cfg, _ in runs[data]:
+            c = cfg.centralized
+            assert (cfg.data.name, c.method, c.alpha, c.lr, c.batch_size, c.weight_decay, c.milestones, c.gamma,
+                    c.warmup_epochs, c.warmup_factor) == (data, "tde", alpha, 0.2, 256, 5e-4, [119, 159], 0.01, 5,
+                                                          pytest.approx(1 / 3))
+
+
 def official_causal_norm_forward(x, weight, embed, training, num_head=2, tau=16.0, alpha=1.0, gamma=0.03125):
     """Causal_Norm_Classifier.forward of classification/models/CausalNormClassifier.py, transcribed."""
     head_dim = weight.shape[1] // num_head
