@@ -216,8 +216,11 @@ def test_ncl_config_is_the_official_cifar_protocol():
     assert sorted((c.data.name, c.data.imbalance_factor) for c, _ in runs) == sorted(
         (d, b) for d in ("cifar10", "cifar100") for b in (100, 50, 10))
     c = runs[0][0].centralized
+    # LR_STEP [320, 360], WARM_EPOCH 5 of 1-based epochs, WarmupMultiStepLR (warmup_factor 1/3) stepped before each
+    # (lib/utils/lr_scheduler.py, main/multi_network_train_final.py): decay from 0-based epochs 319 and 359
     assert (c.method, c.epochs, c.lr, c.batch_size, c.weight_decay, c.nesterov, c.warmup_epochs, c.milestones) == (
-        "ncl", 400, 0.1, 64, 2e-4, True, 5, [320, 360])
+        "ncl", 400, 0.1, 64, 2e-4, True, 5, [319, 359])
+    assert c.warmup_factor == pytest.approx(1 / 3)
     assert (c.num_experts, c.classifier, c.shared_stem, c.reduce_dimension, c.autoaugment, c.cutout) == (
         3, "linear", False, False, True, 16)
     assert (c.distill_weight, c.distill_weight_hard, c.ce_ratio, c.hard_ratio, c.hard_categories) == (
