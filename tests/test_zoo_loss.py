@@ -485,6 +485,9 @@ def test_cc_sam_configs_run_both_official_stages(path, data, flat_ratio, up_limi
             data, "cc_sam", "cc_sam", flat_ratio, 1e-6, up_limit)
         assert (c.epochs, c.stage2_epochs, c.stage2_lr, c.stage2_sampler, c.batch_size, c.weight_decay, c.div,
                 c.adver_reg) == (200, 30, 0.01, "class_balanced", 64, 2e-4, 2.0, 1.0)
+        # "lr_scheduler": warmup, lr_step [160, 180], warmup_epoch 5: WarmupMultiStepLR (warmup_factor 1/3) stepped
+        # before each epoch (train_cifar.py), i.e. decay from 0-based epochs 159 and 179
+        assert (c.warmup_epochs, c.warmup_factor, c.milestones, c.gamma) == (5, pytest.approx(1 / 3), [159, 179], 0.1)
 
 
 # --------------------------------------------------------------------------- TDE
