@@ -40,6 +40,23 @@ def official_eql_loss(pred_class_logits, gt_classes, freq_info, lambda_):
     return torch.sum(cls_loss * eql_w) / n_i
 
 
+def test_eql_default_lambda_is_the_official_cfg_value():
+    """projects/EQL/eql/cfg.py ``cfg.MODEL.ROI_HEADS.LAMBDA = 0.00177`` (Base-EQL-RCNN-FPN.yaml ``LAMBDA: 0.00177``)
+    with the official ``threshold[freq_info < lambda_] = 1``: a class of frequency 1.765e-3 is a tail class (the
+    paper's printed 1.76e-3 would not make it one)."""
+    from fedlt.centralized.eql import EQL
+    from fedlt.losses.equalization import EQL_LAMBDA, eql_weights
+
+    assert EQL_LAMBDA == 0.00177 and EQL.Options(method="eql").lam == 0.00177
+    freq = torch.tensor([1 - 1.765e-3, 1.765e-3])
+    official = torch.zeros(2)
+    official[freq < 0.00177] = 1
+    assert official.tolist() == [0, 1]
+    w = eql_weights(torch.tensor([0]), 2, freq, EQL_LAMBDA)
+    assert w.tolist() == [[1.0, 0.0]]  # the tail class's negative term is off, as in the official code
+    assert eql_weights(torch.tensor([0]), 2, freq, 1.76e-3).tolist() == [[1.0, 1.0]]
+
+
 def test_eql_matches_the_official_loss_and_silences_tail_negatives():
     counts = torch.tensor([50, 30, 15, 5])  # f = (0.5, 0.3, 0.15, 0.05)
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.5], [-0.3, 0.7, 1.2, -2.0], [0.1, 0.2, -0.4, 0.9]], requires_grad=True)

@@ -26,7 +26,7 @@ class EQL(CentralizedMethod):
     """
 
     class Options(CentralizedOptions):
-        lam: float = Field(EQL_LAMBDA, ge=0, le=1, description="tail threshold λ on n_c/N (official LVIS 1.76e-3)")
+        lam: float = Field(EQL_LAMBDA, ge=0, le=1, description="tail threshold λ on n_c/N (official LVIS 1.77e-3)")
         prior_prob: float = Field(EQL_PRIOR_PROB, gt=0, lt=1, description="initial sigmoid probability p of "
                                   "the head (bias −log((1−p)/p))")
 
