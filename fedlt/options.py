@@ -111,7 +111,9 @@ class CentralizedOptions(Options):
         "f: warm-up epoch e runs at lr·(f + (1 − f)(e + 1)/W); 0: lr·(e + 1)/W (LDAM-DRW); 1/3 with the "
         "milestones one epoch early: WarmupMultiStepLR (warmup_factor 1/3) stepped before each epoch (TDE, NCL, "
         "CC-SAM)"))
-    schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="lr schedule over the epochs")
+    schedule: Literal["constant", "step", "cosine", "cosine_epoch"] = Field(
+        "cosine", description="lr schedule over the epochs (cosine_epoch: the cosine value at each epoch's start, "
+                              "held for the epoch, as CosineAnnealingLR stepped once per epoch)")
     milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
                                                             description="epochs at which a step schedule decays")
     gamma: float = Field(0.1, gt=0, description="decay factor of a step schedule")

@@ -84,6 +84,30 @@ def test_warmup_factor_gives_the_official_warmup_multistep_schedule(lr, mileston
     assert plain.lr_at(0, epochs) == pytest.approx(lr / 5) and plain.lr_at(milestones[0] - 1, epochs) == pytest.approx(lr)
 
 
+def test_cosine_epoch_is_cosine_annealing_stepped_once_per_epoch():
+    """ynu-yangpeng/GLMC GLMC-2023/Trainer.py: CosineAnnealingLR(optimizer, T_max=epochs), train_scheduler.step()
+    after each epoch's batches; every batch of epoch e runs at that epoch's value (fedlt's plain cosine decays
+    within the epoch); configs/centralized/cifar_lt_glmc.yaml uses it."""
+    from fedlt.centralized.run import centralized_optim
+    from fedlt.sweep import expand
+
+    epochs, lr = 200, 0.01
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9, weight_decay=5e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=epochs)
+    official = []
+    for _ in range(epochs):
+        official.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+        scheduler.step()
+    opt = OptimConfig(lr=lr, schedule="cosine_epoch")
+    for frac in (0.0, 0.5, 0.99):
+        assert [opt.lr_at(e + frac, epochs) for e in range(epochs)] == pytest.approx(official, abs=1e-12)
+    assert OptimConfig(lr=lr, schedule="cosine").lr_at(0.5, epochs) < official[0]
+    (cfg, _), = expand("configs/centralized/cifar_lt_glmc.yaml")
+    glmc = centralized_optim(cfg)
+    assert (glmc.schedule, glmc.lr, glmc.warmup_epochs) == ("cosine_epoch", lr, 0)
+
+
 def toy_data(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)
