@@ -80,7 +80,8 @@ class CausalNormOptions(Options):
 
     num_head: int = Field(2, ge=1, description="heads K of the causal-norm classifier")
     tau: float = Field(16.0, gt=0, description="logit scale τ (τ/K per head)")
-    alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (CIFAR 1, else 3)")
+    alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (official: CIFAR-10 "
+                                                 "1, CIFAR-100 1.5, else 3)")
     norm_gamma: float = Field(1 / 32, ge=0, description="γ of the weight norm w/(‖w‖ + γ)")
     mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
     use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
