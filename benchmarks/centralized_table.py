@@ -30,7 +30,7 @@ BUDGET = ["mode=centralized", "model.name=small_cnn", "centralized.epochs=2", "c
           "centralized.batch_size=128", "centralized.schedule=cosine", "device=cpu"]
 STAGE2 = {"crt": 1, "lws": 1, "mislas": 1, "sbcl": 1, "shike": 1, "cc_sam": 1}
 # SBCL: SupCon in epoch 1, subclasses (clustered at the start of epoch 2) in epoch 2, then 1 LDAM-DRW epoch.
-# EQL: λ = 0.02 silences the negatives of the 4 rarest classes (n_c/N < 2%; the official LVIS λ = 1.76e-3
+# EQL: λ = 0.02 silences the negatives of the 4 rarest classes (n_c/N < 2%; the official LVIS λ = 1.77e-3
 # is below every class frequency of 10 classes); AREA re-weights in the second epoch, as DRW. CC-SAM: stage 1 with
 # sam=cc_sam (its default), 1 epoch of its stage 2 (so α = min(1/1, up_limit) = 1: the noisy loss alone) at its
 # default constant lr 0.01 (the official 0.1 × stage-1 lr, as the table's lr is the official 0.1)

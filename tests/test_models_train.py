@@ -81,7 +81,8 @@ def test_warmup_factor_gives_the_official_warmup_multistep_schedule(lr, mileston
     assert [opt.lr_at(e + 0.5, epochs) for e in range(epochs)] == pytest.approx(official)
     assert official[:5] == pytest.approx([lr * k / 15 for k in (7, 9, 11, 13, 15)])
     plain = OptimConfig(lr=lr, warmup_epochs=5, schedule="step", milestones=milestones, gamma=gamma)
-    assert plain.lr_at(0, epochs) == pytest.approx(lr / 5) and plain.lr_at(milestones[0] - 1, epochs) == pytest.approx(lr)
+    assert plain.lr_at(0, epochs) == pytest.approx(lr / 5)
+    assert plain.lr_at(milestones[0] - 1, epochs) == pytest.approx(lr)
 
 
 def test_cosine_epoch_is_cosine_annealing_stepped_once_per_epoch():
