@@ -26,6 +26,8 @@ as the centralized method tests it.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -71,8 +73,8 @@ class GLMCClient(ClientMethod):
         label_weighting: float = Field(1.2, ge=0, description="k: re-weighted targets w_c ∝ n_c^−k (client counts)")
         contrast_weight: float = Field(1.0, ge=0, description="weight w_mc of the mixture-consistency loss")
         projection_dim: int = Field(128, gt=0, description="width of the projection and predictor heads")
-        resnet32_widths: list[int] = Field([64, 128, 256], min_length=3, max_length=3,
-                                           description="resnet32's stage widths (official GLMC: 64/128/256)")
+        resnet32_widths: list[Annotated[int, Field(gt=0)]] = Field([64, 128, 256], min_length=3, max_length=3,
+                                           description="resnet32's stage widths, each > 0 (official GLMC: 64/128/256)")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

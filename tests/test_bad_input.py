@@ -82,6 +82,11 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["name=../../etc"], "config key 'name' must be a plain name (the start of the run directory's name inside "
                          "--out), without / or \\, not . or .., not starting with -, got '../../etc'"),
     (["name=/tmp/elsewhere"], "config key 'name' must be a plain name"),
+    # a layer width of 0 or less (resnet32 would fail to build in the first round)
+    (["strategy.name=fedavg", "client.name=glmc", "model.name=resnet32", "client.resnet32_widths=[64, 0, 256]"],
+     "config key 'client.resnet32_widths.1' must be > 0, got 0"),
+    (["mode=centralized", "centralized.method=glmc", "centralized.resnet32_widths=[-1, 128, 256]"],
+     "config key 'centralized.resnet32_widths.0' must be > 0, got -1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)
