@@ -13,7 +13,9 @@ registers what it defines) the first time a registry is read. The core never imp
 from __future__ import annotations
 
 import importlib
+import traceback
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from fedlt.errors import FedLTError
@@ -36,7 +38,11 @@ def load_plugins() -> None:
     import fedlt.models  # noqa: F401  (registers the models)
     names = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        try:
+            ep.load()
+        except Exception as exc:
+            raise _plugin_error(ep.value, exc, f" (entry point {ep.name!r} of {ENTRY_POINT_GROUP!r})",
+                                "fix the module or uninstall its package") from None
         names.append(ep.name)
     if not {"clients", "strategies"} <= set(names):  # fedlt's own plug-ins come through the same door
         raise FedLTError(f"fedlt's built-in plug-ins (clients, strategies) are missing from the {ENTRY_POINT_GROUP!r} "
@@ -50,8 +56,28 @@ def import_plugins(modules: list[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError as exc:
-            raise FedLTError(f"cannot import plug-in module {name!r}: {exc}") from None
+        except Exception as exc:
+            raise _plugin_error(name, exc) from None
+
+
+def _plugin_error(module: str, exc: Exception, how: str = "",
+                  advice: str = "fix the module or drop it from plugins") -> FedLTError:
+    """One line for a plug-in module that cannot be imported, or that raised while it was imported (a syntax error,
+    a name registered twice, its own exception): the exception and the plug-in's line that raised it."""
+    if isinstance(exc, FedLTError):
+        return exc
+    if isinstance(exc, ImportError):
+        return FedLTError(f"cannot import plug-in module {module!r}{how}: {exc}")
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}"
+    else:
+        own = str(Path(__file__).parent)  # fedlt's own frames (e.g. Registry.register) say less than the plug-in's
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(("<frozen", own))] or traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}"
+    message = (str(exc).splitlines() or [""])[0] if not isinstance(exc, SyntaxError) else exc.msg
+    return FedLTError(f"plug-in module {module!r}{how} raised {type(exc).__name__} while it was imported, at {where}: "
+                      f"{message}; {advice}")
 
 
 class Registry(Generic[T]):
@@ -69,7 +95,7 @@ class Registry(Generic[T]):
 
         def add(o: T) -> T:
             if name in self._items and self._items[name] is not o:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                raise ValueError(f"{self.kind} {name!r} is already registered: register yours under another name")
             self._items[name] = o
             self.meta[name] = meta
             return o

@@ -101,6 +101,24 @@ def test_a_device_this_machine_lacks_is_refused_before_any_data(capsys, tmp_path
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("source,raised", [
+    ("raise RuntimeError('no licence file')\n", "RuntimeError while it was imported, at {file}:1: no licence file"),
+    ("def f(:\n", "SyntaxError while it was imported, at {file}:1: invalid syntax"),
+    ("from fedlt.federation.strategy import FedLTStrategy\nfrom fedlt.registry import STRATEGIES\n\n"
+     "@STRATEGIES.register('fedavg')\nclass Mine(FedLTStrategy):\n    pass\n",
+     "ValueError while it was imported, at {file}:4: strategy 'fedavg' is already registered: register yours under "
+     "another name"),
+], ids=["raises", "syntax error", "registers a taken name"])
+def test_a_plugin_that_raises_on_import_is_one_line_naming_its_line(capsys, tmp_path, monkeypatch, source, raised):
+    module = f"fedlt_bad_plugin_{abs(hash(source))}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = refused(capsys, tmp_path, f"plugins=[{module}]")
+    file = tmp_path / f"{module}.py"
+    assert line == (f"error: plug-in module {module!r} raised {raised.format(file=file)}; fix the module or drop it "
+                    f"from plugins")
+
+
 def test_a_report_folder_that_is_a_file_is_refused_before_training(capsys, tmp_path):
     report = tmp_path / "report"
     report.write_text("keep me")
