@@ -218,3 +218,13 @@ def test_image_size_too_small_for_the_model(capsys, tmp_path, size):
     model = model_for(cfg, exp)
     assert model.training and model(exp.tensor_data("test").images[:2].float()).shape == (2, 10)
 
+
+
+@pytest.mark.parametrize("test_list", ["train.txt", "./train.txt", "{root}/train.txt"])
+def test_the_training_list_given_as_the_test_list_is_refused(capsys, tmp_path, test_list):
+    """data.test_list=train.txt (a typo) ran to a finished run that reported accuracy on the training images."""
+    write_pngs(tmp_path)
+    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.cache=false",
+                   "partition.min_size=1", f"data.test_list={test_list.format(root=tmp_path)}")
+    assert line == (f"data.train_list and data.test_list are the same file {tmp_path / 'train.txt'}: the test set "
+                    f"would be the training set; point data.test_list at the held-out list")

@@ -350,6 +350,10 @@ def load_file_list(root: str | None, train_list: str, test_list: str, image_size
         raise _missing(root, "data.root must be the image root that the list files are relative to")
     if decode_device == "cuda" and not torch.cuda.is_available():
         raise FedLTError("data.decode_device=cuda, but this machine has no CUDA device: use data.decode_device=cpu")
+    train_file, test_file = (Path(root) / lst for lst in (train_list, test_list))  # an absolute list stays as it is
+    if train_file.is_file() and test_file.is_file() and train_file.samefile(test_file):
+        raise FedLTError(f"data.train_list and data.test_list are the same file {train_file}: the test set would be "
+                         f"the training set; point data.test_list at the held-out list")
     splits = {s: read_file_list(root, lst, num_classes) for s, lst in (("train", train_list), ("test", test_list))}
     c = num_classes or int(max(lab.max() for _, lab in splits.values())) + 1
     names = CIFAR10_CLASSES if c == 10 and "cifar" in str(root).lower() else ()
