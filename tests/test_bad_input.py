@@ -127,6 +127,13 @@ def test_a_report_folder_that_is_a_file_is_refused_before_training(capsys, tmp_p
     assert report.read_text() == "keep me" and not (tmp_path / "runs").exists()
 
 
+def test_a_report_folder_where_nothing_can_be_written_is_refused_before_training(capsys, tmp_path):
+    """/proc passes os.access for root: the runs trained, then writing the report ended in a traceback."""
+    line = refused(capsys, tmp_path, "--report", "/proc/fedlt-report", *TINY_CENTRAL, "centralized.epochs=0.01")
+    assert line.startswith("error: report folder /proc/fedlt-report cannot be written: /proc is not writable (")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_check_across_sections_asks_only_the_parts_the_mode_runs():
     assert load_config(None, ["strategy.name=gbme", "mode=centralized"]).model.name == "small_cnn"
     assert load_config(None, ["strategy.name=gbme", "model.name=small_cnn_experts"]).client.name == "gbme"

@@ -114,3 +114,12 @@ def test_failure_while_writing_leaves_no_partial_report(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="figure failed"):
         document.write_report(runs, tmp_path / "rep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no report folder, no staging folder
+
+
+def test_a_report_folder_where_nothing_can_be_written_is_one_line(tmp_path, capsys):
+    """/proc passes os.access for root: the report used to fail after the runs were read, with a traceback."""
+    make_run(tmp_path / "runs", "good", "centralized", "ce", 0, 0.6)
+    assert compare.main([str(tmp_path / "runs"), "--out", "/proc/fedlt-report"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: report folder /proc/fedlt-report cannot be written: /proc is not writable ("), err

@@ -44,7 +44,7 @@ def _data_title(row: Row) -> str:
 def check_report_dir(out: str | Path) -> Path:
     """Raise :class:`FedLTError` (one line) unless a report can be written into the folder ``out``: it is a
     writable folder, or it can be created (its nearest existing parent is a writable folder). Creates
-    nothing; returns ``out`` as a Path."""
+    nothing (a nameless temporary file tries the folder); returns ``out`` as a Path."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FedLTError(f"report folder {out} is an existing file, not a folder")
@@ -55,6 +55,12 @@ def check_report_dir(out: str | Path) -> Path:
         raise FedLTError(f"report folder {out} cannot be created: {base} is not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
         raise FedLTError(f"report folder {out} cannot be written: {base} is not writable")
+    try:  # os.access says yes to root everywhere, /proc and read-only mounts included: try it
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise FedLTError(f"report folder {out} cannot be written: {base} is not writable "
+                         f"({exc.strerror or exc})") from None
     return out
 
 
