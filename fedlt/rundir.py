@@ -221,14 +221,22 @@ class RunDir:
 
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
-        line naming the directory and the first key (of the resolved config.yaml) that differs."""
+        line naming the directory and the first key (of the resolved config.yaml) that differs, or saying that
+        its config.yaml is missing or unreadable (a run's results are never replaced without --overwrite)."""
+        state = "a finished" if self.done else "an unfinished"
         if not (self.path / "config.yaml").is_file():
-            return None
+            results = [name for name in RESULTS if (self.path / name).is_file()]
+            if not results:
+                return None
+            return (f"run directory {self.path} holds {state} run ({', '.join(results)}) but no config.yaml that "
+                    f"says which config it ran; pass --overwrite to replace it, or choose another --out or name=")
         recorded, wanted = self._identities(cfg)
         if recorded == wanted:
             return None
+        if recorded == run_identity({"config.yaml": "unreadable"}):
+            return (f"run directory {self.path} holds {state} run whose config.yaml is not a readable config "
+                    f"mapping; pass --overwrite to replace it, or choose another --out or name=")
         diff = first_difference(recorded, wanted)
-        state = "a finished" if self.done else "an unfinished"
         return (f"run directory {self.path} holds {state} run of another config ({diff}); "
                 f"pass --overwrite to replace it, or choose another --out or name=")
 

@@ -128,6 +128,35 @@ def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, mo
     assert simulate.main(args + ["centralized.epochs=3"]) == 0 and len(calls) == 2  # same config: skipped
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "not YAML", "a list"])
+def test_a_run_whose_config_yaml_is_lost_is_kept_unless_overwrite(damage, tmp_path, monkeypatch, capsys):
+    """A finished run without its config.yaml (and its checkpoint, deleted to save space) was taken for an empty
+    directory and overwritten by a run of any config; with config.yaml damaged the error named a key '<unset>'."""
+    calls: list[str] = []
+    fake_runners(monkeypatch, calls)
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", "runs", "name=c", "mode=centralized"]
+    assert simulate.main(args) == 0
+    path = tmp_path / "runs" / "c-seed0-cen-ce"
+    (path / "checkpoint.pt").unlink(missing_ok=True)
+    config = path / "config.yaml"
+    if damage == "deleted":
+        config.unlink()
+    else:
+        config.write_text({"emptied": "", "not YAML": "train: [\n", "a list": "- 1\n"}[damage])
+    before = {p.name: p.read_text() for p in path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert simulate.main(args + ["centralized.epochs=3"]) == 2
+    why = ("(summary.json, done) but no config.yaml that says which config it ran" if damage == "deleted"
+           else "whose config.yaml is not a readable config mapping")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: run directory runs/c-seed0-cen-ce holds a finished run {why}; pass --overwrite to replace it, or "
+        f"choose another --out or name="]
+    assert calls == ["c-seed0-cen-ce"] and {p.name: p.read_text() for p in path.iterdir() if p.is_file()} == before
+    assert simulate.main(args + ["centralized.epochs=3", "--overwrite"]) == 0
+    assert calls == ["c-seed0-cen-ce"] * 2 and "epochs: 3.0" in config.read_text()
+
+
 def test_the_run_skeleton_refuses_another_config(tmp_path):
     from fedlt.run_loop import run_steps
 
