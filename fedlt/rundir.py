@@ -209,15 +209,14 @@ class RunDir:
         recorded, wanted = self._identities(cfg)
         return recorded == wanted
 
-    def _identities(self, cfg: Any) -> tuple[dict, dict]:
-        """:func:`run_identity` of config.yaml (``{"config.yaml": "unreadable"}`` where it cannot be read) and of
-        ``cfg`` written as config.yaml would be."""
+    def _identities(self, cfg: Any) -> tuple[dict | None, dict]:
+        """:func:`run_identity` of config.yaml (None where it cannot be read as a mapping) and of ``cfg``
+        written as config.yaml would be."""
         try:
             old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             old = None
-        recorded = old if isinstance(old, dict) else {"config.yaml": "unreadable"}
-        return run_identity(recorded), run_identity(yaml.safe_load(dump_config(cfg)))
+        return (run_identity(old) if isinstance(old, dict) else None), run_identity(yaml.safe_load(dump_config(cfg)))
 
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
@@ -233,7 +232,7 @@ class RunDir:
         recorded, wanted = self._identities(cfg)
         if recorded == wanted:
             return None
-        if recorded == run_identity({"config.yaml": "unreadable"}):
+        if recorded is None:
             return (f"run directory {self.path} holds {state} run whose config.yaml is not a readable config "
                     f"mapping; pass --overwrite to replace it, or choose another --out or name=")
         diff = first_difference(recorded, wanted)
