@@ -28,7 +28,7 @@ STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm
 class FedAvgM(FedLTStrategy, FlowerFedAvgM):
     class Options(FedLTStrategy.Options):
         server_lr: float = Field(1.0, gt=0, description="server learning rate η")
-        momentum: float = Field(0.9, ge=0, description="server momentum β")
+        momentum: float = Field(0.9, ge=0, lt=1, description="server momentum β, in [0, 1)")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)

@@ -87,6 +87,8 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "config key 'client.resnet32_widths.1' must be > 0, got 0"),
     (["mode=centralized", "centralized.method=glmc", "centralized.resnet32_widths=[-1, 128, 256]"],
      "config key 'centralized.resnet32_widths.0' must be > 0, got -1"),
+    # server momentum 1 never forgets a step (the run diverged and was blamed on the learning rate)
+    (["strategy.name=fedavgm", "strategy.momentum=1"], "config key 'strategy.momentum' must be < 1, got 1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)
