@@ -217,6 +217,10 @@ def test_find_run_dirs(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="holds no run directories"):
         find_run_dirs(tmp_path / "empty")
+    with pytest.raises(RunError, match="no such run directory or folder"):
+        find_run_dirs(tmp_path / "missing")
+    with pytest.raises(RunError, match="summary.json: a file; give the run directory that holds it"):
+        find_run_dirs(root / "fa0" / "summary.json")
 
 
 def test_speed_columns_and_peak_memory(report):

@@ -192,6 +192,8 @@ def find_run_dirs(path: str | Path) -> list[Path]:
     path = Path(path)
     if any((path / m).exists() for m in RUN_FILES):
         return [path]
+    if path.is_file():
+        raise RunError(f"{path}: a file; give the run directory that holds it, or a folder of runs")
     if not path.is_dir():
         raise RunError(f"{path}: no such run directory or folder")
     found = sorted({p.parent for m in RUN_FILES for p in path.rglob(m)})
