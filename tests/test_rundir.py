@@ -104,14 +104,20 @@ def test_run_directory_names_carry_the_seed(tmp_path, monkeypatch):
     assert all(p.read_text() == text for p, text in before.items())
 
 
-@pytest.mark.parametrize("finished", [True, False])
-def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, monkeypatch, capsys):
+def finished_centralized_run(tmp_path, monkeypatch) -> tuple[list[str], Path, list[str]]:
+    """``simulate.main`` (runners faked) of a centralized run into runs/c-seed0-cen-ce under ``tmp_path``: the
+    command's arguments, the run directory, and the list of the runs the fake runners were called for."""
     calls: list[str] = []
     fake_runners(monkeypatch, calls)
     monkeypatch.chdir(tmp_path)
     args = ["--out", "runs", "name=c", "mode=centralized"]
     assert simulate.main(args) == 0
-    path = tmp_path / "runs" / "c-seed0-cen-ce"
+    return args, tmp_path / "runs" / "c-seed0-cen-ce", calls
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, monkeypatch, capsys):
+    args, path, calls = finished_centralized_run(tmp_path, monkeypatch)
     if not finished:
         (path / "done").unlink()
     before = {p.name: p.read_text() for p in path.iterdir() if p.is_file()}
@@ -132,12 +138,7 @@ def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, mo
 def test_a_run_whose_config_yaml_is_lost_is_kept_unless_overwrite(damage, tmp_path, monkeypatch, capsys):
     """A finished run without its config.yaml (and its checkpoint, deleted to save space) was taken for an empty
     directory and overwritten by a run of any config; with config.yaml damaged the error named a key '<unset>'."""
-    calls: list[str] = []
-    fake_runners(monkeypatch, calls)
-    monkeypatch.chdir(tmp_path)
-    args = ["--out", "runs", "name=c", "mode=centralized"]
-    assert simulate.main(args) == 0
-    path = tmp_path / "runs" / "c-seed0-cen-ce"
+    args, path, calls = finished_centralized_run(tmp_path, monkeypatch)
     (path / "checkpoint.pt").unlink(missing_ok=True)
     config = path / "config.yaml"
     if damage == "deleted":
