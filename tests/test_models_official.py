@@ -117,6 +117,26 @@ class OfficialResNet18Cifar(nn.Module):
         return self.linear(self.avgpool(out).view(out.size(0), -1))
 
 
+class OfficialBBNResNetCifar(nn.Module):
+    """KaihuaTang/Long-Tailed-Recognition.pytorch ``classification/models/ResNet32Feature.py``
+    ``BBN_ResNet_Cifar(BasicBlock, [5, 5, 5])`` (TDE's CIFAR backbone): layer3 of 4 blocks, then ``cb_block`` and
+    ``rb_block`` on the same maps, concatenated, average-pooled: the 128-d features (no classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1, self.layer2 = make_layer(16, 16, 5, 1), make_layer(16, 32, 5, 2)
+        self.layer3 = make_layer(32, 64, 5 - 1, 2)
+        self.cb_block, self.rb_block = OfficialBlock(64, 64), OfficialBlock(64, 64)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        out = torch.cat((self.cb_block(out), self.rb_block(out)), dim=1)
+        return self.avgpool(out).view(out.shape[0], -1)
+
+
 def load_in_order(official: nn.Module, ours_state: dict) -> None:
     """Give ``official`` fedlt's tensors, matched in state-dict order; every shape must agree."""
     keys = list(official.state_dict())
@@ -175,6 +195,21 @@ def test_resnet18_cifar_is_fedloges_model_res_resnet18():
     load_in_order(official, ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+def test_resnet32_bbn_is_tdes_resnet32_feature():
+    torch.manual_seed(0)
+    ours = build_model("resnet32_bbn", 10).eval()
+    official = OfficialBBNResNetCifar().eval()
+    backbone = sum(p.numel() for p in ours.features.parameters())
+    assert backbone == sum(p.numel() for p in official.parameters()) and ours.feature_dim == 128
+    assert sum(p.numel() for p in ours.parameters()) == backbone + 128 * 10 + 10 == 538_778
+    randomise_bn(ours)
+    load_in_order(official, ours.features.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(ours.features(x), official(x), rtol=1e-4, atol=1e-4)
+    conv = [m.weight for m in build_model("resnet32_bbn", 10).modules() if isinstance(m, nn.Conv2d)]
+    assert conv[-1].std().item() == pytest.approx((2 / (9 * 64)) ** 0.5, rel=0.1)  # rb_block's conv2: kaiming
 
 
 @pytest.mark.parametrize("path", ["fedrod_cifar10_lt", "fedbabu_cifar10_lt", "fedgrab_cifar10_lt",

@@ -13,6 +13,7 @@ Linear initialisation.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -100,6 +101,35 @@ def resnet8_x4(num_classes: int, in_channels: int = 3, classifier: str = "linear
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+class TwoBranches(nn.Module):
+    """BBN's last stage: two parallel basic blocks (``cb_block`` and ``rb_block``, ``planes`` channels each) on the
+    same input, their outputs concatenated along the channels (2·``planes``)."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.cb_block = BasicBlock(planes, planes)
+        self.rb_block = BasicBlock(planes, planes)
+
+    def forward(self, x):
+        return torch.cat([self.cb_block(x), self.rb_block(x)], dim=1)
+
+
+@MODELS.register("resnet32_bbn")
+def resnet32_bbn(num_classes: int, in_channels: int = 3, classifier: str = "linear",
+                 scale: float = 1.0) -> SplitModel:
+    """BBN's ResNet-32 (Zhou et al., CVPR 2020; ``BBN_ResNet_Cifar(BasicBlock, [5, 5, 5])``), the backbone of
+    TDE's CIFAR runs (KaihuaTang/Long-Tailed-Recognition.pytorch ``classification/models/ResNet32Feature.py``):
+    the stem and stages of ResNet-32 with 5, 5 and 4 blocks (16, 32, 64 channels, option A), then
+    :class:`TwoBranches` of 64 channels concatenated: 128-d features (``feat_dim: 128`` in TDE's
+    ``causal_norm_32.yaml``). Kaiming-normal Conv2d and Linear weights (``_weights_init``). 538,778 parameters
+    at 10 classes with a linear head."""
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        make_stage(16, 16, 5, 1), make_stage(16, 32, 5, 2), make_stage(32, 64, 4, 2), TwoBranches(64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return kaiming_normal_init(SplitModel(features, make_classifier(128, num_classes, classifier, scale), 128))
 
 
 @MODELS.register("resnet8")
