@@ -28,7 +28,7 @@ from fedlt.errors import FedLTError
 from fedlt.evaluation import due, metrics_row, progress_line
 from fedlt.interrupt import RunInterrupted, stop_requested
 from fedlt.metrics import NonFiniteOutputs
-from fedlt.rundir import RunDir, config_digest
+from fedlt.rundir import RunDir
 
 
 class Steps(Protocol):
@@ -96,13 +96,15 @@ def run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: 
 
 def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device: Any) -> dict:
     ckpt = run.load_checkpoint() if run.same_config(cfg) else None
-    digest = config_digest(cfg)
     meters = {"train_seconds": 0.0, "train_images": 0}  # time in steps.step() and the images it trained on
     if ckpt is None:
         run.reset()
         run.write_config(cfg)
         run.write_env(environment(device))
         run.write_partition(*partition)
+    # config.yaml as written (by this run, or by the fedlt that started it): what its checkpoints record
+    digest = run.config_digest()
+    if ckpt is None:
         steps.start()
         start, elapsed = 1, 0.0
     else:

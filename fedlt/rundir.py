@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from fedlt.config import dump_config
+from fedlt.config import dump_config, load_config
 from fedlt.errors import FedLTError
 
 LOCK = ".lock"
@@ -209,14 +209,30 @@ class RunDir:
         recorded, wanted = self._identities(cfg)
         return recorded == wanted
 
-    def _identities(self, cfg: Any) -> tuple[dict | None, dict]:
-        """:func:`run_identity` of config.yaml (None where it cannot be read as a mapping) and of ``cfg``
-        written as config.yaml would be."""
+    def recorded_config(self) -> dict | None:
+        """config.yaml's mapping as the run wrote it; None where it is missing or not a readable mapping."""
         try:
             old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            old = None
-        return (run_identity(old) if isinstance(old, dict) else None), run_identity(yaml.safe_load(dump_config(cfg)))
+            return None
+        return old if isinstance(old, dict) else None
+
+    def _identities(self, cfg: Any) -> tuple[dict | None, dict]:
+        """:func:`run_identity` of config.yaml (None where it cannot be read as a mapping) and of ``cfg``
+        written as config.yaml would be. config.yaml is read through today's config schema where it still
+        validates, so that a key added to fedlt after the run (at its default) is not a difference."""
+        old = self.recorded_config()
+        if old is None:
+            return None, run_identity(yaml.safe_load(dump_config(cfg)))
+        try:
+            old = yaml.safe_load(dump_config(load_config(self.path / "config.yaml")))
+        except FedLTError:  # a key removed since, or a value no longer valid: compared as written
+            pass
+        return run_identity(old), run_identity(yaml.safe_load(dump_config(cfg)))
+
+    def config_digest(self) -> str:
+        """:func:`identity_digest` of config.yaml as the run wrote it: what its checkpoints record."""
+        return identity_digest(self.recorded_config() or {})
 
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
@@ -409,10 +425,10 @@ def run_identity(config: dict) -> dict:
     return out
 
 
-def config_digest(cfg: Any) -> str:
-    """A short hash of :func:`run_identity` of ``cfg`` written as config.yaml would be: a checkpoint records the
-    config that wrote it, so that one copied in from a run of another config is refused, not resumed."""
-    identity = run_identity(yaml.safe_load(dump_config(cfg)))
+def identity_digest(config: dict) -> str:
+    """A short hash of :func:`run_identity` of a config.yaml mapping: a checkpoint records the config that wrote
+    it, so that one copied in from a run of another config is refused, not resumed."""
+    identity = run_identity(config)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, needs_fashion
 from fedlt.config import load_config
@@ -307,6 +308,31 @@ def test_a_checkpoint_of_a_run_of_another_config_is_refused_not_resumed(tmp_path
         run_inprocess(load_config(None, base), str(this.path))
     this.save_checkpoint(kept)  # its own checkpoint back: the run finishes from it
     assert run_inprocess(load_config(None, base), str(this.path))["accuracy"] is not None
+
+
+def test_a_run_started_by_an_earlier_fedlt_resumes_from_its_checkpoint(tmp_path, capsys):
+    """config.yaml and checkpoint.pt written before a key was added to fedlt (here ``federation.hosts``, at its
+    default): the run is the same config and resumes; it was restarted from scratch (its checkpoint's digest,
+    of the old config.yaml, did not match today's config either)."""
+    from fedlt.federation.inprocess import run_inprocess
+    from fedlt.rundir import identity_digest
+
+    torch.set_num_threads(1)
+    write_fashion(tmp_path)
+    cfg = load_config(None, ["mode=federated", f"data.root={tmp_path}", *TINY, "federation.rounds=2",
+                             "train.local_steps=1", "federation.engine=inprocess"])
+    run = RunDir(tmp_path / "run")
+    first = run_inprocess(cfg, str(run.path))
+    for name in ("summary.json", "done"):
+        (run.path / name).unlink()
+    older = yaml.safe_load((run.path / "config.yaml").read_text())
+    del older["federation"]["hosts"]
+    (run.path / "config.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
+    run.save_checkpoint({**run.load_checkpoint(), "config": identity_digest(older)})
+    capsys.readouterr()
+    again = run_inprocess(cfg, str(run.path))
+    assert "resuming after round 2" in capsys.readouterr().out
+    assert again["accuracy"] == first["accuracy"] and "hosts" not in (run.path / "config.yaml").read_text()
 
 
 class RunsCode:

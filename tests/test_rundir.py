@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_sweep import fake_runners
 
 from fedlt import simulate
@@ -156,6 +157,24 @@ def test_a_run_whose_config_yaml_is_lost_is_kept_unless_overwrite(damage, tmp_pa
     assert calls == ["c-seed0-cen-ce"] and {p.name: p.read_text() for p in path.iterdir() if p.is_file()} == before
     assert simulate.main(args + ["centralized.epochs=3", "--overwrite"]) == 0
     assert calls == ["c-seed0-cen-ce"] * 2 and "epochs: 3.0" in config.read_text()
+
+
+def test_a_finished_run_of_an_earlier_fedlt_is_the_same_config(tmp_path, monkeypatch, capsys):
+    """config.yaml written before a key was added to fedlt (``centralized.warmup_factor``, at its default): the
+    finished run is skipped, not refused as "another config ('<unset>' there, 0.0 now)"; a key no longer in
+    fedlt, or a value it now refuses, still makes another config."""
+    args, path, calls = finished_centralized_run(tmp_path, monkeypatch)
+    config = path / "config.yaml"
+    older = yaml.safe_load(config.read_text())
+    del older["centralized"]["warmup_factor"]
+    config.write_text(yaml.safe_dump(older, sort_keys=False))
+    assert simulate.main(args) == 0 and calls == ["c-seed0-cen-ce"]  # skipped: finished, same config
+    for changed in ({**older, "centralized": {**older["centralized"], "retired_key": 1}},
+                    {**older, "centralized": {**older["centralized"], "epochs": -1}}):
+        config.write_text(yaml.safe_dump(changed, sort_keys=False))
+        capsys.readouterr()
+        assert simulate.main(args) == 2 and calls == ["c-seed0-cen-ce"]
+        assert "holds a finished run of another config (centralized." in capsys.readouterr().err
 
 
 def test_the_run_skeleton_refuses_another_config(tmp_path):
