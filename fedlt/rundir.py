@@ -222,13 +222,8 @@ class RunDir:
         written as config.yaml would be. config.yaml is read through today's config schema where it still
         validates, so that a key added to fedlt after the run (at its default) is not a difference."""
         old = self.recorded_config()
-        if old is None:
-            return None, run_identity(yaml.safe_load(dump_config(cfg)))
-        try:
-            old = yaml.safe_load(dump_config(load_config(self.path / "config.yaml")))
-        except FedLTError:  # a key removed since, or a value no longer valid: compared as written
-            pass
-        return run_identity(old), run_identity(yaml.safe_load(dump_config(cfg)))
+        wanted = run_identity(yaml.safe_load(dump_config(cfg)))
+        return (None if old is None else run_identity(config_as_today(self.path / "config.yaml", old))), wanted
 
     def config_digest(self) -> str:
         """:func:`identity_digest` of config.yaml as the run wrote it: what its checkpoints record."""
@@ -423,6 +418,16 @@ def run_identity(config: dict) -> dict:
     if isinstance(train, dict) and train.get("local_steps") is not None:
         out["train"] = {**train, "local_epochs": None}
     return out
+
+
+def config_as_today(path: Path, written: dict) -> dict:
+    """A run's config.yaml (``written``: its mapping) read through today's config schema, so that a key added to
+    fedlt since the run is there at its default; as written where it no longer validates (a key removed since,
+    a value now refused, a plug-in this process cannot import)."""
+    try:
+        return yaml.safe_load(dump_config(load_config(path)))
+    except FedLTError:
+        return written
 
 
 def identity_digest(config: dict) -> str:

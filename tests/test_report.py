@@ -198,6 +198,21 @@ def test_no_readable_run_exits_nonzero(tmp_path, capsys):
     assert not (tmp_path / "rep" / "report.md").exists()
 
 
+def test_a_run_of_an_earlier_fedlt_joins_its_row(tmp_path):
+    """A run whose config.yaml predates a key (``centralized.warmup_factor``, at its default) is read through
+    today's schema: it is a seed of the same row, not a row of its own told apart by that key."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(root, f"ce{seed}", "centralized", "ce", seed, 0.6)
+    written = yaml.safe_load((root / "ce1" / "config.yaml").read_text())
+    del written["centralized"]["warmup_factor"]
+    (root / "ce1" / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    rows = build_rows(load_runs([root])[0])
+    assert len(rows) == 1 and len(rows[0].runs) == 2 and not rows[0].other
+
+
 def test_same_run_twice_counted_once(runs, tmp_path):
     root, acc = runs
     make_run(root, "zz/fa0", "federated", "fedavg", 0, 0.99)  # seed 0 again, later in path order

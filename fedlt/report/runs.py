@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fedlt.rundir import config_as_today
 from fedlt.sweep import flatten, other_mode_sections
 
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
@@ -184,7 +185,7 @@ def read_run(path: str | Path) -> Run:
         raise RunError(f"{path}: env.json does not hold a JSON object ({_brief(env)})")
     if error := _content_error(summary, partition, env):
         raise RunError(f"{path}: {error}")
-    return Run(path, config, summary, metrics, partition, env)
+    return Run(path, config_as_today(path / "config.yaml", config), summary, metrics, partition, env)
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
