@@ -69,13 +69,12 @@ def _plugin_error(module: str, exc: Exception, how: str = "",
     if isinstance(exc, ImportError):
         return FedLTError(f"cannot import plug-in module {module!r}{how}: {exc}")
     if isinstance(exc, SyntaxError):
-        where = f"{exc.filename}:{exc.lineno}"
+        where, message = f"{exc.filename}:{exc.lineno}", exc.msg
     else:
         own = str(Path(__file__).parent)  # fedlt's own frames (e.g. Registry.register) say less than the plug-in's
         frames = [f for f in traceback.extract_tb(exc.__traceback__)
                   if not f.filename.startswith(("<frozen", own))] or traceback.extract_tb(exc.__traceback__)
-        where = f"{frames[-1].filename}:{frames[-1].lineno}"
-    message = (str(exc).splitlines() or [""])[0] if not isinstance(exc, SyntaxError) else exc.msg
+        where, message = f"{frames[-1].filename}:{frames[-1].lineno}", (str(exc).splitlines() or [""])[0]
     return FedLTError(f"plug-in module {module!r}{how} raised {type(exc).__name__} while it was imported, at {where}: "
                       f"{message}; {advice}")
 
