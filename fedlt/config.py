@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
 from fedlt.errors import FedLTError
 from fedlt.options import (
@@ -34,6 +34,7 @@ from fedlt.options import (
     Options,
     StrategyOptions,
     option_rows,
+    step_milestones,
 )
 
 
@@ -89,6 +90,11 @@ class FederationConfig(Options):
     checkpoint_every: int = Field(1, gt=0, description="checkpoint every N rounds (and after the last)")
     discovery_timeout: float = Field(600.0, gt=0, description="seconds to wait for every client node to connect "
                                      "and report its partition id (a busy machine starts Ray's actors slowly)")
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _step_has_milestones(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        return step_milestones(value, info.data.get("lr_schedule"), "federation.lr_schedule", "round")
 
 
 class EvalConfig(Options):

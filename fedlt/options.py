@@ -19,7 +19,7 @@ from __future__ import annotations
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -96,6 +96,18 @@ class ClientOptions(Options):
     name: str | None = Field(None, description="registered client method (--list); None: the strategy's own")
 
 
+def whole_warmup(value: float) -> float:
+    """A warm-up of whole epochs: :meth:`fedlt.train.OptimConfig.lr_at` runs epoch e < W at lr·(⌊e⌋+1)/⌈W⌉, so
+    W = 0.5 would give no warm-up at all."""
+    if value != int(value):
+        raise ValueError("must be a whole number of epochs (the warm-up steps once per epoch, lr·(e+1)/W, as "
+                         "LDAM-DRW's)")
+    return value
+
+
+WarmupEpochs = Annotated[float, AfterValidator(whole_warmup)]
+
+
 class CentralizedOptions(Options):
     """The ``centralized`` section: the baseline method, its schedule, and the method's own keys."""
 
@@ -106,7 +118,7 @@ class CentralizedOptions(Options):
     momentum: float | None = Field(None, ge=0, description="SGD momentum (None: train.momentum)")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (None: train.weight_decay)")
     nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")
-    warmup_epochs: float = Field(0.0, ge=0, description="linear lr warm-up epochs")
+    warmup_epochs: WarmupEpochs = Field(0.0, ge=0, description="linear lr warm-up epochs")
     warmup_factor: float = Field(0.0, ge=0, lt=1, description=(
         "f: warm-up epoch e runs at lr·(f + (1 − f)(e + 1)/W); 0: lr·(e + 1)/W (LDAM-DRW); 1/3 with the "
         "milestones one epoch early: WarmupMultiStepLR (warmup_factor 1/3) stepped before each epoch (TDE, NCL, "
@@ -126,13 +138,10 @@ class CentralizedOptions(Options):
         "none", description="self-supervised stage 0 before the method (rotation: SSP, fedlt/centralized/pretrain.py)")
     pretrain_epochs: int = Field(0, ge=0, description="epochs of the pretrain stage (> 0 with pretrain=rotation)")
 
-    @field_validator("warmup_epochs")
+    @field_validator("milestones")
     @classmethod
-    def _whole_warmup(cls, value: float) -> float:
-        if value != int(value):  # OptimConfig.lr_at: lr·(⌊e⌋+1)/⌈W⌉ for e < W; 0.5 gave no warm-up at all
-            raise ValueError("must be a whole number of epochs (the warm-up steps once per epoch, lr·(e+1)/W, as "
-                             "LDAM-DRW's)")
-        return value
+    def _step_has_milestones(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        return step_milestones(value, info.data.get("schedule"), "centralized.schedule")
 
     @field_validator("pretrain_epochs")
     @classmethod
@@ -146,6 +155,36 @@ class CentralizedOptions(Options):
     sam_noise_ratio: float = Field(1e-6, ge=0, description="CC-SAM noise ratio r of the perturbation")
 
 
+def step_milestones(value: list, schedule: str | None, schedule_key: str, unit: str = "epoch") -> list:
+    """Milestones of a step schedule: at least one (a step schedule without any is a constant lr that says
+    otherwise)."""
+    if schedule == "step" and not value:
+        raise ValueError(f"must name at least one {unit} with {schedule_key}=step (without one the lr never decays)")
+    return value
+
+
+class Stage2Options(Options):
+    """The optimizer of a centralized method's second stage (the classifier on the frozen backbone, or a
+    student): each None or default key keeps stage 1's value or the method's own schedule.
+    :func:`fedlt.centralized.run.stage2_optim` reads them."""
+
+    stage2_batch_size: int | None = Field(None, ge=2, description="stage-2 batch size (None: stage 1's)")
+    stage2_weight_decay: float | None = Field(None, ge=0, description="stage-2 weight decay (None: stage 1's)")
+    stage2_warmup_epochs: WarmupEpochs = Field(0.0, ge=0, description="stage-2 linear lr warm-up epochs, "
+                                               "lr·(e+1)/W")
+    stage2_schedule: Literal["constant", "step", "cosine", "cosine_epoch"] | None = Field(
+        None, description="stage-2 lr schedule (None: the method's own: cosine; cc_sam constant; mislas "
+                          "cosine_epoch)")
+    stage2_milestones: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list, description="stage-2 epochs (from 0) at which a step schedule decays")
+    stage2_gamma: float = Field(0.1, gt=0, description="decay factor of a stage-2 step schedule")
+
+    @field_validator("stage2_milestones")
+    @classmethod
+    def _stage2_step_has_milestones(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        return step_milestones(value, info.data.get("stage2_schedule"), "centralized.stage2_schedule")
+
+
 def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) of every field of ``options``, keys prefixed by ``prefix``."""
     rows = []
@@ -153,6 +192,9 @@ def option_rows(options: type[Options], prefix: str) -> list[tuple[str, str, str
         annotation = field.annotation
         if get_origin(annotation) is Literal:
             kind = "|".join(str(a) for a in get_args(annotation))
+        elif get_origin(annotation) in (Union, UnionType) and any(get_origin(a) is Literal
+                                                                   for a in get_args(annotation)):  # Literal | None
+            kind = "|".join(str(v) for a in get_args(annotation) for v in (get_args(a) or ("None",)))
         else:
             kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         default: Any = field.default_factory() if field.default_factory is not None else field.default

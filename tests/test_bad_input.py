@@ -90,6 +90,15 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "config key 'centralized.resnet32_widths.0' must be > 0, got -1"),
     # server momentum 1 never forgets a step (the run diverged and was blamed on the learning rate)
     (["strategy.name=fedavgm", "strategy.momentum=1"], "config key 'strategy.momentum' must be < 1, got 1"),
+    # a step schedule without a milestone (it ran at a constant lr)
+    (["mode=centralized", "centralized.schedule=step"], "config key 'centralized.milestones' must name at least one "
+     "epoch with centralized.schedule=step (without one the lr never decays), got []"),
+    (["mode=centralized", "centralized.method=crt", "centralized.stage2_schedule=step"],
+     "config key 'centralized.stage2_milestones' must name at least one epoch with centralized.stage2_schedule=step"),
+    (["federation.lr_schedule=step"], "config key 'federation.lr_milestones' must name at least one round with "
+     "federation.lr_schedule=step"),
+    (["mode=centralized", "centralized.method=sbcl", "centralized.stage2_warmup_epochs=2.5"],
+     "config key 'centralized.stage2_warmup_epochs' must be a whole number of epochs"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)

@@ -178,6 +178,37 @@ def test_stage2_resumes(tmp_path, monkeypatch):
     assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == pytest.approx(full["loss"])
 
 
+STAGE2_KEYS = ["centralized.stage2_batch_size=8", "centralized.stage2_weight_decay=0",
+               "centralized.stage2_warmup_epochs=1", "centralized.stage2_schedule=step",
+               "centralized.stage2_milestones=[1]", "centralized.stage2_gamma=0.5", "centralized.stage2_lr=0.2"]
+
+
+def test_stage2_keys_reach_the_stage2_optimizer(monkeypatch):
+    torch.set_num_threads(1)
+    seen, real = [], R.train
+    monkeypatch.setattr(R, "train", lambda *a, **k: seen.append((k["opt"], k["optimizer"])) or real(*a, **k))
+    cfg = tiny_cfg("crt", "centralized.weight_decay=5e-4", "centralized.stage2_epochs=2", *STAGE2_KEYS)
+    steps = R.CentralizedSteps(cfg, tiny_experiment(), torch.device("cpu"))
+    for t in (1, 2, 3):
+        steps.step(t)
+    (opt1, sgd1), (opt2, sgd2), (opt2_again, _) = seen
+    assert (opt1.batch_size, sgd1.param_groups[0]["weight_decay"]) == (16, 5e-4)
+    assert (opt2.batch_size, sgd2.param_groups[0]["weight_decay"], opt2_again) == (8, 0.0, opt2)
+    assert [opt2.lr_at(e + 0.5, 2) for e in (0, 1)] == [0.2, 0.1]  # warm-up lr·1/1, then ×0.5 from epoch 1
+    assert sgd2.param_groups[0]["lr"] == pytest.approx(0.1)  # the lr of stage 2's last step
+
+
+@pytest.mark.parametrize("method,schedule", [("crt", "cosine"), ("mislas", "cosine_epoch"), ("cc_sam", "constant")])
+def test_stage2_keys_left_unset_keep_stage1s_values_and_the_methods_schedule(method, schedule):
+    extra = ["centralized.sam=cc_sam"] if method == "cc_sam" else []
+    cfg = tiny_cfg(method, "centralized.weight_decay=3e-4", *extra)
+    base, opt2 = R.centralized_optim(cfg), R.stage2_optim(cfg, CENTRALIZED.get(method)(cfg, np.array([40, 16, 8, 4])))
+    assert (opt2.batch_size, opt2.weight_decay, opt2.warmup_epochs, opt2.schedule) == (16, 3e-4, 0.0, schedule)
+    assert opt2.momentum == base.momentum
+    cfg = tiny_cfg(method, "centralized.stage2_schedule=cosine", *extra)
+    assert R.stage2_optim(cfg, CENTRALIZED.get(method)(cfg, np.array([40, 16, 8, 4]))).schedule == "cosine"
+
+
 def test_sampler_option_and_unknown_key():
     cfg = tiny_cfg("focal", "centralized.sampler=sqrt", "centralized.focal_gamma=2")
     assert cfg.centralized.sampler == "sqrt" and cfg.centralized.focal_gamma == 2.0

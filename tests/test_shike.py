@@ -188,7 +188,7 @@ def test_stage2_trains_only_new_cosine_heads_and_keeps_bn_moving():
 
 @pytest.mark.parametrize("overrides, match", [
     (["model.name=resnet8"], r"needs a depth-fused multi-expert model, and 'resnet8_shike' is not registered"),
-    (["centralized.schedule=step"], "leave centralized.schedule at cosine"),
+    (["centralized.schedule=step", "centralized.milestones=[5]"], "leave centralized.schedule at cosine"),
     (["centralized.warmup_epochs=1"], "warmup_epochs"),
     (["centralized.warmup_epochs=2", "centralized.lr=0.05"], r"starts stage 1 at lr -0.05"),
     (["centralized.epochs=5"], "whole centralized.epochs above centralized.warmup_epochs"),

@@ -14,7 +14,7 @@ from test_centralized_methods import tiny_cfg, tiny_experiment
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
-from conftest import resumed_after_cut
+from conftest import ROOT, resumed_after_cut
 from fedlt.config import load_config
 from fedlt.losses.glmc import cumulative_alpha, glmc_label_weights, glmc_loss, glmc_mixed, rand_bbox
 from fedlt.registry import CENTRALIZED
@@ -348,6 +348,28 @@ def test_sbcl_clusters_after_the_warmup_and_runs_both_stages(tmp_path, monkeypat
         offset = sum(m.numbers[:c])
         assert ids <= set(range(offset, offset + k)) and len(ids) >= 1
     assert m.class_tau[3] == pytest.approx(0.1)  # one subclass: τ = T
+
+
+def official_linear_classify_lr(epoch: int, lr: float) -> float:
+    """JackHck/SBCL SimCLR/linear_classify.py adjust_learning_rate, the ``--train_rule DRW`` branch (``epoch``
+    from 0); its ``epoch > 190`` branch after ``epoch > 180`` is never taken, as there."""
+    epoch = epoch + 1
+    if epoch <= 5:
+        return lr * epoch / 5
+    if epoch > 180:
+        return lr * 0.01
+    if epoch > 140:
+        return lr * 0.1
+    return lr
+
+
+def test_sbcl_stage2_optimizer_of_the_shipped_config_is_linear_classify():
+    cfg = load_config(ROOT / "configs/centralized/cifar_lt_sbcl.yaml")
+    opt2 = R.stage2_optim(cfg, CENTRALIZED.get("sbcl")(cfg, CIFAR10_LT_100))
+    assert (opt2.batch_size, opt2.weight_decay, opt2.momentum, opt2.nesterov) == (128, 0.0, 0.9, False)
+    for epoch in range(200):
+        for frac in (0.0, 0.5, 0.99):  # held for the whole epoch, as adjust_learning_rate once per epoch
+            assert opt2.lr_at(epoch + frac, 200) == pytest.approx(official_linear_classify_lr(epoch, 0.1)), epoch
 
 
 def official_moco_rank(logits, im_label, queue_label, im_cluster, queue_cluster, temperature=0.07,

@@ -125,7 +125,7 @@ class CentralizedMethod:
         their stage-1 augmentation)."""
         return augment_for(self.cfg, data)
 
-    stage2_schedule = "cosine"  # lr schedule of stage 2 (fedlt.train.OptimConfig.schedule)
+    default_stage2_schedule = "cosine"  # stage 2's lr schedule where centralized.stage2_schedule is None
 
     def stage2_param_groups(self, model: nn.Module) -> list[dict] | None:
         """Parameter groups of the stage-2 optimizer (``{"params", "lr_scale"}``); None: one group."""

@@ -110,7 +110,7 @@ class CCSAM(DecoupledMethod):
         div: float = Field(CC_SAM_DIV, gt=0, description="class weight w_c = log(n_max/n_c + 0.01) / div")
         adver_reg: float = Field(CC_SAM_ADVER_REG, ge=0, description="scale a of the feature noise")
 
-    stage2_schedule = "constant"
+    default_stage2_schedule = "constant"
     shift_bn = True  # the official train_sample runs model.train(): the frozen backbone's BatchNorm follows
 
     def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:

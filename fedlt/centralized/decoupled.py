@@ -4,7 +4,9 @@ Classifier for Long-Tailed Recognition", ICLR 2020; facebookresearch/classifier-
 
 Stage 1 trains the whole model for ``centralized.epochs``; then the backbone is frozen
 (:class:`FrozenFeatures`), the classifier changed, and trained for ``centralized.stage2_epochs`` with its own
-optimizer (cosine lr from ``stage2_lr``). The run stays resumable across the switch: checkpoints record the stage.
+optimizer (cosine lr from ``stage2_lr``; batch size, weight decay, warm-up and schedule of stage 2 are the
+``stage2_*`` keys of :class:`~fedlt.options.Stage2Options`). The run stays resumable across the switch:
+checkpoints record the stage.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fedlt.centralized.methods import mixup_objective
 from fedlt.errors import FedLTError
 from fedlt.losses import cross_entropy_loss, loss_objective
 from fedlt.models.base import NormedLinear
-from fedlt.options import CentralizedOptions
+from fedlt.options import CentralizedOptions, Stage2Options
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.samplers import make_sampler
 from fedlt.train import Objective, Sampler
@@ -84,7 +86,7 @@ class TauNormLinear(nn.Module):
 class DecoupledMethod(CentralizedMethod):
     """Stage 1 (the parent's objective) for ``epochs``, then a classifier stage on the frozen backbone."""
 
-    class Options(CentralizedOptions):
+    class Options(CentralizedOptions, Stage2Options):
         stage2_epochs: int = Field(10, ge=0, description="classifier epochs on the frozen backbone")
         stage2_lr: float | None = Field(None, gt=0, description="stage-2 learning rate (None: stage 1's)")
         stage2_sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
@@ -180,7 +182,7 @@ class MiSLAS(DecoupledMethod):
         lr_factor: float = Field(0.2, gt=0, description="stage 2: the classifier's lr is lr·lr_factor "
                                                         "(the LWS scale gets the full lr)")
 
-    stage2_schedule = "cosine_epoch"
+    default_stage2_schedule = "cosine_epoch"
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)

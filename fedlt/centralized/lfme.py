@@ -15,8 +15,11 @@ class-balanced sampling (the official ``CurricSampler`` is class-aware sampling)
 
 Departures from the official code, each forced or said: accuracies are class-mean accuracies on the training set
 (the official uses its validation split, fedlt has none; on the balanced ImageNet-LT val micro = class mean);
-the groups are fedlt's (many > 100, few < 20; the official ≥ 100, ≤ 20); the student's lr follows
-``stage2_lr`` and the cosine schedule of stage 2 (the official MultiStepLR at 50, 80 of 90 epochs).
+the groups are fedlt's (many > 100, few < 20; the official ≥ 100, ≤ 20). The student's optimizer is stage 2's
+(``stage2_lr``, the ``stage2_*`` keys of :class:`~fedlt.options.Stage2Options`; cosine by default). The official
+ImageNet-LT student (``config/ImageNet_LT/LFME.py``: 90 epochs, batch 256, MultiStepLR [50, 80] × 0.1, stepped at
+the top of each epoch from 1, so each decay lands one epoch early) is ``stage2_epochs=90 stage2_batch_size=256
+stage2_schedule=step stage2_milestones=[49,79]``.
 
 The evaluated model is the student: the rows of stage 1 repeat the initial model's metrics.
 """
@@ -43,7 +46,7 @@ from fedlt.losses.lfme import (
 )
 from fedlt.metrics import class_groups, per_class_accuracy
 from fedlt.models.base import build_model
-from fedlt.options import CentralizedOptions
+from fedlt.options import CentralizedOptions, Stage2Options
 from fedlt.registry import CENTRALIZED
 from fedlt.samplers import make_sampler
 from fedlt.streams import Stream, seeded_rng
@@ -164,7 +167,7 @@ class RecordedOrder:
 class LFME(CentralizedMethod):
     """LFME: stage 1 the group experts, stage 2 the student distilled from them (the module docstring)."""
 
-    class Options(CentralizedOptions):
+    class Options(CentralizedOptions, Stage2Options):
         stage2_epochs: int = Field(10, ge=0, description="lfme: epochs of the student (stage 2)")
         stage2_lr: float | None = Field(None, gt=0, description="lfme: the student's lr (None: stage 1's)")
         stage2_sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(

@@ -6,6 +6,7 @@ method's stage 2."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from fedlt.centralized.pretrain import rotation_model, rotation_objective
 from fedlt.config import Config
 from fedlt.device import resolve_device
 from fedlt.experiment import Experiment, augment_for, experiment_for
+from fedlt.options import Stage2Options
 from fedlt.registry import CENTRALIZED
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
@@ -39,13 +41,21 @@ def centralized_optim(cfg: Config) -> OptimConfig:
 
 
 def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
-    """Stage 2: stage 1's SGD settings, lr ``stage2_lr`` (default: stage 1's lr), the method's
-    ``stage2_schedule`` (cosine), no warm-up."""
-    base = centralized_optim(cfg)
-    lr = getattr(method.opt, "stage2_lr", None)
-    return OptimConfig(lr=base.lr if lr is None else float(lr), momentum=base.momentum,
-                       weight_decay=base.weight_decay, nesterov=base.nesterov, batch_size=base.batch_size,
-                       schedule=method.stage2_schedule)
+    """Stage 2: stage 1's SGD momentum and Nesterov; lr ``stage2_lr`` (None: stage 1's); where the method has
+    the :class:`~fedlt.options.Stage2Options` keys, their batch size, weight decay (None: stage 1's), warm-up,
+    step milestones/gamma and schedule (None: the method's ``default_stage2_schedule``, cosine); else stage 1's
+    batch size and weight decay, the method's default schedule, no warm-up."""
+    base, o = centralized_optim(cfg), method.opt
+    lr = getattr(o, "stage2_lr", None)
+    stage2 = OptimConfig(lr=base.lr if lr is None else float(lr), momentum=base.momentum,
+                         weight_decay=base.weight_decay, nesterov=base.nesterov, batch_size=base.batch_size,
+                         schedule=method.default_stage2_schedule)
+    if not isinstance(o, Stage2Options):
+        return stage2
+    return replace(stage2, batch_size=o.stage2_batch_size or base.batch_size,
+                   weight_decay=base.weight_decay if o.stage2_weight_decay is None else o.stage2_weight_decay,
+                   warmup_epochs=o.stage2_warmup_epochs, schedule=o.stage2_schedule or method.default_stage2_schedule,
+                   milestones=list(o.stage2_milestones), gamma=o.stage2_gamma)
 
 
 class CentralizedSteps:

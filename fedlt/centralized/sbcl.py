@@ -10,7 +10,11 @@ clusters at the first epoch after the warm-up when that is not a multiple of the
 would train without subclasses), from the projections of one crop/flip view of every training image in eval
 mode. Stage 2 (``stage2_epochs``) trains a cosine classifier (s = 30) on the frozen features with LDAM and
 class-balanced weights (β = 0.9999) from its first epoch (``linear_classify.py --train_rule DRW`` sets
-``idx = 1``) and instance-balanced batches; test logits are s·cos.
+``idx = 1``) and instance-balanced batches; test logits are s·cos. Its optimizer is the ``stage2_*`` keys
+(:class:`~fedlt.options.Stage2Options`); ``linear_classify.py``'s ``adjust_learning_rate`` (batch 128, wd 0,
+lr·(e+1)/5 for epochs e < 5, ×0.1 from e = 140, ×0.01 from e = 180) is ``stage2_batch_size=128
+stage2_weight_decay=0 stage2_warmup_epochs=5 stage2_schedule=step stage2_milestones=[140,180]``, as the shipped
+config sets. Its ``elif epoch > 190`` (×0.001) branch comes after ``epoch > 180`` and is never taken: not copied.
 
 With ``queue_size`` > 0 the stage follows the official MoCo form instead (``moco/moco.py``, ``moco/loss.py``,
 ``moco/main.py``, used there for ImageNet-LT): the keys of view 2 come from a momentum copy of features +
@@ -22,7 +26,7 @@ single-device counterpart and is not done; a last batch shorter than the others 
 official code asserts that it never happens).
 
 Not followed: the official SimCLR augmentation (RandomResizedCrop(0.2–1), colour jitter, grayscale) — fedlt's
-views are crop/flip (+ ``autoaugment``); stage 2 keeps stage 1's weight decay (official: 0).
+views are crop/flip (+ ``autoaugment``).
 """
 
 from __future__ import annotations
