@@ -87,7 +87,7 @@ def check_data(cfgs: list[Config]) -> None:
         exp = experiment_for(cfg)
         check_steps(cfg, exp)
         counts = exp.train_counts
-        ratio = f"N_max/N_min = {counts.max() / max(counts.min(), 1):.4g}"
+        ratio = f"N_max/N_min = {counts.max() / counts.min():.4g}" if counts.min() > 0 else "N_max/N_min = inf"
         shape = (f"{cfg.data.profile} profile, IF={cfg.data.imbalance_factor:g}" if cfg.data.profile != "none"
                  else "profile none: the training set as given")
         line = (f"data: {cfg.data.name} ({shape}; {ratio}): {len(exp.train)} train / {len(exp.test)} test, "
@@ -96,6 +96,26 @@ def check_data(cfgs: list[Config]) -> None:
         if line not in seen:
             seen.add(line)
             print(line, flush=True)
+            warn_missing_classes(counts, exp.test.class_counts)
+
+
+def _classes(ids: np.ndarray) -> str:
+    shown = ", ".join(str(int(c)) for c in ids[:5])
+    return shown + (f", … ({len(ids)} in all)" if len(ids) > 5 else "")
+
+
+def warn_missing_classes(train_counts: np.ndarray, test_counts: np.ndarray) -> None:
+    """One warning line for classes without a training image (a file list's: nothing to learn them from, they
+    count as few-shot) and one for classes without a test image (no accuracy: balanced accuracy and the
+    many/medium/few means skip them)."""
+    c = len(train_counts)
+    no_train, no_test = np.flatnonzero(train_counts == 0), np.flatnonzero(test_counts == 0)
+    if len(no_train):
+        print(f"warning: {len(no_train)} of {c} classes have no training image (class {_classes(no_train)}): no "
+              f"model can learn them; they count as few-shot and their test images as errors", flush=True)
+    if len(no_test):
+        print(f"warning: {len(no_test)} of {c} classes have no test image (class {_classes(no_test)}): they have "
+              f"no accuracy; balanced accuracy and the many/medium/few means leave them out", flush=True)
 
 
 def check_steps(cfg: Config, exp) -> None:

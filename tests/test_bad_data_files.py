@@ -228,3 +228,29 @@ def test_the_training_list_given_as_the_test_list_is_refused(capsys, tmp_path, t
                    "partition.min_size=1", f"data.test_list={test_list.format(root=tmp_path)}")
     assert line == (f"data.train_list and data.test_list are the same file {tmp_path / 'train.txt'}: the test set "
                     f"would be the training set; point data.test_list at the held-out list")
+
+
+def test_classes_without_training_or_test_images_are_warned_of(capsys, tmp_path):
+    """A file list that leaves classes out of a split ran silently: N_max/N_min was printed against one image, a
+    class without training images became a 0 % few-shot class, one without test images left the means."""
+    from fedlt.config import load_config
+    from fedlt.simulate import check_data
+
+    write_pngs(tmp_path)
+    write_list(tmp_path / "train.txt", [f"{i}.png {i}" for i in (0, 2, 3)])
+    check_data([load_config(DEFAULT, [*TINY, "data.name=cifar10_files", f"data.root={tmp_path}", "data.cache=false",
+                                      "partition.min_size=1"])])
+    out = capsys.readouterr().out
+    assert "(profile none: the training set as given; N_max/N_min = inf)" in out
+    assert ("warning: 7 of 10 classes have no training image (class 1, 4, 5, 6, 7, … (7 in all)): no model can "
+            "learn them; they count as few-shot and their test images as errors") in out
+    assert ("warning: 6 of 10 classes have no test image (class 4, 5, 6, 7, 8, … (6 in all)): they have no "
+            "accuracy; balanced accuracy and the many/medium/few means leave them out") in out
+    every = tmp_path / "every"  # each class in both splits: no warning
+    every.mkdir()
+    write_pngs(every)
+    write_list(every / "train.txt", [f"{c % 4}.png {c}" for c in range(10) for _ in range(10 - c)])
+    write_list(every / "test.txt", [f"{c % 4}.png {c}" for c in range(10)])
+    check_data([load_config(DEFAULT, [*TINY, "data.name=cifar10_files", f"data.root={every}", "data.cache=false"])])
+    out = capsys.readouterr().out
+    assert "N_max/N_min = 10)" in out and "warning" not in out
