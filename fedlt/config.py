@@ -247,11 +247,14 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise FedLTError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     try:
-        raw = yaml.load(text, Loader=_ConfigLoader) or {}
+        raw = yaml.load(text, Loader=_ConfigLoader)
     except _BadKey as exc:
         raise FedLTError(f"config file {path} line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise FedLTError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if raw is None:  # a truncated or unsaved file would run every default under its name
+        raise FedLTError(f"config file {path} is empty (no key, or only comments): give its keys, or leave out "
+                         f"--config to run the defaults")
     if not isinstance(raw, dict):
         raise FedLTError(f"config file {path} must hold a mapping at the top level")
     try:

@@ -42,6 +42,17 @@ def test_a_config_file_that_is_not_utf8_is_refused(capsys, tmp_path):
                                                       f"byte at byte 0); save it as UTF-8")
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# lr: 0.1\n# seed: 3\n"])
+def test_an_empty_config_file_is_refused(capsys, tmp_path, text):
+    """It ran every default as if the file had asked for them (a truncated or unsaved file)."""
+    path = config_file(tmp_path, text)
+    assert refused(capsys, tmp_path, config=path) == (f"error: config file {path} is empty (no key, or only "
+                                                      f"comments): give its keys, or leave out --config to run the "
+                                                      f"defaults")
+    assert refused_file(config_file(tmp_path, "base: bad.yaml\nseed: 1\n", "child.yaml")).startswith(
+        f"error: config file {path} is empty")
+
+
 @pytest.mark.parametrize("text,line,key", [("1: 2\n", 1, "1"), ("train:\n  lr: 0.1\n  null: 3\n", 3, "null"),
                                            ("sweep:\n  yes: [1]\n", 2, "yes")])
 def test_a_key_that_is_not_a_name_is_refused(capsys, tmp_path, text, line, key):
