@@ -99,6 +99,15 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "federation.lr_schedule=step"),
     (["mode=centralized", "centralized.method=sbcl", "centralized.stage2_warmup_epochs=2.5"],
      "config key 'centralized.stage2_warmup_epochs' must be a whole number of epochs"),
+    # a stage 2 that needs a backbone and one classifier: refused only after stage 1 had trained
+    (["mode=centralized", "centralized.method=crt", "model.name=small_cnn_experts"],
+     "centralized.method=crt freezes the backbone and changes its one classifier in stage 2, and "
+     "model.name='small_cnn_experts' is a multi-expert model: choose a single network"),
+    (["mode=centralized", "centralized.method=cc_sam", "model.name=small_cnn_experts"],
+     "centralized.method=cc_sam freezes the backbone"),
+    (["mode=centralized", "centralized.method=tau_norm", "model.classifier=cosine"],
+     "centralized.method=tau_norm needs a linear classifier (on a cosine classifier it changes nothing), got "
+     "model.classifier=cosine: set model.classifier=linear"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)

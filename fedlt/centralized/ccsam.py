@@ -119,6 +119,7 @@ class CCSAM(DecoupledMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         if cfg.centralized.sam != "cc_sam":
             raise FedLTError("centralized.method=cc_sam trains stage 1 with centralized.sam=cc_sam (got "
                              f"{cfg.centralized.sam!r}); for a plain-CE stage 1 use another decoupled method")

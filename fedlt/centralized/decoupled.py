@@ -20,9 +20,11 @@ from torch import nn
 
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.centralized.methods import mixup_objective
+from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.losses import cross_entropy_loss, loss_objective
 from fedlt.models.base import NormedLinear
+from fedlt.models.experts import require_single_network
 from fedlt.options import CentralizedOptions, Stage2Options
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.samplers import make_sampler
@@ -95,6 +97,12 @@ class DecoupledMethod(CentralizedMethod):
     two_stage = True
     shift_bn = False
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)  # stage 2 needs the backbone (model.features) apart from the one classifier
+        require_single_network(cfg, f"centralized.method={cfg.centralized.method} freezes the backbone and changes "
+                                    f"its one classifier in stage 2")
+
     def stage2_epochs(self) -> int:
         return self.opt.stage2_epochs
 
@@ -134,6 +142,14 @@ class TauNorm(DecoupledMethod):
 
     class Options(CentralizedOptions):
         tau: float = Field(1.0, ge=0, description="normalisation power τ (fixed: no validation split)")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if getattr(cfg.model, "classifier", "linear") != "linear":
+            raise FedLTError(f"centralized.method=tau_norm needs a linear classifier (on a cosine classifier it "
+                             f"changes nothing), got model.classifier={cfg.model.classifier}: set "
+                             f"model.classifier=linear")
 
     def stage2_epochs(self) -> int:
         return 0

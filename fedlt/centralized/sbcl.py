@@ -111,8 +111,8 @@ class SBCL(DecoupledMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        super().check_config(cfg)
         require_single_network(cfg, "centralized.method=sbcl adds its projection to a single-head model")
+        super().check_config(cfg)
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
