@@ -108,6 +108,13 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["mode=centralized", "centralized.method=tau_norm", "model.classifier=cosine"],
      "centralized.method=tau_norm needs a linear classifier (on a cosine classifier it changes nothing), got "
      "model.classifier=cosine: set model.classifier=linear"),
+    # a stage 2 of no epochs: cRT's re-initialised classifier and LFME's student were reported untrained
+    (["mode=centralized", "centralized.method=crt", "centralized.stage2_epochs=0"],
+     "centralized.method=crt re-initialises the classifier for stage 2: centralized.stage2_epochs=0 would report "
+     "an untrained classifier; give at least 1"),
+    (["mode=centralized", "centralized.method=lfme", "centralized.stage2_epochs=0"],
+     "centralized.method=lfme distils its student in stage 2: centralized.stage2_epochs=0 would report the "
+     "untrained student; give at least 1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_config_value(capsys, tmp_path, overrides, message):
     assert message in refused(capsys, tmp_path, *overrides)

@@ -123,6 +123,13 @@ class DecoupledMethod(CentralizedMethod):
 class CRT(DecoupledMethod):
     """Classifier re-training (Kang et al.): re-initialise the classifier, train it with CB sampling."""
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.centralized.stage2_epochs == 0:
+            raise FedLTError("centralized.method=crt re-initialises the classifier for stage 2: "
+                             "centralized.stage2_epochs=0 would report an untrained classifier; give at least 1")
+
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         new = copy.deepcopy(head)
         with torch.random.fork_rng(devices=[]):

@@ -199,6 +199,9 @@ class LFME(CentralizedMethod):
         if cfg.centralized.pretrain != "none":
             raise FedLTError("centralized.method=lfme has no pre-training stage (its experts and student start from "
                              "scratch, as the official): set centralized.pretrain=none")
+        if cfg.centralized.stage2_epochs == 0:
+            raise FedLTError("centralized.method=lfme distils its student in stage 2: centralized.stage2_epochs=0 "
+                             "would report the untrained student; give at least 1")
 
     def build_model(self, exp: Experiment) -> nn.Module:
         return build_lfme_model(self.cfg, exp, self.groups)
