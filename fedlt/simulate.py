@@ -58,11 +58,14 @@ from fedlt.interrupt import (
 )
 
 
-def check_out(out: str) -> None:
-    """``--out`` is a folder (made if missing) that this process can write in, or a one-line error."""
+def check_out(out: str, create: bool = True) -> None:
+    """``--out`` is a folder (made if missing) that this process can write in, or a one-line error; without
+    ``create`` (``--dry-run``, which writes nothing) only a file there is refused."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FedLTError(f"--out {out} is a file, not a folder for run directories")
+    if not create:
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -183,15 +186,9 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     unless ``overwrite`` (then it is emptied first); each run holds its directory's lock (:func:`run_one`).
     Summaries in the order of the plan."""
     from fedlt.rundir import RunDir
-    from fedlt.sweep import plan
 
     check_out(out)
-    runs = plan(combos, out)
-    if not overwrite:
-        for r in runs:
-            if r.path.is_dir():
-                RunDir(r.path).check_config(r.cfg)
-    check_data([c for c, _ in combos])
+    runs = check_plan(combos, out, overwrite)
     summaries: list[dict | None] = [None] * len(runs)
     todo = []
     for i, r in enumerate(runs):
@@ -219,6 +216,23 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
             print(f"[{r.mode}] finished in {took[r.mode][-1]:.1f}s -> {r.path}{count}{eta}", flush=True)
     label = len(combos) > 1
     return [{**s, **({"run": r.path.name} if label else {})} for r, s in zip(runs, summaries)]
+
+
+def check_plan(combos: list[tuple[Config, dict]], out: str, overwrite: bool = False) -> list:
+    """What a sweep checks before any run starts (a real one and ``--dry-run`` alike): its planned runs
+    (:func:`fedlt.sweep.plan`), a run directory that holds a run of another config (unless ``overwrite``), and
+    the data, partitions, steps, devices and client resources of every config (:func:`check_data`). Each failure
+    is a one-line :class:`FedLTError`; returns the planned runs."""
+    from fedlt.rundir import RunDir
+    from fedlt.sweep import plan
+
+    runs = plan(combos, out)
+    if not overwrite:
+        for r in runs:
+            if r.path.is_dir():
+                RunDir(r.path).check_config(r.cfg)
+    check_data([c for c, _ in combos])
+    return runs
 
 
 def _relay(stream, prefix: str) -> None:
@@ -417,13 +431,21 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     return what, epochs * per_epoch * step + evals * evaluation
 
 
-def dry_run(path: str | None, overrides: list[str], out: str) -> str:
-    """What ``python -m fedlt.simulate`` with these arguments would run and cost; nothing is trained or written."""
+def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = False,
+            report: str | None = None) -> str:
+    """What ``python -m fedlt.simulate`` with these arguments would run and cost; nothing is trained or written.
+    What the real command would refuse before training (:func:`check_plan`, ``--out``, ``--report``) it refuses
+    the same way."""
     from fedlt.config import key_sources, load_config
     from fedlt.experiment import experiment_for
-    from fedlt.sweep import expand, plan, split_overrides
+    from fedlt.report import check_report_dir
+    from fedlt.sweep import expand, split_overrides
 
     combos = expand(path, overrides)
+    if report:
+        check_report_dir(report)
+    check_out(out, create=False)
+    runs = check_plan(combos, out, overwrite)
     plain, _ = split_overrides(overrides)
     given: dict[str, str] = {}
     load_config(path, plain, given)
@@ -435,7 +457,7 @@ def dry_run(path: str | None, overrides: list[str], out: str) -> str:
                      f"({', '.join(f'{k}={v}' for k, v in values.items())}):")
     lines += ["config (key = value   (where it came from)):", *config_lines(first, key_sources(first, given)), ""]
     shown, timed, total = set(), {}, 0.0
-    for r in plan(combos, out):
+    for r in runs:
         exp = experiment_for(r.cfg)
         if r.mode == "federated":
             key = (r.cfg.data.model_dump_json(), r.cfg.partition.model_dump_json(), r.cfg.seed)
@@ -574,7 +596,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             path = "configs/default.yaml"
         with quiet_output(args.verbose):
             if args.dry_run:
-                print(dry_run(path, args.overrides, args.out))
+                print(dry_run(path, args.overrides, args.out, args.overwrite, args.report))
                 return 0
             if args.run_dir:  # a child of --jobs: the resolved config of one run, into its directory
                 from fedlt.config import load_config

@@ -615,3 +615,37 @@ def test_a_fractional_warmup_is_refused():
                                          r".*, got 0.5$"):
         load_config(None, ["centralized.warmup_epochs=0.5"])
     assert load_config(None, ["centralized.warmup_epochs=5"]).centralized.warmup_epochs == 5
+
+
+# ------------------------------------------------------------------------------------------ --dry-run
+@needs_fashion
+@pytest.mark.parametrize("args, message", [
+    (["mode=centralized", "centralized.epochs=0.0001"], "config key 'centralized.epochs' (0.0001) is less than one "
+                                                        "batch of the 60000 training images at batch 32"),
+    (["mode=federated", "train.local_epochs=0.0001"], "config key 'train.local_epochs' (0.0001) gives no client a "
+                                                      "local step"),
+    (["device=cuda:99"], "device=cuda:99, but this machine has"),
+    (["federation.client_gpus=99"], "config key 'federation.client_gpus' must be <= this machine's"),
+    (["--report", "{file}"], "report folder {file} is an existing file, not a folder"),
+    (["--out", "{file}"], "--out {file} is a file, not a folder for run directories"),
+], ids=["epochs below a batch", "no local step", "device", "client gpus", "report is a file", "out is a file"])
+def test_dry_run_refuses_what_the_run_would_refuse(capsys, tmp_path, args, message):
+    """--dry-run printed a plan and an estimate (or, for a device this machine lacks, a torch traceback) for
+    configs and arguments that the real command refuses before training."""
+    file = tmp_path / "afile"
+    file.write_text("keep")
+    args = [a.format(file=file) for a in args]
+    assert refused(capsys, tmp_path, "--dry-run", *TINY, *args).startswith("error: " + message.format(file=file))
+    assert file.read_text() == "keep"
+
+
+@needs_fashion
+def test_dry_run_refuses_a_run_directory_of_another_config(capsys, tmp_path):
+    from fedlt.sweep import expand, plan
+
+    args = [*TINY, "mode=centralized", "centralized.epochs=1"]
+    run = plan(expand(DEFAULT, args), tmp_path / "runs")[0]
+    RunDir(run.path).write_config(load_config(DEFAULT, [*args, "centralized.lr=0.5"]).replace(sweep={}))
+    line = refused(capsys, tmp_path, "--dry-run", *args)
+    assert line.startswith(f"error: run directory {run.path} holds an unfinished run of another config "
+                           f"(centralized.lr: 0.5 there"), line
