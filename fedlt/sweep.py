@@ -98,7 +98,8 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
     """Every combination of the sweep as (resolved config without ``sweep``, {key: value}).
 
     A plain override of a key that the config file sweeps replaces that sweep axis (the command line wins,
-    as it does for any other key); a ``sweep.KEY=[..]`` override adds or replaces an axis.
+    as it does for any other key); a ``sweep.KEY=[..]`` override adds or replaces an axis. A key given both as
+    a plain override and by a ``sweep.KEY=[..]`` override (or a section above it) is an error: which one meant it?
     Without a sweep: one config and no values. A combination that fails validation raises a one-line
     :class:`FedLTError` naming it, before anything is run.
     """
@@ -109,6 +110,11 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
     axes = sweep_axes({**flatten(base.sweep), **cli_sweep})
     # a plain override of a key that the file sweeps fixes it: `strategy.name=fedlc` runs FedLC only
     fixed = {parse_override(item)[0] for item in plain}
+    # ... but one that a sweep.KEY=[..] override sweeps too (or a section above it) would be replaced unseen
+    both = next(((k, f) for k in cli_sweep for f in sorted(fixed) if f == k or f.startswith(k + ".")), None)
+    if both:
+        raise FedLTError(f"config key {both[1]!r} is given both as an override and by sweep.{both[0]}=[..], whose "
+                         f"values would replace it: give one of them")
     axes = {k: v for k, v in axes.items() if k in cli_sweep or not any(k == f or k.startswith(f + ".") for f in fixed)}
     if not axes:
         return [(base.replace(sweep={}), {})]

@@ -649,3 +649,25 @@ def test_dry_run_refuses_a_run_directory_of_another_config(capsys, tmp_path):
     line = refused(capsys, tmp_path, "--dry-run", *args)
     assert line.startswith(f"error: run directory {run.path} holds an unfinished run of another config "
                            f"(centralized.lr: 0.5 there"), line
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+@pytest.mark.parametrize("args, message", [
+    (["train.lr=0.1", "sweep.train.lr=[0.1,0.2]"], "config key 'train.lr' is given both as an override and by "
+                                                   "sweep.train.lr=[..], whose values would replace it: give one of them"),
+    (["sweep.strategy.name=[fedavg]", "strategy.name=fedprox"], "config key 'strategy.name' is given both as an "
+                                                                "override and by sweep.strategy.name=[..]"),
+    (["strategy.name=fedprox", "strategy.mu=0.1", "sweep.strategy=[{name: fedprox}]"],
+     "config key 'strategy.mu' is given both as an override and by sweep.strategy=[..]"),
+], ids=["same key", "sweep first", "a section swept"])
+def test_a_key_both_given_and_swept_on_the_command_line_is_refused(capsys, tmp_path, monkeypatch, args, message):
+    """The sweep's values replaced the override without a word (train.lr=0.1 sweep.train.lr=[0.1,0.2] ran 0.2 too;
+    strategy.name=fedprox sweep.strategy.name=[fedavg] ran FedAvg only)."""
+    from fedlt import simulate
+    from fedlt.sweep import expand
+
+    with pytest.raises(FedLTError) as e:
+        expand(DEFAULT, [*TINY, *args])
+    assert str(e.value).startswith(message)
+    monkeypatch.setattr(simulate, "run_sweep", lambda *a, **k: pytest.fail("ran a sweep it should refuse"))
+    assert refused(capsys, tmp_path, *TINY, *args).startswith("error: " + message)
