@@ -80,13 +80,18 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def sweep_axes(sweep: dict) -> dict[str, list]:
-    """Check the sweep mapping: each key lists at least one value."""
+    """Check the sweep mapping: each key lists at least one value, none twice (a typo for another value: the
+    repeat's runs were the same runs, skipped without a word)."""
     axes = flatten(sweep)
     for key, values in axes.items():
         if key == "sweep" or key.startswith("sweep."):
             raise FedLTError(f"sweep key {key!r}: a sweep cannot sweep itself")
         if not isinstance(values, list) or not values:
             raise FedLTError(f"sweep key {key!r} must list at least one value, e.g. {key}: [a, b]; got {values!r}")
+        for i, v in enumerate(values):
+            if any(v == w and isinstance(v, bool) == isinstance(w, bool) for w in values[:i]):
+                raise FedLTError(f"sweep key {key!r} lists {v!r} twice ({values!r}): each value is one run; drop the "
+                                 f"repeat or give the value you meant")
     return axes
 
 

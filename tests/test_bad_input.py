@@ -671,3 +671,22 @@ def test_a_key_both_given_and_swept_on_the_command_line_is_refused(capsys, tmp_p
     assert str(e.value).startswith(message)
     monkeypatch.setattr(simulate, "run_sweep", lambda *a, **k: pytest.fail("ran a sweep it should refuse"))
     assert refused(capsys, tmp_path, *TINY, *args).startswith("error: " + message)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("sweep.seed=[0,1,0]", "sweep key 'seed' lists 0 twice ([0, 1, 0]): each value is one run; drop the repeat or "
+                           "give the value you meant"),
+    ("sweep.train.lr=[0.1,0.10]", "sweep key 'train.lr' lists 0.1 twice ([0.1, 0.1])"),
+    ("sweep.federation.lr_milestones=[[5],[5]]", "sweep key 'federation.lr_milestones' lists [5] twice"),
+], ids=["seed", "float written twice", "a list value"])
+def test_a_sweep_value_listed_twice_is_refused(capsys, tmp_path, monkeypatch, item, message):
+    """sweep.seed=[0,0] (a typo for [0,1]) ran one seed where two were asked for: the repeat's runs were the same
+    runs, skipped without a word (--dry-run said "sweep of 4 combinations" and listed 3 runs)."""
+    from fedlt import simulate
+    from fedlt.sweep import expand
+
+    with pytest.raises(FedLTError) as e:
+        expand(DEFAULT, [*TINY, item])
+    assert str(e.value).startswith(message)
+    monkeypatch.setattr(simulate, "run_sweep", lambda *a, **k: pytest.fail("ran a sweep it should refuse"))
+    assert refused(capsys, tmp_path, *TINY, item).startswith("error: " + message)
