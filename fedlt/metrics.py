@@ -43,7 +43,10 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
         return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+RELIABILITY_BINS = 15  # confidence bins of the ECE and of summary.json's ``reliability`` (the report pools them)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = RELIABILITY_BINS) -> float:
     """ECE = Σ_b (|B_b|/n)·|acc(B_b) − conf(B_b)| over equal-width, right-closed bins of max-softmax confidence."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
@@ -57,7 +60,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: 
     return float(ece)
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> dict[str, list[float]]:
+def reliability_bins(probs: np.ndarray, labels: np.ndarray,
+                     num_bins: int = RELIABILITY_BINS) -> dict[str, list[float]]:
     """Per-bin count, accuracy and confidence (for reliability diagrams)."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels

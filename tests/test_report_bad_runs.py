@@ -17,6 +17,7 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+BINS = ("count", "accuracy", "confidence")
 # damage: (how to make it, what the one-line error says after "<run>: ")
 DAMAGE = {
     "accuracy-string": (lambda d: _edit_json(d / "summary.json", accuracy="abc"),
@@ -35,9 +36,11 @@ DAMAGE = {
                          'partition.json client_class_counts is not a list of clients ("x")'),
     "partition-row": (lambda d: _edit_json(d / "partition.json", client_class_counts=[[1, 2]]),
                       "partition.json client_class_counts[0] has 2 values for 10 classes"),
-    "reliability": (lambda d: _edit_json(d / "summary.json", reliability={"count": [1, 2], "accuracy": [0.5],
-                                                                          "confidence": [0.5, 0.6]}),
-                    "summary.json reliability.accuracy has 1 values for 2 bins"),
+    "reliability": (lambda d: _edit_json(d / "summary.json", reliability={"count": [1] * 15, "accuracy": [0.5],
+                                                                          "confidence": [0.5] * 15}),
+                    "summary.json reliability.accuracy has 1 values for 15 bins"),
+    "reliability-bins": (lambda d: _edit_json(d / "summary.json", reliability={k: [1] * 14 for k in BINS}),
+                         "summary.json reliability.count has 14 values for 15 bins"),
 }
 # the cases of the audit (each crashed the report with a traceback and left a partial one)
 AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string")
@@ -123,3 +126,14 @@ def test_a_report_folder_where_nothing_can_be_written_is_one_line(tmp_path, caps
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(
         "error: report folder /proc/fedlt-report cannot be written: /proc is not writable ("), err
+
+
+def test_a_seed_with_other_reliability_bins_is_left_out(tmp_path, capsys):
+    """Two seeds of one row, one with 14 bins (each file consistent in itself): pooling their bins crashed the
+    report with a numpy traceback ("inhomogeneous shape") and no report."""
+    make_run(tmp_path / "runs", "s0", "federated", "fedavg", 0, 0.4)
+    bad = make_run(tmp_path / "runs", "s1", "federated", "fedavg", 1, 0.5)
+    DAMAGE["reliability-bins"][0](bad)
+    assert compare.main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"error: {bad}: {DAMAGE['reliability-bins'][1]}"]
+    assert (tmp_path / "rep" / "report.md").is_file()

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fedlt.metrics import RELIABILITY_BINS
 from fedlt.rundir import config_as_today
 from fedlt.sweep import flatten, other_mode_sections
 
@@ -117,7 +118,7 @@ def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
                 return f"summary.json {key} {error}"
     bins = summary.get("reliability")
     if isinstance(bins, dict) and "count" in bins:  # (without bin counts the report leaves the diagram out)
-        n_bins = len(bins["count"]) if isinstance(bins["count"], list) else None
+        n_bins = RELIABILITY_BINS  # every run's: the report pools the bins of a row's seeds
         for key in ("count", "accuracy", "confidence"):
             if error := _numbers_error(bins.get(key), n_bins, "bins", null=key != "count"):
                 return f"summary.json reliability.{key} {error}"
