@@ -17,7 +17,14 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _replace(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
 BINS = ("count", "accuracy", "confidence")
+STRICT = ", which is not strict JSON (fedlt writes a non-finite number as null)"
 # damage: (how to make it, what the one-line error says after "<run>: ")
 DAMAGE = {
     "accuracy-string": (lambda d: _edit_json(d / "summary.json", accuracy="abc"),
@@ -30,6 +37,15 @@ DAMAGE = {
                        "metrics.jsonl line 5 is not a JSON object (5)"),
     "metrics-round": (lambda d: (d / "metrics.jsonl").write_text('{"round": "one", "accuracy": 0.1}\n'),
                       'metrics.jsonl line 1 round is not a number ("one")'),
+    # NaN / Infinity (Python's json reads them): the table showed "nan ± nan", "+nan", "inf ± nan"
+    "summary-nan": (lambda d: _replace(d / "summary.json", '"accuracy": 0.9', '"accuracy": NaN'),
+                    "summary.json holds NaN" + STRICT),
+    "summary-inf": (lambda d: _replace(d / "summary.json", '"ece": 0.', '"ece": -Infinity, "x": 0.'),
+                    "summary.json holds -Infinity" + STRICT),
+    "metrics-nan": (lambda d: _replace(d / "metrics.jsonl", '"ece": 0.1}', '"ece": Infinity}'),
+                    "metrics.jsonl line 1 holds Infinity" + STRICT),
+    "partition-nan": (lambda d: _replace(d / "partition.json", '"test_class_counts": [', '"test_class_counts": [NaN, '),
+                      "partition.json holds NaN" + STRICT),
     "env-list": (lambda d: (d / "env.json").write_text("[1]"), "env.json does not hold a JSON object ([1])"),
     "env-gpu": (lambda d: _edit_json(d / "env.json", gpu=3), "env.json gpu is not a string (3)"),
     "partition-string": (lambda d: _edit_json(d / "partition.json", client_class_counts="x"),
@@ -44,6 +60,7 @@ DAMAGE = {
 }
 # the cases of the audit (each crashed the report with a traceback and left a partial one)
 AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string")
+NOT_STRICT = ("summary-nan", "summary-inf", "metrics-nan")  # (these reported the run with NaN in the table)
 
 
 def bad_run(root, damage):
@@ -61,7 +78,7 @@ def test_wrong_content_is_one_line_naming_run_file_and_fault(tmp_path, damage):
     assert errors == [f"{bad}: {DAMAGE[damage][1]}"]
 
 
-@pytest.mark.parametrize("damage", AUDIT)
+@pytest.mark.parametrize("damage", AUDIT + NOT_STRICT)
 def test_bad_run_left_out_and_others_reported(tmp_path, capsys, damage):
     good = make_run(tmp_path / "runs", "good", "centralized", "ce", 0, 0.6)
     bad = bad_run(tmp_path / "runs", damage)

@@ -75,9 +75,24 @@ def _bookkeeping(key: str) -> bool:
     return any(key == b or (b.endswith(".") and key.startswith(b)) or key.startswith(b + ".") for b in BOOKKEEPING)
 
 
+class _NotStrict(ValueError):
+    """NaN, Infinity or -Infinity in a run's JSON: fedlt writes strict JSON (a non-finite number as null)."""
+
+
+def _strict(constant: str) -> Any:
+    raise _NotStrict(constant)
+
+
+def _not_strict(path: Path, where: str, constant: _NotStrict) -> RunError:
+    return RunError(f"{path}: {where} holds {constant}, which is not strict JSON (fedlt writes a non-finite number "
+                    f"as null)")
+
+
 def _read_json(path: Path, name: str) -> Any:
     try:
-        return json.loads((path / name).read_text())
+        return json.loads((path / name).read_text(), parse_constant=_strict)
+    except _NotStrict as exc:
+        raise _not_strict(path, name, exc) from None
     except json.JSONDecodeError as exc:
         raise RunError(f"{path}: {name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -169,7 +184,9 @@ def read_run(path: str | Path) -> Run:
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_strict)
+            except _NotStrict as exc:
+                raise _not_strict(path, f"metrics.jsonl line {i}", exc) from None
             except json.JSONDecodeError:
                 raise RunError(f"{path}: metrics.jsonl line {i} is not valid JSON") from None
             if not isinstance(row, dict):
