@@ -53,12 +53,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port(host: str, port: int) -> None:
+    """A one-line :class:`FedLTError` unless this machine can listen on ``host``:``port`` (0: any free port, so
+    only ``host`` is tried)."""
+    if not 0 <= port <= 65535:
+        raise FedLTError(f"--port must be 0 (a free one) to 65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise FedLTError(f"cannot listen on {host}:{port}: {exc.strerror.lower()} (choose another --port)") \
-                from None
+            reason = (exc.strerror or str(exc)).lower()
+            raise FedLTError(f"cannot listen on {host}:{port}: {reason} (choose another --host or --port)") from None
 
 
 def _bin(name: str) -> str:
@@ -297,6 +301,8 @@ def deploy(args: argparse.Namespace) -> int:
     """``run``: start everything, submit, follow; 0 when the run completed, 1 when it failed."""
     from fedlt.config import load_config
 
+    if not args.timeout > 0:  # (NaN too: the run would never be stopped)
+        raise FedLTError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     cfg = load_config(args.config, args.overrides)
     if cfg.mode == "both":  # the default config's mode; a deployment runs the federated part
         args.overrides = [*args.overrides, "mode=federated"]
@@ -322,8 +328,7 @@ def deploy(args: argparse.Namespace) -> int:
         config = str(config_path.relative_to(app))
     certs = Certs(Path(args.certs))
     certs.check(n)
-    if args.port:
-        check_port(args.host, args.port)
+    check_port(args.host, args.port)
     root = Path(args.out)
     d = Deployment(certs, Path(args.work) if args.work else root / ".deploy", root, args.host, args.port,
                    args.allow_plugins)

@@ -49,7 +49,10 @@ def make_certs(folder: str | Path, nodes: int = 2, hosts: tuple[str, ...] = ()) 
         raise FedLTError(f"{out} is a file, not a folder for the certificates")
     if (out / "ca.crt").exists():
         raise FedLTError(f"{out / 'ca.crt'} already exists: choose an empty folder (certificates are never replaced)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedLTError(f"cannot make the certificate folder {out}: {exc.strerror or exc}") from None
     now = datetime.datetime.now(datetime.timezone.utc)
     pem = serialization.Encoding.PEM
     pkcs8 = (pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -602,6 +602,38 @@ def test_deploy_certs_refuses_no_nodes_and_a_file_for_the_folder(capsys, tmp_pat
     assert not (tmp_path / "certs").exists() and (tmp_path / "file").read_text() == "x"
 
 
+def test_deploy_certs_refuses_a_folder_under_a_file(capsys, tmp_path):
+    """A folder below a file ended in a NotADirectoryError traceback."""
+    from fedlt.deploy import main as deploy_main
+
+    (tmp_path / "file").write_text("x")
+    assert deploy_main(["certs", str(tmp_path / "file" / "certs")]) == 2
+    assert capsys.readouterr().err == (f"error: cannot make the certificate folder {tmp_path / 'file' / 'certs'}: "
+                                       f"Not a directory\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be 0 (a free one) to 65535, got 70000"),
+    (["--port", "-1"], "--port must be 0 (a free one) to 65535, got -1"),
+    (["--host", "nosuch.invalid"], "cannot listen on nosuch.invalid:0: "),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
+], ids=["port too large", "negative port", "unknown host", "no time", "nan time"])
+def test_deploy_run_refuses_bad_arguments_before_starting_anything(capsys, tmp_path, monkeypatch, args, message):
+    """A port out of range (OverflowError) and an unresolvable --host without --port (socket.gaierror) ended in a
+    traceback; --timeout 0 started the SuperLink and every node, then stopped the run at once, and NaN never
+    stopped it."""
+    from fedlt import deploy
+    from fedlt.deploy_certs import make_certs
+
+    certs = make_certs(tmp_path / "certs", nodes=2)
+    monkeypatch.setattr(deploy.Deployment, "start_superlink", lambda self: pytest.fail("started a SuperLink"))
+    assert deploy.main(["run", "--certs", str(certs), "--out", str(tmp_path / "out"), *args,
+                        "partition.num_clients=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1, err
+
+
 def test_a_negative_milestone_is_refused():
     with pytest.raises(FedLTError, match=r"config key 'centralized.milestones.0' must be >= 0, got -1"):
         load_config(None, ["centralized.milestones=[-1]"])
