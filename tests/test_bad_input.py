@@ -685,8 +685,9 @@ def test_dry_run_refuses_a_run_directory_of_another_config(capsys, tmp_path):
 
 # ------------------------------------------------------------------------------------------ sweeps
 @pytest.mark.parametrize("args, message", [
-    (["train.lr=0.1", "sweep.train.lr=[0.1,0.2]"], "config key 'train.lr' is given both as an override and by "
-                                                   "sweep.train.lr=[..], whose values would replace it: give one of them"),
+    (["train.lr=0.1", "sweep.train.lr=[0.1,0.2]"],
+     "config key 'train.lr' is given both as an override and by sweep.train.lr=[..], whose values would replace "
+     "it: give one of them"),
     (["sweep.strategy.name=[fedavg]", "strategy.name=fedprox"], "config key 'strategy.name' is given both as an "
                                                                 "override and by sweep.strategy.name=[..]"),
     (["strategy.name=fedprox", "strategy.mu=0.1", "sweep.strategy=[{name: fedprox}]"],
