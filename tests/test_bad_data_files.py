@@ -195,8 +195,8 @@ def test_file_list_splits_of_two_image_sizes(capsys, tmp_path):
                    "data.profile=none", "partition.num_clients=2", "partition.min_size=1")
     assert line == ("data set cifar10_files: the training images are 3×8×8, the test images 3×16×16; both splits "
                     "must have one size (for a file list, set data.image_size to resize them)")
-    assert main(["--dry-run", "--config", DEFAULT, *TINY, "data.name=cifar10_files", f"data.root={tmp_path}",
-                 "data.cache=false", "partition.min_size=1", "data.image_size=8"]) == 0
+    assert main(["--dry-run", "--config", DEFAULT, "--out", str(tmp_path / "runs"), *TINY, "data.name=cifar10_files",
+                 f"data.root={tmp_path}", "data.cache=false", "partition.min_size=1", "data.image_size=8"]) == 0
 
 
 @pytest.mark.parametrize("size", [1, 3])
