@@ -161,6 +161,6 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
     memory = peak_memory(device)
     run.update_env(memory)
     summary = {**steps.summary(), "seed": cfg.seed, "wall_clock_seconds": elapsed, **throughput, **memory,
-               **metrics}
+               **metrics, "config_digest": digest}  # config.yaml's, checked where the run is read
     run.write_summary(summary)
     return summary

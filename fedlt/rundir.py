@@ -204,7 +204,7 @@ class RunDir:
     def same_config(self, cfg: Any) -> bool:
         """Whether config.yaml holds a run of ``cfg``: the same keys that the run's mode depends on
         (:func:`run_identity`; a centralized run does not depend on the federated sections)."""
-        if not (self.path / "config.yaml").is_file():
+        if not (self.path / "config.yaml").is_file() or self.config_changed_after_finishing():
             return False
         recorded, wanted = self._identities(cfg)
         return recorded == wanted
@@ -229,6 +229,16 @@ class RunDir:
         """:func:`identity_digest` of config.yaml as the run wrote it: what its checkpoints record."""
         return identity_digest(self.recorded_config() or {})
 
+    def config_changed_after_finishing(self) -> bool:
+        """Whether config.yaml is no longer the one the finished run recorded in summary.json (``config_digest``,
+        written since fedlt records it): edited, or truncated where what is left still validates and would read
+        as another config, with defaults in place of the lost keys."""
+        try:
+            recorded = json.loads((self.path / "summary.json").read_text(encoding="utf-8")).get("config_digest")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return False  # (an unreadable summary.json is refused where it is read)
+        return self.done and recorded is not None and recorded != self.config_digest()
+
     def config_conflict(self, cfg: Any) -> str | None:
         """None where this directory holds no run or a run of ``cfg``; else why it cannot be reused, in a
         line naming the directory and the first key (of the resolved config.yaml) that differs, or saying that
@@ -241,11 +251,15 @@ class RunDir:
             return (f"run directory {self.path} holds {state} run ({', '.join(results)}) but no config.yaml that "
                     f"says which config it ran; pass --overwrite to replace it, or choose another --out or name=")
         recorded, wanted = self._identities(cfg)
-        if recorded == wanted:
-            return None
         if recorded is None:
             return (f"run directory {self.path} holds {state} run whose config.yaml is not a readable config "
                     f"mapping; pass --overwrite to replace it, or choose another --out or name=")
+        if self.config_changed_after_finishing():
+            return (f"run directory {self.path} holds a finished run whose config.yaml was changed or damaged after "
+                    f"it finished (its digest is not the one in summary.json); restore it, or pass --overwrite to "
+                    f"replace the run, or choose another --out or name=")
+        if recorded == wanted:
+            return None
         diff = first_difference(recorded, wanted)
         return (f"run directory {self.path} holds {state} run of another config ({diff}); "
                 f"pass --overwrite to replace it, or choose another --out or name=")

@@ -11,6 +11,7 @@ from test_report import make_run, read_csv
 from fedlt import compare
 from fedlt.errors import FedLTError
 from fedlt.report import check_report_dir, load_runs
+from fedlt.rundir import RunDir
 
 
 def _edit_json(path, **changes):
@@ -57,6 +58,12 @@ DAMAGE = {
                     "summary.json reliability.accuracy has 1 values for 15 bins"),
     "reliability-bins": (lambda d: _edit_json(d / "summary.json", reliability={k: [1] * 14 for k in BINS}),
                          "summary.json reliability.count has 14 values for 15 bins"),
+    # config.yaml edited after the run (whose summary.json records its digest, as fedlt's runs do): the row's
+    # keys (here α) were not those the results are of
+    "config-changed": (lambda d: (_edit_json(d / "summary.json", config_digest=RunDir(d).config_digest()),
+                                  _replace(d / "config.yaml", "alpha: 0.5", "alpha: 0.1")),
+                       "config.yaml was changed or damaged after the run finished (its digest is not the one in "
+                       "summary.json), so it no longer says which config the results are of; restore it"),
 }
 # the cases of the audit (each crashed the report with a traceback and left a partial one)
 AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string")

@@ -116,6 +116,28 @@ def finished_centralized_run(tmp_path, monkeypatch) -> tuple[list[str], Path, li
     return args, tmp_path / "runs" / "c-seed0-cen-ce", calls
 
 
+def test_a_finished_run_whose_config_yaml_lost_a_key_is_not_taken_for_the_default(tmp_path, monkeypatch, capsys):
+    """config.yaml cut after the run finished, where the rest still validates (the lost key's default fills in):
+    a run of the default config skipped it as already finished and returned the other config's results."""
+    calls: list[str] = []
+    fake_runners(monkeypatch, calls)
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", "runs", "name=c", "mode=centralized"]
+    assert simulate.main(args + ["centralized.epochs=3"]) == 0
+    config = tmp_path / "runs" / "c-seed0-cen-ce" / "config.yaml"
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(line for line in lines if line.strip() != "epochs: 3.0"))
+    assert len(config.read_text().splitlines()) == len(lines) - 1
+    capsys.readouterr()
+    assert simulate.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: run directory runs/c-seed0-cen-ce holds a finished run whose config.yaml was changed or damaged after "
+        "it finished (its digest is not the one in summary.json); restore it, or pass --overwrite to replace the "
+        "run, or choose another --out or name="]
+    assert calls == ["c-seed0-cen-ce"]
+    assert simulate.main(args + ["--overwrite"]) == 0 and calls == ["c-seed0-cen-ce"] * 2
+
+
 @pytest.mark.parametrize("finished", [True, False])
 def test_a_run_of_another_config_is_kept_unless_overwrite(finished, tmp_path, monkeypatch, capsys):
     args, path, calls = finished_centralized_run(tmp_path, monkeypatch)
@@ -168,6 +190,9 @@ def test_a_finished_run_of_an_earlier_fedlt_is_the_same_config(tmp_path, monkeyp
     older = yaml.safe_load(config.read_text())
     del older["centralized"]["warmup_factor"]
     config.write_text(yaml.safe_dump(older, sort_keys=False))
+    summary = json.loads((path / "summary.json").read_text())
+    del summary["config_digest"]  # (an earlier fedlt recorded no digest of config.yaml in summary.json)
+    (path / "summary.json").write_text(json.dumps(summary))
     assert simulate.main(args) == 0 and calls == ["c-seed0-cen-ce"]  # skipped: finished, same config
     for changed in ({**older, "centralized": {**older["centralized"], "retired_key": 1}},
                     {**older, "centralized": {**older["centralized"], "epochs": -1}}):

@@ -91,7 +91,8 @@ def fake_runners(monkeypatch, calls):
         calls.append(run.path.name)
         run.write_config(cfg)
         summary = {"mode": cfg.mode, "method": "x", "seed": cfg.seed, "accuracy": 0.5,
-                   "balanced_accuracy": 0.5, "many": 0.5, "medium": 0.5, "few": 0.5, "ece": 0.1, "group_rule": "g"}
+                   "balanced_accuracy": 0.5, "many": 0.5, "medium": 0.5, "few": 0.5, "ece": 0.1, "group_rule": "g",
+                   "config_digest": run.config_digest()}
         run.write_summary(summary)
         return summary
 

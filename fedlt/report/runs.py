@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from fedlt.metrics import RELIABILITY_BINS
-from fedlt.rundir import config_as_today
+from fedlt.rundir import config_as_today, identity_digest
 from fedlt.sweep import flatten, other_mode_sections
 
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
@@ -176,6 +176,9 @@ def read_run(path: str | Path) -> Run:
         raise RunError(f"{path}: summary.json lacks {', '.join(lacks)}")
     if summary["mode"] not in ("federated", "centralized"):
         raise RunError(f"{path}: summary.json has unknown mode {summary['mode']!r}")
+    if summary.get("config_digest") not in (None, identity_digest(config)):
+        raise RunError(f"{path}: config.yaml was changed or damaged after the run finished (its digest is not the "
+                       f"one in summary.json), so it no longer says which config the results are of; restore it")
     try:
         lines = (path / "metrics.jsonl").read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
