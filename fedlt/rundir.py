@@ -459,8 +459,9 @@ def _summary_problem(summary: Any) -> str | None:
     if lacks:
         return f"lacks {', '.join(lacks)}"
     bad = [k for k in SUMMARY_METRICS if summary[k] is not None
-           and (not isinstance(summary[k], Real) or isinstance(summary[k], bool))]
-    return f"{bad[0]} is not a number: {summary[bad[0]]!r}"[:200] if bad else None
+           and (not isinstance(summary[k], Real) or isinstance(summary[k], bool) or not math.isfinite(summary[k]))]
+    # fedlt writes a non-finite number as null: NaN or Infinity here was written by something else
+    return f"{bad[0]} is not a finite number: {summary[bad[0]]!r}"[:200] if bad else None
 
 
 PLAIN = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.Size, torch.dtype)

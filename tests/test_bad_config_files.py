@@ -100,6 +100,8 @@ def test_a_mapping_that_holds_itself_is_refused(capsys, tmp_path):
     ("[]", "a JSON list, not an object"),
     ('{"mode": "centralized"}', "lacks method, group_rule, accuracy, balanced_accuracy, many, medium, few, ece"),
     (b"\xff\xfe", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+    ('{"mode": "centralized", "method": "ce", "group_rule": "count", "accuracy": NaN, "balanced_accuracy": 0.5, '
+     '"many": 0.5, "medium": 0.5, "few": 0.5, "ece": 0.1}', "accuracy is not a finite number: nan"),
 ])
 def test_a_finished_run_with_an_unreadable_summary_is_refused(capsys, tmp_path, monkeypatch, text, problem):
     calls: list[str] = []
