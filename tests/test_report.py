@@ -416,6 +416,29 @@ def test_data_settings_of_one_data_set_told_apart(tmp_path):
         assert text.count(f"| fashion_mnist (model.name={model}) |") == 2
 
 
+def test_runs_of_one_config_on_other_data_are_not_one_row(tmp_path):
+    """data.root is bookkeeping (the same data on another machine): runs of one config that trained on other
+    class counts (another root, a list file edited between runs) are two rows, told apart in the Data cell, each
+    compared with the centralized run of its own data. Before, they were two seeds of one row."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    other = [c // 2 + 1 for c in TRAIN]
+    for seed, counts, acc in ((0, TRAIN, 0.4), (1, other, 0.3)):
+        for mode, method in (("federated", "fedavg"), ("centralized", "ce")):
+            d = make_run(root, f"{method}{seed}", mode, method, seed, acc + (0.2 if mode == "centralized" else 0))
+            summary = json.loads((d / "summary.json").read_text())
+            (d / "summary.json").write_text(json.dumps({**summary, "train_class_counts": counts}))
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "data": {**cfg["data"], "root": f"/data{seed}"}}))
+    rows = build_rows(load_runs([root])[0])
+    assert sorted((r.method, len(r.runs), r.gap) for r in rows) == \
+        [("ce", 1, 0.0), ("ce", 1, 0.0), ("fedavg", 1, pytest.approx(-0.2)), ("fedavg", 1, pytest.approx(-0.2))]
+    table = (write_report(load_runs([root])[0], tmp_path / "rep").parent / "table.md").read_text()
+    for counts in (TRAIN, other):
+        assert table.count(f"| fashion_mnist (train images={sum(counts)} ({counts[0]}→{counts[-1]})) |") == 2
+
+
 def test_settings_table_gives_alpha_of_every_dirichlet_form_and_no_beta_for_profile_none(tmp_path):
     from fedlt.report.tables import build_rows, settings_table
 

@@ -66,9 +66,21 @@ class Run:
                 if not _bookkeeping(k) and not (self.mode == "centralized" and k in FEDERATED_EVAL)}
 
     def data_key(self) -> str:
-        """The run's *data setting*: its ``data`` and ``model`` sections (as a JSON string)."""
+        """The run's *data setting*: its ``data`` and ``model`` sections and the training set it read (as a JSON
+        string). The training set is ``train images`` (:func:`train_images_text` of summary.json's class counts):
+        ``data.root`` and the list files are bookkeeping (the same data on another machine), so two runs of one
+        config that read different data (another root, a list file edited between runs) are told apart by it."""
         s = self.setting()
-        return json.dumps({k: v for k, v in s.items() if k.startswith(("data.", "model."))}, sort_keys=True)
+        key = {k: v for k, v in s.items() if k.startswith(("data.", "model."))}
+        key["train images"] = train_images_text(self.summary["train_class_counts"])
+        return json.dumps(key, sort_keys=True)
+
+
+def train_images_text(counts: list[float]) -> str:
+    """A training set as the report tells it apart: its size and its classes' largest and smallest counts,
+    ``"14886 (6000→60)"``."""
+    n = [int(c) for c in counts]
+    return f"{sum(n)} ({max(n, default=0)}→{min(n, default=0)})"
 
 
 def _bookkeeping(key: str) -> bool:

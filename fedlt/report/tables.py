@@ -1,9 +1,10 @@
 """Rows of the comparison: runs grouped over seeds, their statistics, summary.csv and the markdown tables.
 
 Runs whose configs are equal up to the seed (and bookkeeping such as the run name, device or data root,
-:data:`fedlt.report.runs.BOOKKEEPING`) form one *row*: mean ± sample standard deviation (n − 1) over
-their seeds. The *data setting* of a row is its ``data`` and ``model`` sections: federated and
-centralized rows of the same data setting are compared (the gap to the best centralized accuracy).
+:data:`fedlt.report.runs.BOOKKEEPING`) and that trained on the same class counts form one *row*: mean ± sample
+standard deviation (n − 1) over their seeds. The *data setting* of a row is its ``data`` and ``model`` sections
+and its training set's class counts: federated and centralized rows of the same data setting are compared (the
+gap to the best centralized accuracy).
 
 numpy, not pandas, does the grouping: a row is keyed by its whole flattened setting and leaves out a
 repeated seed, and its statistics are a mean and a standard deviation of a few numbers each.
@@ -138,7 +139,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
     groups: dict[str, list[Run]] = {}
     repeated: dict[str, list[Run]] = {}
     for r in sorted(runs, key=lambda r: (str(r.seed), str(r.path))):
-        key = json.dumps([r.mode, r.summary["method"], r.setting()], sort_keys=True, default=str)
+        key = json.dumps([r.mode, r.summary["method"], r.setting(), r.data_key()], sort_keys=True, default=str)
         if any(str(x.seed) == str(r.seed) for x in groups.get(key, [])):
             repeated.setdefault(key, []).append(r)  # the same run again (e.g. under another name)
             continue
@@ -175,7 +176,8 @@ def build_rows(runs: list[Run]) -> list[Row]:
 
 def data_distinctions(rows: list[Row]) -> dict[str, str]:
     """For each data setting of ``rows`` (:attr:`Row.data_key`), the ``data`` / ``model`` keys that tell it apart
-    from the other settings of the same data set and β, e.g. ``model.name=resnet8``; ``""`` where none does."""
+    from the other settings of the same data set and β, e.g. ``model.name=resnet8`` or ``train images=14886
+    (6000→60)`` (two roots or list files of one config); ``""`` where none does."""
     settings = {r.data_key: json.loads(r.data_key) for r in rows}
     same: dict[tuple[str, str], list[str]] = {}
     for r in rows:
