@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -144,15 +145,31 @@ def build_experiment(cfg: Config) -> Experiment:
 
 
 @lru_cache(maxsize=4)
-def _cached(key: str) -> Experiment:
+def _cached(key: str, lists: tuple) -> Experiment:
     return build_experiment(config_from_dict(json.loads(key)))
 
 
 def experiment_for(cfg: Config) -> Experiment:
-    """The experiment of ``cfg``, built once per process for the same data/partition/seed."""
+    """The experiment of ``cfg``, built once per process for the same data/partition/seed and the same list
+    files (a list file edited in between, e.g. in a notebook, is built again: :func:`_list_files_state`)."""
     key = json.dumps({"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
                       "seed": cfg.seed, "plugins": cfg.plugins}, sort_keys=True)
-    return _cached(key)
+    return _cached(key, _list_files_state(cfg))
+
+
+def _list_files_state(cfg: Config) -> tuple:
+    """(path, byte size, mtime in ns) of each file list the data section names (its ``*_list`` keys, relative
+    to ``data.root``); None for one that cannot be read (loading names it)."""
+    data = cfg.data.model_dump()
+    root = Path(data.get("root") or ".").expanduser()
+    state = []
+    for key in sorted(k for k, v in data.items() if k.endswith("_list") and isinstance(v, str)):
+        try:
+            st = (root / data[key]).stat()
+            state.append((key, st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append((key, None, None))
+    return tuple(state)
 
 
 def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides) -> SplitModel:

@@ -15,7 +15,7 @@ from fedlt.config import load_config
 from fedlt.data import sources
 from fedlt.data.image_cache import cache_key, cached_images
 from fedlt.errors import FedLTError
-from fedlt.experiment import build_experiment
+from fedlt.experiment import build_experiment, experiment_for
 
 
 def make_images(root: Path, n: int = 12, size: int = 16, classes: int = 3) -> list[str]:
@@ -103,6 +103,21 @@ def test_an_experiment_reads_the_same_images_through_the_cache(tmp_path):
     np.testing.assert_array_equal(cached.train.labels, plain.train.labels)
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 2  # train and test
     assert torch.equal(cached.client_data(1).images, plain.client_data(1).images)
+
+
+def test_an_edited_list_file_is_read_again_in_the_same_process(tmp_path):
+    """experiment_for keeps one experiment per config in a process; a list file edited in between (a notebook)
+    gives the new list's experiment, not the kept one."""
+    make_images(tmp_path / "img", n=30, classes=3)
+    cfg = load_config(None, ["data.name=file_list", f"data.root={tmp_path / 'img'}", "data.image_size=12",
+                             "data.profile=none", "partition.num_clients=2", "model.name=small_cnn",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    first = experiment_for(cfg)
+    assert experiment_for(cfg) is first and len(first.train) == 30
+    train = tmp_path / "img" / "train.txt"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:20]))
+    edited = experiment_for(cfg)
+    assert len(edited.train) == 20 and edited.train_counts.tolist() == [7, 7, 6]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):
