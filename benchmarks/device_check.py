@@ -13,14 +13,16 @@ There, the printed command installs them and runs ``run``: each step a subproces
 inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its numbers in
 ``$OUT/device_check.json``:
 
-1. the engines on ResNet-32, batch 64, 10 and 50 clients per round (``benchmarks/engine.py``: in-process, one
+1. the fused engine's batch assembly, client by client against the whole group at once, 10 and 50 clients
+   (``benchmarks/group_batch.py``; seconds, first so that the longer steps cannot use up its budget);
+2. the engines on ResNet-32, batch 64, 10 and 50 clients per round (``benchmarks/engine.py``: in-process, one
    client after another — the device image has no Ray, so the Flower engine is not run there — and fused);
-2. GBME's protocol shape (100 clients, 20 per round, 2 local epochs, ResNet-32 experts, evaluation every 10
+3. GBME's protocol shape (100 clients, 20 per round, 2 local epochs, ResNet-32 experts, evaluation every 10
    rounds) for 20 rounds on the fused engine, projected to its 2,000 rounds — on CIFAR-10-LT images, as no
    CIFAR-100 copy is available offline (the same 32 × 32 compute; 10 classes instead of 100);
-3. FedLoGe's protocol (40 clients, 30 % per round, 5 local epochs, batch 8, ResNet-18) for 3 rounds on the
+4. FedLoGe's protocol (40 clients, 30 % per round, 5 local epochs, batch 8, ResNet-18) for 3 rounds on the
    fused engine, projected to its 500 rounds;
-4. JPEG decoding into the image cache on the CPU and on the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317
+5. JPEG decoding into the image cache on the CPU and on the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317
    generated 224 px JPEGs (``benchmarks/imagenet_lt_scale.py --scale 0.02``, written under /tmp, not $OUT).
 
 Measured and projected figures are written apart (``projected_*`` keys). ``--device cpu --smoke`` runs every
@@ -111,8 +113,10 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
     sim = [py, "-m", "fedlt.simulate"]
     decode = [py, str(ROOT / "benchmarks" / "imagenet_lt_scale.py"), "--work", "/tmp/fedlt-decode", "--decode-only",
               "--rounds", "0"]
+    group = [py, str(ROOT / "benchmarks" / "group_batch.py"), "--device", device]
     if smoke:  # toy sizes: the script itself, on a CPU
-        return [("engine_10", engine + ["--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", *data], 300),
+        return [("group_batch", group + ["--clients", "2,4", "--steps", "3", "--repeats", "1"], 120),
+                ("engine_10", engine + ["--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", *data], 300),
                 ("gbme_protocol", sim + gbme + ["federation.rounds=2", "partition.num_clients=10",
                                                 "train.local_epochs=null", "train.local_steps=1", "eval.every=2",
                                                 "strategy.prior=oracle"], 600),
@@ -120,7 +124,8 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                                                       "train.local_steps=1", "client.sse_steps=10",
                                                       "model.name=resnet8"], 300),
                 ("jpeg_decode", decode + ["--scale", "0.001", "--decode-devices", "cpu"], 300)]
-    return [("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
+    return [("group_batch", group, 60),  # first: a few seconds, and the other steps may use up the budget
+            ("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
             ("engine_50", engine + ["--clients-per-round", "50", "--rounds", "3", *data], 150),
             ("gbme_protocol", sim + gbme + ["federation.rounds=20", "eval.every=10"], 150),
             ("fedloge_protocol", sim + fedloge + ["federation.rounds=3", "eval.every=3"], 150),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.data.augment import normalize, random_crop_flip
+from fedlt.data.augment import apply_crop_flip, crop_flip_draws, normalize
 from fedlt.errors import FedLTError
 
 
@@ -65,9 +65,18 @@ class Augment:
         return (0.0 - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.crop_padding == 0 and not self.flip:
+        return self.apply(x, self.draw(len(x), generator))
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The random numbers of a call on ``n`` images (:func:`~fedlt.data.augment.crop_flip_draws`): drawn
+        from ``generator`` as the call draws them, to be applied later, e.g. to many clients' batches at once."""
+        return crop_flip_draws(n, self.crop_padding, self.flip, generator)
+
+    def apply(self, x: torch.Tensor, draws: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+        """Crop and flip ``x`` as ``draws`` (of :meth:`draw`) say."""
+        if draws[0] is None and draws[1] is None:
             return x
-        return random_crop_flip(x, self.crop_padding, generator, self.flip, self.black(x))
+        return apply_crop_flip(x, self.crop_padding, *draws, fill=self.black(x))
 
 
 class Objective(Protocol):
@@ -179,10 +188,25 @@ def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, 
                    start_epoch: float = 0.0, total_epochs: float | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """(x, y, lr) of each step of ``epochs`` passes (or ``steps`` batches) over ``data``, drawn from ``generator``:
-    each epoch's order from ``sampler``, batches of ``opt.batch_size`` (a batch of one sample is dropped for
-    BatchNorm), augmented; lr at the global position ``start_epoch + progress`` of ``total_epochs``. An epoch that
-    yields no batch of two samples ends the schedule (there is nothing to train). :func:`train` and the fused
-    trainer (:mod:`fedlt.federation.fused`) both draw their steps from here."""
+    the batches of :func:`batch_indices`, each gathered and augmented (:func:`prepare_batch`) before the next is
+    drawn. :func:`train` draws its steps from here; the fused trainer (:mod:`fedlt.federation.fused`) draws the
+    same numbers in the same order (:func:`batch_indices`, then :meth:`Augment.draw`)."""
+    for idx, lr in batch_indices(data, opt, epochs=epochs, steps=steps, generator=generator, sampler=sampler,
+                                 start_epoch=start_epoch, total_epochs=total_epochs):
+        x, y = prepare_batch(data, idx, augment, generator)
+        yield x, y, lr
+
+
+def batch_indices(data: TensorData, opt: OptimConfig, *, epochs: float | None, steps: int | None,
+                  generator: torch.Generator, sampler: Sampler = instance_balanced_sampler,
+                  start_epoch: float = 0.0, total_epochs: float | None = None
+                  ) -> Iterator[tuple[torch.Tensor, float]]:
+    """(indices, lr) of each step of ``epochs`` passes (or ``steps`` batches) over ``data``: each epoch's order
+    from ``sampler`` on ``generator``, batches of ``opt.batch_size`` (a batch of one sample is dropped for
+    BatchNorm); lr at the global position ``start_epoch + progress`` of ``total_epochs``. An epoch that yields no
+    batch of two samples ends the schedule (there is nothing to train). Lazy: the next epoch's order is drawn
+    when its first batch is asked for, so a caller that draws from ``generator`` between batches (augmentation)
+    interleaves with it in one fixed order."""
     n, bs = len(data), opt.batch_size
     per_epoch = steps_per_epoch(n, bs)
     total_steps = steps if steps is not None else epoch_steps(n, bs, epochs)
@@ -197,8 +221,7 @@ def batch_schedule(data: TensorData, opt: OptimConfig, *, epochs: float | None, 
             idx = order[start:start + bs]
             if len(idx) < 2:
                 continue
-            x, y = prepare_batch(data, idx, augment, generator)
-            yield x, y, opt.lr_at(start_epoch + step / per_epoch, total_epochs)
+            yield idx, opt.lr_at(start_epoch + step / per_epoch, total_epochs)
             step += 1
         if step == before:
             return

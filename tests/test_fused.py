@@ -14,7 +14,7 @@ import torch
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.experiment import augment_for
-from fedlt.federation.fused import NotFusable, fused_train, run_fused
+from fedlt.federation.fused import NotFusable, client_draws, fused_train, group_batch, run_fused
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.models import build_model
 from fedlt.registry import CLIENTS
@@ -163,23 +163,30 @@ def test_an_objective_the_group_forward_cannot_answer_is_not_fused(objective):
                     [torch_generator(0, Stream.CLIENT, 1, j) for j in range(2)], None, epochs=None, steps=1)
 
 
-def test_batch_schedule_draws_what_train_draws():
-    data = synthetic_clients()[3]  # 33 samples at batch 16: the last batch of one is dropped
+@pytest.mark.parametrize("padding,flip", [(4, True), (0, True), (2, False), (0, False)])
+def test_a_group_batch_is_each_clients_own_batch(padding, flip):
+    """The fused trainer draws each client's numbers apart (client_draws) and augments the group's batch at once
+    (group_batch): client i's slice is exactly the batch train() would have drawn from the same generator (order,
+    crop offsets, flips), step for step, including the steps where only some clients still have a batch."""
+    datas = synthetic_clients()
     opt = OptimConfig(lr=0.1, batch_size=16, schedule="cosine")
-    seen = []
-    augment = augment_for(load_config(None, []), data)
-    batches = list(batch_schedule(data, opt, epochs=2.0, steps=None, generator=torch_generator(1, 2), augment=augment))
-    assert [len(y) for _, y, _ in batches] == [16] * 4  # 2 epochs of 2 steps each, the batches of one dropped
-    assert batches[0][2] == 0.1 and batches[-1][2] < 0.1  # lr at the same fractional epoch as train()
-
-    def objective(m, x, y):
-        seen.append((x.clone(), y.clone()))
-        return m(x).sum() * 0
-
-    train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2)), data, objective, opt=opt, epochs=2.0,
-          generator=torch_generator(1, 2), augment=augment)
-    assert len(seen) == len(batches)
-    assert all(torch.equal(a, x) and torch.equal(b, y) for (a, b), (x, y, _) in zip(seen, batches))
+    cfg = load_config(None, [f"data.crop_padding={padding}", f"data.flip={flip}"])
+    augment = augment_for(cfg, datas[0])
+    own = [list(batch_schedule(d, opt, epochs=2.0, steps=None, generator=torch_generator(1, j), augment=augment))
+           for j, d in enumerate(datas)]
+    draws = [list(client_draws(d, opt, torch_generator(1, j), augment, epochs=2.0, steps=None))
+             for j, d in enumerate(datas)]
+    assert [len(d) for d in draws] == [len(o) for o in own] == [6, 8, 12, 4]  # 33 samples: batches of one dropped
+    groups = 0
+    for step in range(12):
+        for size in {len(draws[j][step][0]) for j in range(4) if step < len(draws[j])}:  # as fused_train groups
+            members = [j for j in range(4) if step < len(draws[j]) and len(draws[j][step][0]) == size]
+            xs, ys = group_batch([datas[j] for j in members], [draws[j][step][:2] for j in members], augment)
+            for i, j in enumerate(members):
+                x, y, lr = own[j][step]
+                assert torch.equal(xs[i], x) and torch.equal(ys[i], y) and draws[j][step][2] == lr
+            groups += 1
+    assert groups == 15  # 12 steps; step 2 has batches of 5 and 16, step 5 of 5, 16 and 10
 
 
 def test_engine_key_is_validated():

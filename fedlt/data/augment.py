@@ -16,24 +16,42 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     torchvision's ``RandomCrop(32, padding=4)`` pads the raw image with black (pixel 0) before ``Normalize``; on a
     normalised batch that is ``fill`` = (0 − mean)/std (:class:`fedlt.train.Augment` passes it). Each image gets
     its own offset (dy, dx) ∈ [0, 2·padding]²: the padded batch is gathered with one index per output row and
-    column.
+    column. The random numbers are :func:`crop_flip_draws`, applied by :func:`apply_crop_flip`.
     """
+    offsets, flips = crop_flip_draws(len(x), padding, flip, generator)
+    return apply_crop_flip(x, padding, offsets, flips, fill)
+
+
+def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The random numbers of :func:`random_crop_flip` for ``n`` images, on the CPU, in its order: crop offsets
+    (2, n) in [0, 2·padding] (None without padding), then flip flags (n,) (None without flip). Drawn apart from
+    the images so that the fused engine draws each client's numbers from the client's own generator and applies
+    them to the whole cohort's batch in one call (concatenated along the image dimension)."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu") if padding > 0 else None
+    flips = (torch.rand(n, generator=generator, device="cpu") < 0.5) if flip else None
+    return offsets, flips
+
+
+def apply_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor | None, flips: torch.Tensor | None,
+                    fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop image i of ``x`` at ``offsets[:, i]`` of its padded copy (padding with ``fill``) and flip it where
+    ``flips[i]``; the draws of :func:`crop_flip_draws` (None: no crop, no flip)."""
     n, c, h, w = x.shape
     dev = x.device
-    if padding > 0:
+    if offsets is not None:
         if fill is None:
             padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
         else:
             padded = fill.to(dev, x.dtype)[None, :, None, None].expand(n, c, h + 2 * padding, w + 2 * padding).clone()
             padded[:, :, padding:padding + h, padding:padding + w] = x
-        off = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu").to(dev)
+        off = offsets.to(dev)
         rows = (off[0][:, None] + torch.arange(h, device=dev)[None, :])  # (n, h)
         cols = (off[1][:, None] + torch.arange(w, device=dev)[None, :])  # (n, w)
-        padded = padded.gather(2, rows[:, None, :, None].expand(n, x.shape[1], h, padded.shape[3]))
-        x = padded.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
-    if flip:
-        mask = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
+        x = padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    if flips is not None:
+        x = torch.where(flips.to(dev)[:, None, None, None], x.flip(3), x)
     return x
 
 
@@ -42,7 +60,8 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     """uint8 (N, C, H, W) -> (x/255 − mean)/std in ``dtype`` (default: torch's default dtype, float32 unless a
     caller set float64 for an exactness check)."""
     dtype = dtype or torch.get_default_dtype()
-    return ((x_uint8.to(dtype) / 255.0) - mean.to(dtype)[None, :, None, None]) / std.to(dtype)[None, :, None, None]
+    x = x_uint8.to(dtype, copy=True)  # one new tensor, the arithmetic in place: a large batch allocates once
+    return x.div_(255.0).sub_(mean.to(dtype)[None, :, None, None]).div_(std.to(dtype)[None, :, None, None])
 
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:

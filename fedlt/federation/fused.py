@@ -32,10 +32,13 @@ attribute, a forward of a changed batch such as mixup's, a second forward in one
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox,
 fedlc, local_loss, fedetf and gbme (joint and expert phases) all fuse.
 
-Same random streams: client j's batches come from :func:`fedlt.train.batch_schedule`, the loop of
-:func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the same
-fractional epoch, augmentation drawn by :func:`fedlt.train.prepare_batch`) on the client's own generator
-``torch_generator(seed, Stream.CLIENT, round, pid)`` — the one the ClientApp would use.
+Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
+loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
+same fractional epoch), then each batch's crop offsets and flips (:meth:`fedlt.train.Augment.draw`) — on the
+client's own generator ``torch_generator(seed, Stream.CLIENT, round, pid)``, the one the ClientApp would use,
+in the order :func:`fedlt.train.batch_schedule` draws them. The numbers are applied to the whole group's batch
+at once (:func:`group_batch`: one gather per client into one buffer, then one normalisation, crop and flip), so
+the batches equal the ClientApp's without a kernel per client per augmentation op.
 
 Uneven clients (different sizes, hence different step counts and last-batch sizes): at each step the clients
 that still have a batch are grouped by batch size and each group runs one vmapped step on the gathered
@@ -74,6 +77,7 @@ from torch.func import functional_call, vmap
 
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
+from fedlt.data.augment import apply_crop_flip, normalize
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
@@ -86,7 +90,7 @@ from fedlt.train import (
     Objective,
     OptimConfig,
     TensorData,
-    batch_schedule,
+    batch_indices,
 )
 
 
@@ -191,6 +195,47 @@ def _sgd(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, first: torch.Tenso
     return p - lr.view((-1,) + (1,) * (g.dim() - 1)).to(p.dtype) * g, buf
 
 
+Draws = tuple[torch.Tensor | None, torch.Tensor | None]  # crop offsets and flip flags (Augment.draw)
+
+
+def client_draws(data: TensorData, opt: OptimConfig, generator: torch.Generator, augment: Augment | None, *,
+                 epochs: float | None, steps: int | None) -> Iterator[tuple[torch.Tensor, Draws | None, float]]:
+    """(indices, augmentation draws, lr) of each of a client's steps: the random numbers
+    :func:`fedlt.train.batch_schedule` draws from ``generator`` — the epoch's order, then each batch's crop
+    offsets and flips — in its order, without touching the images (:func:`group_batch` applies them)."""
+    for idx, lr in batch_indices(data, opt, epochs=epochs, steps=steps, generator=generator):
+        yield idx, (None if augment is None else augment.draw(len(idx), generator)), lr
+
+
+def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws | None]], augment: Augment | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches of a group's clients as (m, B, C, H, W) images and (m, B) labels: client i's ``picks[i]``
+    indices taken from its own shard into one uint8 buffer, cropped and flipped there with the clients' draws
+    concatenated, then normalised — one kernel per op for the group instead of one per client, one copy of the
+    indices and one of the draws to the device.
+
+    Each client's slice equals :func:`fedlt.train.prepare_batch` of its batch, which normalises first and pads
+    the crop with black's normalised value (0 − mean)/std: every op is per image, and a padded pixel 0
+    normalises to exactly that value. Cropping the uint8 images moves a quarter of the bytes."""
+    first, (m, b) = datas[0], (len(picks), len(picks[0][0]))
+    device = first.images.device
+    rows = torch.cat([idx for idx, _ in picks]).to(device).split(b)
+    images = torch.empty((m * b, *first.images.shape[1:]), dtype=first.images.dtype, device=device)
+    labels = torch.empty(m * b, dtype=first.labels.dtype, device=device)
+    for i, (data, r) in enumerate(zip(datas, rows)):
+        torch.index_select(data.images, 0, r, out=images[i * b:(i + 1) * b])
+        torch.index_select(data.labels, 0, r, out=labels[i * b:(i + 1) * b])
+    if augment is not None:
+        draws = [d for _, d in picks]
+        offsets = None if draws[0][0] is None else torch.cat([d[0] for d in draws], dim=1)
+        flips = None if draws[0][1] is None else torch.cat([d[1] for d in draws])
+        images = apply_crop_flip(images, augment.crop_padding, offsets, flips)  # pads with pixel 0
+    x = normalize(images, first.mean, first.std)  # one experiment: every shard has its mean and std
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.view(m, b, *x.shape[1:]), labels.view(m, b)
+
+
 def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: list[TensorData],
                 objectives: list[Objective], opts: list[OptimConfig], generators: list[torch.Generator],
                 augment: Augment | None, *, epochs: float | None, steps: int | None) -> FusedResult:
@@ -222,8 +267,9 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
                 else torch.autocast("cpu", enabled=False))
     dtype = next(iter(P.values())).dtype
 
-    streams = [batch_schedule(d, o, epochs=epochs, steps=steps, generator=g, augment=augment)
-               for d, o, g in zip(datas, opts, generators)]
+    if augment is not None and type(augment) is not Augment:
+        raise NotFusable("an augmentation other than fedlt.train.Augment's crop and flip")
+    streams = [client_draws(d, o, g, augment, epochs=epochs, steps=steps) for d, o, g in zip(datas, opts, generators)]
     active = list(range(k))
     loss_sum = [torch.zeros((), device=device) for _ in range(k)]
     seen, done_steps = [0] * k, [0] * k
@@ -236,19 +282,20 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
         active = list(batches)
         groups: dict[int, list[int]] = {}
         for j in active:
-            groups.setdefault(len(batches[j][1]), []).append(j)
+            groups.setdefault(len(batches[j][0]), []).append(j)
         for size, members in groups.items():
             whole = members == list(range(k))
             idx = None if whole else torch.tensor(members, device=device)  # no copy to the device when whole
             params = {n: (P[n] if whole else P[n][idx]).detach().requires_grad_(n in trainable) for n in param_names}
             buffers = B if whole else {n: B[n][idx] for n in buffer_names}
-            x = torch.stack([batches[j][0] for j in members]).to(dtype)
-            step = _GroupForward(model, params, buffers, x, autocast)
+            xs, ys = group_batch([datas[j] for j in members], [batches[j][:2] for j in members], augment)
+            step = _GroupForward(model, params, buffers, xs.to(dtype), autocast)
             total = 0
             for i, j in enumerate(members):
+                xi = xs[i]  # one object: the view knows its own batch by identity
                 with autocast:
-                    view = _ClientView(step, i, param_names, batches[j][0])
-                    loss = objectives[j](view, batches[j][0], batches[j][1])
+                    view = _ClientView(step, i, param_names, xi)
+                    loss = objectives[j](view, xi, ys[i])
                 total = total + loss
                 loss_sum[j] += loss.detach() * size
                 seen[j] += size
