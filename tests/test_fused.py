@@ -14,12 +14,28 @@ import torch
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.experiment import augment_for
-from fedlt.federation.fused import NotFusable, client_draws, fused_train, group_batch, run_fused
+from fedlt.federation import fused as fused_module
+from fedlt.federation.fused import (
+    NotFusable,
+    client_draws,
+    cross_entropy_per_client,
+    fused_train,
+    group_batch,
+    run_fused,
+)
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.models import build_model
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
-from fedlt.train import OptimConfig, TensorData, batch_schedule, instance_balanced_sampler, make_optimizer, train
+from fedlt.train import (
+    OptimConfig,
+    TensorData,
+    batch_schedule,
+    cross_entropy_objective,
+    instance_balanced_sampler,
+    make_optimizer,
+    train,
+)
 
 # client sizes at batch 16: 3 steps (last batch 5), 4 full steps, 6 steps (last 10), 3 steps (the batch of
 # ONE sample is dropped, the 3rd step comes from a 2nd epoch) -> the fused steps mix group sizes and clients that finish early
@@ -88,7 +104,9 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     objectives, opts = [], []
     for j, data in enumerate(datas):
         model.load_state_dict(starts[j])
-        objectives.append(cast(method.objective(model, data, config)))
+        objective = method.objective(model, data, config)
+        # plain cross-entropy as it is: the fused trainer computes it for the group at once (it casts the batch)
+        objectives.append(objective if objective is cross_entropy_objective else cast(objective))
         opts.append(method.optim(config))
     fused = fused_train(model, starts, datas, objectives, opts,
                         [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], augment,
@@ -116,6 +134,29 @@ def test_fused_trainer_matches_per_client_sgd_in_float64(method_key):
         frozen = [k for k in states[0] if k.startswith(("experts.0.", "experts.2."))]
         assert frozen and all(torch.equal(fused.states[0][k], starts[0][k]) for k in frozen)
         assert not any(k.startswith(("experts.0.", "experts.2.")) for k in fused.momentum[0])
+
+
+def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
+    """FedAvg's objective is computed for the whole group in one call (cross_entropy_per_client), with the
+    per-client results of the float64 test above; it equals each client's cross_entropy_objective."""
+    calls = []
+
+    def counted(logits, y):
+        calls.append(y.shape)
+        return cross_entropy_per_client(logits, y)
+
+    monkeypatch.setattr(fused_module, "cross_entropy_per_client", counted)
+    (states, _, losses), fused, _ = per_client_and_fused("fedavg", torch.float64)
+    # every group step of one epoch (3, 4, 6 and 2 steps): 6 steps, the third in two groups (5 and 16 images)
+    assert len(calls) == 7 and calls[:3] == [(4, 16), (4, 16), (1, 5)]
+    assert all(torch.allclose(fused.states[j][k], v, rtol=1e-9, atol=1e-9) for j in range(4)
+               for k, v in states[j].items())
+    assert fused.losses == pytest.approx(losses, rel=1e-9)
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 5, 7, generator=g, dtype=torch.bfloat16), torch.randint(0, 7, (3, 5), generator=g)
+    per = cross_entropy_per_client(logits, y)
+    assert per.dtype == torch.float32 and torch.allclose(
+        per, torch.stack([cross_entropy_objective(lambda x: x, logits[i], y[i]) for i in range(3)]), atol=1e-6)
 
 
 def test_fused_trainer_matches_per_client_sgd_in_float32():

@@ -27,7 +27,8 @@ global weights (FedProx clones them, GBME freezes the other experts); it is then
 return client j's slice of ONE vmapped forward pass of the whole group (computed on first use in the step,
 shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields
 client j's slices of the stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
-reaching client j's slice is ∇L_j exactly. An objective that asks the view for anything else (another
+reaching client j's slice is ∇L_j exactly. Where every client's objective is plain cross-entropy (FedAvg's),
+the L_j come from one call on the group's logits (:func:`cross_entropy_per_client`) instead of one per client. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox,
 fedlc, local_loss, fedetf and gbme (joint and expert phases) all fuse.
@@ -68,6 +69,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY
@@ -91,6 +93,7 @@ from fedlt.train import (
     OptimConfig,
     TensorData,
     batch_indices,
+    cross_entropy_objective,
 )
 
 
@@ -236,6 +239,14 @@ def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws |
     return x.view(m, b, *x.shape[1:]), labels.view(m, b)
 
 
+def cross_entropy_per_client(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each client's :func:`fedlt.train.cross_entropy_objective` of a group's (m, B, C) logits and (m, B) labels,
+    as (m,) in one call: −log softmax(z)_y averaged over each client's B samples, in float32 at least."""
+    m, b = y.shape
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(m, b).mean(1)
+
+
 def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: list[TensorData],
                 objectives: list[Objective], opts: list[OptimConfig], generators: list[torch.Generator],
                 augment: Augment | None, *, epochs: float | None, steps: int | None) -> FusedResult:
@@ -271,7 +282,7 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
         raise NotFusable("an augmentation other than fedlt.train.Augment's crop and flip")
     streams = [client_draws(d, o, g, augment, epochs=epochs, steps=steps) for d, o, g in zip(datas, opts, generators)]
     active = list(range(k))
-    loss_sum = [torch.zeros((), device=device) for _ in range(k)]
+    loss_sum = torch.zeros(k, device=device)
     seen, done_steps = [0] * k, [0] * k
     while active:
         batches = {}
@@ -290,17 +301,23 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
             buffers = B if whole else {n: B[n][idx] for n in buffer_names}
             xs, ys = group_batch([datas[j] for j in members], [batches[j][:2] for j in members], augment)
             step = _GroupForward(model, params, buffers, xs.to(dtype), autocast)
-            total = 0
-            for i, j in enumerate(members):
-                xi = xs[i]  # one object: the view knows its own batch by identity
-                with autocast:
-                    view = _ClientView(step, i, param_names, xi)
-                    loss = objectives[j](view, xi, ys[i])
-                total = total + loss
-                loss_sum[j] += loss.detach() * size
+            if all(objectives[j] is cross_entropy_objective for j in members):  # FedAvg's: one loss kernel
+                losses = cross_entropy_per_client(step.output("forward"), ys)
+            else:
+                per_client = []
+                for i, j in enumerate(members):
+                    xi = xs[i]  # one object: the view knows its own batch by identity
+                    with autocast:
+                        per_client.append(objectives[j](_ClientView(step, i, param_names, xi), xi, ys[i]))
+                losses = torch.stack(per_client)
+            losses.sum().backward()  # Σ_j L_j: client j's slice gets ∇L_j
+            if whole:
+                loss_sum += losses.detach() * size
+            else:
+                loss_sum[idx] += losses.detach() * size
+            for j in members:
                 seen[j] += size
                 done_steps[j] += 1
-            total.backward()
             lrs = [batches[j][2] for j in members]
             lr = lrs[0] if all(v == lrs[0] for v in lrs) else torch.tensor(lrs, device=device, dtype=torch.float64)
             with torch.no_grad():
@@ -325,10 +342,10 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
     out_states = [{n: (P[n][j] if n in P else B[n][j]).detach() for n in order} for j in range(k)]
     momentum = [{n: M[n][j] for n in trainable if has_momentum[n][j]} for j in range(k)]
     # one wait for the device: each client's mean loss, and whether its loss and trained weights stayed finite
-    finite = torch.stack(loss_sum).isfinite()
+    finite = loss_sum.isfinite()
     for n in trainable:
         finite &= P[n].detach().isfinite().reshape(k, -1).all(1)  # a 0-d parameter too
-    means = torch.stack([loss_sum[j] / max(seen[j], 1) for j in range(k)])
+    means = loss_sum / torch.tensor([max(n, 1) for n in seen], device=device)
     losses, finite_list = means.tolist(), finite.tolist()
     return FusedResult(out_states, momentum, losses, done_steps, seen, finite_list, time.perf_counter() - t0)
 
