@@ -28,9 +28,10 @@ return client j's slice of ONE vmapped forward pass of the whole group (computed
 shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields
 client j's slices of the stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
 reaching client j's slice is ∇L_j exactly. Where every client's objective is plain cross-entropy (FedAvg's),
-the L_j come from one call on the group's logits (:func:`cross_entropy_per_client`) instead of one per client. An objective that asks the view for anything else (another
-attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
-BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox,
+the L_j come from one call on the group's logits (:func:`cross_entropy_per_client`) instead of one per
+client. An objective that asks the view for anything else (another attribute, a forward of a changed batch
+such as mixup's, a second forward in one step, which would update BatchNorm twice) raises :class:`NotFusable`
+and the group falls back to the ClientApp. fedavg, fedprox,
 fedlc, local_loss, fedetf and gbme (joint and expert phases) all fuse.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
