@@ -158,7 +158,7 @@ def experiment_for(cfg: Config) -> Experiment:
 
 
 def _list_files_state(cfg: Config) -> tuple:
-    """(path, byte size, mtime in ns) of each file list the data section names (its ``*_list`` keys, relative
+    """(key, byte size, mtime in ns) of each file list the data section names (its ``*_list`` keys, relative
     to ``data.root``); None for one that cannot be read (loading names it)."""
     data = cfg.data.model_dump()
     root = Path(data.get("root") or ".").expanduser()

@@ -31,16 +31,16 @@ reaching client j's slice is ∇L_j exactly. Where every client's objective is p
 the L_j come from one call on the group's logits (:func:`cross_entropy_per_client`) instead of one per
 client. An objective that asks the view for anything else (another attribute, a forward of a changed batch
 such as mixup's, a second forward in one step, which would update BatchNorm twice) raises :class:`NotFusable`
-and the group falls back to the ClientApp. fedavg, fedprox,
-fedlc, local_loss, fedetf and gbme (joint and expert phases) all fuse.
+and the group falls back to the ClientApp. fedavg, fedprox, fedlc, local_loss, fedetf and gbme (joint and
+expert phases) all fuse.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
 same fractional epoch), then each batch's crop offsets and flips (:meth:`fedlt.train.Augment.draw`) — on the
 client's own generator ``torch_generator(seed, Stream.CLIENT, round, pid)``, the one the ClientApp would use,
 in the order :func:`fedlt.train.batch_schedule` draws them. The numbers are applied to the whole group's batch
-at once (:func:`group_batch`: one gather per client into one buffer, then one normalisation, crop and flip), so
-the batches equal the ClientApp's without a kernel per client per augmentation op.
+at once (:func:`group_batch`: one gather per client into one buffer, then one crop, flip and normalisation),
+so the batches equal the ClientApp's without a kernel per client per augmentation op.
 
 Uneven clients (different sizes, hence different step counts and last-batch sizes): at each step the clients
 that still have a batch are grouped by batch size and each group runs one vmapped step on the gathered
