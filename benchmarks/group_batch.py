@@ -9,10 +9,10 @@ randomly cropped (padding 4) and flipped. ``per client``: :func:`fedlt.train.pre
 batch from its own generator, then one stack (the fused engine's assembly before group_batch). ``group``:
 :func:`fedlt.federation.fused.client_draws` per client (the same random numbers, drawn on the CPU), then one
 :func:`fedlt.federation.fused.group_batch` for the group (a gather per client into one buffer, then one
-normalisation, crop and flip). Both give the same tensors (checked here on the first step, and in
-tests/test_fused.py). CIFAR-sized shards (3×32×32 uint8, 250 images per client) on the device; milliseconds per
-step are the median of ``--repeats`` timed passes of ``--steps`` steps after one warm-up pass; the ratio is
-per client / group, measured in the same run.
+crop and flip of the uint8 images and one normalisation). Both give the same tensors (checked here on the first
+step, and in tests/test_fused.py). CIFAR-sized shards (3×32×32 uint8, 250 images per client) on the device;
+milliseconds per step are the median of ``--repeats`` timed passes of ``--steps`` steps after one warm-up pass;
+the ratio is per client / group, measured in the same run.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.data.augment import apply_crop_flip, crop_flip_draws, normalize
+from fedlt.data.augment import Draws, apply_crop_flip, crop_flip_draws, normalize
 from fedlt.errors import FedLTError
 
 
@@ -67,12 +67,12 @@ class Augment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(x, self.draw(len(x), generator))
 
-    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def draw(self, n: int, generator: torch.Generator) -> Draws:
         """The random numbers of a call on ``n`` images (:func:`~fedlt.data.augment.crop_flip_draws`): drawn
         from ``generator`` as the call draws them, to be applied later, e.g. to many clients' batches at once."""
         return crop_flip_draws(n, self.crop_padding, self.flip, generator)
 
-    def apply(self, x: torch.Tensor, draws: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Crop and flip ``x`` as ``draws`` (of :meth:`draw`) say."""
         if draws[0] is None and draws[1] is None:
             return x

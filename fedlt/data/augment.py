@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import torch
 
+Draws = tuple[torch.Tensor | None, torch.Tensor | None]
+"""The random numbers of :func:`random_crop_flip` for a batch: crop offsets (2, n) and flip flags (n,), each None
+where that part is off (:func:`crop_flip_draws`, :func:`apply_crop_flip`)."""
+
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
                      flip: bool = True, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -22,8 +26,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     return apply_crop_flip(x, padding, offsets, flips, fill)
 
 
-def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> Draws:
     """The random numbers of :func:`random_crop_flip` for ``n`` images, on the CPU, in its order: crop offsets
     (2, n) in [0, 2·padding] (None without padding), then flip flags (n,) (None without flip). Drawn apart from
     the images so that the fused engine draws each client's numbers from the client's own generator and applies

@@ -80,7 +80,7 @@ from torch.func import functional_call, vmap
 
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.data.augment import apply_crop_flip, normalize
+from fedlt.data.augment import Draws, apply_crop_flip, normalize
 from fedlt.device import resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
@@ -197,9 +197,6 @@ def _sgd(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, first: torch.Tenso
     if isinstance(lr, float):
         return p.add(g, alpha=-lr), buf
     return p - lr.view((-1,) + (1,) * (g.dim() - 1)).to(p.dtype) * g, buf
-
-
-Draws = tuple[torch.Tensor | None, torch.Tensor | None]  # crop offsets and flip flags (Augment.draw)
 
 
 def client_draws(data: TensorData, opt: OptimConfig, generator: torch.Generator, augment: Augment | None, *,
