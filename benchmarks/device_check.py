@@ -23,7 +23,10 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
 4. FedLoGe's protocol (40 clients, 30 % per round, 5 local epochs, batch 8, ResNet-18) for 3 rounds on the
    fused engine, projected to its 500 rounds;
 5. JPEG decoding into the image cache on the CPU and on the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317
-   generated 224 px JPEGs (``benchmarks/imagenet_lt_scale.py --scale 0.02``, written under /tmp, not $OUT).
+   generated 224 px JPEGs (``benchmarks/imagenet_lt_scale.py --scale 0.02``, written under /tmp, not $OUT);
+6. the fused step's loss, each client's objective on its own slice against the group's in one call, with
+   operator counts and milliseconds a step (``benchmarks/group_loss.py``: fedavg, fedprox, fedlc, gbme,
+   local_loss at 10 and 50 clients).
 
 Measured and projected figures are written apart (``projected_*`` keys). ``--device cpu --smoke`` runs every
 step at toy sizes on this machine (the check of the script itself).
@@ -114,6 +117,7 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
     decode = [py, str(ROOT / "benchmarks" / "imagenet_lt_scale.py"), "--work", "/tmp/fedlt-decode", "--decode-only",
               "--rounds", "0"]
     group = [py, str(ROOT / "benchmarks" / "group_batch.py"), "--device", device]
+    loss = [py, str(ROOT / "benchmarks" / "group_loss.py"), "--device", device]
     if smoke:  # toy sizes: the script itself, on a CPU
         return [("group_batch", group + ["--clients", "2,4", "--steps", "3", "--repeats", "1"], 120),
                 ("engine_10", engine + ["--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", *data], 300),
@@ -123,13 +127,15 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                 ("fedloge_protocol", sim + fedloge + ["federation.rounds=1", "train.local_epochs=null",
                                                       "train.local_steps=1", "client.sse_steps=10",
                                                       "model.name=resnet8"], 300),
-                ("jpeg_decode", decode + ["--scale", "0.001", "--decode-devices", "cpu"], 300)]
+                ("jpeg_decode", decode + ["--scale", "0.001", "--decode-devices", "cpu"], 300),
+                ("group_loss", loss + ["--clients", "2", "--batch", "4", "--steps", "1", "--repeats", "1"], 300)]
     return [("group_batch", group, 60),  # first: a few seconds, and the other steps may use up the budget
             ("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
             ("engine_50", engine + ["--clients-per-round", "50", "--rounds", "3", *data], 150),
             ("gbme_protocol", sim + gbme + ["federation.rounds=20", "eval.every=10"], 150),
             ("fedloge_protocol", sim + fedloge + ["federation.rounds=3", "eval.every=3"], 150),
-            ("jpeg_decode", decode + ["--scale", "0.02", "--workers", "16", "--decode-devices", "cpu,cuda"], 90)]
+            ("jpeg_decode", decode + ["--scale", "0.02", "--workers", "16", "--decode-devices", "cpu,cuda"], 90),
+            ("group_loss", loss + ["--steps", "5"], 90)]  # last: the goals' steps come first
 
 
 def round_seconds(out: Path) -> list[dict]:
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         log.flush()
         result: dict = {"rc": rc, "wall_seconds": round(time.time() - t0, 1)}
         result["lines"] = [ln for ln in text.splitlines() if not ln.startswith("image cache:") and
-                           ("img/s" in ln or "ratio" in ln or ln.startswith("decode on") or "fused /" in ln
+                           ("img/s" in ln or "ratio" in ln or "ops/step" in ln or ln.startswith("decode on") or "fused /" in ln
                             or "error" in ln.lower())]
         if name.endswith("_protocol"):
             project(name, round_seconds(out / name / "runs"), result)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.models.experts import require_single_network
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Objective, OptimConfig, TensorData, train
@@ -52,7 +54,8 @@ def simplex_etf(random: torch.Tensor) -> torch.Tensor:
 
 
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """CE(z + log max(n_c, 1), y) over the client's class counts n (absent classes count as 1)."""
+    """CE(z + log max(n_c, 1), y) over the client's class counts n (absent classes count as 1), in float32."""
+    logits = logits.float()
     n = torch.clamp(torch.as_tensor(counts, device=logits.device), min=1).to(logits.dtype)
     return F.cross_entropy(logits + n.log(), y)
 
@@ -111,7 +114,7 @@ class FedETFClient(ClientMethod):
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         _head(model)
         counts = data.class_counts.to(data.images.device)
-        return lambda m, x, y: balanced_softmax_loss(m(x).float(), y, counts)
+        return LossObjective(partial(balanced_softmax_loss, counts=counts))
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
         """The official ``Client_personalization`` on a copy of ``model`` (the global model)."""

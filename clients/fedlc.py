@@ -7,12 +7,15 @@ true class kept in the denominator); τ = 1.0 by default, FL-bench's value (see 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
 
@@ -34,4 +37,4 @@ class FedLCClient(ClientMethod):
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         tau = float(config.get("fedlc-tau", self.opts.tau))
         counts = data.class_counts.to(data.images.device)
-        return lambda m, x, y: fedlc_loss(m(x), y, counts, tau)
+        return LossObjective(partial(fedlc_loss, counts=counts, tau=tau))

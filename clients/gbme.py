@@ -11,6 +11,8 @@ paper does not state). The server sends ``log-prior`` (C floats) and ``expert``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,13 +20,19 @@ from torch import nn
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.models.experts import require_experts
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
 
 
 def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
     """Σ_m CE(z_m + log π̂, y) over an (M, N, C) stack of expert logits (batch mean per expert)."""
-    return sum(F.cross_entropy(z.float() + log_pi, y) for z in expert_logits)
+    return sum(expert_loss(z, y, log_pi) for z in expert_logits)
+
+
+def expert_loss(logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """CE(z_m + log π̂, y) of one expert's (N, C) logits (batch mean, in float32 at least)."""
+    return F.cross_entropy(logits.float() + log_pi, y)
 
 
 @CLIENTS.register("gbme")
@@ -42,6 +50,6 @@ class GBMEClient(ClientMethod):
         expert = int(config.get("expert", -1))
         if expert < 0:
             model.train_only_expert(None)
-            return lambda m, x, y: gbme_loss(m.expert_logits(x), y, log_pi)
+            return LossObjective(partial(gbme_loss, log_pi=log_pi), output="expert_logits")
         model.train_only_expert(expert)
-        return lambda m, x, y: F.cross_entropy(m.expert_forward(x, expert).float() + log_pi, y)
+        return LossObjective(partial(expert_loss, log_pi=log_pi), output="expert_forward", args=(expert,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from fedlt.federation.fused import (
 )
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.models import build_model
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import (
@@ -61,9 +63,10 @@ def synthetic_clients(seed: int = 0) -> list[TensorData]:
     return out
 
 
-def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = False):
+def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = False, per_client: bool = False):
     """Both trainers on the same 4 clients (each from its own perturbed start); returns their states and
-    momentum buffers, per client."""
+    momentum buffers, per client. ``per_client``: the fused trainer calls each client's objective on its own
+    slice of the group's forward pass (the path of an objective without structure)."""
     name, model_name, server = METHODS[method_key]
     strategy = CLIENTS.get(name).strategy or "fedavg"  # a client method that needs its strategy (gbme)
     cfg = load_config(None, [f"client.name={name}", f"strategy.name={strategy}", f"model.name={model_name}",
@@ -105,8 +108,9 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     for j, data in enumerate(datas):
         model.load_state_dict(starts[j])
         objective = method.objective(model, data, config)
-        # plain cross-entropy as it is: the fused trainer computes it for the group at once (it casts the batch)
-        objectives.append(objective if objective is cross_entropy_objective else cast(objective))
+        # as the method built it (the fused trainer casts the batch): a group's losses in one call where they
+        # share a structure (fedlt.objectives); ``per_client`` wraps them so that each is called on its own
+        objectives.append(cast(objective) if per_client else objective)
         opts.append(method.optim(config))
     fused = fused_train(model, starts, datas, objectives, opts,
                         [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], augment,
@@ -114,10 +118,12 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     return (ref_states, ref_momentum, ref_losses), fused, starts
 
 
+@pytest.mark.parametrize("per_client", [False, True], ids=["group-loss", "per-client-loss"])
 @pytest.mark.parametrize("method_key", list(METHODS))
-def test_fused_trainer_matches_per_client_sgd_in_float64(method_key):
+def test_fused_trainer_matches_per_client_sgd_in_float64(method_key, per_client):
     (states, momentum, losses), fused, starts = per_client_and_fused(method_key, torch.float64,
-                                                                     nesterov=method_key == "fedprox")
+                                                                     nesterov=method_key == "fedprox",
+                                                                     per_client=per_client)
     assert fused.steps == [3, 4, 6, 2]  # 33 at batch 16: 16 + 16, the last batch of one dropped
     for j in range(len(SIZES)):
         assert fused.states[j].keys() == states[j].keys()
@@ -157,6 +163,64 @@ def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
     per = cross_entropy_per_client(logits, y)
     assert per.dtype == torch.float32 and torch.allclose(
         per, torch.stack([cross_entropy_objective(lambda x: x, logits[i], y[i]) for i in range(3)]), atol=1e-6)
+
+
+@pytest.mark.parametrize("method_key", list(METHODS))
+def test_every_methods_objective_is_one_call_per_group_step(method_key, monkeypatch):
+    """The methods' objectives have a structure (fedlt.objectives) the fused trainer computes for the whole
+    group at once: every one of the 7 group steps (see above) gets its losses from _GroupLoss, none per client."""
+    answered, built = [], []
+    call, of = fused_module._GroupLoss.__call__, fused_module._GroupLoss.of.__func__
+
+    def counted(self, *args):
+        losses = call(self, *args)
+        answered.append(losses is not None)
+        return losses
+
+    def record(cls, *args):
+        built.append(of(cls, *args))
+        return built[-1]
+
+    monkeypatch.setattr(fused_module._GroupLoss, "__call__", counted)
+    monkeypatch.setattr(fused_module._GroupLoss, "of", classmethod(record))
+    per_client_and_fused(method_key, torch.float64)
+    assert answered == [True] * 7 and built[0].failed is None
+    assert (built[0].function is None) == (method_key in ("fedavg", "fedprox"))  # cross-entropy: one kernel
+    assert (built[0].mu != 0) == (method_key == "fedprox")
+
+
+def branchy_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A loss vmap cannot run (data-dependent control flow)."""
+    loss = torch.nn.functional.cross_entropy(logits, y, weight=weights)
+    return loss * 2 if bool(weights.sum() > 4) else loss
+
+
+def test_a_loss_vmap_cannot_run_is_computed_per_client(monkeypatch):
+    """A LossObjective whose function vmap cannot batch falls back to the per-client path on the first step,
+    with the same result as the per-client path from the start."""
+    datas = synthetic_clients()
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, norm="batch", width=4).to(torch.float64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = [torch.linspace(0.1, 1.0 + j, 10, dtype=torch.float64) for j in range(len(datas))]
+    opt = OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.01, batch_size=16)
+    built = []
+    of = fused_module._GroupLoss.of.__func__
+    monkeypatch.setattr(fused_module._GroupLoss, "of", classmethod(lambda cls, *a: built.append(of(cls, *a))
+                                                                    or built[-1]))
+
+    def run(objectives):
+        return fused_train(model, [start] * len(datas), datas, objectives, [opt] * len(datas),
+                           [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], None,
+                           epochs=1.0, steps=None)
+
+    structured = run([LossObjective(partial(branchy_loss, weights=w)) for w in weights])
+    assert built[0] is not None and built[0].failed.startswith("RuntimeError")
+    plain = run([(lambda w: lambda m, x, y: branchy_loss(m(x), y, w))(w) for w in weights])
+    assert built[1] is None
+    for a, b in zip(structured.states, plain.states):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert structured.losses == plain.losses
 
 
 def test_fused_trainer_matches_per_client_sgd_in_float32():
@@ -309,7 +373,11 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
             for e in ("inprocess", "fused")]
     rows = [[r for r in rs if r["round"] > 0] for rs in rows]  # round 0: the initial model, nothing trained
     assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]]
-    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]], rel=1e-9)
+    # fedlc's, local_loss's and gbme's losses cast the logits to float32 (``.float()``) even in a float64 run;
+    # the fused trainer computes them for the group in one vmapped call, whose float32 sums round differently
+    float32_loss = method in ("fedlc", "local_loss", "gbme")
+    assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]],
+                                                               rel=1e-6 if float32_loss else 1e-9)
 
 
 @needs_fashion

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
+from fedlt.objectives import LossObjective
 from fedlt.train import Objective
 
 
@@ -25,9 +25,6 @@ class LossFactory(Protocol):
 
 
 def loss_objective(loss: Loss) -> Objective:
-    """The training objective ``loss(model(x), y)`` of a loss."""
-
-    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss(model(x), y)
-
-    return objective
+    """The training objective ``loss(model(x), y)`` of a loss (a :class:`fedlt.objectives.LossObjective`: the
+    fused engine computes a group's in one call where the loss is a zoo factory's ``functools.partial``)."""
+    return LossObjective(loss)
