@@ -36,13 +36,13 @@ from pydantic import Field
 from torch import nn
 
 from clients.fedetf import simplex_etf
-from fedlt.client_method import ClientMethod, FitResult, classifier_of
+from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, seeded_rng
-from fedlt.train import Augment, Objective, TensorData
+from fedlt.train import Objective, TensorData
 
 
 def sparse_etf(etf: torch.Tensor, zero: np.ndarray, steps: int, lr: float = 1e-4,
@@ -96,7 +96,7 @@ class FedLoGeHead(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, sse: torch.Tensor) -> None:
         super().__init__()
         bias = nn.Linear(feature_dim, num_classes).bias.detach()  # the official g_head's untrained bias
-        self.register_buffer("sse_weight", sse.t().contiguous().clone(), persistent=False)
+        self.register_buffer("sse_weight", sse.t().contiguous().to(bias.dtype, copy=True), persistent=False)
         self.register_buffer("sse_bias", bias.clone(), persistent=False)
         self.aux = nn.Linear(feature_dim, num_classes)
         self.local: nn.Linear | None = None
@@ -169,22 +169,22 @@ class FedLoGeClient(ClientMethod):
             with torch.no_grad():
                 local.weight.copy_(torch.as_tensor(list(config["l-head-weight"])).view(c, d))
                 local.bias.copy_(torch.as_tensor(list(config["l-head-bias"])))
-        return local.to(head.aux.weight.device)
+        return local.to(head.aux.weight.device, head.aux.weight.dtype)
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         _head(model)
         return fedloge_loss
 
-    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
-            augment: Augment) -> FitResult:
-        head = _head(model)
-        head.local = self.local_head(model, config)
-        result = super().fit(model, data, config, generator, augment)  # its state holds classifier.local.*
-        local = head.local
-        head.local = None
-        result.state = {k: v for k, v in result.state.items() if not k.startswith("classifier.local.")}
-        result.extra_arrays["l-head"] = {"weight": local.weight.detach().cpu(), "bias": local.bias.detach().cpu()}
-        return result
+    def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
+        """l_k trains beside the model this round (its weights are in the trained state as classifier.local.*)."""
+        _head(model).local = self.local_head(model, config)
+
+    def detach_local(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """l_k leaves the model and the state; it is sent apart, as ``l-head`` (the strategy keeps it)."""
+        _head(model).local = None
+        local = {k.removeprefix("classifier.local."): state.pop(k) for k in list(state)
+                 if k.startswith("classifier.local.")}
+        return {"l-head": {k: v.detach().cpu() for k, v in local.items()}} if local else {}
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
         """LHA: the global backbone and g_aux with the client's l_k (no further training, as the official)."""

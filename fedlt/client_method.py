@@ -74,17 +74,31 @@ class ClientMethod:
         """The local loss of one batch. ``model`` still holds the global weights when this is called."""
         return cross_entropy_objective
 
+    def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
+        """Attach to ``model`` (holding the global weights) the client's own modules that train with it this
+        round, before :meth:`objective` (FedLoGe's local head l_k). Default: none. The fused engine calls it
+        for each client too, so what it attaches trains stacked per client like the rest of the model."""
+
+    def detach_local(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Remove what :meth:`attach_local` attached from ``model`` and its entries from the trained ``state``
+        (in place; either may already lack them); return them as the reply's extra arrays. Default: {}."""
+        return {}
+
     def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
             augment: Augment) -> FitResult:
-        """Train ``model`` (holding the global weights) on the client's data."""
+        """Train ``model`` (holding the global weights) on the client's data: :meth:`attach_local`, SGD on
+        :meth:`objective`, :meth:`detach_local`."""
+        self.attach_local(model, data, config)
         objective = self.objective(model, data, config)
         t = self.cfg.train
         result = train(model, data, objective, opt=self.optim(config), generator=generator, augment=augment,
                        epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps,
                        sampler=instance_balanced_sampler)
-        return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps,
-                                  "train-images": result.num_examples})
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        extra = self.detach_local(model, state)
+        return FitResult(state=state, metrics={"train_loss": result.loss, "num-examples": len(data),
+                                               "steps": result.steps, "train-images": result.num_examples},
+                         extra_arrays=extra)
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
         """The client's personalised model for its local evaluation (:mod:`fedlt.federation.local_eval`), built

@@ -50,7 +50,9 @@ METHODS = {  # name -> (client method, model, the server's config for the round)
     "gbme_joint": ("gbme", "small_cnn_experts", {"expert": -1}),
     "gbme_expert": ("gbme", "small_cnn_experts", {"expert": 1}),
     "fedetf": ("fedetf", "small_cnn", {}),  # a 0-d parameter (the ETF head's temperature)
+    "fedloge": ("fedloge", "small_cnn", {}),  # per-client local heads on the features (attach_local)
 }
+EXTRA_KEYS = {"fedloge": ["client.sse_steps=10"]}  # SSE-C's Adam steps: 10, not 10,000 (its fit is not tested here)
 
 
 def synthetic_clients(seed: int = 0) -> list[TensorData]:
@@ -70,7 +72,8 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     name, model_name, server = METHODS[method_key]
     strategy = CLIENTS.get(name).strategy or "fedavg"  # a client method that needs its strategy (gbme)
     cfg = load_config(None, [f"client.name={name}", f"strategy.name={strategy}", f"model.name={model_name}",
-                             "train.batch_size=16", "train.weight_decay=0.01", f"train.nesterov={nesterov}"])
+                             "train.batch_size=16", "train.weight_decay=0.01", f"train.nesterov={nesterov}",
+                             *EXTRA_KEYS.get(method_key, [])])
     method = CLIENTS.get(name)(cfg)
     torch.manual_seed(0)
     template = build_model(model_name, 10, 1, norm="batch", width=4)  # small: fast on a CPU
@@ -89,11 +92,13 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
     def cast(objective):  # the data are float32 images; a float64 model needs float64 inputs
         return lambda m, x, y: objective(m, x.to(dtype), y)
 
+    configs = [{**config, "partition-id": j} for j in range(len(datas))]
     ref_states, ref_momentum, ref_losses = [], [], []
     for j, data in enumerate(datas):
         m = copy.deepcopy(template)
         m.load_state_dict(starts[j])
-        objective = cast(method.objective(m, data, config))
+        method.attach_local(m, data, configs[j])
+        objective = cast(method.objective(m, data, configs[j]))
         opt = method.optim(config)
         optimizer = make_optimizer(m, opt)
         result = train(m, data, objective, opt=opt, epochs=1.0, generator=torch_generator(0, Stream.CLIENT, 1, j),
@@ -104,18 +109,21 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
         ref_losses.append(result.loss)
 
     model = copy.deepcopy(template)
-    objectives, opts = [], []
+    objectives, opts, fused_starts = [], [], []
     for j, data in enumerate(datas):
+        method.detach_local(model, {})  # as fused_replies: the last client's own modules stay on the template
         model.load_state_dict(starts[j])
-        objective = method.objective(model, data, config)
+        method.attach_local(model, data, configs[j])
+        fused_starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        objective = method.objective(model, data, configs[j])
         # as the method built it (the fused trainer casts the batch): a group's losses in one call where they
         # share a structure (fedlt.objectives); ``per_client`` wraps them so that each is called on its own
         objectives.append(cast(objective) if per_client else objective)
         opts.append(method.optim(config))
-    fused = fused_train(model, starts, datas, objectives, opts,
+    fused = fused_train(model, fused_starts, datas, objectives, opts,
                         [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], augment,
                         epochs=1.0, steps=None)
-    return (ref_states, ref_momentum, ref_losses), fused, starts
+    return (ref_states, ref_momentum, ref_losses), fused, fused_starts
 
 
 @pytest.mark.parametrize("per_client", [False, True], ids=["group-loss", "per-client-loss"])
@@ -165,10 +173,11 @@ def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
         per, torch.stack([cross_entropy_objective(lambda x: x, logits[i], y[i]) for i in range(3)]), atol=1e-6)
 
 
-@pytest.mark.parametrize("method_key", list(METHODS))
+@pytest.mark.parametrize("method_key", [m for m in METHODS if m != "fedloge"])
 def test_every_methods_objective_is_one_call_per_group_step(method_key, monkeypatch):
     """The methods' objectives have a structure (fedlt.objectives) the fused trainer computes for the whole
-    group at once: every one of the 7 group steps (see above) gets its losses from _GroupLoss, none per client."""
+    group at once: every one of the 7 group steps (see above) gets its losses from _GroupLoss, none per client.
+    (FedLoGe's loss reads the features and three heads: per client, on the group's one pass of the features.)"""
     answered, built = [], []
     call, of = fused_module._GroupLoss.__call__, fused_module._GroupLoss.of.__func__
 
@@ -256,7 +265,16 @@ def objective_two_passes(m, x, y):  # two forwards in one step: BatchNorm's stat
     return torch.nn.functional.cross_entropy(m(x), y) + torch.nn.functional.cross_entropy(m(x), y)
 
 
-@pytest.mark.parametrize("objective", [objective_mixup, objective_two_passes])
+def objective_features_of_a_changed_batch(m, x, y):  # BatchNorm in features: its statistics train per client
+    return torch.nn.functional.cross_entropy(m.classifier(m.features(x + 0.1)), y)
+
+
+def objective_reads_a_trained_buffer(m, x, y):  # a BatchNorm buffer of this client: not offered
+    return torch.nn.functional.cross_entropy(m(x), y) + 0 * getattr(m.features, "1").running_mean.sum()
+
+
+@pytest.mark.parametrize("objective", [objective_mixup, objective_two_passes, objective_features_of_a_changed_batch,
+                                       objective_reads_a_trained_buffer])
 def test_an_objective_the_group_forward_cannot_answer_is_not_fused(objective):
     """The group's forward is of each client's own batch, once a step: anything else must not be answered from it
     (it would train on the unchanged batch / update BatchNorm once) but go to the ClientApp."""
@@ -266,6 +284,34 @@ def test_an_objective_the_group_forward_cannot_answer_is_not_fused(objective):
     with pytest.raises(NotFusable):
         fused_train(model, states, datas, [objective] * 2, [OptimConfig(lr=0.05, batch_size=16)] * 2,
                     [torch_generator(0, Stream.CLIENT, 1, j) for j in range(2)], None, epochs=None, steps=1)
+
+
+def test_submodules_of_a_client_view_are_its_own_slices():
+    """model.features on the client's own batch is the group's pass, a head on the features runs on the client's
+    own slices of the head's parameters, and its parameters are the client's: as the per-client model."""
+    datas = synthetic_clients()[:2]
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, norm="batch", width=4).to(torch.float64)
+    states = []
+    for j in range(2):
+        with torch.no_grad():
+            model.classifier.weight.add_(0.1 * j)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    seen = []
+
+    def objective(m, x, y):
+        logits = m.classifier(m.features(x))
+        seen.append((logits.detach().clone(), m.classifier.weight.detach().clone(), x.detach().clone()))
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    fused_train(model, states, datas, [objective] * 2, [OptimConfig(lr=0.05, batch_size=16)] * 2,
+                [torch_generator(0, Stream.CLIENT, 1, j) for j in range(2)], None, epochs=None, steps=1)
+    for j, (logits, weight, x) in enumerate(seen):
+        own = copy.deepcopy(model)
+        own.load_state_dict(states[j])
+        assert torch.equal(weight, states[j]["classifier.weight"])
+        with torch.no_grad():
+            assert torch.allclose(logits, own(x.to(torch.float64)), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("padding,flip", [(4, True), (0, True), (2, False), (0, False)])
@@ -310,6 +356,7 @@ ENGINE_RUNS = {
     "fedlc": ["strategy.name=fedlc"],
     "local_loss": ["strategy.name=fedavg", "client.name=local_loss", "client.loss=balanced_softmax"],
     "gbme": ["strategy.name=gbme", "model.name=small_cnn_experts", "strategy.joint_fraction=0.5"],
+    "fedloge": ["strategy.name=fedloge", "client.sse_steps=10"],  # per-client local heads, sent apart
 }
 FASHION = ["mode=federated", "partition.num_clients=4", "federation.fraction=0.75", "train.batch_size=32",
            "model.name=resnet8", "data.imbalance_factor=100", "eval.batch_size=4096"]
@@ -369,13 +416,20 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
         assert any("running_mean" in k for k in a)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-10), k
+    if method == "fedloge":  # each client's l_k, trained beside the model and kept by the strategy
+        heads = [torch.load(tmp_path / e / "checkpoint.pt", weights_only=False)["state"]["strategy"]["local_heads"]
+                 for e in ("inprocess", "fused")]
+        assert heads[0].keys() == heads[1].keys() and len(heads[0]) == 3  # the round's 3 clients
+        for pid, (w, bias) in heads[0].items():
+            assert torch.allclose(heads[1][pid][0], w, rtol=1e-9, atol=1e-10)
+            assert torch.allclose(heads[1][pid][1], bias, rtol=1e-9, atol=1e-10)
     rows = [[json.loads(x) for x in (tmp_path / e / "metrics.jsonl").read_text().splitlines()]
             for e in ("inprocess", "fused")]
     rows = [[r for r in rs if r["round"] > 0] for rs in rows]  # round 0: the initial model, nothing trained
     assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]]
     # fedlc's, local_loss's and gbme's losses cast the logits to float32 (``.float()``) even in a float64 run;
     # the fused trainer computes them for the group in one vmapped call, whose float32 sums round differently
-    float32_loss = method in ("fedlc", "local_loss", "gbme")
+    float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge")
     assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]],
                                                                rel=1e-6 if float32_loss else 1e-9)
 

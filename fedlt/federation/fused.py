@@ -3,7 +3,10 @@
 Design: a node's cohort (:func:`answer_cohort`) — messages, each with its partition's ``Context`` — is answered
 by handing every TRAIN message whose client method trains by :meth:`fedlt.client_method.ClientMethod.fit` (the
 shared loop of :func:`fedlt.train.train` with the method's own
-:meth:`~fedlt.client_method.ClientMethod.objective`) to :func:`fused_train`, and answering each with one reply
+:meth:`~fedlt.client_method.ClientMethod.objective`, between its
+:meth:`~fedlt.client_method.ClientMethod.attach_local` and
+:meth:`~fedlt.client_method.ClientMethod.detach_local`, e.g. FedLoGe's local head) to :func:`fused_train`,
+and answering each with one reply
 Message holding the same arrays and metrics the ClientApp would have sent
 (:func:`fedlt.federation.apps._reply`). Everything else — query messages (prior estimation, CReFF's gradients,
 CCVR's statistics), a method that overrides ``fit``, a train message that carries a DP clipping norm (the
@@ -22,11 +25,14 @@ batching rule for a convolution with a batched weight is itself a grouped convol
 rewriting any model; BatchNorm's running statistics, stacked, are updated in place under vmap per client.
 
 Objectives unchanged: each client's objective is built by its method from the model holding that client's
-global weights (FedProx clones them, GBME freezes the other experts); it is then called with a
-:class:`_ClientView` of client j: ``view(x)``, ``view.expert_logits(x)`` and ``view.expert_forward(x, m)``
-return client j's slice of ONE vmapped forward pass of the whole group (computed on first use in the step,
-shared by every client; each once per step, on the client's own batch), and ``view.parameters()`` yields
-client j's slices of the stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
+global weights and its own attached modules (FedProx clones them, GBME freezes the other experts, FedLoGe
+attaches l_k); it is then called with a :class:`_ClientView` of client j: ``view(x)``,
+``view.expert_logits(x)``, ``view.expert_forward(x, m)`` and a top-level submodule on the batch
+(``view.features(x)``) return client j's slice of ONE vmapped forward pass of the whole group (computed on
+first use in the step, shared by every client; each once per step, on the client's own batch); a submodule
+called on anything else (FedLoGe's heads on the features) runs on client j's own slices of its parameters
+(:class:`_ClientModule`; not one whose buffers train); ``view.parameters()`` yields client j's slices of the
+stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
 reaching client j's slice is ∇L_j exactly. Where every client's objective has one structure
 (:mod:`fedlt.objectives`: plain cross-entropy, or a :class:`~fedlt.objectives.LossObjective` of one function;
 either with FedProx's :class:`~fedlt.objectives.ProximalObjective` term) the L_j of a step come from one call
@@ -36,7 +42,8 @@ objective's ops once per client (at 50 clients, FedProx's term alone was ~43,000
 client's objective is called on its view. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox, fedlc,
-local_loss, fedetf and gbme (joint and expert phases) all fuse, each with its group loss.
+local_loss, fedetf and gbme (joint and expert phases) all fuse, each with its group loss; fedloge fuses with
+its loss per client.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
@@ -171,8 +178,49 @@ class _ClientView:
     def parameters(self) -> Iterator[torch.Tensor]:
         return (self._group.params[n][self._j] for n in self._names)
 
+    def _is_own_batch(self, x: torch.Tensor) -> bool:
+        own = self._group.x[self._j]
+        return x is self._batch or (x.shape == own.shape and torch.equal(x.to(own.dtype), own))
+
     def __getattr__(self, name: str):
+        module = getattr(self._group.model, name, None)
+        if isinstance(module, nn.Module):
+            return _ClientModule(self, name, module)
         raise NotFusable(f"a client objective reads model.{name}, which the fused engine does not offer")
+
+
+class _ClientModule:
+    """Submodule ``prefix`` of client ``j``'s model (``model.features``, ``model.classifier.aux``): called on
+    the client's own batch, a top-level submodule gives client j's slice of the group's one vmapped pass
+    (as :class:`_ClientView` does for the model's methods); called on anything else (features, as FedLoGe's
+    heads are), it runs on client j's slices of its parameters alone (``functional_call``), which a submodule
+    whose buffers train (BatchNorm statistics) cannot: :class:`NotFusable`. Its child modules are
+    ``_ClientModule`` too, its parameters client j's slices, any other attribute the template's own."""
+
+    def __init__(self, view: _ClientView, prefix: str, module: nn.Module) -> None:
+        self._view, self._prefix, self._module = view, prefix, module
+
+    def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
+        view = self._view
+        if "." not in self._prefix and not args and view._is_own_batch(x):
+            return view._output(x, self._prefix)
+        group, j, dot = view._group, view._j, self._prefix + "."
+        if any(n.startswith(dot) for n in group.buffers):
+            raise NotFusable(f"a client objective calls model.{self._prefix}, whose buffers train, on another "
+                             "input than its own batch")
+        own = {n[len(dot):]: p[j] for n, p in group.params.items() if n.startswith(dot)}
+        return functional_call(self._module, own, (x, *args))
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._module, name)
+        full = f"{self._prefix}.{name}"
+        if isinstance(attr, nn.Module):
+            return _ClientModule(self._view, full, attr)
+        if full in self._view._group.params:
+            return self._view._group.params[full][self._view._j]
+        if full in self._view._group.buffers:
+            raise NotFusable(f"a client objective reads the buffer model.{full}, which trains per client")
+        return attr
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -493,9 +541,11 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
             for msg, context in items:
                 pid = int(context.node_config[PARTITION_ID_KEY])
                 config = message_config(msg)
+                method.detach_local(model, {})  # the previous client's own modules (the last one's stay: template)
                 if "arrays" in msg.content:
                     load_into(model, msg.content["arrays"])
                 data = experiment_for(cfg).client_data(pid, device)  # resident on the device where it fits
+                method.attach_local(model, data, config)
                 objectives.append(method.objective(model, data, config))
                 now = {n for n, p in model.named_parameters() if p.requires_grad}
                 if trainable is not None and now != trainable:
@@ -519,7 +569,9 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
     for j, (msg, _) in enumerate(items):
         if not result.finite[j]:  # diverged: the ClientApp trains it again and replies with its NonFiniteLoss
             continue
-        fit = FitResult(state=result.states[j],
+        state = dict(result.states[j])
+        extra = method.detach_local(model, state)
+        fit = FitResult(state=state, extra_arrays=extra,
                         metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
                                  "steps": result.steps[j], "train-images": result.images[j],
                                  "fit_seconds": result.seconds / len(items)})
