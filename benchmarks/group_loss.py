@@ -7,7 +7,8 @@ Run by hand (not in CI):
 For each client method whose objective has a structure (fedlt/objectives.py) — fedavg (cross-entropy), fedprox
 (cross-entropy + ½μ‖w − w⁰‖²), fedlc (a ``functools.partial`` with each client's counts), gbme (joint phase,
 Σ over 3 experts of a Balanced Softmax with the global prior), local_loss (logit adjustment on each client's
-counts) — the same cohort is trained by :func:`fedlt.federation.fused.fused_train` two ways in one run:
+counts), fedloge (three heads on the features, one of them each client's own l_k) — the same cohort is
+trained by :func:`fedlt.federation.fused.fused_train` two ways in one run:
 ``per client``, the objectives wrapped in a plain function (the fused trainer then calls each on its own slice
 of the group's forward pass, as it does for an objective without structure), and ``group``, the objectives as
 the method builds them (one call for the group: ``cross_entropy_per_client``, or the loss vmapped over the
@@ -48,6 +49,7 @@ METHODS = {  # name -> (client method, model, extra config keys, the server's co
     "fedlc": ("fedlc", "resnet32", [], {"fedlc-tau": 1.0}),
     "gbme_joint": ("gbme", "resnet32_experts", ["strategy.name=gbme"], {"expert": -1}),
     "local_loss_la": ("local_loss", "resnet32", ["client.loss=la"], {}),
+    "fedloge": ("fedloge", "resnet32", ["strategy.name=fedloge", "client.sse_steps=100"], {}),
 }
 
 
@@ -83,9 +85,15 @@ def cohort(key: str, k: int, batch: int, device: torch.device):
     datas = shards(k, device)
     config = {"lr": 0.05, **server, "log-prior": [-2.3] * 10}
     state = {n: v.detach().clone() for n, v in model.state_dict().items()}
-    objectives = [method.objective(model, d, config) for d in datas]
+    states, objectives = [], []
+    for j, d in enumerate(datas):  # as fused_replies: each client's own modules attached (FedLoGe's l_k)
+        method.detach_local(model, {})
+        model.load_state_dict(state)
+        method.attach_local(model, d, {**config, "partition-id": j})
+        states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        objectives.append(method.objective(model, d, config))
     opts = [method.optim(config) for _ in datas]
-    return model, [state] * k, datas, objectives, opts, Augment(4, True, datas[0].mean, datas[0].std)
+    return model, states, datas, objectives, opts, Augment(4, True, datas[0].mean, datas[0].std)
 
 
 def run(setup, objectives, steps: int):

@@ -27,7 +27,7 @@ realignment; fedlt follows the readme's LHA.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.models.experts import require_single_network
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, seeded_rng
 from fedlt.train import Objective, TensorData
@@ -127,6 +128,20 @@ def fedloge_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return loss
 
 
+LOSS_WEIGHTS = ("classifier.aux.weight", "classifier.aux.bias", "classifier.local.weight", "classifier.local.bias")
+
+
+def fedloge_heads_loss(h: torch.Tensor, y: torch.Tensor, aux_weight: torch.Tensor, aux_bias: torch.Tensor,
+                       local_weight: torch.Tensor, local_bias: torch.Tensor, *, sse_weight: torch.Tensor,
+                       sse_bias: torch.Tensor) -> torch.Tensor:
+    """:func:`fedloge_loss` (with l_k) from the features h and the heads' weights (``LOSS_WEIGHTS``): the
+    same linear maps, so that the fused engine computes it for a round's clients in one vmapped call."""
+    hd = h.detach()
+    return (F.cross_entropy(F.linear(h, sse_weight, sse_bias).float(), y)
+            + F.cross_entropy(F.linear(hd, aux_weight, aux_bias).float(), y)
+            + F.cross_entropy(F.linear(hd, local_weight, local_bias).float(), y))
+
+
 def _head(model: nn.Module) -> FedLoGeHead:
     return classifier_of(model, FedLoGeHead, "fedloge")
 
@@ -172,8 +187,13 @@ class FedLoGeClient(ClientMethod):
         return local.to(head.aux.weight.device, head.aux.weight.dtype)
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        _head(model)
-        return fedloge_loss
+        """:func:`fedloge_loss`; with l_k attached (:meth:`attach_local`, as in training) in the form of
+        :func:`fedloge_heads_loss` on the features, which the fused engine computes for the group at once."""
+        head = _head(model)
+        if head.local is None:
+            return fedloge_loss
+        return LossObjective(partial(fedloge_heads_loss, sse_weight=head.sse_weight, sse_bias=head.sse_bias),
+                             output="features", params=LOSS_WEIGHTS)
 
     def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
         """l_k trains beside the model this round (its weights are in the trained state as classifier.local.*)."""

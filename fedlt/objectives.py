@@ -27,9 +27,10 @@ from functools import partial
 import torch
 from torch import nn
 
-OUTPUTS = ("forward", "expert_logits", "expert_forward")
+OUTPUTS = ("forward", "expert_logits", "expert_forward", "features")
 """The model outputs a :class:`LossObjective` may take: ``model(x)``, ``model.expert_logits(x)`` (an (M, B, C)
-stack) and ``model.expert_forward(x, m)`` (expert m's logits)."""
+stack), ``model.expert_forward(x, m)`` (expert m's logits) and ``model.features(x)`` (the backbone's features,
+for a loss that applies heads of its own: their weights are ``LossObjective.params``)."""
 
 
 def model_output(model: nn.Module, x: torch.Tensor, output: str, args: tuple = ()) -> torch.Tensor:
@@ -39,19 +40,22 @@ def model_output(model: nn.Module, x: torch.Tensor, output: str, args: tuple = (
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its loss may hold tensors
 class LossObjective:
-    """L = ``loss(output, y)``, ``output`` the model's output named by ``output`` (:data:`OUTPUTS`) with
-    ``args`` (the expert index of ``expert_forward``)."""
+    """L = ``loss(output, y, *weights)``, ``output`` the model's output named by ``output`` (:data:`OUTPUTS`)
+    with ``args`` (the expert index of ``expert_forward``), ``weights`` the model's parameters named by
+    ``params`` (``model.get_parameter``; e.g. the heads a loss of the features applies)."""
 
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: Callable[..., torch.Tensor]
     output: str = "forward"
     args: tuple = ()
+    params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"LossObjective.output must be one of {OUTPUTS}, not {self.output!r}")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss(model_output(model, x, self.output, self.args), y)
+        weights = [model.get_parameter(n) for n in self.params]
+        return self.loss(model_output(model, x, self.output, self.args), y, *weights)
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -83,7 +87,7 @@ _STATIC = (bool, int, float, str, type(None))
 
 @dataclass(frozen=True)
 class LossParts:
-    """A loss split for ``vmap``: ``function(output, y, **static, **dict(zip(names, tensors)))``.
+    """A loss split for ``vmap``: ``function(output, y, *weights, **static, **dict(zip(names, tensors)))``.
 
     Two clients' losses share one vmapped call where their :attr:`key` is equal (same function, same static
     arguments, tensors of the same names, shapes and dtypes); ``tensors`` are each client's own."""
@@ -98,10 +102,10 @@ class LossParts:
         return (self.function, self.static, self.names, tuple((t.shape, t.dtype) for t in self.tensors))
 
     def per_sample_call(self) -> Callable[..., torch.Tensor]:
-        """``f(output, y, *tensors)``: the loss with its tensors positional (``vmap`` maps positional
-        arguments only)."""
-        static, names, function = dict(self.static), self.names, self.function
-        return lambda output, y, *tensors: function(output, y, **static, **dict(zip(names, tensors)))
+        """``f(output, y, *tensors, *weights)``: the loss with its tensors positional (``vmap`` maps positional
+        arguments only), then the weights of :attr:`LossObjective.params`."""
+        static, names, function, n = dict(self.static), self.names, self.function, len(self.names)
+        return lambda output, y, *rest: function(output, y, *rest[n:], **static, **dict(zip(names, rest[:n])))
 
 
 def loss_parts(loss: Callable) -> LossParts | None:

@@ -173,11 +173,11 @@ def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
         per, torch.stack([cross_entropy_objective(lambda x: x, logits[i], y[i]) for i in range(3)]), atol=1e-6)
 
 
-@pytest.mark.parametrize("method_key", [m for m in METHODS if m != "fedloge"])
+@pytest.mark.parametrize("method_key", list(METHODS))
 def test_every_methods_objective_is_one_call_per_group_step(method_key, monkeypatch):
     """The methods' objectives have a structure (fedlt.objectives) the fused trainer computes for the whole
     group at once: every one of the 7 group steps (see above) gets its losses from _GroupLoss, none per client.
-    (FedLoGe's loss reads the features and three heads: per client, on the group's one pass of the features.)"""
+    (FedLoGe's: its three heads' weights are the group's rows of the stacked parameters.)"""
     answered, built = [], []
     call, of = fused_module._GroupLoss.__call__, fused_module._GroupLoss.of.__func__
 

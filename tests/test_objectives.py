@@ -49,7 +49,21 @@ def test_loss_objective_takes_the_named_output():
     assert LossObjective(cross_entropy_loss)(TwoOutputs(), x, y) == F.cross_entropy(x, y)
     assert LossObjective(cross_entropy_loss, "expert_forward", (2,))(TwoOutputs(), x, y) == F.cross_entropy(3 * x, y)
     with pytest.raises(ValueError, match="must be one of"):
-        LossObjective(cross_entropy_loss, "features")
+        LossObjective(cross_entropy_loss, "classifier")
+
+
+def test_loss_objective_passes_the_named_parameters():
+    """A loss of the features and of heads of its own: L = CE(W h + b, y) with W, b the model's parameters."""
+    model = nn.Sequential()
+    model.features = nn.Identity()
+    model.head = nn.Linear(2, 3)
+    x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([1])
+    objective = LossObjective(lambda h, t, w, b: F.cross_entropy(F.linear(h, w, b), t), "features",
+                              params=("head.weight", "head.bias"))
+    loss = objective(model, x, y)
+    assert loss == F.cross_entropy(model.head(x), y)
+    loss.backward()
+    assert model.head.weight.grad is not None and model.head.bias.grad is not None
 
 
 def test_loss_parts_group_by_function_and_static_arguments():

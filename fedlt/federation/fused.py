@@ -42,8 +42,7 @@ objective's ops once per client (at 50 clients, FedProx's term alone was ~43,000
 client's objective is called on its view. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox, fedlc,
-local_loss, fedetf and gbme (joint and expert phases) all fuse, each with its group loss; fedloge fuses with
-its loss per client.
+local_loss, fedetf, fedloge and gbme (joint and expert phases) all fuse, each with its group loss.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
@@ -177,6 +176,11 @@ class _ClientView:
 
     def parameters(self) -> Iterator[torch.Tensor]:
         return (self._group.params[n][self._j] for n in self._names)
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        if name not in self._group.params:
+            raise NotFusable(f"a client objective reads model.{name}, which is not a parameter")
+        return self._group.params[name][self._j]
 
     def _is_own_batch(self, x: torch.Tensor) -> bool:
         own = self._group.x[self._j]
@@ -322,7 +326,8 @@ class _GroupLoss:
     """A group step's losses L_j, shape (m,), in one call where every client's objective has one structure
     (:mod:`fedlt.objectives`): plain cross-entropy (:func:`cross_entropy_per_client`), or a
     :class:`~fedlt.objectives.LossObjective` of one function (:func:`~fedlt.objectives.loss_parts`) vmapped
-    over the group's outputs, labels and each client's own tensors; either plus ½μ·Σ_l ‖w_l − w⁰_l‖² of a
+    over the group's outputs, labels, each client's own tensors and the weights it names (its ``params``: the
+    group's rows of the stacked parameters); either plus ½μ·Σ_l ‖w_l − w⁰_l‖² of a
     :class:`~fedlt.objectives.ProximalObjective`, one subtraction and sum per stacked parameter. The clients'
     tensors and anchors are stacked once per round, on the device.
 
@@ -331,9 +336,9 @@ class _GroupLoss:
     per-client path, on the same forward pass."""
 
     def __init__(self, function: Callable | None, output: str, args: tuple, tensors: list[torch.Tensor],
-                 mu: float, anchor: dict[str, torch.Tensor]) -> None:
+                 weights: tuple[str, ...], mu: float, anchor: dict[str, torch.Tensor]) -> None:
         self.function, self.output, self.args, self.tensors = function, output, args, tensors
-        self.mu, self.anchor = mu, anchor
+        self.weights, self.mu, self.anchor = weights, mu, anchor
         self.failed: str | None = None
 
     @staticmethod
@@ -343,11 +348,11 @@ class _GroupLoss:
         if isinstance(objective, ProximalObjective):
             mu, anchor, objective = objective.mu, objective.anchor, objective.base
         if objective is cross_entropy_objective:
-            return ("cross_entropy", "forward", (), mu), None, mu, anchor
+            return ("cross_entropy", "forward", (), (), mu), None, mu, anchor
         if isinstance(objective, LossObjective):
             parts = loss_parts(objective.loss)
             if parts is not None:
-                return (parts.key, objective.output, objective.args, mu), parts, mu, anchor
+                return (parts.key, objective.output, objective.args, objective.params, mu), parts, mu, anchor
         return None
 
     @classmethod
@@ -358,7 +363,9 @@ class _GroupLoss:
         structures = [cls._structure(o) for o in objectives]
         if any(s is None for s in structures) or any(s[0] != structures[0][0] for s in structures):
             return None
-        (_, output, args, mu), parts, _, _ = structures[0]
+        (_, output, args, weights, mu), parts, _, _ = structures[0]
+        if any(n not in stacked for n in weights):
+            return None
         anchor = {}
         if mu != 0:
             if any(len(s[3]) != len(trainable) for s in structures):
@@ -367,9 +374,9 @@ class _GroupLoss:
             if any(a.shape != stacked[n].shape for n, a in anchor.items()):
                 return None
         if parts is None:
-            return cls(None, output, args, [], mu, anchor)
+            return cls(None, output, args, [], (), mu, anchor)
         tensors = [torch.stack([s[1].tensors[i] for s in structures]).to(device) for i in range(len(parts.names))]
-        return cls(vmap(parts.per_sample_call()), output, args, tensors, mu, anchor)
+        return cls(vmap(parts.per_sample_call()), output, args, tensors, weights, mu, anchor)
 
     def __call__(self, step: "_GroupForward", ys: torch.Tensor, params: dict[str, torch.Tensor],
                  idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -382,7 +389,8 @@ class _GroupLoss:
         else:
             try:
                 with step.autocast:
-                    losses = self.function(z, ys, *(t if idx is None else t[idx] for t in self.tensors))
+                    losses = self.function(z, ys, *(t if idx is None else t[idx] for t in self.tensors),
+                                           *(params[n] for n in self.weights))  # params: the group's rows
             except Exception as exc:  # noqa: BLE001 -- any op vmap cannot batch: the per-client path answers
                 self.failed = f"{type(exc).__name__}: {exc}"
                 return None
