@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         log.flush()
         result: dict = {"rc": rc, "wall_seconds": round(time.time() - t0, 1)}
         result["lines"] = [ln for ln in text.splitlines() if not ln.startswith("image cache:") and
-                           ("img/s" in ln or "ratio" in ln or "ops/step" in ln or ln.startswith("decode on") or "fused /" in ln
+                           ("img/s" in ln or "ratio" in ln or "ops/step" in ln or ln.startswith("decode on")
+                            or "fused /" in ln
                             or "error" in ln.lower())]
         if name.endswith("_protocol"):
             project(name, round_seconds(out / name / "runs"), result)
