@@ -204,9 +204,9 @@ def branchy_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
     return loss * 2 if bool(weights.sum() > 4) else loss
 
 
-def test_a_loss_vmap_cannot_run_is_computed_per_client(monkeypatch):
+def test_a_loss_vmap_cannot_run_is_computed_per_client(monkeypatch, capsys):
     """A LossObjective whose function vmap cannot batch falls back to the per-client path on the first step,
-    with the same result as the per-client path from the start."""
+    with the same result as the per-client path from the start, and says so once."""
     datas = synthetic_clients()
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1, norm="batch", width=4).to(torch.float64)
@@ -223,10 +223,15 @@ def test_a_loss_vmap_cannot_run_is_computed_per_client(monkeypatch):
                            [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], None,
                            epochs=1.0, steps=None)
 
+    monkeypatch.setattr(fused_module._GroupLoss, "noted", set())
     structured = run([LossObjective(partial(branchy_loss, weights=w)) for w in weights])
     assert built[0] is not None and built[0].failed.startswith("RuntimeError")
+    run([LossObjective(partial(branchy_loss, weights=w)) for w in weights])  # again: no second note
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: fused engine")]
+    assert notes == ["note: fused engine: loss branchy_loss runs once per client (vmap cannot batch it: "
+                     "RuntimeError); the same result, more kernel launches"]
     plain = run([(lambda w: lambda m, x, y: branchy_loss(m(x), y, w))(w) for w in weights])
-    assert built[1] is None
+    assert built[2] is None  # the plain functions: no structure
     for a, b in zip(structured.states, plain.states):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert structured.losses == plain.losses

@@ -333,12 +333,14 @@ class _GroupLoss:
 
     A loss that ``vmap`` cannot run (a random op: the per-client path draws from the global generator in
     client order; data-dependent control flow) disables it for the round: the step's losses come from the
-    per-client path, on the same forward pass."""
+    per-client path, on the same forward pass (a one-line note, once per loss and process)."""
+
+    noted: set[str] = set()  # the losses whose fallback this process has printed
 
     def __init__(self, function: Callable | None, output: str, args: tuple, tensors: list[torch.Tensor],
-                 weights: tuple[str, ...], mu: float, anchor: dict[str, torch.Tensor]) -> None:
+                 weights: tuple[str, ...], mu: float, anchor: dict[str, torch.Tensor], name: str = "") -> None:
         self.function, self.output, self.args, self.tensors = function, output, args, tensors
-        self.weights, self.mu, self.anchor = weights, mu, anchor
+        self.weights, self.mu, self.anchor, self.name = weights, mu, anchor, name
         self.failed: str | None = None
 
     @staticmethod
@@ -376,7 +378,8 @@ class _GroupLoss:
         if parts is None:
             return cls(None, output, args, [], (), mu, anchor)
         tensors = [torch.stack([s[1].tensors[i] for s in structures]).to(device) for i in range(len(parts.names))]
-        return cls(vmap(parts.per_sample_call()), output, args, tensors, weights, mu, anchor)
+        name = getattr(parts.function, "__qualname__", repr(parts.function))
+        return cls(vmap(parts.per_sample_call()), output, args, tensors, weights, mu, anchor, name)
 
     def __call__(self, step: "_GroupForward", ys: torch.Tensor, params: dict[str, torch.Tensor],
                  idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -393,6 +396,10 @@ class _GroupLoss:
                                            *(params[n] for n in self.weights))  # params: the group's rows
             except Exception as exc:  # noqa: BLE001 -- any op vmap cannot batch: the per-client path answers
                 self.failed = f"{type(exc).__name__}: {exc}"
+                if self.name not in _GroupLoss.noted:
+                    _GroupLoss.noted.add(self.name)
+                    print(f"note: fused engine: loss {self.name} runs once per client (vmap cannot batch it: "
+                          f"{type(exc).__name__}); the same result, more kernel launches", flush=True)
                 return None
         if self.mu != 0:
             m = len(ys)
