@@ -30,9 +30,10 @@ attaches l_k); it is then called with a :class:`_ClientView` of client j: ``view
 ``view.expert_logits(x)``, ``view.expert_forward(x, m)`` and a top-level submodule on the batch
 (``view.features(x)``) return client j's slice of ONE vmapped forward pass of the whole group (computed on
 first use in the step, shared by every client; each once per step, on the client's own batch); a submodule
-called on anything else (FedLoGe's heads on the features) runs on client j's own slices of its parameters
-(:class:`_ClientModule`; not one whose buffers train); ``view.parameters()`` yields client j's slices of the
-stacked parameters (the proximal term). The group's loss is Σ_j L_j, so the gradient
+called on anything else (a head on the features, ``m.classifier(m.features(x))``) runs on client j's own
+slices of its parameters (:class:`_ClientModule`; not one whose buffers train); ``view.parameters()`` and
+``view.get_parameter(name)`` yield client j's slices of the stacked parameters (the proximal term, FedLoGe's
+heads). The group's loss is Σ_j L_j, so the gradient
 reaching client j's slice is ∇L_j exactly. Where every client's objective has one structure
 (:mod:`fedlt.objectives`: plain cross-entropy, or a :class:`~fedlt.objectives.LossObjective` of one function;
 either with FedProx's :class:`~fedlt.objectives.ProximalObjective` term) the L_j of a step come from one call
@@ -156,10 +157,8 @@ class _ClientView:
         self._called: set[tuple] = set()
 
     def _output(self, x: torch.Tensor, name: str, args: tuple = ()) -> torch.Tensor:
-        if x is not self._batch:  # a cast copy (x.to(dtype)) is the batch; anything else is not
-            own = self._group.x[self._j]
-            if x.shape != own.shape or not torch.equal(x.to(own.dtype), own):
-                raise NotFusable(f"a client objective calls model.{name} on another batch than its own")
+        if not self._is_own_batch(x):
+            raise NotFusable(f"a client objective calls model.{name} on another batch than its own")
         if (name, args) in self._called:
             raise NotFusable(f"a client objective calls model.{name} twice in one step")
         self._called.add((name, args))
@@ -183,6 +182,7 @@ class _ClientView:
         return self._group.params[name][self._j]
 
     def _is_own_batch(self, x: torch.Tensor) -> bool:
+        """``x`` is this client's batch (a cast copy, ``x.to(dtype)``, is too; anything else is not)."""
         own = self._group.x[self._j]
         return x is self._batch or (x.shape == own.shape and torch.equal(x.to(own.dtype), own))
 
@@ -196,8 +196,8 @@ class _ClientView:
 class _ClientModule:
     """Submodule ``prefix`` of client ``j``'s model (``model.features``, ``model.classifier.aux``): called on
     the client's own batch, a top-level submodule gives client j's slice of the group's one vmapped pass
-    (as :class:`_ClientView` does for the model's methods); called on anything else (features, as FedLoGe's
-    heads are), it runs on client j's slices of its parameters alone (``functional_call``), which a submodule
+    (as :class:`_ClientView` does for the model's methods); called on anything else (a head on the
+    features), it runs on client j's slices of its parameters alone (``functional_call``), which a submodule
     whose buffers train (BatchNorm statistics) cannot: :class:`NotFusable`. Its child modules are
     ``_ClientModule`` too, its parameters client j's slices, any other attribute the template's own."""
 
