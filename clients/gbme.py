@@ -14,11 +14,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
+from fedlt.losses import balanced_softmax_loss
 from fedlt.models.experts import require_experts
 from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
@@ -27,12 +27,7 @@ from fedlt.train import Objective, TensorData
 
 def gbme_loss(expert_logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
     """Σ_m CE(z_m + log π̂, y) over an (M, N, C) stack of expert logits (batch mean per expert)."""
-    return sum(expert_loss(z, y, log_pi) for z in expert_logits)
-
-
-def expert_loss(logits: torch.Tensor, y: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """CE(z_m + log π̂, y) of one expert's (N, C) logits (batch mean, in float32 at least)."""
-    return F.cross_entropy(logits.float() + log_pi, y)
+    return sum(balanced_softmax_loss(z, y, log_pi) for z in expert_logits)
 
 
 @CLIENTS.register("gbme")
@@ -52,4 +47,4 @@ class GBMEClient(ClientMethod):
             model.train_only_expert(None)
             return LossObjective(partial(gbme_loss, log_pi=log_pi), output="expert_logits")
         model.train_only_expert(expert)
-        return LossObjective(partial(expert_loss, log_pi=log_pi), output="expert_forward", args=(expert,))
+        return LossObjective(partial(balanced_softmax_loss, log_pi=log_pi), output="expert_forward", args=(expert,))
