@@ -118,28 +118,25 @@ class HeadModel(nn.Module):
         return self.head(self.features(x))
 
 
-def fedloge_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CE(SSE-C(h), y) + CE(g_aux(h.detach()), y) + CE(l_k(h.detach()), y)."""
-    h = m.features(x)
-    head: FedLoGeHead = m.classifier
-    loss = F.cross_entropy(head(h).float(), y) + F.cross_entropy(head.aux(h.detach()).float(), y)
-    if head.local is not None:
-        loss = loss + F.cross_entropy(head.local(h.detach()).float(), y)
-    return loss
-
-
 LOSS_WEIGHTS = ("classifier.aux.weight", "classifier.aux.bias", "classifier.local.weight", "classifier.local.bias")
 
 
 def fedloge_heads_loss(h: torch.Tensor, y: torch.Tensor, aux_weight: torch.Tensor, aux_bias: torch.Tensor,
                        local_weight: torch.Tensor, local_bias: torch.Tensor, *, sse_weight: torch.Tensor,
                        sse_bias: torch.Tensor) -> torch.Tensor:
-    """:func:`fedloge_loss` (with l_k) from the features h and the heads' weights (``LOSS_WEIGHTS``): the
-    same linear maps, so that the fused engine computes it for a round's clients in one vmapped call."""
+    """CE(SSE-C(h), y) + CE(g_aux(h.detach()), y) + CE(l_k(h.detach()), y) from the features h and the heads'
+    weights (``LOSS_WEIGHTS``), so that the fused engine computes it for a round's clients in one vmapped call."""
     hd = h.detach()
     return (F.cross_entropy(F.linear(h, sse_weight, sse_bias).float(), y)
             + F.cross_entropy(F.linear(hd, aux_weight, aux_bias).float(), y)
             + F.cross_entropy(F.linear(hd, local_weight, local_bias).float(), y))
+
+
+def fedloge_objective(head: FedLoGeHead) -> LossObjective:
+    """The local objective of a model whose classifier is ``head`` (with l_k attached):
+    :func:`fedloge_heads_loss` of ``model.features(x)``, SSE-C fixed, the heads' weights the model's own."""
+    return LossObjective(partial(fedloge_heads_loss, sse_weight=head.sse_weight, sse_bias=head.sse_bias),
+                         output="features", params=LOSS_WEIGHTS)
 
 
 def _head(model: nn.Module) -> FedLoGeHead:
@@ -187,13 +184,12 @@ class FedLoGeClient(ClientMethod):
         return local.to(head.aux.weight.device, head.aux.weight.dtype)
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        """:func:`fedloge_loss`; with l_k attached (:meth:`attach_local`, as in training) in the form of
-        :func:`fedloge_heads_loss` on the features, which the fused engine computes for the group at once."""
+        """:func:`fedloge_objective`; l_k is attached first (:meth:`attach_local`, called by ``fit``)."""
         head = _head(model)
         if head.local is None:
-            return fedloge_loss
-        return LossObjective(partial(fedloge_heads_loss, sse_weight=head.sse_weight, sse_bias=head.sse_bias),
-                             output="features", params=LOSS_WEIGHTS)
+            raise FedLTError("client method fedloge trains its local head l_k with the model: attach_local "
+                             "comes before objective")
+        return fedloge_objective(head)
 
     def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
         """l_k trains beside the model this round (its weights are in the trained state as classifier.local.*)."""

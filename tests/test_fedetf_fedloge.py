@@ -239,9 +239,9 @@ def test_lha_matches_official_readme():
 
 def test_fedloge_loss_step_matches_official_three_optimisers():
     """update_weights_gaux: SGD(backbone) on CE(g_head(h)), SGD(g_aux) on CE(g_aux(h.detach())), SGD(l_head) on
-    CE(l_head(h.detach())), same lr and momentum: two steps of one SGD on fedloge_loss give the same weights,
-    and SSE-C stays fixed."""
-    from clients.fedloge import FedLoGeHead, fedloge_loss
+    CE(l_head(h.detach())), same lr and momentum: two steps of one SGD on the client's objective give the same
+    weights, and SSE-C stays fixed."""
+    from clients.fedloge import FedLoGeHead, fedloge_objective
 
     torch.manual_seed(0)
     features = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
@@ -259,7 +259,7 @@ def test_fedloge_loss_step_matches_official_three_optimisers():
     opt_l = torch.optim.SGD(l_head.parameters(), lr=lr, momentum=momentum)
     for _ in range(2):
         opt.zero_grad()
-        fedloge_loss(ours, x, y).backward()
+        fedloge_objective(ours.classifier)(ours, x, y).backward()
         opt.step()
         opt_b.zero_grad(), opt_g.zero_grad(), opt_l.zero_grad()
         features_ = net(x)
