@@ -20,7 +20,7 @@ stacked parameter, instead of a kernel per op per client.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -58,7 +58,7 @@ class LossObjective:
         return self.loss(model_output(model, x, self.output, self.args), y, *weights)
 
 
-def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+def proximal_term(model: nn.Module, anchor: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_l ‖w_l − w⁰_l‖² over the trainable parameters (``requires_grad``); ``anchor`` in their order."""
     trainable = (p for p in model.parameters() if p.requires_grad)
     return sum(((p - g) ** 2).sum() for p, g in zip(trainable, anchor))
@@ -79,7 +79,7 @@ class ProximalObjective:
         return cls(base, mu, tuple(p.detach().clone() for p in model.parameters() if p.requires_grad))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.base(model, x, y) + 0.5 * self.mu * proximal_term(model, list(self.anchor))
+        return self.base(model, x, y) + 0.5 * self.mu * proximal_term(model, self.anchor)
 
 
 _STATIC = (bool, int, float, str, type(None))
