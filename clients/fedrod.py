@@ -12,7 +12,11 @@ The official repository (hongyouc/Fed-RoD) holds a README only; the arithmetic f
 ``system/flcore/clients/clientrod.py`` (TsingZ0/PFLlib: BSM step on body + generic head, then a CE step of the
 personal head on ``out_g.detach() + pred(rep.detach())``, the personal head a copy of the initial generic
 head). One SGD over {body, g, p} on L_BSM + L_p is the same update as PFLlib's two optimizers (the two losses
-reach disjoint parameters and SGD acts per parameter), at fedlt's ``train`` settings (momentum, weight decay).
+reach disjoint parameters and SGD acts per parameter), at fedlt's ``train`` settings (momentum, weight decay):
+p_k is attached to the model for the round (:meth:`FedRODClient.attach_local`, as ``model.personal``), so
+the shared loop of :meth:`~fedlt.client_method.ClientMethod.fit` trains it, and under
+``federation.engine=fused`` the round's clients train stacked, each with its own p_k (with linear heads, the
+default, the group's losses in one call: :func:`fedrod_objective`).
 FedLoGe's ``baselines/fedrod_aggre.py`` (ZackZikaiXiao/FedLoGe) trains g with plain CE and p on the features
 alone, and aggregates g by its own class-norm rule; those departures from the paper are not copied.
 
@@ -23,16 +27,19 @@ state): it arrives in ``config["records"]["fedrod-personal"]`` and leaves in the
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.client_method import ClientMethod, FitResult
+from fedlt.client_method import ClientMethod
 from fedlt.config import Config
+from fedlt.errors import FedLTError
 from fedlt.models.experts import require_single_network
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
-from fedlt.train import Augment, TensorData, instance_balanced_sampler, train
+from fedlt.train import Objective, TensorData
 
 PERSONAL = "fedrod-personal"
 
@@ -42,20 +49,33 @@ def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.T
     return F.cross_entropy(logits.float() + torch.log(counts.float()), y)
 
 
-class RodPair(nn.Module):
-    """The global model (body + generic head) and the client's personal head, trained together."""
-
-    def __init__(self, model: nn.Module, personal: nn.Module) -> None:
-        super().__init__()
-        self.model, self.personal = model, personal
-
-
-def fedrod_loss(pair: RodPair, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """L_BSM(g(f(x))) + CE(g(f(x)).detach() + p(f(x).detach())): the first reaches body and g, the second p."""
-    z = pair.model.features(x)
-    g = pair.model.classifier(z)
-    personal = F.cross_entropy(g.detach().float() + pair.personal(z.detach()).float(), y)
+def fedrod_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, counts: torch.Tensor) -> torch.Tensor:
+    """L_BSM(g(f(x))) + CE(g(f(x)).detach() + p(f(x).detach())): the first reaches body and g, the second p
+    (``model.personal``, attached by :meth:`FedRODClient.attach_local`)."""
+    z = model.features(x)
+    g = model.classifier(z)
+    personal = F.cross_entropy(g.detach().float() + model.personal(z.detach()).float(), y)
     return balanced_softmax_loss(g, y, counts) + personal
+
+
+LINEAR_HEADS = ("classifier.weight", "classifier.bias", "personal.weight", "personal.bias")
+
+
+def fedrod_linear_heads_loss(z: torch.Tensor, y: torch.Tensor, g_weight: torch.Tensor, g_bias: torch.Tensor,
+                             p_weight: torch.Tensor, p_bias: torch.Tensor, *, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`fedrod_loss` of linear heads g and p from the features z and their weights (``LINEAR_HEADS``), so
+    that the fused engine computes it for a round's clients in one vmapped call."""
+    g = F.linear(z, g_weight, g_bias)
+    personal = F.cross_entropy(g.detach().float() + F.linear(z.detach(), p_weight, p_bias).float(), y)
+    return balanced_softmax_loss(g, y, counts) + personal
+
+
+def fedrod_objective(model: nn.Module, counts: torch.Tensor) -> Objective:
+    """The local objective of ``model`` with its personal head attached: :func:`fedrod_linear_heads_loss` of
+    ``model.features(x)`` where both heads are ``nn.Linear`` (the default classifier), else :func:`fedrod_loss`."""
+    if type(model.classifier) is nn.Linear and type(model.personal) is nn.Linear:
+        return LossObjective(partial(fedrod_linear_heads_loss, counts=counts), output="features", params=LINEAR_HEADS)
+    return partial(fedrod_loss, counts=counts)
 
 
 class PersonalisedModel(nn.Module):
@@ -87,18 +107,24 @@ class FedRODClient(ClientMethod):
             head.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         return head
 
-    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
-            augment: Augment) -> FitResult:
-        pair = RodPair(model, self.personal_head(model, config))
-        counts = data.class_counts.to(data.images.device)
-        t = self.cfg.train
-        result = train(pair, data, lambda m, x, y: fedrod_loss(m, x, y, counts), opt=self.optim(config),
-                       generator=generator, augment=augment, epochs=None if t.local_steps else t.local_epochs,
-                       steps=t.local_steps, sampler=instance_balanced_sampler)
-        return FitResult(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         metrics={"train_loss": result.loss, "num-examples": len(data), "steps": result.steps,
-                                  "train-images": result.num_examples},
-                         extra_arrays={PERSONAL: {k: v.detach().cpu() for k, v in pair.personal.state_dict().items()}})
+    def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
+        """p_k trains beside the model this round, as ``model.personal`` (its weights in the trained state as
+        ``personal.*``)."""
+        model.personal = self.personal_head(model, config)
+
+    def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        """:func:`fedrod_objective` on the client's counts; p_k is attached first (:meth:`attach_local`)."""
+        if not isinstance(getattr(model, "personal", None), nn.Module):
+            raise FedLTError("client method fedrod trains its personal head with the model: attach_local comes "
+                             "before objective")
+        return fedrod_objective(model, data.class_counts.to(data.images.device))
+
+    def detach_local(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """p_k leaves the model and the state; it is sent apart, under ``fedrod-personal`` (the strategy keeps it)."""
+        if "personal" in model._modules:
+            del model.personal
+        personal = {k.removeprefix("personal."): state.pop(k) for k in list(state) if k.startswith("personal.")}
+        return {PERSONAL: {k: v.detach().cpu() for k, v in personal.items()}} if personal else {}
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
         return PersonalisedModel(model, self.personal_head(model, config))

@@ -9,22 +9,20 @@ per batch, starting from the global model's) and the strategy averages it with t
 clients' sample counts like every other entry of the state; only its direction is used at test. The server
 evaluates in eval mode, which applies the counterfactual removal x̂_k − α·cos_k·ĉ_k with the averaged ē.
 Works under any weight-averaging strategy (``strategy.name=fedavg|fedprox|…``) and on single-network models
-(a multi-expert model is refused when the config is read). Under ``federation.engine=fused`` its clients train one
-after another (:meth:`TDEClient.fit` is its own): the in-place update of ē does not go through the stacked,
-vmapped call of the fused trainer.
+(a multi-expert model is refused when the config is read). Under ``federation.engine=fused`` its clients train
+stacked like FedAvg's: ē is a buffer of each client's slice, updated in place inside the vmapped forward pass as
+BatchNorm's running statistics are.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from fedlt.centralized.tde import CausalNormOptions, causal_norm_head
-from fedlt.client_method import ClientMethod, FitResult
+from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.models.experts import require_single_network
 from fedlt.registry import CLIENTS
-from fedlt.train import Augment, TensorData
 
 
 @CLIENTS.register("tde")
@@ -39,7 +37,3 @@ class TDEClient(ClientMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_single_network(cfg, "client method tde replaces one classifier by the causal-norm head")
-
-    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
-            augment: Augment) -> FitResult:
-        return super().fit(model, data, config, generator, augment)  # own method: per-client under engine=fused

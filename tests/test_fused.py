@@ -51,6 +51,8 @@ METHODS = {  # name -> (client method, model, the server's config for the round)
     "gbme_expert": ("gbme", "small_cnn_experts", {"expert": 1}),
     "fedetf": ("fedetf", "small_cnn", {}),  # a 0-d parameter (the ETF head's temperature)
     "fedloge": ("fedloge", "small_cnn", {}),  # per-client local heads on the features (attach_local)
+    "fedrod": ("fedrod", "small_cnn", {}),  # per-client personal heads beside the model (attach_local)
+    "tde": ("tde", "small_cnn", {}),  # the causal-norm head's moving-average feature ē: a buffer updated in forward
 }
 EXTRA_KEYS = {"fedloge": ["client.sse_steps=10"]}  # SSE-C's Adam steps: 10, not 10,000 (its fit is not tested here)
 
@@ -194,7 +196,7 @@ def test_every_methods_objective_is_one_call_per_group_step(method_key, monkeypa
     monkeypatch.setattr(fused_module._GroupLoss, "of", classmethod(record))
     per_client_and_fused(method_key, torch.float64)
     assert answered == [True] * 7 and built[0].failed is None
-    assert (built[0].function is None) == (method_key in ("fedavg", "fedprox"))  # cross-entropy: one kernel
+    assert (built[0].function is None) == (method_key in ("fedavg", "fedprox", "tde"))  # cross-entropy: one kernel
     assert (built[0].mu != 0) == (method_key == "fedprox")
 
 
@@ -362,6 +364,8 @@ ENGINE_RUNS = {
     "local_loss": ["strategy.name=fedavg", "client.name=local_loss", "client.loss=balanced_softmax"],
     "gbme": ["strategy.name=gbme", "model.name=small_cnn_experts", "strategy.joint_fraction=0.5"],
     "fedloge": ["strategy.name=fedloge", "client.sse_steps=10"],  # per-client local heads, sent apart
+    "fedrod": ["strategy.name=fedrod"],  # per-client personal heads, sent apart and kept by the strategy
+    "tde": ["strategy.name=fedavg", "client.name=tde"],  # ē: a buffer its head updates in the forward pass
 }
 FASHION = ["mode=federated", "partition.num_clients=4", "federation.fraction=0.75", "train.batch_size=32",
            "model.name=resnet8", "data.imbalance_factor=100", "eval.batch_size=4096"]
@@ -428,13 +432,21 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
         for pid, (w, bias) in heads[0].items():
             assert torch.allclose(heads[1][pid][0], w, rtol=1e-9, atol=1e-10)
             assert torch.allclose(heads[1][pid][1], bias, rtol=1e-9, atol=1e-10)
+    if method == "fedrod":  # each client's p_k, trained beside the model and kept by the strategy
+        heads = [torch.load(tmp_path / e / "checkpoint.pt", weights_only=False)["state"]["strategy"]["personal"]
+                 for e in ("inprocess", "fused")]
+        assert heads[0].keys() == heads[1].keys() == set(range(4))
+        for pid, head in heads[0].items():
+            assert all(torch.allclose(heads[1][pid][k], v, rtol=1e-9, atol=1e-10) for k, v in head.items())
+        weights = [h["weight"] for h in heads[0].values()]  # 3 trained this round, 1 the initial copy
+        assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
     rows = [[json.loads(x) for x in (tmp_path / e / "metrics.jsonl").read_text().splitlines()]
             for e in ("inprocess", "fused")]
     rows = [[r for r in rs if r["round"] > 0] for rs in rows]  # round 0: the initial model, nothing trained
     assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]]
     # fedlc's, local_loss's and gbme's losses cast the logits to float32 (``.float()``) even in a float64 run;
     # the fused trainer computes them for the group in one vmapped call, whose float32 sums round differently
-    float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge")
+    float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge", "fedrod")
     assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]],
                                                                rel=1e-6 if float32_loss else 1e-9)
 

@@ -14,11 +14,19 @@ from flwr.app import Message, MetricRecord, RecordDict
 from torch import nn
 
 from clients.fedbabu import FedBABUClient
-from clients.fedrod import PERSONAL, FedRODClient, PersonalisedModel, RodPair, balanced_softmax_loss, fedrod_loss
+from clients.fedrod import (
+    PERSONAL,
+    FedRODClient,
+    PersonalisedModel,
+    balanced_softmax_loss,
+    fedrod_loss,
+    fedrod_objective,
+)
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.federation.records import to_arrays, to_state
-from fedlt.models.base import SplitModel
+from fedlt.models.base import NormedLinear, SplitModel
+from fedlt.objectives import LossObjective
 from fedlt.train import TensorData
 from strategies.fedbabu import FedBABU
 from strategies.fedrod import FedROD
@@ -42,26 +50,42 @@ def test_balanced_softmax_loss_by_hand():
     assert loss.item() == pytest.approx(math.log(1 + math.e / 3), rel=1e-6)
 
 
-def test_fedrod_loss_sends_bsm_to_body_and_generic_head_and_ce_of_the_sum_to_the_personal_head():
+@pytest.mark.parametrize("form", ["module", "linear-heads"])
+def test_fedrod_loss_sends_bsm_to_body_and_generic_head_and_ce_of_the_sum_to_the_personal_head(form):
+    """PFLlib's clientrod.py by hand: BSM on body + g, then CE of g.detach() + p(z.detach()) on p — in both forms
+    the client trains on (fedrod_loss of the modules; the fused engine's loss of the linear heads' weights)."""
     model, counts = tiny_model(), torch.tensor([6, 4, 0])
-    pair = RodPair(model, nn.Linear(3, 3))
+    model.personal = nn.Linear(3, 3)
     x, y = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 0, 1, 1])
-    fedrod_loss(pair, x, y, counts).backward()
+    ref = copy.deepcopy(model)
+    objective = fedrod_objective(model, counts)
+    assert isinstance(objective, LossObjective) and objective.output == "features"  # linear heads: weights
+    loss = objective(model, x, y) if form == "linear-heads" else fedrod_loss(model, x, y, counts=counts)
+    loss.backward()
     # by hand: the body and g see only L_BSM; p only CE(g.detach() + p(z.detach()))
-    ref = copy.deepcopy(pair)
-    ref.zero_grad()
-    z = ref.model.features(x)
-    g = ref.model.classifier(z)
-    F.cross_entropy(g + torch.log(counts.float()), y).backward(retain_graph=True)
-    body_and_g = {n: p.grad.clone() for n, p in ref.model.named_parameters()}
-    F.cross_entropy(g.detach() + ref.personal(z.detach()), y).backward()
-    for n, p in pair.model.named_parameters():
-        assert torch.allclose(p.grad, body_and_g[n], atol=1e-6), n
-    for (n, p), q in zip(pair.personal.named_parameters(), ref.personal.parameters()):
+    z = ref.features(x)
+    g = ref.classifier(z)
+    bsm = F.cross_entropy(g + torch.log(counts.float()), y)
+    bsm.backward(retain_graph=True)
+    personal = F.cross_entropy(g.detach() + ref.personal(z.detach()), y)
+    personal.backward()
+    assert loss.item() == pytest.approx((bsm + personal).item(), rel=1e-6)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    assert ref.personal.weight.grad.abs().sum() > 0 and ref.features[1].weight.grad.abs().sum() > 0
     x1 = torch.randn(2, 1, 2, 2)
-    assert torch.allclose(PersonalisedModel(model, pair.personal)(x1),
-                          model(x1) + pair.personal(model.features(x1)))
+    assert torch.allclose(PersonalisedModel(model, model.personal)(x1),
+                          model(x1) + model.personal(model.features(x1)))
+
+
+def test_fedrod_objective_of_a_cosine_classifier_is_the_module_form():
+    model = SplitModel(nn.Flatten(), NormedLinear(4, 3), 4)
+    model.personal = copy.deepcopy(model.classifier)
+    objective = fedrod_objective(model, torch.tensor([2, 1, 1]))
+    assert not isinstance(objective, LossObjective)
+    x, y = torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])
+    assert objective(model, x, y).item() == pytest.approx(
+        fedrod_loss(model, x, y, counts=torch.tensor([2, 1, 1])).item())
 
 
 def test_fedrod_client_trains_its_personal_head_from_the_record_and_returns_it():

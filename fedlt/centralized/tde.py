@@ -63,8 +63,8 @@ class CausalNormClassifier(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                self.embed.mul_(self.mu).add_(h.detach().float().mean(0))
-        x = _per_head(h.float(), self.num_head)
+                self.embed.mul_(self.mu).add_(h.detach().to(self.embed.dtype).mean(0))
+        x = _per_head(h.to(self.weight.dtype), self.num_head)  # bf16 features under autocast: the head's dtype
         x = x / x.norm(dim=2, keepdim=True)
         w = self.normed_weight()
         if not self.training and self.use_effect and bool(self.embed.any()):
