@@ -22,8 +22,9 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
    CIFAR-100 copy is available offline (the same 32 × 32 compute; 10 classes instead of 100);
 4. FedLoGe's protocol (40 clients, 30 % per round, 5 local epochs, batch 8, ResNet-18) for 3 rounds on the
    fused engine, projected to its 500 rounds;
-5. JPEG decoding into the image cache on the CPU and on the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317
-   generated 224 px JPEGs (``benchmarks/imagenet_lt_scale.py --scale 0.02``, written under /tmp, not $OUT);
+5. JPEG decoding into the image cache on the CPU (one thread per core, and one thread as the baseline) and on
+   the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317 generated 375 × 500 JPEGs resized to 224 px
+   (``benchmarks/imagenet_lt_scale.py --scale 0.02 --jpeg-size 375x500``, written under /tmp, not $OUT);
 6. the fused step's loss, each client's objective on its own slice against the group's in one call, with
    operator counts and milliseconds a step (``benchmarks/group_loss.py``: fedavg, fedprox, fedlc, gbme,
    local_loss at 10 and 50 clients).
@@ -115,7 +116,7 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                      for c in ("gbme_cifar100_lt", "fedloge_cifar10_lt"))
     sim = [py, "-m", "fedlt.simulate"]
     decode = [py, str(ROOT / "benchmarks" / "imagenet_lt_scale.py"), "--work", "/tmp/fedlt-decode", "--decode-only",
-              "--rounds", "0"]
+              "--rounds", "0", "--jpeg-size", "375x500"]
     group = [py, str(ROOT / "benchmarks" / "group_batch.py"), "--device", device]
     loss = [py, str(ROOT / "benchmarks" / "group_loss.py"), "--device", device]
     if smoke:  # toy sizes: the script itself, on a CPU

@@ -4,14 +4,16 @@ ImageNet-LT (Liu et al., "Large-Scale Long-Tailed Recognition in an Open World",
 images over 1,000 classes, 1,280 in the largest and 5 in the smallest. Its list file is not available offline, so
 the per-class counts here are a synthetic profile with exactly those facts and ImageNet-LT's many / medium / few
 split (385 / 479 / 136 classes; :func:`imagenet_lt_profile`), not ImageNet-LT's own per-class counts.
-The images are generated JPEGs at 224 px (smooth random colour fields with noise; not photographs).
+The images are generated JPEGs at 224 px (smooth random colour fields with noise; not photographs), or at
+``--jpeg-size HxW`` (e.g. 375x500, ImageNet's typical size), resized to ``--size`` when decoded.
 
 It reports: the image cache's build time and size (fedlt.data.image_cache), the resident memory (RSS and PSS)
 of 10 processes that each build the experiment and take one client's shard (a Flower actor does this), against
 decoding in each process (data.cache=false: measured with 2 processes at this scale), and the wall time of the
 first and of a later round of ResNet-50 on a small cohort (in-process engine). ``--decode-devices cpu,cuda``
 first builds the cache once per listed decoding device (``data.decode_device``: the CPU, or nvJPEG on the GPU),
-each into its own folder from nothing, and reports each one's rate (``--decode-only``: only that).
+each into its own folder from nothing, and reports each one's rate (``--decode-only``: only that); on the CPU
+with one thread per core (fedlt's default) and, as the baseline in the same run, with one thread.
 
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /tmp/inlt --scale 0.05    # 5,792 images
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /data/inlt                 # the full 115,846
@@ -57,10 +59,10 @@ def imagenet_lt_profile() -> np.ndarray:
     return n
 
 
-def _write_class(args: tuple[str, int, int, int, int]) -> None:
+def _write_class(args: tuple[str, int, int, int, int, int]) -> None:
     from torchvision.io import encode_jpeg
 
-    root, c, count, size, seed = args
+    root, c, count, height, width, seed = args
     g = torch.Generator().manual_seed(seed * 1_000_003 + c)
     folder = Path(root) / "train" / f"n{c:08d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,17 +71,18 @@ def _write_class(args: tuple[str, int, int, int, int]) -> None:
         if path.exists():
             continue
         field = torch.rand(1, 3, 8, 8, generator=g)
-        img = torch.nn.functional.interpolate(field, size=(size, size), mode="bilinear", align_corners=False)[0]
-        img = (img * 200 + torch.rand(3, size, size, generator=g) * 55).to(torch.uint8)
+        img = torch.nn.functional.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)[0]
+        img = (img * 200 + torch.rand(3, height, width, generator=g) * 55).to(torch.uint8)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
         os.replace(tmp, path)
 
 
-def generate(root: Path, counts: np.ndarray, size: int, test_per_class: int, workers: int) -> None:
-    """The image tree and train.txt / test.txt (the test list reuses the first images of each class)."""
+def generate(root: Path, counts: np.ndarray, shape: tuple[int, int], test_per_class: int, workers: int) -> None:
+    """The image tree (JPEGs of ``shape`` = (height, width)) and train.txt / test.txt (the test list reuses the
+    first images of each class)."""
     t0 = time.time()
-    jobs = [(str(root), c, int(max(n, test_per_class)), size, 0) for c, n in enumerate(counts)]
+    jobs = [(str(root), c, int(max(n, test_per_class)), *shape, 0) for c, n in enumerate(counts)]
     with mp.get_context("spawn").Pool(workers) as pool:
         for i, _ in enumerate(pool.imap_unordered(_write_class, jobs), 1):
             if i % 100 == 0 or i == len(jobs):
@@ -142,26 +145,25 @@ def said(s: dict) -> str:
     return ", ".join(f"{k.split('_')[0]} {np.mean(v):.0f} MiB" for k, v in s.items() if k != "n") + " each (mean)"
 
 
-def decode_rate(root: Path, size: int, device: str, cache_dir: Path) -> dict:
-    """Build the train list's cache from nothing with JPEGs decoded on ``device``: seconds and images/s."""
+def decode_rate(root: Path, size: int, device: str, cache_dir: Path, threads: int) -> dict:
+    """Build the train list's cache from nothing with JPEGs decoded on ``device`` by ``threads`` threads:
+    seconds and images/s. The decoder's start-up (imports; on the GPU the CUDA context and nvJPEG's handles) is
+    paid once per process before the clock starts."""
     import shutil
 
-    from fedlt.data.sources import load_file_list
+    from fedlt.data.image_cache import cached_images
+    from fedlt.data.sources import decode_images, read_file_list
 
+    paths, _ = read_file_list(str(root), "train.txt", CLASSES)
+    decode_images(paths[:8], size, device)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    split = load_file_list(str(root), "train.txt", "test.txt", size, CLASSES, cache=True, cache_dir=str(cache_dir),
-                           decode_device=device)["train"]
-    if device == "cuda":  # nvJPEG's start-up (CUDA context, decoder handles) is paid once per process, not per image
-        from fedlt.data.sources import decode_images
-
-        decode_images(split.paths[:8], size, device)
     t0 = time.time()
-    images = split.materialize().images
+    images = cached_images(paths, size, decode_images, cache_dir, device, threads=threads)
     seconds = time.time() - t0
     shutil.rmtree(cache_dir, ignore_errors=True)
-    out = {"seconds": round(seconds, 2), "images_per_second": round(len(images) / seconds, 1)}
-    print(f"decode on {device}: {len(images):,} images in {seconds:.1f}s ({out['images_per_second']:,.0f} img/s)",
-          flush=True)
+    out = {"seconds": round(seconds, 2), "images_per_second": round(len(images) / seconds, 1), "threads": threads}
+    print(f"decode on {device}, {threads} thread(s): {len(images):,} images in {seconds:.1f}s "
+          f"({out['images_per_second']:,.0f} img/s)", flush=True)
     return out
 
 
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="folder for the generated images and the cache")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of every class count (default: all)")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--jpeg-size", default="", help="HxW of the generated JPEGs, resized to --size on decode "
+                                                  "(ImageNet's are ≈ 375x500; default: --size square)")
     p.add_argument("--test-per-class", type=int, default=2)
     p.add_argument("--actors", type=int, default=10)
     p.add_argument("--clients", type=int, default=20)
@@ -184,17 +188,27 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     counts = np.maximum(np.round(imagenet_lt_profile() * args.scale).astype(np.int64), 1)
-    root, cache_dir = work / f"images-scale{args.scale:g}-{args.size}px", work / "cache"
+    shape = tuple(int(v) for v in args.jpeg_size.split("x")) if args.jpeg_size else (args.size, args.size)
+    px = f"{args.size}px" if shape == (args.size, args.size) else f"{shape[0]}x{shape[1]}to{args.size}px"
+    root, cache_dir = work / f"images-scale{args.scale:g}-{px}", work / "cache"
     print(f"profile: {len(counts)} classes, {counts.max()} → {counts.min()}, {counts.sum():,} training images "
           f"(scale {args.scale:g}); {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
     if not (root / "test.txt").is_file():
-        generate(root, counts, args.size, args.test_per_class, args.workers)
+        generate(root, counts, shape, args.test_per_class, args.workers)
 
     from fedlt.data.sources import load_file_list
 
     result: dict = {"images": int(counts.sum()), "size": args.size}
+    from fedlt.data.image_cache import decode_threads
+
     for device in filter(None, args.decode_devices.split(",")):
-        result[f"decode_{device}"] = decode_rate(root, args.size, device, work / f"cache-{device}")
+        result[f"decode_{device}"] = decode_rate(root, args.size, device, work / f"cache-{device}",
+                                                 decode_threads(device))
+        if device == "cpu" and decode_threads(device) > 1:  # the baseline: one thread, in the same run
+            one = decode_rate(root, args.size, device, work / "cache-cpu", 1)
+            result["decode_cpu_one_thread"] = one
+            ratio = result["decode_cpu"]["images_per_second"] / one["images_per_second"]
+            print(f"decode on cpu: ratio {decode_threads(device)} threads / 1 thread = {ratio:.2f}x", flush=True)
     if args.decode_only:
         print(json.dumps(result))
         return 0

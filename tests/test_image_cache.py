@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from torchvision.io import encode_jpeg, write_png
 
 from fedlt.config import load_config
 from fedlt.data import sources
-from fedlt.data.image_cache import cache_key, cached_images
+from fedlt.data.image_cache import _decoded, cache_key, cached_images
 from fedlt.errors import FedLTError
 from fedlt.experiment import build_experiment, experiment_for
 
@@ -59,6 +61,45 @@ def test_built_once_then_mapped_with_the_decoded_pixels(tmp_path, capsys):
     # the mapping is private: writing into the tensor changes neither the file nor another mapping
     again[0].zero_()
     assert torch.equal(cached_images(paths, 12, decode, tmp_path / "cache"), first)
+
+
+class SlowFirstChunks:
+    """A decoder whose earlier chunks take longer (so threads finish out of order) and that records how many
+    chunks were started before the first was taken, and which chunk fails."""
+
+    def __init__(self, fail: set[int] = frozenset()) -> None:
+        self.started, self.fail, self.lock = [], fail, threading.Lock()
+
+    def __call__(self, paths, size, device):
+        with self.lock:
+            k = len(self.started)
+            self.started.append(k)
+        time.sleep(0.02 * max(0, 3 - k))
+        if k in self.fail:
+            raise FedLTError(f"chunk {k} failed")
+        return sources.decode_images(paths, size, device)
+
+
+def test_threads_decode_chunks_in_list_order(tmp_path):
+    paths = make_images(tmp_path / "img")
+    decode = SlowFirstChunks()
+    chunks = _decoded(paths, 12, decode, "cpu", chunk=2, threads=3)
+    first = next(chunks)
+    assert 1 <= len(decode.started) <= 6  # at most two chunks per thread ahead of the writer
+    assert torch.equal(torch.cat([first, *chunks]), sources.decode_images(paths, 12))
+    assert len(decode.started) == 6
+    # the first failing chunk in list order is the one reported, whichever thread failed first
+    failing = _decoded(paths, 12, SlowFirstChunks(fail={1, 3}), "cpu", chunk=2, threads=3)
+    with pytest.raises(FedLTError, match="chunk 1 failed"):
+        list(failing)
+
+
+def test_a_cache_built_by_threads_is_the_same_file(tmp_path):
+    paths = make_images(tmp_path / "img", n=150)  # 3 chunks of 64
+    one = cached_images(paths, 12, sources.decode_images, tmp_path / "one", threads=1)
+    three = cached_images(paths, 12, sources.decode_images, tmp_path / "three", threads=3)
+    files = [next((tmp_path / d).glob("*.u8")).read_bytes() for d in ("one", "three")]
+    assert files[0] == files[1] and torch.equal(one, three)
 
 
 def test_a_changed_image_list_or_size_builds_a_new_file(tmp_path):

@@ -16,8 +16,11 @@ cache, shared by every process that maps the file (``torch.from_file(..., shared
 a write would copy the page, never change the file).
 
 Decoding reads the file bytes and decodes JPEGs in batches with ``torchvision.io.decode_jpeg`` on
-``decode_device`` (``cuda``: nvJPEG on the GPU); other formats, and JPEGs the batch decoder refuses, go through
-``decode_image`` on the CPU.
+``decode_device`` (``cuda``: nvJPEG on the GPU, one batch of 256 at a time); other formats, and JPEGs the batch
+decoder refuses, go through ``decode_image`` on the CPU. On the CPU, chunks of 64 images are decoded by one
+thread per core this process may run on (``os.sched_getaffinity``; torchvision's decoders release the GIL),
+at most two chunks per thread ahead of the writer, and written in list order: the file is the same as one
+thread's, byte for byte, and the first undecodable image in list order is the one named.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import json
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -58,12 +64,18 @@ def cache_key(paths: list[str], size: int | None) -> str:
     return h.hexdigest()[:20]
 
 
+def decode_threads(decode_device: str) -> int:
+    """Threads decoding a cache: one per core this process may run on for the CPU, one for a GPU."""
+    return len(os.sched_getaffinity(0)) if decode_device == "cpu" else 1
+
+
 def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | Path | None = None,
-                  decode_device: str = "cpu", label: str = "images") -> torch.Tensor:
+                  decode_device: str = "cpu", label: str = "images", threads: int | None = None) -> torch.Tensor:
     """The images of ``paths`` as one uint8 tensor (N, C, H, W) mapped from the cache, built first if missing.
 
     ``decode(paths, size, device) -> uint8 tensor`` decodes a chunk (:func:`fedlt.data.sources.decode_images`);
-    the shape of an image (C, H, W) comes from the first chunk. ``label`` names the split in the progress lines.
+    the shape of an image (C, H, W) comes from the first chunk. ``label`` names the split in the progress lines;
+    ``threads`` decode at once (default :func:`decode_threads`).
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +86,8 @@ def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | P
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same file: wait for it
             done = sorted(folder.glob(f"{key}-{len(paths)}x*.u8"))
             if not done:
-                done = [_build(folder, key, paths, size, decode, decode_device, label)]
+                threads = decode_threads(decode_device) if threads is None else threads
+                done = [_build(folder, key, paths, size, decode, decode_device, label, threads)]
     file = done[0]
     shape = tuple(int(x) for x in file.stem.split("-", 1)[1].split("x"))
     numel = 1
@@ -86,37 +99,62 @@ def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | P
 
 
 def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, decode_device: str,
-           label: str, chunk: int = 256) -> Path:
+           label: str, threads: int) -> Path:
     """Decode ``paths`` chunk by chunk into ``<key>.partial``, then rename it to its final name."""
     n, t0 = len(paths), time.time()
     tmp = folder / f"{key}.partial"
+    chunk = 256 if decode_device != "cpu" else 64  # nvJPEG decodes a batch at once; on the CPU: many threads
+    chunks = _decoded(paths, size, decode, decode_device, chunk, threads)
     try:
-        shape = _write(tmp, paths, size, decode, decode_device, label, folder, chunk)
+        shape = _write(tmp, chunks, n, label, folder)
     except BaseException:
+        chunks.close()  # the decoding threads stop (queued chunks cancelled) before the file goes
         tmp.unlink(missing_ok=True)  # nothing half-written stays behind
         raise
     final = folder / f"{key}-{n}x{'x'.join(str(d) for d in shape)}.u8"
     (folder / f"{final.stem}.json").write_text(json.dumps(
         {"images": n, "shape": list(shape), "size": size, "first": paths[0], "last": paths[-1],
-         "built_seconds": round(time.time() - t0, 1), "decode_device": decode_device}, indent=1))
+         "built_seconds": round(time.time() - t0, 1), "decode_device": decode_device, "threads": threads},
+        indent=1))
     os.replace(tmp, final)
     return final
 
 
-def _write(tmp: Path, paths: list[str], size: int | None, decode, decode_device: str, label: str, folder: Path,
-           chunk: int) -> tuple[int, ...]:
-    n, t0, shown = len(paths), time.time(), -1
+def _decoded(paths: list[str], size: int | None, decode, decode_device: str, chunk: int,
+             threads: int) -> Iterator[torch.Tensor]:
+    """The chunks of ``paths`` decoded, in list order; by ``threads`` threads at once, at most two chunks per
+    thread ahead of the consumer (the memory held is bounded). An error is raised at its chunk's turn; the
+    chunks still queued are cancelled."""
+    starts = range(0, len(paths), chunk)
+    if threads <= 1:
+        for start in starts:
+            yield decode(paths[start:start + chunk], size, decode_device)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fedlt-decode")
+    try:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(decode, paths[start:start + chunk], size, decode_device))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write(tmp: Path, chunks: Iterator[torch.Tensor], n: int, label: str, folder: Path) -> tuple[int, ...]:
+    t0, shown, done = time.time(), -1, 0
     shape: tuple[int, ...] | None = None
     with open(tmp, "wb") as f:
-        for start in range(0, n, chunk):
-            images = decode(paths[start:start + chunk], size, decode_device)
+        for images in chunks:
             if shape is None:
                 shape = tuple(images.shape[1:])
             elif tuple(images.shape[1:]) != shape:
                 raise FedLTError(f"images of shapes {shape} and {tuple(images.shape[1:])} in one list: set "
                                  f"data.image_size to resize them to one size")
             f.write(images.contiguous().cpu().numpy().tobytes())
-            done = min(start + chunk, n)
+            done += len(images)
             pct = done * 100 // n
             if pct // 10 != shown // 10 or done == n:
                 shown = pct
