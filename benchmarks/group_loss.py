@@ -7,7 +7,9 @@ Run by hand (not in CI):
 For each client method whose objective has a structure (fedlt/objectives.py) — fedavg (cross-entropy), fedprox
 (cross-entropy + ½μ‖w − w⁰‖²), fedlc (a ``functools.partial`` with each client's counts), gbme (joint phase,
 Σ over 3 experts of a Balanced Softmax with the global prior), local_loss (logit adjustment on each client's
-counts), fedloge (three heads on the features, one of them each client's own l_k) — the same cohort is
+counts), fedloge (three heads on the features, one of them each client's own l_k), fedrod (Balanced Softmax
+on the generic head and CE on each client's personal head), ncl (NIL + NBOD over 3 experts), shike (SHIKE's
+DKT over the depth-fused experts), tlc (TLC's evidential loss, re-weighted round) — the same cohort is
 trained by :func:`fedlt.federation.fused.fused_train` two ways in one run:
 ``per client``, the objectives wrapped in a plain function (the fused trainer then calls each on its own slice
 of the group's forward pass, as it does for an objective without structure), and ``group``, the objectives as
@@ -50,6 +52,10 @@ METHODS = {  # name -> (client method, model, extra config keys, the server's co
     "gbme_joint": ("gbme", "resnet32_experts", ["strategy.name=gbme"], {"expert": -1}),
     "local_loss_la": ("local_loss", "resnet32", ["client.loss=la"], {}),
     "fedloge": ("fedloge", "resnet32", ["strategy.name=fedloge", "client.sse_steps=100"], {}),
+    "fedrod": ("fedrod", "resnet32", ["strategy.name=fedrod"], {}),
+    "ncl": ("ncl", "resnet32_experts", [], {}),
+    "shike": ("shike", "resnet32_shike", [], {}),
+    "tlc": ("tlc", "resnet32_experts", ["federation.rounds=2", "client.drw_fraction=0.5"], {"server-round": 2}),
 }
 
 

@@ -10,13 +10,16 @@ keys kept across steps, which a stateless client of one round does not hold (the
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
-from fedlt.losses.ncl import NILNBODOptions, log_counts
+from fedlt.losses.ncl import NILNBODOptions, log_counts, nil_nbod_loss
 from fedlt.models.experts import require_experts
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
 
@@ -31,6 +34,10 @@ class NCLClient(ClientMethod):
         require_experts(cfg, "client method ncl")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        """:func:`~fedlt.losses.ncl.nil_nbod_loss` of the experts' logits with the client's log n_c (a
+        :class:`~fedlt.objectives.LossObjective`: the fused engine computes a round's in one call)."""
         o = self.opts
         log_n = log_counts(torch.as_tensor(data.class_counts)).to(data.images.device)
-        return lambda m, x, y: o.nil_nbod(m.expert_logits(x), y, log_n)
+        return LossObjective(partial(nil_nbod_loss, log_n=log_n, k=o.hard_k(data.num_classes),
+                                     factor=o.distill_weight, factor_hard=o.distill_weight_hard,
+                                     ce_ratio=o.ce_ratio, hard_ratio=o.hard_ratio), output="expert_logits")

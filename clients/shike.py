@@ -15,6 +15,8 @@ server's lr for every round, and the global model is evaluated on the mean of th
 
 from __future__ import annotations
 
+from functools import partial
+
 from pydantic import Field
 from torch import nn
 
@@ -23,6 +25,7 @@ from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.losses.shike import shike_loss
 from fedlt.models.shike import DepthFusedOptions
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS, MODELS
 from fedlt.train import Objective, TensorData
 
@@ -40,5 +43,6 @@ class SHIKEClient(ClientMethod):
                              f"{cfg.model.name!r}: set model.name to one of {have}")
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
-        weight = self.opts.hns_weight
-        return lambda m, x, y: shike_loss(m.expert_logits(x), y, weight)
+        """:func:`~fedlt.losses.shike.shike_loss` of the experts' logits (a
+        :class:`~fedlt.objectives.LossObjective`: the fused engine computes a round's in one call)."""
+        return LossObjective(partial(shike_loss, hns_weight=self.opts.hns_weight), output="expert_logits")

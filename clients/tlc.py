@@ -22,16 +22,18 @@ is evaluated on the mean of the experts' logits, as every ``*_experts`` model).
 
 from __future__ import annotations
 
-import torch
+from functools import partial
+
 from pydantic import Field
 from torch import nn
 
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.errors import FedLTError
-from fedlt.losses import class_weights, ldam_margins, tlc_combine, tlc_loss
-from fedlt.losses.tlc import TLCLossOptions
+from fedlt.losses import class_weights, ldam_margins
+from fedlt.losses.tlc import TLCLossOptions, tlc_expert_loss
 from fedlt.models.experts import require_experts, resnet32_experts
+from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.train import Objective, TensorData
 
@@ -76,13 +78,7 @@ class TLCClient(ClientMethod):
             pi = counts.double() / counts.sum()
             t = data.num_classes * pi * o.reweight_factor + 1 - o.reweight_factor
             temperature = (t / t.max()).float()
-        margins = ldam_margins(counts, o.max_margin)
-        kl_period = (r + o.annealing) / o.reweight_factor
-        scale = self.cfg.model.scale
-
-        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            z = m.expert_logits(x)
-            output, w = tlc_combine(z, o.eta)
-            return tlc_loss(z, output, w, y, margins, server_round, kl_period, weight, temperature, o.tau, scale,
-                            o.diversity)
-        return objective
+        loss = partial(tlc_expert_loss, margins=ldam_margins(counts, o.max_margin), epoch=server_round,
+                       kl_period=(r + o.annealing) / o.reweight_factor, class_weight=weight, temperature=temperature,
+                       tau=o.tau, margin_scale=self.cfg.model.scale, diversity=o.diversity, eta=o.eta)
+        return LossObjective(loss, output="expert_logits")  # the fused engine: a round's losses in one call

@@ -85,11 +85,15 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, or as it is where it is float64: a loss computes in float32 at least (bfloat16 logits of
+    autocast are upcast) and a float64 run stays float64 (the engines' equivalence tests compare at 1e-9)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def cross_entropy_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """L = −log softmax(model(x))_y, averaged over the batch (in float32 at least: bfloat16 logits of autocast
-    are upcast, float64 ones kept)."""
-    logits = model(x)
-    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), y)
+    """L = −log softmax(model(x))_y, averaged over the batch (in float32 at least: :func:`at_least_float32`)."""
+    return F.cross_entropy(at_least_float32(model(x)), y)
 
 
 Sampler = Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]

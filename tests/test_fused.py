@@ -52,9 +52,15 @@ METHODS = {  # name -> (client method, model, the server's config for the round)
     "fedetf": ("fedetf", "small_cnn", {}),  # a 0-d parameter (the ETF head's temperature)
     "fedloge": ("fedloge", "small_cnn", {}),  # per-client local heads on the features (attach_local)
     "fedrod": ("fedrod", "small_cnn", {}),  # per-client personal heads beside the model (attach_local)
+    "ncl": ("ncl", "small_cnn_experts", {}),  # NIL + NBOD over the experts' logits (hard categories: a sort)
+    "shike": ("shike", "small_cnn_shike", {}),  # DKT: the experts' mutual KLs and the hardest negative
+    "tlc": ("tlc", "small_cnn_experts", {"server-round": 1}),  # evidential combination, LDAM margins, Dirichlet KL
+    "tlc_reweighted": ("tlc", "small_cnn_experts", {"server-round": 2}),  # + class weights and temperatures
     "tde": ("tde", "small_cnn", {}),  # the causal-norm head's moving-average feature ē: a buffer updated in forward
 }
-EXTRA_KEYS = {"fedloge": ["client.sse_steps=10"]}  # SSE-C's Adam steps: 10, not 10,000 (its fit is not tested here)
+# fedloge: SSE-C's Adam steps 10, not 10,000 (its fit is not tested here); tlc: re-weighting from round 2 (R = 1)
+EXTRA_KEYS = {"fedloge": ["client.sse_steps=10"],
+              **{k: ["federation.rounds=2", "client.drw_fraction=0.5"] for k in ("tlc", "tlc_reweighted")}}
 
 
 def synthetic_clients(seed: int = 0) -> list[TensorData]:

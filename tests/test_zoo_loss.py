@@ -589,3 +589,27 @@ def test_tde_refuses_cc_sam_at_config_time():
 
     with pytest.raises(FedLTError, match="tde cannot run with centralized.sam=cc_sam"):
         tiny_cfg("tde", "centralized.sam=cc_sam")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_div_sum_is_torchs_kl_div_in_value_and_gradient(dtype):
+    """NCL's and SHIKE's KLs are written out (vmap has no batching rule for aten::kl_div); the same numbers as
+    F.kl_div(reduction='sum'), bit for bit, a zero target entry included (0·log 0 = 0), and the same gradients
+    in both arguments."""
+    from fedlt.losses.base import kl_div_sum
+
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(6, 5, generator=g, dtype=dtype), torch.randn(6, 5, generator=g, dtype=dtype)
+    ours, torchs = kl_div_sum, (lambda a, b: F.kl_div(a, b, reduction="sum"))
+    with_zero = torch.softmax(t, 1) * (torch.arange(5) != 2)
+    assert torch.equal(ours(torch.log_softmax(z, 1), with_zero), torchs(torch.log_softmax(z, 1), with_zero))
+    grads = []
+    for kl in (torchs, ours):
+        zz, tt = z.clone().requires_grad_(), t.clone().requires_grad_()
+        value = kl(torch.log_softmax(zz, 1), torch.softmax(tt, 1))
+        value.backward()
+        grads.append((value.detach(), zz.grad, tt.grad))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.equal(grads[0][0], grads[1][0]) and grads[0][0] > 0
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=0, atol=tol)
+    assert torch.allclose(grads[0][2], grads[1][2], rtol=0, atol=tol)

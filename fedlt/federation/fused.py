@@ -43,7 +43,8 @@ objective's ops once per client (at 50 clients, FedProx's term alone was ~43,000
 client's objective is called on its view. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox, fedlc,
-local_loss, fedetf, fedloge and gbme (joint and expert phases) all fuse, each with its group loss.
+local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc and gbme (joint and expert phases) all fuse, each
+with its group loss; area, fedgrab, glmc, lfme and sbcl train their own loops (``fit``) and go per client.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
@@ -108,6 +109,7 @@ from fedlt.train import (
     Objective,
     OptimConfig,
     TensorData,
+    at_least_float32,
     batch_indices,
     cross_entropy_objective,
 )
@@ -318,7 +320,7 @@ def cross_entropy_per_client(logits: torch.Tensor, y: torch.Tensor) -> torch.Ten
     """Each client's :func:`fedlt.train.cross_entropy_objective` of a group's (m, B, C) logits and (m, B) labels,
     as (m,) in one call: −log softmax(z)_y averaged over each client's B samples, in float32 at least."""
     m, b = y.shape
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    z = at_least_float32(logits)
     return F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(m, b).mean(1)
 
 

@@ -24,6 +24,13 @@ class LossFactory(Protocol):
     def __call__(self, class_counts: torch.Tensor, **options: Any) -> Loss: ...
 
 
+def kl_div_sum(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ p·(log p − log q), 0·log 0 = 0: ``F.kl_div(log_q, p, reduction="sum")`` in the same ops as its kernel
+    (xlogy(p, p) − p·log q), written out because ``torch.func.vmap`` has no batching rule for ``aten::kl_div``
+    and would loop over the clients of a fused step."""
+    return (torch.xlogy(p, p) - p * log_q).sum()
+
+
 def loss_objective(loss: Loss) -> Objective:
     """The training objective ``loss(model(x), y)`` of a loss (a :class:`fedlt.objectives.LossObjective`: the
     fused engine computes a group's in one call where the loss is a zoo factory's ``functools.partial``)."""

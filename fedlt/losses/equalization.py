@@ -28,6 +28,7 @@ from pydantic import Field
 from fedlt.losses.base import Loss
 from fedlt.options import Options
 from fedlt.registry import LOSSES
+from fedlt.train import at_least_float32
 
 EQL_LAMBDA = 1.77e-3  # the official LVIS threshold (projects/EQL/eql/cfg.py: cfg.MODEL.ROI_HEADS.LAMBDA = 0.00177)
 EQL_PRIOR_PROB = 1e-3  # the official head's initial sigmoid probability (cfg.MODEL.ROI_HEADS.PRIOR_PROB)
@@ -83,7 +84,7 @@ def softmax_equalization_loss(logits: torch.Tensor, targets: torch.Tensor, count
     repository has no classification form; this follows the transcription in zhangyongshun/BagofTricks-LT
     ``lib/loss/seql.py`` (same w and β), computed as a log-sum-exp: that code takes exp(z) without subtracting
     the maximum, which overflows to inf/nan for logits above ~88 in float32 — a defect not copied."""
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    z = at_least_float32(logits)
     w = seql_weights(targets, z.shape[1], class_frequencies(counts), lam, gamma, generator).to(z.dtype)
     lse = torch.logsumexp(z + torch.log(w), dim=1)  # log 0 = −inf drops a term
     return (lse - z.gather(1, targets[:, None]).squeeze(1)).mean()

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from fedlt.losses.base import kl_div_sum
 from fedlt.options import Options
+from fedlt.train import at_least_float32
 
 
 def log_counts(class_counts: torch.Tensor) -> torch.Tensor:
@@ -49,9 +51,9 @@ def nbod(logits: list[torch.Tensor] | torch.Tensor, factor: float) -> torch.Tens
     m = len(logits)
     if m == 1:
         return logits[0].sum() * 0.0
-    p = [F.softmax(z.float(), dim=1) for z in logits]
+    p = [F.softmax(at_least_float32(z), dim=1) for z in logits]
     log_p = [torch.log(pi + 1e-9) for pi in p]
-    total = sum(F.kl_div(log_p[i], p[j], reduction="batchmean") for i in range(m) for j in range(m) if i != j)
+    total = sum(kl_div_sum(log_p[i], p[j]) / len(p[j]) for i in range(m) for j in range(m) if i != j)  # batchmean
     return factor * total / (m - 1)
 
 
@@ -61,7 +63,7 @@ def nil_nbod_loss(expert_logits: torch.Tensor, targets: torch.Tensor, log_n: tor
     """NIL + NBOD (``NIL_NBOD.forward``) on the (M, B, C) stack of the experts' logits; see the module
     docstring. ``log_n``: :func:`log_counts` of the training class counts; ``k``: hard categories per sample."""
     mask = hard_category_mask(expert_logits[0], targets, k)
-    full = [z.float() + log_n.to(z.device)[None, :] for z in expert_logits]
+    full = [at_least_float32(z) + log_n.to(z.device)[None, :] for z in expert_logits]
     hard = [s * mask for s in full]
     nil = sum(ce_ratio * F.cross_entropy(s, targets) + hard_ratio * F.cross_entropy(h, targets)
               for s, h in zip(full, hard))

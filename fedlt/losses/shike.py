@@ -28,13 +28,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedlt.losses.base import kl_div_sum
+from fedlt.train import at_least_float32
+
 TARGET_MASK = -30.0  # the official constant that masks the target logit (the cosine scale s = 30)
 
 
 def hardest_negative_teacher(expert_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The teacher's logits r (B, C): the mean logit at the hardest negative, the experts' max at the other
     non-targets, 0 at the target."""
-    z = expert_logits.float()
+    z = at_least_float32(expert_logits)
     target = F.one_hot(targets, z.shape[-1]).to(z.dtype)
     non_target = z.mean(0) * (1 - target) + TARGET_MASK * target
     hardest = F.one_hot(non_target.argmax(1), z.shape[-1]).to(z.dtype)
@@ -43,12 +46,12 @@ def hardest_negative_teacher(expert_logits: torch.Tensor, targets: torch.Tensor)
 
 def mean_kl(log_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``F.kl_div(log_student, teacher)`` with the default reduction: mean over every entry of t·(log t − log s)."""
-    return F.kl_div(log_student, teacher, reduction="sum") / log_student.numel()
+    return kl_div_sum(log_student, teacher) / log_student.numel()
 
 
 def shike_loss(expert_logits: torch.Tensor, targets: torch.Tensor, hns_weight: float = 10.0) -> torch.Tensor:
     """Stage 1 of SHIKE: Σ_i CE + ``hns_weight``·hardest-negative suppression + mutual distillation (module doc)."""
-    z = expert_logits.float()
+    z = at_least_float32(expert_logits)
     target = F.one_hot(targets, z.shape[-1]).to(z.dtype)
     teacher = F.softmax(hardest_negative_teacher(z, targets), 1)
     probs = [F.softmax(zi, 1) for zi in z]

@@ -95,7 +95,7 @@ def tlc_loss(expert_logits: torch.Tensor, output: torch.Tensor, weights: torch.T
         t, t_mean = torch.ones(1, device=z.device), 1.0
     else:
         t = temperature.to(z.device)[None, :]
-        t_mean = float(t.mean())
+        t_mean = t.mean().double()  # a tensor, not float(): no host sync, and vmap can batch it
     with torch.no_grad():
         mean_dist = torch.softmax(output.float().detach() / t, dim=1)
     mask = engaged(weights, tau).float()
@@ -110,6 +110,17 @@ def tlc_loss(expert_logits: torch.Tensor, output: torch.Tensor, weights: torch.T
         per_sample = ce + epoch / kl_period * kl - diversity * t_mean * t_mean * div
         loss = loss + (mask[i] * per_sample).sum() / mask[i].sum()
     return loss
+
+
+def tlc_expert_loss(expert_logits: torch.Tensor, targets: torch.Tensor, *, margins: torch.Tensor, epoch: int,
+                    kl_period: float, class_weight: torch.Tensor | None = None,
+                    temperature: torch.Tensor | None = None, tau: float = 0.54, margin_scale: float = 30.0,
+                    diversity: float = 0.01, eta: float = 0.2) -> torch.Tensor:
+    """:func:`tlc_loss` of the (M, B, C) ``expert_logits`` combined by :func:`tlc_combine` (η = ``eta``): one
+    function of the model's output, so that the fused engine computes a round's clients' losses in one call."""
+    output, weights = tlc_combine(expert_logits, eta)
+    return tlc_loss(expert_logits, output, weights, targets, margins, epoch, kl_period, class_weight, temperature,
+                    tau, margin_scale, diversity)
 
 
 class TLCLossOptions(Options):
