@@ -121,7 +121,7 @@ class FedRODClient(ClientMethod):
 
     def detach_local(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """p_k leaves the model and the state; it is sent apart, under ``fedrod-personal`` (the strategy keeps it)."""
-        if "personal" in model._modules:
+        if isinstance(getattr(model, "personal", None), nn.Module):
             del model.personal
         personal = {k.removeprefix("personal."): state.pop(k) for k in list(state) if k.startswith("personal.")}
         return {PERSONAL: {k: v.detach().cpu() for k, v in personal.items()}} if personal else {}

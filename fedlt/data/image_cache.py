@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,7 +121,7 @@ def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, d
 
 
 def _decoded(paths: list[str], size: int | None, decode, decode_device: str, chunk: int,
-             threads: int) -> Iterator[torch.Tensor]:
+             threads: int) -> Generator[torch.Tensor, None, None]:
     """The chunks of ``paths`` decoded, in list order; by ``threads`` threads at once, at most two chunks per
     thread ahead of the consumer (the memory held is bounded). An error is raised at its chunk's turn; the
     chunks still queued are cancelled."""
