@@ -15,7 +15,7 @@ from torchvision.io import encode_jpeg, write_png
 
 from fedlt.config import load_config
 from fedlt.data import sources
-from fedlt.data.image_cache import _decoded, cache_key, cached_images
+from fedlt.data.image_cache import _decoded, cache_key, cached_images, decoded_images
 from fedlt.errors import FedLTError
 from fedlt.experiment import build_experiment, experiment_for
 
@@ -83,13 +83,13 @@ class SlowFirstChunks:
 def test_threads_decode_chunks_in_list_order(tmp_path):
     paths = make_images(tmp_path / "img")
     decode = SlowFirstChunks()
-    chunks = _decoded(paths, 12, decode, "cpu", chunk=2, threads=3)
+    chunks = _decoded(paths, 12, decode, "cpu", threads=3, chunk=2)
     first = next(chunks)
     assert 1 <= len(decode.started) <= 6  # at most two chunks per thread ahead of the writer
     assert torch.equal(torch.cat([first, *chunks]), sources.decode_images(paths, 12))
     assert len(decode.started) == 6
     # the first failing chunk in list order is the one reported, whichever thread failed first
-    failing = _decoded(paths, 12, SlowFirstChunks(fail={1, 3}), "cpu", chunk=2, threads=3)
+    failing = _decoded(paths, 12, SlowFirstChunks(fail={1, 3}), "cpu", threads=3, chunk=2)
     with pytest.raises(FedLTError, match="chunk 1 failed"):
         list(failing)
 
@@ -100,6 +100,24 @@ def test_a_cache_built_by_threads_is_the_same_file(tmp_path):
     three = cached_images(paths, 12, sources.decode_images, tmp_path / "three", threads=3)
     files = [next((tmp_path / d).glob("*.u8")).read_bytes() for d in ("one", "three")]
     assert files[0] == files[1] and torch.equal(one, three)
+
+
+def test_without_the_cache_the_list_is_decoded_chunk_by_chunk_into_memory(tmp_path, capsys):
+    """data.cache=false: the same pixels, chunk by chunk (never the whole list's full-size images at once),
+    with progress lines, and a one-line error for an undecodable image."""
+    paths = make_images(tmp_path / "img", n=150)
+    sizes = []
+
+    def decode(chunk, size, device):
+        sizes.append(len(chunk))
+        return sources.decode_images(chunk, size, device)
+
+    images = decoded_images(paths, 12, decode, threads=2, label="150 images")
+    assert sizes == [64, 64, 22] and torch.equal(images, cached_images(paths, 12, decode, tmp_path / "c", threads=1))
+    assert "decoding 150 images 150/150 (100%" in capsys.readouterr().err
+    (tmp_path / "img" / "c0" / "0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(FedLTError, match=r"cannot decode image .*0\.jpg"):
+        decoded_images(paths, 12, sources.decode_images, threads=2)
 
 
 def test_a_changed_image_list_or_size_builds_a_new_file(tmp_path):

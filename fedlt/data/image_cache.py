@@ -103,8 +103,7 @@ def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, d
     """Decode ``paths`` chunk by chunk into ``<key>.partial``, then rename it to its final name."""
     n, t0 = len(paths), time.time()
     tmp = folder / f"{key}.partial"
-    chunk = 256 if decode_device != "cpu" else 64  # nvJPEG decodes a batch at once; on the CPU: many threads
-    chunks = _decoded(paths, size, decode, decode_device, chunk, threads)
+    chunks = _decoded(paths, size, decode, decode_device, threads)
     try:
         shape = _write(tmp, chunks, n, label, folder)
     except BaseException:
@@ -120,11 +119,13 @@ def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, d
     return final
 
 
-def _decoded(paths: list[str], size: int | None, decode, decode_device: str, chunk: int,
-             threads: int) -> Generator[torch.Tensor, None, None]:
+def _decoded(paths: list[str], size: int | None, decode, decode_device: str, threads: int,
+             chunk: int | None = None) -> Generator[torch.Tensor, None, None]:
     """The chunks of ``paths`` decoded, in list order; by ``threads`` threads at once, at most two chunks per
     thread ahead of the consumer (the memory held is bounded). An error is raised at its chunk's turn; the
-    chunks still queued are cancelled."""
+    chunks still queued are cancelled. ``chunk``: images per chunk (default 256 for nvJPEG, which decodes a
+    batch at once, 64 on the CPU, where the threads share the work)."""
+    chunk = chunk or (64 if decode_device == "cpu" else 256)
     starts = range(0, len(paths), chunk)
     if threads <= 1:
         for start in starts:
@@ -143,25 +144,57 @@ def _decoded(paths: list[str], size: int | None, decode, decode_device: str, chu
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Progress:
+    """One line on stderr at every 10 % of ``n`` images: done, rate, time left, where they go."""
+
+    def __init__(self, n: int, label: str, where: str, prefix: str = "") -> None:
+        self.n, self.label, self.where, self.prefix = n, label, where, prefix
+        self.t0, self.shown, self.done = time.time(), -1, 0
+
+    def add(self, k: int) -> None:
+        self.done += k
+        pct = self.done * 100 // self.n
+        if pct // 10 != self.shown // 10 or self.done == self.n:
+            self.shown = pct
+            rate = self.done / max(time.time() - self.t0, 1e-9)
+            print(f"{self.prefix}decoding {self.label} {self.done:,}/{self.n:,} ({pct}%, {rate:,.0f} img/s, "
+                  f"eta {(self.n - self.done) / rate:.0f}s) {self.where}", file=sys.stderr, flush=True)
+
+
+def _same_shape(shape: tuple[int, ...] | None, images: torch.Tensor) -> tuple[int, ...]:
+    """The image shape (C, H, W) of a list: the first chunk's; a later chunk of another shape is an error."""
+    if shape is not None and tuple(images.shape[1:]) != shape:
+        raise FedLTError(f"images of shapes {shape} and {tuple(images.shape[1:])} in one list: set "
+                         f"data.image_size to resize them to one size")
+    return tuple(images.shape[1:])
+
+
 def _write(tmp: Path, chunks: Iterator[torch.Tensor], n: int, label: str, folder: Path) -> tuple[int, ...]:
-    t0, shown, done = time.time(), -1, 0
-    shape: tuple[int, ...] | None = None
+    progress, shape = _Progress(n, label, f"-> {folder}", prefix="image cache: "), None
     with open(tmp, "wb") as f:
         for images in chunks:
-            if shape is None:
-                shape = tuple(images.shape[1:])
-            elif tuple(images.shape[1:]) != shape:
-                raise FedLTError(f"images of shapes {shape} and {tuple(images.shape[1:])} in one list: set "
-                                 f"data.image_size to resize them to one size")
+            shape = _same_shape(shape, images)
             f.write(images.contiguous().cpu().numpy().tobytes())
-            done += len(images)
-            pct = done * 100 // n
-            if pct // 10 != shown // 10 or done == n:
-                shown = pct
-                rate = done / max(time.time() - t0, 1e-9)
-                print(f"image cache: decoding {label} {done:,}/{n:,} ({pct}%, {rate:,.0f} img/s, "
-                      f"eta {(n - done) / rate:.0f}s) -> {folder}", file=sys.stderr, flush=True)
+            progress.add(len(images))
         f.flush()
         os.fsync(f.fileno())
     assert shape is not None
     return shape
+
+
+def decoded_images(paths: list[str], size: int | None, decode, decode_device: str = "cpu",
+                   label: str = "images", threads: int | None = None) -> torch.Tensor:
+    """The images of ``paths`` decoded into one uint8 tensor in this process's memory (``data.cache=false``),
+    chunk by chunk as a cache is built (:func:`_decoded`: threads, list order), so that at most a few chunks
+    of full-size decoded images are held beside the result (decoding the whole list at once held every image at
+    its original size: ≈ 65 GB for ImageNet-LT's 115,846 images of ≈ 375 × 500)."""
+    threads = decode_threads(decode_device) if threads is None else threads
+    progress, shape, out = _Progress(len(paths), label, "into memory (data.cache=false)"), None, None
+    for images in _decoded(paths, size, decode, decode_device, threads):
+        shape = _same_shape(shape, images)
+        if out is None:
+            out = torch.empty((len(paths), *shape), dtype=torch.uint8)
+        out[progress.done:progress.done + len(images)] = images.cpu()
+        progress.add(len(images))
+    assert out is not None
+    return out

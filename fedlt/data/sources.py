@@ -87,7 +87,10 @@ class Split:
                 raise FedLTError(f"image cache {self.cache_dir or 'folder'}: {exc.strerror or exc}; set data.cache_dir "
                                  f"to a writable folder, or data.cache=false") from None
         else:
-            images = decode_images(self.paths, self.image_size, self.decode_device)
+            from fedlt.data.image_cache import decoded_images
+
+            images = decoded_images(self.paths, self.image_size, decode_images, self.decode_device,
+                                    label=f"{len(self.paths):,} images")
         return replace(self, images=images)
 
     @property
