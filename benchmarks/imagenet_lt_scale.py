@@ -14,6 +14,8 @@ first and of a later round of ResNet-50 on a small cohort (in-process engine). `
 first builds the cache once per listed decoding device (``data.decode_device``: the CPU, or nvJPEG on the GPU),
 each into its own folder from nothing, and reports each one's rate (``--decode-only``: only that); on the CPU
 with one thread per core (fedlt's default) and, as the baseline in the same run, with one thread.
+``--decode-peak`` reports the peak memory of decoding the training list into memory (``data.cache=false``),
+each way in a fresh process: chunk by chunk (fedlt's) against the whole list in one call (the baseline).
 
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /tmp/inlt --scale 0.05    # 5,792 images
     PYTHONPATH=. python benchmarks/imagenet_lt_scale.py --work /data/inlt                 # the full 115,846
@@ -167,6 +169,34 @@ def decode_rate(root: Path, size: int, device: str, cache_dir: Path, threads: in
     return out
 
 
+def _peak_child(args: tuple[str, int, bool]) -> dict:
+    import resource
+
+    from fedlt.data.image_cache import decoded_images
+    from fedlt.data.sources import decode_images, read_file_list
+
+    root, size, chunked = args
+    paths, _ = read_file_list(root, "train.txt", CLASSES)
+    decode_images(paths[:8], size)  # imports and the decoder's start-up, before the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    images = decoded_images(paths, size, decode_images) if chunked else decode_images(paths, size)
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    return {"peak_growth_mib": round(grew / 1024), "result_mib": round(images.numel() / 2**20)}
+
+
+def decode_peak(root: Path, size: int) -> dict:
+    """Peak RSS growth of decoding the training list into memory, each way in a fresh process."""
+    out = {}
+    for name, chunked in (("whole_list", False), ("chunked", True)):
+        with mp.get_context("spawn").Pool(1) as pool:
+            out[name] = pool.apply(_peak_child, ((str(root), size, chunked),))
+        print(f"decode into memory, {name}: result {out[name]['result_mib']:,} MiB, peak growth "
+              f"{out[name]['peak_growth_mib']:,} MiB", flush=True)
+    ratio = out["whole_list"]["peak_growth_mib"] / max(out["chunked"]["peak_growth_mib"], 1)
+    print(f"decode into memory: ratio whole list / chunked peak = {ratio:.2f}x", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the generated images and the cache")
@@ -184,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="ResNet-50 rounds to time (0: skip them)")
     p.add_argument("--decode-devices", default="", help="comma-separated decoding devices to time (cpu,cuda)")
     p.add_argument("--decode-only", action="store_true", help="time the decoding devices, then stop")
+    p.add_argument("--decode-peak", action="store_true", help="peak memory of decoding into memory, two ways")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -209,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             result["decode_cpu_one_thread"] = one
             ratio = result["decode_cpu"]["images_per_second"] / one["images_per_second"]
             print(f"decode on cpu: ratio {decode_threads(device)} threads / 1 thread = {ratio:.2f}x", flush=True)
+    if args.decode_peak:
+        result["decode_peak"] = decode_peak(root, args.size)
     if args.decode_only:
         print(json.dumps(result))
         return 0
