@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlt.config import Config
+from fedlt.config import Config, federated_method
 from fedlt.errors import ClientFailure, FedLTError
 from fedlt.federation.records import keep_dtypes
 from fedlt.options import StrategyOptions
@@ -224,10 +225,20 @@ class FedLTStrategy(FedAvg):
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
               timeout: float = 3600, server_round: int = 0) -> list[Message]:
-        """Send a query ``action`` to clients and return their (checked, sorted) replies."""
+        """Send a query ``action`` to clients and return their (checked, sorted) replies. A query outside the
+        rounds (``server_round`` 0: the set-up's, e.g. GBME's local epoch on every client, or the final local
+        evaluation) says so in a progress line before it is sent and one when it is answered."""
         cfg = ConfigRecord({"action": action, **(config or {})})
         msgs = self.outer.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
-        return self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
+        said, t0 = server_round == 0, time.time()
+        if said:
+            print(f"[federated {federated_method(self.cfg)}] query {action!r} to {len(pids)} client"
+                  f"{'s' if len(pids) != 1 else ''} (outside the rounds)", flush=True)
+        replies = self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
+        if said:
+            print(f"[federated {federated_method(self.cfg)}] query {action!r}: {len(replies)} repl"
+                  f"{'ies' if len(replies) != 1 else 'y'} in {time.time() - t0:.1f}s", flush=True)
+        return replies
 
     # ------------------------------------------------------------------ Flower hooks
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
