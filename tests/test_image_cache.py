@@ -94,6 +94,15 @@ def test_threads_decode_chunks_in_list_order(tmp_path):
         list(failing)
 
 
+def test_decode_threads_without_an_affinity_call(monkeypatch):
+    from fedlt.data.image_cache import decode_threads
+
+    assert decode_threads("cpu") == len(os.sched_getaffinity(0)) and decode_threads("cuda") == 1
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has none
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert decode_threads("cpu") == 6
+
+
 def test_a_cache_built_by_threads_is_the_same_file(tmp_path):
     paths = make_images(tmp_path / "img", n=150)  # 3 chunks of 64
     one = cached_images(paths, 12, sources.decode_images, tmp_path / "one", threads=1)

@@ -65,8 +65,12 @@ def cache_key(paths: list[str], size: int | None) -> str:
 
 
 def decode_threads(decode_device: str) -> int:
-    """Threads decoding a cache: one per core this process may run on for the CPU, one for a GPU."""
-    return len(os.sched_getaffinity(0)) if decode_device == "cpu" else 1
+    """Threads decoding a cache: one per core this process may run on for the CPU (``os.cpu_count()`` where
+    the OS has no affinity call, e.g. macOS), one for a GPU."""
+    if decode_device != "cpu":
+        return 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | Path | None = None,
