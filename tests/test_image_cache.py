@@ -121,7 +121,11 @@ def test_without_the_cache_the_list_is_decoded_chunk_by_chunk_into_memory(tmp_pa
         sizes.append(len(chunk))
         return sources.decode_images(chunk, size, device)
 
-    images = decoded_images(paths, 12, decode, threads=2, label="150 images")
+    quick = decoded_images(paths, 12, decode, threads=2, label="150 images")  # under 2 s: no progress lines
+    assert "decoding" not in capsys.readouterr().err
+    sizes.clear()
+    images = decoded_images(paths, 12, decode, threads=2, label="150 images", quiet_seconds=0)
+    assert torch.equal(images, quick)
     assert sizes == [64, 64, 22] and torch.equal(images, cached_images(paths, 12, decode, tmp_path / "c", threads=1))
     assert "decoding 150 images 150/150 (100%" in capsys.readouterr().err
     (tmp_path / "img" / "c0" / "0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")

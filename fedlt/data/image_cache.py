@@ -149,15 +149,18 @@ def _decoded(paths: list[str], size: int | None, decode, decode_device: str, thr
 
 
 class _Progress:
-    """One line on stderr at every 10 % of ``n`` images: done, rate, time left, where they go."""
+    """One line on stderr at every 10 % of ``n`` images: done, rate, time left, where they go; none before
+    ``quiet_seconds`` have passed (a decode that quick needs no progress)."""
 
-    def __init__(self, n: int, label: str, where: str, prefix: str = "") -> None:
-        self.n, self.label, self.where, self.prefix = n, label, where, prefix
+    def __init__(self, n: int, label: str, where: str, prefix: str = "", quiet_seconds: float = 0.0) -> None:
+        self.n, self.label, self.where, self.prefix, self.quiet = n, label, where, prefix, quiet_seconds
         self.t0, self.shown, self.done = time.time(), -1, 0
 
     def add(self, k: int) -> None:
         self.done += k
         pct = self.done * 100 // self.n
+        if time.time() - self.t0 < self.quiet:
+            return
         if pct // 10 != self.shown // 10 or self.done == self.n:
             self.shown = pct
             rate = self.done / max(time.time() - self.t0, 1e-9)
@@ -187,13 +190,15 @@ def _write(tmp: Path, chunks: Iterator[torch.Tensor], n: int, label: str, folder
 
 
 def decoded_images(paths: list[str], size: int | None, decode, decode_device: str = "cpu",
-                   label: str = "images", threads: int | None = None) -> torch.Tensor:
+                   label: str = "images", threads: int | None = None, quiet_seconds: float = 2.0) -> torch.Tensor:
     """The images of ``paths`` decoded into one uint8 tensor in this process's memory (``data.cache=false``),
     chunk by chunk as a cache is built (:func:`_decoded`: threads, list order), so that at most a few chunks
     of full-size decoded images are held beside the result (decoding the whole list at once held every image at
-    its original size: ≈ 65 GB for ImageNet-LT's 115,846 images of ≈ 375 × 500)."""
+    its original size: ≈ 65 GB for ImageNet-LT's 115,846 images of ≈ 375 × 500). Progress lines on stderr
+    once it has taken ``quiet_seconds``."""
     threads = decode_threads(decode_device) if threads is None else threads
-    progress, shape, out = _Progress(len(paths), label, "into memory (data.cache=false)"), None, None
+    progress = _Progress(len(paths), label, "into memory (data.cache=false)", quiet_seconds=quiet_seconds)
+    shape, out = None, None
     for images in _decoded(paths, size, decode, decode_device, threads):
         shape = _same_shape(shape, images)
         if out is None:
