@@ -36,6 +36,7 @@ from torch import nn
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
 from fedlt.errors import FedLTError
+from fedlt.losses import balanced_softmax_loss
 from fedlt.models.experts import require_single_network
 from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
@@ -44,38 +45,38 @@ from fedlt.train import Objective, TensorData
 PERSONAL = "fedrod-personal"
 
 
-def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """L_BSM = CE(z + log n, y) (Ren et al., NeurIPS 2020), n the client's class counts (log 0 = −∞)."""
-    return F.cross_entropy(logits.float() + torch.log(counts.float()), y)
+def rod_loss(g: torch.Tensor, personal: torch.Tensor, y: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+    """L_BSM(g) + CE(g.detach() + personal, y) from the generic logits g and the personal head's logits of the
+    detached features: Balanced Softmax CE(g + log n, y) (Ren et al., NeurIPS 2020; n the client's class
+    counts, log 0 = −∞) reaches body and g, the second term p alone."""
+    return balanced_softmax_loss(g, y, log_n) + F.cross_entropy(g.detach().float() + personal.float(), y)
 
 
-def fedrod_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, counts: torch.Tensor) -> torch.Tensor:
-    """L_BSM(g(f(x))) + CE(g(f(x)).detach() + p(f(x).detach())): the first reaches body and g, the second p
-    (``model.personal``, attached by :meth:`FedRODClient.attach_local`)."""
+def fedrod_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, log_n: torch.Tensor) -> torch.Tensor:
+    """:func:`rod_loss` of g(f(x)) and p(f(x).detach()), p = ``model.personal`` (attached by
+    :meth:`FedRODClient.attach_local`)."""
     z = model.features(x)
-    g = model.classifier(z)
-    personal = F.cross_entropy(g.detach().float() + model.personal(z.detach()).float(), y)
-    return balanced_softmax_loss(g, y, counts) + personal
+    return rod_loss(model.classifier(z), model.personal(z.detach()), y, log_n)
 
 
 LINEAR_HEADS = ("classifier.weight", "classifier.bias", "personal.weight", "personal.bias")
 
 
 def fedrod_linear_heads_loss(z: torch.Tensor, y: torch.Tensor, g_weight: torch.Tensor, g_bias: torch.Tensor,
-                             p_weight: torch.Tensor, p_bias: torch.Tensor, *, counts: torch.Tensor) -> torch.Tensor:
+                             p_weight: torch.Tensor, p_bias: torch.Tensor, *, log_n: torch.Tensor) -> torch.Tensor:
     """:func:`fedrod_loss` of linear heads g and p from the features z and their weights (``LINEAR_HEADS``), so
     that the fused engine computes it for a round's clients in one vmapped call."""
-    g = F.linear(z, g_weight, g_bias)
-    personal = F.cross_entropy(g.detach().float() + F.linear(z.detach(), p_weight, p_bias).float(), y)
-    return balanced_softmax_loss(g, y, counts) + personal
+    return rod_loss(F.linear(z, g_weight, g_bias), F.linear(z.detach(), p_weight, p_bias), y, log_n)
 
 
 def fedrod_objective(model: nn.Module, counts: torch.Tensor) -> Objective:
-    """The local objective of ``model`` with its personal head attached: :func:`fedrod_linear_heads_loss` of
-    ``model.features(x)`` where both heads are ``nn.Linear`` (the default classifier), else :func:`fedrod_loss`."""
+    """The local objective of ``model`` with its personal head attached, log n of the client's ``counts`` taken
+    once: :func:`fedrod_linear_heads_loss` of ``model.features(x)`` where both heads are ``nn.Linear`` (the
+    default classifier), else :func:`fedrod_loss`."""
+    log_n = torch.log(counts.float())
     if type(model.classifier) is nn.Linear and type(model.personal) is nn.Linear:
-        return LossObjective(partial(fedrod_linear_heads_loss, counts=counts), output="features", params=LINEAR_HEADS)
-    return partial(fedrod_loss, counts=counts)
+        return LossObjective(partial(fedrod_linear_heads_loss, log_n=log_n), output="features", params=LINEAR_HEADS)
+    return partial(fedrod_loss, log_n=log_n)
 
 
 class PersonalisedModel(nn.Module):

@@ -18,13 +18,13 @@ from clients.fedrod import (
     PERSONAL,
     FedRODClient,
     PersonalisedModel,
-    balanced_softmax_loss,
     fedrod_loss,
     fedrod_objective,
 )
 from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.federation.records import to_arrays, to_state
+from fedlt.losses import balanced_softmax_loss
 from fedlt.models.base import NormedLinear, SplitModel
 from fedlt.objectives import LossObjective
 from fedlt.train import TensorData
@@ -46,7 +46,8 @@ def tiny_data(n: int = 12) -> TensorData:
 
 def test_balanced_softmax_loss_by_hand():
     # z + log n = [1 + ln 3, 2 + ln 1, −∞]: L = −log(3e / (3e + e²)) = log(1 + e/3)
-    loss = balanced_softmax_loss(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([0]), torch.tensor([3, 1, 0]))
+    loss = balanced_softmax_loss(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([0]),
+                                 torch.log(torch.tensor([3.0, 1.0, 0.0])))  # FedROD's: log n of its counts
     assert loss.item() == pytest.approx(math.log(1 + math.e / 3), rel=1e-6)
 
 
@@ -60,7 +61,8 @@ def test_fedrod_loss_sends_bsm_to_body_and_generic_head_and_ce_of_the_sum_to_the
     ref = copy.deepcopy(model)
     objective = fedrod_objective(model, counts)
     assert isinstance(objective, LossObjective) and objective.output == "features"  # linear heads: weights
-    loss = objective(model, x, y) if form == "linear-heads" else fedrod_loss(model, x, y, counts=counts)
+    log_n = torch.log(counts.float())
+    loss = objective(model, x, y) if form == "linear-heads" else fedrod_loss(model, x, y, log_n=log_n)
     loss.backward()
     # by hand: the body and g see only L_BSM; p only CE(g.detach() + p(z.detach()))
     z = ref.features(x)
@@ -85,7 +87,7 @@ def test_fedrod_objective_of_a_cosine_classifier_is_the_module_form():
     assert not isinstance(objective, LossObjective)
     x, y = torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])
     assert objective(model, x, y).item() == pytest.approx(
-        fedrod_loss(model, x, y, counts=torch.tensor([2, 1, 1])).item())
+        fedrod_loss(model, x, y, log_n=torch.log(torch.tensor([2.0, 1.0, 1.0]))).item())
 
 
 def test_fedrod_client_trains_its_personal_head_from_the_record_and_returns_it():
