@@ -5,7 +5,8 @@ An :class:`fedlt.train.Objective` is any ``objective(model, x, y) -> scalar``. T
 objectives, and called on a model they compute exactly what the plain function they replace did:
 
 - :class:`LossObjective`: L = loss(output, y), with ``output`` one of the model's outputs — ``model(x)``,
-  ``model.expert_logits(x)`` or ``model.expert_forward(x, m)``.
+  ``model.expert_logits(x)``, ``model.expert_forward(x, m)`` or ``model.features(x)`` (with the weights of
+  the heads the loss applies).
 - :class:`ProximalObjective`: L = base(model, x, y) + ½μ·Σ_l ‖w_l − w⁰_l‖² over the trainable parameters,
   w⁰ the weights the client received (FedProx, Li et al., MLSys 2020).
 

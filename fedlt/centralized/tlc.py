@@ -18,6 +18,8 @@ uniform distribution). ``experts_engaged`` is the mean number of experts i whose
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -26,10 +28,11 @@ from torch import nn
 from fedlt.centralized.experts import ExpertMethod
 from fedlt.data.augment import normalize, random_rotation
 from fedlt.experiment import Experiment, model_for
-from fedlt.losses import class_weights, engaged, ldam_margins, tlc_combine, tlc_loss
-from fedlt.losses.tlc import TLCLossOptions
+from fedlt.losses import class_weights, engaged, ldam_margins, tlc_combine
+from fedlt.losses.tlc import TLCLossOptions, tlc_expert_loss
 from fedlt.metrics import evaluate_logits, reliability_bins, uncertainty_metrics
 from fedlt.models.experts import CIFAR_RESNET_EXPERTS
+from fedlt.objectives import LossObjective
 from fedlt.registry import CENTRALIZED
 from fedlt.train import Augment, Objective, TensorData
 
@@ -92,12 +95,10 @@ class TLC(ExpertMethod):
         weight, temperature = (self.class_weight, self.temperature) if late else (None, None)
         o = self.opt
 
-        def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            z = model.expert_logits(x)
-            output, w = tlc_combine(z, o.eta)
-            return tlc_loss(z, output, w, y, self.margins, epoch + 1, self.kl_period, weight, temperature, o.tau,
-                            o.expert_scale, o.diversity)
-        return objective
+        return LossObjective(partial(tlc_expert_loss, margins=self.margins, epoch=epoch + 1, kl_period=self.kl_period,
+                                     class_weight=weight, temperature=temperature, tau=o.tau,
+                                     margin_scale=o.expert_scale, diversity=o.diversity, eta=o.eta),
+                             output="expert_logits")
 
     @torch.no_grad()
     def predict(self, model: nn.Module, test: TensorData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -230,13 +230,13 @@ class FedLTStrategy(FedAvg):
         evaluation) says so in a progress line before it is sent and one when it is answered."""
         cfg = ConfigRecord({"action": action, **(config or {})})
         msgs = self.outer.messages(pids, arrays, cfg, MessageType.QUERY, server_round)
-        said, t0 = server_round == 0, time.time()
+        said, t0, label = server_round == 0, time.time(), f"[federated {federated_method(self.cfg)}]"
         if said:
-            print(f"[federated {federated_method(self.cfg)}] query {action!r} to {len(pids)} client"
-                  f"{'s' if len(pids) != 1 else ''} (outside the rounds)", flush=True)
+            print(f"{label} query {action!r} to {len(pids)} client{'s' if len(pids) != 1 else ''} (outside the "
+                  "rounds)", flush=True)
         replies = self.check_replies(grid.send_and_receive(msgs, timeout=timeout))
         if said:
-            print(f"[federated {federated_method(self.cfg)}] query {action!r}: {len(replies)} repl"
+            print(f"{label} query {action!r}: {len(replies)} repl"
                   f"{'ies' if len(replies) != 1 else 'y'} in {time.time() - t0:.1f}s", flush=True)
         return replies
 
