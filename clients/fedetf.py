@@ -35,6 +35,7 @@ from torch import nn
 from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
+from fedlt.losses import balanced_softmax_loss
 from fedlt.models.experts import require_single_network
 from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
@@ -53,11 +54,10 @@ def simplex_etf(random: torch.Tensor) -> torch.Tensor:
     return (math.sqrt(c / (c - 1)) * q @ centre).float()
 
 
-def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """CE(z + log max(n_c, 1), y) over the client's class counts n (absent classes count as 1), in float32."""
-    logits = logits.float()
-    n = torch.clamp(torch.as_tensor(counts, device=logits.device), min=1).to(logits.dtype)
-    return F.cross_entropy(logits + n.log(), y)
+def floored_log_counts(counts: torch.Tensor) -> torch.Tensor:
+    """log max(n_c, 1) of the client's class counts n (absent classes count as 1), float32: the shift of its
+    Balanced Softmax CE(z + log max(n_c, 1), y) (:func:`fedlt.losses.balanced_softmax_loss`)."""
+    return torch.clamp(torch.as_tensor(counts), min=1).float().log()
 
 
 class ETFProjectionHead(nn.Module):
@@ -113,8 +113,8 @@ class FedETFClient(ClientMethod):
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         _head(model)
-        counts = data.class_counts.to(data.images.device)
-        return LossObjective(partial(balanced_softmax_loss, counts=counts))
+        log_n = floored_log_counts(data.class_counts.to(data.images.device))  # once, not every step
+        return LossObjective(partial(balanced_softmax_loss, log_pi=log_n))
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
         """The official ``Client_personalization`` on a copy of ``model`` (the global model)."""
