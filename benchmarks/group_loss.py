@@ -9,7 +9,8 @@ For each client method whose objective has a structure (fedlt/objectives.py) —
 Σ over 3 experts of a Balanced Softmax with the global prior), local_loss (logit adjustment on each client's
 counts), fedloge (three heads on the features, one of them each client's own l_k), fedrod (Balanced Softmax
 on the generic head and CE on each client's personal head), ncl (NIL + NBOD over 3 experts), shike (SHIKE's
-DKT over the depth-fused experts), tlc (TLC's evidential loss, re-weighted round) — the same cohort is
+DKT over the depth-fused experts), tlc (TLC's evidential loss, re-weighted round), area (CE weighted by each
+client's AREA class weights, from its feature pass in ``prepare``) — the same cohort is
 trained by :func:`fedlt.federation.fused.fused_train` two ways in one run:
 ``per client``, the objectives wrapped in a plain function (the fused trainer then calls each on its own slice
 of the group's forward pass, as it does for an objective without structure), and ``group``, the objectives as
@@ -56,6 +57,7 @@ METHODS = {  # name -> (client method, model, extra config keys, the server's co
     "ncl": ("ncl", "resnet32_experts", [], {}),
     "shike": ("shike", "resnet32_shike", [], {}),
     "tlc": ("tlc", "resnet32_experts", ["federation.rounds=2", "client.drw_fraction=0.5"], {"server-round": 2}),
+    "area": ("area", "resnet32", [], {"server-round": 1}),
 }
 
 
@@ -91,15 +93,17 @@ def cohort(key: str, k: int, batch: int, device: torch.device):
     datas = shards(k, device)
     config = {"lr": 0.05, **server, "log-prior": [-2.3] * 10}
     state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+    augment = Augment(4, True, datas[0].mean, datas[0].std)
     states, objectives = [], []
-    for j, d in enumerate(datas):  # as fused_replies: each client's own modules attached (FedLoGe's l_k)
+    for j, d in enumerate(datas):  # as fused_replies: each client prepared, its own modules attached (l_k)
         method.detach_local(model, {})
         model.load_state_dict(state)
+        method.prepare(model, d, config, torch_generator(0, Stream.CLIENT, 1, j), augment)
         method.attach_local(model, d, {**config, "partition-id": j})
         states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
         objectives.append(method.objective(model, d, config))
     opts = [method.optim(config) for _ in datas]
-    return model, states, datas, objectives, opts, Augment(4, True, datas[0].mean, datas[0].std)
+    return model, states, datas, objectives, opts, augment
 
 
 def run(setup, objectives, steps: int):

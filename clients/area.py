@@ -8,12 +8,14 @@ rounds). A class absent from the client gets weight 0, as a class absent from th
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from pydantic import Field
 from torch import nn
 
 from fedlt.centralized.area import feature_pass
-from fedlt.client_method import ClientMethod, FitResult
+from fedlt.client_method import ClientMethod
 from fedlt.losses import cross_entropy_loss, loss_objective
 from fedlt.losses.area import area_class_weights, area_loss
 from fedlt.registry import CLIENTS
@@ -27,16 +29,18 @@ class AREAClient(ClientMethod):
 
     weights: torch.Tensor | None = None
 
-    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
-            augment: Augment) -> FitResult:
+    def prepare(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+                augment: Augment) -> None:
+        """From ``client.area_from_round`` on: the class weights of one feature pass of the received model over
+        the client's data (order and augmentation drawn from ``generator``, before the training's batches)."""
         self.weights = None
         if int(config.get("server-round", 0)) >= self.opts.area_from_round:
             batches = feature_pass(model.to(data.images.device), data, augment, self.cfg.train.batch_size, generator)
             self.weights = area_class_weights(batches, data.num_classes, data.class_counts)
-        return super().fit(model, data, config, generator, augment)
 
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
+        """CE, or :func:`~fedlt.losses.area.area_loss` with the weights :meth:`prepare` found (a partial: the
+        fused engine computes a round's clients' losses in one call)."""
         if self.weights is None:
             return loss_objective(cross_entropy_loss)
-        weights = self.weights
-        return loss_objective(lambda logits, targets: area_loss(logits, targets, weights))
+        return loss_objective(partial(area_loss, weights=self.weights))

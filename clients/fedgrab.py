@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedlt.client_method import ClientMethod, FitResult
+from fedlt.client_method import ClientMethod
 from fedlt.registry import CLIENTS
 from fedlt.train import Augment, Objective, TensorData
 
@@ -127,37 +127,53 @@ def accumulate(state: SGBState, grad: torch.Tensor, target: torch.Tensor, releas
     state.neg += (g * (1 - t)).sum(0).cpu()
 
 
+@dataclass(eq=False)
+class SGBObjective:
+    """One client's loss for a round: steps 1-5 on each batch, its balancer ``state`` updated in place (its own
+    object per client, so the fused engine can train a round's clients together)."""
+
+    state: SGBState
+    open_mask: torch.Tensor
+    release_generator: torch.Generator | None  # None: no random release
+
+    def __call__(self, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = m(x).float()
+        c = logits.shape[1]
+        u = pid_step(self.state, self.open_mask)
+        target = F.one_hot(y, c).to(torch.float64).cpu()
+        if self.release_generator is None:
+            released = torch.zeros(c, dtype=torch.bool)
+        else:
+            released = random_release(self.open_mask, self.release_generator)
+        weight = sgb_weights(u, target, released).to(logits.device)
+        loss, grad = sgb_loss_and_grad(logits, y, weight)
+        accumulate(self.state, grad, target, released)
+        return loss
+
+
 @CLIENTS.register("fedgrab")
 class FedGraBClient(ClientMethod):
     class Options(ClientMethod.Options):
         random_release: bool = Field(True, description="the release's random release of controlled classes")
 
+    release_seed: int = 0
+
+    def prepare(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+                augment: Augment) -> None:
+        """The release draws come from their own generator, seeded from the client's (seed, round, partition)
+        one before its first batch."""
+        self.release_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         c = data.num_classes
-        self.state = SGBState.from_config(config, c)
         open_mask = torch.tensor([bool(v) for v in config.get("sgb-open", [1] * c)])
-        no_release = torch.zeros(c, dtype=torch.bool)
+        release = torch.Generator().manual_seed(self.release_seed) if self.opts.random_release else None
+        return SGBObjective(SGBState.from_config(config, c), open_mask, release)
 
-        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            logits = m(x).float()
-            u = pid_step(self.state, open_mask)
-            target = F.one_hot(y, c).to(torch.float64).cpu()
-            released = random_release(open_mask, self.release_generator) if self.opts.random_release else no_release
-            weight = sgb_weights(u, target, released).to(logits.device)
-            loss, grad = sgb_loss_and_grad(logits, y, weight)
-            accumulate(self.state, grad, target, released)
-            return loss
-
-        return objective
-
-    def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
-            augment: Augment) -> FitResult:
-        # the release draws come from their own generator, seeded from the client's (seed, round, partition) one
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        self.release_generator = torch.Generator().manual_seed(seed)
-        result = super().fit(model, data, config, generator, augment)
-        result.metrics.update(self.state.metrics())
-        return result
+    def round_metrics(self, objective: Objective) -> dict[str, float | int | list]:
+        """The balancer's state after the round (``sgb-*``): the server sends it back next time."""
+        assert isinstance(objective, SGBObjective)
+        return objective.state.metrics()
 
 
 def class_mask(classes: list[int] | np.ndarray, num_classes: int) -> list[int]:

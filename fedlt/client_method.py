@@ -74,6 +74,13 @@ class ClientMethod:
         """The local loss of one batch. ``model`` still holds the global weights when this is called."""
         return cross_entropy_objective
 
+    def prepare(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
+                augment: Augment) -> None:
+        """The round's work before training that reads the received model or draws from the client's stream
+        ``generator`` before its first batch (AREA's feature pass, Fed-GraB's release seed); what it finds, it
+        keeps for the :meth:`objective` built next. Default: none. :meth:`fit` and the fused engine alike call
+        it, then :meth:`attach_local` and :meth:`objective`, for one client at a time."""
+
     def attach_local(self, model: nn.Module, data: TensorData, config: dict) -> None:
         """Attach to ``model`` (holding the global weights) the client's own modules that train with it this
         round, before :meth:`objective` (FedLoGe's local head l_k). Default: none. The fused engine calls it
@@ -84,10 +91,16 @@ class ClientMethod:
         (in place; either may already lack them); return them as the reply's extra arrays. Default: {}."""
         return {}
 
+    def round_metrics(self, objective: Objective) -> dict[str, float | int | list]:
+        """The reply's metrics beyond the loss and counts, read from the trained ``objective`` (Fed-GraB's
+        balancer state). Default: none."""
+        return {}
+
     def fit(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,
             augment: Augment) -> FitResult:
-        """Train ``model`` (holding the global weights) on the client's data: :meth:`attach_local`, SGD on
-        :meth:`objective`, :meth:`detach_local`."""
+        """Train ``model`` (holding the global weights) on the client's data: :meth:`prepare`,
+        :meth:`attach_local`, SGD on :meth:`objective`, :meth:`detach_local`, :meth:`round_metrics`."""
+        self.prepare(model, data, config, generator, augment)
         self.attach_local(model, data, config)
         objective = self.objective(model, data, config)
         t = self.cfg.train
@@ -97,7 +110,8 @@ class ClientMethod:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         extra = self.detach_local(model, state)
         return FitResult(state=state, metrics={"train_loss": result.loss, "num-examples": len(data),
-                                               "steps": result.steps, "train-images": result.num_examples},
+                                               "steps": result.steps, "train-images": result.num_examples,
+                                               **self.round_metrics(objective)},
                          extra_arrays=extra)
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:

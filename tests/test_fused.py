@@ -57,7 +57,11 @@ METHODS = {  # name -> (client method, model, the server's config for the round)
     "tlc": ("tlc", "small_cnn_experts", {"server-round": 1}),  # evidential combination, LDAM margins, Dirichlet KL
     "tlc_reweighted": ("tlc", "small_cnn_experts", {"server-round": 2}),  # + class weights and temperatures
     "tde": ("tde", "small_cnn", {}),  # the causal-norm head's moving-average feature ē: a buffer updated in forward
+    "area": ("area", "small_cnn", {"server-round": 1}),  # class weights from a feature pass before training (prepare)
+    # the balancer's state steps on the host every batch; its release draws from a seed drawn in prepare
+    "fedgrab": ("fedgrab", "small_cnn", {"sgb-open": [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]}),
 }
+GROUP_LOSS = [k for k in METHODS if k != "fedgrab"]  # fedgrab's objective runs per client on its view
 # fedloge: SSE-C's Adam steps 10, not 10,000 (its fit is not tested here); tlc: re-weighting from round 2 (R = 1)
 EXTRA_KEYS = {"fedloge": ["client.sse_steps=10"],
               **{k: ["federation.rounds=2", "client.drw_fraction=0.5"] for k in ("tlc", "tlc_reweighted")}}
@@ -74,9 +78,11 @@ def synthetic_clients(seed: int = 0) -> list[TensorData]:
 
 
 def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = False, per_client: bool = False):
-    """Both trainers on the same 4 clients (each from its own perturbed start); returns their states and
-    momentum buffers, per client. ``per_client``: the fused trainer calls each client's objective on its own
-    slice of the group's forward pass (the path of an objective without structure)."""
+    """Both trainers on the same 4 clients (each from its own perturbed start), each client's method called as
+    ``fit`` and the fused engine call it (prepare on the client's generator, attach_local, objective); returns
+    their states, momentum buffers, losses and round_metrics, per client. ``per_client``: the fused trainer
+    calls each client's objective on its own slice of the group's forward pass (the path of an objective
+    without structure)."""
     name, model_name, server = METHODS[method_key]
     strategy = CLIENTS.get(name).strategy or "fedavg"  # a client method that needs its strategy (gbme)
     cfg = load_config(None, [f"client.name={name}", f"strategy.name={strategy}", f"model.name={model_name}",
@@ -101,45 +107,49 @@ def per_client_and_fused(method_key: str, dtype: torch.dtype, nesterov: bool = F
         return lambda m, x, y: objective(m, x.to(dtype), y)
 
     configs = [{**config, "partition-id": j} for j in range(len(datas))]
-    ref_states, ref_momentum, ref_losses = [], [], []
+    ref_states, ref_momentum, ref_losses, ref_metrics = [], [], [], []
     for j, data in enumerate(datas):
         m = copy.deepcopy(template)
         m.load_state_dict(starts[j])
+        generator = torch_generator(0, Stream.CLIENT, 1, j)
+        method.prepare(m, data, configs[j], generator, augment)
         method.attach_local(m, data, configs[j])
-        objective = cast(method.objective(m, data, configs[j]))
+        built = method.objective(m, data, configs[j])
         opt = method.optim(config)
         optimizer = make_optimizer(m, opt)
-        result = train(m, data, objective, opt=opt, epochs=1.0, generator=torch_generator(0, Stream.CLIENT, 1, j),
+        result = train(m, data, cast(built), opt=opt, epochs=1.0, generator=generator,
                        augment=augment, sampler=instance_balanced_sampler, optimizer=optimizer)
+        ref_metrics.append(method.round_metrics(built))
         ref_states.append(m.state_dict())
         names = {id(p): n for n, p in m.named_parameters()}
         ref_momentum.append({names[id(p)]: s["momentum_buffer"] for p, s in optimizer.state.items()})
         ref_losses.append(result.loss)
 
     model = copy.deepcopy(template)
-    objectives, opts, fused_starts = [], [], []
+    objectives, opts, fused_starts, built = [], [], [], []
+    generators = [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))]
     for j, data in enumerate(datas):
         method.detach_local(model, {})  # as fused_replies: the last client's own modules stay on the template
         model.load_state_dict(starts[j])
+        method.prepare(model, data, configs[j], generators[j], augment)
         method.attach_local(model, data, configs[j])
         fused_starts.append({k: v.clone() for k, v in model.state_dict().items()})
         objective = method.objective(model, data, configs[j])
         # as the method built it (the fused trainer casts the batch): a group's losses in one call where they
         # share a structure (fedlt.objectives); ``per_client`` wraps them so that each is called on its own
         objectives.append(cast(objective) if per_client else objective)
+        built.append(objective)
         opts.append(method.optim(config))
-    fused = fused_train(model, fused_starts, datas, objectives, opts,
-                        [torch_generator(0, Stream.CLIENT, 1, j) for j in range(len(datas))], augment,
-                        epochs=1.0, steps=None)
-    return (ref_states, ref_momentum, ref_losses), fused, fused_starts
+    fused = fused_train(model, fused_starts, datas, objectives, opts, generators, augment, epochs=1.0, steps=None)
+    fused_metrics = [method.round_metrics(o) for o in built]
+    return (ref_states, ref_momentum, ref_losses, ref_metrics), fused, fused_starts, fused_metrics
 
 
 @pytest.mark.parametrize("per_client", [False, True], ids=["group-loss", "per-client-loss"])
 @pytest.mark.parametrize("method_key", list(METHODS))
 def test_fused_trainer_matches_per_client_sgd_in_float64(method_key, per_client):
-    (states, momentum, losses), fused, starts = per_client_and_fused(method_key, torch.float64,
-                                                                     nesterov=method_key == "fedprox",
-                                                                     per_client=per_client)
+    (states, momentum, losses, metrics), fused, starts, fused_metrics = per_client_and_fused(
+        method_key, torch.float64, nesterov=method_key == "fedprox", per_client=per_client)
     assert fused.steps == [3, 4, 6, 2]  # 33 at batch 16: 16 + 16, the last batch of one dropped
     for j in range(len(SIZES)):
         assert fused.states[j].keys() == states[j].keys()
@@ -152,6 +162,11 @@ def test_fused_trainer_matches_per_client_sgd_in_float64(method_key, per_client)
         for k, v in momentum[j].items():
             assert torch.allclose(fused.momentum[j][k], v, rtol=1e-9, atol=1e-9), (j, k)
         assert fused.losses[j] == pytest.approx(losses[j], rel=1e-6)
+        assert fused_metrics[j].keys() == metrics[j].keys()  # fedgrab's balancer state, stepped each batch
+        for k, v in metrics[j].items():
+            np.testing.assert_allclose(fused_metrics[j][k], v, rtol=1e-9, atol=1e-12, err_msg=f"{j} {k}")
+    if method_key == "fedgrab":
+        assert all(any(v != 0 for v in m["sgb-pos"]) for m in metrics)
     if method_key == "gbme_expert":  # experts 0 and 2 are frozen: neither trained nor given momentum
         frozen = [k for k in states[0] if k.startswith(("experts.0.", "experts.2."))]
         assert frozen and all(torch.equal(fused.states[0][k], starts[0][k]) for k in frozen)
@@ -168,7 +183,7 @@ def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
         return cross_entropy_per_client(logits, y)
 
     monkeypatch.setattr(fused_module, "cross_entropy_per_client", counted)
-    (states, _, losses), fused, _ = per_client_and_fused("fedavg", torch.float64)
+    (states, _, losses, _), fused, _, _ = per_client_and_fused("fedavg", torch.float64)
     # every group step of one epoch (3, 4, 6 and 2 steps): 6 steps, the third in two groups (5 and 16 images)
     assert len(calls) == 7 and calls[:3] == [(4, 16), (4, 16), (1, 5)]
     assert all(torch.allclose(fused.states[j][k], v, rtol=1e-9, atol=1e-9) for j in range(4)
@@ -181,7 +196,7 @@ def test_plain_cross_entropy_is_one_call_per_group_step(monkeypatch):
         per, torch.stack([cross_entropy_objective(lambda x: x, logits[i], y[i]) for i in range(3)]), atol=1e-6)
 
 
-@pytest.mark.parametrize("method_key", list(METHODS))
+@pytest.mark.parametrize("method_key", GROUP_LOSS)
 def test_every_methods_objective_is_one_call_per_group_step(method_key, monkeypatch):
     """The methods' objectives have a structure (fedlt.objectives) the fused trainer computes for the whole
     group at once: every one of the 7 group steps (see above) gets its losses from _GroupLoss, none per client.
@@ -246,7 +261,7 @@ def test_a_loss_vmap_cannot_run_is_computed_per_client(monkeypatch, capsys):
 
 
 def test_fused_trainer_matches_per_client_sgd_in_float32():
-    (states, momentum, _), fused, _ = per_client_and_fused("fedavg", torch.float32)
+    (states, momentum, _, _), fused, _, _ = per_client_and_fused("fedavg", torch.float32)
     for j in range(len(SIZES)):
         for k, v in states[j].items():
             assert torch.allclose(fused.states[j][k].float(), v.float(), rtol=1e-3, atol=1e-4), (j, k)
@@ -372,6 +387,8 @@ ENGINE_RUNS = {
     "fedloge": ["strategy.name=fedloge", "client.sse_steps=10"],  # per-client local heads, sent apart
     "fedrod": ["strategy.name=fedrod"],  # per-client personal heads, sent apart and kept by the strategy
     "tde": ["strategy.name=fedavg", "client.name=tde"],  # ē: a buffer its head updates in the forward pass
+    "area": ["strategy.name=fedavg", "client.name=area"],  # a feature pass per client before training (prepare)
+    "fedgrab": ["strategy.name=fedgrab", "strategy.controlled=all"],  # per-client balancers, kept by the strategy
 }
 FASHION = ["mode=federated", "partition.num_clients=4", "federation.fraction=0.75", "train.batch_size=32",
            "model.name=resnet8", "data.imbalance_factor=100", "eval.batch_size=4096"]
@@ -446,13 +463,21 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
             assert all(torch.allclose(heads[1][pid][k], v, rtol=1e-9, atol=1e-10) for k, v in head.items())
         weights = [h["weight"] for h in heads[0].values()]  # 3 trained this round, 1 the initial copy
         assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
+    if method == "fedgrab":  # each client's balancer state after its round, sent back and kept by the strategy
+        sgb = [torch.load(tmp_path / e / "checkpoint.pt", weights_only=False)["state"]["strategy"]["sgb"]
+               for e in ("inprocess", "fused")]
+        assert sgb[0].keys() == sgb[1].keys() and len(sgb[0]) == 3  # the round's 3 clients
+        for pid, state in sgb[0].items():
+            assert state.keys() == sgb[1][pid].keys() and any(v != 0 for v in state["sgb-pos"])
+            for k, v in state.items():
+                np.testing.assert_allclose(sgb[1][pid][k], v, rtol=1e-9, atol=1e-12, err_msg=f"{pid} {k}")
     rows = [[json.loads(x) for x in (tmp_path / e / "metrics.jsonl").read_text().splitlines()]
             for e in ("inprocess", "fused")]
     rows = [[r for r in rs if r["round"] > 0] for rs in rows]  # round 0: the initial model, nothing trained
     assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]]
     # fedlc's, local_loss's and gbme's losses cast the logits to float32 (``.float()``) even in a float64 run;
     # the fused trainer computes them for the group in one vmapped call, whose float32 sums round differently
-    float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge", "fedrod")
+    float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge", "fedrod", "fedgrab")
     assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]],
                                                                rel=1e-6 if float32_loss else 1e-9)
 

@@ -23,9 +23,11 @@ def feature_pass(model: nn.Module, data: TensorData, augment: Augment | None, ba
                  generator: torch.Generator) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """A function that yields (model.features(x), y) over one shuffled, augmented pass of ``data`` in batches of
     ``batch_size`` (the official ``train_loader``: shuffle, training transform, last batch kept), the model in
-    eval mode without gradients. Each call draws a new pass (order, augmentation) from ``generator``."""
+    eval mode without gradients, the images in the model's dtype. Each call draws a new pass (order,
+    augmentation) from ``generator``."""
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dtype = next(model.parameters()).dtype
         was_training = model.training
         model.eval()
         try:
@@ -33,7 +35,7 @@ def feature_pass(model: nn.Module, data: TensorData, augment: Augment | None, ba
             with torch.no_grad():
                 for start in range(0, len(order), batch_size):
                     x, y = prepare_batch(data, order[start:start + batch_size], augment, generator)
-                    yield model.features(x).float(), y
+                    yield model.features(x.to(dtype)).float(), y
         finally:
             model.train(was_training)
     return batches

@@ -43,8 +43,14 @@ objective's ops once per client (at 50 clients, FedProx's term alone was ~43,000
 client's objective is called on its view. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
 BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox, fedlc,
-local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc and gbme (joint and expert phases) all fuse, each
-with its group loss; area, fedgrab, glmc, lfme and sbcl train their own loops (``fit``) and go per client.
+local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc, area and gbme (joint and expert phases) all fuse,
+each with its group loss; fedgrab fuses with its objective per client (its balancer's few ops on the host each
+step); glmc, lfme and sbcl train their own loops (``fit``) and go per client.
+
+Work before training: a method's :meth:`~fedlt.client_method.ClientMethod.prepare` (AREA's feature pass over
+the client's data with the received model, Fed-GraB's release seed) runs per client, as in ``fit``, on the
+client's own generator before any batch is drawn from it, then its objective is built; the reply's metrics
+include :meth:`~fedlt.client_method.ClientMethod.round_metrics` of that objective (Fed-GraB's balancer state).
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
@@ -562,6 +568,8 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 if "arrays" in msg.content:
                     load_into(model, msg.content["arrays"])
                 data = experiment_for(cfg).client_data(pid, device)  # resident on the device where it fits
+                gen = torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
+                method.prepare(model, data, config, gen, augment_for(cfg, data))  # before the batches' draws
                 method.attach_local(model, data, config)
                 objectives.append(method.objective(model, data, config))
                 now = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -572,7 +580,7 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 pids.append(pid)
                 datas.append(data)
                 opts.append(method.optim(config))
-                gens.append(torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid))
+                gens.append(gen)
             t = cfg.train
             result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg, datas[0]),
                                  epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
@@ -591,7 +599,8 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
         fit = FitResult(state=state, extra_arrays=extra,
                         metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
                                  "steps": result.steps[j], "train-images": result.images[j],
-                                 "fit_seconds": result.seconds / len(items)})
+                                 "fit_seconds": result.seconds / len(items),
+                                 **method.round_metrics(objectives[j])})
         replies[msg.metadata.message_id] = _reply(msg, fit, pids[j])
     return replies
 

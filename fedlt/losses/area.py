@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from fedlt.train import at_least_float32
+
 
 def class_feature_means(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                         class_counts: torch.Tensor) -> torch.Tensor:
@@ -72,5 +74,7 @@ def area_class_weights(features_of: Callable[[], Iterator[tuple[torch.Tensor, to
 
 
 def area_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L = Σ_i w_{y_i}·CE_i / Σ_i w_{y_i} (``F.cross_entropy(weight=w)``, as the official stage two)."""
-    return F.cross_entropy(logits.float(), targets, weight=weights.to(logits.device))
+    """L = Σ_i w_{y_i}·CE_i / Σ_i w_{y_i} (``F.cross_entropy(weight=w)``, as the official stage two), in
+    float32 at least (a float64 model's loss in float64)."""
+    z = at_least_float32(logits)
+    return F.cross_entropy(z, targets, weight=weights.to(z))
