@@ -26,8 +26,8 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
    the GPU (nvJPEG, ``data.decode_device=cuda``): 2,317 generated 375 × 500 JPEGs resized to 224 px
    (``benchmarks/imagenet_lt_scale.py --scale 0.02 --jpeg-size 375x500``, written under /tmp, not $OUT);
 6. the fused step's loss, each client's objective on its own slice against the group's in one call, with
-   operator counts and milliseconds a step (``benchmarks/group_loss.py``: fedavg, fedprox, fedlc, gbme,
-   local_loss, fedloge, fedrod, ncl, shike, tlc at 10 and 50 clients).
+   operator counts, host-device synchronisations and milliseconds a step (``benchmarks/group_loss.py``:
+   fedavg, fedprox, fedlc, gbme, local_loss, fedloge, fedrod, ncl, shike, tlc, area at 10 and 50 clients).
 
 Measured and projected figures are written apart (``projected_*`` keys). ``--device cpu --smoke`` runs every
 step at toy sizes on this machine (the check of the script itself).

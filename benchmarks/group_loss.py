@@ -16,7 +16,8 @@ trained by :func:`fedlt.federation.fused.fused_train` two ways in one run:
 of the group's forward pass, as it does for an objective without structure), and ``group``, the objectives as
 the method builds them (one call for the group: ``cross_entropy_per_client``, or the loss vmapped over the
 clients, and the proximal term once per stacked parameter). Both give the same weights (checked here after
-one step, and in tests/test_fused.py).
+one step, and in tests/test_fused.py). On CUDA it also counts the host-device synchronisations of one group
+step (``torch.cuda.set_sync_debug_mode``) and says where they are: the common step should have none.
 
 Printed per method and cohort size: the number of ATen operator calls of one step that are not views (forward,
 loss, backward and SGD; counted with a ``TorchDispatchMode`` as the difference between 2 steps and 1, so the
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -122,6 +125,25 @@ def ops_per_step(setup, objectives) -> int:
     return counts[1] - counts[0]
 
 
+def syncs_per_step(setup, objectives) -> tuple[int, list[str]]:
+    """On CUDA: the host-device synchronisations of one fused step (each one a warning under
+    ``torch.cuda.set_sync_debug_mode``; a sync stops the host from queuing the next step while the device runs
+    this one), the difference between a 2-step and a 1-step run, and the five commonest places (file:line)."""
+    counts = []
+    for steps in (1, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(setup, objectives, steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                              if "synchroniz" in str(w.message)))
+    diff = counts[1] - counts[0]
+    return sum(diff.values()), [f"{where} x{n}" for where, n in diff.most_common(5)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,6 +171,12 @@ def main() -> None:
             ops_one, ops_grp = ops_per_step(setup, one_by_one), ops_per_step(setup, group)
             line = (f"{key:13s} {k:3d} clients: ops/step per client {ops_one:6d}, group {ops_grp:6d} "
                     f"({ops_one / ops_grp:4.2f}x)")
+            if device.type == "cuda":
+                try:
+                    n, where = syncs_per_step(setup, group)
+                    line += f"; syncs/step {n}" + (f" ({', '.join(where)})" if where else "")
+                except Exception as exc:  # noqa: BLE001 -- a diagnostic: the other numbers still count
+                    line += f"; syncs not counted ({type(exc).__name__}: {exc})"
             if not args.no_time:
                 one = timed(lambda: run(setup, one_by_one, args.steps), sync, args.repeats) / args.steps
                 grp = timed(lambda: run(setup, group, args.steps), sync, args.repeats) / args.steps

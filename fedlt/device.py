@@ -22,6 +22,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t``, a CPU tensor, copied to ``device`` without the host waiting for the device. A copy from pageable
+    memory to a CUDA device waits for the stream's queued work (``memcpy_and_sync``), so the host could not queue
+    the next training step while the device runs this one; from pinned memory, non-blocking, it is queued like a
+    kernel (PyTorch's caching host allocator keeps the pinned block until the copy has run). Elsewhere a plain
+    ``t.to(device)``."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def check_device(name: str) -> None:
     """A one-line :class:`FedLTError` unless the device ``name`` (config key ``device``) is on this machine:
     checked before any data is built or run directory made (torch would fail mid-run)."""

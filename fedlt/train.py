@@ -216,8 +216,9 @@ def batch_indices(data: TensorData, opt: OptimConfig, *, epochs: float | None, s
     total_steps = steps if steps is not None else epoch_steps(n, bs, epochs)
     total_epochs = total_epochs if total_epochs is not None else start_epoch + total_steps / per_epoch
     step, epoch = 0, 0
+    labels = data.labels.cpu()  # once: on a GPU each copy to the host waits for the queued work
     while step < total_steps:
-        order = sampler(data.labels.cpu(), generator, int(start_epoch) + epoch)
+        order = sampler(labels, generator, int(start_epoch) + epoch)
         before = step
         for start in range(0, len(order), bs):
             if step >= total_steps:

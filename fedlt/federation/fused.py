@@ -102,7 +102,7 @@ from torch.func import functional_call, vmap
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
 from fedlt.data.augment import Draws, apply_crop_flip, normalize
-from fedlt.device import resolve_device
+from fedlt.device import host_to_device, resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
 from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, call_client_app, run_on_grid
@@ -297,24 +297,33 @@ def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws |
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batches of a group's clients as (m, B, C, H, W) images and (m, B) labels: client i's ``picks[i]``
     indices taken from its own shard into one uint8 buffer, cropped and flipped there with the clients' draws
-    concatenated, then normalised — one kernel per op for the group instead of one per client, one copy of the
-    indices and one of the draws to the device.
+    concatenated, then normalised — one kernel per op for the group instead of one per client, and one copy of
+    the step's numbers (indices, crop offsets, flips) to the device, which on a GPU does not wait for the
+    queued steps (:func:`fedlt.device.host_to_device`).
 
     Each client's slice equals :func:`fedlt.train.prepare_batch` of its batch, which normalises first and pads
     the crop with black's normalised value (0 − mean)/std: every op is per image, and a padded pixel 0
     normalises to exactly that value. Cropping the uint8 images moves a quarter of the bytes."""
     first, (m, b) = datas[0], (len(picks), len(picks[0][0]))
     device = first.images.device
-    rows = torch.cat([idx for idx, _ in picks]).to(device).split(b)
-    images = torch.empty((m * b, *first.images.shape[1:]), dtype=first.images.dtype, device=device)
-    labels = torch.empty(m * b, dtype=first.labels.dtype, device=device)
+    n = m * b
+    draws = [d for _, d in picks] if augment is not None else [(None, None)]
+    has_offsets, has_flips = draws[0][0] is not None, draws[0][1] is not None
+    host = [idx for idx, _ in picks]  # the step's numbers in one int64 tensor: one copy to the device
+    if has_offsets:
+        host.append(torch.cat([d[0] for d in draws], dim=1).flatten())
+    if has_flips:
+        host.append(torch.cat([d[1] for d in draws]).long())
+    numbers = host_to_device(torch.cat(host), device)
+    rows = numbers[:n].split(b)
+    offsets = numbers[n:3 * n].view(2, n) if has_offsets else None
+    flips = numbers[-n:].bool() if has_flips else None
+    images = torch.empty((n, *first.images.shape[1:]), dtype=first.images.dtype, device=device)
+    labels = torch.empty(n, dtype=first.labels.dtype, device=device)
     for i, (data, r) in enumerate(zip(datas, rows)):
         torch.index_select(data.images, 0, r, out=images[i * b:(i + 1) * b])
         torch.index_select(data.labels, 0, r, out=labels[i * b:(i + 1) * b])
-    if augment is not None:
-        draws = [d for _, d in picks]
-        offsets = None if draws[0][0] is None else torch.cat([d[0] for d in draws], dim=1)
-        flips = None if draws[0][1] is None else torch.cat([d[1] for d in draws])
+    if has_offsets or has_flips:
         images = apply_crop_flip(images, augment.crop_padding, offsets, flips)  # pads with pixel 0
     x = normalize(images, first.mean, first.std)  # one experiment: every shard has its mean and std
     if x.is_cuda:
@@ -469,7 +478,7 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
             groups.setdefault(len(batches[j][0]), []).append(j)
         for size, members in groups.items():
             whole = members == list(range(k))
-            idx = None if whole else torch.tensor(members, device=device)  # no copy to the device when whole
+            idx = None if whole else host_to_device(torch.tensor(members), device)  # none when whole
             params = {n: (P[n] if whole else P[n][idx]).detach().requires_grad_(n in trainable) for n in param_names}
             buffers = B if whole else {n: B[n][idx] for n in buffer_names}
             xs, ys = group_batch([datas[j] for j in members], [batches[j][:2] for j in members], augment)
@@ -491,7 +500,8 @@ def fused_train(model: nn.Module, states: list[dict[str, torch.Tensor]], datas: 
                 seen[j] += size
                 done_steps[j] += 1
             lrs = [batches[j][2] for j in members]
-            lr = lrs[0] if all(v == lrs[0] for v in lrs) else torch.tensor(lrs, device=device, dtype=torch.float64)
+            lr = lrs[0] if all(v == lrs[0] for v in lrs) else host_to_device(torch.tensor(lrs, dtype=torch.float64),
+                                                                             device)
             with torch.no_grad():
                 reached = [n for n in trainable_order if params[n].grad is not None]  # SGD skips the others
                 if whole and isinstance(lr, float) and all(n in everyone_has_momentum for n in reached):
