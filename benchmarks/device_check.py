@@ -14,7 +14,8 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
 ``$OUT/device_check.json``:
 
 1. the fused engine's batch assembly, client by client against the whole group at once, 10 and 50 clients
-   (``benchmarks/group_batch.py``; seconds, first so that the longer steps cannot use up its budget);
+   (``benchmarks/group_batch.py``; seconds, first so that the longer steps cannot use up its budget), then
+   the host's side of a round on that machine's CPU (step 7, seconds);
 2. the engines on ResNet-32, batch 64, 10 and 50 clients per round (``benchmarks/engine.py``: in-process, one
    client after another — the device image has no Ray, so the Flower engine is not run there — and fused);
 3. GBME's protocol shape (100 clients, 20 per round, 2 local epochs, ResNet-32 experts, evaluation every 10
@@ -27,7 +28,9 @@ inside ``--budget`` seconds, its output in ``$OUT/device_check.log`` and its num
    (``benchmarks/imagenet_lt_scale.py --scale 0.02 --jpeg-size 375x500``, written under /tmp, not $OUT);
 6. the fused step's loss, each client's objective on its own slice against the group's in one call, with
    operator counts, host-device synchronisations and milliseconds a step (``benchmarks/group_loss.py``:
-   fedavg, fedprox, fedlc, gbme, local_loss, fedloge, fedrod, ncl, shike, tlc, area at 10 and 50 clients).
+   fedavg, fedprox, fedlc, gbme, local_loss, fedloge, fedrod, ncl, shike, tlc, area at 10 and 50 clients);
+7. (run second) the host's side of a round on that machine's CPU: a client's weights decoded, its reply
+   encoded, the server's mean, Flower's conversions against fedlt's (``benchmarks/boundary.py``).
 
 Measured and projected figures are written apart (``projected_*`` keys). ``--device cpu --smoke`` runs every
 step at toy sizes on this machine (the check of the script itself).
@@ -119,8 +122,10 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
               "--rounds", "0", "--jpeg-size", "375x500"]
     group = [py, str(ROOT / "benchmarks" / "group_batch.py"), "--device", device]
     loss = [py, str(ROOT / "benchmarks" / "group_loss.py"), "--device", device]
+    boundary = [py, str(ROOT / "benchmarks" / "boundary.py")]
     if smoke:  # toy sizes: the script itself, on a CPU
         return [("group_batch", group + ["--clients", "2,4", "--steps", "3", "--repeats", "1"], 120),
+                ("boundary", boundary + ["--repeats", "1", "--clients", "2"], 120),
                 ("engine_10", engine + ["--clients-per-round", "2", "--rounds", "2", "--local-steps", "1", *data], 300),
                 ("gbme_protocol", sim + gbme + ["federation.rounds=2", "partition.num_clients=10",
                                                 "train.local_epochs=null", "train.local_steps=1", "eval.every=2",
@@ -131,6 +136,7 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], float]]:
                 ("jpeg_decode", decode + ["--scale", "0.001", "--decode-devices", "cpu"], 300),
                 ("group_loss", loss + ["--clients", "2", "--batch", "4", "--steps", "1", "--repeats", "1"], 300)]
     return [("group_batch", group, 60),  # first: a few seconds, and the other steps may use up the budget
+            ("boundary", boundary + ["--repeats", "3"], 40),  # the host's side of a round: seconds
             ("engine_10", engine + ["--clients-per-round", "10", "--rounds", "3", *data], 150),
             ("engine_50", engine + ["--clients-per-round", "50", "--rounds", "3", *data], 150),
             ("gbme_protocol", sim + gbme + ["federation.rounds=20", "eval.every=10"], 150),
@@ -213,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         result: dict = {"rc": rc, "wall_seconds": round(time.time() - t0, 1)}
         result["lines"] = [ln for ln in text.splitlines() if not ln.startswith("image cache:") and
                            ("img/s" in ln or "ratio" in ln or "ops/step" in ln or ln.startswith("decode on")
-                            or "fused /" in ln
+                            or "fused /" in ln or "ms per client" in ln
                             or "error" in ln.lower())]
         if name.endswith("_protocol"):
             project(name, round_seconds(out / name / "runs"), result)

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -48,12 +49,31 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config, federated_method
 from fedlt.errors import ClientFailure, FedLTError
-from fedlt.federation.records import keep_dtypes
+from fedlt.federation.records import array_to_numpy, keep_dtypes, numpy_to_array
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
 
 CLIENT_ERROR = "fedlt client error: "
 """Marks the first line of a :class:`FedLTError` raised on a client (:func:`fedlt.federation.apps.client_errors`)."""
+
+
+def weighted_mean_arrays(records: list[RecordDict], weighted_by_key: str) -> ArrayRecord:
+    """Flower's ``aggregate_arrayrecords`` (``flwr/serverapp/strategy/strategy_utils.py``), the same arithmetic in
+    the same order — Σ_k (w_k / Σ_j w_j) · a_k over the replies in order, every ArrayRecord of a reply, w_k its
+    MetricRecord's ``weighted_by_key`` — with each array decoded and encoded through
+    :func:`~fedlt.federation.records.array_to_numpy` / :func:`~fedlt.federation.records.numpy_to_array`
+    (``np.load`` of each reply's ~200 arrays was most of a round's aggregation). Equal bytes (tested)."""
+    weights = [next(iter(r.metric_records.values()))[weighted_by_key] for r in records]
+    total = sum(weights)
+    out: dict[str, np.ndarray] = {}
+    for record, weight in zip(records, (w / total for w in weights), strict=True):
+        for arrays in record.array_records.values():
+            for key, value in arrays.items():
+                if key not in out:
+                    out[key] = array_to_numpy(value) * weight
+                else:
+                    out[key] += array_to_numpy(value) * weight
+    return ArrayRecord({k: numpy_to_array(np.asarray(v)) for k, v in out.items()})
 
 
 def client_error(msg: Message) -> FedLTError | None:
@@ -256,7 +276,16 @@ class FedLTStrategy(FedAvg):
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate replies already checked (:meth:`check_replies`): Flower's rule of this class's bases, each
         array back in its replies' dtype (an integer buffer rounded, :func:`~fedlt.federation.records.keep_dtypes`)."""
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        rule = getattr(super().aggregate_train, "__func__", None)
+        if rule is FedAvg.aggregate_train:  # Flower's FedAvg rule, its arrays averaged by weighted_mean_arrays
+            valid, _ = self._check_and_log_replies(replies, is_train=True)
+            arrays, metrics = None, None
+            if valid:
+                contents = [m.content for m in valid]
+                arrays = weighted_mean_arrays(contents, self.weighted_by_key)
+                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and replies:
             keep_dtypes(arrays, replies[0].content[self.arrayrecord_key])
         return arrays, metrics
