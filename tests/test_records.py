@@ -112,3 +112,25 @@ def test_received_weights_decode_each_distinct_record_once():
     other = to_arrays({k: v + 1 if v.is_floating_point() else v for k, v in state.items()})
     second = received.state(other)  # other weights: decoded anew
     assert second is not first and all(torch.equal(second[k], other_v) for k, other_v in to_state(other).items())
+
+
+def test_received_weights_load_again_only_where_the_model_was_written(monkeypatch):
+    """The round's second client with the same weights: no second load (nothing wrote to the model); after an
+    in-place write (a plug-in's set-up training the model), the weights are loaded again."""
+    model = build_model("resnet8", 10, 1)
+    arrays = to_arrays({k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    loads = []
+    original = fused.load_state
+    monkeypatch.setattr(fused, "load_state", lambda m, s: loads.append(1) or original(m, s))
+    received = fused._ReceivedWeights(torch.device("cpu"))
+    received.load(model, copy.deepcopy(arrays))
+    received.load(model, copy.deepcopy(arrays))
+    assert len(loads) == 1
+    want = to_state(arrays)
+    with torch.no_grad():
+        next(model.parameters()).mul_(0)  # written in place: its _version moves
+    received.load(model, copy.deepcopy(arrays))
+    assert len(loads) == 2 and all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    model.train()(torch.randn(2, 1, 28, 28))  # a forward pass in train mode updates BatchNorm's buffers in place
+    received.load(model, copy.deepcopy(arrays))
+    assert len(loads) == 3 and all(torch.equal(model.state_dict()[k], v) for k, v in want.items())

@@ -581,11 +581,26 @@ class _ReceivedWeights:
     """The weights of a cohort's messages decoded and on the device once per distinct ArrayRecord: a round's
     messages usually carry the same global weights — in this process the very same bytes objects (a deep copy
     keeps bytes) — so 20 clients cost one decode and one copy to the device, not 20 (each ~200 copies from
-    pageable memory, each waiting for the device). A message whose arrays are other bytes is decoded anew."""
+    pageable memory, each waiting for the device), and one load into the model where nothing wrote to it
+    since (:meth:`load`). A message whose arrays are other bytes is decoded anew."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.last: tuple[tuple, tuple, dict[str, torch.Tensor]] | None = None
+        self.loaded: tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]] | None = None
+
+    def load(self, model: nn.Module, arrays) -> None:
+        """Load ``arrays`` into ``model``, unless it still holds exactly them: the same state as the last load,
+        and every tensor loaded then the same object, not written since (torch counts each in-place write in
+        ``_version``). A method whose set-up wrote to the model (a plug-in's ``prepare``) gets a fresh load."""
+        state = self.state(arrays)
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        if self.loaded is not None and self.loaded[0] is state and all(
+                own.get(n) is t and t._version == v for n, (t, v) in self.loaded[1].items()):
+            return
+        load_state(model, state)
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        self.loaded = (state, {n: (own[n], own[n]._version) for n in state})
 
     def state(self, arrays) -> dict[str, torch.Tensor]:
         """``arrays``' state dict on the device (shared: read, do not write)."""
@@ -640,7 +655,7 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 config = message_config(msg)
                 method.detach_local(model, {})  # the previous client's own modules (the last one's stay: template)
                 if "arrays" in msg.content:
-                    load_state(model, received.state(msg.content["arrays"]))
+                    received.load(model, msg.content["arrays"])
                 data = experiment_for(cfg).client_data(pid, device)  # resident on the device where it fits
                 gen = torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
                 method.prepare(model, data, config, gen, augment_for(cfg, data))  # before the batches' draws
