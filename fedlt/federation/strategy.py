@@ -278,7 +278,7 @@ class FedLTStrategy(FedAvg):
         array back in its replies' dtype (an integer buffer rounded, :func:`~fedlt.federation.records.keep_dtypes`)."""
         rule = getattr(super().aggregate_train, "__func__", None)
         if rule is FedAvg.aggregate_train:  # Flower's FedAvg rule, its arrays averaged by weighted_mean_arrays
-            valid, _ = self._check_and_log_replies(replies, is_train=True)
+            valid, _ = self._check_and_log_replies(replies, is_train=True)  # Flower's own check (flwr 1.42, pinned)
             arrays, metrics = None, None
             if valid:
                 contents = [m.content for m in valid]
