@@ -60,7 +60,8 @@ def main() -> None:
         print(f"{name}: {len(state)} arrays, {sum(v.numel() for v in state.values()) / 1e6:.2f} M values")
         for label, flower, ours, per in rows:
             a, b = ms(flower, args.repeats, per), ms(ours, args.repeats, per)
-            print(f"  {label:22s} ms per client: flower {a:6.2f}, fedlt {b:6.2f} ({a / b:4.1f}x)", flush=True)
+            print(f"  {name} {label:22s} ms per client: flower {a:6.2f}, fedlt {b:6.2f} ({a / b:4.1f}x)",
+                  flush=True)
 
 
 if __name__ == "__main__":
