@@ -64,6 +64,14 @@ def array_to_numpy(array: Array) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
 
 
+def array_record(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ArrayRecord holding ``arrays`` themselves (``ArrayRecord(arrays)`` builds every Array a second time)."""
+    record = ArrayRecord()
+    for key, array in arrays.items():
+        record[key] = array
+    return record
+
+
 def to_cpu(value: torch.Tensor | np.ndarray | list) -> torch.Tensor:
     """A tensor that may leave the process: detached from autograd and on the CPU (an array or list is wrapped)."""
     if isinstance(value, torch.Tensor):
@@ -75,7 +83,7 @@ def to_arrays(values: Mapping[str, torch.Tensor | np.ndarray | list]) -> ArrayRe
     """An ArrayRecord of ``values`` (a state dict, or a client's extra arrays), each moved through :func:`to_cpu`.
     Every tensor that leaves a client (weights, prior-estimate classifiers, feature statistics, class
     gradients) goes through here, so a computation may leave its results on the GPU or attached to a graph."""
-    return ArrayRecord({k: numpy_to_array(to_cpu(v).numpy()) for k, v in values.items()})
+    return array_record({k: numpy_to_array(to_cpu(v).numpy()) for k, v in values.items()})
 
 
 def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlt.config import Config, federated_method
 from fedlt.errors import ClientFailure, FedLTError
-from fedlt.federation.records import array_to_numpy, keep_dtypes, numpy_to_array
+from fedlt.federation.records import array_record, array_to_numpy, keep_dtypes, numpy_to_array
 from fedlt.options import StrategyOptions
 from fedlt.streams import Stream, seeded_rng
 
@@ -73,7 +73,7 @@ def weighted_mean_arrays(records: list[RecordDict], weighted_by_key: str) -> Arr
                     out[key] = array_to_numpy(value) * weight
                 else:
                     out[key] += array_to_numpy(value) * weight
-    return ArrayRecord({k: numpy_to_array(np.asarray(v)) for k, v in out.items()})
+    return array_record({k: numpy_to_array(np.asarray(v)) for k, v in out.items()})
 
 
 def client_error(msg: Message) -> FedLTError | None:
