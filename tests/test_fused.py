@@ -11,6 +11,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 
 from conftest import needs_fashion
 from fedlt.config import load_config
@@ -438,8 +439,22 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
     original = fused.fused_replies
     monkeypatch.setattr(fused, "fused_replies",
                         lambda cfg, device, m, items: answered.append(len(items)) or original(cfg, device, m, items))
+    from fedlt.federation import inprocess
+
+    copied_train_replies = []  # the grid deep-copies a ClientApp's reply; a fused one it keeps as built
+    deepcopy = inprocess.copy.deepcopy
+
+    def counted(x, *args):
+        if isinstance(x, Message) and x.metadata.reply_to_message_id and x.metadata.message_type == "train":
+            copied_train_replies.append(1)
+        return deepcopy(x, *args)
+
+    monkeypatch.setattr(inprocess.copy, "deepcopy", counted)
     run_inprocess(cfg, str(tmp_path / "inprocess"))
+    assert copied_train_replies
+    copied_train_replies.clear()
     run_fused(cfg, str(tmp_path / "fused"))
+    assert not copied_train_replies
     expected = [3] if method != "gbme" else [3, 3, 3, 3]
     assert answered == expected  # every train message of the run went to the fused trainer
     a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")

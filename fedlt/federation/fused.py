@@ -617,15 +617,19 @@ class _ReceivedWeights:
 # ------------------------------------------------------------------------------------------ a node's cohort
 
 def answer_cohort(cfg: Config, app: ClientApp, device: torch.device,
-                  items: list[tuple[Message, Context]]) -> list[Message]:
+                  items: list[tuple[Message, Context]], fresh: set[int] | None = None) -> list[Message]:
     """The replies to ``items`` (messages, each with the ``Context`` of the partition it is for), in order: the
     train messages that fuse (:func:`fuses`) trained together by :func:`fused_train` where there are two or
     more, every other message answered by ``app`` one at a time (:func:`~fedlt.federation.inprocess.call_client_app`).
     Used by :class:`FusedGrid` (every partition in this process) and by a host node
-    (:mod:`fedlt.federation.hosts`: its share of the partitions)."""
+    (:mod:`fedlt.federation.hosts`: its share of the partitions). ``fresh``, where given, receives the ``id()``
+    of each fused reply: built from new objects that nothing else holds, the in-process grid keeps it without
+    the deep copy it makes of a ClientApp's reply."""
     method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
     group = [(m, c) for m, c in items if type(method).fit is ClientMethod.fit and fuses(cfg, m, c)]
     replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
+    if fresh is not None:  # the fused replies: built here from new objects, held by nothing else
+        fresh.update(id(r) for r in replies.values())
     return [replies.get(m.metadata.message_id) or call_client_app(app, m, c) for m, c in items]
 
 
@@ -706,7 +710,7 @@ class FusedGrid(InProcessGrid):
 
     def answer(self, msgs: list[Message]) -> list[Message]:
         items = [(msg, self.contexts[msg.metadata.dst_node_id]) for msg in msgs]
-        return answer_cohort(self.cfg, self.client_app, self.device, items)
+        return answer_cohort(self.cfg, self.client_app, self.device, items, self.fresh)
 
 
 def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:

@@ -89,6 +89,7 @@ class InProcessGrid(Grid):
                                        state=RecordDict(), run_config={})
                          for pid, node in enumerate(ids)}
         self.replies: dict[str, Message] = {}
+        self.fresh: set[int] = set()  # id()s of this push's replies that no node code holds: kept without a copy
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -109,7 +110,8 @@ class InProcessGrid(Grid):
         msgs = [self.accept(msg) for msg in messages]
         for msg, reply in zip(msgs, self.answer(msgs)):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
+            self.replies[msg.metadata.message_id] = reply if id(reply) in self.fresh else copy.deepcopy(reply)
+        self.fresh.clear()
         return [msg.metadata.message_id for msg in msgs]
 
     def answer(self, msgs: list[Message]) -> list[Message]:
