@@ -108,6 +108,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Answer the messages now (:meth:`answer`); keep each reply for :meth:`pull_messages`."""
         msgs = [self.accept(msg) for msg in messages]
+        self.fresh.clear()  # answer() names this push's fresh replies (none left from a push that raised)
         for msg, reply in zip(msgs, self.answer(msgs)):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self.replies[msg.metadata.message_id] = reply if id(reply) in self.fresh else copy.deepcopy(reply)
