@@ -94,12 +94,25 @@ def test_snapshot_is_a_detached_copy_of_the_state():
                and "running" not in k)
 
 
-def test_per_client_on_host_gives_each_clients_slices():
-    stacked = {"w": torch.randn(3, 2, 4), "t": torch.randn(3), "n": torch.arange(3)}
-    rows = fused.per_client_on_host(stacked, 3)
+@pytest.mark.parametrize("one_copy", [False, True], ids=["slices", "one-copy-per-dtype"])
+def test_per_client_on_host_gives_each_clients_slices(one_copy):
+    """Both forms: the CPU's slices, and a device's one copy per dtype (run here on CPU tensors)."""
+    stacked = {"w": torch.randn(3, 2, 4), "t": torch.randn(3), "n": torch.arange(3), "h": torch.randn(3, 5).double()}
+    rows = (fused._per_client_in_one_copy if one_copy else fused.per_client_on_host)(stacked, 3)
     assert len(rows) == 3
     for j, row in enumerate(rows):
-        assert list(row) == list(stacked) and all(torch.equal(row[n], v[j]) for n, v in stacked.items())
+        assert list(row) == list(stacked)
+        assert all(torch.equal(row[n], v[j]) and row[n].dtype == v.dtype and row[n].shape == v[j].shape
+                   for n, v in stacked.items())
+
+
+def test_through_flat_moves_each_dtype_in_one_call():
+    state = build_model("resnet8", 10, 1).state_dict()
+    moved = []
+    out = fused._through_flat(state, lambda flat: moved.append(flat.dtype) or flat.clone())
+    assert sorted(map(str, moved)) == ["torch.float32", "torch.int64"]  # weights and BN counters
+    assert list(out) == list(state) and all(torch.equal(out[k], v) and out[k].shape == v.shape
+                                            for k, v in state.items())
 
 
 def test_received_weights_decode_each_distinct_record_once():

@@ -569,6 +569,11 @@ def per_client_on_host(stacked: dict[str, torch.Tensor], k: int) -> list[dict[st
     for the device); on the CPU they are the slices themselves."""
     if all(v.device.type == "cpu" for v in stacked.values()):
         return [{n: v[j] for n, v in stacked.items()} for j in range(k)]
+    return _per_client_in_one_copy(stacked, k)
+
+
+def _per_client_in_one_copy(stacked: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
+    """:func:`per_client_on_host` from a device: each dtype's stacked tensors as one (k, Σ numel) copy."""
     rows: dict[str, torch.Tensor] = {}
     for names in _by_dtype(stacked).values():
         flat = torch.cat([stacked[n].reshape(k, -1) for n in names], dim=1).cpu()
