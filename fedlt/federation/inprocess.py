@@ -112,7 +112,6 @@ class InProcessGrid(Grid):
         for msg, reply in zip(msgs, self.answer(msgs)):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self.replies[msg.metadata.message_id] = reply if id(reply) in self.fresh else copy.deepcopy(reply)
-        self.fresh.clear()
         return [msg.metadata.message_id for msg in msgs]
 
     def answer(self, msgs: list[Message]) -> list[Message]:
