@@ -22,13 +22,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t``, a CPU tensor, copied to ``device`` without the host waiting for the device. A copy from pageable
-    memory to a CUDA device waits for the stream's queued work (``memcpy_and_sync``), so the host could not queue
-    the next training step while the device runs this one; from pinned memory, non-blocking, it is queued like a
-    kernel (PyTorch's caching host allocator keeps the pinned block until the copy has run). Elsewhere a plain
-    ``t.to(device)``."""
-    if device.type != "cuda":
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without the host waiting for the device. A copy from pageable host memory to a CUDA
+    device waits for the stream's queued work (``memcpy_and_sync``), so the host could not queue the next
+    training step while the device runs this one; from pinned memory, non-blocking, it is queued like a kernel
+    (PyTorch's caching host allocator keeps the pinned block until the copy has run). A tensor already on a
+    CUDA device, and any copy elsewhere: a plain ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

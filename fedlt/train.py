@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlt.data.augment import Draws, apply_crop_flip, crop_flip_draws, normalize
+from fedlt.device import host_to_device
 from fedlt.errors import FedLTError
 
 
@@ -165,7 +166,7 @@ class TrainResult:
 def prepare_batch(data: TensorData, idx: torch.Tensor, augment: Augment | None,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather a batch by index, normalise, augment; channels_last on CUDA."""
-    idx = idx.to(data.images.device)
+    idx = host_to_device(idx, data.images.device)  # on a GPU: without waiting for the queued steps
     x = normalize(data.images[idx], data.mean, data.std)
     if augment is not None:
         x = augment(x, generator)

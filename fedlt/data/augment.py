@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fedlt.device import host_to_device
+
 Draws = tuple[torch.Tensor | None, torch.Tensor | None]
 """The random numbers of :func:`random_crop_flip` for a batch: crop offsets (2, n) and flip flags (n,), each None
 where that part is off (:func:`crop_flip_draws`, :func:`apply_crop_flip`)."""
@@ -48,13 +50,13 @@ def apply_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor | None,
         else:
             padded = fill.to(dev, x.dtype)[None, :, None, None].expand(n, c, h + 2 * padding, w + 2 * padding).clone()
             padded[:, :, padding:padding + h, padding:padding + w] = x
-        off = offsets.to(dev)
+        off = host_to_device(offsets, dev)
         rows = (off[0][:, None] + torch.arange(h, device=dev)[None, :])  # (n, h)
         cols = (off[1][:, None] + torch.arange(w, device=dev)[None, :])  # (n, w)
         padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
         x = padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
     if flips is not None:
-        x = torch.where(flips.to(dev)[:, None, None, None], x.flip(3), x)
+        x = torch.where(host_to_device(flips, dev)[:, None, None, None], x.flip(3), x)
     return x
 
 
@@ -75,8 +77,8 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     if size <= 0:
         return x
     dev = x.device
-    cy = torch.randint(0, h, (n,), generator=generator, device="cpu").to(dev)
-    cx = torch.randint(0, w, (n,), generator=generator, device="cpu").to(dev)
+    cy = host_to_device(torch.randint(0, h, (n,), generator=generator, device="cpu"), dev)
+    cx = host_to_device(torch.randint(0, w, (n,), generator=generator, device="cpu"), dev)
     ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
     in_y = (ys[None, :] >= (cy - size // 2)[:, None]) & (ys[None, :] < (cy - size // 2 + size)[:, None])
     in_x = (xs[None, :] >= (cx - size // 2)[:, None]) & (xs[None, :] < (cx - size // 2 + size)[:, None])
