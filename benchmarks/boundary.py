@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flwr.app import ArrayRecord, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 
+from fedlt.errors import FedLTError  # noqa: E402
 from fedlt.federation.records import to_arrays, to_state  # noqa: E402
 from fedlt.federation.strategy import weighted_mean_arrays  # noqa: E402
 from fedlt.models import build_model  # noqa: E402
@@ -47,9 +48,14 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20, help="replies aggregated")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.clients < 1 or args.repeats < 1:
+        ap.error("--clients and --repeats must be at least 1")
     k = args.clients
     for name in args.models.split(","):
-        state = build_model(name, 100, 3).state_dict()
+        try:
+            state = build_model(name, 100, 3).state_dict()
+        except FedLTError as exc:
+            raise SystemExit(f"error: {exc}") from None
         arrays = to_arrays(state)
         replies = [RecordDict({"arrays": to_arrays(state), "metrics": MetricRecord({"num-examples": 50 + j})})
                    for j in range(k)]
