@@ -7,7 +7,8 @@ Configs are data. A YAML file and the overrides give a nested mapping; :func:`re
 - the part sections (``data``, ``model``, ``strategy``, ``client``, ``centralized``) are validated by the
   ``Options`` of the part their name selects (:mod:`fedlt.options`), so a part's own defaults hold unless
   the user sets a key (``model.classifier`` of a multi-expert model is ``cosine``, of ResNet-32 ``linear``);
-- ``client.name`` defaults to the strategy's paired client, ``model.name`` to the data set's model;
+- ``client.name`` defaults to the strategy's paired client (a wrapper's: the innermost wrapped strategy's),
+  ``model.name`` to the data set's model;
 - an unknown key, a wrong type, NaN or a value out of range is a one-line :class:`FedLTError`; a key that
   the selected part does not declare names the parts that do.
 
@@ -416,7 +417,7 @@ def validate_section(section: str, raw: Any, options: type[Options], owner: str 
 
 def resolve(raw: dict) -> Config:
     """Validate a nested mapping into a :class:`Config` (parts' ``Options`` filled). Raises :class:`FedLTError`."""
-    from fedlt.registry import DATASETS, STRATEGIES, import_plugins
+    from fedlt.registry import DATASETS, import_plugins
 
     if not isinstance(raw, dict):
         raise FedLTError("a config must be a mapping")
@@ -447,7 +448,7 @@ def resolve(raw: dict) -> Config:
         given["model"]["name"] = DATASETS.meta[data_name]["model"]
     strategy_name = given["strategy"].get("name", StrategyOptions.model_fields["name"].default)
     if given["client"].get("name") is None:
-        given["client"]["name"] = getattr(STRATEGIES.get(str(strategy_name)), "client", "fedavg")
+        given["client"]["name"] = own_client(paired_strategy({**given["strategy"], "name": strategy_name}))
     for section, (registry, name_key) in parts.items():
         name = given[section].get(name_key, ClientOptions.model_fields["name"].default)
         if name is None:
@@ -490,15 +491,49 @@ def check_parts(cfg: Config) -> None:
         check = getattr(part, "check_config", None)
         if check is not None:
             check(cfg)
-    if cfg.mode in ("federated", "both"):  # a client method that needs its strategy (ClientMethod.strategy)
-        needs = getattr(parts[1], "strategy", None)
-        chain, section = [], cfg.strategy  # the strategy and, where it wraps another, the ones it wraps
-        while isinstance(section, StrategyOptions):
-            chain.append(STRATEGIES.get(section.name))
-            section = getattr(section, "base_options", None)
-        if needs is not None and not any(issubclass(s, STRATEGIES.get(needs)) for s in chain):
+    if cfg.mode in ("federated", "both"):
+        client = parts[1]
+        chain = strategy_chain(cfg.strategy)  # the strategy and, where it wraps another, the ones it wraps
+        needs = getattr(client, "strategy", None)  # a client method that needs its strategy (ClientMethod.strategy)
+        if needs is not None and not any(issubclass(STRATEGIES.get(s.name), STRATEGIES.get(needs)) for _, s in chain):
             raise FedLTError(f"client.name={cfg.client.name} trains under strategy {needs} (its messages and the "
                              f"replies only it aggregates), not {cfg.strategy.name!r}: set strategy.name={needs}")
+        for key, section in chain:  # a strategy that is FedAvg but for its own client (FedLTStrategy.client_only)
+            strategy = STRATEGIES.get(section.name)
+            if getattr(strategy, "client_only", False) and not issubclass(client, CLIENTS.get(strategy.client)):
+                raise FedLTError(
+                    f"{key}={section.name} is FedAvg on the server and client method {strategy.client} on the "
+                    f"clients (its keys reach only that client), so with client.name={cfg.client.name} it would run "
+                    f"{key}=fedavg under another name: set client.name={strategy.client} or {key}=fedavg")
+
+
+def strategy_chain(section: StrategyOptions) -> list[tuple[str, StrategyOptions]]:
+    """The strategy section and, where it is a wrapper's, the sections of the strategies it wraps, innermost
+    last, each with the config key that names it (``strategy.name``, ``strategy.base``,
+    ``strategy.base_options.base`` …)."""
+    chain, key, prefix = [], "strategy.name", "strategy"
+    while isinstance(section, StrategyOptions):
+        chain.append((key, section))
+        key, prefix = f"{prefix}.base", f"{prefix}.base_options"
+        section = getattr(section, "base_options", None)
+    return chain
+
+
+def paired_strategy(section: dict) -> str:
+    """The strategy whose client method a (raw) strategy section pairs with: the strategy itself, or for a
+    wrapper (``strategy.base=...``) the innermost strategy it wraps, so that ``posthoc_calibration`` over
+    ``fedlc`` trains FedLC's clients. A base that is not a registered name stops the walk (its key's own check
+    reports it)."""
+    from fedlt.registry import STRATEGIES
+
+    name = str(section.get("name", StrategyOptions.model_fields["name"].default))
+    while "base" in STRATEGIES.options(name).model_fields:  # a wrapper
+        base = section.get("base", STRATEGIES.options(name).model_fields["base"].default)
+        if not isinstance(base, str) or base not in STRATEGIES:
+            break
+        inner = section.get("base_options")
+        name, section = base, inner if isinstance(inner, dict) else {}
+    return name
 
 
 def own_client(strategy: str) -> str:
@@ -537,7 +572,9 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
             if key == "model.name":
                 source = f"derived from data set {cfg.data.name}"
             elif key == "client.name":
-                source = f"derived from strategy {cfg.strategy.name}"
+                paired = paired_strategy(cfg.strategy.model_dump())
+                source = f"derived from strategy {paired}" + (f", wrapped by {cfg.strategy.name}"
+                                                               if paired != cfg.strategy.name else "")
             elif section in parts:
                 registry, name_key = parts[section]
                 name = getattr(getattr(cfg, section), name_key)

@@ -10,3 +10,4 @@ from fedlt.registry import STRATEGIES
 @STRATEGIES.register("fedetf")
 class FedETF(FedLTStrategy):
     client = "fedetf"
+    client_only = True

@@ -14,6 +14,7 @@ from fedlt.registry import STRATEGIES
 @STRATEGIES.register("fedlc")
 class FedLC(FedLTStrategy):
     client = "fedlc"
+    client_only = True
 
     class Options(FedLTStrategy.Options):
         tau: float = Field(1.0, ge=0, description="calibration strength τ sent to every client (FL-bench's 1.0)")

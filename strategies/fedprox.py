@@ -9,6 +9,7 @@ from fedlt.registry import STRATEGIES
 @STRATEGIES.register("fedprox")
 class FedProx(FedLTStrategy):
     client = "fedprox"
+    client_only = True
 
     class Options(FedLTStrategy.Options):
         mu: float = Field(0.01, ge=0, description="proximal weight μ sent to every client")

@@ -31,6 +31,7 @@ def classifier_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @STRATEGIES.register("fedrod")
 class FedROD(FedLTStrategy):
     client = "fedrod"
+    client_only = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import ROOT, needs_fashion
-from fedlt.config import load_config
+from fedlt.config import federated_method, key_sources, load_config
 from fedlt.errors import FedLTError
 from fedlt.rundir import RunDir
 from fedlt.simulate import main
@@ -63,6 +63,22 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["strategy.name=fedavg", "client.name=gbme", "model.name=small_cnn_experts"],
      "client.name=gbme trains under strategy gbme"),
     (["strategy.name=fedavg", "client.name=lfme"], "client.name=lfme trains under strategy lfme"),
+    # a strategy that is FedAvg but for its own client, given another client (the run was FedAvg, named otherwise)
+    (["strategy.name=fedlc", "client.name=area"], "strategy.name=fedlc is FedAvg on the server and client method "
+     "fedlc on the clients (its keys reach only that client), so with client.name=area it would run "
+     "strategy.name=fedavg under another name: set client.name=fedlc or strategy.name=fedavg"),
+    (["strategy.name=fedprox", "client.name=fedavg"], "with client.name=fedavg it would run strategy.name=fedavg"),
+    (["strategy.name=fedetf", "client.name=fedlc"], "strategy.name=fedetf is FedAvg on the server and client "
+     "method fedetf"),
+    (["client.name=area"], "sweep combination strategy.name=fedlc: strategy.name=fedlc is FedAvg on the server"),
+    (["strategy.name=fedrod", "client.name=fedavg"], "strategy.name=fedrod is FedAvg on the server and client "
+     "method fedrod"),
+    (["strategy.name=posthoc_calibration", "strategy.base=fedlc", "client.name=fedavg"],
+     "so with client.name=fedavg it would run strategy.base=fedavg under another name: set client.name=fedlc or "
+     "strategy.base=fedavg"),
+    (["strategy.name=dp_server_fixed", "strategy.base=ccvr", "strategy.base_options={base: fedprox}",
+      "client.name=local_loss", "strategy.clipping_norm=1", "strategy.noise_multiplier=1"],
+     "strategy.base_options.base=fedprox is FedAvg on the server and client method fedprox"),
     # a part that replaces or keeps the one classifier of a single network, given a multi-expert model
     (["strategy.name=fedbabu", "model.name=small_cnn_experts"], "strategy fedbabu keeps the one classifier at its "
      "initial weights, and model.name='small_cnn_experts' is a multi-expert model: choose a single network"),
@@ -168,6 +184,30 @@ def test_a_check_across_sections_asks_only_the_parts_the_mode_runs():
     # a client method that needs its strategy runs under a wrapper of it (calibration around GBME)
     assert load_config(None, ["strategy.name=posthoc_calibration", "strategy.base=gbme", "client.name=gbme",
                               "model.name=small_cnn_experts"]).client.name == "gbme"
+
+
+@pytest.mark.parametrize("overrides, client, source, method", [
+    (["strategy.name=posthoc_calibration", "strategy.base=fedlc"], "fedlc",
+     "derived from strategy fedlc, wrapped by posthoc_calibration", "posthoc_calibration+fedlc"),
+    (["strategy.name=dp_server_fixed", "strategy.base=posthoc_calibration",
+      "strategy.base_options={base: ccvr, base_options: {base: fedprox}}"], "fedprox",
+     "derived from strategy fedprox, wrapped by dp_server_fixed", "dp_server_fixed+fedprox"),
+    (["strategy.name=posthoc_calibration", "strategy.base=gbme", "model.name=small_cnn_experts"], "gbme",
+     "derived from strategy gbme, wrapped by posthoc_calibration", "posthoc_calibration+gbme"),
+    (["strategy.name=posthoc_calibration"], "fedavg", "derived from strategy fedavg, wrapped by posthoc_calibration",
+     "posthoc_calibration"),
+    (["strategy.name=ccvr", "strategy.base=fedavgm"], "fedavg", "derived from strategy fedavgm, wrapped by ccvr",
+     "ccvr"),
+    (["strategy.name=fedlc"], "fedlc", "derived from strategy fedlc", "fedlc"),
+    (["strategy.name=posthoc_calibration", "strategy.base=fedlc", "client.name=fedlc"], "fedlc", "override",
+     "posthoc_calibration+fedlc"),
+])
+def test_a_wrapper_brings_the_client_of_the_strategy_it_wraps(overrides, client, source, method):
+    """``posthoc_calibration`` over ``fedlc`` trained FedAvg clients unless ``client.name=fedlc`` was given."""
+    cfg = load_config(None, overrides, given := {})
+    assert cfg.client.name == client
+    assert key_sources(cfg, given)["client.name"] == source
+    assert federated_method(cfg) == method  # the run's name says the client where it is not the wrapper's own
 
 
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():

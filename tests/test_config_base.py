@@ -69,11 +69,11 @@ def test_the_shipped_configs_that_build_on_others_keep_their_recipe():
 
 def test_every_key_says_where_its_value_came_from():
     given: dict[str, str] = {}
-    cfg = load_config(ROOT / "configs/default.yaml", ["strategy.name=fedprox", "client.name=local_loss"], given)
+    cfg = load_config(ROOT / "configs/default.yaml", ["strategy.name=fedavgm", "client.name=local_loss"], given)
     sources = key_sources(cfg, given)
     assert sources["partition.alpha"] == "file default.yaml"
     assert sources["strategy.name"] == sources["client.name"] == "override"
-    assert sources["strategy.mu"] == "default of strategy fedprox"
+    assert sources["strategy.momentum"] == "default of strategy fedavgm"
     assert sources["client.loss"] == "default of client method local_loss"
     assert sources["eval.batch_size"] == "default"
     assert set(sources) >= {"data.root", "model.classifier", "centralized.epochs"}
@@ -98,7 +98,8 @@ def test_local_epochs_and_local_steps_together_are_an_error(tmp_path):
     (["strategy.name=fedprox"], "fedprox"),  # its own client
     (["strategy.name=fedavg", "client.name=fedprox"], "fedavg+fedprox"),
     (["strategy.name=fedavg", "client.name=local_loss", "client.loss=la"], "fedavg+la"),
-    (["strategy.name=fedprox", "client.name=fedavg"], "fedprox+fedavg"),
+    (["strategy.name=gbme", "model.name=small_cnn_experts", "client.name=local_loss", "client.loss=la"], "gbme+la"),
+    (["strategy.name=posthoc_calibration", "strategy.base=fedprox"], "posthoc_calibration+fedprox"),
 ])
 def test_a_run_is_named_by_its_strategy_and_a_client_method_not_its_own(overrides, method):
     assert federated_method(load_config(None, overrides)) == method

@@ -4,8 +4,9 @@ wrapper). A wrapper is a :class:`StrategyWrapper`: it holds the built base strat
 it does not change (setup, run_round, eval_model, transform_logits …), so ``isinstance(strategy, CCVR)``
 holds and no class is built at run time.
 
-A wrapper brings the FedAvg client unless ``client.name`` says otherwise (e.g. ``client.name=fedprox``
-under ``strategy.base=fedprox``): the paired client of the base is not known when the config is read.
+``client.name`` defaults to the client method of the innermost strategy the wrapper wraps
+(:func:`fedlt.config.paired_strategy`: ``fedprox``'s under ``strategy.base=fedprox``); a run's name says it
+where it is not FedAvg's (``posthoc_calibration+fedprox``).
 """
 
 from __future__ import annotations

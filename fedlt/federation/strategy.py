@@ -156,6 +156,10 @@ class FedLTStrategy(FedAvg):
     """
 
     client: str = "fedavg"  # the client method this strategy pairs with
+    # the method is all in ``client``: the server aggregates as FedAvg and sends or keeps only what that client
+    # reads (FedProx, FedLC, FedETF, FedROD), so a config pairing it with another client method would run FedAvg
+    # under this strategy's name, and is refused (fedlt.config.check_parts)
+    client_only: bool = False
     Options = StrategyOptions  # a strategy with keys of its own subclasses this (``class Options(...)``)
 
     def __init__(self, cfg: Config, num_classes: int, **flower_kwargs: Any) -> None:
