@@ -9,8 +9,9 @@ Flower's: ``ArrayRecord(state)`` (``np.save`` per array), ``ArrayRecord.to_torch
 array) and ``aggregate_arrayrecords``; fedlt's: :func:`fedlt.federation.records.to_arrays`, ``to_state`` (the
 .npy header made / parsed once per layout) and :func:`fedlt.federation.strategy.weighted_mean_arrays` — the same
 bytes (tests/test_records.py). Milliseconds per client (median of ``--repeats``) and the ratios. What a fused
-round costs beyond its training is these, plus the in-process grid's deep copies of each message and reply
-and the model's ``load_state_dict`` (on the CPU a copy per tensor), which this does not time.
+round costs beyond its training is these, plus the model's ``load_state_dict`` (on the CPU a copy per tensor)
+and, for a message a ClientApp answers, the in-process grid's deep copies of it and its reply (the fused
+trainer's are not copied), which this does not time.
 """
 
 from __future__ import annotations

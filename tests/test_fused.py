@@ -441,20 +441,22 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
                         lambda cfg, device, m, items: answered.append(len(items)) or original(cfg, device, m, items))
     from fedlt.federation import inprocess
 
-    copied_train_replies = []  # the grid deep-copies a ClientApp's reply; a fused one it keeps as built
+    # the grid deep-copies each message a ClientApp receives and its reply; the fused trainer reads the
+    # strategy's message itself and its reply is kept as built
+    copied = {"message": 0, "reply": 0}
     deepcopy = inprocess.copy.deepcopy
 
     def counted(x, *args):
-        if isinstance(x, Message) and x.metadata.reply_to_message_id and x.metadata.message_type == "train":
-            copied_train_replies.append(1)
+        if isinstance(x, Message) and x.metadata.message_type == "train":
+            copied["reply" if x.metadata.reply_to_message_id else "message"] += 1
         return deepcopy(x, *args)
 
     monkeypatch.setattr(inprocess.copy, "deepcopy", counted)
     run_inprocess(cfg, str(tmp_path / "inprocess"))
-    assert copied_train_replies
-    copied_train_replies.clear()
+    assert copied["message"] and copied["reply"]
+    copied.update(message=0, reply=0)
     run_fused(cfg, str(tmp_path / "fused"))
-    assert not copied_train_replies
+    assert copied == {"message": 0, "reply": 0}
     expected = [3] if method != "gbme" else [3, 3, 3, 3]
     assert answered == expected  # every train message of the run went to the fused trainer
     a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")
@@ -495,6 +497,34 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
     float32_loss = method in ("fedlc", "local_loss", "gbme", "fedloge", "fedrod", "fedgrab")
     assert [r["train_loss"] for r in rows[0]] == pytest.approx([r["train_loss"] for r in rows[1]],
                                                                rel=1e-6 if float32_loss else 1e-9)
+
+
+def test_the_fused_grid_copies_only_the_messages_a_client_app_answers(monkeypatch):
+    """A message the fused trainer does not take (here a cohort of one) reaches the ClientApp as a copy, as over
+    the wire, and its reply is copied too; the strategy's message is left as it was sent."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlt.federation.inprocess import TASK_ID
+
+    grid = fused_module.FusedGrid(load_config(None, FASHION + ["federation.engine=fused"]), 4)
+    for name, value in [("_task_id", TASK_ID), ("_run_id", grid.run.run_id), ("_node_id", SUPERLINK_NODE_ID)]:
+        monkeypatch.setattr(TaskIdentity, name, value)  # as the server's process has them (run_on_grid)
+    received = []
+
+    def client_app(app, msg, context):
+        received.append(msg)
+        msg.content["config"]["server-round"] = 99  # a node's own edit stays on its copy
+        return Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=msg)
+
+    monkeypatch.setattr(fused_module, "call_client_app", client_app)
+    node = next(iter(grid.get_node_ids()))
+    sent = grid.create_message(RecordDict({"config": ConfigRecord({"server-round": 1})}), "train", node, "1")
+    (reply,) = grid.send_and_receive([sent])
+    assert received and received[0] is not sent and received[0].metadata.message_id == sent.metadata.message_id
+    assert sent.content["config"]["server-round"] == 1
+    assert reply.content["config"]["ok"] == 1 and reply.metadata.reply_to_message_id == sent.metadata.message_id
 
 
 @needs_fashion

@@ -40,6 +40,8 @@ def test_encode_gives_flowers_bytes_and_decode_its_array(name):
     for _ in range(2):  # the second time with the header cached
         ref, ours = Array(a), numpy_to_array(a)
         assert (ours.dtype, ours.shape, ours.stype, ours.data) == (ref.dtype, ref.shape, ref.stype, ref.data)
+        assert vars(ours) == vars(ref) and type(ours) is Array  # the object Flower's constructor builds
+        assert ours.object_id == ref.object_id and ours.deflate() == ref.deflate()  # and sends alike
         want, got = ref.numpy(), array_to_numpy(ref)
         assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
         assert got.flags.writeable and got.flags.f_contiguous == want.flags.f_contiguous
@@ -92,6 +94,33 @@ def test_snapshot_is_a_detached_copy_of_the_state():
             p.add_(1.0)
     assert all(not torch.equal(snap[k], v) for k, v in model.state_dict().items() if v.is_floating_point()
                and "running" not in k)
+
+
+def test_a_clients_start_is_shared_with_the_previous_only_while_the_model_is_unchanged():
+    """One snapshot for clients starting from an unchanged model; a new one after an in-place write, a BatchNorm
+    forward, a tensor swapped under a parameter (``.data =``) or an attached module, each equal to the model."""
+    model = build_model("resnet8", 10, 1)
+    start_of = fused._Starts()
+    first = start_of(model)
+    assert start_of(model) is first
+
+    def changed() -> dict:
+        start = start_of(model)
+        assert start is not first and list(start) == list(model.state_dict())
+        assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+        return start
+
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+    first = changed()
+    model.train()(torch.randn(2, 1, 28, 28))
+    first = changed()
+    p = next(model.parameters())
+    p.data = p.data + 1
+    first = changed()
+    model.extra = torch.nn.Linear(2, 2)  # a client's own module (attach_local)
+    first = changed()
+    assert start_of(model) is first
 
 
 @pytest.mark.parametrize("one_copy", [False, True], ids=["slices", "one-copy-per-dtype"])

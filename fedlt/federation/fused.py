@@ -85,6 +85,7 @@ the training loss became non-finite …") stops the run as on the other engines 
 
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -563,6 +564,27 @@ def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _through_flat(state)
 
 
+class _Starts:
+    """Each client's start, :func:`snapshot` of the model's state after its set-up — shared with the previous
+    client's where the model is unchanged since: the same entries, each the same tensor over the same storage,
+    not written since (torch's ``_version``). A cohort's clients usually start from the same global weights
+    (one load, :class:`_ReceivedWeights`), so 20 clients cost one snapshot, not 20; a client whose set-up wrote
+    to the model or attached its own modules gets its own."""
+
+    def __init__(self) -> None:
+        self.last: tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor, int, int]]] | None = None
+
+    def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = model.state_dict(keep_vars=True)  # the model's own tensors (not detached copies), with versions
+        marks = [(n, t, t._version, t.data_ptr()) for n, t in state.items()]
+        if self.last is not None and len(self.last[1]) == len(marks) and all(
+                a[0] == b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(self.last[1], marks)):
+            return self.last[0]
+        start = snapshot(state)
+        self.last = (start, marks)
+        return start
+
+
 def per_client_on_host(stacked: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
     """Client j's state ``{n: stacked[n][j]}`` for each j < ``k``, on the host. From a GPU all clients' states
     come in one copy per dtype (each client's tensors sent one by one were ~200 copies a client, each waiting
@@ -621,21 +643,23 @@ class _ReceivedWeights:
 
 # ------------------------------------------------------------------------------------------ a node's cohort
 
-def answer_cohort(cfg: Config, app: ClientApp, device: torch.device,
-                  items: list[tuple[Message, Context]], fresh: set[int] | None = None) -> list[Message]:
+def answer_cohort(cfg: Config, app: ClientApp, device: torch.device, items: list[tuple[Message, Context]],
+                  fresh: set[int] | None = None,
+                  deliver: Callable[[Message], Message] = lambda msg: msg) -> list[Message]:
     """The replies to ``items`` (messages, each with the ``Context`` of the partition it is for), in order: the
     train messages that fuse (:func:`fuses`) trained together by :func:`fused_train` where there are two or
     more, every other message answered by ``app`` one at a time (:func:`~fedlt.federation.inprocess.call_client_app`).
     Used by :class:`FusedGrid` (every partition in this process) and by a host node
     (:mod:`fedlt.federation.hosts`: its share of the partitions). ``fresh``, where given, receives the ``id()``
     of each fused reply: built from new objects that nothing else holds, the in-process grid keeps it without
-    the deep copy it makes of a ClientApp's reply."""
+    the deep copy it makes of a ClientApp's reply. The fused training only reads a message (its weights and
+    config); ``deliver`` gives the message a ClientApp receives (the in-process grid's copy, as the wire's)."""
     method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
     group = [(m, c) for m, c in items if type(method).fit is ClientMethod.fit and fuses(cfg, m, c)]
     replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
     if fresh is not None:  # the fused replies: built here from new objects, held by nothing else
         fresh.update(id(r) for r in replies.values())
-    return [replies.get(m.metadata.message_id) or call_client_app(app, m, c) for m, c in items]
+    return [replies.get(m.metadata.message_id) or call_client_app(app, deliver(m), c) for m, c in items]
 
 
 def fuses(cfg: Config, msg: Message, context: Context) -> bool:
@@ -657,7 +681,7 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
         with _ServerProcessState():
             model = model_for(cfg, experiment_for(cfg)).to(device)
             pids, states, datas, objectives, opts, gens = [], [], [], [], [], []
-            received = _ReceivedWeights(device)
+            received, start_of = _ReceivedWeights(device), _Starts()
             trainable = None
             for msg, context in items:
                 pid = int(context.node_config[PARTITION_ID_KEY])
@@ -674,7 +698,7 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 if trainable is not None and now != trainable:
                     raise NotFusable("clients of one round train different parameters")
                 trainable = now
-                states.append(snapshot(model.state_dict()))
+                states.append(start_of(model))
                 pids.append(pid)
                 datas.append(data)
                 opts.append(method.optim(config))
@@ -713,9 +737,14 @@ class FusedGrid(InProcessGrid):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
 
+    def accept(self, msg: Message) -> Message:
+        """The message itself, checked: the fused training only reads it, and one that a ClientApp answers is
+        copied then (:meth:`answer`), so the cohort's ~400-array messages are not all copied."""
+        return self.check(msg)
+
     def answer(self, msgs: list[Message]) -> list[Message]:
         items = [(msg, self.contexts[msg.metadata.dst_node_id]) for msg in msgs]
-        return answer_cohort(self.cfg, self.client_app, self.device, items, self.fresh)
+        return answer_cohort(self.cfg, self.client_app, self.device, items, self.fresh, copy.deepcopy)
 
 
 def run_fused(cfg: Config, run_path: str, verbose: bool = False) -> dict:

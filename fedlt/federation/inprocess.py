@@ -121,13 +121,17 @@ class InProcessGrid(Grid):
     def accept(self, msg: Message) -> Message:
         """Give ``msg`` its id, check it as a SuperLink would (not a reply, alive, to a known node) and return the
         copy a node receives."""
+        return copy.deepcopy(self.check(msg))
+
+    def check(self, msg: Message) -> Message:
+        """Give ``msg`` its id and check it as a SuperLink would (not a reply, alive, to a known node)."""
         msg.metadata.__dict__["_message_id"] = str(uuid4())
         m = msg.metadata
         if m.reply_to_message_id or m.ttl <= 0 or m.delivered_at:
             raise ValueError(f"Invalid message: {msg}")
         if m.dst_node_id not in self.contexts:
             raise ValueError(f"message to unknown node {m.dst_node_id}")
-        return copy.deepcopy(msg)
+        return msg
 
     def _call_client(self, msg: Message) -> Message:
         return call_client_app(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
