@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from io import BytesIO
 
@@ -14,7 +15,7 @@ from flwr.common.constant import SType
 # spend most of their time formatting and parsing it (ast.literal_eval), ~25 µs an array, and a ResNet-32 state
 # has ~200 arrays, sent and received by every client every round.
 _HEADERS_WRITTEN: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}  # -> (header, dtype's name)
-_HEADERS_READ: dict[bytes, tuple[np.dtype, tuple[int, ...]] | None] = {}
+_HEADERS_READ: dict[bytes, tuple[np.dtype, tuple[int, ...], int] | None] = {}  # -> (dtype, shape, count)
 _MAX_HEADERS = 65536  # distinct layouts kept (a model has a few hundred); past it, np.save / np.load as before
 _MAGIC_1 = np.lib.format.magic(1, 0)
 
@@ -63,12 +64,11 @@ def array_to_numpy(array: Array) -> np.ndarray:
         plain = not fortran and not dtype.hasobject and dtype.fields is None
         if len(_HEADERS_READ) >= _MAX_HEADERS:
             return array.numpy()
-        _HEADERS_READ[header] = (dtype, shape) if plain else None
+        _HEADERS_READ[header] = (dtype, shape, math.prod(shape)) if plain else None
     layout = _HEADERS_READ[header]
     if layout is None:
         return array.numpy()
-    dtype, shape = layout
-    count = int(np.prod(shape, dtype=np.int64))
+    dtype, shape, count = layout
     if len(data) - end != count * dtype.itemsize:  # a truncated or padded payload: np.load's own error
         return array.numpy()
     return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
