@@ -45,7 +45,8 @@ class ClientMethod:
 
     Options = ClientOptions  # a method with keys of its own subclasses this (``class Options(...)``)
     # the strategy (registry name) this method trains under, where it needs that strategy's messages (its config
-    # keys, records) or sends replies only it aggregates; checked when the config is read. None: any strategy
+    # keys, records) or sends replies only it aggregates; checked when the config is read. None: any strategy but
+    # one whose method is all in its own client (FedLTStrategy.client_only: FedProx, FedLC, FedETF, FedROD)
     strategy: str | None = None
 
     def __init__(self, cfg: Config) -> None:

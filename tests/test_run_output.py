@@ -108,8 +108,8 @@ def test_run_directories_name_the_client_method_where_it_is_not_the_strategys_ow
 def test_dry_run_prints_config_sources_partition_and_estimate_and_runs_nothing(capsys, tmp_path):
     out = tmp_path / "runs"
     code = main(["--dry-run", "--config", str(ROOT / "configs/default.yaml"), "--out", str(out), *TINY,
-                 "mode=federated", "client.name=local_loss", "client.loss=la"])
-    text = capsys.readouterr().out
+                 "mode=federated", "strategy.name=fedavg", "client.name=local_loss", "client.loss=la"])
+    text = capsys.readouterr().out  # (strategy.name fixed: the file's fedlc is its own client, refused with la)
     assert code == 0
     assert not out.exists()
     assert re.search(r"partition\.num_clients = 2 +\(override\)", text)
