@@ -527,6 +527,56 @@ def test_the_fused_grid_copies_only_the_messages_a_client_app_answers(monkeypatc
     assert reply.content["config"]["ok"] == 1 and reply.metadata.reply_to_message_id == sent.metadata.message_id
 
 
+@pytest.mark.parametrize("engine", ["fused", "hosts"])
+def test_the_plan_says_when_a_methods_clients_cannot_fuse(engine):
+    """A client method with its own loop trains one by one under the fused engine and on host nodes: the line
+    said before the first round (and the dry run's) says so; a method that fuses adds nothing."""
+    from types import SimpleNamespace
+
+    from fedlt.run_loop import plan_line
+
+    keys = ["federation.engine=fused"] if engine == "fused" else ["federation.hosts=2"]
+    steps = SimpleNamespace(total=3, unit="round")
+    glmc = plan_line(load_config(None, FASHION + keys + ["client.name=glmc"]), steps)
+    assert "each (not fused: client method glmc trains with its own loop (fit), so its clients train one by " \
+           "one);" in glmc
+    assert "not fused" not in plan_line(load_config(None, FASHION + keys), steps)
+    assert "not fused" not in plan_line(load_config(None, FASHION + ["client.name=glmc"]), steps)  # flower engine
+
+
+@needs_fashion
+def test_a_fused_round_that_falls_back_says_why_once(monkeypatch, capsys):
+    """A group that raises NotFusable goes to the ClientApp one by one, and the reason is said once a process,
+    not every round."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlt.federation.inprocess import TASK_ID
+
+    grid = fused_module.FusedGrid(load_config(None, FASHION + ["federation.engine=fused"]), 4)
+    for name, value in [("_task_id", TASK_ID), ("_run_id", grid.run.run_id), ("_node_id", SUPERLINK_NODE_ID)]:
+        monkeypatch.setattr(TaskIdentity, name, value)
+    monkeypatch.setattr(fused_module, "_SAID", set())
+
+    def refuse(*args, **kwargs):
+        raise fused_module.NotFusable("a client objective reads model.thing, which the fused engine does not offer")
+
+    monkeypatch.setattr(fused_module, "fused_train", refuse)
+    answered = []
+    monkeypatch.setattr(fused_module, "call_client_app", lambda app, msg, context: answered.append(msg) or Message(
+        RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=msg))
+    nodes = list(grid.get_node_ids())[:2]
+    for server_round in (1, 2):
+        msgs = [grid.create_message(RecordDict({"config": ConfigRecord({"server-round": server_round})}), "train",
+                                    node, str(server_round)) for node in nodes]
+        assert len(list(grid.send_and_receive(msgs))) == 2
+    assert len(answered) == 4  # every client of both rounds, by the ClientApp
+    out = capsys.readouterr().out
+    assert out.count("note: a fused round's clients train one by one (the ClientApp's loop), as fused training "
+                     "cannot: a client objective reads model.thing") == 1
+
+
 @needs_fashion
 @pytest.mark.slow
 @pytest.mark.heavy

@@ -42,10 +42,11 @@ outputs and their own tensors, and the proximal term once per stacked parameter)
 objective's ops once per client (at 50 clients, FedProx's term alone was ~43,000 ops a step). Otherwise each
 client's objective is called on its view. An objective that asks the view for anything else (another
 attribute, a forward of a changed batch such as mixup's, a second forward in one step, which would update
-BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp. fedavg, fedprox, fedlc,
-local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc, area and gbme (joint and expert phases) all fuse,
-each with its group loss; fedgrab fuses with its objective per client (its balancer's few ops on the host each
-step); glmc, lfme and sbcl train their own loops (``fit``) and go per client.
+BatchNorm twice) raises :class:`NotFusable` and the group falls back to the ClientApp (the reason printed once
+a process). fedavg, fedprox, fedlc, local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc, area and gbme
+(joint and expert phases) all fuse, each with its group loss; fedgrab fuses with its objective per client
+(its balancer's few ops on the host each step); glmc, lfme and sbcl train their own loops (``fit``) and go per
+client (the line before the first round and ``--dry-run`` say so: :func:`own_loop`).
 
 Work before training: a method's :meth:`~fedlt.client_method.ClientMethod.prepare` (AREA's feature pass over
 the client's data with the received model, Fed-GraB's release seed) runs per client, as in ``fit``, on the
@@ -124,6 +125,24 @@ from fedlt.train import (
 
 class NotFusable(Exception):
     """A client's objective needs more of the model than :class:`_ClientView` offers: train it per client."""
+
+
+_SAID: set[str] = set()  # the reasons for training one by one already said in this process
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` the first time this process is to say it (a fallback of every round is said once)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, flush=True)
+
+
+def own_loop(cfg: Config) -> str | None:
+    """Why no round of ``cfg`` fuses, or None: a client method with its own loop (``fit``) trains its clients
+    one by one under the fused engine and on host nodes (:func:`answer_cohort`)."""
+    if CLIENTS.get(cfg.client.name).fit is not ClientMethod.fit:
+        return f"client method {cfg.client.name} trains with its own loop (fit), so its clients train one by one"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the client view
@@ -706,7 +725,9 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
             t = cfg.train
             result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg, datas[0]),
                                  epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
-    except NotFusable:
+    except NotFusable as exc:
+        say_once(f"note: a fused round's clients train one by one (the ClientApp's loop), as fused training "
+                 f"cannot: {exc}")
         return {}
     except Exception as exc:  # the ClientApp, one client at a time, answers (a client's own error included)
         print(f"warning: fused training failed ({type(exc).__name__}: {exc}); the round's clients train one "
