@@ -75,15 +75,13 @@ def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
     each; time left on every progress line``."""
     what = f"{steps.total} {steps.unit}{'s' if steps.total != 1 else ''}"
     if steps.unit == "round":
+        from fedlt.federation.fused import not_fused_note
+
         k = cfg.partition.num_clients
         t = cfg.train
         local = f"{t.local_steps} local steps" if t.local_steps else f"{t.local_epochs:g} local epoch(s)"
         what += f", {max(1, round(cfg.federation.fraction * k))} of {k} clients per round, {local} each"
-        if cfg.federation.engine == "fused" or cfg.federation.hosts:
-            from fedlt.federation.fused import own_loop
-
-            reason = own_loop(cfg)
-            what += f" (not fused: {reason})" if reason else ""
+        what += not_fused_note(cfg)
     if start > 1:
         what += f"; {steps.total - start + 1} left"
     return f"{what}; elapsed time and time left (eta) on every progress line"

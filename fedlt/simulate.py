@@ -416,11 +416,9 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
         what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
                 f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
                 f"per client) = {fed.rounds * cohort * local.mean():,.0f} steps, {evals} evaluations")
-        if fed.engine == "fused" or fed.hosts:
-            from fedlt.federation.fused import own_loop
+        from fedlt.federation.fused import not_fused_note
 
-            reason = own_loop(cfg)
-            what += f" (not fused: {reason})" if reason else ""
+        what += not_fused_note(cfg)
         return what, seconds
     from fedlt.centralized.run import centralized_optim
     from fedlt.registry import CENTRALIZED

@@ -46,7 +46,7 @@ BatchNorm twice) raises :class:`NotFusable` and the group falls back to the Clie
 a process). fedavg, fedprox, fedlc, local_loss, fedetf, fedloge, fedrod, tde, ncl, shike, tlc, area and gbme
 (joint and expert phases) all fuse, each with its group loss; fedgrab fuses with its objective per client
 (its balancer's few ops on the host each step); glmc, lfme and sbcl train their own loops (``fit``) and go per
-client (the line before the first round and ``--dry-run`` say so: :func:`own_loop`).
+client (the line before the first round and ``--dry-run`` say so: :func:`not_fused_note`).
 
 Work before training: a method's :meth:`~fedlt.client_method.ClientMethod.prepare` (AREA's feature pass over
 the client's data with the received model, Fed-GraB's release seed) runs per client, as in ``fit``, on the
@@ -137,12 +137,14 @@ def say_once(line: str) -> None:
         print(line, flush=True)
 
 
-def own_loop(cfg: Config) -> str | None:
-    """Why no round of ``cfg`` fuses, or None: a client method with its own loop (``fit``) trains its clients
-    one by one under the fused engine and on host nodes (:func:`answer_cohort`)."""
-    if CLIENTS.get(cfg.client.name).fit is not ClientMethod.fit:
-        return f"client method {cfg.client.name} trains with its own loop (fit), so its clients train one by one"
-    return None
+def not_fused_note(cfg: Config) -> str:
+    """`` (not fused: …)`` for the plan of a run whose engine fuses (``fused``, host nodes) but whose client
+    method has its own loop (``fit``), so :func:`answer_cohort` trains its clients one by one; else ``""``."""
+    fuses_here = cfg.federation.engine == "fused" or cfg.federation.hosts
+    if not fuses_here or CLIENTS.get(cfg.client.name).fit is ClientMethod.fit:
+        return ""
+    return f" (not fused: client method {cfg.client.name} trains with its own loop (fit), so its clients train " \
+           f"one by one)"
 
 
 # ------------------------------------------------------------------------------------------ the client view
