@@ -176,3 +176,9 @@ def test_received_weights_load_again_only_where_the_model_was_written(monkeypatc
     model.train()(torch.randn(2, 1, 28, 28))  # a forward pass in train mode updates BatchNorm's buffers in place
     received.load(model, copy.deepcopy(arrays))
     assert len(loads) == 3 and all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    p = next(model.parameters())
+    p.data = p.data * 0  # a tensor swapped in under a parameter: not an in-place write, its storage moves
+    received.load(model, copy.deepcopy(arrays))
+    assert len(loads) == 4 and all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    received.load(model, copy.deepcopy(arrays))
+    assert len(loads) == 4

@@ -585,21 +585,36 @@ def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _through_flat(state)
 
 
+Marks = list[tuple[str, torch.Tensor, int, int]]
+
+
+def _marks(state: dict[str, torch.Tensor]) -> Marks:
+    """Each entry of a model's ``state_dict(keep_vars=True)`` (its own tensors, not detached copies) as (name,
+    the tensor, its ``_version``, its ``data_ptr``): torch counts each in-place write in ``_version``, and a
+    tensor swapped in under a parameter (``.data =``) moves its storage."""
+    return [(n, t, t._version, t.data_ptr()) for n, t in state.items()]
+
+
+def _unchanged(before: Marks | None, now: Marks) -> bool:
+    """Whether the model is as it was at ``before``: the same entries, each the same tensor over the same
+    storage, not written since."""
+    return before is not None and len(before) == len(now) and all(
+        a[0] == b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(before, now))
+
+
 class _Starts:
     """Each client's start, :func:`snapshot` of the model's state after its set-up — shared with the previous
-    client's where the model is unchanged since: the same entries, each the same tensor over the same storage,
-    not written since (torch's ``_version``). A cohort's clients usually start from the same global weights
-    (one load, :class:`_ReceivedWeights`), so 20 clients cost one snapshot, not 20; a client whose set-up wrote
-    to the model or attached its own modules gets its own."""
+    client's where the model is :func:`_unchanged` since. A cohort's clients usually start from the same global
+    weights (one load, :class:`_ReceivedWeights`), so 20 clients cost one snapshot, not 20; a client whose
+    set-up wrote to the model or attached its own modules gets its own."""
 
     def __init__(self) -> None:
-        self.last: tuple[dict[str, torch.Tensor], list[tuple[str, torch.Tensor, int, int]]] | None = None
+        self.last: tuple[dict[str, torch.Tensor], Marks] | None = None
 
     def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = model.state_dict(keep_vars=True)  # the model's own tensors (not detached copies), with versions
-        marks = [(n, t, t._version, t.data_ptr()) for n, t in state.items()]
-        if self.last is not None and len(self.last[1]) == len(marks) and all(
-                a[0] == b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(self.last[1], marks)):
+        state = model.state_dict(keep_vars=True)
+        marks = _marks(state)
+        if self.last is not None and _unchanged(self.last[1], marks):
             return self.last[0]
         start = snapshot(state)
         self.last = (start, marks)
@@ -635,20 +650,18 @@ class _ReceivedWeights:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.last: tuple[tuple, tuple, dict[str, torch.Tensor]] | None = None
-        self.loaded: tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]] | None = None
+        self.loaded: tuple[dict[str, torch.Tensor], Marks] | None = None
 
     def load(self, model: nn.Module, arrays) -> None:
         """Load ``arrays`` into ``model``, unless it still holds exactly them: the same state as the last load,
-        and every tensor loaded then the same object, not written since (torch counts each in-place write in
-        ``_version``). A method whose set-up wrote to the model (a plug-in's ``prepare``) gets a fresh load."""
+        and the model :func:`_unchanged` since. A method whose set-up wrote to the model (a plug-in's
+        ``prepare``) gets a fresh load."""
         state = self.state(arrays)
-        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        if self.loaded is not None and self.loaded[0] is state and all(
-                own.get(n) is t and t._version == v for n, (t, v) in self.loaded[1].items()):
+        if self.loaded is not None and self.loaded[0] is state and _unchanged(
+                self.loaded[1], _marks(model.state_dict(keep_vars=True))):
             return
         load_state(model, state)
-        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        self.loaded = (state, {n: (own[n], own[n]._version) for n in state})
+        self.loaded = (state, _marks(model.state_dict(keep_vars=True)))
 
     def state(self, arrays) -> dict[str, torch.Tensor]:
         """``arrays``' state dict on the device (shared: read, do not write)."""
