@@ -137,11 +137,16 @@ def say_once(line: str) -> None:
         print(line, flush=True)
 
 
+def own_loop(method: type[ClientMethod]) -> bool:
+    """Whether a client method trains with its own loop (overrides ``fit``): its clients never fuse."""
+    return method.fit is not ClientMethod.fit
+
+
 def not_fused_note(cfg: Config) -> str:
     """`` (not fused: …)`` for the plan of a run whose engine fuses (``fused``, host nodes) but whose client
-    method has its own loop (``fit``), so :func:`answer_cohort` trains its clients one by one; else ``""``."""
+    method has its :func:`own_loop`, so :func:`answer_cohort` trains its clients one by one; else ``""``."""
     fuses_here = cfg.federation.engine == "fused" or cfg.federation.hosts
-    if not fuses_here or CLIENTS.get(cfg.client.name).fit is ClientMethod.fit:
+    if not fuses_here or not own_loop(CLIENTS.get(cfg.client.name)):
         return ""
     return f" (not fused: client method {cfg.client.name} trains with its own loop (fit), so its clients train " \
            f"one by one)"
@@ -689,7 +694,7 @@ def answer_cohort(cfg: Config, app: ClientApp, device: torch.device, items: list
     the deep copy it makes of a ClientApp's reply. The fused training only reads a message (its weights and
     config); ``deliver`` gives the message a ClientApp receives (the in-process grid's copy, as the wire's)."""
     method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
-    group = [(m, c) for m, c in items if type(method).fit is ClientMethod.fit and fuses(cfg, m, c)]
+    group = [(m, c) for m, c in items if not own_loop(type(method)) and fuses(cfg, m, c)]
     replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
     if fresh is not None:  # the fused replies: built here from new objects, held by nothing else
         fresh.update(id(r) for r in replies.values())
