@@ -124,7 +124,7 @@ def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
         dtype, value = np.dtype(ref.dtype), array_to_numpy(arrays[key])
         if value.dtype != dtype:
             value = np.rint(value) if np.issubdtype(dtype, np.integer) else value
-            arrays[key] = Array(np.asarray(value).astype(dtype))
+            arrays[key] = numpy_to_array(np.asarray(value).astype(dtype))
     return arrays
 
 
