@@ -572,7 +572,7 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
             if key == "model.name":
                 source = f"derived from data set {cfg.data.name}"
             elif key == "client.name":
-                paired = paired_strategy(cfg.strategy.model_dump())
+                paired = strategy_chain(cfg.strategy)[-1][1].name  # the innermost wrapped strategy
                 source = f"derived from strategy {paired}" + (f", wrapped by {cfg.strategy.name}"
                                                                if paired != cfg.strategy.name else "")
             elif section in parts:
