@@ -499,10 +499,9 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
                                                                rel=1e-6 if float32_loss else 1e-9)
 
 
-def test_the_fused_grid_copies_only_the_messages_a_client_app_answers(monkeypatch):
-    """A message the fused trainer does not take (here a cohort of one) reaches the ClientApp as a copy, as over
-    the wire, and its reply is copied too; the strategy's message is left as it was sent."""
-    from flwr.app import ConfigRecord, RecordDict
+@pytest.fixture
+def grid(monkeypatch):
+    """A fused grid of 4 Fashion-MNIST-LT clients, in a process set up as the server's (run_on_grid) is."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -510,7 +509,15 @@ def test_the_fused_grid_copies_only_the_messages_a_client_app_answers(monkeypatc
 
     grid = fused_module.FusedGrid(load_config(None, FASHION + ["federation.engine=fused"]), 4)
     for name, value in [("_task_id", TASK_ID), ("_run_id", grid.run.run_id), ("_node_id", SUPERLINK_NODE_ID)]:
-        monkeypatch.setattr(TaskIdentity, name, value)  # as the server's process has them (run_on_grid)
+        monkeypatch.setattr(TaskIdentity, name, value)
+    return grid
+
+
+def test_the_fused_grid_copies_only_the_messages_a_client_app_answers(monkeypatch, grid):
+    """A message the fused trainer does not take (here a cohort of one) reaches the ClientApp as a copy, as over
+    the wire, and its reply is copied too; the strategy's message is left as it was sent."""
+    from flwr.app import ConfigRecord, RecordDict
+
     received = []
 
     def client_app(app, msg, context):
@@ -545,18 +552,11 @@ def test_the_plan_says_when_a_methods_clients_cannot_fuse(engine):
 
 
 @needs_fashion
-def test_a_fused_round_that_falls_back_says_why_once(monkeypatch, capsys):
+def test_a_fused_round_that_falls_back_says_why_once(monkeypatch, capsys, grid):
     """A group that raises NotFusable goes to the ClientApp one by one, and the reason is said once a process,
     not every round."""
     from flwr.app import ConfigRecord, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlt.federation.inprocess import TASK_ID
-
-    grid = fused_module.FusedGrid(load_config(None, FASHION + ["federation.engine=fused"]), 4)
-    for name, value in [("_task_id", TASK_ID), ("_run_id", grid.run.run_id), ("_node_id", SUPERLINK_NODE_ID)]:
-        monkeypatch.setattr(TaskIdentity, name, value)
     monkeypatch.setattr(fused_module, "_SAID", set())
 
     def refuse(*args, **kwargs):
