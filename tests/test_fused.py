@@ -390,6 +390,8 @@ ENGINE_RUNS = {
     "tde": ["strategy.name=fedavg", "client.name=tde"],  # ē: a buffer its head updates in the forward pass
     "area": ["strategy.name=fedavg", "client.name=area"],  # a feature pass per client before training (prepare)
     "fedgrab": ["strategy.name=fedgrab", "strategy.controlled=all"],  # per-client balancers, kept by the strategy
+    # each client's update clipped to C by the ClientApp's mod (C = 0.01 binds: these updates are ~1)
+    "dp_client_fixed": ["strategy.name=dp_client_fixed", "strategy.clipping_norm=0.01", "strategy.noise_multiplier=0"],
 }
 FASHION = ["mode=federated", "partition.num_clients=4", "federation.fraction=0.75", "train.batch_size=32",
            "model.name=resnet8", "data.imbalance_factor=100", "eval.batch_size=4096"]
@@ -452,11 +454,15 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
         return deepcopy(x, *args)
 
     monkeypatch.setattr(inprocess.copy, "deepcopy", counted)
+    clipped = []  # the fused replies that went through the DP clipping mod
+    clipping_mod = fused.client_clipping_mod
+    monkeypatch.setattr(fused, "client_clipping_mod", lambda *a: clipped.append(a[0]) or clipping_mod(*a))
     run_inprocess(cfg, str(tmp_path / "inprocess"))
     assert copied["message"] and copied["reply"]
     copied.update(message=0, reply=0)
     run_fused(cfg, str(tmp_path / "fused"))
-    assert copied == {"message": 0, "reply": 0}
+    dp = method == "dp_client_fixed"  # the mod's message is a copy: it sets records aside on it
+    assert copied == {"message": 3 if dp else 0, "reply": 0} and len(clipped) == (3 if dp else 0)
     expected = [3] if method != "gbme" else [3, 3, 3, 3]
     assert answered == expected  # every train message of the run went to the fused trainer
     a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")

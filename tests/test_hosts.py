@@ -79,14 +79,17 @@ def rows_of(path):
 
 
 @needs_fashion
-def test_two_hosts_train_like_one_node_per_client(tmp_path, monkeypatch, small_test_set):
+@pytest.mark.parametrize("strategy", [[], ["strategy.name=dp_client_fixed", "strategy.clipping_norm=0.01",
+                                           "strategy.noise_multiplier=0"]], ids=["fedavg", "dp_client_fixed"])
+def test_two_hosts_train_like_one_node_per_client(strategy, tmp_path, monkeypatch, small_test_set):
     """4 clients on 2 hosts, every client every round: each host trains its two clients as one fused group, and
-    the run gives the weights (BatchNorm buffers included) and records of one node per client."""
+    the run gives the weights (BatchNorm buffers included) and records of one node per client; with DP
+    client-side clipping (C = 0.01 binds here), each fused update clipped as the ClientApp's mod clips it."""
     fused_groups = []
     original = fused.fused_replies
     monkeypatch.setattr(fused, "fused_replies", lambda cfg, device, method, items: fused_groups.append(
         sorted(int(c.node_config["partition-id"]) for _, c in items)) or original(cfg, device, method, items))
-    args = SMALL + ["model.name=resnet8", "federation.rounds=1", "train.local_steps=3", "eval.every=10"]
+    args = SMALL + strategy + ["model.name=resnet8", "federation.rounds=1", "train.local_steps=3", "eval.every=10"]
     run_inprocess(load_config(None, args), str(tmp_path / "nodes"))
     assert fused_groups == []
     run_inprocess(load_config(None, args + ["federation.hosts=2"]), str(tmp_path / "hosts"))

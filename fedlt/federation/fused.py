@@ -9,10 +9,10 @@ shared loop of :func:`fedlt.train.train` with the method's own
 and answering each with one reply
 Message holding the same arrays and metrics the ClientApp would have sent
 (:func:`fedlt.federation.apps._reply`). Everything else — query messages (prior estimation, CReFF's gradients,
-CCVR's statistics), a method that overrides ``fit``, a train message that carries a DP clipping norm (the
-ClientApp's clipping mod acts on it), a client that draws an injected failure this round
+CCVR's statistics), a method that overrides ``fit``, a client that draws an injected failure this round
 (``federation.failure_rate``: the ClientApp raises it), an objective that reads more of the model than the view
-below offers — goes to the ClientApp one message at a time, as in the in-process engine. Two callers:
+below offers — goes to the ClientApp one message at a time, as in the in-process engine. A fused reply passes
+through what the ClientApp's mod would do to it: a DP clipping norm's clip (:func:`clipped`). Two callers:
 :class:`FusedGrid` (``federation.engine=fused``), a Flower ``Grid`` in the ServerApp's process that answers the
 round's messages for every partition, and a host node (``federation.hosts``, :mod:`fedlt.federation.hosts`),
 a Flower node holding a share of the partitions that answers its share — the same trainer on several GPUs or
@@ -107,6 +107,7 @@ from fedlt.data.augment import Draws, apply_crop_flip, normalize
 from fedlt.device import host_to_device, resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
+from fedlt.federation.dp import client_clipping_mod
 from fedlt.federation.inprocess import InProcessGrid, _ServerProcessState, call_client_app, run_on_grid
 from fedlt.federation.records import load_state, to_state
 from fedlt.objectives import LossObjective, LossParts, ProximalObjective, loss_parts
@@ -692,24 +693,35 @@ def answer_cohort(cfg: Config, app: ClientApp, device: torch.device, items: list
     (:mod:`fedlt.federation.hosts`: its share of the partitions). ``fresh``, where given, receives the ``id()``
     of each fused reply: built from new objects that nothing else holds, the in-process grid keeps it without
     the deep copy it makes of a ClientApp's reply. The fused training only reads a message (its weights and
-    config); ``deliver`` gives the message a ClientApp receives (the in-process grid's copy, as the wire's)."""
+    config); ``deliver`` gives the message a ClientApp, or the DP clipping of a fused reply (:func:`clipped`),
+    receives (the in-process grid's copy, as the wire's)."""
     method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
     group = [(m, c) for m, c in items if not own_loop(type(method)) and fuses(cfg, m, c)]
     replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
     if fresh is not None:  # the fused replies: built here from new objects, held by nothing else
         fresh.update(id(r) for r in replies.values())
-    return [replies.get(m.metadata.message_id) or call_client_app(app, deliver(m), c) for m, c in items]
+    return [call_client_app(app, deliver(m), c) if m.metadata.message_id not in replies
+            else clipped(m, c, replies[m.metadata.message_id], deliver) for m, c in items]
+
+
+def clipped(msg: Message, context: Context, reply: Message, deliver: Callable[[Message], Message]) -> Message:
+    """A fused ``reply`` to ``msg`` as the ClientApp's mod leaves a reply: where ``msg`` carries a DP clipping
+    norm (``dp_client_fixed``), its update clipped by :func:`~fedlt.federation.dp.client_clipping_mod` with the
+    fused training in place of the ClientApp (the mod sets records aside on the message it is given: a
+    delivered one, not the strategy's); else ``reply`` as it is."""
+    if KEY_CLIPPING_NORM not in msg.content["config"]:
+        return reply
+    return client_clipping_mod(deliver(msg), context, lambda _msg, _context: reply)
 
 
 def fuses(cfg: Config, msg: Message, context: Context) -> bool:
-    """Whether ``msg`` can join a fused group: a train message without a DP clipping norm (the ClientApp's
-    clipping mod acts on it) whose client does not draw an injected failure this round (the ClientApp raises
-    it)."""
+    """Whether ``msg`` can join a fused group: a train message whose client does not draw an injected failure
+    this round (the ClientApp raises it)."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return False
     config = msg.content["config"]
     pid = int(context.node_config[PARTITION_ID_KEY])
-    return KEY_CLIPPING_NORM not in config and not injected_failure(cfg, int(config.get("server-round", 0)), pid)
+    return not injected_failure(cfg, int(config.get("server-round", 0)), pid)
 
 
 def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,

@@ -19,8 +19,9 @@ On the node, the ClientApp (:func:`fedlt.federation.apps.make_client_app`) answe
 :func:`answer_hosted`: each part becomes the message the partition's own node would have received (with a
 ``Context`` whose ``node_config`` names the partition, and whose ``state`` persists on the host across
 messages under the key prefix ``p<pid>/``), and :func:`fedlt.federation.fused.answer_cohort` answers them —
-the train messages that fuse as one stacked model on the host's device, the others (queries, DP clipping,
-injected failures, methods that override ``fit``) by the ClientApp one at a time, each error as that
+the train messages that fuse as one stacked model on the host's device (a DP clipping norm's clip applied
+to each reply, as the ClientApp's mod would), the others (queries, injected failures, methods that override
+``fit``) by the ClientApp one at a time, each error as that
 partition's own error reply. Results equal the one-node-per-partition federation's within the fused
 engine's float tolerance (tests/test_hosts.py).
 """
