@@ -398,8 +398,10 @@ def _unknown_key_message(section: str, key: str, owner: str) -> str:
         if names:
             kind = registry.plural if len(names) > 1 else registry.kind
             takers.append(f"{kind} {', '.join(names)} take{'s' if len(names) == 1 else ''} it as {other}.{key}")
-    where = f"; {'; '.join(takers)}" if takers else ""
     registry = _part_sections()[section.split(".")[0]][0]
+    if owner in registry and "base_options" in registry.options(owner).model_fields and takers:
+        takers.insert(0, f"{owner} wraps strategy.base, whose keys are {section}.base_options.*")
+    where = f"; {'; '.join(takers)}" if takers else ""
     return f"unknown config key {dotted!r}: not an option of {registry.kind} {owner!r}{where}"
 
 
@@ -505,6 +507,34 @@ def check_parts(cfg: Config) -> None:
                     f"{key}={section.name} is FedAvg on the server and client method {strategy.client} on the "
                     f"clients (its keys reach only that client), so with client.name={cfg.client.name} it would run "
                     f"{key}=fedavg under another name: set client.name={strategy.client} or {key}=fedavg")
+        for k, (key, name, sent) in sent_client_keys(cfg).items():
+            if k in cfg.client.model_fields_set:
+                raise FedLTError(f"client.{k} is not read under {key}={name}: its server sends its own {sent} (now "
+                                 f"{_get_dotted(cfg, sent)}) to every client; set {sent}={getattr(cfg.client, k)} "
+                                 f"instead")
+
+
+def sent_client_keys(cfg: Config) -> dict[str, tuple[str, str, str]]:
+    """The client options a strategy of ``cfg``'s chain sends to every client from its own option of the same name
+    (:attr:`~fedlt.federation.strategy.FedLTStrategy.sends`, where the client is that strategy's own), so the
+    client's value is never read: option -> (the key naming the strategy, its name, the dotted key sent)."""
+    from fedlt.registry import CLIENTS, STRATEGIES
+
+    out = {}
+    for key, section in strategy_chain(cfg.strategy):
+        strategy = STRATEGIES.get(section.name)
+        if issubclass(CLIENTS.get(cfg.client.name), CLIENTS.get(strategy.client)):
+            prefix = key.removesuffix(".name").removesuffix(".base") + (".base_options" if key.endswith(".base")
+                                                                        else "")
+            out.update({k: (key, section.name, f"{prefix}.{k}") for k in strategy.sends})
+    return out
+
+
+def _get_dotted(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for piece in key.split("."):
+        value = getattr(value, piece)
+    return value
 
 
 def strategy_chain(section: StrategyOptions) -> list[tuple[str, StrategyOptions]]:
@@ -562,6 +592,7 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
     from fedlt.sweep import flatten
 
     parts = _part_sections()
+    sent = sent_client_keys(cfg) if cfg.mode != "centralized" else {}
     out = {}
     for key in flatten(cfg.model_dump(mode="json", exclude={"sweep"})):
         pieces = key.split(".")
@@ -575,6 +606,8 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
                 paired = strategy_chain(cfg.strategy)[-1][1].name  # the innermost wrapped strategy
                 source = f"derived from strategy {paired}" + (f", wrapped by {cfg.strategy.name}"
                                                                if paired != cfg.strategy.name else "")
+            elif section == "client" and field in sent:
+                source = f"not read: {sent[field][0]}={sent[field][1]} sends {sent[field][2]}"
             elif section in parts:
                 registry, name_key = parts[section]
                 name = getattr(getattr(cfg, section), name_key)

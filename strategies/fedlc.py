@@ -15,6 +15,7 @@ from fedlt.registry import STRATEGIES
 class FedLC(FedLTStrategy):
     client = "fedlc"
     client_only = True
+    sends = ("tau",)  # client.tau is never read: the server sends strategy.tau
 
     class Options(FedLTStrategy.Options):
         tau: float = Field(1.0, ge=0, description="calibration strength τ sent to every client (FL-bench's 1.0)")

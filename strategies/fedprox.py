@@ -10,6 +10,7 @@ from fedlt.registry import STRATEGIES
 class FedProx(FedLTStrategy):
     client = "fedprox"
     client_only = True
+    sends = ("mu",)  # client.mu is never read: the server sends strategy.mu
 
     class Options(FedLTStrategy.Options):
         mu: float = Field(0.01, ge=0, description="proximal weight μ sent to every client")

@@ -210,6 +210,42 @@ def test_a_wrapper_brings_the_client_of_the_strategy_it_wraps(overrides, client,
     assert federated_method(cfg) == method  # the run's name says the client where it is not the wrapper's own
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=fedprox", "client.mu=1000"], "client.mu is not read under strategy.name=fedprox: its server "
+     "sends its own strategy.mu (now 0.01) to every client; set strategy.mu=1000.0 instead"),
+    (["strategy.name=fedlc", "client.tau=2"], "client.tau is not read under strategy.name=fedlc: its server sends "
+     "its own strategy.tau (now 1.0) to every client; set strategy.tau=2.0 instead"),
+    (["strategy.name=ccvr", "strategy.base=fedprox", "strategy.base_options.mu=0.5", "client.mu=5"],
+     "client.mu is not read under strategy.base=fedprox: its server sends its own strategy.base_options.mu (now "
+     "0.5) to every client; set strategy.base_options.mu=5.0 instead"),
+    (["strategy.name=ccvr", "strategy.base=posthoc_calibration", "strategy.base_options.base=fedlc",
+      "client.tau=3"], "client.tau is not read under strategy.base_options.base=fedlc: its server sends its own "
+     "strategy.base_options.base_options.tau (now 1.0) to every client; set "
+     "strategy.base_options.base_options.tau=3.0 instead"),
+], ids=["fedprox", "fedlc", "under a wrapper", "two wrappers deep"])
+def test_a_client_key_its_strategy_sends_in_its_place_is_refused(overrides, message):
+    """FedProx's server sends μ and FedLC's τ to every client, which then never reads client.mu / client.tau:
+    ``client.mu=1000`` ran as μ = 0.01 and config.yaml recorded 1000."""
+    with pytest.raises(FedLTError) as err:
+        load_config(None, ["mode=federated", *overrides])
+    assert str(err.value) == message
+
+
+def test_a_client_key_no_strategy_sends_is_read_and_an_unread_default_says_so():
+    cfg = load_config(None, ["mode=federated", "strategy.name=fedavg", "client.name=fedprox", "client.mu=1000"])
+    assert cfg.client.mu == 1000  # FedAvg sends no μ: the client's own is read
+    cfg = load_config(None, ["mode=federated", "strategy.name=fedprox", "strategy.mu=3"], given := {})
+    assert key_sources(cfg, given)["client.mu"] == "not read: strategy.name=fedprox sends strategy.mu"
+    assert load_config(None, ["mode=centralized", "strategy.name=fedprox", "client.mu=1000"]).client.mu == 1000
+
+
+def test_a_wrappers_unknown_key_points_at_its_base_options():
+    with pytest.raises(FedLTError, match=r"^unknown config key 'strategy.mu': not an option of strategy 'ccvr'; ccvr "
+                                         r"wraps strategy.base, whose keys are strategy.base_options.\*; strategy "
+                                         r"fedprox takes it as strategy.mu"):
+        load_config(None, ["strategy.name=ccvr", "strategy.base=fedprox", "strategy.mu=1000"])
+
+
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
 

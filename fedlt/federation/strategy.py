@@ -160,6 +160,10 @@ class FedLTStrategy(FedAvg):
     # reads (FedProx, FedLC, FedETF, FedROD), so a config pairing it with another client method would run FedAvg
     # under this strategy's name, and is refused (fedlt.config.check_parts)
     client_only: bool = False
+    # options of ``client`` that this strategy's server sends to every client from its own option of the same
+    # name (FedProx's μ, FedLC's τ), so a ``client.<key>`` set in the config would never be read: refused
+    # (fedlt.config.check_parts)
+    sends: tuple[str, ...] = ()
     Options = StrategyOptions  # a strategy with keys of its own subclasses this (``class Options(...)``)
 
     def __init__(self, cfg: Config, num_classes: int, **flower_kwargs: Any) -> None:
