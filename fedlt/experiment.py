@@ -177,6 +177,7 @@ def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides
     the model's options (``classifier="cosine"``); then the client method's
     :meth:`~fedlt.client_method.ClientMethod.adapt_model` (e.g. FedETF's classifier)."""
     name = name or cfg.model.name
+    check_overridden_model_keys(cfg, overrides)
     kw = {**cfg.model.model_dump(exclude={"name"}), **overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT).integers(2**31)))
@@ -184,6 +185,19 @@ def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides
         check_input_size(model, name, kw, exp)
         client = cfg.client.name
         return model if client is None else CLIENTS.get(client).adapt_model(model, cfg, exp.num_classes)
+
+
+def check_overridden_model_keys(cfg: Config, overrides: dict) -> None:
+    """Refuse a model key the config sets (``model.num_experts=5``) that ``overrides`` replace with another value
+    (BalPoE builds one expert per τ): the run would use the method's value while config.yaml records the
+    config's. The centralized methods' models are the callers that override
+    (:meth:`~fedlt.centralized.base.CentralizedMethod.model_options`); :func:`fedlt.simulate.check_data` asks
+    before any run of a config trains."""
+    for key, value in overrides.items():
+        given = getattr(cfg.model, key, None)
+        if key in cfg.model.model_fields_set and given != value:
+            raise FedLTError(f"model.{key}={given} is not what centralized.method={cfg.centralized.method} builds: "
+                             f"its model has {key}={value}; drop model.{key} or set it to {value}")
 
 
 _INPUT_CHECKED: set[tuple] = set()  # (model, its options, image shape) whose dry forward ran in this process

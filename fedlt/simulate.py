@@ -79,8 +79,9 @@ def check_data(cfgs: list[Config]) -> None:
     resources: fail early on missing data, an impossible partition or resources the machine lacks, before
     any run starts."""
     from fedlt.device import check_device
-    from fedlt.experiment import experiment_for
+    from fedlt.experiment import check_overridden_model_keys, experiment_for
     from fedlt.federation.runner import check_resources
+    from fedlt.registry import CENTRALIZED
 
     seen = set()
     for cfg in cfgs:
@@ -89,6 +90,9 @@ def check_data(cfgs: list[Config]) -> None:
             check_resources(cfg)
         exp = experiment_for(cfg)
         check_steps(cfg, exp)
+        if cfg.mode in ("centralized", "both"):  # a model key the method sets itself, given another value
+            check_overridden_model_keys(cfg, CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
+                                        .model_options())
         counts = exp.train_counts
         ratio = f"N_max/N_min = {counts.max() / counts.min():.4g}" if counts.min() > 0 else "N_max/N_min = inf"
         shape = (f"{cfg.data.profile} profile, IF={cfg.data.imbalance_factor:g}" if cfg.data.profile != "none"

@@ -246,6 +246,30 @@ def test_a_wrappers_unknown_key_points_at_its_base_options():
         load_config(None, ["strategy.name=ccvr", "strategy.base=fedprox", "strategy.mu=1000"])
 
 
+@needs_fashion
+@pytest.mark.parametrize("keys, line", [
+    (["centralized.method=balpoe", "model.name=small_cnn_experts", "model.num_experts=5"],
+     "error: model.num_experts=5 is not what centralized.method=balpoe builds: its model has num_experts=3; drop "
+     "model.num_experts or set it to 3"),
+    (["centralized.method=ldam_drw", "model.scale=30"], "error: model.scale=30.0 is not what "
+     "centralized.method=ldam_drw builds: its model has scale=1.0; drop model.scale or set it to 1.0"),
+], ids=["balpoe experts", "ldam head"])
+def test_a_model_key_the_centralized_method_sets_otherwise_is_refused_before_any_run(capsys, tmp_path, keys, line):
+    """BalPoE builds one expert per τ and LDAM-DRW a cosine head of scale 1: the run used those while config.yaml
+    recorded 5 experts and scale 30. Refused before any run of the config trains (the federated one included)."""
+    assert refused(capsys, tmp_path, "mode=both", "sweep={}", *keys) == line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_model_key_equal_to_the_methods_own_is_accepted():
+    from fedlt.experiment import check_overridden_model_keys
+
+    cfg = load_config(None, ["centralized.method=balpoe", "model.name=small_cnn_experts", "model.num_experts=3"])
+    check_overridden_model_keys(cfg, {"num_experts": 3, "classifier": "cosine"})  # classifier not set: the method's
+    with pytest.raises(FedLTError, match="model.num_experts=3 is not what"):
+        check_overridden_model_keys(cfg, {"num_experts": 2})
+
+
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
 

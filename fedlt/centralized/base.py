@@ -64,7 +64,13 @@ class CentralizedMethod:
 
     # --- stage 1 ---
     def build_model(self, exp: Experiment) -> nn.Module:
-        return model_for(self.cfg, exp)
+        return model_for(self.cfg, exp, **self.model_options())
+
+    def model_options(self) -> dict:
+        """The model options this method sets itself, over the config's ``model.*`` (LDAM's cosine head, an
+        expert method's number of experts); a config that sets one of them to another value is refused before
+        any run (:func:`fedlt.experiment.check_overridden_model_keys`)."""
+        return {}
 
     def begin_epoch(self, model: nn.Module, data: TensorData, augment: Augment | None, epoch: int) -> None:
         """Called before each stage-1 epoch with the current model and the training data (AREA's weights)."""

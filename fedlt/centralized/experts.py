@@ -68,12 +68,13 @@ class ExpertMethod(CentralizedMethod):
         check_model_variant(cfg, "_experts", "a multi-expert model")
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        name = self.expert_model(self.cfg)
+        return model_for(self.cfg, exp, self.expert_model(self.cfg), **self.model_options())
+
+    def model_options(self) -> dict:
         extra = {}
-        if name in CIFAR_RESNET_EXPERTS:
+        if self.expert_model(self.cfg) in CIFAR_RESNET_EXPERTS:
             extra["widths"] = (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64)
-        return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
-                         num_experts=self.num_experts(), **extra)
+        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.num_experts(), **extra)
 
 
 @CENTRALIZED.register("balpoe")

@@ -82,8 +82,8 @@ class LDAMDRW(CentralizedMethod):
 
     loss = "ldam"
 
-    def build_model(self, exp: Experiment) -> nn.Module:
-        return model_for(self.cfg, exp, classifier="cosine", scale=1.0)
+    def model_options(self) -> dict:
+        return dict(classifier="cosine", scale=1.0)
 
     def drw_epoch(self) -> int:
         return int(round(self.opt.drw_fraction * self.epochs))

@@ -119,8 +119,10 @@ class SHIKE(CentralizedMethod):
                                  f"base lr or W, or lower the peak")
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        return model_for(self.cfg, exp, self.expert_model(self.cfg), classifier="cosine",
-                         scale=self.opt.expert_scale, num_experts=self.opt.num_experts)
+        return model_for(self.cfg, exp, self.expert_model(self.cfg), **self.model_options())
+
+    def model_options(self) -> dict:
+        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.opt.num_experts)
 
     def optim(self, opt: OptimConfig, stage: int) -> OptimConfig:
         fields = asdict(opt)

@@ -27,7 +27,6 @@ from torch import nn
 
 from fedlt.centralized.experts import ExpertMethod
 from fedlt.data.augment import normalize, random_rotation
-from fedlt.experiment import Experiment, model_for
 from fedlt.losses import class_weights, engaged, ldam_margins, tlc_combine
 from fedlt.losses.tlc import TLCLossOptions, tlc_expert_loss
 from fedlt.metrics import evaluate_logits, reliability_bins, uncertainty_metrics
@@ -79,13 +78,11 @@ class TLC(ExpertMethod):
         """R: the official ``reweight_epoch`` (re-weighting at the official epochs e > R, fedlt's epoch ≥ R)."""
         return int(round(self.opt.drw_fraction * self.epochs))
 
-    def build_model(self, exp: Experiment) -> nn.Module:
-        name = self.expert_model(self.cfg)
+    def model_options(self) -> dict:
         extra = {}
-        if name in CIFAR_RESNET_EXPERTS:
+        if self.expert_model(self.cfg) in CIFAR_RESNET_EXPERTS:
             extra = {"widths": (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64), "shared_layer1": False}
-        return model_for(self.cfg, exp, name, classifier="cosine", scale=self.opt.expert_scale,
-                         num_experts=self.num_experts(), **extra)
+        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.num_experts(), **extra)
 
     def augment(self, data: TensorData) -> Augment:
         return Rotated(super().augment(data), data.mean, data.std, self.opt.rotation)
