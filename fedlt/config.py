@@ -507,8 +507,8 @@ def check_parts(cfg: Config) -> None:
                     f"{key}={section.name} is FedAvg on the server and client method {strategy.client} on the "
                     f"clients (its keys reach only that client), so with client.name={cfg.client.name} it would run "
                     f"{key}=fedavg under another name: set client.name={strategy.client} or {key}=fedavg")
-        for k, (key, name, sent) in sent_client_keys(cfg).items():
-            if k in cfg.client.model_fields_set:
+        for k, (key, name, sent) in sent_client_keys(cfg).items():  # a value other than the client's default
+            if getattr(cfg.client, k) != type(cfg.client).model_fields[k].default:  # (a dump sets every field)
                 raise FedLTError(f"client.{k} is not read under {key}={name}: its server sends its own {sent} (now "
                                  f"{_get_dotted(cfg, sent)}) to every client; set {sent}={getattr(cfg.client, k)} "
                                  f"instead")

@@ -177,7 +177,6 @@ def model_for(cfg: Config, exp: Experiment, name: str | None = None, **overrides
     the model's options (``classifier="cosine"``); then the client method's
     :meth:`~fedlt.client_method.ClientMethod.adapt_model` (e.g. FedETF's classifier)."""
     name = name or cfg.model.name
-    check_overridden_model_keys(cfg, overrides)
     kw = {**cfg.model.model_dump(exclude={"name"}), **overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seeded_rng(cfg.seed, Stream.INIT).integers(2**31)))
@@ -192,7 +191,8 @@ def check_overridden_model_keys(cfg: Config, overrides: dict) -> None:
     (BalPoE builds one expert per τ): the run would use the method's value while config.yaml records the
     config's. The centralized methods' models are the callers that override
     (:meth:`~fedlt.centralized.base.CentralizedMethod.model_options`); :func:`fedlt.simulate.check_data` asks
-    before any run of a config trains."""
+    before any run of a config trains, on the config as given (a config rebuilt from a dump, as in a client
+    process, has every key set)."""
     for key, value in overrides.items():
         given = getattr(cfg.model, key, None)
         if key in cfg.model.model_fields_set and given != value:
