@@ -61,6 +61,9 @@ def imagenet_lt_profile() -> np.ndarray:
     return n
 
 
+TEST_LIST = "test_heldout.txt"  # not test.txt: trees generated before held-out test images are regenerated
+
+
 def _write_class(args: tuple[str, int, int, int, int, int]) -> None:
     from torchvision.io import encode_jpeg
 
@@ -81,27 +84,27 @@ def _write_class(args: tuple[str, int, int, int, int, int]) -> None:
 
 
 def generate(root: Path, counts: np.ndarray, shape: tuple[int, int], test_per_class: int, workers: int) -> None:
-    """The image tree (JPEGs of ``shape`` = (height, width)) and train.txt / test.txt (the test list reuses the
-    first images of each class)."""
+    """The image tree (JPEGs of ``shape`` = (height, width)) and train.txt / test_heldout.txt (``test_per_class``
+    more images of each class, held out: fedlt refuses a test list that repeats training images)."""
     t0 = time.time()
-    jobs = [(str(root), c, int(max(n, test_per_class)), *shape, 0) for c, n in enumerate(counts)]
+    jobs = [(str(root), c, int(n) + test_per_class, *shape, 0) for c, n in enumerate(counts)]
     with mp.get_context("spawn").Pool(workers) as pool:
         for i, _ in enumerate(pool.imap_unordered(_write_class, jobs), 1):
             if i % 100 == 0 or i == len(jobs):
                 print(f"generate: {i}/{len(jobs)} classes ({time.time() - t0:.0f}s)", flush=True)
     train = [f"train/n{c:08d}/{k}.JPEG {c}" for c, n in enumerate(counts) for k in range(int(n))]
-    test = [f"train/n{c:08d}/{k}.JPEG {c}" for c in range(len(counts)) for k in range(test_per_class)]
+    test = [f"train/n{c:08d}/{k}.JPEG {c}" for c, n in enumerate(counts) for k in range(n, n + test_per_class)]
     (root / "train.txt").write_text("\n".join(train) + "\n")
-    (root / "test.txt").write_text("\n".join(test) + "\n")
+    (root / TEST_LIST).write_text("\n".join(test) + "\n")
 
 
 def config(root: Path, cache: bool, cache_dir: Path, clients: int, size: int, extra: list[str] = ()):
     from fedlt.config import load_config
 
     return load_config(None, ["name=inlt", "data.name=imagenet_lt", f"data.root={root}", "data.profile=none",
-                              f"data.image_size={size}", f"data.cache={str(cache).lower()}",
-                              f"data.cache_dir={cache_dir}", f"partition.num_clients={clients}", "device=cpu",
-                              *extra])
+                              f"data.test_list={TEST_LIST}", f"data.image_size={size}",
+                              f"data.cache={str(cache).lower()}", f"data.cache_dir={cache_dir}",
+                              f"partition.num_clients={clients}", "device=cpu", *extra])
 
 
 def memory_kib() -> dict[str, int]:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     root, cache_dir = work / f"images-scale{args.scale:g}-{px}", work / "cache"
     print(f"profile: {len(counts)} classes, {counts.max()} → {counts.min()}, {counts.sum():,} training images "
           f"(scale {args.scale:g}); {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
-    if not (root / "test.txt").is_file():
+    if not (root / TEST_LIST).is_file():
         generate(root, counts, shape, args.test_per_class, args.workers)
 
     from fedlt.data.sources import load_file_list
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     t0 = time.time()
-    splits = load_file_list(str(root), "train.txt", "test.txt", args.size, CLASSES, cache=True, cache_dir=str(cache_dir))
+    splits = load_file_list(str(root), "train.txt", TEST_LIST, args.size, CLASSES, cache=True, cache_dir=str(cache_dir))
     train = splits["train"].materialize()
     splits["test"].materialize()
     built = time.time() - t0

@@ -168,10 +168,12 @@ def test_absurd_label_of_an_open_file_list(tmp_path):
 def write_pngs(root, n=4, size=8):
     from torchvision.io import write_png
 
+    (root / "test").mkdir(exist_ok=True)
     for i in range(n):
-        write_png(torch.full((3, size, size), 40 * i, dtype=torch.uint8), str(root / f"{i}.png"))
+        for name in (f"{i}.png", f"test/{i}.png"):  # a held-out test copy: a test list may not repeat training images
+            write_png(torch.full((3, size, size), 40 * i, dtype=torch.uint8), str(root / name))
     write_list(root / "train.txt", [f"{i}.png {i}" for i in range(n)])
-    write_list(root / "test.txt", [f"{i}.png {i}" for i in range(n)])
+    write_list(root / "test.txt", [f"test/{i}.png {i}" for i in range(n)])
 
 
 def test_zero_byte_image(capsys, tmp_path):
@@ -250,7 +252,7 @@ def test_classes_without_training_or_test_images_are_warned_of(capsys, tmp_path)
     every.mkdir()
     write_pngs(every)
     write_list(every / "train.txt", [f"{c % 4}.png {c}" for c in range(10) for _ in range(10 - c)])
-    write_list(every / "test.txt", [f"{c % 4}.png {c}" for c in range(10)])
+    write_list(every / "test.txt", [f"test/{c % 4}.png {c}" for c in range(10)])
     check_data([load_config(DEFAULT, [*TINY, "data.name=cifar10_files", f"data.root={every}", "data.cache=false"])])
     out = capsys.readouterr().out
     assert "N_max/N_min = 10)" in out and "warning" not in out

@@ -335,11 +335,11 @@ def test_file_list_of_an_open_data_set_refuses_a_negative_label(tmp_path):
 def test_corrupt_image_names_the_file(capsys, tmp_path):
     from torchvision.io import write_png
 
-    for i in range(4):
+    for i in range(5):
         write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / f"{i}.png"))
     (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     write_list(tmp_path, "train.txt", [f"{i}.png {i}" for i in range(4)])
-    write_list(tmp_path, "test.txt", ["0.png 0"])
+    write_list(tmp_path, "test.txt", ["4.png 0"])  # held out: a test list may not repeat training images
     line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.profile=none",
                    "model.name=small_cnn", "partition.num_clients=2", "partition.min_size=1")
     assert f"cannot decode image {tmp_path / '2.png'}" in line

@@ -21,7 +21,8 @@ from fedlt.experiment import build_experiment, experiment_for
 
 
 def make_images(root: Path, n: int = 12, size: int = 16, classes: int = 3) -> list[str]:
-    """``n`` random images under ``root`` (JPEGs, one PNG), and train.txt / test.txt listing them."""
+    """``n`` random images under ``root`` (JPEGs, one PNG), and train.txt listing them; test.txt lists held-out
+    copies of the first six under ``root/test``."""
     g = torch.Generator().manual_seed(0)
     lines = []
     for i in range(n):
@@ -34,7 +35,11 @@ def make_images(root: Path, n: int = 12, size: int = 16, classes: int = 3) -> li
             (root / rel).write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
         lines.append(f"{rel} {i % classes}")
     (root / "train.txt").write_text("\n".join(lines) + "\n")
-    (root / "test.txt").write_text("\n".join(lines[:6]) + "\n")
+    for line in lines[:6]:  # held-out copies: a test list may not repeat training images
+        rel = line.split()[0]
+        (root / "test" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "test" / rel).write_bytes((root / rel).read_bytes())
+    (root / "test.txt").write_text("".join(f"test/{line}\n" for line in lines[:6]))
     return [str(root / line.split()[0]) for line in lines]
 
 

@@ -9,6 +9,7 @@ and how to get the data.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import re
@@ -114,23 +115,46 @@ def check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> Non
 def _read_idx(path: Path, dims: int, what: str) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic 0x0000 08 NDIM, NDIM big-endian sizes, uint8 data; it must
     hold ``dims`` dimensions (``what`` says which, for the error)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
-        raise FedLTError(f"malformed IDX file {path}: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise FedLTError(f"malformed IDX file {path}: bad magic number")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise FedLTError(f"malformed IDX file {path}: expected {int(np.prod(shape))} values, found {body.size}")
+    data = _idx_bytes(path)
+    shape, start = _idx_header(path, data)
+    expected, found = math.prod(shape), len(data) - start
+    if found != expected:  # math.prod: exact, where np.prod of four-byte sizes could overflow int64
+        cut = "truncated" if found < expected else "trailing bytes"
+        raise FedLTError(f"malformed IDX file {path}: {cut}: its header declares {shape}, {expected} values, found "
+                         f"{found}; use the IDX files of Fashion-MNIST as published")
     if len(shape) != dims:
         raise FedLTError(f"malformed IDX file {path}: {len(shape)}-D {shape}, expected {dims}-D ({what}); use the "
                          f"IDX files of Fashion-MNIST as published")
-    return body.reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape)
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """The (decompressed) bytes of an IDX file; a truncated or corrupt .gz is a :class:`FedLTError`."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise FedLTError(f"malformed IDX file {path}: {exc}") from None
+
+
+def _idx_header(path: Path, data: bytes) -> tuple[tuple[int, ...], int]:
+    """The shape an IDX file's header declares and the offset of its data. Checked here, before any slicing, so
+    that a short or foreign file is a one-line error that says what is wrong rather than a numpy traceback."""
+    def bad(what: str) -> FedLTError:
+        return FedLTError(f"malformed IDX file {path}: {what}; use the IDX files of Fashion-MNIST as published")
+
+    if len(data) < 4:
+        raise bad(f"truncated: {len(data)} bytes, shorter than the 4-byte magic number")
+    if data[:2] != b"\x00\x00":
+        raise bad(f"bad magic number {data[:4].hex(' ')}, expected 00 00 08 <ndim>")
+    if data[2] != 0x08:
+        raise bad(f"data type {data[2]:#04x}, expected 0x08 (unsigned bytes)")
+    ndim = data[3]
+    start = 4 + 4 * ndim
+    if len(data) < start:
+        raise bad(f"truncated header: {len(data)} bytes, {ndim} dimensions need {start} (4 + 4 per dimension)")
+    return tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)), start
 
 
 def _check_not_empty(n: int, path: Path | str, split: str) -> None:
@@ -358,10 +382,28 @@ def load_file_list(root: str | None, train_list: str, test_list: str, image_size
         raise FedLTError(f"data.train_list and data.test_list are the same file {train_file}: the test set would be "
                          f"the training set; point data.test_list at the held-out list")
     splits = {s: read_file_list(root, lst, num_classes) for s, lst in (("train", train_list), ("test", test_list))}
+    _check_held_out(splits["train"][0], splits["test"][0], train_file, test_file)
     c = num_classes or int(max(lab.max() for _, lab in splits.values())) + 1
     names = CIFAR10_CLASSES if c == 10 and "cifar" in str(root).lower() else ()
     return {s: Split(lab, c, paths=p, image_size=image_size, class_names=names, cache=cache, cache_dir=cache_dir,
                      decode_device=decode_device) for s, (p, lab) in splits.items()}
+
+
+def _check_held_out(train_paths: list[str], test_paths: list[str], train_file: Path, test_file: Path) -> None:
+    """Refuse a test list that names images of the training list: the scores would be on seen data, a silently
+    wrong result. Paths are compared normalised (absolute, ``.`` / ``..`` / ``//`` folded) as strings, so an
+    ImageNet-LT-sized pair costs two set builds and no file system call; a symlinked alias is not caught."""
+    cwd = os.getcwd()
+    seen = {os.path.normpath(os.path.join(cwd, p)) for p in train_paths}
+    repeated: dict[str, str] = {}  # normalised path -> the test list's first spelling of it, in list order
+    for p in test_paths:
+        key = os.path.normpath(os.path.join(cwd, p))
+        if key in seen:
+            repeated.setdefault(key, p)
+    if repeated:
+        raise FedLTError(f"data.test_list {test_file} repeats {len(repeated):,} of the {len(seen):,} images of "
+                         f"data.train_list {train_file} (e.g. {next(iter(repeated.values()))}): the test set must be "
+                         f"held out from training; point data.test_list at the held-out list or drop those lines")
 
 
 # --------------------------------------------------------------------------- registry
