@@ -2,7 +2,8 @@
 
     lock the run directory (one run writes it at a time); refuse a directory that holds a run of another
     config (only ``--overwrite`` empties it, :mod:`fedlt.simulate`)
-    resume from the checkpoint (same config) or start afresh (reset the run directory, write its records,
+    resume from the checkpoint (same config, same data: :func:`data_fingerprint`; a damaged env.json is set aside,
+        :meth:`~fedlt.rundir.RunDir.check_env`) or start afresh (reset the run directory, write its records,
         evaluate the initial model: row ``{round: 0, ...}`` / ``{epoch: 0, ...}``)
     for each step t (a round or an epoch) not yet done:
         train the step; evaluate on the test set when due (``eval.every``, always the last step);
@@ -19,8 +20,13 @@ holds besides the step and the elapsed time, what the summary adds.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
 
 from fedlt.config import Config
 from fedlt.device import environment, peak_memory
@@ -30,12 +36,19 @@ from fedlt.interrupt import RunInterrupted, stop_requested
 from fedlt.metrics import NonFiniteOutputs
 from fedlt.rundir import RunDir
 
+if TYPE_CHECKING:
+    from fedlt.data.sources import Split
+    from fedlt.experiment import Experiment
+
+DIGEST_PIECE = 64 * 2**20  # bytes of images hashed as one piece (a thread each): the same digest on any machine
+
 
 class Steps(Protocol):
     """One run's steps, driven by :func:`run_steps`."""
 
     unit: str  # "round" or "epoch": the key of metrics.jsonl rows and of progress lines
     label: str  # progress prefix, e.g. "federated fedavg"
+    exp: Experiment  # the data the steps train and test on (its fingerprint goes into every checkpoint)
     total: int  # number of steps
     checkpoint_every: int
 
@@ -68,6 +81,75 @@ def _evaluate(steps: Steps, final: bool, what: str) -> dict:
         return steps.evaluate(final=final)
     except NonFiniteOutputs as exc:
         raise NonFiniteOutputs(f"{what}: {exc}; the last checkpoint stays") from None
+
+
+def data_fingerprint(exp: Experiment) -> dict[str, dict]:
+    """What a run trains and tests on: per split (``train``, ``test``) its number of images and a SHA-256 (16 hex
+    digits) of its class count, labels and decoded images, as the experiment holds them (after the long-tailed
+    cut, resized). Every checkpoint records it, so that a run resumed after its data changed (a list file edited,
+    images replaced, another CIFAR copy at data.root: the config is the same, the files it names are not) is
+    refused instead of finishing on another data set than it started on.
+
+    Why the decoded images and not the files: they are in memory already (or mapped from the image cache), so
+    nothing is read or decoded again, and the digest is of what the model sees: a copy of the data set with new
+    modification times is the same data, a list of other images with the same labels is not. Cost: hashing, on
+    one thread per core (about 1 GB/s each): a tenth of a second for CIFAR-10."""
+    return {name: _split_digest(split) for name, split in (("train", exp.train), ("test", exp.test))}
+
+
+def _split_digest(split: Split) -> dict[str, Any]:
+    """``{"images": N, "digest": 16 hex digits}`` of one split (:func:`data_fingerprint`)."""
+    h = hashlib.sha256(f"fedlt-data-v1 classes={split.num_classes}\n".encode())
+    h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+    if split.images is not None:  # (None: a split that was never decoded)
+        h.update(f"images {split.images.dtype} {tuple(split.images.shape)}\n".encode())
+        for piece in _piece_digests(split.images):
+            h.update(piece)
+    return {"images": len(split), "digest": h.hexdigest()[:16]}
+
+
+def _piece_digests(images: torch.Tensor) -> list[bytes]:
+    """SHA-256 of each :data:`DIGEST_PIECE` bytes of ``images``, hashed by one thread per core (hashlib lets go of
+    the GIL while it hashes), in order."""
+    from fedlt.data.image_cache import decode_threads
+
+    flat = memoryview(images.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    pieces = [flat[i:i + DIGEST_PIECE] for i in range(0, len(flat), DIGEST_PIECE)]
+    threads = min(len(pieces), decode_threads("cpu"))
+    if threads <= 1:
+        return [hashlib.sha256(p).digest() for p in pieces]
+    with ThreadPoolExecutor(threads, thread_name_prefix="fedlt-digest") as pool:
+        return list(pool.map(lambda p: hashlib.sha256(p).digest(), pieces))
+
+
+def data_change(then: Any, now: dict[str, dict]) -> str | None:
+    """How the data of a checkpoint (``then``, its :func:`data_fingerprint`) differs from the data now, e.g.
+    ``training set: 300 images at the checkpoint, 600 now``; None where it does not."""
+    changes = []
+    for split, name in (("train", "training set"), ("test", "test set")):
+        old = then.get(split) if isinstance(then, dict) else None
+        old = old if isinstance(old, dict) else {}
+        if old == now[split]:
+            continue
+        if old.get("images") != now[split]["images"]:
+            changes.append(f"{name}: {old.get('images', 'unknown')} images at the checkpoint, "
+                           f"{now[split]['images']} now")
+        else:
+            changes.append(f"{name}: {now[split]['images']} images, other images or labels now")
+    return "; ".join(changes) or None
+
+
+def check_same_data(run: RunDir, ckpt: dict, data: dict[str, dict], unit: str) -> None:
+    """Refuse to resume ``run`` from ``ckpt`` where its data changed since (:func:`data_fingerprint`), in one line
+    naming the run directory, what changed and what to do. A checkpoint of an earlier fedlt records no data and
+    resumes (as one without the config digest does)."""
+    if "data" not in ckpt:
+        return
+    change = data_change(ckpt["data"], data)
+    if change:
+        raise FedLTError(f"run directory {run.path}: the data changed since its checkpoint after {unit} "
+                         f"{ckpt.get('step')} ({change}); restore the data the run started with and run the same "
+                         f"command again to resume, or delete {run.path / 'checkpoint.pt'} to start the run over")
 
 
 def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
@@ -107,6 +189,7 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
         run.write_partition(*partition)
     # config.yaml as written (by this run, or by the fedlt that started it): what its checkpoints record
     digest = run.config_digest()
+    data = data_fingerprint(steps.exp)  # the data loaded now: what its checkpoints record too
     if ckpt is None:
         steps.start()
         start, elapsed = 1, 0.0
@@ -114,6 +197,8 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
         if ckpt.get("config", digest) != digest:  # copied in from another run (older checkpoints lack the key)
             raise FedLTError(f"checkpoint {run.path / 'checkpoint.pt'} was written by a run of another config than "
                              f"the folder's config.yaml: delete it to start the run over")
+        check_same_data(run, ckpt, data, steps.unit)
+        run.check_env(lambda: environment(device))  # env.json is added to at the end: a damaged one is set aside now
         try:
             steps.load_state_dict(ckpt["state"])
             start, elapsed = ckpt["step"] + 1, ckpt["elapsed"]
@@ -149,8 +234,8 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
                             fields.get("train_loss"), elapsed, elapsed / t * (steps.total - t)), flush=True)
         stop = stop_requested() and t < steps.total
         if due(t, steps.total, steps.checkpoint_every) or stop:
-            run.save_checkpoint({"step": t, "elapsed": elapsed, "config": digest, "state": steps.state_dict(),
-                                 **meters})
+            run.save_checkpoint({"step": t, "elapsed": elapsed, "config": digest, "data": data,
+                                 "state": steps.state_dict(), **meters})
         if stop:
             raise RunInterrupted(f"[{steps.label}] stopped after {steps.unit} {t}/{steps.total}; "
                                  f"checkpoint: {run.path / 'checkpoint.pt'}")
@@ -164,6 +249,7 @@ def _run_steps(cfg: Config, run: RunDir, steps: Steps, partition: tuple, device:
     memory = peak_memory(device)
     run.update_env(memory)
     summary = {**steps.summary(), "seed": cfg.seed, "wall_clock_seconds": elapsed, **throughput, **memory,
-               **metrics, "config_digest": digest}  # config.yaml's, checked where the run is read
+               **metrics, "config_digest": digest,  # config.yaml's, checked where the run is read
+               "data_fingerprint": data}
     run.write_summary(summary)
     return summary

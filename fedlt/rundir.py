@@ -30,7 +30,7 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -274,9 +274,52 @@ class RunDir:
         write_json(self.path / "env.json", env)
 
     def update_env(self, extra: dict) -> None:
-        """Add ``extra`` to env.json (what is known only at the end of a run, e.g. the peak memory)."""
+        """Add ``extra`` to env.json (what is known only at the end of a run, e.g. the peak memory). One damaged
+        since the run started is set aside first (:meth:`check_env`): the run's summary is still written."""
+        self.check_env()
         f = self.path / "env.json"
-        write_json(f, {**(json.loads(f.read_text()) if f.is_file() else {}), **extra})
+        write_json(f, {**(json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}), **extra})
+
+    def env_problem(self) -> str | None:
+        """Why env.json cannot be added to (unreadable, not UTF-8, not JSON, not a JSON object); None where it can,
+        or where there is none."""
+        f = self.path / "env.json"
+        if not f.exists():
+            return None
+        try:
+            env = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            what = {json.JSONDecodeError: "not JSON", UnicodeDecodeError: "not UTF-8 text"}.get(type(exc), "unreadable")
+            return f"{what}: {reason}"[:200]
+        return None if isinstance(env, dict) else f"a JSON {type(env).__name__}, not an object"
+
+    def check_env(self, current: Callable[[], dict] = dict) -> None:
+        """Where env.json is damaged (:meth:`env_problem`), set it aside as env.json.damaged (``.2``, ``.3`` … next
+        to an earlier one, never over it), write env.json again with ``current()`` (a resumed run: the environment
+        of this process) and a ``note`` saying so, and print a warning naming both files. A resumed run calls it
+        before it trains, since :meth:`update_env` adds the peak memory to env.json at the end.
+
+        Why not refuse the run: env.json is a record (versions, hardware, peak memory) that neither the
+        checkpoint nor the results depend on, and that nothing can rebuild; refusing would leave the researcher
+        to delete it by hand to go on, and failing at the end lost the summary of the training just done.
+        Why not overwrite it: what is left of it may still say what the run started on."""
+        problem = self.env_problem()
+        if problem is None:
+            return
+        f = self.path / "env.json"
+        aside = _free_name(f.with_name("env.json.damaged"))
+        try:
+            os.replace(f, aside)
+        except OSError as exc:
+            raise FedLTError(f"run {self.path}: env.json is damaged ({problem}) and cannot be set aside as "
+                             f"{aside.name} ({exc.strerror or exc}); move or delete it, then run the same command "
+                             f"again to resume") from None
+        env = current()
+        write_json(f, {**env, "note": f"written again: the env.json before it was damaged ({problem}) and is set "
+                                      f"aside as {aside.name}"})
+        print(f"warning: {f} is damaged ({problem}); set aside as {aside.name} and written again"
+              f"{' with the environment of this process' if env else ''}", flush=True)
 
     def write_partition(self, counts: np.ndarray, train_counts: np.ndarray, test_counts: np.ndarray,
                         method: str, local_test: tuple[np.ndarray, list[np.ndarray]] | None = None) -> None:
@@ -418,6 +461,16 @@ class RunDir:
         self.reset()
         for name in RECORDS:
             (self.path / name).unlink(missing_ok=True)
+        for aside in self.path.glob("env.json.damaged*"):  # set aside by check_env: a record of that earlier run
+            aside.unlink()
+
+
+def _free_name(path: Path) -> Path:
+    """``path`` where no file has that name, else the first free ``<path>.2``, ``<path>.3`` …"""
+    n = 1
+    while path.with_name(path.name + (f".{n}" if n > 1 else "")).exists():
+        n += 1
+    return path.with_name(path.name + (f".{n}" if n > 1 else ""))
 
 
 def run_identity(config: dict) -> dict:
