@@ -328,6 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_config_file(path, provenance) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
+        _check_section_override(raw, key, value)
         set_dotted(raw, key, value)
         if provenance is not None:
             for old in [k for k in provenance if k.startswith(key + ".")]:
@@ -335,6 +336,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             provenance[key] = "override"
     _check_local_work(raw)
     return resolve(raw)
+
+
+def _check_section_override(raw: dict, key: str, value: Any) -> None:
+    """Refuse an override that gives a section a mapping (``data={flip: false}``) where that would drop keys the
+    config already sets in it (an override replaces what it names; ``base:`` files merge, and a user writing a
+    mapping on the command line means the same): the run would take those keys' defaults while the user meant
+    to change one. ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say."""
+    if not isinstance(value, dict) or not value or key == "sweep" or key.startswith("sweep."):
+        return
+    from fedlt.sweep import flatten
+
+    node: Any = raw
+    for piece in key.split("."):
+        node = node.get(piece) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return
+    given = flatten(value)
+    dropped = [k for k in flatten(node) if k not in given and not any(k.startswith(g + ".") for g in given)]
+    if dropped:
+        keys = ", ".join(f"{key}.{k}" for k in dropped)
+        raise FedLTError(f"override {key}={yaml.safe_dump(value, default_flow_style=True).strip()} would replace the "
+                         f"whole section {key!r} and drop what the config sets in it ({keys}): give each key as "
+                         f"{key}.KEY=VALUE, or repeat those keys in the mapping")
 
 
 def _check_local_work(raw: dict) -> None:

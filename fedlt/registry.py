@@ -40,7 +40,7 @@ def load_plugins() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise _plugin_error(ep.value, exc, f" (entry point {ep.name!r} of {ENTRY_POINT_GROUP!r})",
                                 "fix the module or uninstall its package") from None
         names.append(ep.name)
@@ -56,11 +56,11 @@ def import_plugins(modules: list[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a module would end fedlt without a word
             raise _plugin_error(name, exc) from None
 
 
-def _plugin_error(module: str, exc: Exception, how: str = "",
+def _plugin_error(module: str, exc: Exception | SystemExit, how: str = "",
                   advice: str = "fix the module or drop it from plugins") -> FedLTError:
     """One line for a plug-in module that cannot be imported, or that raised while it was imported (a syntax error,
     a name registered twice, its own exception): the exception and the plug-in's line that raised it."""
@@ -75,6 +75,8 @@ def _plugin_error(module: str, exc: Exception, how: str = "",
         frames = [f for f in traceback.extract_tb(exc.__traceback__)
                   if not f.filename.startswith(("<frozen", own))] or traceback.extract_tb(exc.__traceback__)
         where, message = f"{frames[-1].filename}:{frames[-1].lineno}", (str(exc).splitlines() or [""])[0]
+        if isinstance(exc, SystemExit):  # sys.exit(code) in the module
+            message = f"exit status {exc.code!r}, which would end fedlt"
     return FedLTError(f"plug-in module {module!r}{how} raised {type(exc).__name__} while it was imported, at {where}: "
                       f"{message}; {advice}")
 

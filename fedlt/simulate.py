@@ -61,6 +61,8 @@ from fedlt.interrupt import (
 def check_out(out: str, create: bool = True) -> None:
     """``--out`` is a folder (made if missing) that this process can write in, or a one-line error; without
     ``create`` (``--dry-run``, which writes nothing) only a file there is refused."""
+    if not out.strip():  # Path("") is ".": the run directories would land in the working directory unasked
+        raise FedLTError("--out is empty: give a folder for the run directories (default: runs)")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FedLTError(f"--out {out} is a file, not a folder for run directories")
@@ -457,7 +459,10 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     given: dict[str, str] = {}
     load_config(path, plain, given)
     first, values = combos[0]
-    given.update({k: "sweep" for k in values})
+    for k in values:  # a swept key (or section) replaces what the file gave under it
+        for under in [g for g in given if g.startswith(k + ".")]:
+            del given[under]
+        given[k] = "sweep"
     lines = ["dry run: nothing is trained and no run directory is written", ""]
     if len(combos) > 1:
         lines.append(f"sweep of {len(combos)} combinations; the config of the first "

@@ -123,14 +123,19 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
     axes = {k: v for k, v in axes.items() if k in cli_sweep or not any(k == f or k.startswith(f + ".") for f in fixed)}
     if not axes:
         return [(base.replace(sweep={}), {})]
-    out = []
+    out, seen = [], {}
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo))
         try:
             cfg = load_config(path, plain + [_override(k, v) for k, v in values.items()])
         except FedLTError as exc:
-            desc = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise FedLTError(f"sweep combination {desc}: {exc}") from None
+            raise FedLTError(f"sweep combination {', '.join(f'{k}={v}' for k, v in values.items())}: {exc}") from None
+        written = ", ".join(f"{k}={v!r}" for k, v in values.items())  # repr: '1e-3' is a string, 0.001 a number
+        dump = cfg.replace(sweep={}).model_dump_json()
+        if dump in seen:  # values that differ as written but not once validated ('1e-3' and 0.001; 1 and '1')
+            raise FedLTError(f"sweep combinations {seen[dump]} and {written} are the same config once validated: "
+                             f"each value is one run; drop the repeat or give the value you meant")
+        seen[dump] = written
         out.append((cfg.replace(sweep={}), values))
     return out
 
@@ -170,6 +175,9 @@ def identity(mode: str, cfg: Config) -> str:
     return json.dumps(cfg.model_dump(mode="json", exclude=set(other_mode_sections(mode))), sort_keys=True)
 
 
+MAX_DIR_NAME = 255  # bytes of one path component (ext4, XFS, APFS, NTFS)
+
+
 def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]:
     """The runs of the combinations, in order, each distinct run once.
 
@@ -191,6 +199,10 @@ def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]
                 continue
             mine = {k: v for k, v in values.items() if _relevant(mode, k)}
             path = Path(out) / run_name(cfg.name, mode, c, mine, short)
+            if len(path.name.encode()) > MAX_DIR_NAME:
+                raise FedLTError(f"the run directory name {path.name[:60]}… is {len(path.name.encode())} bytes, over "
+                                 f"the {MAX_DIR_NAME} a file system allows: shorten name "
+                                 f"({len(cfg.name.encode())} bytes) or the swept values")
             if path in by_path and by_path[path] != key:
                 raise FedLTError(f"two different runs of the sweep would share the run directory {path}; "
                                  f"give the swept values distinct names")

@@ -148,11 +148,13 @@ def test_a_device_this_machine_lacks_is_refused_before_any_data(capsys, tmp_path
 @pytest.mark.parametrize("source,raised", [
     ("raise RuntimeError('no licence file')\n", "RuntimeError while it was imported, at {file}:1: no licence file"),
     ("def f(:\n", "SyntaxError while it was imported, at {file}:1: invalid syntax"),
+    ("import sys\nsys.exit(0)\n", "SystemExit while it was imported, at {file}:2: exit status 0, which would end "
+     "fedlt"),
     ("from fedlt.federation.strategy import FedLTStrategy\nfrom fedlt.registry import STRATEGIES\n\n"
      "@STRATEGIES.register('fedavg')\nclass Mine(FedLTStrategy):\n    pass\n",
      "ValueError while it was imported, at {file}:4: strategy 'fedavg' is already registered: register yours under "
      "another name"),
-], ids=["raises", "syntax error", "registers a taken name"])
+], ids=["raises", "syntax error", "exits", "registers a taken name"])
 def test_a_plugin_that_raises_on_import_is_one_line_naming_its_line(capsys, tmp_path, monkeypatch, source, raised):
     module = f"fedlt_bad_plugin_{abs(hash(source))}"
     (tmp_path / f"{module}.py").write_text(source)
@@ -268,6 +270,45 @@ def test_a_model_key_equal_to_the_methods_own_is_accepted():
     check_overridden_model_keys(cfg, {"num_experts": 3, "classifier": "cosine"})  # classifier not set: the method's
     with pytest.raises(FedLTError, match="model.num_experts=3 is not what"):
         check_overridden_model_keys(cfg, {"num_experts": 2})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data={flip: false}"], "override data={flip: false} would replace the whole section 'data' and drop what the "
+     "config sets in it (data.name, data.imbalance_factor, data.crop_padding): give each key as data.KEY=VALUE, or "
+     "repeat those keys in the mapping"),
+    (["sweep.data=[{flip: false}]"], "sweep combination strategy.name=fedavg, data={'flip': False}: override "
+     "data={flip: false} would replace the whole section 'data'"),
+    (["sweep={}", "sweep.train.lr=[1e-3,0.001]"], "sweep combinations train.lr='1e-3' and train.lr=0.001 are the "
+     "same config once validated: each value is one run; drop the repeat or give the value you meant"),
+    (["sweep={}", "sweep.seed=[1,'1']"], "sweep combinations seed=1 and seed='1' are the same config once validated"),
+], ids=["section mapping", "swept section mapping", "lr spelled twice", "seed spelled twice"])
+def test_an_override_that_would_silently_change_other_keys_or_repeat_a_run_is_refused(overrides, message):
+    """``data={flip: false}`` took every other data key's default (crop_padding 4, not the file's 2); a sweep of
+    1e-3 and 0.001 (YAML 1.1 reads the first as a string) planned one run for "2 combinations"."""
+    from fedlt.sweep import expand
+
+    with pytest.raises(FedLTError) as err:
+        expand(DEFAULT, overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_a_whole_section_that_drops_nothing_is_accepted():
+    from fedlt.sweep import expand
+
+    assert load_config(DEFAULT, ["data={name: fashion_mnist, imbalance_factor: 10, crop_padding: 2, "
+                                 "flip: false}"]).data.flip is False
+    assert len(expand(DEFAULT, ["sweep={}"])) == 1  # {}: clear it
+    assert load_config(None, ["data={flip: false}"]).data.crop_padding == 4  # no file: nothing dropped
+
+
+def test_an_empty_out_or_an_overlong_run_name_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert refused(capsys, tmp_path, "--dry-run", "--out", "", *TINY_CENTRAL) == \
+        "error: --out is empty: give a folder for the run directories (default: runs)"
+    line = refused(capsys, tmp_path, *TINY_CENTRAL, "sweep={}", "name=" + "a" * 300)
+    assert line.startswith("error: the run directory name " + "a" * 60 + "… is 313 bytes, over the 255 a file "
+                           "system allows: shorten name (300 bytes)")
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
 
 
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
