@@ -54,6 +54,12 @@ def due(step: int, total: int, every: int) -> bool:
     return step % every == 0 or step == total
 
 
+def due_count(total: int, every: int) -> int:
+    """How many of steps 1..``total`` are :func:`due`: the ``every``-th ones and the last (closed form: a dry run
+    of 10¹⁰ epochs counts them at once)."""
+    return total // every + (total % every != 0)
+
+
 def duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h07m``: a span of time as a person reads it."""
     s = round(max(seconds, 0.0))

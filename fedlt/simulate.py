@@ -406,7 +406,7 @@ def time_model(cfg: Config, exp, model, batch_size: int, cache: dict | None = No
 def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tuple[str, float]:
     """(what the run does, its estimated seconds) from :func:`time_model`."""
     from fedlt.config import federated_method
-    from fedlt.evaluation import due
+    from fedlt.evaluation import due_count
     from fedlt.experiment import model_for
     from fedlt.train import epoch_steps, steps_per_epoch
 
@@ -417,7 +417,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
         sizes = exp.partition_counts().sum(1)
         local = np.array([t.local_steps or epoch_steps(n, t.batch_size, t.local_epochs) for n in sizes])
         step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
-        evals = sum(due(r, fed.rounds, cfg.eval.every) for r in range(1, fed.rounds + 1))
+        evals = due_count(fed.rounds, cfg.eval.every)
         seconds = fed.rounds * cohort * float(local.mean()) * step + evals * evaluation
         what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
                 f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
@@ -434,7 +434,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     epochs = math.ceil(cfg.centralized.epochs) + method.stage2_epochs()
     per_epoch = steps_per_epoch(len(exp.train), bs)
     step, evaluation = time_model(cfg, exp, method.build_model(exp), bs, cache)
-    evals = sum(due(e, epochs, cfg.eval.every) for e in range(1, epochs + 1))
+    evals = due_count(epochs, cfg.eval.every)
     what = (f"centralized {cfg.centralized.method}: {epochs} epochs × {per_epoch} steps (batch {bs}) = "
             f"{epochs * per_epoch:,} steps, {evals} evaluations")
     return what, epochs * per_epoch * step + evals * evaluation

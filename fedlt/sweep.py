@@ -32,6 +32,8 @@ from fedlt.errors import FedLTError
 
 FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
 CENTRALIZED_ONLY = ("centralized",)
+# keys of a shared section that only a federated run reads (a centralized run has no clients to evaluate)
+FEDERATED_ONLY_KEYS = (("eval", "local"), ("eval", "finetune_epochs"))
 
 
 def other_mode_sections(mode: str) -> tuple[str, ...]:
@@ -167,12 +169,28 @@ def run_name(name: str, mode: str, cfg: Config, values: dict[str, Any], short: d
 
 
 def _relevant(mode: str, key: str) -> bool:
+    if mode == "centralized" and tuple(key.split(".")[:2]) in FEDERATED_ONLY_KEYS:
+        return False
     return key.split(".")[0] not in other_mode_sections(mode)
 
 
 def identity(mode: str, cfg: Config) -> str:
-    """What the run of ``mode`` depends on: its config without the other mode's sections."""
-    return json.dumps(cfg.model_dump(mode="json", exclude=set(other_mode_sections(mode))), sort_keys=True)
+    """What the run of ``mode`` depends on: its config without the other mode's sections and keys
+    (:func:`without_other_mode`)."""
+    return json.dumps(without_other_mode(cfg.model_dump(mode="json") | {"mode": mode}), sort_keys=True)
+
+
+def without_other_mode(config: dict) -> dict:
+    """A config mapping without what a run of its ``mode`` does not read: the other mode's sections and, for a
+    centralized run, the federated-only keys of shared sections (``eval.local``: a sweep over it trained the same
+    centralized run twice, and a finished one was refused as "another config")."""
+    mode = config.get("mode")
+    out = {k: v for k, v in config.items() if k not in other_mode_sections(mode)}
+    if mode == "centralized":
+        for section, key in FEDERATED_ONLY_KEYS:
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 MAX_DIR_NAME = 255  # bytes of one path component (ext4, XFS, APFS, NTFS)

@@ -311,6 +311,24 @@ def test_an_empty_out_or_an_overlong_run_name_is_refused(capsys, tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
 
 
+def test_a_base_options_name_other_than_the_base_is_refused():
+    """``strategy.base=fedprox strategy.base_options.name=fedlc`` ran FedProx; the dry run showed fedlc."""
+    with pytest.raises(FedLTError, match=r"^config key 'strategy.base_options' names strategy 'fedlc', but the "
+                                         r"wrapped strategy is strategy.base=fedprox: set strategy.base=fedlc"):
+        load_config(None, ["strategy.name=ccvr", "strategy.base=fedprox", "strategy.base_options.name=fedlc"])
+    cfg = load_config(None, ["strategy.name=ccvr", "strategy.base=fedprox", "strategy.base_options.name=fedprox"])
+    assert cfg.strategy.base_options.name == "fedprox"
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 7, 10, 11])
+def test_due_count_counts_the_due_steps(every):
+    from fedlt.evaluation import due, due_count
+
+    for total in range(1, 25):
+        assert due_count(total, every) == sum(due(t, total, every) for t in range(1, total + 1))
+    assert due_count(10**10, 4) == 2_500_000_000  # a dry run of 1e10 epochs: counted, not looped
+
+
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
 

@@ -59,6 +59,18 @@ def test_federated_run_deduplicated_over_centralized_keys(tmp_path):
     assert names(runs) == ["d-seed0-fed-fedavg", "d-seed0-epochs1-cen-ce", "d-seed0-epochs2-cen-ce"]
 
 
+def test_centralized_run_deduplicated_over_federated_only_eval_keys(tmp_path):
+    """eval.local / eval.finetune_epochs are read by federated runs only: a sweep over them trained the same
+    centralized run twice, and a finished centralized run was refused as "another config" when they changed."""
+    runs = plan(expand(None, ["name=d", "mode=both", "sweep.eval.local=['off', final]"]), tmp_path)
+    assert names(runs) == ["d-seed0-localoff-fed-fedavg", "d-seed0-cen-ce", "d-seed0-localfinal-fed-fedavg"]
+    (centralized,) = [r for r in runs if r.mode == "centralized"]
+    run = RunDir(centralized.path)
+    run.write_config(centralized.cfg)
+    later = expand(None, ["name=d", "mode=centralized", "eval.local=final", "eval.finetune_epochs=2"])[0][0]
+    assert run.same_config(later) and not run.same_config(later.replace(seed=1))
+
+
 def test_no_sweep_is_the_plain_config(tmp_path):
     runs = plan(expand(None, ["name=p"]), tmp_path)
     assert names(runs) == ["p-seed0-fed-fedavg", "p-seed0-cen-ce"]

@@ -44,6 +44,9 @@ class WrapperOptions(StrategyOptions):
         base = info.data.get("base", "fedavg")
         if not isinstance(value, dict):
             raise ValueError("must be a mapping of the base strategy's keys")
+        if value.get("name", base) != base:  # the base is named by strategy.base; another name here was dropped
+            raise ValueError(f"names strategy {value['name']!r}, but the wrapped strategy is strategy.base={base}: "
+                             f"set strategy.base={value['name']} (base_options holds the base's own keys)")
         return validate_section("strategy.base_options", {**value, "name": base}, STRATEGIES.options(base), base)
 
 
