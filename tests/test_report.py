@@ -117,6 +117,7 @@ def test_table_matches_summaries(report):
     assert rows["centralized", "ce"]["alpha"] == ""
     text = (out / "report.md").read_text()
     assert "| Seeds | 0, 1 |" in text and "class-index thirds" in text and "cpu" in text
+    assert "test set balanced)" in text and "on the balanced test set" in text
     assert md.strip() in text
 
 
@@ -437,6 +438,36 @@ def test_runs_of_one_config_on_other_data_are_not_one_row(tmp_path):
     table = (write_report(load_runs([root])[0], tmp_path / "rep").parent / "table.md").read_text()
     for counts in (TRAIN, other):
         assert table.count(f"| fashion_mnist (train images={sum(counts)} ({counts[0]}→{counts[-1]})) |") == 2
+
+
+def test_runs_of_one_config_on_other_test_sets_are_not_one_row(tmp_path):
+    """data.test_list is bookkeeping (the same list on another machine): runs of one config tested on other test
+    sets (here: one on 100 held-out images of each class, one on its own training images) are rows of their own,
+    told apart in the Data cell, each compared with the centralized run of its own test set, and the report does
+    not call their test set balanced. Before, the two centralized runs were one row of two seeds (and the two
+    federated runs another), their accuracies averaged."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    data = {"name": "file_list", "root": "/data", "train_list": "train.txt", "profile": "none"}
+    for seed, test, tested_on, acc in ((0, [100] * C, "test.txt", 0.4), (1, TRAIN, "train_copy.txt", 0.8)):
+        for mode, method in (("federated", "fedavg"), ("centralized", "ce")):
+            d = make_run(root, f"{method}{seed}", mode, method, seed, acc + (0.1 if mode == "centralized" else 0))
+            partition = json.loads((d / "partition.json").read_text())
+            (d / "partition.json").write_text(json.dumps({**partition, "test_class_counts": test}))
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "data": {**data, "test_list": tested_on}}))
+    runs = load_runs([root])[0]
+    rows = build_rows(runs)
+    assert sorted((r.method, r.seeds, r.stats["accuracy"][0], r.gap) for r in rows) == [
+        ("ce", [0], 0.5, 0.0), ("ce", [1], 0.9, 0.0),
+        ("fedavg", [0], 0.4, pytest.approx(-0.1)), ("fedavg", [1], 0.8, pytest.approx(-0.1))]
+    report = write_report(runs, tmp_path / "rep").read_text()
+    table = (tmp_path / "rep" / "table.md").read_text()
+    held_out, own = "1000 (100→100)", f"{sum(TRAIN)} ({TRAIN[0]}→{TRAIN[-1]})"
+    for test in (held_out, own):
+        assert table.count(f"| file_list (test images={test}) |") == 2
+    assert f"test set {held_out}, {own} images)" in report and "balanced test set" not in report
 
 
 def test_settings_table_gives_alpha_of_every_dirichlet_form_and_no_beta_for_profile_none(tmp_path):

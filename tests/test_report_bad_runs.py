@@ -18,6 +18,10 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _drop(path, key):
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != key}))
+
+
 def _replace(path, old, new):
     text = path.read_text()
     assert old in text
@@ -64,9 +68,49 @@ DAMAGE = {
                                   _replace(d / "config.yaml", "alpha: 0.5", "alpha: 0.1")),
                        "config.yaml was changed or damaged after the run finished (its digest is not the one in "
                        "summary.json), so it no longer says which config the results are of; restore it"),
+    # right type, wrong value: each crashed the report with a traceback (round, seed) or was reported as if measured
+    "round-fraction": (lambda d: (d / "metrics.jsonl").write_text('{"round": 0.5, "accuracy": 0.1}\n'),
+                       "metrics.jsonl line 1 round is not a whole number ≥ 0 (0.5)"),
+    "round-negative": (lambda d: (d / "metrics.jsonl").write_text('{"round": -1, "accuracy": 0.1}\n'),
+                       "metrics.jsonl line 1 round is not a whole number ≥ 0 (-1)"),
+    "metrics-accuracy": (lambda d: (d / "metrics.jsonl").write_text('{"round": 1, "accuracy": 40}\n'),
+                         "metrics.jsonl line 1 accuracy is not in [0, 1] (40)"),
+    "seed-list": (lambda d: _edit_json(d / "summary.json", seed=[1]), "summary.json seed is not a number ([1])"),
+    "seed-fraction": (lambda d: _edit_json(d / "summary.json", seed=1.5),
+                      "summary.json seed is not a whole number ≥ 0 (1.5)"),
+    # (a summary.json without a seed: the seed is config.yaml's, read as written where it is not a valid config)
+    "config-seed-list": (lambda d: (_drop(d / "summary.json", "seed"),
+                                    _replace(d / "config.yaml", "seed: 2", "seed: [1]")),
+                         "config.yaml seed is not a number ([1])"),
+    "method-list": (lambda d: _edit_json(d / "summary.json", method=["x"]),
+                    'summary.json method is not a string (["x"])'),
+    "method-number": (lambda d: _edit_json(d / "summary.json", method=5), "summary.json method is not a string (5)"),
+    "group-rule-list": (lambda d: _edit_json(d / "summary.json", group_rule=["x"]),
+                        'summary.json group_rule is not a string (["x"])'),
+    "counts-negative": (lambda d: _edit_json(d / "summary.json", train_class_counts=[-50] * 10),
+                        "summary.json train_class_counts[0] is not a whole number ≥ 0 (-50)"),
+    "counts-fraction": (lambda d: _edit_json(d / "summary.json", train_class_counts=[2.5] * 10),
+                        "summary.json train_class_counts[0] is not a whole number ≥ 0 (2.5)"),
+    "counts-zero": (lambda d: _edit_json(d / "summary.json", train_class_counts=[0] * 10),
+                    "summary.json train_class_counts holds no training image ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0])"),
+    "accuracy-above-one": (lambda d: _edit_json(d / "summary.json", accuracy=90.0),
+                           "summary.json accuracy is not in [0, 1] (90.0)"),
+    "few-negative": (lambda d: _edit_json(d / "summary.json", few=-0.1), "summary.json few is not in [0, 1] (-0.1)"),
+    "per-class-above-one": (lambda d: _edit_json(d / "summary.json", per_class=[0.5] * 9 + [2]),
+                            "summary.json per_class[9] is not in [0, 1] (2)"),
+    "wall-clock-negative": (lambda d: _edit_json(d / "summary.json", wall_clock_seconds=-3),
+                            "summary.json wall_clock_seconds is negative (-3)"),
+    "client-counts-negative": (lambda d: _edit_json(d / "partition.json", client_class_counts=[[-1] * 10]),
+                               "partition.json client_class_counts[0][0] is not a whole number ≥ 0 (-1)"),
+    "test-counts-short": (lambda d: _edit_json(d / "partition.json", test_class_counts=[100] * 9),
+                          "partition.json test_class_counts has 9 values for 10 classes"),
+    "env-torch": (lambda d: _edit_json(d / "env.json", torch=[1]), "env.json torch is not a string ([1])"),
 }
 # the cases of the audit (each crashed the report with a traceback and left a partial one)
-AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string")
+AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string", "round-fraction",
+         "seed-list")
+# (these reported the run with a value no run can have: "train images=-500", a list as the method's name)
+WRONG_VALUES = ("counts-negative", "method-list", "method-number", "accuracy-above-one")
 NOT_STRICT = ("summary-nan", "summary-inf", "metrics-nan")  # (these reported the run with NaN in the table)
 
 
@@ -85,7 +129,7 @@ def test_wrong_content_is_one_line_naming_run_file_and_fault(tmp_path, damage):
     assert errors == [f"{bad}: {DAMAGE[damage][1]}"]
 
 
-@pytest.mark.parametrize("damage", AUDIT + NOT_STRICT)
+@pytest.mark.parametrize("damage", AUDIT + NOT_STRICT + WRONG_VALUES)
 def test_bad_run_left_out_and_others_reported(tmp_path, capsys, damage):
     good = make_run(tmp_path / "runs", "good", "centralized", "ce", 0, 0.6)
     bad = bad_run(tmp_path / "runs", damage)
@@ -161,3 +205,16 @@ def test_a_seed_with_other_reliability_bins_is_left_out(tmp_path, capsys):
     assert compare.main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
     assert capsys.readouterr().err.splitlines() == [f"error: {bad}: {DAMAGE['reliability-bins'][1]}"]
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_values_fedlt_writes_as_null_or_leaves_out_are_read(tmp_path):
+    """The checks refuse what no fedlt run holds, not what one may: an env.json value not recorded (null), a metric
+    not measured (null), no prior estimate, a metrics row without accuracy, a class without training images."""
+    d = make_run(tmp_path, "run", "federated", "fedavg", 0, 0.5)
+    _edit_json(d / "env.json", gpu=None, platform=None)
+    _edit_json(d / "summary.json", few=None, estimated_prior=None, local_accuracy=None,
+               train_class_counts=[0] + json.loads((d / "summary.json").read_text())["train_class_counts"][1:])
+    _drop(d / "summary.json", "group_rule")
+    (d / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1, "accuracy": 0.0}\n{"round": 2, "accuracy": 1}\n')
+    runs, errors = load_runs([d])
+    assert errors == [] and [r.path for r in runs] == [d]

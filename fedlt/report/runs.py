@@ -20,13 +20,24 @@ from fedlt.sweep import flatten, other_mode_sections
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
 SUMMARY_KEYS = ("mode", "method", "accuracy", "balanced_accuracy", "ece", "per_class", "train_class_counts")
-# Values the report reads as numbers (JSON null: not finite, or not measured) or as one number per class.
-SUMMARY_NUMBERS = ("accuracy", "balanced_accuracy", "ece", "many", "medium", "few", "local_accuracy", "prior_l1",
-                   "seconds_per_round", "seconds_per_epoch", "images_per_second", "wall_clock_seconds")
-SUMMARY_PER_CLASS = ("per_class", "estimated_prior", "true_prior")  # estimated_prior, true_prior: optional
-ENV_TEXT = ("gpu", "device", "platform", "peak_memory_of")
+# What each value the report reads must be (:func:`_value_error`); a key not in the file is not checked (those of
+# SUMMARY_KEYS are required). fraction: a number in [0, 1] (accuracies and ECE are stored as fractions) or null
+# (not finite, or not measured); amount: a number ≥ 0 or null; count: a whole number ≥ 0; text: a string; note: a
+# string or null.
+SUMMARY_VALUES = {"method": "text", "group_rule": "text", "seed": "count",
+                  **dict.fromkeys(("accuracy", "balanced_accuracy", "ece", "many", "medium", "few", "local_accuracy"),
+                                  "fraction"),
+                  **dict.fromkeys(("prior_l1", "seconds_per_round", "seconds_per_epoch", "images_per_second",
+                                   "wall_clock_seconds"), "amount")}
+# Lists of one value per class (estimated_prior, true_prior: optional; an estimate may be off the simplex).
+SUMMARY_PER_CLASS = {"per_class": "fraction", "estimated_prior": "number", "true_prior": "number"}
+RELIABILITY_VALUES = {"count": "count", "accuracy": "fraction", "confidence": "fraction"}
+METRICS_VALUES = {"round": "count", "epoch": "count", "accuracy": "fraction"}  # of a metrics.jsonl row
+ENV_VALUES = {**dict.fromkeys(("gpu", "device", "platform", "peak_memory_of", "torch", "flwr"), "note"),
+              "cpu_threads": "count", "peak_memory_mib": "amount"}
 # Config keys that do not change a run's result (eval.local and eval.finetune_epochs do: whether the local accuracy
-# is measured, and of which personalised model).
+# is measured, and of which personalised model). data.root and the list files name where the data lies; the data
+# itself is told apart by the training and test class counts the run recorded (Run.data_key).
 BOOKKEEPING = ("name", "seed", "mode", "device", "eval.batch_size", "eval.every", "sweep", "plugins", "data.root",
                "data.train_list", "data.test_list", "federation.client_cpus", "federation.client_gpus",
                "federation.checkpoint_every", "federation.max_failures")
@@ -66,21 +77,30 @@ class Run:
                 if not _bookkeeping(k) and not (self.mode == "centralized" and k in FEDERATED_EVAL)}
 
     def data_key(self) -> str:
-        """The run's *data setting*: its ``data`` and ``model`` sections and the training set it read (as a JSON
-        string). The training set is ``train images`` (:func:`train_images_text` of summary.json's class counts):
-        ``data.root`` and the list files are bookkeeping (the same data on another machine), so two runs of one
-        config that read different data (another root, a list file edited between runs) are told apart by it."""
+        """The run's *data setting*: its ``data`` and ``model`` sections and the training and test sets it read (as
+        a JSON string). The training set is ``train images`` (:func:`images_text` of summary.json's class counts),
+        the test set ``test images`` (of partition.json's; None for a run that did not record them): ``data.root``
+        and the list files are bookkeeping (the same data on another machine), so two runs of one config that read
+        different data (another root, a list file edited between runs, another test list) are told apart by
+        them, and are neither averaged nor compared with each other."""
         s = self.setting()
         key = {k: v for k, v in s.items() if k.startswith(("data.", "model."))}
-        key["train images"] = train_images_text(self.summary["train_class_counts"])
+        key["train images"] = images_text(self.summary["train_class_counts"])
+        key["test images"] = images_text(self.test_class_counts)
         return json.dumps(key, sort_keys=True)
 
+    @property
+    def test_class_counts(self) -> list[int] | None:
+        """Test images of each class (partition.json); None where the run did not record them."""
+        return self.partition.get("test_class_counts")
 
-def train_images_text(counts: list[float]) -> str:
-    """A training set as the report tells it apart: its size and its classes' largest and smallest counts,
-    ``"14886 (6000→60)"``."""
-    n = [int(c) for c in counts]
-    return f"{sum(n)} ({max(n, default=0)}→{min(n, default=0)})"
+
+def images_text(counts: list[int] | None) -> str | None:
+    """A training or test set as the report tells it apart: its size and its classes' largest and smallest
+    counts, ``"14886 (6000→60)"``; None for None."""
+    if counts is None:
+        return None
+    return f"{sum(counts)} ({max(counts, default=0)}→{min(counts, default=0)})"
 
 
 def _bookkeeping(key: str) -> bool:
@@ -111,8 +131,8 @@ def _read_json(path: Path, name: str) -> Any:
         raise RunError(f"{path}: cannot read {name} ({exc.__class__.__name__})") from None
 
 
-def _number(value: Any, null: bool = True) -> bool:
-    return (null and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _brief(value: Any) -> str:
@@ -120,50 +140,90 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _numbers_error(value: Any, length: int | None = None, unit: str = "classes", null: bool = True) -> str | None:
-    """What keeps ``value`` from being a list of numbers (``length`` of them), or None."""
+def _value_error(value: Any, kind: str) -> str | None:
+    """What keeps ``value`` from being of ``kind`` (``fraction``, ``amount``, ``number``, ``count``, ``text`` or
+    ``note``: see :data:`SUMMARY_VALUES`), or None. A wrong value the report would show as if measured (a negative
+    count, an accuracy of 3) or crash on (a fractional round, a list for a seed) is refused here, not drawn."""
+    if value is None and kind not in ("count", "text"):
+        return None
+    if kind in ("text", "note"):
+        return None if isinstance(value, str) else f"is not a string ({_brief(value)})"
+    if not _number(value):
+        return f"is not a number ({_brief(value)})"
+    if kind == "count" and (not isinstance(value, int) or value < 0):
+        return f"is not a whole number ≥ 0 ({_brief(value)})"
+    if kind == "fraction" and not 0 <= value <= 1:
+        return f"is not in [0, 1] ({_brief(value)})"
+    if kind == "amount" and value < 0:
+        return f"is negative ({_brief(value)})"
+    return None
+
+
+def _values_error(values: dict, kinds: dict[str, str], where: str) -> str | None:
+    """The first of ``values``' keys named in ``kinds`` whose value is not of its kind, as ``"<where> <key> <what
+    is wrong>"``; None if all are right (keys not in ``values`` are not checked)."""
+    for key, kind in kinds.items():
+        if key in values and (error := _value_error(values[key], kind)):
+            return f"{where} {key} {error}"
+    return None
+
+
+def _list_error(value: Any, kind: str, length: int | None = None, unit: str = "classes") -> str | None:
+    """What keeps ``value`` from being a list of values of ``kind`` (``length`` of them), or None; as text to
+    follow the list's name: ``" has 2 values for 10 classes"``, ``"[3] is not a whole number ≥ 0 (-5)"``."""
     if not isinstance(value, list):
-        return f"is not a list ({_brief(value)})"
+        return f" is not a list ({_brief(value)})"
     if length is not None and len(value) != length:
-        return f"has {len(value)} values for {length} {unit}"
-    bad = [i for i, x in enumerate(value) if not _number(x, null)]
-    return f"[{bad[0]}] is not a number ({_brief(value[bad[0]])})" if bad else None
+        return f" has {len(value)} values for {length} {unit}"
+    return next((f"[{i}] {error}" for i, x in enumerate(value) if (error := _value_error(x, kind))), None)
 
 
 def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
-    """The first value the report reads from a run's files that has the wrong type or shape, as
-    ``"<file> <key> <what is wrong>"``; None if all are right (metrics.jsonl is checked in :func:`read_run`)."""
+    """The first value the report reads from a run's summary.json, partition.json and env.json that has the wrong
+    type, range or shape, as ``"<file> <key> <what is wrong>"``; None if all are right (metrics.jsonl's rows are
+    checked as they are read, :func:`_metrics_row`)."""
     counts = summary["train_class_counts"]
-    if error := _numbers_error(counts, null=False):
-        return f"summary.json train_class_counts {error}"
-    for key in SUMMARY_NUMBERS:
-        if not _number(summary.get(key)):
-            return f"summary.json {key} is not a number ({_brief(summary[key])})"
-    for key in SUMMARY_PER_CLASS:
-        if key in summary and (key == "per_class" or summary[key] is not None):
-            if error := _numbers_error(summary[key], len(counts)):
-                return f"summary.json {key} {error}"
+    if error := _list_error(counts, "count"):
+        return f"summary.json train_class_counts{error}"
+    if not sum(counts):
+        return f"summary.json train_class_counts holds no training image ({_brief(counts)})"
+    if error := _values_error(summary, SUMMARY_VALUES, "summary.json"):
+        return error
+    for key, kind in SUMMARY_PER_CLASS.items():
+        present = key == "per_class" or summary.get(key) is not None  # (the priors: null or left out if not estimated)
+        if present and (error := _list_error(summary[key], kind, len(counts))):
+            return f"summary.json {key}{error}"
     bins = summary.get("reliability")
     if isinstance(bins, dict) and "count" in bins:  # (without bin counts the report leaves the diagram out)
-        n_bins = RELIABILITY_BINS  # every run's: the report pools the bins of a row's seeds
-        for key in ("count", "accuracy", "confidence"):
-            if error := _numbers_error(bins.get(key), n_bins, "bins", null=key != "count"):
-                return f"summary.json reliability.{key} {error}"
+        for key, kind in RELIABILITY_VALUES.items():  # every run's RELIABILITY_BINS: a row's seeds' bins are pooled
+            if error := _list_error(bins.get(key), kind, RELIABILITY_BINS, "bins"):
+                return f"summary.json reliability.{key}{error}"
     clients = partition["client_class_counts"]
     if not isinstance(clients, list) or not clients:
         return f"partition.json client_class_counts is not a list of clients ({_brief(clients)})"
     for i, row in enumerate(clients):
-        if error := _numbers_error(row, len(counts), null=False):
-            return f"partition.json client_class_counts[{i}] {error}"
-    if partition.get("train_class_counts") is not None:
-        if error := _numbers_error(partition["train_class_counts"], null=False):
-            return f"partition.json train_class_counts {error}"
-    for key in ENV_TEXT:
-        if env.get(key) is not None and not isinstance(env[key], str):
-            return f"env.json {key} is not a string ({_brief(env[key])})"
-    if not _number(env.get("peak_memory_mib")):
-        return f"env.json peak_memory_mib is not a number ({_brief(env['peak_memory_mib'])})"
-    return None
+        if error := _list_error(row, "count", len(counts)):
+            return f"partition.json client_class_counts[{i}]{error}"
+    for key, length in (("train_class_counts", None), ("test_class_counts", len(counts))):
+        if partition.get(key) is not None and (error := _list_error(partition[key], "count", length)):
+            return f"partition.json {key}{error}"
+    return _values_error(env, ENV_VALUES, "env.json")
+
+
+def _metrics_row(path: Path, i: int, line: str) -> dict:
+    """Line ``i`` of metrics.jsonl as a dict; :class:`RunError` where it is not a JSON object whose round, epoch
+    and accuracy are of :data:`METRICS_VALUES`' kinds."""
+    try:
+        row = json.loads(line, parse_constant=_strict)
+    except _NotStrict as exc:
+        raise _not_strict(path, f"metrics.jsonl line {i}", exc) from None
+    except json.JSONDecodeError:
+        raise RunError(f"{path}: metrics.jsonl line {i} is not valid JSON") from None
+    if not isinstance(row, dict):
+        raise RunError(f"{path}: metrics.jsonl line {i} is not a JSON object ({_brief(row)})")
+    if error := _values_error(row, METRICS_VALUES, f"metrics.jsonl line {i}"):
+        raise RunError(f"{path}: {error}")
+    return row
 
 
 def read_run(path: str | Path) -> Run:
@@ -195,21 +255,7 @@ def read_run(path: str | Path) -> Run:
         lines = (path / "metrics.jsonl").read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: cannot read metrics.jsonl ({exc.__class__.__name__})") from None
-    metrics = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line, parse_constant=_strict)
-            except _NotStrict as exc:
-                raise _not_strict(path, f"metrics.jsonl line {i}", exc) from None
-            except json.JSONDecodeError:
-                raise RunError(f"{path}: metrics.jsonl line {i} is not valid JSON") from None
-            if not isinstance(row, dict):
-                raise RunError(f"{path}: metrics.jsonl line {i} is not a JSON object ({_brief(row)})")
-            for key, null in (("round", False), ("epoch", False), ("accuracy", True)):
-                if key in row and not _number(row[key], null):
-                    raise RunError(f"{path}: metrics.jsonl line {i} {key} is not a number ({_brief(row[key])})")
-            metrics.append(row)
+    metrics = [_metrics_row(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
     partition = _read_json(path, "partition.json")
     if not isinstance(partition, dict) or "client_class_counts" not in partition:
         raise RunError(f"{path}: partition.json lacks client_class_counts")
@@ -218,7 +264,10 @@ def read_run(path: str | Path) -> Run:
         raise RunError(f"{path}: env.json does not hold a JSON object ({_brief(env)})")
     if error := _content_error(summary, partition, env):
         raise RunError(f"{path}: {error}")
-    return Run(path, config_as_today(path / "config.yaml", config), summary, metrics, partition, env)
+    run = Run(path, config_as_today(path / "config.yaml", config), summary, metrics, partition, env)
+    if "seed" not in summary and (error := _value_error(run.seed, "count")):  # (summary.json's: checked above)
+        raise RunError(f"{path}: config.yaml seed {error}")
+    return run
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:

@@ -1,10 +1,10 @@
 """Rows of the comparison: runs grouped over seeds, their statistics, summary.csv and the markdown tables.
 
 Runs whose configs are equal up to the seed (and bookkeeping such as the run name, device or data root,
-:data:`fedlt.report.runs.BOOKKEEPING`) and that trained on the same class counts form one *row*: mean ± sample
-standard deviation (n − 1) over their seeds. The *data setting* of a row is its ``data`` and ``model`` sections
-and its training set's class counts: federated and centralized rows of the same data setting are compared (the
-gap to the best centralized accuracy).
+:data:`fedlt.report.runs.BOOKKEEPING`) and that trained and were tested on the same class counts form one *row*:
+mean ± sample standard deviation (n − 1) over their seeds. The *data setting* of a row is its ``data`` and ``model``
+sections and its training and test sets' class counts: federated and centralized rows of the same data setting are
+compared (the gap to the best centralized accuracy).
 
 numpy, not pandas, does the grouping: a row is keyed by its whole flattened setting and leaves out a
 repeated seed, and its statistics are a mean and a standard deviation of a few numbers each.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlt.report.runs import Run
+from fedlt.report.runs import Run, images_text
 from fedlt.sweep import flatten
 
 METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "local_accuracy")
@@ -304,6 +304,16 @@ def _join(vals: list, none: str = "–") -> str:
     return ", ".join(fmt_value(v) for v in vals) if vals else none
 
 
+def describe_test_sets(runs: list[Run]) -> str:
+    """The runs' test sets as the report describes them: ``balanced`` where every run that recorded its test
+    class counts was tested on the same number of images of each class, else their sizes (:func:`images_text`),
+    smallest first, e.g. ``1000 (100→100), 14886 (6000→60) images`` (one run tested on its training images)."""
+    recorded = [r.test_class_counts for r in runs if r.test_class_counts is not None]
+    if all(len(set(c)) <= 1 for c in recorded):
+        return "balanced"
+    return _join([text for _, text in sorted({(sum(c), images_text(c)) for c in recorded})]) + " images"
+
+
 def settings_table(runs: list[Run], rows: list[Row]) -> str:
     """The report's *Settings* table: what the runs have in common or span (data, partition, rounds,
     seeds, hardware, wall clock)."""
@@ -323,7 +333,7 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
     items = [
         ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
         ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
-                                                     f"test set balanced)"),
+                                                     f"test set {describe_test_sets(runs)})"),
         ("Imbalance factor β = N_max/N_min", _join(_values(cut, "data.imbalance_factor"), "– (data.profile none)")),
         ("Model", _join(models, "data set default")),
         ("Partition", f"{_join(_values(fed, 'partition.method'))}; Dirichlet α: "
