@@ -106,6 +106,39 @@ def check_data(cfgs: list[Config]) -> None:
             seen.add(line)
             print(line, flush=True)
             warn_missing_classes(counts, exp.test.class_counts)
+        for warning in unused_keys(cfg):
+            if warning not in seen:
+                seen.add(warning)
+                print(f"warning: {warning}", flush=True)
+
+
+def unused_keys(cfg: Config) -> list[str]:
+    """Keys the config gives that change nothing in its runs, each as a line: milestones without a step
+    schedule or at/after its end (a step schedule decays after milestone m, so m ≥ the rounds / epochs never
+    does), fine-tuning epochs without a local evaluation, pretrain epochs without a pretrain stage. Said, not
+    refused: a base config's schedule swept against another is a usual comparison."""
+    out, fed, cen = [], cfg.federation, cfg.centralized
+    if cfg.mode in ("federated", "both"):
+        if fed.lr_milestones and fed.lr_schedule != "step":
+            out.append(f"federation.lr_milestones {fed.lr_milestones} have no effect with "
+                       f"federation.lr_schedule={fed.lr_schedule}")
+        elif late := [m for m in fed.lr_milestones if m >= fed.rounds]:
+            out.append(f"federation.lr_milestones {late} ≥ federation.rounds={fed.rounds}: the lr decays after round "
+                       f"m, so never within the run")
+        if cfg.eval.finetune_epochs and cfg.eval.local == "off":
+            out.append(f"eval.finetune_epochs={cfg.eval.finetune_epochs:g} has no effect with eval.local=off (it "
+                       f"fine-tunes the model of the local evaluation)")
+    if cfg.mode in ("centralized", "both"):
+        if cen.milestones and cen.schedule != "step":
+            out.append(f"centralized.milestones {cen.milestones} have no effect with centralized.schedule="
+                       f"{cen.schedule}")
+        elif late := [m for m in cen.milestones if m >= cen.epochs]:
+            out.append(f"centralized.milestones {late} ≥ centralized.epochs={cen.epochs:g}: the lr decays after m "
+                       f"epochs, so never within the run")
+        if cen.pretrain_epochs and cen.pretrain == "none":
+            out.append(f"centralized.pretrain_epochs={cen.pretrain_epochs} has no effect with centralized.pretrain="
+                       f"none")
+    return out
 
 
 def _classes(ids: np.ndarray) -> str:

@@ -329,6 +329,28 @@ def test_due_count_counts_the_due_steps(every):
     assert due_count(10**10, 4) == 2_500_000_000  # a dry run of 1e10 epochs: counted, not looped
 
 
+@pytest.mark.parametrize("overrides, warning", [
+    (["federation.lr_milestones=[5]"], "federation.lr_milestones [5] have no effect with "
+     "federation.lr_schedule=constant"),
+    (["federation.lr_schedule=step", "federation.lr_milestones=[8,16]", "federation.rounds=16"],
+     "federation.lr_milestones [16] ≥ federation.rounds=16: the lr decays after round m, so never within the run"),
+    (["eval.finetune_epochs=3"], "eval.finetune_epochs=3 has no effect with eval.local=off (it fine-tunes the model "
+     "of the local evaluation)"),
+    (["centralized.schedule=step", "centralized.milestones=[8]", "centralized.epochs=8"],
+     "centralized.milestones [8.0] ≥ centralized.epochs=8: the lr decays after m epochs, so never within the run"),
+    (["centralized.pretrain_epochs=5"], "centralized.pretrain_epochs=5 has no effect with centralized.pretrain=none"),
+], ids=["fed milestones, no step", "fed milestone at the end", "finetune, no local eval", "cen milestone at the end",
+        "pretrain epochs, no pretrain"])
+def test_a_key_that_changes_nothing_is_said(overrides, warning):
+    from fedlt.simulate import unused_keys
+
+    assert unused_keys(load_config(None, ["mode=both", *overrides])) == [warning]
+    assert unused_keys(load_config(None, ["mode=both"])) == []
+    fixed = {"federation.rounds=16": "federation.rounds=17", "centralized.epochs=8": "centralized.epochs=9"}
+    if any(o in fixed for o in overrides):  # one round / epoch more: the milestone decays the last one
+        assert unused_keys(load_config(None, ["mode=both", *[fixed.get(o, o) for o in overrides]])) == []
+
+
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
 
