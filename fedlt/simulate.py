@@ -450,7 +450,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
         sizes = exp.partition_counts().sum(1)
         local = np.array([t.local_steps or epoch_steps(n, t.batch_size, t.local_epochs) for n in sizes])
         step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
-        evals = due_count(fed.rounds, cfg.eval.every)
+        evals = 1 + due_count(fed.rounds, cfg.eval.every)  # the initial model's (round 0) and the due ones
         seconds = fed.rounds * cohort * float(local.mean()) * step + evals * evaluation
         what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
                 f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
@@ -464,13 +464,16 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
 
     method = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
     bs = centralized_optim(cfg).batch_size
-    epochs = math.ceil(cfg.centralized.epochs) + method.stage2_epochs()
+    pretrain = cfg.centralized.pretrain_epochs if cfg.centralized.pretrain != "none" else 0
+    epochs = pretrain + math.ceil(cfg.centralized.epochs) + method.stage2_epochs()  # as the run's progress counts
     per_epoch = steps_per_epoch(len(exp.train), bs)
+    steps = (pretrain + method.stage2_epochs()) * per_epoch + epoch_steps(len(exp.train), bs, cfg.centralized.epochs)
     step, evaluation = time_model(cfg, exp, method.build_model(exp), bs, cache)
-    evals = due_count(epochs, cfg.eval.every)
-    what = (f"centralized {cfg.centralized.method}: {epochs} epochs × {per_epoch} steps (batch {bs}) = "
-            f"{epochs * per_epoch:,} steps, {evals} evaluations")
-    return what, epochs * per_epoch * step + evals * evaluation
+    evals = 1 + due_count(epochs, cfg.eval.every)  # the initial model's (epoch 0) and the due ones
+    shown = pretrain + cfg.centralized.epochs + method.stage2_epochs()  # 0.2: a fifth of an epoch's steps
+    what = (f"centralized {cfg.centralized.method}: {shown:g} epochs × {per_epoch} steps (batch {bs}) = "
+            f"{steps:,} steps, {evals} evaluations")
+    return what, steps * step + evals * evaluation
 
 
 def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = False,

@@ -31,6 +31,7 @@ from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import load_into
+from fedlt.models.experts import require_single_network
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData
@@ -145,6 +146,12 @@ class CCVR(StrategyWrapper):
         lr: float = Field(0.01, gt=0, description="classifier re-fitting learning rate")
         momentum: float = Field(0.9, ge=0, description="classifier re-fitting momentum")
         batch_size: int = Field(64, gt=0, description="classifier re-fitting batch size")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """A multi-expert model has no one classifier to calibrate: refused before round 1, not after the last."""
+        super().check_config(cfg)
+        require_single_network(cfg, "strategy ccvr re-fits the one classifier on virtual features")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)

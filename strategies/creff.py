@@ -36,6 +36,7 @@ from fedlt.errors import FedLTError
 from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with_classifier
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import to_arrays, to_state
+from fedlt.models.experts import require_single_network
 from fedlt.registry import STRATEGIES
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData, prepare_batch
@@ -144,6 +145,16 @@ class CReFF(StrategyWrapper):
         batch_real: int = Field(32, gt=0, description="real images per class for a client's class gradient")
         repeats: int = Field(10, gt=0, description="draws averaged into a client's class gradient")
         dsa: bool = Field(True, description="augment each class-gradient draw with one Siamese DSA op (official)")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """CReFF re-trains one nn.Linear classifier (weight and bias): a multi-expert model or a cosine head is
+        refused before round 1 (:meth:`run_round` still checks the state a client method's model adapts)."""
+        super().check_config(cfg)
+        require_single_network(cfg, "strategy creff re-trains the one nn.Linear classifier")
+        if getattr(cfg.model, "classifier", "linear") != "linear":
+            raise FedLTError(f"strategy creff re-trains an nn.Linear classifier, and model.classifier="
+                             f"{cfg.model.classifier}: set model.classifier=linear")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)

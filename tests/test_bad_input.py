@@ -3,7 +3,9 @@ names the key or file and the rule, shows no traceback and leaves no summary.jso
 
 import gzip
 import json
+import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -349,6 +351,36 @@ def test_a_key_that_changes_nothing_is_said(overrides, warning):
     fixed = {"federation.rounds=16": "federation.rounds=17", "centralized.epochs=8": "centralized.epochs=9"}
     if any(o in fixed for o in overrides):  # one round / epoch more: the milestone decays the last one
         assert unused_keys(load_config(None, ["mode=both", *[fixed.get(o, o) for o in overrides]])) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=ccvr", "model.name=small_cnn_experts"], "strategy ccvr re-fits the one classifier on virtual "
+     "features, and model.name='small_cnn_experts' is a multi-expert model"),
+    (["strategy.name=posthoc_calibration", "strategy.base=ccvr", "model.name=small_cnn_experts"],
+     "strategy ccvr re-fits the one classifier"),
+    (["strategy.name=creff", "model.name=small_cnn_experts"], "strategy creff re-trains the one nn.Linear "
+     "classifier, and model.name='small_cnn_experts' is a multi-expert model"),
+    (["strategy.name=creff", "model.classifier=cosine"], "strategy creff re-trains an nn.Linear classifier, and "
+     "model.classifier=cosine: set model.classifier=linear"),
+], ids=["ccvr experts", "ccvr wrapped", "creff experts", "creff cosine"])
+def test_a_calibration_wrapper_without_its_one_classifier_is_refused_when_read(overrides, message):
+    """CCVR found the multi-expert model after the last round (the whole run trained, then no summary); CReFF
+    after round 1."""
+    with pytest.raises(FedLTError, match="^" + re.escape(message)):
+        load_config(None, ["mode=federated", *overrides])
+    assert load_config(None, ["mode=federated", "strategy.name=creff"]).strategy.name == "creff"
+
+
+@needs_fashion
+def test_the_dry_run_counts_a_fraction_of_an_epoch_and_the_initial_evaluation(capsys, tmp_path):
+    """0.2 epochs trains a fifth of an epoch's steps (it said all of them), and every run evaluates its initial
+    model besides the due evaluations (it said one fewer)."""
+    assert main(["--out", str(tmp_path), "--dry-run", *TINY_CENTRAL, "mode=both", "centralized.epochs=0.2",
+                 "federation.rounds=3", "eval.every=4"]) == 0
+    out = capsys.readouterr().out
+    per_epoch = int(re.search(r"centralized ce: 0.2 epochs × (\d+) steps", out).group(1))
+    assert f"= {math.floor(0.2 * per_epoch + 0.5):,} steps, 2 evaluations" in out
+    assert re.search(r"federated fedavg: 3 rounds × .* steps, 2 evaluations", out)
 
 
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
