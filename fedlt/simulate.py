@@ -112,6 +112,18 @@ def check_data(cfgs: list[Config]) -> None:
                 print(f"warning: {warning}", flush=True)
 
 
+def _milestones_unused(key: str, milestones: list, schedule_key: str, schedule: str, total_key: str,
+                       total: float, after: str) -> list[str]:
+    """The :func:`unused_keys` line of a step schedule's milestones: given without a step schedule, or ≥ the
+    run's length (the lr decays after ``after``)."""
+    if milestones and schedule != "step":
+        return [f"{key} {milestones} have no effect with {schedule_key}={schedule}"]
+    late = [m for m in milestones if m >= total]
+    if not late:
+        return []
+    return [f"{key} {late} ≥ {total_key}={total:g}: the lr decays after {after}, so never within the run"]
+
+
 def unused_keys(cfg: Config) -> list[str]:
     """Keys the config gives that change nothing in its runs, each as a line: milestones without a step
     schedule or at/after its end (a step schedule decays after milestone m, so m ≥ the rounds / epochs never
@@ -119,22 +131,14 @@ def unused_keys(cfg: Config) -> list[str]:
     refused: a base config's schedule swept against another is a usual comparison."""
     out, fed, cen = [], cfg.federation, cfg.centralized
     if cfg.mode in ("federated", "both"):
-        if fed.lr_milestones and fed.lr_schedule != "step":
-            out.append(f"federation.lr_milestones {fed.lr_milestones} have no effect with "
-                       f"federation.lr_schedule={fed.lr_schedule}")
-        elif late := [m for m in fed.lr_milestones if m >= fed.rounds]:
-            out.append(f"federation.lr_milestones {late} ≥ federation.rounds={fed.rounds}: the lr decays after round "
-                       f"m, so never within the run")
+        out += _milestones_unused("federation.lr_milestones", fed.lr_milestones, "federation.lr_schedule",
+                                  fed.lr_schedule, "federation.rounds", fed.rounds, "round m")
         if cfg.eval.finetune_epochs and cfg.eval.local == "off":
             out.append(f"eval.finetune_epochs={cfg.eval.finetune_epochs:g} has no effect with eval.local=off (it "
                        f"fine-tunes the model of the local evaluation)")
     if cfg.mode in ("centralized", "both"):
-        if cen.milestones and cen.schedule != "step":
-            out.append(f"centralized.milestones {cen.milestones} have no effect with centralized.schedule="
-                       f"{cen.schedule}")
-        elif late := [m for m in cen.milestones if m >= cen.epochs]:
-            out.append(f"centralized.milestones {late} ≥ centralized.epochs={cen.epochs:g}: the lr decays after m "
-                       f"epochs, so never within the run")
+        out += _milestones_unused("centralized.milestones", cen.milestones, "centralized.schedule", cen.schedule,
+                                  "centralized.epochs", cen.epochs, "m epochs")
         if cen.pretrain_epochs and cen.pretrain == "none":
             out.append(f"centralized.pretrain_epochs={cen.pretrain_epochs} has no effect with centralized.pretrain="
                        f"none")
