@@ -340,9 +340,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _check_section_override(raw: dict, key: str, value: Any) -> None:
     """Refuse an override that gives a section a mapping (``data={flip: false}``) where that would drop keys the
-    config already sets in it (an override replaces what it names; ``base:`` files merge, and a user writing a
-    mapping on the command line means the same): the run would take those keys' defaults while the user meant
-    to change one. ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say."""
+    config already sets in it: an override replaces what it names, so the run would take those keys' defaults
+    where the user most likely meant to change the keys written (a ``base:`` file merges mappings key by key).
+    ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say."""
     if not isinstance(value, dict) or not value or key == "sweep" or key.startswith("sweep."):
         return
     from fedlt.sweep import flatten
@@ -504,8 +504,9 @@ def _check_hosts(cfg: Config) -> None:
 def check_parts(cfg: Config) -> None:
     """The checks across sections that a selected part declares: ``check_config(cfg)``, a classmethod of a
     strategy, client method or centralized method, raising a one-line :class:`FedLTError` (e.g. GBME needs a
-    multi-expert model), then a client method's :attr:`~fedlt.client_method.ClientMethod.strategy`. Only the
-    parts the run's ``mode`` uses are asked."""
+    multi-expert model), then a client method's :attr:`~fedlt.client_method.ClientMethod.strategy`, a
+    ``client_only`` strategy's client, and a client key its strategy sends in its place (:func:`sent_client_keys`).
+    Only the parts the run's ``mode`` uses are asked."""
     from fedlt.registry import CENTRALIZED, CLIENTS, STRATEGIES
 
     parts = []
@@ -548,8 +549,9 @@ def sent_client_keys(cfg: Config) -> dict[str, tuple[str, str, str]]:
     for key, section in strategy_chain(cfg.strategy):
         strategy = STRATEGIES.get(section.name)
         if issubclass(CLIENTS.get(cfg.client.name), CLIENTS.get(strategy.client)):
-            prefix = key.removesuffix(".name").removesuffix(".base") + (".base_options" if key.endswith(".base")
-                                                                        else "")
+            # the section holding the strategy's own keys: strategy (for strategy.name), else the wrapper's
+            # base_options (strategy.base -> strategy.base_options)
+            prefix = "strategy" if key == "strategy.name" else key.removesuffix(".base") + ".base_options"
             out.update({k: (key, section.name, f"{prefix}.{k}") for k in strategy.sends})
     return out
 
