@@ -15,7 +15,7 @@ import yaml
 
 from fedlt.metrics import RELIABILITY_BINS
 from fedlt.rundir import config_as_today, identity_digest
-from fedlt.sweep import flatten, other_mode_sections
+from fedlt.sweep import FEDERATED_ONLY_KEYS, flatten, other_mode_sections
 
 # Files every finished run directory holds; a folder holding any of them is taken for a run directory.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
@@ -41,7 +41,7 @@ ENV_VALUES = {**dict.fromkeys(("gpu", "device", "platform", "peak_memory_of", "t
 BOOKKEEPING = ("name", "seed", "mode", "device", "eval.batch_size", "eval.every", "sweep", "plugins", "data.root",
                "data.train_list", "data.test_list", "federation.client_cpus", "federation.client_gpus",
                "federation.checkpoint_every", "federation.max_failures")
-FEDERATED_EVAL = ("eval.local", "eval.finetune_epochs")  # the local evaluation: a centralized run ignores them
+FEDERATED_EVAL = {".".join(k) for k in FEDERATED_ONLY_KEYS}  # the local evaluation: a centralized run ignores it
 
 
 class RunError(Exception):
