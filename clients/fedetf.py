@@ -36,7 +36,7 @@ from fedlt.client_method import ClientMethod, classifier_of
 from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.losses import balanced_softmax_loss
-from fedlt.models.experts import require_single_network
+from fedlt.models.experts import require_single_network, require_unset_head
 from fedlt.objectives import LossObjective
 from fedlt.registry import CLIENTS
 from fedlt.streams import Stream, torch_generator
@@ -99,6 +99,7 @@ class FedETFClient(ClientMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_single_network(cfg, "client method fedetf replaces the classifier by its ETF projection")
+        require_unset_head(cfg, "client method fedetf replaces the head by its fixed ETF classifier")
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

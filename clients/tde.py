@@ -21,7 +21,7 @@ from torch import nn
 from fedlt.centralized.tde import CausalNormOptions, causal_norm_head
 from fedlt.client_method import ClientMethod
 from fedlt.config import Config
-from fedlt.models.experts import require_single_network
+from fedlt.models.experts import require_single_network, require_unset_head
 from fedlt.registry import CLIENTS
 
 
@@ -37,3 +37,4 @@ class TDEClient(ClientMethod):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_single_network(cfg, "client method tde replaces one classifier by the causal-norm head")
+        require_unset_head(cfg, "client method tde replaces the head by the causal-norm classifier")

@@ -383,6 +383,27 @@ def test_the_dry_run_counts_a_fraction_of_an_epoch_and_the_initial_evaluation(ca
     assert re.search(r"federated fedavg: 3 rounds × .* steps, 2 evaluations", out)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=centralized", "centralized.method=tde", "model.classifier=cosine"], "centralized.method=tde replaces the "
+     "head by the causal-norm classifier, so model.classifier=cosine would not be used: drop it"),
+    (["mode=federated", "client.name=tde", "model.scale=30"], "client method tde replaces the head by the "
+     "causal-norm classifier, so model.scale=30.0 would not be used: drop it"),
+    (["mode=federated", "strategy.name=fedetf", "model.classifier=cosine", "model.scale=16"], "client method fedetf "
+     "replaces the head by its fixed ETF classifier, so model.classifier=cosine and model.scale=16.0 would not be "
+     "used: drop them"),
+], ids=["tde centralized", "tde client", "fedetf"])
+def test_a_head_option_of_a_method_that_replaces_the_head_is_refused(overrides, message):
+    """TDE's causal-norm head and FedETF's ETF classifier replace the model's head: a cosine head or its scale
+    was recorded in config.yaml and not used."""
+    with pytest.raises(FedLTError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+    from fedlt.config import config_from_dict
+
+    cfg = load_config(None, [overrides[0], overrides[1]])  # the defaults pass, also rebuilt from a dump
+    assert config_from_dict(cfg.model_dump(mode="json")) == cfg
+
+
 def test_yaml_1_1_exponent_without_a_dot_is_a_float():
     assert load_config(None, ["partition.alpha=1e-6"]).partition.alpha == 1e-6
 

@@ -29,7 +29,7 @@ from torch import nn
 from fedlt.centralized.base import CentralizedMethod
 from fedlt.errors import FedLTError
 from fedlt.experiment import Experiment, model_for
-from fedlt.models.experts import require_single_network
+from fedlt.models.experts import require_single_network, require_unset_head
 from fedlt.options import CentralizedOptions, Options
 from fedlt.registry import CENTRALIZED
 from fedlt.streams import Stream, torch_generator
@@ -108,6 +108,7 @@ class TDE(CentralizedMethod):
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         require_single_network(cfg, "centralized.method=tde replaces one classifier by the causal-norm head")
+        require_unset_head(cfg, "centralized.method=tde replaces the head by the causal-norm classifier")
         if cfg.centralized.sam != "none":
             raise FedLTError("centralized.method=tde cannot run with centralized.sam=cc_sam: CC-SAM calls the head "
                              "once per class of a batch, and every training call of the causal-norm head moves its "

@@ -54,6 +54,19 @@ def require_single_network(cfg: "Config", who: str) -> None:
                          f"network, e.g. small_cnn or resnet32")
 
 
+def require_unset_head(cfg: "Config", who: str) -> None:
+    """Raise a one-line :class:`FedLTError` if ``cfg.model`` gives its head options (``classifier``, ``scale``)
+    values other than their defaults: the config-time check of a part (``who``, saying what head it puts in
+    place) that replaces the head, so those values would be recorded in config.yaml and not used. Compared with
+    the defaults, not with the keys the user wrote: a config rebuilt from its dump has every key set."""
+    fields = type(cfg.model).model_fields
+    changed = [f"model.{k}={getattr(cfg.model, k)}" for k in ("classifier", "scale")
+               if k in fields and getattr(cfg.model, k) != fields[k].default]
+    if changed:
+        raise FedLTError(f"{who}, so {' and '.join(changed)} would not be used: drop "
+                         f"{'them' if len(changed) > 1 else 'it'}")
+
+
 class MultiExpertModel(nn.Module):
     """z̄ = (1/M)·Σ_m z_m with z_m = expert_m(stem(x)); each expert is a :class:`SplitModel` on the stem's
     output. ``expert_logits`` gives the (M, N, C) stack, ``expert_forward(x, m)`` expert m's logits alone and
