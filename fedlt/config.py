@@ -312,10 +312,8 @@ def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
             raise FedLTError(f"config file {path}: its bases form a cycle ({cycle})")
         merged = read_config_file(base_path, provenance, chain)
     if provenance is not None:
-        for key in _leaves(raw):
-            for old in [k for k in provenance if k == key or k.startswith(key + ".")]:
-                del provenance[old]  # a mapping or value of the base replaced by the file's
-            provenance[key] = f"file {path.name}"
+        for key in _leaves(raw):  # a mapping or value of the base replaced by the file's
+            set_source(provenance, key, f"file {path.name}")
     return deep_merge(merged, raw)
 
 
@@ -331,11 +329,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_section_override(raw, key, value)
         set_dotted(raw, key, value)
         if provenance is not None:
-            for old in [k for k in provenance if k.startswith(key + ".")]:
-                del provenance[old]
-            provenance[key] = "override"
+            set_source(provenance, key, "override")
     _check_local_work(raw)
     return resolve(raw)
+
+
+def set_source(provenance: dict[str, str], key: str, source: str) -> None:
+    """Record that ``key`` (a key or a whole section) came from ``source``, replacing what was recorded for the
+    keys under it (its value replaced them)."""
+    for old in [k for k in provenance if k.startswith(key + ".")]:
+        del provenance[old]
+    provenance[key] = source
 
 
 def _check_section_override(raw: dict, key: str, value: Any) -> None:

@@ -463,12 +463,12 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
 
         what += not_fused_note(cfg)
         return what, seconds
-    from fedlt.centralized.run import centralized_optim
+    from fedlt.centralized.run import centralized_optim, pretrain_epochs
     from fedlt.registry import CENTRALIZED
 
     method = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
     bs = centralized_optim(cfg).batch_size
-    pretrain = cfg.centralized.pretrain_epochs if cfg.centralized.pretrain != "none" else 0
+    pretrain = pretrain_epochs(cfg)
     epochs = pretrain + math.ceil(cfg.centralized.epochs) + method.stage2_epochs()  # as the run's progress counts
     per_epoch = steps_per_epoch(len(exp.train), bs)
     steps = (pretrain + method.stage2_epochs()) * per_epoch + epoch_steps(len(exp.train), bs, cfg.centralized.epochs)
@@ -485,7 +485,7 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     """What ``python -m fedlt.simulate`` with these arguments would run and cost; nothing is trained or written.
     What the real command would refuse before training (:func:`check_plan`, ``--out``, ``--report``) it refuses
     the same way."""
-    from fedlt.config import key_sources, load_config
+    from fedlt.config import key_sources, load_config, set_source
     from fedlt.experiment import experiment_for
     from fedlt.report import check_report_dir
     from fedlt.sweep import expand, split_overrides
@@ -500,9 +500,7 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     load_config(path, plain, given)
     first, values = combos[0]
     for k in values:  # a swept key (or section) replaces what the file gave under it
-        for under in [g for g in given if g.startswith(k + ".")]:
-            del given[under]
-        given[k] = "sweep"
+        set_source(given, k, "sweep")
     lines = ["dry run: nothing is trained and no run directory is written", ""]
     if len(combos) > 1:
         lines.append(f"sweep of {len(combos)} combinations; the config of the first "

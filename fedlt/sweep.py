@@ -132,13 +132,14 @@ def expand(path: str | Path | None, overrides: list[str] | None = None) -> list[
             cfg = load_config(path, plain + [_override(k, v) for k, v in values.items()])
         except FedLTError as exc:
             raise FedLTError(f"sweep combination {', '.join(f'{k}={v}' for k, v in values.items())}: {exc}") from None
+        cfg = cfg.replace(sweep={})
         written = ", ".join(f"{k}={v!r}" for k, v in values.items())  # repr: '1e-3' is a string, 0.001 a number
-        dump = cfg.replace(sweep={}).model_dump_json()
+        dump = cfg.model_dump_json()
         if dump in seen:  # values that differ as written but not once validated ('1e-3' and 0.001; 1 and '1')
             raise FedLTError(f"sweep combinations {seen[dump]} and {written} are the same config once validated: "
                              f"each value is one run; drop the repeat or give the value you meant")
         seen[dump] = written
-        out.append((cfg.replace(sweep={}), values))
+        out.append((cfg, values))
     return out
 
 

@@ -26,6 +26,11 @@ from fedlt.streams import Stream, seeded_rng, torch_generator
 from fedlt.train import NonFiniteLoss, OptimConfig, TensorData, make_optimizer, train
 
 
+def pretrain_epochs(cfg: Config) -> int:
+    """Epochs of stage 0 (``centralized.pretrain_epochs`` with ``centralized.pretrain=rotation``; else 0)."""
+    return cfg.centralized.pretrain_epochs if cfg.centralized.pretrain == "rotation" else 0
+
+
 def centralized_optim(cfg: Config) -> OptimConfig:
     c, t = cfg.centralized, cfg.train
 
@@ -79,7 +84,7 @@ class CentralizedSteps:
         self.augment, self.augment2 = self.method.augment(self.data), self.method.stage2_augment(self.data)
         self.epochs = cfg.centralized.epochs
         self.stage1, self.stage2 = int(np.ceil(self.epochs)), self.method.stage2_epochs()
-        self.pretrain = cfg.centralized.pretrain_epochs if cfg.centralized.pretrain == "rotation" else 0
+        self.pretrain = pretrain_epochs(cfg)
         self.total = self.pretrain + self.stage1 + self.stage2
         self.stage = 0 if self.pretrain else 1
         if self.pretrain:
