@@ -209,6 +209,11 @@ class RunDir:
         recorded, wanted = self._identities(cfg)
         return recorded == wanted
 
+    def resumes(self, cfg: Any) -> bool:
+        """Whether a run of ``cfg`` here would resume from a checkpoint: checkpoint.pt beside a config.yaml of
+        ``cfg`` (:meth:`same_config`), the run not finished."""
+        return (self.path / "checkpoint.pt").is_file() and not self.done and self.same_config(cfg)
+
     def recorded_config(self) -> dict | None:
         """config.yaml's mapping as the run wrote it; None where it is missing or not a readable mapping."""
         try:

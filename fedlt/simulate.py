@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlt.interrupt import exit_on_sigint_while_starting
 
@@ -56,6 +57,9 @@ from fedlt.interrupt import (
     stop_handler_installed,
     stop_requested,
 )
+
+if TYPE_CHECKING:
+    from fedlt.sweep import PlannedRun
 
 
 def check_out(out: str, create: bool = True) -> None:
@@ -230,6 +234,7 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     Summaries in the order of the plan."""
     from fedlt.rundir import RunDir
 
+
     check_out(out)
     runs = check_plan(combos, out, overwrite)
     summaries: list[dict | None] = [None] * len(runs)
@@ -251,14 +256,25 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
             if stop_requested():  # Ctrl-C while the previous run finished its last step
                 raise RunInterrupted(f"stopped before {runs[i].path}")
             r = runs[i]
-            t0 = time.time()
+            resumed, t0 = RunDir(r.path).resumes(r.cfg), time.time()
             summaries[i] = run_one(r.mode, r.cfg, r.path, verbose, overwrite, wait)
             took[r.mode].append(time.time() - t0)
             left = [runs[j] for j, _ in todo[n:]]
             eta = f"; sweep eta {duration(sweep_eta(left, took))}" if len(runs) > 1 and left else ""
-            print(f"[{r.mode}] finished in {took[r.mode][-1]:.1f}s -> {r.path}{count}{eta}", flush=True)
+            print(finished_line(r, took[r.mode][-1], summaries[i], resumed) + f"{count}{eta}", flush=True)
     label = len(combos) > 1
     return [{**s, **({"run": r.path.name} if label else {})} for r, s in zip(runs, summaries)]
+
+
+def finished_line(r: PlannedRun, seconds: float, summary: dict, resumed: bool) -> str:
+    """``[federated] finished in 17.9s -> runs/x``: the seconds this process took for planned run ``r``; a run
+    that resumed from a checkpoint adds the whole run's time (summary.json's ``wall_clock_seconds``: its steps
+    and evaluations, every process that ran them), so that a resumed run is not read as a quick one."""
+    whole = ""
+    if resumed:
+        unit = "rounds" if r.mode == "federated" else "epochs"
+        whole = f" (resumed; {float(summary.get('wall_clock_seconds') or 0):.1f}s of {unit} and evaluations in all)"
+    return f"[{r.mode}] finished in {seconds:.1f}s{whole} -> {r.path}"
 
 
 def check_plan(combos: list[tuple[Config, dict]], out: str, overwrite: bool = False) -> list:
@@ -286,7 +302,7 @@ def _relay(stream, prefix: str) -> None:
     stream.close()
 
 
-def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool = False,
+def run_parallel(runs: list[PlannedRun], jobs: int, verbose: bool = False, overwrite: bool = False,
                  wait: bool = False) -> dict[int, dict]:
     """Run ``runs`` (planned runs, none finished) ``jobs`` at a time, each as ``python -m fedlt.simulate
     --config <its resolved config> --run-dir <its directory>``; return {index: summary}.
@@ -297,10 +313,12 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool =
     in sessions of their own, so that Ctrl-C reaches them once, through this process: the first Ctrl-C
     starts no further run and asks the running ones to stop after their current step (they checkpoint),
     a second one aborts them. A failed run lets the others finish, then raises a one-line FedLTError."""
+    from fedlt.rundir import RunDir
+
     env = dict(os.environ)
     tmp = Path(tempfile.mkdtemp(prefix="fedlt-jobs-"))
     pending = list(enumerate(runs))
-    running: dict[int, tuple[subprocess.Popen, threading.Thread, float]] = {}
+    running: dict[int, tuple[subprocess.Popen, threading.Thread, float, bool]] = {}  # (…, started, resumes)
     done: dict[int, dict] = {}
     failed: list[str] = []
     forwarded = 0  # SIGINTs forwarded to the children
@@ -333,14 +351,14 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool =
                                         start_new_session=True)
                 relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{r.path.name}] "), daemon=True)
                 relay.start()
-                running[i] = (proc, relay, time.time())
+                running[i] = (proc, relay, time.time(), RunDir(r.path).resumes(r.cfg))
             wanted = min(interrupts + (1 if stop_requested() and interrupts == 0 else 0), 2)
             while forwarded < wanted:
                 forwarded += 1
-                for proc, _, _ in running.values():
+                for proc, *_ in running.values():
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGINT)
-            for i, (proc, relay, t0) in list(running.items()):
+            for i, (proc, relay, t0, resumed) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
@@ -349,12 +367,12 @@ def run_parallel(runs: list, jobs: int, verbose: bool = False, overwrite: bool =
                 r = runs[i]
                 if rc == 0:
                     done[i] = json.loads((r.path / "summary.json").read_text())
-                    print(f"[{r.mode}] finished in {time.time() - t0:.1f}s -> {r.path}", flush=True)
+                    print(finished_line(r, time.time() - t0, done[i], resumed), flush=True)
                 elif rc != EXIT_INTERRUPTED:
                     failed.append(f"{r.path.name} (exit status {rc})")
             time.sleep(0.05)
     finally:
-        for proc, _, _ in running.values():  # only after an error here: no child outlives the sweep
+        for proc, *_ in running.values():  # only after an error here: no child outlives the sweep
             proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
         if in_main:

@@ -74,6 +74,8 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"resuming after epoch {ckpt['step']}" in again.stdout
     assert [r["epoch"] for r in rows(run)] == list(range(21)) and (run / "done").is_file()
+    whole = json.loads((run / "summary.json").read_text())["wall_clock_seconds"]  # both processes' epochs
+    assert f"(resumed; {whole:.1f}s of epochs and evaluations in all) -> {run}" in again.stdout  # not only this one's
 
 
 STARTING = """
