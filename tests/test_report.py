@@ -470,6 +470,31 @@ def test_runs_of_one_config_on_other_test_sets_are_not_one_row(tmp_path):
     assert f"test set {held_out}, {own} images)" in report and "balanced test set" not in report
 
 
+def test_runs_on_other_test_sets_of_the_same_class_counts_are_told_apart_by_the_test_digest(tmp_path):
+    """Two test lists of the same class counts (another 100 images of each class): the class counts cannot tell
+    them apart, the test set's digest in summary.json's data_fingerprint can. Seeds of one test set stay one row
+    though their training digests differ (the long-tailed subset is drawn from the seed); a run of an earlier
+    fedlt (no fingerprint) is a row of its own, not averaged with either."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    for name, seed, test_digest, acc in (("a0", 0, "aaaa000011112222", 0.4), ("a1", 1, "aaaa000011112222", 0.5),
+                                         ("b0", 0, "bbbb000011112222", 0.8), ("old", 2, None, 0.6)):
+        d = make_run(root, name, "federated", "fedavg", seed, acc)
+        if test_digest:
+            summary = json.loads((d / "summary.json").read_text())
+            summary["data_fingerprint"] = {"train": {"images": sum(TRAIN), "digest": f"{seed:016x}"},
+                                           "test": {"images": 100 * C, "digest": test_digest}}
+            (d / "summary.json").write_text(json.dumps(summary))
+    runs, errors = load_runs([root])
+    assert errors == []
+    rows = build_rows(runs)
+    assert sorted((r.seeds, round(r.stats["accuracy"][0], 6)) for r in rows) == [([0], 0.8), ([0, 1], 0.45), ([2], 0.6)]
+    table = (write_report(runs, tmp_path / "rep").parent / "table.md").read_text()
+    for digest in ("aaaa000011112222", "bbbb000011112222", "?"):
+        assert table.count(f"test set digest={digest}") == 1
+
+
 def test_settings_table_gives_alpha_of_every_dirichlet_form_and_no_beta_for_profile_none(tmp_path):
     from fedlt.report.tables import build_rows, settings_table
 

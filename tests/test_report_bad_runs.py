@@ -105,6 +105,14 @@ DAMAGE = {
     "test-counts-short": (lambda d: _edit_json(d / "partition.json", test_class_counts=[100] * 9),
                           "partition.json test_class_counts has 9 values for 10 classes"),
     "env-torch": (lambda d: _edit_json(d / "env.json", torch=[1]), "env.json torch is not a string ([1])"),
+    "fingerprint-list": (lambda d: _edit_json(d / "summary.json", data_fingerprint=[1]),
+                         "summary.json data_fingerprint is not a mapping ([1])"),
+    "fingerprint-no-test": (lambda d: _edit_json(d / "summary.json", data_fingerprint={
+                                "train": {"images": 3, "digest": "0" * 16}}),
+                            "summary.json data_fingerprint.test is not a mapping (null)"),
+    "fingerprint-digest": (lambda d: _edit_json(d / "summary.json", data_fingerprint={
+                               "train": {"images": 3, "digest": "0" * 16}, "test": {"images": 3, "digest": 7}}),
+                           "summary.json data_fingerprint.test.digest is not 16 hex digits (7)"),
 }
 # the cases of the audit (each crashed the report with a traceback and left a partial one)
 AUDIT = ("accuracy-string", "per-class-short", "metrics-scalar", "env-list", "partition-string", "round-fraction",

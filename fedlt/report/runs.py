@@ -7,6 +7,7 @@ usually env.json); see :mod:`fedlt.rundir`, which writes them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,24 @@ class Run:
         the test set ``test images`` (of partition.json's; None for a run that did not record them): ``data.root``
         and the list files are bookkeeping (the same data on another machine), so two runs of one config that read
         different data (another root, a list file edited between runs, another test list) are told apart by
-        them, and are neither averaged nor compared with each other."""
+        them, and are neither averaged nor compared with each other; two test lists of the same class counts by
+        :attr:`test_digest` (``test set digest``, where the run recorded one)."""
         s = self.setting()
         key = {k: v for k, v in s.items() if k.startswith(("data.", "model."))}
         key["train images"] = images_text(self.summary["train_class_counts"])
         key["test images"] = images_text(self.test_class_counts)
+        if self.test_digest is not None:
+            key["test set digest"] = self.test_digest
         return json.dumps(key, sort_keys=True)
+
+    @property
+    def test_digest(self) -> str | None:
+        """The digest of the test set's labels and images (summary.json's ``data_fingerprint``, written since fedlt
+        records it; None before): two test lists of the same class counts are told apart by it. The training
+        set's digest is not part of :meth:`data_key`: the long-tailed subset is drawn from the seed, so it differs
+        between the seeds of one row."""
+        fingerprint = self.summary.get("data_fingerprint")
+        return fingerprint["test"]["digest"] if isinstance(fingerprint, dict) else None
 
     @property
     def test_class_counts(self) -> list[int] | None:
@@ -178,6 +191,25 @@ def _list_error(value: Any, kind: str, length: int | None = None, unit: str = "c
     return next((f"[{i}] {error}" for i, x in enumerate(value) if (error := _value_error(x, kind))), None)
 
 
+def _fingerprint_error(fingerprint: Any) -> str | None:
+    """What keeps summary.json's ``data_fingerprint`` (absent or null in a run of an earlier fedlt) from being
+    ``{"train": {"images": N, "digest": hex}, "test": {...}}``, as text to follow its name; None if it is."""
+    if fingerprint is None:
+        return None
+    if not isinstance(fingerprint, dict):
+        return f" is not a mapping ({_brief(fingerprint)})"
+    for split in ("train", "test"):
+        value = fingerprint.get(split)
+        if not isinstance(value, dict):
+            return f".{split} is not a mapping ({_brief(value)})"
+        if error := _value_error(value.get("images"), "count"):
+            return f".{split}.images {error}"
+        digest = value.get("digest")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{16}", digest):
+            return f".{split}.digest is not 16 hex digits ({_brief(digest)})"
+    return None
+
+
 def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
     """The first value the report reads from a run's summary.json, partition.json and env.json that has the wrong
     type, range or shape, as ``"<file> <key> <what is wrong>"``; None if all are right (metrics.jsonl's rows are
@@ -198,6 +230,8 @@ def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
         for key, kind in RELIABILITY_VALUES.items():  # every run's RELIABILITY_BINS: a row's seeds' bins are pooled
             if error := _list_error(bins.get(key), kind, RELIABILITY_BINS, "bins"):
                 return f"summary.json reliability.{key}{error}"
+    if error := _fingerprint_error(summary.get("data_fingerprint")):
+        return f"summary.json data_fingerprint{error}"
     clients = partition["client_class_counts"]
     if not isinstance(clients, list) or not clients:
         return f"partition.json client_class_counts is not a list of clients ({_brief(clients)})"
