@@ -167,7 +167,11 @@ class CReFF(StrategyWrapper):
         o, C = self.opts, self.num_classes
         state = to_state(arrays)
         if "classifier.weight" not in state or "classifier.bias" not in state:
-            raise FedLTError("creff needs a model with an nn.Linear classifier (model.classifier=linear)")
+            by = f"client.name={self.cfg.client.name} changes the model's head" if self.cfg.client.name not in (
+                None, "fedavg") else "the model has none"
+            raise FedLTError(f"strategy creff re-trains an nn.Linear classifier (classifier.weight and "
+                             f"classifier.bias), and {by}: use a client method that keeps the model's "
+                             f"linear classifier")
         if self.classifier is None:  # round 1: a fresh Linear head (the official ``temp_model``)
             self.classifier = fresh_linear(state["classifier.weight"].shape[1], C,
                                            torch_generator(self.cfg.seed, Stream.CREFF, 0, 1))

@@ -427,6 +427,17 @@ def test_creff_simulation(creff_run):
     assert 0 <= summary["accuracy"] <= 1
 
 
+def test_creff_under_a_client_that_replaces_the_head_names_the_client(tiny_lists, tmp_path):
+    """TDE's causal-norm head has no classifier.weight / classifier.bias for CReFF to re-train: the one-line
+    error names the client method (it said ``model.classifier=linear``, which the config already set)."""
+    from fedlt.errors import FedLTError
+
+    cfg = tiny_config(tiny_lists, "strategy.name=creff", "client.name=tde", "strategy.match_steps=1",
+                      "strategy.crt_epochs=1")
+    with pytest.raises(FedLTError, match="client.name=tde changes the model's head: use a client method that"):
+        simulate(cfg, tmp_path / "run")
+
+
 # --------------------------------------------------------------------------- DP with client-side clipping
 def test_client_clipping_mod_clips_train_updates_that_ask_for_it(message_identity):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
