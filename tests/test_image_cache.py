@@ -182,6 +182,37 @@ def test_an_experiment_reads_the_same_images_through_the_cache(tmp_path):
     assert torch.equal(cached.client_data(1).images, plain.client_data(1).images)
 
 
+def test_the_run_fingerprint_of_cached_data_comes_from_the_digests_taken_when_the_file_was_built(tmp_path,
+                                                                                                    monkeypatch):
+    """The cache file's .json records the SHA-256 of each DIGEST_PIECE bytes as the file is built; a run's data
+    fingerprint of a split mapped from it uses them instead of reading the images again (ImageNet-LT: 25 GB at every
+    run start), and is the fingerprint of the same images decoded into memory. A .json without them (an earlier
+    fedlt, or edited) is hashed as before, to the same fingerprint."""
+    import json
+
+    from fedlt import run_loop
+    from fedlt.data import image_cache
+
+    monkeypatch.setattr(image_cache, "DIGEST_PIECE", 1000)  # 3×12×12 = 432 bytes an image: 13 pieces
+    make_images(tmp_path / "img", n=30, classes=3)
+    base = ["data.name=file_list", f"data.root={tmp_path / 'img'}", "data.image_size=12", "data.profile=none",
+            "partition.num_clients=2", "model.name=small_cnn"]
+    plain = run_loop.data_fingerprint(build_experiment(load_config(None, [*base, "data.cache=false"])))
+    cfg = load_config(None, [*base, f"data.cache_dir={tmp_path / 'cache'}"])
+    cached = build_experiment(cfg)
+    assert cached.train.piece_digests == image_cache.piece_digests(cached.train.images)
+    assert len(cached.train.piece_digests) == -(-30 * 432 // 1000) and cached.test.piece_digests is not None
+    with monkeypatch.context() as m:
+        m.setattr(run_loop, "piece_digests", lambda images: pytest.fail("the cached images were hashed again"))
+        assert run_loop.data_fingerprint(cached) == plain
+    assert cached.train.subset(np.arange(5)).piece_digests is None  # other images: their own digests
+    for record in (tmp_path / "cache").glob("*.json"):
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                      if k != "piece_sha256"}))
+    again = build_experiment(cfg)
+    assert again.train.piece_digests is None and run_loop.data_fingerprint(again) == plain
+
+
 def test_an_edited_list_file_is_read_again_in_the_same_process(tmp_path):
     """experiment_for keeps one experiment per config in a process; a list file edited in between (a notebook)
     gives the new list's experiment, not the kept one."""

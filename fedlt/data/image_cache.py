@@ -6,7 +6,9 @@ process and minutes of CPU. Instead the first process decodes the chosen images 
 size) and the others map it:
 
     <cache_dir>/<key>-<N>x3x<S>x<S>.u8     N images, uint8, C×H×W each, in list order
-    <cache_dir>/<key>-<N>x3x<S>x<S>.json   what the key was made of (for a person reading the folder)
+    <cache_dir>/<key>-<N>x3x<S>x<S>.json   what the key was made of (for a person reading the folder), and the
+                                          SHA-256 of each DIGEST_PIECE bytes of the .u8 file, taken as it is built
+                                          (a run's data fingerprint, :func:`fedlt.run_loop.data_fingerprint`)
 
 ``key`` is a SHA-256 over the image size and, per image, its path, byte size and modification time: a changed
 list, a replaced image or another size makes a new file (old ones are left for the user to delete: the folder
@@ -29,11 +31,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +45,16 @@ import torch
 from fedlt.errors import FedLTError
 
 CACHE_ENV = "FEDLT_CACHE_DIR"
+DIGEST_PIECE = 64 * 2**20  # bytes of images hashed as one piece (a thread each): the same digest on any machine
+
+
+@dataclass(frozen=True)
+class CachedImages:
+    """A cache file mapped: the images, and the SHA-256 of each :data:`DIGEST_PIECE` bytes of them as the file
+    was built (:func:`piece_digests`; None for a file whose .json does not hold them, e.g. of an earlier fedlt)."""
+
+    images: torch.Tensor
+    piece_digests: tuple[bytes, ...] | None
 
 
 def default_cache_dir() -> Path:
@@ -73,9 +87,28 @@ def decode_threads(decode_device: str) -> int:
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
+def piece_digests(images: torch.Tensor, threads: int | None = None) -> tuple[bytes, ...]:
+    """SHA-256 of each :data:`DIGEST_PIECE` bytes of ``images`` (flattened, as uint8), in order; hashed by
+    ``threads`` threads at once (default one per core, :func:`decode_threads`: hashlib lets go of the GIL)."""
+    flat = memoryview(images.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    pieces = [flat[i:i + DIGEST_PIECE] for i in range(0, len(flat), DIGEST_PIECE)]
+    threads = min(len(pieces), decode_threads("cpu") if threads is None else threads)
+    if threads <= 1:
+        return tuple(hashlib.sha256(p).digest() for p in pieces)
+    with ThreadPoolExecutor(threads, thread_name_prefix="fedlt-digest") as pool:
+        return tuple(pool.map(lambda p: hashlib.sha256(p).digest(), pieces))
+
+
 def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | Path | None = None,
                   decode_device: str = "cpu", label: str = "images", threads: int | None = None) -> torch.Tensor:
-    """The images of ``paths`` as one uint8 tensor (N, C, H, W) mapped from the cache, built first if missing.
+    """The images of ``paths`` as one uint8 tensor (N, C, H, W) mapped from the cache, built first if missing
+    (:func:`load_cached`'s images)."""
+    return load_cached(paths, size, decode, cache_dir, decode_device, label, threads).images
+
+
+def load_cached(paths: list[str], size: int | None, decode, cache_dir: str | Path | None = None,
+                decode_device: str = "cpu", label: str = "images", threads: int | None = None) -> CachedImages:
+    """The images of ``paths`` mapped from the cache, built first if missing, with the digests of their pieces.
 
     ``decode(paths, size, device) -> uint8 tensor`` decodes a chunk (:func:`fedlt.data.sources.decode_images`);
     the shape of an image (C, H, W) comes from the first chunk. ``label`` names the split in the progress lines;
@@ -99,7 +132,23 @@ def cached_images(paths: list[str], size: int | None, decode, cache_dir: str | P
         numel *= d
     if file.stat().st_size != numel:
         raise OSError(f"image cache file {file} has {file.stat().st_size} bytes, expected {numel}: delete it")
-    return torch.from_file(str(file), shared=False, size=numel, dtype=torch.uint8).view(shape)
+    images = torch.from_file(str(file), shared=False, size=numel, dtype=torch.uint8).view(shape)
+    return CachedImages(images, _recorded_digests(file.with_suffix(".json"), numel))
+
+
+def _recorded_digests(record: Path, numel: int) -> tuple[bytes, ...] | None:
+    """The piece digests a cache file's .json records (``piece_sha256``), where it holds one 64-hex-digit string
+    per :data:`DIGEST_PIECE` bytes of the file; None where it does not (written by an earlier fedlt, edited,
+    unreadable): the caller then hashes the images itself."""
+    try:
+        digests = json.loads(record.read_text()).get("piece_sha256")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    pieces = -(-numel // DIGEST_PIECE)
+    if not isinstance(digests, list) or len(digests) != pieces or not all(
+            isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests):
+        return None
+    return tuple(bytes.fromhex(d) for d in digests)
 
 
 def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, decode_device: str,
@@ -115,10 +164,12 @@ def _build(folder: Path, key: str, paths: list[str], size: int | None, decode, d
         tmp.unlink(missing_ok=True)  # nothing half-written stays behind
         raise
     final = folder / f"{key}-{n}x{'x'.join(str(d) for d in shape)}.u8"
+    numel = tmp.stat().st_size  # (the file was just written: its pages are still in the page cache)
+    digests = piece_digests(torch.from_file(str(tmp), shared=False, size=numel, dtype=torch.uint8))
     (folder / f"{final.stem}.json").write_text(json.dumps(
         {"images": n, "shape": list(shape), "size": size, "first": paths[0], "last": paths[-1],
-         "built_seconds": round(time.time() - t0, 1), "decode_device": decode_device, "threads": threads},
-        indent=1))
+         "built_seconds": round(time.time() - t0, 1), "decode_device": decode_device, "threads": threads,
+         "piece_bytes": DIGEST_PIECE, "piece_sha256": [d.hex() for d in digests]}, indent=1))
     os.replace(tmp, final)
     return final
 

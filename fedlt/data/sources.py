@@ -54,6 +54,9 @@ class Split:
     cache: bool = False  # materialize through the on-disk image cache (fedlt.data.image_cache)
     cache_dir: str | None = None  # None: image_cache.default_cache_dir()
     decode_device: str = "cpu"  # where JPEGs are decoded (cuda: on the GPU)
+    # SHA-256 of each image_cache.DIGEST_PIECE bytes of ``images``, where the image cache recorded them (None: the
+    # run's data fingerprint hashes the images); a subset holds other images, so it has none
+    piece_digests: tuple[bytes, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,21 +81,21 @@ class Split:
         if self.images is not None:
             return self
         assert self.paths is not None
-        if self.cache:
-            from fedlt.data.image_cache import cached_images
-
-            try:
-                images = cached_images(self.paths, self.image_size, decode_images, self.cache_dir,
-                                       self.decode_device, label=f"{len(self.paths):,} images")
-            except OSError as exc:
-                raise FedLTError(f"image cache {self.cache_dir or 'folder'}: {exc.strerror or exc}; set data.cache_dir "
-                                 f"to a writable folder, or data.cache=false") from None
-        else:
+        if not self.cache:
             from fedlt.data.image_cache import decoded_images
 
             images = decoded_images(self.paths, self.image_size, decode_images, self.decode_device,
                                     label=f"{len(self.paths):,} images")
-        return replace(self, images=images)
+            return replace(self, images=images)
+        from fedlt.data.image_cache import load_cached
+
+        try:
+            cached = load_cached(self.paths, self.image_size, decode_images, self.cache_dir, self.decode_device,
+                                 label=f"{len(self.paths):,} images")
+        except OSError as exc:
+            raise FedLTError(f"image cache {self.cache_dir or 'folder'}: {exc.strerror or exc}; set data.cache_dir "
+                             f"to a writable folder, or data.cache=false") from None
+        return replace(self, images=cached.images, piece_digests=cached.piece_digests)
 
     @property
     def class_counts(self) -> np.ndarray:
