@@ -105,6 +105,13 @@ DAMAGE = {
     "test-counts-short": (lambda d: _edit_json(d / "partition.json", test_class_counts=[100] * 9),
                           "partition.json test_class_counts has 9 values for 10 classes"),
     "env-torch": (lambda d: _edit_json(d / "env.json", torch=[1]), "env.json torch is not a string ([1])"),
+    # (these drew an empty accuracy curve, or one with a step twice, as if measured)
+    "metrics-no-accuracy": (lambda d: (d / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1, "loss": 1}\n'),
+                            "metrics.jsonl holds no accuracy (no evaluated step)"),
+    "metrics-step-twice": (lambda d: (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text() * 2),
+                           "metrics.jsonl has round 0 twice (rows 1 and 5)"),
+    "metrics-no-step": (lambda d: (d / "metrics.jsonl").write_text('{"accuracy": 0.5}\n'),
+                        "metrics.jsonl row 1 has no round"),
     "fingerprint-list": (lambda d: _edit_json(d / "summary.json", data_fingerprint=[1]),
                          "summary.json data_fingerprint is not a mapping ([1])"),
     "fingerprint-no-test": (lambda d: _edit_json(d / "summary.json", data_fingerprint={

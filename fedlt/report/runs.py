@@ -260,6 +260,23 @@ def _metrics_row(path: Path, i: int, line: str) -> dict:
     return row
 
 
+def _curve_error(rows: list[dict], unit: str) -> str | None:
+    """What keeps metrics.jsonl's ``rows`` from being a run's curve, or None: every row names its ``unit``
+    (round or epoch) once (a resumed run's rows after its checkpoint are cut before it goes on, so a step twice is
+    a damaged or concatenated file), and at least one row holds an accuracy (the last step is always evaluated)."""
+    seen: dict[int, int] = {}
+    for i, row in enumerate(rows, 1):
+        step = row.get(unit)
+        if step is None:
+            return f"row {i} has no {unit}"
+        if step in seen:
+            return f"has {unit} {step} twice (rows {seen[step]} and {i})"
+        seen[step] = i
+    if not any(row.get("accuracy") is not None for row in rows):
+        return "holds no accuracy (no evaluated step)"
+    return None
+
+
 def read_run(path: str | Path) -> Run:
     """Read one finished run directory; a missing or corrupt file, or a value of the wrong type or shape,
     raises :class:`RunError` naming the run and the file."""
@@ -290,6 +307,8 @@ def read_run(path: str | Path) -> Run:
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: cannot read metrics.jsonl ({exc.__class__.__name__})") from None
     metrics = [_metrics_row(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if error := _curve_error(metrics, "round" if summary["mode"] == "federated" else "epoch"):
+        raise RunError(f"{path}: metrics.jsonl {error}")
     partition = _read_json(path, "partition.json")
     if not isinstance(partition, dict) or "client_class_counts" not in partition:
         raise RunError(f"{path}: partition.json lacks client_class_counts")
