@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import yaml
 from fedlt import compare
 from fedlt.config import Config
 from fedlt.report import FIGURES, RunError, find_run_dirs, load_runs, read_run, write_report
+from strategies.gbme.prior import prior_report
 
 C, K = 10, 4
 TRAIN = [int(500 * 0.6 ** c) + 5 for c in range(C)]
@@ -53,8 +55,10 @@ def make_run(root, name, mode, method, seed, acc, *, alpha=0.5, prior=False, rou
                f"seconds_per_{step}": 4.0 + seed, "images_per_second": 100.0 * (1 + seed)}
     if prior:
         true = (np.array(TRAIN) / sum(TRAIN)).tolist()
-        summary.update(estimated_prior=(np.array(true) * (1 + 0.1 * rng.standard_normal(C))).tolist(),
-                       true_prior=true, prior_l1=0.05, prior_kl=0.01)
+        # what the strategies that estimate a prior write (gbme, fedgrab, posthoc_calibration): prior_report's keys
+        estimate = SimpleNamespace(pi_hat=np.array(true) * (1 + 0.1 * rng.standard_normal(C)),
+                                   counts=np.array(TRAIN, float))
+        summary.update(prior_report(estimate, np.array(TRAIN)))
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "done").write_text("")
     return d

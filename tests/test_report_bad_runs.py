@@ -227,7 +227,7 @@ def test_values_fedlt_writes_as_null_or_leaves_out_are_read(tmp_path):
     not measured (null), no prior estimate, a metrics row without accuracy, a class without training images."""
     d = make_run(tmp_path, "run", "federated", "fedavg", 0, 0.5)
     _edit_json(d / "env.json", gpu=None, platform=None)
-    _edit_json(d / "summary.json", few=None, estimated_prior=None, local_accuracy=None,
+    _edit_json(d / "summary.json", few=None, pi_hat=None, local_accuracy=None,
                train_class_counts=[0] + json.loads((d / "summary.json").read_text())["train_class_counts"][1:])
     _drop(d / "summary.json", "group_rule")
     (d / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1, "accuracy": 0.0}\n{"round": 2, "accuracy": 1}\n')

@@ -143,9 +143,10 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
         files = fig_prior(rs, labels, out, f"prior{sfx}", f"Global class prior ({name})")
         part.append(_figure(files, "Estimated vs true global prior",
                             "Grey bars: true class prior of the long-tailed training set; markers: the prior the "
-                            "strategy estimated (mean over seeds), with its L1 distance to the truth."
+                            "strategy estimated (mean over seeds), with the L1 distance of each seed's estimate to the truth, "
+                            "averaged over seeds."
                             if files else "None of these runs estimates a global class prior (no "
-                                          "`estimated_prior` in summary.json); figure skipped."))
+                                          "`pi_hat` in summary.json); figure skipped."))
         files = fig_reliability(rs, labels, out, f"reliability{sfx}")
         part.append(_figure(files, "Reliability diagrams",
                             "Accuracy of the test predictions in each of 15 confidence bins (pooled over seeds); "

@@ -200,7 +200,7 @@ def _decreasing(run: Run) -> bool:
 def fig_prior(rows: list[Row], labels: list[str], out: Path, stem: str, title: str) -> list[str]:
     """Estimated against true global class prior for the rows whose strategy estimates one."""
     have = [(r, lab) for r, lab in zip(rows, labels)
-            if all(run.summary.get("estimated_prior") is not None for run in r.runs)]
+            if all(run.summary.get("pi_hat") is not None for run in r.runs)]
     if not have:
         return []
     plt = _plt()
@@ -211,7 +211,7 @@ def fig_prior(rows: list[Row], labels: list[str], out: Path, stem: str, title: s
     x = np.arange(len(true))
     ax.bar(x, true, width=0.8, color="0.85", edgecolor="0.4", linewidth=0.5, label="True prior")
     for i, (r, lab) in enumerate(have):
-        est = np.mean([np.asarray(run.summary["estimated_prior"], float) for run in r.runs], axis=0)
+        est = np.mean([np.asarray(run.summary["pi_hat"], float) for run in r.runs], axis=0)
         l1 = mean_std([run.summary.get("prior_l1") for run in r.runs])[0]
         extra = f": L1 {l1:.3f}" if l1 is not None else ""
         st = _style(i)

@@ -30,8 +30,8 @@ SUMMARY_VALUES = {"method": "text", "group_rule": "text", "seed": "count",
                                   "fraction"),
                   **dict.fromkeys(("prior_l1", "seconds_per_round", "seconds_per_epoch", "images_per_second",
                                    "wall_clock_seconds"), "amount")}
-# Lists of one value per class (estimated_prior, true_prior: optional; an estimate may be off the simplex).
-SUMMARY_PER_CLASS = {"per_class": "fraction", "estimated_prior": "number", "true_prior": "number"}
+# Lists of one value per class (pi_hat: the estimated prior, true_prior: optional; an estimate may be off the simplex).
+SUMMARY_PER_CLASS = {"per_class": "fraction", "pi_hat": "number", "true_prior": "number"}
 RELIABILITY_VALUES = {"count": "count", "accuracy": "fraction", "confidence": "fraction"}
 METRICS_VALUES = {"round": "count", "epoch": "count", "accuracy": "fraction"}  # of a metrics.jsonl row
 ENV_VALUES = {**dict.fromkeys(("gpu", "device", "platform", "peak_memory_of", "torch", "flwr"), "note"),
