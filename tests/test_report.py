@@ -241,6 +241,9 @@ def test_find_run_dirs(runs, tmp_path):
         find_run_dirs(tmp_path / "missing")
     with pytest.raises(RunError, match="summary.json: a file; give the run directory that holds it"):
         find_run_dirs(root / "fa0" / "summary.json")
+    # the config the runs ran, beside them (--config exp/config.yaml --out exp): a folder of runs, not a broken run
+    (root / "config.yaml").write_text((root / "fa0" / "config.yaml").read_text())
+    assert find_run_dirs(root) == found
 
 
 def test_speed_columns_and_peak_memory(report):

@@ -18,8 +18,9 @@ from fedlt.metrics import RELIABILITY_BINS
 from fedlt.rundir import config_as_today, identity_digest
 from fedlt.sweep import FEDERATED_ONLY_KEYS, flatten, other_mode_sections
 
-# Files every finished run directory holds; a folder holding any of them is taken for a run directory.
+# Files every finished run directory holds.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
+RUN_MARKERS = RUN_FILES[1:]  # what makes a folder a run directory: config.yaml alone may be a config beside runs
 SUMMARY_KEYS = ("mode", "method", "accuracy", "balanced_accuracy", "ece", "per_class", "train_class_counts")
 # What each value the report reads must be (:func:`_value_error`); a key not in the file is not checked (those of
 # SUMMARY_KEYS are required). fraction: a number in [0, 1] (accuracies and ECE are stored as fractions) or null
@@ -284,9 +285,10 @@ def read_run(path: str | Path) -> Run:
     if not path.is_dir():
         raise RunError(f"{path}: not a directory")
     missing = [n for n in RUN_FILES if not (path / n).is_file()]
+    if "done" in missing:  # (a run writes summary.json, then done: a run without done did not finish)
+        raise RunError(f"{path}: unfinished run (no 'done' file: stopped, failed, or still running)")
     if missing:
-        what = "unfinished run (no 'done' file)" if missing == ["done"] else f"missing {', '.join(missing)}"
-        raise RunError(f"{path}: {what}")
+        raise RunError(f"{path}: missing {', '.join(missing)}")
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
@@ -324,20 +326,27 @@ def read_run(path: str | Path) -> Run:
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
-    """``path`` itself if it is a run directory, else the run directories below it (sorted)."""
+    """``path`` itself if it is a run directory, else the run directories below it (sorted). A folder is taken
+    for a run directory when it holds one of :data:`RUN_FILES` other than config.yaml (a run writes partition.json
+    as it starts): a folder of runs that also holds the config they ran (``--config exp/config.yaml --out exp``)
+    is a folder of runs."""
     path = Path(path)
-    if any((path / m).exists() for m in RUN_FILES):
+    if _holds_a_run(path):
         return [path]
     if path.is_file():
         raise RunError(f"{path}: a file; give the run directory that holds it, or a folder of runs")
     if not path.is_dir():
         raise RunError(f"{path}: no such run directory or folder")
-    found = sorted({p.parent for m in RUN_FILES for p in path.rglob(m)})
+    found = sorted({p.parent for m in RUN_MARKERS for p in path.rglob(m)})
     # a run directory's own subfolders are not runs
     found = [p for p in found if not any(q != p and q in p.parents for q in found)]
     if not found:
         raise RunError(f"{path}: holds no run directories")
     return found
+
+
+def _holds_a_run(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
 
 
 def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
