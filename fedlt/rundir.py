@@ -226,12 +226,13 @@ class RunDir:
         """:func:`run_identity` of config.yaml (None where it cannot be read as a mapping) and of ``cfg``
         written as config.yaml would be. config.yaml is read through today's config schema where it still
         validates, so that a key added to fedlt after the run (at its default) is not a difference."""
-        from fedlt.sweep import without_other_mode
+        from fedlt.sweep import without_unread
 
         old = self.recorded_config()
-        wanted = without_other_mode(run_identity(yaml.safe_load(dump_config(cfg))))
-        return (None if old is None else without_other_mode(run_identity(config_as_today(self.path / "config.yaml",
-                                                                                           old)))), wanted
+        wanted = without_unread(run_identity(yaml.safe_load(dump_config(cfg))))
+        if old is None:
+            return None, wanted
+        return without_unread(run_identity(config_as_today(self.path / "config.yaml", old))), wanted
 
     def config_digest(self) -> str:
         """:func:`identity_digest` of config.yaml as the run wrote it: what its checkpoints record."""

@@ -32,8 +32,13 @@ from fedlt.errors import FedLTError
 
 FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
 CENTRALIZED_ONLY = ("centralized",)
-# keys of a shared section that only a federated run reads (a centralized run has no clients to evaluate)
-FEDERATED_ONLY_KEYS = (("eval", "local"), ("eval", "finetune_epochs"))
+# keys of a shared section that only a federated run reads (a centralized run has no clients to evaluate or to
+# train locally: its schedule is centralized.epochs, its optimiser falls back to train.lr / momentum / …)
+FEDERATED_ONLY_KEYS = ("eval.local", "eval.finetune_epochs", "train.local_epochs", "train.local_steps")
+# the partition keys each partition method reads (fedlt.experiment.partition_labels); the others' are unread
+PARTITION_READS = {"dirichlet": ("alpha", "min_size", "balance"), "creff_dirichlet": ("alpha", "min_size"),
+                   "multinomial_dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",), "iid": ()}
+PARTITION_KEYS = ("alpha", "min_size", "balance", "shards_per_client")
 
 
 def other_mode_sections(mode: str) -> tuple[str, ...]:
@@ -169,28 +174,39 @@ def run_name(name: str, mode: str, cfg: Config, values: dict[str, Any], short: d
     return "-".join(parts + [suffix])
 
 
-def _relevant(mode: str, key: str) -> bool:
-    if mode == "centralized" and tuple(key.split(".")[:2]) in FEDERATED_ONLY_KEYS:
-        return False
-    return key.split(".")[0] not in other_mode_sections(mode)
+def unread_keys(config: dict) -> set[str]:
+    """The dotted keys of a config mapping (``mode`` one run's) that its run does not read, given its other
+    values: a centralized run's :data:`FEDERATED_ONLY_KEYS`, the partition keys of the other partition methods
+    (:data:`PARTITION_READS`: ``partition.alpha`` under ``iid``) and ``data.imbalance_factor`` under
+    ``data.profile=none`` (no long-tailed cut). Two configs that differ only there are one run: a sweep over them
+    trains it once, a finished run of one is the run of the other, the report makes them one row."""
+    mode, out = config.get("mode"), set()
+    if mode == "centralized":
+        out.update(FEDERATED_ONLY_KEYS)
+    part = config.get("partition")
+    if mode == "federated" and isinstance(part, dict) and part.get("method") in PARTITION_READS:
+        out.update(f"partition.{k}" for k in PARTITION_KEYS if k not in PARTITION_READS[part["method"]])
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("profile") == "none":
+        out.add("data.imbalance_factor")
+    return out
 
 
 def identity(mode: str, cfg: Config) -> str:
-    """What the run of ``mode`` depends on: its config without the other mode's sections and keys
-    (:func:`without_other_mode`)."""
-    return json.dumps(without_other_mode(cfg.model_dump(mode="json") | {"mode": mode}), sort_keys=True)
+    """What the run of ``mode`` depends on: its config without what it does not read (:func:`without_unread`)."""
+    return json.dumps(without_unread(cfg.model_dump(mode="json") | {"mode": mode}), sort_keys=True)
 
 
-def without_other_mode(config: dict) -> dict:
-    """A config mapping without what a run of its ``mode`` does not read: the other mode's sections and, for a
-    centralized run, the federated-only keys of shared sections (``eval.local``: a sweep over it trained the same
-    centralized run twice, and a finished one was refused as "another config")."""
+def without_unread(config: dict) -> dict:
+    """A config mapping without what a run of its ``mode`` does not read: the other mode's sections and the keys
+    of :func:`unread_keys` (``eval.local`` of a centralized run: a sweep over it trained the same centralized run
+    twice, and a finished one was refused as "another config")."""
     mode = config.get("mode")
     out = {k: v for k, v in config.items() if k not in other_mode_sections(mode)}
-    if mode == "centralized":
-        for section, key in FEDERATED_ONLY_KEYS:
-            if isinstance(out.get(section), dict):
-                out[section] = {k: v for k, v in out[section].items() if k != key}
+    for key in unread_keys(config):
+        section, name = key.split(".", 1)
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
 
 
@@ -216,7 +232,9 @@ def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]
             key = identity(mode, c)
             if key in seen:
                 continue
-            mine = {k: v for k, v in values.items() if _relevant(mode, k)}
+            unread = unread_keys(c.model_dump(mode="json"))
+            mine = {k: v for k, v in values.items()
+                    if k.split(".")[0] not in other_mode_sections(mode) and ".".join(k.split(".")[:2]) not in unread}
             path = Path(out) / run_name(cfg.name, mode, c, mine, short)
             if len(path.name.encode()) > MAX_DIR_NAME:
                 raise FedLTError(f"the run directory name {path.name[:60]}… is {len(path.name.encode())} bytes, over "

@@ -405,6 +405,37 @@ def test_partition_named_by_its_method(tmp_path):
     assert "| CReFF 0.5 |" in markdown_table(rows)
 
 
+def test_runs_differing_only_in_keys_they_do_not_read_are_one_row(tmp_path):
+    """Seeds of an IID partition at two α, of data.profile=none at two β, of a centralized run at two
+    train.local_epochs are one row each (they were two rows of the same numbers, told apart by nothing shown, and
+    the two β settings' figures overwrote each other); the seeds are listed in numeric order."""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    edits = {"iid": lambda c, i: c["partition"].update(method="iid", alpha=[0.1, 0.5][i]),
+             "flat": lambda c, i: c["data"].update(profile="none", imbalance_factor=[10.0, 20.0][i]),
+             "cen": lambda c, i: c["train"].update(local_epochs=[1.0, 2.0][i])}
+    for name, edit in edits.items():
+        for i, seed in enumerate((10, 2)):
+            mode = "centralized" if name == "cen" else "federated"
+            d = make_run(root, f"{name}{seed}", mode, f"m_{name}", seed, 0.5)
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            edit(cfg, i)
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs, errors = load_runs([root])
+    assert errors == [] and len(runs) == 6
+    rows = build_rows(runs)
+    assert sorted((r.method, r.seeds, r.other) for r in rows) == [
+        ("m_cen", [2, 10], ""), ("m_flat", [2, 10], ""), ("m_iid", [2, 10], "")]
+
+
+def test_figure_suffixes_are_never_shared():
+    from fedlt.report.document import _free_suffix
+
+    used: set[str] = set()
+    assert [_free_suffix(s, used) for s in ("-a", "-a", "", "-a", "")] == ["-a", "-a-2", "", "-a-3", "-2"]
+
+
 def test_data_settings_of_one_data_set_told_apart(tmp_path):
     """Two data settings of the same data set and β (here: two models) get their own figures, headings and Data
     cells; before, the second setting's figures overwrote the first's under the same name."""

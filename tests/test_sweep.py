@@ -71,6 +71,34 @@ def test_centralized_run_deduplicated_over_federated_only_eval_keys(tmp_path):
     assert run.same_config(later) and not run.same_config(later.replace(seed=1))
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # an IID partition reads no α; a Dirichlet one no shards_per_client
+    (["partition.method=iid", "sweep.partition.alpha=[0.1,0.5]"], ["d-seed0-fed-fedavg", "d-seed0-cen-ce"]),
+    (["sweep.partition.shards_per_client=[2,5]"], ["d-seed0-fed-fedavg", "d-seed0-cen-ce"]),
+    (["partition.method=shards", "sweep.partition.shards_per_client=[2,5]"],
+     ["d-seed0-shards_per_client2-fed-fedavg", "d-seed0-cen-ce", "d-seed0-shards_per_client5-fed-fedavg"]),
+    # data.profile=none cuts nothing: β is unread by either mode
+    (["data.profile=none", "sweep.data.imbalance_factor=[10,100]"], ["d-seed0-fed-fedavg", "d-seed0-cen-ce"]),
+    # a centralized run trains centralized.epochs, not the clients' local epochs or steps
+    (["sweep.train.local_epochs=[1,2]"], ["d-seed0-local_epochs1-fed-fedavg", "d-seed0-cen-ce",
+                                          "d-seed0-local_epochs2-fed-fedavg"]),
+])
+def test_a_key_the_run_does_not_read_makes_no_second_run(tmp_path, overrides, expected):
+    """A sweep over a key one mode or one partition method does not read trained the same run twice, named apart
+    by a value it never used (the report then showed two rows of the same numbers)."""
+    runs = plan(expand(None, ["name=d", "mode=both", *overrides]), tmp_path)
+    assert names(runs) == expected
+
+
+def test_a_finished_run_is_the_run_of_a_config_that_differs_only_where_it_does_not_read(tmp_path):
+    (run_cfg, _), = expand(None, ["name=d", "mode=federated", "partition.method=iid", "partition.alpha=0.5"])
+    run = RunDir(tmp_path / "r")
+    run.write_config(run_cfg)
+    assert run.same_config(run_cfg.replace(partition=run_cfg.partition.model_copy(update={"alpha": 0.1})))
+    assert not run.same_config(run_cfg.replace(partition=run_cfg.partition.model_copy(
+        update={"alpha": 0.1, "method": "dirichlet"})))
+
+
 def test_no_sweep_is_the_plain_config(tmp_path):
     runs = plan(expand(None, ["name=p"]), tmp_path)
     assert names(runs) == ["p-seed0-fed-fedavg", "p-seed0-cen-ce"]

@@ -85,6 +85,16 @@ def write_report(runs: list[Run], out: str | Path, errors: list[str] | None = No
     return out / "report.md"
 
 
+def _free_suffix(sfx: str, used: set[str]) -> str:
+    """``sfx``, or ``sfx-2``, ``sfx-3`` … where it is taken; recorded in ``used``."""
+    out, i = sfx, 1
+    while out in used:
+        i += 1
+        out = f"{sfx}-{i}"
+    used.add(out)
+    return out
+
+
 def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command: str | None) -> None:
     rows = build_rows(runs)
     write_csv(rows, out / "summary.csv")
@@ -97,12 +107,14 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
     multi = len(by_data) > 1
     apart = data_distinctions(rows)
     sections: list[str] = []
+    used: set[str] = set()  # figure file suffixes: one data setting's figures never overwrite another's
     for key, rs in by_data.items():
         labels = row_labels(rs)
         name = _data_title(rs[0]) + (f", {apart[key]}" if apart[key] else "")
         beta = rs[0].column("beta")
         sfx = (f"-{_slug(rs[0].column('data'))}" + ("" if beta == "–" else f"-beta{beta}")
                + (f"-{_slug(apart[key])}" if apart[key] else "")) if multi else ""
+        sfx = _free_suffix(sfx, used)
         head = f"### {name}\n\n" if multi else ""
         part = [head]
         files = fig_accuracy_rounds(rs, labels, out, f"accuracy_rounds{sfx}", f"Test accuracy per round ({name})")

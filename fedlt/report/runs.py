@@ -16,7 +16,7 @@ import yaml
 
 from fedlt.metrics import RELIABILITY_BINS
 from fedlt.rundir import config_as_today, identity_digest
-from fedlt.sweep import FEDERATED_ONLY_KEYS, flatten, other_mode_sections
+from fedlt.sweep import flatten, without_unread
 
 # Files every finished run directory holds.
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "partition.json", "done")
@@ -43,7 +43,6 @@ ENV_VALUES = {**dict.fromkeys(("gpu", "device", "platform", "peak_memory_of", "t
 BOOKKEEPING = ("name", "seed", "mode", "device", "eval.batch_size", "eval.every", "sweep", "plugins", "data.root",
                "data.train_list", "data.test_list", "federation.client_cpus", "federation.client_gpus",
                "federation.checkpoint_every", "federation.max_failures")
-FEDERATED_EVAL = {".".join(k) for k in FEDERATED_ONLY_KEYS}  # the local evaluation: a centralized run ignores it
 
 
 class RunError(Exception):
@@ -70,13 +69,11 @@ class Run:
         return self.summary.get("seed", self.config.get("seed"))
 
     def setting(self) -> dict[str, Any]:
-        """The flattened config that decides the result, without the seed and bookkeeping. A centralized
-        run ignores the federated sections (partition, federation, strategy, client), as in
-        :mod:`fedlt.sweep`, and the local evaluation's keys."""
-        ignored = other_mode_sections(self.mode)
-        flat = flatten({k: v for k, v in self.config.items() if k not in ignored})
-        return {k: v for k, v in flat.items()
-                if not _bookkeeping(k) and not (self.mode == "centralized" and k in FEDERATED_EVAL)}
+        """The flattened config that decides the result, without the seed, bookkeeping and what the run does not
+        read (:func:`fedlt.sweep.without_unread`: a centralized run ignores the federated sections and keys, an IID
+        partition its α, ``data.profile=none`` its β), so that runs differing only there are one row."""
+        flat = flatten(without_unread({**self.config, "mode": self.mode}))
+        return {k: v for k, v in flat.items() if not _bookkeeping(k)}
 
     def data_key(self) -> str:
         """The run's *data setting*: its ``data`` and ``model`` sections and the training and test sets it read (as

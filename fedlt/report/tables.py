@@ -138,7 +138,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
     """Group runs into rows (same mode, method and setting up to the seed), with statistics and gaps."""
     groups: dict[str, list[Run]] = {}
     repeated: dict[str, list[Run]] = {}
-    for r in sorted(runs, key=lambda r: (str(r.seed), str(r.path))):
+    for r in sorted(runs, key=lambda r: (r.seed, str(r.path))):  # (seeds are whole numbers: read_run checks)
         key = json.dumps([r.mode, r.summary["method"], r.setting(), r.data_key()], sort_keys=True, default=str)
         if any(str(x.seed) == str(r.seed) for x in groups.get(key, [])):
             repeated.setdefault(key, []).append(r)  # the same run again (e.g. under another name)
@@ -164,8 +164,9 @@ def build_rows(runs: list[Run]) -> list[Row]:
         by_method.setdefault((row.mode, row.method), []).append(row)
     for same in by_method.values():
         keys = sorted({k for row in same for k in row.setting})
-        varying = [k for k in keys
-                   if k not in COLUMN_KEYS and len({json.dumps(r.get(k), default=str) for r in same}) > 1]
+        varying = [k for k in keys  # (among the rows that read the key: α is no difference of an IID row)
+                   if k not in COLUMN_KEYS
+                   and len({json.dumps(r.get(k), default=str) for r in same if k in r.setting}) > 1]
         for row in same:
             row.other_items = [(k, fmt_value(row.get(k))) for k in varying if k in row.setting]
     rows.sort(key=lambda r: (str(r.get("data.name")), _num(r.get("data.imbalance_factor")), r.data_key,
@@ -343,7 +344,7 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
         ("Rounds", _join(_values(fed, "federation.rounds"))
          + f" (local epochs: {_join(_values(fed, 'train.local_epochs'))})"),
         ("Centralized epochs", _join(_values(cen, "centralized.epochs"))),
-        ("Seeds", _join(sorted({r.seed for r in runs}, key=str))),
+        ("Seeds", _join(sorted({r.seed for r in runs}))),
         ("Group rule", _join(sorted({str(r.summary.get("group_rule", "?")) for r in runs}))),
         ("Hardware", "; ".join(hardware)),
         ("Peak memory", "unknown (not in env.json)" if peak is None else
