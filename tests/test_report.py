@@ -429,6 +429,23 @@ def test_runs_differing_only_in_keys_they_do_not_read_are_one_row(tmp_path):
         ("m_cen", [2, 10], ""), ("m_flat", [2, 10], ""), ("m_iid", [2, 10], "")]
 
 
+def test_runs_with_client_failures_are_named(tmp_path):
+    """A run whose rounds left out failed clients (within federation.max_failures) is averaged with its row's other
+    seeds, and the report says so under the run's path: nothing said it before."""
+    root = tmp_path / "runs"
+    make_run(root, "ok", "federated", "fedavg", 0, 0.5)
+    hurt = make_run(root, "hurt", "federated", "fedavg", 1, 0.4)
+    summary = json.loads((hurt / "summary.json").read_text())
+    summary["failures"] = {"total": 3, "per_round": [1, 0, 2], "setup": 0}
+    (hurt / "summary.json").write_text(json.dumps(summary))
+    runs, errors = load_runs([root])
+    assert errors == [] and len(runs) == 2
+    report = write_report(runs, tmp_path / "rep").read_text()
+    assert "## Runs with client failures" in report
+    assert f"- `{hurt}`: 3 failed client replies (round 1: 1, round 3: 2)" in report
+    assert f"`{root / 'ok'}`:" not in report.split("## Runs with client failures")[1].split("##")[0]
+
+
 def test_figure_suffixes_are_never_shared():
     from fedlt.report.document import _free_suffix
 

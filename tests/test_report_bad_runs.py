@@ -112,6 +112,10 @@ DAMAGE = {
                            "metrics.jsonl has round 0 twice (rows 1 and 5)"),
     "metrics-no-step": (lambda d: (d / "metrics.jsonl").write_text('{"accuracy": 0.5}\n'),
                         "metrics.jsonl row 1 has no round"),
+    "failures-negative": (lambda d: _edit_json(d / "summary.json", failures={"total": -1, "per_round": [0]}),
+                          "summary.json failures.total is not a whole number ≥ 0 (-1)"),
+    "failures-rounds": (lambda d: _edit_json(d / "summary.json", failures={"total": 1, "per_round": "1"}),
+                        'summary.json failures.per_round is not a list ("1")'),
     "fingerprint-list": (lambda d: _edit_json(d / "summary.json", data_fingerprint=[1]),
                          "summary.json data_fingerprint is not a mapping ([1])"),
     "fingerprint-no-test": (lambda d: _edit_json(d / "summary.json", data_fingerprint={

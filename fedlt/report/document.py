@@ -186,6 +186,12 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
                   "These runs' summary.json holds null where a value was NaN or infinite (e.g. a diverged run); "
                   "the table leaves those values out:", ""]
         lines += [f"- `{r.path}`: {_keys(r.summary['non_finite'])}" for r in bad] + [""]
+    failed = [r for r in runs if isinstance(r.summary.get("failures"), dict) and r.summary["failures"].get("total")]
+    if failed:
+        lines += ["## Runs with client failures", "",
+                  "In these runs some clients' replies failed and were left out of their rounds' aggregates "
+                  "(within `federation.max_failures`); their rows above average them with the other seeds:", ""]
+        lines += [f"- `{r.path}`: {_failures(r.summary['failures'])}" for r in failed] + [""]
     lines += ["## Figures", "", "Each figure is also saved as PDF (same name).", ""] + sections
     if errors:
         lines += ["## Runs that could not be read", ""] + [f"- {e}" for e in errors] + [""]
@@ -194,6 +200,15 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
         lines.append(f"- {lab}: " + ", ".join(f"`{x.path}`" for x in r.runs)
                      + "".join(f" (left out `{x.path}`: same config and seed as a run above)" for x in r.repeated))
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _failures(failures: dict) -> str:
+    """summary.json's ``failures`` as text: ``3 failed client replies (round 1: 1, round 4: 2)``."""
+    where = [f"round {t}: {n}" for t, n in enumerate(failures.get("per_round") or [], 1) if n]
+    if failures.get("setup"):
+        where.insert(0, f"set-up queries: {failures['setup']}")
+    total = failures["total"]
+    return f"{total} failed client repl{'y' if total == 1 else 'ies'}" + (f" ({', '.join(where)})" if where else "")
 
 
 def _keys(value: object) -> str:

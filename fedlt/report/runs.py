@@ -208,6 +208,20 @@ def _fingerprint_error(fingerprint: Any) -> str | None:
     return None
 
 
+def _failures_error(failures: Any) -> str | None:
+    """What keeps a federated run's ``failures`` (absent in a centralized run) from being ``{"total": n,
+    "per_round": [n per round], "setup": n}`` of whole numbers ≥ 0, as text to follow its name; None if it is."""
+    if failures is None:
+        return None
+    if not isinstance(failures, dict):
+        return f" is not a mapping ({_brief(failures)})"
+    if error := _values_error(failures, {"total": "count", "setup": "count"}, ""):
+        return f".{error.strip()}"
+    if "per_round" in failures and (error := _list_error(failures["per_round"], "count", unit="rounds")):
+        return f".per_round{error}"
+    return None
+
+
 def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
     """The first value the report reads from a run's summary.json, partition.json and env.json that has the wrong
     type, range or shape, as ``"<file> <key> <what is wrong>"``; None if all are right (metrics.jsonl's rows are
@@ -230,6 +244,8 @@ def _content_error(summary: dict, partition: dict, env: dict) -> str | None:
                 return f"summary.json reliability.{key}{error}"
     if error := _fingerprint_error(summary.get("data_fingerprint")):
         return f"summary.json data_fingerprint{error}"
+    if error := _failures_error(summary.get("failures")):
+        return f"summary.json failures{error}"
     clients = partition["client_class_counts"]
     if not isinstance(clients, list) or not clients:
         return f"partition.json client_class_counts is not a list of clients ({_brief(clients)})"
