@@ -225,7 +225,11 @@ def test_same_run_twice_counted_once(runs, tmp_path):
     write_report(load_runs([root])[0], out)
     row = read_csv(out / "summary.csv")["federated", "fedavg"]
     assert row["n_seeds"] == "2" and float(row["accuracy_mean"]) == pytest.approx((acc["fedavg", 0] + 0.46) / 2)
-    assert "left out `" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "left out `" in report
+    # the Settings table counts the runs of the table (it counted the repeat too, and summed its wall clock)
+    assert "| Runs | 5 (3 federated, 2 centralized) in 3 table rows; 1 more left out (the same config and seed" in report
+    assert "| Wall clock | 1.0 min of training" in report  # 5 runs × 12 s
 
 
 def test_find_run_dirs(runs, tmp_path):
@@ -522,6 +526,9 @@ def test_runs_of_one_config_on_other_test_sets_are_not_one_row(tmp_path):
     held_out, own = "1000 (100→100)", f"{sum(TRAIN)} ({TRAIN[0]}→{TRAIN[-1]})"
     for test in (held_out, own):
         assert table.count(f"| file_list (test images={test}) |") == 2
+    with open(tmp_path / "rep" / "summary.csv") as f:  # the csv tells the rows apart as the table does
+        assert sorted(r["data_setting"] for r in csv.DictReader(f)) == [f"test images={t}" for t in
+                                                                        (held_out, held_out, own, own)]
     assert f"test set {held_out}, {own} images)" in report and "balanced test set" not in report
 
 

@@ -273,14 +273,17 @@ def _speed(v: float | None, fmt: str) -> str:
 def write_csv(rows: list[Row], path: Path) -> None:
     """One line per row; metrics as fractions (as in summary.json): <metric>_mean, <metric>_std, gap, and
     <metric>_n: the seeds whose summary has the metric (not null), of n_seeds."""
-    cols = ["mode", "method", "data", "imbalance_factor", "alpha", "clients", "other", "n_seeds", "seeds"]
+    cols = ["mode", "method", "data", "data_setting", "imbalance_factor", "alpha", "clients", "other", "n_seeds",
+            "seeds"]
     cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["gap_to_best_centralized", "runs"]
     cols += [f"{k}_mean" for k in SPEED] + [f"{m}_n" for m in METRICS]
+    apart = data_distinctions(rows)  # what tells a row's data setting apart from others of its data set and β
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
-            vals = [r.mode, r.method] + [r.column(c).replace("–", "") for c in ("data", "beta", "alpha", "clients")]
+            vals = [r.mode, r.method, r.column("data"), apart[r.data_key]]
+            vals += [r.column(c).replace("–", "") for c in ("beta", "alpha", "clients")]
             vals += [r.other, len(r.runs), " ".join(str(s) for s in r.seeds)]
             for m in METRICS:
                 mean, std = r.stats[m]
@@ -317,7 +320,10 @@ def describe_test_sets(runs: list[Run]) -> str:
 
 def settings_table(runs: list[Run], rows: list[Row]) -> str:
     """The report's *Settings* table: what the runs have in common or span (data, partition, rounds,
-    seeds, hardware, wall clock)."""
+    seeds, hardware, wall clock) — of the runs in ``rows``: those of ``runs`` left out as repeats of a config and
+    seed are counted apart, not twice."""
+    left_out = sum(len(r.repeated) for r in rows)
+    runs = [x for r in rows for x in r.runs]
     fed = [r for r in runs if r.mode == "federated"]
     cen = [r for r in runs if r.mode == "centralized"]
     env = [r.env for r in runs if r.env]
@@ -332,7 +338,8 @@ def settings_table(runs: list[Run], rows: list[Row]) -> str:
     peaks = [(float(e["peak_memory_mib"]), e.get("peak_memory_of", "")) for e in env if e.get("peak_memory_mib")]
     peak = max(peaks) if peaks else None
     items = [
-        ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"),
+        ("Runs", f"{len(runs)} ({len(fed)} federated, {len(cen)} centralized) in {len(rows)} table rows"
+                 + (f"; {left_out} more left out (the same config and seed as a run counted)" if left_out else "")),
         ("Data", _join(_values(runs, "data.name")) + f" (long-tail profile: {_join(_values(runs, 'data.profile'))}; "
                                                      f"test set {describe_test_sets(runs)})"),
         ("Imbalance factor β = N_max/N_min", _join(_values(cut, "data.imbalance_factor"), "– (data.profile none)")),
