@@ -119,8 +119,9 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
         part = [head]
         files = fig_accuracy_rounds(rs, labels, out, f"accuracy_rounds{sfx}", f"Test accuracy per round ({name})")
         part.append(_figure(files, "Accuracy per round",
-                            "Test accuracy of the global model after each round (mean over seeds; band: min–max "
-                            "over seeds). Horizontal lines: final accuracy of the centralized baselines "
+                            "Test accuracy of the global model after each evaluated round (`eval.every`; mean over "
+                            "seeds, at the rounds every seed of the row evaluated; band: min–max over seeds). "
+                            "Horizontal lines: final accuracy of the centralized baselines "
                             "(mean over seeds)." if files else "No federated run in this setting."))
         files = fig_group_accuracy(rs, labels, out, f"group_accuracy{sfx}", f"Accuracy by class group ({name})")
         rule = rs[0].runs[0].summary.get("group_rule")
