@@ -557,6 +557,27 @@ def test_runs_on_other_test_sets_of_the_same_class_counts_are_told_apart_by_the_
         assert table.count(f"test set digest={digest}") == 1
 
 
+def test_long_tailed_lists_of_the_same_class_counts_are_told_apart_by_the_train_digest(tmp_path):
+    """With data.profile=none the training list is used as it is, the same for every seed: two lists of the same
+    class counts (an edited list) are two rows, told apart by the training set's digest; seeds of one list are
+    one row. (With a long-tailed cut the digest differs by seed and is left out: the test above.)"""
+    from fedlt.report.tables import build_rows
+
+    root = tmp_path / "runs"
+    for name, seed, train_digest in (("a0", 0, "aaaa"), ("a1", 1, "aaaa"), ("b0", 0, "bbbb")):
+        d = make_run(root, name, "federated", "fedavg", seed, 0.5)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["data"]["profile"] = "none"
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        summary = json.loads((d / "summary.json").read_text())
+        summary["data_fingerprint"] = {"train": {"images": sum(TRAIN), "digest": train_digest * 4},
+                                       "test": {"images": 100 * C, "digest": "c" * 16}}
+        (d / "summary.json").write_text(json.dumps(summary))
+    rows = build_rows(load_runs([root])[0])
+    assert sorted(r.seeds for r in rows) == [[0], [0, 1]]
+    assert {json.loads(r.data_key)["train set digest"] for r in rows} == {"a" * 16, "b" * 16}
+
+
 def test_settings_table_gives_alpha_of_every_dirichlet_form_and_no_beta_for_profile_none(tmp_path):
     from fedlt.report.tables import build_rows, settings_table
 

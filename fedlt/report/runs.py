@@ -41,8 +41,9 @@ ENV_VALUES = {**dict.fromkeys(("gpu", "device", "platform", "peak_memory_of", "t
 # is measured, and of which personalised model). data.root and the list files name where the data lies; the data
 # itself is told apart by the training and test class counts the run recorded (Run.data_key).
 BOOKKEEPING = ("name", "seed", "mode", "device", "eval.batch_size", "eval.every", "sweep", "plugins", "data.root",
-               "data.train_list", "data.test_list", "federation.client_cpus", "federation.client_gpus",
-               "federation.checkpoint_every", "federation.max_failures")
+               "data.train_list", "data.test_list", "data.cache", "data.cache_dir", "federation.client_cpus",
+               "federation.client_gpus", "federation.checkpoint_every", "federation.max_failures",
+               "federation.discovery_timeout")
 
 
 class RunError(Exception):
@@ -81,24 +82,26 @@ class Run:
         the test set ``test images`` (of partition.json's; None for a run that did not record them): ``data.root``
         and the list files are bookkeeping (the same data on another machine), so two runs of one config that read
         different data (another root, a list file edited between runs, another test list) are told apart by
-        them, and are neither averaged nor compared with each other; two test lists of the same class counts by
-        :attr:`test_digest` (``test set digest``, where the run recorded one)."""
+        them, and are neither averaged nor compared with each other; two lists of the same class counts by
+        :meth:`digest` (``test set digest``, ``train set digest``, where the run recorded one)."""
         s = self.setting()
         key = {k: v for k, v in s.items() if k.startswith(("data.", "model."))}
         key["train images"] = images_text(self.summary["train_class_counts"])
         key["test images"] = images_text(self.test_class_counts)
-        if self.test_digest is not None:
-            key["test set digest"] = self.test_digest
+        for split in ("train", "test"):
+            if (digest := self.digest(split)) is not None:
+                key[f"{split} set digest"] = digest
         return json.dumps(key, sort_keys=True)
 
-    @property
-    def test_digest(self) -> str | None:
-        """The digest of the test set's labels and images (summary.json's ``data_fingerprint``, written since fedlt
-        records it; None before): two test lists of the same class counts are told apart by it. The training
-        set's digest is not part of :meth:`data_key`: the long-tailed subset is drawn from the seed, so it differs
-        between the seeds of one row."""
+    def digest(self, split: str) -> str | None:
+        """The digest of a split's labels and images (summary.json's ``data_fingerprint``, written since fedlt
+        records it; None before), where it is the same for every seed of a config: two test lists, or two
+        already long-tailed training lists (``data.profile=none``), of the same class counts are told apart by it.
+        A training set cut long-tailed has none here: its subset is drawn from the seed."""
         fingerprint = self.summary.get("data_fingerprint")
-        return fingerprint["test"]["digest"] if isinstance(fingerprint, dict) else None
+        if not isinstance(fingerprint, dict) or (split == "train" and self.setting().get("data.profile") != "none"):
+            return None
+        return fingerprint[split]["digest"]
 
     @property
     def test_class_counts(self) -> list[int] | None:
