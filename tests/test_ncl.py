@@ -145,7 +145,7 @@ def tiny_ncl(*overrides):
 def test_ncl_objective_against_the_official_combiner_and_momentum_update():
     torch.manual_seed(0)
     method, model = tiny_ncl()
-    assert method.opt.hard_k(method.num_classes) == 1 and method.opt.num_experts == 3 and method.key_model is not None
+    assert method.opts.hard_k(method.num_classes) == 1 and method.opts.num_experts == 3 and method.key_model is not None
     assert sum(p.numel() for p in model.stem.parameters()) == 0  # whole networks per expert (official)
     x, y = torch.randn(12, 1, 12, 12), torch.tensor([0, 1, 2, 3, 0, 1])  # [query view; key view]
     key_before = copy.deepcopy(method.key_model)
@@ -229,8 +229,8 @@ def test_ncl_config_is_the_official_cifar_protocol():
             c.key_momentum) == (True, "simclr", 1.0, 64, 1024, 0.2, 0.999)
     # 30 hard categories of CIFAR-100's 100 (HCM_N: 30), in proportion 3 of CIFAR-10's 10
     cfg = load_config(None, ["mode=centralized", "centralized.method=ncl", "model.name=resnet32"])
-    assert CENTRALIZED.get("ncl")(cfg, np.ones(100, dtype=int)).opt.hard_k(100) == 30
-    assert CENTRALIZED.get("ncl")(cfg, np.ones(10, dtype=int)).opt.hard_k(10) == 3
+    assert CENTRALIZED.get("ncl")(cfg, np.ones(100, dtype=int)).opts.hard_k(100) == 30
+    assert CENTRALIZED.get("ncl")(cfg, np.ones(10, dtype=int)).opts.hard_k(10) == 3
 
 
 def test_ncl_resnet32_heads_keep_the_default_linear_initialisation():

@@ -237,7 +237,7 @@ def test_cifar_config_is_the_official_recipe():
 
     assert [opt.lr_at(e, 200) for e in range(200)] == pytest.approx([official_lr(e) for e in range(200)])
     m = CENTRALIZED.get("tlc")(cfg, CIFAR10_LT_100)
-    assert m.reweight_epoch() == 160 and m.opt.rotation == 15 and m.opt.test_batch == 4096
+    assert m.reweight_epoch() == 160 and m.opts.rotation == 15 and m.opts.test_batch == 4096
 
 
 def unnamed_without_wd(cfg):

@@ -53,7 +53,7 @@ class AREA(CentralizedMethod):
     weights: torch.Tensor | None = None
 
     def area_epoch(self) -> int:
-        return int(round(self.opt.area_fraction * self.epochs))
+        return int(round(self.opts.area_fraction * self.epochs))
 
     def begin_epoch(self, model: nn.Module, data: TensorData, augment: Augment | None, epoch: int) -> None:
         if epoch < self.area_epoch():

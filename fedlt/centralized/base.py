@@ -51,7 +51,7 @@ class CentralizedMethod:
         self.cfg = cfg
         self.train_counts = train_counts
         self.class_counts = torch.as_tensor(train_counts)
-        self.opt = cfg.centralized
+        self.opts = cfg.centralized
         self.epochs = float(cfg.centralized.epochs)
         self.num_classes = len(train_counts)
         self.log_pi = log_prior(self.class_counts)
@@ -83,21 +83,21 @@ class CentralizedMethod:
         return None
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        """The options of ``loss`` at ``epoch`` (keywords of its factory, from ``self.opt``)."""
+        """The options of ``loss`` at ``epoch`` (keywords of its factory, from ``self.opts``)."""
         return {}
 
     def objective(self, epoch: int) -> Objective:
         return loss_objective(LOSSES.get(self.loss)(self.class_counts, **self.loss_options(epoch)))
 
     def sampler(self) -> Sampler:
-        return make_sampler(self.opt.sampler, self.epochs)
+        return make_sampler(self.opts.sampler, self.epochs)
 
     def augment(self, data: TensorData) -> Augment:
         """Crop/flip; with ``autoaugment`` (the long recipes) + AutoAugment + Cutout(``cutout``) per image."""
         weak = augment_for(self.cfg, data)
-        if not self.opt.autoaugment:
+        if not self.opts.autoaugment:
             return weak
-        return StrongView(weak, data.mean, data.std, self.opt.cutout, self.opt.augment_chunk)
+        return StrongView(weak, data.mean, data.std, self.opts.cutout, self.opts.augment_chunk)
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits

@@ -115,7 +115,7 @@ class CCSAM(DecoupledMethod):
 
     def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:
         super().__init__(cfg, train_counts)
-        self.class_weights = cc_sam_class_weights(self.class_counts, self.opt.div)
+        self.class_weights = cc_sam_class_weights(self.class_counts, self.opts.div)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -131,10 +131,10 @@ class CCSAM(DecoupledMethod):
         return self.augment(data)  # the official stage 2 reads the same training set, with its transform
 
     def stage2_objective(self, epoch: int) -> Objective:
-        alpha = cc_sam_alpha(epoch, self.stage2_epochs(), self.opt.up_limit)
+        alpha = cc_sam_alpha(epoch, self.stage2_epochs(), self.opts.up_limit)
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return cc_sam_stage2_loss(model.classifier, model.features(x), y, self.class_weights, alpha,
-                                      self.opt.adver_reg)
+                                      self.opts.adver_reg)
 
         return objective

@@ -104,10 +104,10 @@ class DecoupledMethod(CentralizedMethod):
                                     f"its one classifier in stage 2")
 
     def stage2_epochs(self) -> int:
-        return self.opt.stage2_epochs
+        return self.opts.stage2_epochs
 
     def stage2_sampler(self) -> Sampler:
-        return make_sampler(self.opt.stage2_sampler, self.stage2_epochs())
+        return make_sampler(self.opts.stage2_sampler, self.stage2_epochs())
 
     def start_stage2(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "features", None), nn.Module) or isinstance(model.features, FrozenFeatures):
@@ -164,7 +164,7 @@ class TauNorm(DecoupledMethod):
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         if not isinstance(head, nn.Linear):
             raise FedLTError("tau_norm needs a linear classifier (on a cosine classifier it changes nothing)")
-        return TauNormLinear(head, self.opt.tau)
+        return TauNormLinear(head, self.opts.tau)
 
 
 @CENTRALIZED.register("lws")
@@ -209,20 +209,20 @@ class MiSLAS(DecoupledMethod):
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
-        self.shift_bn = self.opt.shift_bn
+        self.shift_bn = self.opts.shift_bn
 
     def objective(self, epoch: int) -> Objective:
-        return mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
+        return mixup_objective(self, self.opts.mixup_alpha, cross_entropy_loss)
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
         return LWSClassifier(head, self.num_classes, train_inner=True)
 
     def stage2_param_groups(self, model: nn.Module) -> list[dict]:
         head = model.classifier
-        return [{"params": list(head.inner.parameters()), "lr_scale": self.opt.lr_factor},
+        return [{"params": list(head.inner.parameters()), "lr_scale": self.opts.lr_factor},
                 {"params": [head.scales], "lr_scale": 1.0}]
 
     def stage2_objective(self, epoch: int) -> Objective:
-        loss = LOSSES.get("label_aware_smoothing")(self.class_counts, eps_head=self.opt.eps_head,
-                                                   eps_tail=self.opt.eps_tail)
+        loss = LOSSES.get("label_aware_smoothing")(self.class_counts, eps_head=self.opts.eps_head,
+                                                   eps_tail=self.opts.eps_tail)
         return loss_objective(loss)

@@ -38,11 +38,11 @@ class EQL(CentralizedMethod):
         if isinstance(head, nn.Linear):
             nn.init.normal_(head.weight, std=0.01, generator=torch_generator(self.cfg.seed, Stream.INIT, 1))
             if head.bias is not None:
-                nn.init.constant_(head.bias, eql_bias_init(self.opt.prior_prob))
+                nn.init.constant_(head.bias, eql_bias_init(self.opts.prior_prob))
         return model
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"lam": self.opt.lam}
+        return {"lam": self.opts.lam}
 
 
 @CENTRALIZED.register("seql")
@@ -61,4 +61,4 @@ class SoftmaxEQL(CentralizedMethod):
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
         seed = int(seeded_rng(self.cfg.seed, Stream.CENTRAL, Stream.METHOD, epoch).integers(2**62))
-        return {"lam": self.opt.lam, "drop_prob": self.opt.drop_prob, "seed": seed}
+        return {"lam": self.opts.lam, "drop_prob": self.opts.drop_prob, "seed": seed}

@@ -73,8 +73,8 @@ class ExpertMethod(CentralizedMethod):
     def model_options(self) -> dict:
         extra = {}
         if self.expert_model(self.cfg) in CIFAR_RESNET_EXPERTS:
-            extra["widths"] = (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64)
-        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.num_experts(), **extra)
+            extra["widths"] = (16, 24, 48) if self.opts.reduce_dimension else (16, 32, 64)
+        return dict(classifier="cosine", scale=self.opts.expert_scale, num_experts=self.num_experts(), **extra)
 
 
 @CENTRALIZED.register("balpoe")
@@ -90,11 +90,11 @@ class BalPoE(ExpertMethod):
         mixup_alpha: float = Field(0.0, ge=0, description="mixup α (0: no mixup)")
 
     def num_experts(self) -> int:
-        return len(self.opt.taus)
+        return len(self.opts.taus)
 
     def objective(self, epoch: int) -> Objective:
-        taus = self.opt.taus
-        return mixup_objective(self, self.opt.mixup_alpha, lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
+        taus = self.opts.taus
+        return mixup_objective(self, self.opts.mixup_alpha, lambda z, y: balpoe_loss(z, y, self.log_pi, taus), True)
 
 
 class TwoViews(StrongView):
@@ -135,19 +135,19 @@ class MDCS(ExpertMethod):
             return value
 
     def num_experts(self) -> int:
-        return len(self.opt.lambdas)
+        return len(self.opts.lambdas)
 
     def augment(self, data: TensorData) -> Augment:
-        return TwoViews(augment_for(self.cfg, data), data.mean, data.std, self.opt.cutout, self.opt.augment_chunk,
-                        self.opt.weak_rotation)
+        return TwoViews(augment_for(self.cfg, data), data.mean, data.std, self.opts.cutout, self.opts.augment_chunk,
+                        self.opts.weak_rotation)
 
     def kl_weight(self, epoch: int) -> float:
         """0.6·min((epoch + 1)/ramp, 1) for the 0-based ``epoch`` of the run loop (the official count from 1)."""
-        ramp = self.opt.ramp_fraction * self.epochs
-        return self.opt.kl_weight * (min((epoch + 1) / ramp, 1.0) if ramp > 0 else 1.0)
+        ramp = self.opts.ramp_fraction * self.epochs
+        return self.opts.kl_weight * (min((epoch + 1) / ramp, 1.0) if ramp > 0 else 1.0)
 
     def objective(self, epoch: int) -> Objective:
-        w, lambdas = self.kl_weight(epoch), self.opt.lambdas
+        w, lambdas = self.kl_weight(epoch), self.opts.lambdas
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             z = model.expert_logits(x)

@@ -86,18 +86,18 @@ class GLMC(CentralizedMethod):
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
-        self.weights = glmc_label_weights(self.class_counts, self.opt.label_weighting)
-        self.resample = class_probabilities(self.class_counts, 1.0 - self.opt.resample_weighting)
+        self.weights = glmc_label_weights(self.class_counts, self.opts.label_weighting)
+        self.resample = class_probabilities(self.class_counts, 1.0 - self.opts.resample_weighting)
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL, Stream.METHOD)
         self.data: TensorData | None = None
         self.views: Augment | None = None
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        extra = {"widths": tuple(self.opt.resnet32_widths)} if self.cfg.model.name == "resnet32" else {}
+        extra = {"widths": tuple(self.opts.resnet32_widths)} if self.cfg.model.name == "resnet32" else {}
         base = model_for(self.cfg, exp, **extra)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, Stream.METHOD).integers(2**31)))
-            return GLMCModel(base, exp.num_classes, self.opt.projection_dim)
+            return GLMCModel(base, exp.num_classes, self.opts.projection_dim)
 
     def augment(self, data: TensorData) -> Augment:
         self.data, self.views = data, TwoCrops(super().augment(data))
@@ -109,7 +109,7 @@ class GLMC(CentralizedMethod):
         return prepare_batch(self.data, idx, self.views, self.generator)
 
     def objective(self, epoch: int) -> Objective:
-        alpha, o = cumulative_alpha(epoch, self.epochs), self.opt
+        alpha, o = cumulative_alpha(epoch, self.epochs), self.opts
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             b = len(y)

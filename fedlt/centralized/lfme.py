@@ -207,7 +207,7 @@ class LFME(CentralizedMethod):
         return build_lfme_model(self.cfg, exp, self.groups)
 
     def stage2_epochs(self) -> int:
-        return self.opt.stage2_epochs
+        return self.opts.stage2_epochs
 
     def start_stage2(self, model: nn.Module) -> None:
         model.freeze_experts()
@@ -237,7 +237,7 @@ class LFME(CentralizedMethod):
         """λ_g from the student's group accuracies before epoch ``epoch`` (0 before the first)."""
         student = student_group_accuracy(model, data, model.groups) if epoch > 0 else [0.0] * len(model.groups)
         self.last = {"student_accuracy": student, "expert_accuracy": self.expert_accuracy}
-        return [self_paced_weight(a, e, self.opt.decay_thresh) for a, e in zip(student, self.expert_accuracy)]
+        return [self_paced_weight(a, e, self.opts.decay_thresh) for a, e in zip(student, self.expert_accuracy)]
 
     def train_student(self, model: LFMEModel, data: TensorData, optimizer: torch.optim.Optimizer,
                       generator: torch.Generator, opt: OptimConfig, augment: Augment | None,
@@ -245,10 +245,10 @@ class LFME(CentralizedMethod):
         if self.expert_accuracy is None:  # here, not in start_stage2: a resumed run loads the experts after it
             self.expert_accuracy, w = expert_statistics(model, data, self.thresholds)
             self.instance_weights = torch.as_tensor(w, dtype=torch.float32)
-            self.order = RecordedOrder(make_sampler(self.opt.stage2_sampler, self.stage2_epochs()), opt.batch_size)
+            self.order = RecordedOrder(make_sampler(self.opts.stage2_sampler, self.stage2_epochs()), opt.batch_size)
         lambdas = self.distill_weights(model, data, epoch)
         v = scheduled_instance_weight(self.instance_weights, epoch + 1, self.stage2_epochs())
-        groups, order, temperature, curriculum = model.groups, self.order, self.opt.temperature, self.opt.curriculum
+        groups, order, temperature, curriculum = model.groups, self.order, self.opts.temperature, self.opts.curriculum
 
         def objective(m: LFMEModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             weights = v[order.next_batch(y)] if curriculum else None

@@ -40,7 +40,7 @@ class Focal(CentralizedMethod):
     loss = "focal"
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"gamma": self.opt.focal_gamma}
+        return {"gamma": self.opts.focal_gamma}
 
 
 @CENTRALIZED.register("reweight")
@@ -61,7 +61,7 @@ class ClassBalanced(CentralizedMethod):
     loss = "cb"
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"beta": self.opt.beta}
+        return {"beta": self.opts.beta}
 
 
 @CENTRALIZED.register("ldam_drw")
@@ -86,14 +86,14 @@ class LDAMDRW(CentralizedMethod):
         return dict(classifier="cosine", scale=1.0)
 
     def drw_epoch(self) -> int:
-        return int(round(self.opt.drw_fraction * self.epochs))
+        return int(round(self.opts.drw_fraction * self.epochs))
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        beta = self.opt.beta if epoch >= self.drw_epoch() else None
-        return {"max_margin": self.opt.max_margin, "s": self.opt.s, "beta": beta}
+        beta = self.opts.beta if epoch >= self.drw_epoch() else None
+        return {"max_margin": self.opts.max_margin, "s": self.opts.s, "beta": beta}
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.opt.s * logits
+        return self.opts.s * logits
 
 
 @CENTRALIZED.register("la")
@@ -107,7 +107,7 @@ class LogitAdjusted(CentralizedMethod):
     loss = "la"
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"tau": self.opt.tau}
+        return {"tau": self.opts.tau}
 
 
 @CENTRALIZED.register("balanced_softmax")
@@ -148,10 +148,10 @@ class BalBCE(CentralizedMethod):
         return model
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"smoothing": self.opt.smoothing}
+        return {"smoothing": self.opts.smoothing}
 
     def objective(self, epoch: int) -> Objective:
-        o = self.opt
+        o = self.opts
         if o.mixup_alpha <= 0 and o.cutmix_alpha <= 0:
             return super().objective(epoch)
         loss = LOSSES.get(self.loss)(self.class_counts, **self.loss_options(epoch))
@@ -172,7 +172,7 @@ class PosthocLA(CentralizedMethod):
         tau: float = Field(1.0, ge=0, description="adjustment strength τ")
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return posthoc_adjust(logits, self.log_pi, self.opt.tau)
+        return posthoc_adjust(logits, self.log_pi, self.opts.tau)
 
 
 def mixup_objective(method: CentralizedMethod, alpha: float,
@@ -195,4 +195,4 @@ class Mixup(CentralizedMethod):
         mixup_alpha: float = Field(1.0, ge=0, description="λ ~ Beta(α, α); 0: no mixup")
 
     def objective(self, epoch: int) -> Objective:
-        return mixup_objective(self, self.opt.mixup_alpha, cross_entropy_loss)
+        return mixup_objective(self, self.opts.mixup_alpha, cross_entropy_loss)

@@ -114,10 +114,10 @@ class NCL(ExpertMethod):
                              "trains every expert's classifier and projection: set centralized.sam=none")
 
     def num_experts(self) -> int:
-        return self.opt.num_experts
+        return self.opts.num_experts
 
     def model_options(self) -> dict:
-        o, extra = self.opt, {}
+        o, extra = self.opts, {}
         name = self.expert_model(self.cfg)
         if name in CIFAR_RESNET_EXPERTS:
             extra["widths"] = (16, 24, 48) if o.reduce_dimension else (16, 32, 64)
@@ -132,13 +132,13 @@ class NCL(ExpertMethod):
             for expert in model.experts:  # resnet32_experts draws Kaiming-normal heads; the official FC keeps
                 if name in CIFAR_RESNET_EXPERTS and isinstance(expert.classifier, nn.Linear):  # nn.Linear's own
                     expert.classifier.reset_parameters()
-            if self.opt.contrastive:
-                model.projections = projection_heads(self.opt.num_experts, model.feature_dim, self.opt.moco_dim)
+            if self.opts.contrastive:
+                model.projections = projection_heads(self.opts.num_experts, model.feature_dim, self.opts.moco_dim)
                 # the official momentum encoder and its MLPs: a model of their own random initialisation
                 key = build_model(name, exp.num_classes, exp.in_channels,
                                   **{**self.cfg.model.model_dump(exclude={"name"}), **self.model_options()})
-                key.projections = projection_heads(self.opt.num_experts, key.feature_dim, self.opt.moco_dim)
-        if self.opt.contrastive:
+                key.projections = projection_heads(self.opts.num_experts, key.feature_dim, self.opts.moco_dim)
+        if self.opts.contrastive:
             key.requires_grad_(False)
             if self.pending_keys is not None:
                 key.load_state_dict(self.pending_keys)
@@ -147,12 +147,12 @@ class NCL(ExpertMethod):
 
     def augment(self, data: TensorData) -> Augment:
         view = super().augment(data)
-        if not self.opt.contrastive:
+        if not self.opts.contrastive:
             return view
-        return QueryKeyViews(view, self.opt.key_view, data.mean, data.std, self.opt.augment_chunk)
+        return QueryKeyViews(view, self.opts.key_view, data.mean, data.std, self.opts.augment_chunk)
 
     def objective(self, epoch: int) -> Objective:
-        o = self.opt
+        o = self.opts
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             b = len(y)
@@ -176,13 +176,13 @@ class NCL(ExpertMethod):
         key = self.key_model.to(x.device)
         key.train(model.training)
         if self.queues is None:
-            q = torch.randn(self.opt.num_experts, self.opt.queue_size, self.opt.moco_dim, generator=self.generator)
+            q = torch.randn(self.opts.num_experts, self.opts.queue_size, self.opts.moco_dim, generator=self.generator)
             self.queues = torch.nn.functional.normalize(q, dim=2)
         self.queues = self.queues.to(x.device)
         s = key.stem(x)
         keys = torch.stack([p(e.features(s)).float() for e, p in zip(key.experts, key.projections)])
         pairs = [(key.stem, model.stem)] + [(k.features, q.features) for k, q in zip(key.experts, model.experts)]
-        m = self.opt.key_momentum ** self.opt.num_experts  # the official update runs once per expert (see above)
+        m = self.opts.key_momentum ** self.opts.num_experts  # the official update runs once per expert (see above)
         for k_part, q_part in pairs:
             for pk, pq in zip(k_part.parameters(), q_part.parameters()):
                 pk.mul_(m).add_(pq.detach(), alpha=1 - m)
@@ -191,7 +191,7 @@ class NCL(ExpertMethod):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write the normalised keys at the queue pointer (wrapping around), advance it by B."""
-        size = self.opt.queue_size
+        size = self.opts.queue_size
         slots = (self.pointer + torch.arange(keys.shape[1], device=keys.device)) % size
         self.queues[:, slots] = torch.nn.functional.normalize(keys, dim=2)
         self.pointer = (self.pointer + keys.shape[1]) % size

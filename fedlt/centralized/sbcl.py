@@ -118,9 +118,9 @@ class SBCL(DecoupledMethod):
         super().__init__(cfg, train_counts)
         if (np.asarray(train_counts) == 0).any():
             raise FedLTError("sbcl needs every class in the training set (it clusters each class)")
-        self.numbers = subclass_numbers(train_counts, self.opt.cluster)
+        self.numbers = subclass_numbers(train_counts, self.opts.cluster)
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL, Stream.METHOD)
-        self.recorder = RecordingSampler(make_sampler(self.opt.sampler, self.epochs))
+        self.recorder = RecordingSampler(make_sampler(self.opts.sampler, self.epochs))
         self.subclasses: torch.Tensor | None = None  # per training sample
         self.class_tau: torch.Tensor | None = None
         self.in_stage2 = False
@@ -132,7 +132,7 @@ class SBCL(DecoupledMethod):
         base = model_for(self.cfg, exp)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seeded_rng(self.cfg.seed, Stream.INIT, Stream.METHOD).integers(2**31)))
-            return SBCLModel(base, self.opt.feat_dim)
+            return SBCLModel(base, self.opts.feat_dim)
 
     def augment(self, data: TensorData) -> Augment:
         self.data, self.views = data, TwoCrops(super().augment(data))
@@ -142,7 +142,7 @@ class SBCL(DecoupledMethod):
         return self.recorder
 
     def clustering_due(self, epoch: int) -> bool:
-        o = self.opt
+        o = self.opts
         return epoch >= o.supcon_epochs and (epoch % o.cluster_step == 0 or self.subclasses is None)
 
     @torch.no_grad()
@@ -162,15 +162,15 @@ class SBCL(DecoupledMethod):
         for c, k in enumerate(self.numbers):
             members = (labels == c).nonzero().squeeze(1)
             if k > 1:
-                subclasses[members] = cosine_kmeans(f[members], k, self.rng, iter_limit=self.opt.kmeans_iters) + offset
+                subclasses[members] = cosine_kmeans(f[members], k, self.rng, iter_limit=self.opts.kmeans_iters) + offset
             else:
                 subclasses[members] = offset
             offset += k
         self.subclasses = subclasses
-        self.class_tau = class_temperatures(f, labels, self.numbers, self.opt.temperature)
+        self.class_tau = class_temperatures(f, labels, self.numbers, self.opts.temperature)
 
     def objective(self, epoch: int) -> Objective:
-        o, state = self.opt, {"cursor": 0, "checked": self.clustering_due(epoch) is False}
+        o, state = self.opts, {"cursor": 0, "checked": self.clustering_due(epoch) is False}
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             if o.queue_size:
@@ -205,14 +205,14 @@ class SBCL(DecoupledMethod):
             if self.pending_keys is not None:
                 self.key_model.load_state_dict(self.pending_keys)
         if self.queue is None:
-            keys = torch.randn(self.opt.queue_size, self.opt.feat_dim, generator=self.generator)
-            empty = torch.full((self.opt.queue_size,), -1, dtype=torch.long)
+            keys = torch.randn(self.opts.queue_size, self.opts.feat_dim, generator=self.generator)
+            empty = torch.full((self.opts.queue_size,), -1, dtype=torch.long)
             self.queue = {"keys": F.normalize(keys, dim=1), "labels": empty, "subclasses": empty.clone(),
                           "ptr": torch.zeros((), dtype=torch.long)}
         self.queue = {k: v.to(device) for k, v in self.queue.items()}
 
     def queue_loss(self, model: SBCLModel, x: torch.Tensor, y: torch.Tensor, sub: torch.Tensor | None) -> torch.Tensor:
-        o, b, qu = self.opt, len(y), self.queue
+        o, b, qu = self.opts, len(y), self.queue
         q = model.project(x[:b])
         with torch.no_grad():
             for pk, pq in zip(self.key_model.parameters(), model.parameters()):
@@ -240,11 +240,11 @@ class SBCL(DecoupledMethod):
         self.in_stage2 = True
 
     def stage2_objective(self, epoch: int) -> Objective:
-        return loss_objective(LOSSES.get("ldam")(self.class_counts, max_margin=self.opt.max_margin, s=self.opt.s,
+        return loss_objective(LOSSES.get("ldam")(self.class_counts, max_margin=self.opts.max_margin, s=self.opts.s,
                                                  beta=0.9999))
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.opt.s * logits if self.in_stage2 else logits
+        return self.opts.s * logits if self.in_stage2 else logits
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state(), "subclasses": self.subclasses,

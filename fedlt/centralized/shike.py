@@ -88,7 +88,7 @@ class SHIKE(CentralizedMethod):
 
     def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:
         super().__init__(cfg, train_counts)
-        self.two_stage = self.opt.stage2_epochs > 0
+        self.two_stage = self.opts.stage2_epochs > 0
 
     @staticmethod
     def expert_model(cfg: Config) -> str:
@@ -122,18 +122,18 @@ class SHIKE(CentralizedMethod):
         return model_for(self.cfg, exp, self.expert_model(self.cfg), **self.model_options())
 
     def model_options(self) -> dict:
-        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.opt.num_experts)
+        return dict(classifier="cosine", scale=self.opts.expert_scale, num_experts=self.opts.num_experts)
 
     def optim(self, opt: OptimConfig, stage: int) -> OptimConfig:
         fields = asdict(opt)
         if stage == 1:
-            fields.update(warmup_epochs=self.opt.warmup_epochs, peak_lr=self.opt.warmup_lr)
+            fields.update(warmup_epochs=self.opts.warmup_epochs, peak_lr=self.opts.warmup_lr)
         else:
-            fields.update(warmup_epochs=self.opt.stage2_warmup_epochs, peak_lr=self.opt.stage2_warmup_lr)
+            fields.update(warmup_epochs=self.opts.stage2_warmup_epochs, peak_lr=self.opts.stage2_warmup_lr)
         return WarmupCosineLR(**fields)
 
     def objective(self, epoch: int) -> Objective:
-        weight = self.opt.hns_weight
+        weight = self.opts.hns_weight
 
         def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return shike_loss(model.expert_logits(x), y, weight)
@@ -141,7 +141,7 @@ class SHIKE(CentralizedMethod):
 
     # --- stage 2: classifier re-training ---
     def stage2_epochs(self) -> int:
-        return self.opt.stage2_epochs
+        return self.opts.stage2_epochs
 
     def stage2_augment(self, data: TensorData) -> Augment:
         return self.augment(data)

@@ -115,4 +115,4 @@ class TDE(CentralizedMethod):
                              "moving-average feature")
 
     def build_model(self, exp: Experiment) -> nn.Module:
-        return causal_norm_head(model_for(self.cfg, exp), self.num_classes, self.opt, self.cfg.seed)
+        return causal_norm_head(model_for(self.cfg, exp), self.num_classes, self.opts, self.cfg.seed)

@@ -63,7 +63,7 @@ class TLC(ExpertMethod):
 
     def __init__(self, cfg, train_counts: np.ndarray) -> None:
         super().__init__(cfg, train_counts)
-        o = self.opt
+        o = self.opts
         self.margins = ldam_margins(self.class_counts, o.max_margin)
         self.class_weight = class_weights(self.class_counts, o.beta)
         pi = self.class_counts.double() / self.class_counts.sum()
@@ -72,25 +72,25 @@ class TLC(ExpertMethod):
         self.kl_period = (self.reweight_epoch() + o.annealing) / o.reweight_factor
 
     def num_experts(self) -> int:
-        return self.opt.num_experts
+        return self.opts.num_experts
 
     def reweight_epoch(self) -> int:
         """R: the official ``reweight_epoch`` (re-weighting at the official epochs e > R, fedlt's epoch ≥ R)."""
-        return int(round(self.opt.drw_fraction * self.epochs))
+        return int(round(self.opts.drw_fraction * self.epochs))
 
     def model_options(self) -> dict:
         extra = {}
         if self.expert_model(self.cfg) in CIFAR_RESNET_EXPERTS:
-            extra = {"widths": (16, 24, 48) if self.opt.reduce_dimension else (16, 32, 64), "shared_layer1": False}
-        return dict(classifier="cosine", scale=self.opt.expert_scale, num_experts=self.num_experts(), **extra)
+            extra = {"widths": (16, 24, 48) if self.opts.reduce_dimension else (16, 32, 64), "shared_layer1": False}
+        return dict(classifier="cosine", scale=self.opts.expert_scale, num_experts=self.num_experts(), **extra)
 
     def augment(self, data: TensorData) -> Augment:
-        return Rotated(super().augment(data), data.mean, data.std, self.opt.rotation)
+        return Rotated(super().augment(data), data.mean, data.std, self.opts.rotation)
 
     def objective(self, epoch: int) -> Objective:
         late = epoch >= self.reweight_epoch()
         weight, temperature = (self.class_weight, self.temperature) if late else (None, None)
-        o = self.opt
+        o = self.opts
 
         return LossObjective(partial(tlc_expert_loss, margins=self.margins, epoch=epoch + 1, kl_period=self.kl_period,
                                      class_weight=weight, temperature=temperature, tau=o.tau,
@@ -103,13 +103,13 @@ class TLC(ExpertMethod):
         in batches of ``test_batch``."""
         model.eval()
         logits, uncertainty, experts = [], [], []
-        for start in range(0, len(test), self.opt.test_batch):
-            x = normalize(test.images[start:start + self.opt.test_batch], test.mean, test.std)
+        for start in range(0, len(test), self.opts.test_batch):
+            x = normalize(test.images[start:start + self.opts.test_batch], test.mean, test.std)
             z = model.expert_logits(x).float()
-            output, w = tlc_combine(z, self.opt.eta)
+            output, w = tlc_combine(z, self.opts.eta)
             logits.append((output * len(x) / len(z)).cpu())
             uncertainty.append(w[-1].cpu())
-            experts.append(engaged(w, self.opt.tau).sum(0).float().cpu())
+            experts.append(engaged(w, self.opts.tau).sum(0).float().cpu())
         return torch.cat(logits), torch.cat(uncertainty), torch.cat(experts)
 
     def evaluate(self, model: nn.Module, test: TensorData, train_counts: np.ndarray, batch_size: int,
