@@ -292,8 +292,14 @@ def host_gpus(hosts: int) -> list[int | None]:
     return [k % count if count > 1 else None for k in range(hosts)]
 
 
+BOX = "─│╭╮╰╯┌┐└┘├┤┬┴┼━┃ "  # the frame of Flower's boxed messages
+
+
 def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    """The last line of a command's output that says something: not blank, not a line of a box's frame (Flower
+    prints its errors in a box; its last line is the bottom border), with a box's side bars taken off."""
+    lines = [ln.strip().strip("│┃").strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not set(ln) <= set(BOX)]
     return lines[-1] if lines else "(no output)"
 
 
@@ -326,7 +332,7 @@ def deploy(args: argparse.Namespace) -> int:
         if not config_path.is_relative_to(app):
             raise FedLTError(f"--config {args.config} must lie inside the app folder {app} (the run ships that folder)")
         config = str(config_path.relative_to(app))
-    certs = Certs(Path(args.certs))
+    certs = Certs(Path(args.certs).resolve())  # (the flwr commands run in the work folder: a relative path breaks)
     certs.check(n)
     check_port(args.host, args.port)
     root = Path(args.out)

@@ -4,6 +4,7 @@ certificates, and (slow) a real SuperLink with TLS and SuperNode authentication 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -149,6 +150,15 @@ def one_line_error(res: tuple[int, str], pattern: str) -> None:
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def test_a_flower_error_box_is_said_by_its_message_not_its_border():
+    from fedlt.deploy import _last_line
+
+    box = ("╭──────────────── Error ────────────────╮\n│ Node public key file not found: x.pub │\n"
+           "╰───────────────────────────────────────╯\n")
+    assert _last_line(box) == "Node public key file not found: x.pub"
+    assert _last_line("one\ntwo\n\n") == "two" and _last_line("  \n") == "(no output)"
+
+
 def test_missing_certificates_are_refused(run_deploy, tmp_path):
     one_line_error(run_deploy("run", "--certs", str(tmp_path / "none"), "--out", str(tmp_path)),
                    r"^error: missing certificate or key file .*ca.crt .*python -m fedlt.deploy certs")
@@ -218,9 +228,10 @@ TINY = ["mode=federated", "partition.num_clients=2", "federation.rounds=2", "fed
 def test_deployment_with_tls_and_node_auth(certs, tmp_path):
     """``python -m fedlt.deploy run`` end to end: TLS, 2 authenticated SuperNodes, 2 rounds; exit 0 and the run
     directory's summary; every process stopped afterwards."""
-    res = subprocess.run([sys.executable, "-m", "fedlt.deploy", "run", "--certs", str(certs), "--out", str(tmp_path),
-                          "--quiet", "--timeout", "900", "name=tls", *TINY], check=False, cwd=ROOT, capture_output=True, text=True,
-                         timeout=1200)
+    relative = os.path.relpath(certs, ROOT)  # (as README's `--certs certs`: the flwr commands run in another folder)
+    res = subprocess.run([sys.executable, "-m", "fedlt.deploy", "run", "--certs", relative, "--out", str(tmp_path),
+                          "--quiet", "--timeout", "900", "name=tls", *TINY], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "finished:completed" in res.stdout
     summary = json.loads((tmp_path / "tls" / "summary.json").read_text())
