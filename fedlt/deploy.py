@@ -306,6 +306,7 @@ def _last_line(text: str) -> str:
 def deploy(args: argparse.Namespace) -> int:
     """``run``: start everything, submit, follow; 0 when the run completed, 1 when it failed."""
     from fedlt.config import load_config
+    from fedlt.federation.apps import one_federated_run
 
     if not args.timeout > 0:  # (NaN too: the run would never be stopped)
         raise FedLTError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
@@ -320,6 +321,7 @@ def deploy(args: argparse.Namespace) -> int:
         raise FedLTError(f"--nodes {args.nodes} differs from {per}")
     if cfg.mode != "federated":
         raise FedLTError(f"a deployment runs a federated config, got mode={cfg.mode}")
+    one_federated_run(cfg, "a deployment")  # (a sweep: refused here, before anything starts)
     if cfg.plugins and not args.allow_plugins:
         raise FedLTError(f"the config names plug-ins {cfg.plugins}: pass --allow-plugins to let the ServerApp and "
                          f"ClientApps import them")

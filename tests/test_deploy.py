@@ -18,6 +18,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from fedlt.config import load_config
 from fedlt.deploy import Certs, Deployment, main
 from fedlt.deploy_certs import make_certs
 from fedlt.errors import FedLTError
@@ -37,8 +38,38 @@ def test_app_dir_is_the_folder_that_holds_the_package():
 
 
 def test_submitted_config_is_read_from_inside_the_app():
-    cfg = config_from_context(ctx(config="configs/default.yaml", overrides="federation.rounds=3"))
-    assert cfg.name == "default" and cfg.federation.rounds == 3
+    cfg = config_from_context(ctx(config="configs/default.yaml", overrides="federation.rounds=3 sweep={}"))
+    assert cfg.name == "default" and cfg.federation.rounds == 3 and cfg.mode == "federated"  # (mode both: its FL run)
+
+
+def test_a_submitted_config_builds_on_its_base():
+    """configs/cifar100_lt.yaml gives only what differs from cifar10_lt.yaml (``base:``): it was refused as
+    'unknown config key base'."""
+    cfg = config_from_context(ctx(config="configs/cifar100_lt.yaml", overrides="sweep={}"))
+    assert cfg.data.name == "cifar100" and cfg.model.name == load_config("configs/cifar100_lt.yaml").model.name
+
+
+def test_a_submitted_sweep_or_centralized_config_is_refused():
+    """A Flower run trains one federated config: a sweep in it was silently not run (only its base values were)."""
+    with pytest.raises(FedLTError, match=r"^a submitted Flower run trains one config, and this one lists a sweep "
+                                         r"over strategy.name: add sweep=\{\} to the overrides"):
+        config_from_context(ctx(config="configs/default.yaml", overrides="mode=federated"))
+    with pytest.raises(FedLTError, match="says mode=centralized"):
+        config_from_context(ctx(overrides="mode=centralized"))
+
+
+def test_a_base_outside_the_app_is_refused(tmp_path, monkeypatch):
+    from fedlt.federation import apps
+
+    monkeypatch.setattr(apps, "app_dir", lambda: tmp_path / "app")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "run.yaml").write_text("base: ../outside.yaml\n")
+    (tmp_path / "outside.yaml").write_text("name: outside\n")
+    with pytest.raises(FedLTError, match=r"run config 'config' = .*outside.yaml' is outside the app folder"):
+        config_from_context(ctx(config="run.yaml"))
+    (tmp_path / "app" / "base.yaml").write_text("name: inside\n")
+    (tmp_path / "app" / "run.yaml").write_text("base: base.yaml\n")
+    assert config_from_context(ctx(config="run.yaml")).name == "inside"
 
 
 @pytest.mark.parametrize("given", ["/etc/passwd", "../../../etc/hosts", "configs/../../x.yaml"])

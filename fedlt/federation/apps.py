@@ -37,6 +37,7 @@ from fedlt.config import (
     Config,
     config_from_dict,
     parse_override,
+    read_config_file,
     read_yaml,
     resolve,
     set_dotted,
@@ -112,14 +113,42 @@ def config_from_context(context: Context) -> Config:
     ``plugins:`` (modules this process would import) are refused unless ``FEDLT_ALLOW_PLUGINS=1`` here."""
     rc = context.run_config
     given = str(rc.get("config") or "")
-    raw = read_yaml(_inside(app_dir(), given, "config", "the app folder")) if given else {}
+    raw = read_config_file(_config_inside_app(given)) if given else {}
     for item in shlex.split(str(rc.get("overrides", ""))):
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     if raw.get("plugins") and not plugins_allowed():
         raise FedLTError(f"the submitted run names plug-ins {raw['plugins']!r}, and this process does not import "
                          f"submitted plug-ins (its operator may allow them with {ALLOW_PLUGINS_ENV}=1)")
-    return resolve(raw)
+    return one_federated_run(resolve(raw), "a submitted Flower run")
+
+
+def _config_inside_app(given: str) -> Path:
+    """The submitted config file, after checking that it and every file of its ``base:`` chain lie inside the app
+    folder (a base is a path relative to the file that names it)."""
+    path = _inside(app_dir(), given, "config", "the app folder")
+    seen, file = set(), path
+    while file.is_file() and file not in seen:
+        seen.add(file)
+        base = read_yaml(file).get("base")
+        if not isinstance(base, str) or not base:
+            break  # (no base; a bad one is refused by read_config_file)
+        file = _inside(app_dir(), str(file.parent / base), "config", "the app folder")
+    return path
+
+
+def one_federated_run(cfg: Config, how: str) -> Config:
+    """The one federated run that ``how`` (a Flower run, a deployment) trains from ``cfg``: ``mode=both`` (the
+    default) is its federated run; a centralized config or a sweep is refused in one line (a sweep in the config
+    was silently not run: only its base values were)."""
+    if cfg.sweep:
+        raise FedLTError(f"{how} trains one config, and this one lists a sweep over {', '.join(cfg.sweep)}: add "
+                         f"sweep={{}} to the overrides (and the value you want, e.g. "
+                         f"{next(iter(cfg.sweep))}=...), or run the sweep with python -m fedlt.simulate")
+    if cfg.mode == "centralized":
+        raise FedLTError(f"{how} trains a federated run, and the config says mode=centralized: run it with "
+                         f"python -m fedlt.simulate")
+    return cfg.replace(mode="federated") if cfg.mode == "both" else cfg
 
 
 def out_from_context(context: Context) -> Path:
