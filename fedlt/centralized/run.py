@@ -76,7 +76,7 @@ class CentralizedSteps:
         self.method: CentralizedMethod = CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
         self.label = f"centralized {cfg.centralized.method}"
         self.model: nn.Module = self.method.build_model(exp).to(device)
-        self.opts = self.method.optim(centralized_optim(cfg), 1)
+        self.opt = self.method.optim(centralized_optim(cfg), 1)
         self.opt2 = self.method.optim(stage2_optim(cfg, self.method), 2)
         self.data: TensorData = exp.tensor_data("train", device=device)
         self.test = exp.tensor_data("test", device=device)
@@ -91,13 +91,13 @@ class CentralizedSteps:
             head_seed = int(seeded_rng(cfg.seed, Stream.INIT, Stream.PRETRAIN).integers(2**31))
             self.rotation = rotation_model(self.model, head_seed).to(device)
             self.rotation_rng = seeded_rng(cfg.seed, Stream.CENTRAL, Stream.PRETRAIN)
-            self.optimizer = make_optimizer(self.rotation, self.opts)
+            self.optimizer = make_optimizer(self.rotation, self.opt)
         else:
-            self.optimizer = make_optimizer(self.model, self.opts)
+            self.optimizer = make_optimizer(self.model, self.opt)
 
     def begin_stage1(self) -> None:
         """After stage 0: the method's model (pre-trained features, its own classifier), a fresh optimizer."""
-        self.optimizer = make_optimizer(self.model, self.opts)
+        self.optimizer = make_optimizer(self.model, self.opt)
         self.stage = 1
 
     def begin_stage2(self) -> None:
@@ -121,7 +121,7 @@ class CentralizedSteps:
         if self.stage == 0 and epoch >= self.pretrain:
             self.begin_stage1()
         if self.stage == 0:
-            result = train(self.rotation, self.data, rotation_objective(self.rotation_rng), opt=self.opts, epochs=1.0,
+            result = train(self.rotation, self.data, rotation_objective(self.rotation_rng), opt=self.opt, epochs=1.0,
                            generator=self.generator, augment=augment_for(self.cfg, self.data),
                            optimizer=self.optimizer, start_epoch=epoch, total_epochs=self.pretrain)
             return {"stage": 0, "train_loss": result.loss, "train_images": result.num_examples}
@@ -130,13 +130,13 @@ class CentralizedSteps:
             self.begin_stage2()
         stage_epoch = epoch if self.stage == 1 else epoch - self.stage1
         own = self.method.train_epoch(self.stage, self.model, self.data, self.optimizer, self.generator,
-                                      self.opts if self.stage == 1 else self.opt2,
+                                      self.opt if self.stage == 1 else self.opt2,
                                       self.augment if self.stage == 1 else self.augment2, stage_epoch)
         if own is not None:  # a method that trains its epochs its own way (LFME's experts and student)
             result = own
         elif self.stage == 1:
             self.method.begin_epoch(self.model, self.data, self.augment, epoch)
-            result = train(self.model, self.data, self.method.objective(epoch), opt=self.opts,
+            result = train(self.model, self.data, self.method.objective(epoch), opt=self.opt,
                            epochs=min(1.0, self.epochs - epoch), generator=self.generator, augment=self.augment,
                            sampler=self.method.sampler(), optimizer=self.optimizer, start_epoch=epoch,
                            total_epochs=self.epochs)
