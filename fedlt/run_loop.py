@@ -149,6 +149,8 @@ def plan_line(cfg: Config, steps: Steps, start: int = 1) -> str:
         local = f"{t.local_steps} local steps" if t.local_steps else f"{t.local_epochs:g} local epoch(s)"
         what += f", {max(1, round(cfg.federation.fraction * k))} of {k} clients per round, {local} each"
         what += not_fused_note(cfg)
+    elif cfg.centralized.epochs != int(cfg.centralized.epochs):
+        what += f" (centralized.epochs={cfg.centralized.epochs:g}: its last epoch is a partial one)"
     if start > 1:
         what += f"; {steps.total - start + 1} left"
     return f"{what}; elapsed time and time left (eta) on every progress line"

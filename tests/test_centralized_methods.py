@@ -242,3 +242,16 @@ def test_a_multi_expert_method_refuses_a_model_without_experts_when_the_config_i
                                          r"'resnet20_experts' is not registered: set model.name to one of .*resnet32_experts"):
         load_config(None, ["mode=centralized", "model.name=resnet20", f"centralized.method={method}"])
     assert load_config(None, ["mode=centralized", "model.name=resnet32", f"centralized.method={method}"])
+
+
+def test_the_plan_line_says_a_fractional_epoch_count():
+    """centralized.epochs=0.25 trains a quarter of an epoch: the line said before training said '1 epoch' (and the
+    dry run 0.25 epochs); it says both now."""
+    from types import SimpleNamespace
+
+    from fedlt.run_loop import plan_line
+
+    steps = SimpleNamespace(total=1, unit="epoch")
+    line = plan_line(load_config(None, ["mode=centralized", "centralized.epochs=0.25"]), steps)
+    assert line.startswith("1 epoch (centralized.epochs=0.25: its last epoch is a partial one);")
+    assert "partial" not in plan_line(load_config(None, ["mode=centralized", "centralized.epochs=2"]), steps)
