@@ -312,7 +312,7 @@ def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
             raise FedLTError(f"config file {path}: its bases form a cycle ({cycle})")
         merged = read_config_file(base_path, provenance, chain)
     if provenance is not None:
-        for key in _leaves(raw):  # a mapping or value of the base replaced by the file's
+        for key in given_keys("", raw):  # a value of the base replaced by the file's (mappings merge key by key)
             set_source(provenance, key, f"file {path.name}")
     return deep_merge(merged, raw)
 
@@ -329,9 +329,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_section_override(raw, key, value)
         set_dotted(raw, key, value)
         if provenance is not None:
-            set_source(provenance, key, "override")
+            set_given(provenance, key, value, "override")
     _check_local_work(raw)
     return resolve(raw)
+
+
+def config_plugins(path: str | Path | None, overrides: list[str] | None = None) -> list[str]:
+    """The plug-in modules that a config file (with its ``base:`` chain) and a ``plugins=[...]`` override name,
+    read without resolving the rest of the config: what ``--list`` and ``--keys`` import, so that they show a
+    plug-in's parts and keys even where another key of the config is wrong (or names a part of that plug-in).
+    Other overrides are not read (not even checked to be ``KEY=VALUE``)."""
+    raw = read_config_file(path) if path is not None else {}
+    for item in overrides or []:
+        if item.partition("=")[0].strip() == "plugins" and "=" in item:
+            raw["plugins"] = parse_override(item)[1]
+    try:
+        return Config.model_validate({"plugins": raw.get("plugins", [])}).plugins
+    except ValidationError as exc:
+        raise _error("", exc) from None
+
+
+def given_keys(key: str, value: Any) -> list[str]:
+    """The dotted keys that ``value`` given at ``key`` sets: ``key`` itself for a value that is not a mapping, the
+    keys under it for a mapping (nested), none for an empty mapping. So a section given as a mapping labels only
+    the keys it holds: ``strategy.base_options={base: fedavg}`` gives ``strategy.base_options.base``, and the
+    wrapped strategy's other keys keep their defaults (:func:`key_sources`)."""
+    if not isinstance(value, dict):
+        return [key]
+    return [leaf for k, v in value.items() for leaf in given_keys(f"{key}.{k}" if key else str(k), v)]
+
+
+def set_given(provenance: dict[str, str], key: str, value: Any, source: str) -> None:
+    """Record that ``value`` from ``source`` replaced ``key`` (an override, a swept value): what was recorded for
+    ``key`` and the keys under it goes (the value replaced them), then each key the value sets
+    (:func:`given_keys`) is recorded as from ``source``."""
+    for old in [k for k in provenance if k == key or k.startswith(key + ".")]:
+        del provenance[old]
+    for leaf in given_keys(key, value):
+        provenance[leaf] = source
 
 
 def set_source(provenance: dict[str, str], key: str, source: str) -> None:
@@ -400,6 +435,11 @@ def _error(section: str, exc: ValidationError, owner: str = "") -> FedLTError:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     key = f"{section}.{loc}" if section else loc
+    if not loc:  # a check across keys (a model_validator): its message, which names the keys itself
+        msg = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        return FedLTError(f"config section {section!r}: {msg}" if section else f"config: {msg}")
     if err["type"] == "extra_forbidden":
         return FedLTError(_unknown_key_message(section, loc, owner))
     rule = RULES.get(err["type"])
@@ -515,15 +555,19 @@ def check_parts(cfg: Config) -> None:
 
     parts = []
     if cfg.mode in ("federated", "both"):
-        parts += [STRATEGIES.get(cfg.strategy.name), CLIENTS.get(cfg.client.name)]
+        parts += [(STRATEGIES, cfg.strategy.name), (CLIENTS, cfg.client.name)]
     if cfg.mode in ("centralized", "both"):
-        parts.append(CENTRALIZED.get(cfg.centralized.method))
-    for part in parts:
-        check = getattr(part, "check_config", None)
+        parts.append((CENTRALIZED, cfg.centralized.method))
+    for registry, name in parts:
+        check = getattr(registry.get(name), "check_config", None)
         if check is not None:
-            check(cfg)
+            try:
+                check(cfg)
+            except (ValueError, TypeError) as exc:  # a plug-in's refusal not raised as FedLTError: the same one line
+                message = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+                raise FedLTError(f"{registry.kind} {name}: {message}") from None
     if cfg.mode in ("federated", "both"):
-        client = parts[1]
+        client = CLIENTS.get(cfg.client.name)
         chain = strategy_chain(cfg.strategy)  # the strategy and, where it wraps another, the ones it wraps
         needs = getattr(client, "strategy", None)  # a client method that needs its strategy (ClientMethod.strategy)
         if needs is not None and not any(issubclass(STRATEGIES.get(s.name), STRATEGIES.get(needs)) for _, s in chain):
@@ -638,6 +682,8 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
                                                                if paired != cfg.strategy.name else "")
             elif section == "client" and field in sent:
                 source = f"not read: {sent[field][0]}={sent[field][1]} sends {sent[field][2]}"
+            elif section == "strategy" and field == "base_options":
+                source = _wrapped_source(cfg.strategy, key)
             elif section in parts:
                 registry, name_key = parts[section]
                 name = getattr(getattr(cfg, section), name_key)
@@ -650,6 +696,27 @@ def key_sources(cfg: Config, given: dict[str, str]) -> dict[str, str]:
         else:
             out[key] = source
     return out
+
+
+def _wrapped_source(section: StrategyOptions, key: str) -> str:
+    """Where a key under a wrapper's ``strategy.base_options`` (not given) came from, as :func:`key_sources` says it:
+    the wrapped strategy's name is derived from the key naming it (``strategy.base``), its other keys are that
+    strategy's defaults (or the section's, where it declares none of its own), however deep the nesting."""
+    from fedlt.registry import STRATEGIES
+
+    chain = strategy_chain(section)
+    prefixes = ["strategy" + ".base_options" * i for i in range(len(chain))]  # chain[i]'s keys are under prefixes[i]
+    i = max(j for j, p in enumerate(prefixes) if key.startswith(p + "."))
+    naming, inner = chain[i]
+    field = key[len(prefixes[i]) + 1:].split(".")[0]
+    if i and field == "name":
+        return f"derived from {naming}"
+    base = StrategyOptions.model_fields.get(field)
+    own = STRATEGIES.options(inner.name).model_fields.get(field)
+    if own is not None and (base is None or own.get_default(call_default_factory=True)
+                            != base.get_default(call_default_factory=True)):
+        return f"default of strategy {inner.name}"
+    return "default"
 
 
 def dump_config(cfg: Config) -> str:

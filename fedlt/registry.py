@@ -13,6 +13,7 @@ registers what it defines) the first time a registry is read. The core never imp
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,19 +24,38 @@ from fedlt.options import CentralizedOptions, ClientOptions, DataOptions, HeadOp
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "fedlt.plugins"
-_plugins_loaded = False
+BUILT_IN_PLUGINS = {"clients": "client method", "strategies": "strategy"}
+"""fedlt's own entry-point modules (top-level packages beside ``fedlt``) -> the kind of part each holds."""
+_plugins_loaded: bool | FedLTError = False  # True once loaded; the error of a failed load, raised again by every call
 
 
 def load_plugins() -> None:
-    """Import fedlt's own registering modules and every module named in the ``fedlt.plugins`` entry points."""
+    """Import fedlt's own registering modules and every module named in the ``fedlt.plugins`` entry points.
+
+    A failure (a plug-in that raises while imported, fedlt's own ``clients`` / ``strategies`` shadowed by a
+    folder of that name, stale metadata) is a one-line :class:`FedLTError`, raised again by every later call:
+    the registries it leaves half filled are never read as if complete."""
     global _plugins_loaded
+    if isinstance(_plugins_loaded, FedLTError):
+        raise _plugins_loaded
     if _plugins_loaded:
         return
-    _plugins_loaded = True
+    _plugins_loaded = True  # before the imports: a plug-in that reads a registry while imported must not recurse
+    try:
+        _load_entry_points()
+    except FedLTError as exc:
+        _plugins_loaded = exc
+        raise
+
+
+def _load_entry_points() -> None:
+    """:func:`load_plugins`' work: the core's registering modules, then each entry point's module."""
     import fedlt.centralized  # noqa: F401  (registers the centralized methods)
     import fedlt.data.catalog  # noqa: F401  (registers the data sets)
     import fedlt.losses  # noqa: F401  (registers the losses)
     import fedlt.models  # noqa: F401  (registers the models)
+    for name in BUILT_IN_PLUGINS:  # before any plug-in runs (fedlt's strategies import its clients)
+        _check_not_shadowed(name)
     names = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -48,6 +68,40 @@ def load_plugins() -> None:
         raise FedLTError(f"fedlt's built-in plug-ins (clients, strategies) are missing from the {ENTRY_POINT_GROUP!r} "
                          f"entry points of the installed package (found: {', '.join(names) or 'none'}); its metadata "
                          f"is stale or absent: reinstall it with pip install -e .")
+
+
+def _module_path(name: str) -> Path | None:
+    """Where the top-level module ``name`` is (or would be) imported from, found without running it: a package's
+    folder (a namespace package's first folder), a plain module's file; None where it is not found or has no
+    place on disk (built in, frozen)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec (made by hand)
+        return None
+    if spec is None:
+        return None
+    if spec.origin and spec.has_location:
+        path = Path(spec.origin).resolve()
+        return path.parent if spec.submodule_search_locations is not None else path
+    portions = list(spec.submodule_search_locations or [])
+    return Path(portions[0]).resolve() if portions else None
+
+
+def _check_not_shadowed(name: str) -> None:
+    """fedlt's built-in plug-ins are the top-level packages ``clients`` and ``strategies``, beside the ``fedlt``
+    package (in a checkout and in site-packages alike). A folder or module of the same name earlier on the import
+    path (the working directory of a project laid out as the README's ``strategies/<name>.py``, or PYTHONPATH) is
+    imported in their place, and would hide every built-in method behind an ``unknown strategy 'fedavg'``: a
+    one-line error naming it instead."""
+    own = Path(__file__).resolve().parents[1] / name
+    found = _module_path(name)
+    if found is None or found == own or not own.is_dir():  # not beside fedlt (a layout of its own): cannot tell
+        return
+    kind = BUILT_IN_PLUGINS[name]
+    raise FedLTError(f"{found} shadows fedlt's built-in plug-in package {name!r} ({own}): Python imports it in its "
+                     f"place (it comes first on the import path: the working directory or PYTHONPATH), which hides "
+                     f"every built-in {kind}; rename that folder (e.g. my_{name}, then plugins=[my_{name}.<module>]) "
+                     f"or run from another directory")
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -81,6 +135,11 @@ def _plugin_error(module: str, exc: Exception | SystemExit, how: str = "",
                       f"{message}; {advice}")
 
 
+_PARENT_OPTIONS = {"strategy": "FedLTStrategy.Options", "client method": "ClientMethod.Options",
+                   "centralized method": "CentralizedMethod.Options"}
+"""The Options a class registered in the registry of that kind subclasses (:meth:`Registry._check_options`' hint)."""
+
+
 class Registry(Generic[T]):
     """A named table of objects of one kind, with optional metadata per entry."""
 
@@ -92,21 +151,41 @@ class Registry(Generic[T]):
         self.meta: dict[str, dict[str, Any]] = {}
 
     def register(self, name: str, obj: T | None = None, **meta: Any) -> Callable[[T], T] | T:
-        """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator. Its ``Options`` (class attribute or
+        ``options=``) must subclass the registry's ``base_options``: checked here, so that a plug-in's mistake is
+        one line naming its module's line (:func:`_plugin_error`), not a traceback or a config error later."""
 
         def add(o: T) -> T:
             if name in self._items and self._items[name] is not o:
                 raise ValueError(f"{self.kind} {name!r} is already registered: register yours under another name")
+            self._check_options(name, o, meta)
             self._items[name] = o
             self.meta[name] = meta
             return o
 
         return add if obj is None else add(obj)
 
+    def _check_options(self, name: str, obj: Any, meta: dict[str, Any]) -> None:
+        """A ``TypeError`` naming the entry, its class and the base class its ``Options`` must subclass, where they
+        do not: a plain pydantic ``BaseModel`` lacks the config's checks (and ``name``), a bare
+        :class:`~fedlt.options.Options` lacks the section's ``name`` key."""
+        options = getattr(obj, "Options", None) or meta.get("options")
+        if options is None or (isinstance(options, type) and issubclass(options, self.base_options)):
+            return
+        owner = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+        given = (f"subclasses {', '.join(f'{b.__module__}.{b.__qualname__}' for b in options.__bases__)}"
+                 if isinstance(options, type) else f"is {options!r}, not a class")
+        parent = _PARENT_OPTIONS.get(self.kind)
+        hint = f" (its parent's, e.g. class Options({parent}))" if parent else ""
+        raise TypeError(f"{self.kind} {name!r} ({owner}): its Options {getattr(options, '__qualname__', '')} "
+                        f"{given}; it must subclass {self.base_options.__module__}.{self.base_options.__qualname__}"
+                        f"{hint}")
+
     def get(self, name: str) -> T:
         load_plugins()
         if name not in self._items:
-            raise FedLTError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
+            raise FedLTError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} (a plug-in of "
+                             f"your own: name its module in plugins=[module])")
         return self._items[name]
 
     def options(self, name: str) -> type[Options]:

@@ -3,12 +3,13 @@
     python -m fedlt.simulate [--config FILE] [--out DIR] [--overwrite] [--wait] [--jobs N] [KEY=VALUE ...]
                              [sweep.KEY=[V1,V2,...] ...]
     python -m fedlt.simulate --dry-run [--config FILE] [KEY=VALUE ...]
-    python -m fedlt.simulate --list
+    python -m fedlt.simulate --list | --keys [PART] [--config FILE] [plugins=[MODULE,...]]
 
 ``--dry-run`` prints what would run and what it would cost: the resolved config (every key with where its
 value came from), the partition, the rounds / epochs and local steps, and an estimate of the wall time from
 a few timed SGD steps and one test-set evaluation on this machine; it trains nothing and writes no run
-directory.
+directory. ``--list`` and ``--keys`` show the built-in parts and those of the plug-in modules that ``--config``
+or a ``plugins=[...]`` override names (no other key of the config is read).
 
 A ``sweep:`` mapping in the config (or ``sweep.KEY=[...]`` overrides) runs every combination of the
 listed values, each into its own run directory; finished runs are skipped (see fedlt/sweep.py).
@@ -503,7 +504,7 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     """What ``python -m fedlt.simulate`` with these arguments would run and cost; nothing is trained or written.
     What the real command would refuse before training (:func:`check_plan`, ``--out``, ``--report``) it refuses
     the same way."""
-    from fedlt.config import key_sources, load_config, set_source
+    from fedlt.config import key_sources, load_config, set_given
     from fedlt.experiment import experiment_for
     from fedlt.report import check_report_dir
     from fedlt.sweep import expand, split_overrides
@@ -517,8 +518,8 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     given: dict[str, str] = {}
     load_config(path, plain, given)
     first, values = combos[0]
-    for k in values:  # a swept key (or section) replaces what the file gave under it
-        set_source(given, k, "sweep")
+    for k, v in values.items():  # a swept key (or section) replaces what the file gave under it
+        set_given(given, k, v, "sweep")
     lines = ["dry run: nothing is trained and no run directory is written", ""]
     if len(combos) > 1:
         lines.append(f"sweep of {len(combos)} combinations; the config of the first "
@@ -564,19 +565,37 @@ def format_table(summaries: list[dict]) -> str:
 
 
 def list_registered() -> str:
+    """``--list``: the registered parts of every registry, one line per registry."""
     from fedlt.registry import ALL
 
     return "\n".join(f"{r.plural}: {', '.join(r)}" for r in ALL)
 
 
+def import_config_plugins(path: str | None, overrides: list[str]) -> None:
+    """Import the plug-in modules ``--config`` and a ``plugins=[...]`` override name (:func:`fedlt.config.
+    config_plugins`), for ``--list`` and ``--keys``, which read no other key: their parts are listed like the
+    built-in ones."""
+    from fedlt.config import config_plugins
+    from fedlt.registry import import_plugins
+
+    import_plugins(config_plugins(path, overrides))
+
+
 def help_epilog() -> str:
-    """--help's closing text: how keys are given, then every key of the schema (as ``--keys`` prints them)."""
+    """--help's closing text: how keys are given, then every key of the schema (as ``--keys`` prints them). Where
+    the plug-ins fail to load, the keys are left out and a note says why: help stays readable (it is where one
+    looks on an error), and every other command gives the failure as its one-line error."""
     from fedlt.config import format_keys
 
+    try:
+        keys = ("keys (type, default, meaning; [part] keys exist only when that part is selected):\n"
+                + format_keys())
+    except FedLTError as exc:
+        keys = f"keys: not listed, because the plug-ins failed to load (any other command says so too):\n  {exc}"
     return ("Keys are dotted paths into the config, e.g. federation.rounds=5 partition.alpha=0.1 "
             "strategy.name=fedprox strategy.mu=0.1;\nsweep.seed=[0,1] sweep.partition.alpha=[0.1,1] runs all four "
-            "combinations. --keys PART shows one section or part.\n\nkeys (type, default, meaning; [part] keys "
-            "exist only when that part is selected):\n" + format_keys())
+            "combinations. --keys PART shows one section or part (with --config or plugins=[module]: a plug-in's "
+            "too).\n\n" + keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,6 +667,11 @@ def shutdown_ray() -> None:
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
+        path = args.config
+        if path is None and Path("configs/default.yaml").is_file():
+            path = "configs/default.yaml"
+        if args.list or args.keys is not None:  # with the plug-ins the config names, not its other keys
+            import_config_plugins(path, args.overrides)
         if args.list:
             print(list_registered())
             return 0
@@ -659,9 +683,6 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         from fedlt.federation.runner import quiet_output
         from fedlt.sweep import expand
 
-        path = args.config
-        if path is None and Path("configs/default.yaml").is_file():
-            path = "configs/default.yaml"
         with quiet_output(args.verbose):
             if args.dry_run:
                 print(dry_run(path, args.overrides, args.out, args.overwrite, args.report))
