@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from conftest import needs_fashion
 from fedlt.config import load_config
+from fedlt.errors import FedLTError
 from fedlt.federation.inprocess import run_inprocess
 from fedlt.federation.runner import run_federated
 from fedlt.federation.strategy import ClientFailure, FedLTStrategy, sample_cohort
@@ -214,7 +215,7 @@ def test_error_replies_name_the_partition_without_the_engines_wrapping(message_i
     died = "<class 'ray.exceptions.RayActorError'>:<'The actor died unexpectedly before finishing this task.'>"
     replies = [reply(0, 10, 1.0), error_reply(Message(RecordDict(), dst_node_id=1003, message_type="train"), ray),
                error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died)]
-    arrays, _ = strategy.aggregate_train(2, replies)
+    arrays, _ = strategy.aggregate_train(2, strategy.check_replies(replies))
     record = strategy.round_record
     assert record.aggregated == [[0]] and np.allclose(arrays["w"].numpy(), 1.0)
     assert [(f.partition, f.error) for f in record.failed] == [
@@ -224,7 +225,38 @@ def test_error_replies_name_the_partition_without_the_engines_wrapping(message_i
     assert strategy.failures == 2 and strategy.failure_summary() == {"total": 2, "per_round": [0, 2, 0], "setup": 0}
     with pytest.raises(ClientFailure, match="^round 2: every client failed \\(partitions 1; first error: "
                                             "RayActorError: The actor died"):
-        strategy.aggregate_train(2, [error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died)])
+        strategy.check_replies([error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died)])
+
+
+def test_the_round_loops_grid_checks_each_reply_once_before_any_hook(message_identity):
+    """Every hook (run_round, aggregate_train, aggregate_checked, a query) gets its replies from the round
+    loop's CheckedGrid: the failed ones already dropped and counted, once even where a query checks again,
+    and a client's weights that do not fit the model stop the run with one line."""
+    from fedlt.federation.server import CheckedGrid
+
+    strategy = FedLTStrategy(small_cfg("federation.max_failures=5"), 10)
+    strategy.bind({0: 1001, 1: 1002})
+    strategy.begin_round(1)
+    died = "<class 'ray.exceptions.RayActorError'>:<'The actor died unexpectedly before finishing this task.'>"
+
+    class Engine:  # partition 1 fails; partition 0 trains for 2 seconds
+        def send_and_receive(self, messages, *, timeout=None):
+            good = reply(0, 10, 1.0)
+            good.content["metrics"]["fit_seconds"] = 2.0
+            return [error_reply(Message(RecordDict(), dst_node_id=1002, message_type="train"), died), good]
+
+        def get_node_ids(self):
+            return [1001, 1002]
+
+    grid = CheckedGrid(Engine(), strategy, {"w": (2, 2)}, "fedavg")
+    assert grid.get_node_ids() == [1001, 1002]
+    replies = strategy.query(grid, [0, 1], ArrayRecord({"w": torch.zeros(2, 2)}), "any", server_round=1)
+    assert [int(m.content["metrics"]["partition-id"]) for m in replies] == [0]
+    assert strategy.failures == 1 and len(strategy.round_record.failed) == 1 and strategy.fit_seconds == 2.0
+    assert strategy.check_replies(replies) is replies and strategy.failures == 1
+    with pytest.raises(FedLTError, match=r"^partition 0, round 1: the weights client method fedavg sent hold key "
+                                         r"'w' in shape \[2, 2\], the global model's is \[4\]$"):
+        CheckedGrid(Engine(), strategy, {"w": (4,)}, "fedavg").send_and_receive([])
 
 
 def reply(pid: int, n: int, value: float) -> Message:

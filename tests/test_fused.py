@@ -557,6 +557,34 @@ def test_the_plan_says_when_a_methods_clients_cannot_fuse(engine):
     assert "not fused" not in plan_line(load_config(None, FASHION + ["client.name=glmc"]), steps)  # flower engine
 
 
+@pytest.mark.parametrize("engine", ["fused", "hosts"])
+def test_state_a_client_method_keeps_on_self_is_each_clients_own_when_fused(engine, tmp_path, monkeypatch):
+    """A client method that keeps what ``prepare`` finds (its number of local classes) on ``self`` until
+    ``round_metrics`` (tests/plugins_for_tests/hooks.py): the fused trainer shared one instance among a
+    round's clients, all set up before any trained, so every reply reported the last client's number to the
+    strategy (10, 10, 10, 10 where the ClientApp's were 8, 8, 10, 10)."""
+    fused_groups = []
+    original = fused_module.fused_replies
+    monkeypatch.setattr(fused_module, "fused_replies", lambda cfg, device, method, items: fused_groups.append(
+        len(items)) or original(cfg, device, method, items))
+    torch.set_num_threads(1)
+    args = ["plugins=[plugins_for_tests.hooks]", "mode=federated", "data.name=tiny_synthetic",
+            "data.imbalance_factor=10", "data.crop_padding=0", "data.flip=false", "model.name=small_cnn",
+            "partition.num_clients=4", "partition.alpha=0.1", "federation.rounds=1", "train.local_steps=2",
+            "eval.every=10", "strategy.name=local_classes_seen"]
+    one_by_one = run_inprocess(load_config(None, args), str(tmp_path / "inprocess"))
+    assert fused_groups == []
+    engine_keys = {"fused": ["federation.engine=fused"], "hosts": ["federation.hosts=1"]}[engine]
+    run = run_fused if engine == "fused" else run_inprocess
+    fused = run(load_config(None, args + engine_keys), str(tmp_path / engine))
+    assert fused_groups == [4]  # the whole cohort trained as one fused group
+    counts = json.loads((tmp_path / "inprocess" / "partition.json").read_text())["client_class_counts"]
+    expected = {str(pid): int(np.count_nonzero(c)) for pid, c in enumerate(counts)}
+    assert len(set(expected.values())) > 1  # clients of different numbers of classes, or the test shows nothing
+    assert one_by_one["local_classes"] == expected
+    assert fused["local_classes"] == expected
+
+
 @needs_fashion
 def test_a_fused_round_that_falls_back_says_why_once(monkeypatch, capsys, grid):
     """A group that raises NotFusable goes to the ClientApp one by one, and the reason is said once a process,

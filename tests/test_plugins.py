@@ -1,11 +1,13 @@
 """Plug-in architecture: built-in registration, strategy -> paired client, third-party modules through the
-``fedlt.plugins`` entry-point group, and the worked example of docs/plugins.md in a Flower simulation."""
+``fedlt.plugins`` entry-point group, the worked example of docs/plugins.md in a Flower simulation, and the
+round loop's guards on the hooks a plug-in overrides (failure policy, weights that do not fit, a missing return)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,9 +53,10 @@ class FakeEntryPoint:
 
 def test_third_party_module_through_entry_point(monkeypatch, tmp_path):
     (tmp_path / "fedlt_fake_plugin.py").write_text(
-        "from fedlt.federation.strategy import FedLTStrategy\nfrom fedlt.registry import STRATEGIES\n"
-        "@STRATEGIES.register('fake_third_party')\nclass Fake(FedLTStrategy):\n"
-        "    class Options(FedLTStrategy.Options):\n        knob: int = 3\n")
+        "from pydantic import Field\nfrom fedlt.federation.strategy import FedLTStrategy\n"
+        "from fedlt.registry import STRATEGIES\n@STRATEGIES.register('fake_third_party')\nclass Fake(FedLTStrategy):\n"
+        "    class Options(FedLTStrategy.Options):\n        knob: int = Field(3, description='a knob')\n")
+    # (a description: the registry holds it for the rest of the process, where every key must have one)
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
 
@@ -140,3 +143,59 @@ def test_federated_config_validates(path):
     assert cfg.mode == "federated"
     if cfg.strategy.name == "gbme":
         assert cfg.model.name.endswith("_experts") and cfg.client.name == "gbme"
+
+
+# ------------------------------------------------------------------------------------------ hooks the round loop guards
+TINY_FEDERATED = ["plugins=[plugins_for_tests.hooks]", "mode=federated", "data.name=tiny_synthetic",
+                  "data.imbalance_factor=10", "data.crop_padding=0", "data.flip=false", "model.name=small_cnn",
+                  "partition.num_clients=4", "federation.rounds=2", "train.local_steps=2", "eval.every=10"]
+
+
+def tiny_federated(tmp_path: Path, name: str, *extra: str) -> tuple[dict, list[dict]]:
+    """A few-second in-process run (tests/plugins_for_tests: 16×16 synthetic images): its summary and rows."""
+    from fedlt.federation.inprocess import run_inprocess
+
+    summary = run_inprocess(load_config(None, [*TINY_FEDERATED, *extra]), str(tmp_path / name))
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def test_a_strategy_overriding_aggregate_train_gets_the_failure_policy(tmp_path):
+    """Flower's ``aggregate_train`` in a plug-in used to receive the failed clients' empty replies (no failure
+    counted, no images trained, exit 0) where fedavg stopped at the first failure."""
+    from fedlt.errors import ClientFailure
+
+    failing = ["federation.failure_rate=0.5"]
+    with pytest.raises(ClientFailure) as fedavg:
+        tiny_federated(tmp_path, "fedavg", *failing)
+    with pytest.raises(ClientFailure) as plug_in:
+        tiny_federated(tmp_path, "plug-in", *failing, "strategy.name=flower_aggregate_train")
+    assert str(plug_in.value) == str(fedavg.value)
+    assert str(fedavg.value).startswith("client of partition 0 failed in round 1: ")
+
+    tolerated = [*failing, "federation.max_failures=10"]
+    summary, rows = tiny_federated(tmp_path, "fedavg-tolerated", *tolerated)
+    plug_in_summary, plug_in_rows = tiny_federated(tmp_path, "plug-in-tolerated", *tolerated,
+                                                   "strategy.name=flower_aggregate_train")
+    assert summary["failures"]["total"] > 0 and plug_in_summary["failures"] == summary["failures"]
+    assert [r["failed"] for r in plug_in_rows[1:]] == [r["failed"] for r in rows[1:]]
+    assert plug_in_summary["train_images"] == summary["train_images"] > 0
+
+
+@pytest.mark.parametrize("change,problem", [
+    ("drop", r"lack the global model's key 'classifier\.weight' \(shape \[10, \d+\]\)"),
+    ("flatten", r"hold key 'classifier\.weight' in shape \[\d+\], the global model's is \[10, \d+\]")])
+def test_client_weights_that_do_not_fit_the_model_stop_the_run_in_one_line(tmp_path, change, problem):
+    """A client method that drops a key of the model or changes its shape: a chained traceback from the
+    server's ``load_state_dict`` (or, where another client sent the key, a silently skewed average)."""
+    with pytest.raises(FedLTError) as e:
+        tiny_federated(tmp_path, change, "client.name=misfit_client", f"client.change={change}")
+    assert re.fullmatch(f"partition 1, round 1: the weights client method misfit_client sent {problem}", str(e.value))
+
+
+def test_an_aggregate_checked_without_return_stops_the_run_in_one_line(tmp_path):
+    with pytest.raises(FedLTError) as e:
+        tiny_federated(tmp_path, "run", "strategy.name=forgets_return")
+    assert str(e.value) == ("strategy forgets_return: ForgetsReturn.aggregate_checked returned None, not the pair "
+                            "(arrays, metrics) of the round's aggregate: an override of aggregate_checked must return "
+                            "it (e.g. return super().aggregate_checked(...))")

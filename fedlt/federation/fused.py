@@ -52,6 +52,9 @@ Work before training: a method's :meth:`~fedlt.client_method.ClientMethod.prepar
 the client's data with the received model, Fed-GraB's release seed) runs per client, as in ``fit``, on the
 client's own generator before any batch is drawn from it, then its objective is built; the reply's metrics
 include :meth:`~fedlt.client_method.ClientMethod.round_metrics` of that objective (Fed-GraB's balancer state).
+Each client has its own :class:`~fedlt.client_method.ClientMethod` instance, as the ClientApp builds one per
+message: every client is set up before any trains, so state a method keeps on ``self`` between ``prepare`` /
+``objective`` and ``round_metrics`` would otherwise be the last client's in every reply.
 
 Same random streams: client j's steps are drawn by :func:`client_draws` — :func:`fedlt.train.batch_indices`, the
 loop of :func:`fedlt.train.train` step for step (epoch order from the sampler, batch of one dropped, lr at the
@@ -695,9 +698,9 @@ def answer_cohort(cfg: Config, app: ClientApp, device: torch.device, items: list
     the deep copy it makes of a ClientApp's reply. The fused training only reads a message (its weights and
     config); ``deliver`` gives the message a ClientApp, or the DP clipping of a fused reply (:func:`clipped`),
     receives (the in-process grid's copy, as the wire's)."""
-    method: ClientMethod = CLIENTS.get(cfg.client.name)(cfg)
-    group = [(m, c) for m, c in items if not own_loop(type(method)) and fuses(cfg, m, c)]
-    replies = fused_replies(cfg, device, method, group) if len(group) > 1 else {}
+    method_class = CLIENTS.get(cfg.client.name)
+    group = [(m, c) for m, c in items if not own_loop(method_class) and fuses(cfg, m, c)]
+    replies = fused_replies(cfg, device, method_class, group) if len(group) > 1 else {}
     if fresh is not None:  # the fused replies: built here from new objects, held by nothing else
         fresh.update(id(r) for r in replies.values())
     return [call_client_app(app, deliver(m), c) if m.metadata.message_id not in replies
@@ -724,27 +727,31 @@ def fuses(cfg: Config, msg: Message, context: Context) -> bool:
     return not injected_failure(cfg, int(config.get("server-round", 0)), pid)
 
 
-def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
+def fused_replies(cfg: Config, device: torch.device, method_class: type[ClientMethod],
                   items: list[tuple[Message, Context]]) -> dict[str, Message]:
     """Replies (by message id) to the train messages ``items`` from one fused training, or {} (the ClientApp
-    answers them) when they do not fuse."""
+    answers them) when they do not fuse. Each client gets its own instance of ``method_class``, as the ClientApp
+    builds one per message, so that state it keeps on ``self`` (for :meth:`ClientMethod.round_metrics`) is its own."""
     try:
         with _ServerProcessState():
             model = model_for(cfg, experiment_for(cfg)).to(device)
             pids, states, datas, objectives, opts, gens = [], [], [], [], [], []
+            methods: list[ClientMethod] = []
             received, start_of = _ReceivedWeights(device), _Starts()
             trainable = None
             for msg, context in items:
                 pid = int(context.node_config[PARTITION_ID_KEY])
                 config = message_config(msg)
-                method.detach_local(model, {})  # the previous client's own modules (the last one's stay: template)
+                client = method_class(cfg)  # this client's own instance
+                # the previous client's own modules off the model (the last one's stay: the template's)
+                (methods[-1] if methods else client).detach_local(model, {})
                 if "arrays" in msg.content:
                     received.load(model, msg.content["arrays"])
                 data = experiment_for(cfg).client_data(pid, device)  # resident on the device where it fits
                 gen = torch_generator(cfg.seed, Stream.CLIENT, int(config.get("server-round", 0)), pid)
-                method.prepare(model, data, config, gen, augment_for(cfg, data))  # before the batches' draws
-                method.attach_local(model, data, config)
-                objectives.append(method.objective(model, data, config))
+                client.prepare(model, data, config, gen, augment_for(cfg, data))  # before the batches' draws
+                client.attach_local(model, data, config)
+                objectives.append(client.objective(model, data, config))
                 now = {n for n, p in model.named_parameters() if p.requires_grad}
                 if trainable is not None and now != trainable:
                     raise NotFusable("clients of one round train different parameters")
@@ -752,8 +759,9 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
                 states.append(start_of(model))
                 pids.append(pid)
                 datas.append(data)
-                opts.append(method.optim(config))
+                opts.append(client.optim(config))
                 gens.append(gen)
+                methods.append(client)
             t = cfg.train
             result = fused_train(model, states, datas, objectives, opts, gens, augment_for(cfg, datas[0]),
                                  epochs=None if t.local_steps else t.local_epochs, steps=t.local_steps)
@@ -770,12 +778,12 @@ def fused_replies(cfg: Config, device: torch.device, method: ClientMethod,
         if not result.finite[j]:  # diverged: the ClientApp trains it again and replies with its NonFiniteLoss
             continue
         state = dict(result.states[j])
-        extra = method.detach_local(model, state)
+        extra = methods[j].detach_local(model, state)
         fit = FitResult(state=state, extra_arrays=extra,
                         metrics={"train_loss": result.losses[j], "num-examples": len(datas[j]),
                                  "steps": result.steps[j], "train-images": result.images[j],
                                  "fit_seconds": result.seconds / len(items),
-                                 **method.round_metrics(objectives[j])})
+                                 **methods[j].round_metrics(objectives[j])})
         replies[msg.metadata.message_id] = _reply(msg, fit, pids[j])
     return replies
 

@@ -4,15 +4,21 @@ skeleton (:mod:`fedlt.run_loop`: evaluate, record, checkpoint, resume).
 A round calls the strategy's Flower hooks (``configure_train`` / ``aggregate_train``) itself rather than
 ``Strategy.start`` so that a run can resume from its checkpoint at any round and write its own records; a
 round is exactly what ``Strategy.start`` does, minus federated evaluation.
+
+The strategy's hooks are given a :class:`CheckedGrid`: every batch of replies has been through the strategy's
+failure policy, and every client's trained weights have been checked against the model's keys and shapes, before
+any hook (a plug-in's override of ``run_round``, ``aggregate_train`` or ``aggregate_checked``) sees them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlt.config import Config, federated_method
@@ -22,7 +28,7 @@ from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, experiment_for, model_for
 from fedlt.federation.local_eval import LOCAL_EVAL, local_metrics, local_tests
 from fedlt.federation.records import load_into, to_arrays
-from fedlt.federation.strategy import FedLTStrategy, RoundRecord, round_lr
+from fedlt.federation.strategy import CheckedReplies, FedLTStrategy, RoundRecord, returned_pair, round_lr
 from fedlt.registry import STRATEGIES
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
@@ -65,18 +71,75 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict
     return node_of
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
+def shapes_of(model: torch.nn.Module) -> Shapes:
+    """The shape of each entry of ``model``'s state dict: what the global weights must hold to load into it."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def misfit(arrays: ArrayRecord, shapes: Shapes) -> str | None:
+    """How ``arrays`` (a client's trained weights, an aggregate) fail to fit the model of ``shapes``: the first
+    key of the model they lack, or hold in another shape; None when every key is there in its shape. Keys the
+    model does not have are not looked at here (a strategy may take them off a reply before aggregating)."""
+    for key, shape in shapes.items():
+        if key not in arrays:
+            return f"lack the global model's key {key!r} (shape {list(shape)})"
+        if tuple(arrays[key].shape) != shape:
+            return f"hold key {key!r} in shape {list(arrays[key].shape)}, the global model's is {list(shape)}"
+    return None
+
+
+def check_weights(replies: list[Message], shapes: Shapes, client: str, server_round: int) -> None:
+    """Stop the run with a one-line :class:`FedLTError` (as a client's non-finite loss stops it) at the first
+    train reply whose weights do not fit the model (:func:`misfit`), naming its partition and client method:
+    aggregated, they made a traceback in ``load_state_dict`` that named neither (or, where another client's
+    reply held the key, a silently wrong average)."""
+    for msg in replies:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            continue
+        problem = misfit(msg.content["arrays"], shapes) if "arrays" in msg.content else "hold no weights"
+        if problem is not None:
+            pid = next(iter(msg.content.metric_records.values())).get("partition-id", "?")
+            raise FedLTError(f"partition {pid}, round {server_round}: the weights client method {client} sent "
+                             f"{problem}")
+
+
+class CheckedGrid:
+    """The Grid a run's strategy is given: ``grid`` (the engine's), with the replies of each
+    ``send_and_receive`` passed through the strategy's failure policy
+    (:meth:`~fedlt.federation.strategy.FedLTStrategy.check_replies`: failed clients dropped and counted within
+    ``federation.max_failures``, the run stopped beyond it) and their weights checked (:func:`check_weights`).
+    Checked here rather than in one hook, a plug-in that overrides any of ``run_round``, ``aggregate_train``
+    or ``aggregate_checked`` gets checked replies, and cannot aggregate a failed client's (empty) reply."""
+
+    def __init__(self, grid: Grid, strategy: FedLTStrategy, shapes: Shapes, client: str) -> None:
+        self.grid, self.strategy, self.shapes, self.client = grid, strategy, shapes, client
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> CheckedReplies:
+        replies = self.strategy.check_replies(self.grid.send_and_receive(messages, timeout=timeout))
+        check_weights(replies, self.shapes, self.client, self.strategy.round_record.number)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Grid (get_node_ids, push_messages …) unchanged
+        return getattr(self.grid, name)
+
+
 class FederatedSteps:
     """The rounds of a federated run (:class:`fedlt.run_loop.Steps`): the strategy's round, then the global model."""
 
     unit = "round"
 
     def __init__(self, grid: Grid, cfg: Config, exp: Experiment, device: torch.device) -> None:
-        self.grid, self.cfg, self.exp = grid, cfg, exp
+        self.cfg, self.exp = cfg, exp
         self.label = f"federated {federated_method(cfg)}"
         self.total, self.checkpoint_every = cfg.federation.rounds, cfg.federation.checkpoint_every
         self.model = model_for(cfg, exp)
+        self.shapes = shapes_of(self.model)
         self.strategy: FedLTStrategy = STRATEGIES.get(cfg.strategy.name)(cfg, exp.num_classes)
         self.strategy.bind(discover_nodes(grid, cfg.partition.num_clients, cfg.federation.discovery_timeout))
+        self.grid = CheckedGrid(grid, self.strategy, self.shapes, str(cfg.client.name))
         self.test = exp.tensor_data("test", device=device)
         self.round = 0  # the latest round trained in this process (resumed: set by load_state_dict)
 
@@ -89,9 +152,12 @@ class FederatedSteps:
         self.round = server_round
         self.strategy.begin_round(server_round)
         config = ConfigRecord({"lr": round_lr(self.cfg, server_round)})
-        arrays, train_metrics = self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid)
+        arrays, train_metrics = returned_pair(
+            self.strategy.run_round(server_round, self.strategy.global_arrays, config, self.grid), self.strategy,
+            "run_round")
         if arrays is None:
             raise RuntimeError(f"round {server_round}: no client returned weights")
+        self.check_aggregate(arrays, server_round)
         self.strategy.global_arrays = arrays
         load_into(self.model, arrays)
         record = self.strategy.round_record
@@ -99,6 +165,18 @@ class FederatedSteps:
                 "failed": [{"partition": f.partition, "error": f.error} for f in record.failed],
                 "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds,
                 "train_images": self.strategy.train_images}
+
+    def check_aggregate(self, arrays: ArrayRecord, server_round: int) -> None:
+        """A one-line :class:`FedLTError` naming the strategy where the round's aggregate would not load into
+        the model (a key missing, another shape, or a key the model lacks): the clients' weights fitted
+        (:func:`check_weights`), so the aggregation changed them."""
+        problem = misfit(arrays, self.shapes)
+        extra = [k for k in arrays if k not in self.shapes]
+        if problem is None and extra:
+            problem = f"hold key {extra[0]!r}, which the global model does not have"
+        if problem is not None:
+            raise FedLTError(f"round {server_round}: the weights strategy {self.cfg.strategy.name} aggregated "
+                             f"{problem}")
 
     def clients(self, record: RoundRecord) -> list[int] | list[list[int]]:
         """The partition ids whose updates the round aggregated: one list, or one per aggregation where the

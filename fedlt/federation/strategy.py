@@ -11,9 +11,10 @@ Hooks a strategy plug-in may override (each optional):
 - ``client_records(server_round, partition_id)``: extra ArrayRecords for one client's messages (train and
   query): per-client state the server keeps for it, e.g. FedROD's personal head (the client reads them from
   ``config["records"]``, :func:`fedlt.federation.apps.message_config`);
-- ``aggregate_train(server_round, replies)``: Flower's own hook: checks the replies, then ``aggregate_checked``;
-- ``aggregate_checked(server_round, replies)``: the aggregation of checked replies (Flower's FedAvg by
-  default; a strategy with another rule, e.g. FedAvgM's server momentum, inherits it from Flower);
+- ``aggregate_checked(server_round, replies)``: the aggregation rule (Flower's FedAvg by default; a strategy
+  with another rule, e.g. FedAvgM's server momentum, inherits it from Flower): the hook to override;
+- ``aggregate_train(server_round, replies)``: Flower's own hook: records the partitions aggregated, then
+  ``aggregate_checked``;
 - ``eval_model(model)``: the model to evaluate, given the global model (e.g. with a re-trained classifier);
 - ``transform_logits(logits)``: a post-hoc change to the global model's test logits;
 - ``summary_extras()``: what the strategy adds to ``summary.json`` (estimated prior, groups …);
@@ -23,6 +24,12 @@ The round's own calls between hooks (``run_round`` -> ``configure_train`` -> ``m
 ``train_config``; ``run_round`` -> ``aggregate_train`` -> ``aggregate_checked``) go through ``self.outer``: the strategy itself, or the
 outermost wrapper around it (:mod:`fedlt.federation.compose`), so that a wrapper's override of one of these
 hooks (e.g. DP's noise on every aggregation, GBME's sub-rounds included) applies inside its base.
+
+Every hook receives replies the failure policy has been applied to (:meth:`FedLTStrategy.check_replies`: failed
+clients dropped within ``federation.max_failures``, counted, the run stopped beyond it): the round loop gives
+the strategy a Grid whose ``send_and_receive`` checks each batch of replies
+(:class:`fedlt.federation.server.CheckedGrid`), so a plug-in that overrides ``run_round``, ``aggregate_train``
+or ``aggregate_checked`` never sees a failed reply and cannot skip the policy.
 """
 
 from __future__ import annotations
@@ -80,6 +87,12 @@ def client_error(msg: Message) -> FedLTError | None:
     """The one-line :class:`FedLTError` an error reply carries (marked with :data:`CLIENT_ERROR`), else None."""
     match = re.search(re.escape(CLIENT_ERROR) + r"([^\n]*)", msg.error.reason or "")
     return None if match is None else FedLTError(match.group(1).rstrip("'>").rstrip())
+
+
+class CheckedReplies(list):
+    """Replies :meth:`FedLTStrategy.check_replies` has checked: the failed ones dropped (and counted), the rest
+    sorted by partition id. Checking them again returns them as they are, so that the replies a query receives
+    from the round's checked grid (:class:`fedlt.federation.server.CheckedGrid`) are counted once."""
 
 
 @dataclass
@@ -144,6 +157,21 @@ def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: floa
 def _metrics(msg: Message) -> MetricRecord:
     """The (one) MetricRecord of a client's reply."""
     return next(iter(msg.content.metric_records.values()))
+
+
+def returned_pair(result: Any, strategy: FedLTStrategy, hook: str) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """``result``, what ``strategy``'s ``hook`` (``aggregate_checked``, ``aggregate_train``, ``run_round``)
+    returned, when it is the pair (arrays, metrics) the round needs; else a one-line :class:`FedLTError` naming
+    the strategy and the hook (an override without its ``return`` stopped the round loop with ``TypeError:
+    cannot unpack non-iterable NoneType object``)."""
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return result[0], result[1]
+    shown = repr(result) if len(repr(result)) <= 60 else f"a {type(result).__name__}"
+    method = getattr(type(strategy), hook, None)
+    where = getattr(method, "__qualname__", hook)
+    raise FedLTError(f"strategy {strategy.cfg.strategy.name}: {where} returned {shown}, not the pair "
+                     f"(arrays, metrics) of the round's aggregate: an override of {hook} must return it "
+                     f"(e.g. return super().{hook}(...))")
 
 
 class FedLTStrategy(FedAvg):
@@ -219,7 +247,10 @@ class FedLTStrategy(FedAvg):
         """Drop error replies within the failure budget (``federation.max_failures`` over the run), else raise
         :class:`ClientFailure` naming the partition, with the client's traceback; record each failure in the
         round's record. Every reply an error: a one-line :class:`ClientFailure`. Sort the rest by partition id
-        so that aggregation sums in the same order every run."""
+        so that aggregation sums in the same order every run. Replies already checked (:class:`CheckedReplies`)
+        are returned as they are: each failure counts once."""
+        if isinstance(replies, CheckedReplies):
+            return replies
         replies = list(replies)
         pid_of = {node: pid for pid, node in self.node_of.items()}
         record = self.round_record
@@ -249,7 +280,7 @@ class FedLTStrategy(FedAvg):
                                 f"{', '.join(str(f.partition) for f in failed)}; first error: {failed[0].error}), "
                                 f"nothing to aggregate ({self.failures} failures so far, federation.max_failures="
                                 f"{self.max_failures})")
-        return sorted(ok, key=lambda m: _metrics(m)["partition-id"])
+        return CheckedReplies(sorted(ok, key=lambda m: _metrics(m)["partition-id"]))
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
               timeout: float = 3600, server_round: int = 0) -> list[Message]:
@@ -276,14 +307,18 @@ class FedLTStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        checked = self.check_replies(replies)
-        self.round_record.aggregated.append([int(_metrics(m)["partition-id"]) for m in checked])
-        return self.outer.aggregate_checked(server_round, checked)
+        """Record the partitions whose replies the round aggregates, then :meth:`aggregate_checked` them. The
+        replies are already checked: the round's grid applied the failure policy
+        (:class:`fedlt.federation.server.CheckedGrid`), whichever hook a plug-in overrides."""
+        replies = list(replies)
+        self.round_record.aggregated.append([int(_metrics(m)["partition-id"]) for m in replies])
+        return returned_pair(self.outer.aggregate_checked(server_round, replies), self.outer, "aggregate_checked")
 
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate replies already checked (:meth:`check_replies`): Flower's rule of this class's bases, each
-        array back in its replies' dtype (an integer buffer rounded, :func:`~fedlt.federation.records.keep_dtypes`)."""
+        """Aggregate replies already checked (:meth:`check_replies`: no failed reply among them): Flower's rule of
+        this class's bases, each array back in its replies' dtype (an integer buffer rounded,
+        :func:`~fedlt.federation.records.keep_dtypes`). The hook a strategy with its own rule overrides."""
         rule = getattr(super().aggregate_train, "__func__", None)
         if rule is FedAvg.aggregate_train:  # Flower's FedAvg rule, its arrays averaged by weighted_mean_arrays
             valid, _ = self._check_and_log_replies(replies, is_train=True)  # Flower's own check (flwr 1.42, pinned)
@@ -307,9 +342,10 @@ class FedLTStrategy(FedAvg):
 
     def run_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """One round: the new global arrays and the aggregated train metrics."""
+        """One round: the new global arrays and the aggregated train metrics (``grid``, the round loop's
+        :class:`~fedlt.federation.server.CheckedGrid`, checks the replies)."""
         replies = grid.send_and_receive(self.outer.configure_train(server_round, arrays, config, grid))
-        return self.outer.aggregate_train(server_round, replies)
+        return returned_pair(self.outer.aggregate_train(server_round, replies), self.outer, "aggregate_train")
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
