@@ -7,7 +7,8 @@ strategies/gbme/prior.py); the server aggregates by FedAvg. Register it for a ru
     [project.entry-points."fedlt.plugins"]
     global_prior_bs = "global_prior_bs"
 
-then ``python -m fedlt.simulate strategy.name=global_prior_bs strategy.tau=1``.
+then ``python -m fedlt.simulate strategy.name=global_prior_bs strategy.tau=1``; without installing it, name it in
+``plugins=[global_prior_bs]`` with ``PYTHONPATH=$PWD/docs/examples`` (docs/plugins.md, "Run it").
 """
 
 from __future__ import annotations
