@@ -235,9 +235,9 @@ def run_sweep(combos: list[tuple[Config, dict]], out: str, verbose: bool = False
     Summaries in the order of the plan."""
     from fedlt.rundir import RunDir
 
-
+    check_out(out, create=False)
+    runs = check_plan(combos, out, overwrite)  # (data, partitions, devices: a refusal leaves no folder behind)
     check_out(out)
-    runs = check_plan(combos, out, overwrite)
     summaries: list[dict | None] = [None] * len(runs)
     todo = []
     for i, r in enumerate(runs):

@@ -310,7 +310,7 @@ def test_an_empty_out_or_an_overlong_run_name_is_refused(capsys, tmp_path, monke
     line = refused(capsys, tmp_path, *TINY_CENTRAL, "sweep={}", "name=" + "a" * 300)
     assert line.startswith("error: the run directory name " + "a" * 60 + "… is 313 bytes, over the 255 a file "
                            "system allows: shorten name (300 bytes)")
-    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+    assert not list(tmp_path.iterdir())  # (no --out folder either: the plan is refused before it is made)
 
 
 def test_a_base_options_name_other_than_the_base_is_refused():
@@ -425,6 +425,13 @@ def test_real_command_line_gbme_without_experts():
 def test_out_is_a_file(capsys, tmp_path):
     (tmp_path / "runs").write_text("")
     assert "is a file" in refused(capsys, tmp_path, "train.lr=0.1")
+
+
+def test_a_refused_config_leaves_no_out_folder(capsys, tmp_path):
+    """Data that is not there is refused before any run starts, and --out (made for the run directories) is not
+    left behind empty."""
+    err = refused(capsys, tmp_path, "data.name=cifar10", f"data.root={tmp_path / 'nowhere'}", config=None)
+    assert "data set not found" in err and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("where", ["read-only", "proc"])
