@@ -140,6 +140,10 @@ _PARENT_OPTIONS = {"strategy": "FedLTStrategy.Options", "client method": "Client
 """The Options a class registered in the registry of that kind subclasses (:meth:`Registry._check_options`' hint)."""
 
 
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 class Registry(Generic[T]):
     """A named table of objects of one kind, with optional metadata per entry."""
 
@@ -170,7 +174,10 @@ class Registry(Generic[T]):
         do not: a plain pydantic ``BaseModel`` lacks the config's checks (and ``name``), a bare
         :class:`~fedlt.options.Options` lacks the section's ``name`` key."""
         options = getattr(obj, "Options", None) or meta.get("options")
-        if options is None or (isinstance(options, type) and issubclass(options, self.base_options)):
+        if isinstance(options, type) and issubclass(options, self.base_options):
+            self._check_core_types(name, options)
+            return
+        if options is None:
             return
         owner = getattr(obj, "__qualname__", None) or type(obj).__qualname__
         given = (f"subclasses {', '.join(f'{b.__module__}.{b.__qualname__}' for b in options.__bases__)}"
@@ -180,6 +187,18 @@ class Registry(Generic[T]):
         raise TypeError(f"{self.kind} {name!r} ({owner}): its Options {getattr(options, '__qualname__', '')} "
                         f"{given}; it must subclass {self.base_options.__module__}.{self.base_options.__qualname__}"
                         f"{hint}")
+
+    def _check_core_types(self, name: str, options: type[Options]) -> None:
+        """A ``TypeError`` where ``options`` declares a key of the registry's ``base_options`` (a core key, e.g.
+        ``centralized.epochs``) with another type: another default is a method's own choice, another type breaks
+        the configs and sweeps written for every method (``epochs: int`` refused ``centralized.epochs=1.5``)."""
+        for key, field in options.model_fields.items():
+            core = self.base_options.model_fields.get(key)
+            if core is not None and field.annotation != core.annotation:
+                raise TypeError(f"{self.kind} {name!r}: its Options declare the core key {key!r} as "
+                                f"{_type_name(field.annotation)}, where every {self.kind} takes "
+                                f"{_type_name(core.annotation)}: keep its type (a default of its own is fine), or "
+                                f"give the key another name")
 
     def get(self, name: str) -> T:
         load_plugins()

@@ -150,6 +150,31 @@ def test_a_plugins_options_must_subclass_its_registrys_base(monkeypatch, tmp_pat
     assert "tiny" not in models.meta
 
 
+def test_a_plugins_options_keep_the_type_of_a_core_key():
+    """A centralized method declaring ``epochs: int`` refused ``centralized.epochs=1.5`` as "must be int" for that
+    method only; a key of the section's base options keeps its type (its default may differ)."""
+    from pydantic import Field
+
+    from fedlt.centralized.base import CentralizedMethod
+    from fedlt.options import CentralizedOptions
+
+    methods = registry.Registry("centralized method", base_options=CentralizedOptions)
+
+    class IntEpochs(CentralizedMethod):
+        class Options(CentralizedOptions):
+            epochs: int = Field(3, gt=0, description="epochs")
+
+    with pytest.raises(TypeError, match=r"^centralized method 'int_epochs': its Options declare the core key "
+                                        r"'epochs' as int, where every centralized method takes float: keep its type"):
+        methods.register("int_epochs", IntEpochs)
+
+    class OwnDefault(CentralizedMethod):
+        class Options(CentralizedOptions):
+            epochs: float = Field(3.0, gt=0, description="epochs")
+
+    assert methods.register("own_default", OwnDefault) is OwnDefault and "int_epochs" not in methods.meta
+
+
 def test_a_plugins_check_across_keys_is_one_line_naming_its_section(monkeypatch, tmp_path):
     """docs/plugins.md: a ValueError raised in a validator becomes the one line. A model_validator's (no field of
     its own) gave "config key 'strategy.' strategy.low must be below strategy.high, got a mapping"."""
