@@ -745,7 +745,7 @@ def key_rows(part: str | None = None) -> list[tuple[str, str, str, str]]:
     for section, options in FIXED_SECTIONS.items():
         if part in (None, section):
             rows += option_rows(options, f"{section}.")
-    for section, (registry, _) in _part_sections().items():
+    for section, (registry, name_key) in _part_sections().items():
         if part in (None, section):
             rows += option_rows(registry.base_options, f"{section}.")
         for name in registry:
@@ -754,6 +754,9 @@ def key_rows(part: str | None = None) -> list[tuple[str, str, str, str]]:
                 own = [r for r in option_rows(options, f"{section}.")
                        if part == name or r[0].split(".", 1)[1] not in registry.base_options.model_fields
                        or r[2] != repr(registry.base_options.model_fields[r[0].split(".", 1)[1]].default)]
+                # the key that selects the part: its value here is the part's name, not the section's default
+                own = [(k, t, repr(name), f"{name!r} selects it") if k == f"{section}.{name_key}" else (k, t, d, desc)
+                       for k, t, d, desc in own]
                 rows += [(k, t, d, f"[{registry.kind} {name}] {desc}") for k, t, d, desc in own]
     if not rows:
         raise FedLTError(f"--keys {part}: no section or registered part of that name (see --list)")

@@ -92,6 +92,8 @@ def test_keys_come_from_the_schema(capsys):
     assert code == 0
     line = next(x for x in out.out.splitlines() if x.startswith("strategy.mu "))
     assert "float" in line and "0.01" in line and "proximal weight" in line
+    name = next(x for x in out.out.splitlines() if x.startswith("strategy.name "))
+    assert "'fedprox'" in name and "'fedavg'" not in name  # the part's own name, not the section's default
     code, out = run_cli(capsys, "--keys", "nosuchpart")
     assert code == 2 and "nosuchpart" in out.err and out.err.count("\n") == 1
     with pytest.raises(SystemExit):
