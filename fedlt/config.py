@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -289,13 +290,14 @@ def _leaves(mapping: dict, prefix: str = "") -> list[str]:
 
 
 def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
-                     _chain: tuple[Path, ...] = ()) -> dict:
+                     check_base: Callable[[Path], Any] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
     """A config file as a mapping, its ``base:`` chain merged under it (:func:`deep_merge`).
 
     ``base: other.yaml`` (a path relative to the file) names the config this one builds on: the file
     gives only what differs. Chains are allowed; a cycle or a missing base is a one-line :class:`FedLTError`.
     The ``base`` key itself does not reach the resolved config. ``provenance`` (dotted key -> "file NAME")
-    is filled with the file each value comes from."""
+    is filled with the file each value comes from. ``check_base`` is called with each base's path before it is
+    read (a submitted run's: it raises where the base lies outside the app folder)."""
     path = Path(path)
     raw = read_yaml(path)
     base = raw.pop("base", None)
@@ -305,12 +307,14 @@ def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
         if not isinstance(base, str) or not base:
             raise FedLTError(f"config file {path}: 'base' must name a config file, got {base!r}")
         base_path = path.parent / base
+        if check_base is not None:
+            check_base(base_path)
         if not base_path.is_file():
             raise FedLTError(f"config file {path}: base {base!r} not found (looked for {base_path})")
         if base_path.resolve() in chain:
             cycle = " -> ".join(p.name for p in chain + (base_path.resolve(),))
             raise FedLTError(f"config file {path}: its bases form a cycle ({cycle})")
-        merged = read_config_file(base_path, provenance, chain)
+        merged = read_config_file(base_path, provenance, check_base, chain)
     if provenance is not None:
         for key in given_keys("", raw):  # a value of the base replaced by the file's (mappings merge key by key)
             set_source(provenance, key, f"file {path.name}")

@@ -38,7 +38,6 @@ from fedlt.config import (
     config_from_dict,
     parse_override,
     read_config_file,
-    read_yaml,
     resolve,
     set_dotted,
 )
@@ -113,7 +112,10 @@ def config_from_context(context: Context) -> Config:
     ``plugins:`` (modules this process would import) are refused unless ``FEDLT_ALLOW_PLUGINS=1`` here."""
     rc = context.run_config
     given = str(rc.get("config") or "")
-    raw = read_config_file(_config_inside_app(given)) if given else {}
+    raw: dict = {}
+    if given:  # the file and each of its bases inside the app folder
+        inside = functools.partial(_inside, app_dir(), key="config", where="the app folder")
+        raw = read_config_file(inside(given), check_base=lambda base: inside(str(base)))
     for item in shlex.split(str(rc.get("overrides", ""))):
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -121,20 +123,6 @@ def config_from_context(context: Context) -> Config:
         raise FedLTError(f"the submitted run names plug-ins {raw['plugins']!r}, and this process does not import "
                          f"submitted plug-ins (its operator may allow them with {ALLOW_PLUGINS_ENV}=1)")
     return one_federated_run(resolve(raw), "a submitted Flower run")
-
-
-def _config_inside_app(given: str) -> Path:
-    """The submitted config file, after checking that it and every file of its ``base:`` chain lie inside the app
-    folder (a base is a path relative to the file that names it)."""
-    path = _inside(app_dir(), given, "config", "the app folder")
-    seen, file = set(), path
-    while file.is_file() and file not in seen:
-        seen.add(file)
-        base = read_yaml(file).get("base")
-        if not isinstance(base, str) or not base:
-            break  # (no base; a bad one is refused by read_config_file)
-        file = _inside(app_dir(), str(file.parent / base), "config", "the app folder")
-    return path
 
 
 def one_federated_run(cfg: Config, how: str) -> Config:
