@@ -99,7 +99,9 @@ class Run:
         already long-tailed training lists (``data.profile=none``), of the same class counts are told apart by it.
         A training set cut long-tailed has none here: its subset is drawn from the seed."""
         fingerprint = self.summary.get("data_fingerprint")
-        if not isinstance(fingerprint, dict) or (split == "train" and self.setting().get("data.profile") != "none"):
+        data = self.config.get("data")  # (config.yaml's section: the whole setting need not be built for it)
+        profile = data.get("profile") if isinstance(data, dict) else None
+        if not isinstance(fingerprint, dict) or (split == "train" and profile != "none"):
             return None
         return fingerprint[split]["digest"]
 
