@@ -192,11 +192,6 @@ def unread_keys(config: dict) -> set[str]:
     return out
 
 
-def identity(mode: str, cfg: Config) -> str:
-    """What the run of ``mode`` depends on: its config without what it does not read (:func:`without_unread`)."""
-    return json.dumps(without_unread(cfg.model_dump(mode="json") | {"mode": mode}), sort_keys=True)
-
-
 def without_unread(config: dict) -> dict:
     """A config mapping without what a run of its ``mode`` does not read: the other mode's sections and the keys
     of :func:`unread_keys` (``eval.local`` of a centralized run: a sweep over it trained the same centralized run
@@ -208,6 +203,13 @@ def without_unread(config: dict) -> dict:
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
+
+
+def _reads(read: dict, key: str) -> bool:
+    """Whether the swept ``key`` is among what a run reads (``read``: its :func:`without_unread` config), so that
+    its value belongs in the run directory's name."""
+    section, _, rest = key.partition(".")
+    return section in read and (not isinstance(read[section], dict) or rest.split(".")[0] in read[section])
 
 
 MAX_DIR_NAME = 255  # bytes of one path component (ext4, XFS, APFS, NTFS)
@@ -229,12 +231,11 @@ def plan(combos: list[tuple[Config, dict]], out: str | Path) -> list[PlannedRun]
         modes = ("federated", "centralized") if cfg.mode == "both" else (cfg.mode,)
         for mode in modes:
             c = cfg.replace(mode=mode, sweep={})
-            key = identity(mode, c)
+            read = without_unread(c.model_dump(mode="json"))  # what the run of ``mode`` depends on
+            key = json.dumps(read, sort_keys=True)
             if key in seen:
                 continue
-            unread = unread_keys(c.model_dump(mode="json"))
-            mine = {k: v for k, v in values.items()
-                    if k.split(".")[0] not in other_mode_sections(mode) and ".".join(k.split(".")[:2]) not in unread}
+            mine = {k: v for k, v in values.items() if _reads(read, k)}
             path = Path(out) / run_name(cfg.name, mode, c, mine, short)
             if len(path.name.encode()) > MAX_DIR_NAME:
                 raise FedLTError(f"the run directory name {path.name[:60]}… is {len(path.name.encode())} bytes, over "
