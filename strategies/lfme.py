@@ -35,7 +35,7 @@ from fedlt.config import Config
 from fedlt.errors import FedLTError
 from fedlt.experiment import experiment_for
 from fedlt.federation.records import to_arrays, to_state
-from fedlt.federation.strategy import FedLTStrategy, _metrics
+from fedlt.federation.strategy import FedLTStrategy, reply_metrics
 from fedlt.losses.lfme import self_paced_weight
 from fedlt.registry import STRATEGIES
 
@@ -109,7 +109,7 @@ class LFMEStrategy(FedLTStrategy):
         if server_round == self.opts.expert_rounds + 1:
             return [1.0] * len(self.groups)
         replies = self.query(grid, self.cohort(server_round), arrays, "lfme-accuracy", server_round=server_round)
-        total = {k: np.sum([np.asarray(_metrics(m)[k]) for m in replies], axis=0)
+        total = {k: np.sum([np.asarray(reply_metrics(m)[k]) for m in replies], axis=0)
                  for k in ("student-correct", "expert-correct", "count")}
         student = group_accuracy(total["student-correct"], total["count"], self.groups)
         expert = group_accuracy(total["expert-correct"], total["count"], self.groups)
@@ -127,7 +127,7 @@ class LFMEStrategy(FedLTStrategy):
         """Each part averaged over the clients that trained it (:func:`weighted_average`)."""
         if not replies:
             return None, None
-        metrics = [_metrics(m) for m in replies]
+        metrics = [reply_metrics(m) for m in replies]
         state = weighted_average(to_state(self.global_arrays), [to_state(m.content["arrays"]) for m in replies],
                                  metrics)
         n = np.array([float(m["num-examples"]) for m in metrics])

@@ -28,7 +28,14 @@ from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, experiment_for, model_for
 from fedlt.federation.local_eval import LOCAL_EVAL, local_metrics, local_tests
 from fedlt.federation.records import load_into, to_arrays
-from fedlt.federation.strategy import CheckedReplies, FedLTStrategy, RoundRecord, returned_pair, round_lr
+from fedlt.federation.strategy import (
+    CheckedReplies,
+    FedLTStrategy,
+    RoundRecord,
+    reply_metrics,
+    returned_pair,
+    round_lr,
+)
 from fedlt.registry import STRATEGIES
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
@@ -101,7 +108,7 @@ def check_weights(replies: list[Message], shapes: Shapes, client: str, server_ro
             continue
         problem = misfit(msg.content["arrays"], shapes) if "arrays" in msg.content else "hold no weights"
         if problem is not None:
-            pid = next(iter(msg.content.metric_records.values())).get("partition-id", "?")
+            pid = reply_metrics(msg).get("partition-id", "?")
             raise FedLTError(f"partition {pid}, round {server_round}: the weights client method {client} sent "
                              f"{problem}")
 
@@ -209,7 +216,7 @@ class FederatedSteps:
         k, c = self.strategy.num_clients, self.exp.num_classes
         correct, counts = np.zeros((k, c), np.int64), np.zeros((k, c), np.int64)
         for msg in replies:
-            m = next(iter(msg.content.metric_records.values()))
+            m = reply_metrics(msg)
             pid = int(m["partition-id"])
             correct[pid], counts[pid] = m["local-correct"], m["local-total"]
         return local_metrics(correct, counts, self.exp.train_counts)

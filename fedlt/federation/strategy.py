@@ -154,7 +154,7 @@ def sample_cohort(seed: int, server_round: int, num_clients: int, fraction: floa
     return sorted(rng.choice(num_clients, size=size, replace=False).tolist())
 
 
-def _metrics(msg: Message) -> MetricRecord:
+def reply_metrics(msg: Message) -> MetricRecord:
     """The (one) MetricRecord of a client's reply."""
     return next(iter(msg.content.metric_records.values()))
 
@@ -273,14 +273,14 @@ class FedLTStrategy(FedAvg):
                       f"(failure {self.failures}/{self.max_failures} tolerated)", flush=True)
             else:
                 ok.append(msg)
-                self.fit_seconds += float(_metrics(msg).get("fit_seconds", 0.0))
-                self.train_images += int(_metrics(msg).get("train-images", 0))
+                self.fit_seconds += float(reply_metrics(msg).get("fit_seconds", 0.0))
+                self.train_images += int(reply_metrics(msg).get("train-images", 0))
         if replies and not ok:
             raise ClientFailure(f"round {record.number}: every client failed (partitions "
                                 f"{', '.join(str(f.partition) for f in failed)}; first error: {failed[0].error}), "
                                 f"nothing to aggregate ({self.failures} failures so far, federation.max_failures="
                                 f"{self.max_failures})")
-        return CheckedReplies(sorted(ok, key=lambda m: _metrics(m)["partition-id"]))
+        return CheckedReplies(sorted(ok, key=lambda m: reply_metrics(m)["partition-id"]))
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
               timeout: float = 3600, server_round: int = 0) -> list[Message]:
@@ -311,7 +311,7 @@ class FedLTStrategy(FedAvg):
         replies are already checked: the round's grid applied the failure policy
         (:class:`fedlt.federation.server.CheckedGrid`), whichever hook a plug-in overrides."""
         replies = list(replies)
-        self.round_record.aggregated.append([int(_metrics(m)["partition-id"]) for m in replies])
+        self.round_record.aggregated.append([int(reply_metrics(m)["partition-id"]) for m in replies])
         return returned_pair(self.outer.aggregate_checked(server_round, replies), self.outer, "aggregate_checked")
 
     def aggregate_checked(self, server_round: int,
