@@ -199,3 +199,20 @@ def test_an_aggregate_checked_without_return_stops_the_run_in_one_line(tmp_path)
     assert str(e.value) == ("strategy forgets_return: ForgetsReturn.aggregate_checked returned None, not the pair "
                             "(arrays, metrics) of the round's aggregate: an override of aggregate_checked must return "
                             "it (e.g. return super().aggregate_checked(...))")
+
+
+def test_a_client_methods_round_metrics_reach_metrics_jsonl(tmp_path):
+    """``round_metrics`` (here each client's number of local classes) reached the strategy but not the run's
+    records: each round's row now holds the strategy's aggregate of it, by default the mean over the round's
+    clients weighted by their examples, under ``clients/`` (a method's ``accuracy`` cannot shadow the test's)."""
+    import numpy as np
+
+    _, rows = tiny_federated(tmp_path, "run", "client.name=local_classes_client", "federation.rounds=2")
+    counts = np.array(json.loads((tmp_path / "run" / "partition.json").read_text())["client_class_counts"])
+    for row in rows[1:]:
+        cohort = counts[row["clients"]]
+        sizes, classes = cohort.sum(1), (cohort > 0).sum(1)
+        assert len(set(classes.tolist())) > 1  # clients of different numbers of classes, or the test shows nothing
+        assert row["clients/local-classes"] == pytest.approx(float(np.dot(sizes, classes) / sizes.sum()))
+        assert not any(k.startswith("clients/") for k in row if k != "clients/local-classes")  # no bookkeeping
+    assert "clients/local-classes" not in rows[0]

@@ -40,6 +40,18 @@ from fedlt.registry import STRATEGIES
 from fedlt.run_loop import run_steps
 from fedlt.rundir import RunDir
 
+REPLY_BOOKKEEPING = ("train_loss", "num-examples", "partition-id", "steps", "train-images", "fit_seconds")
+
+
+def client_metrics(train_metrics: Any) -> dict[str, float]:
+    """The round's train metrics beyond the loss and the replies' bookkeeping, as the strategy aggregated them
+    (by default the mean over the clients weighted by their examples): a client method's
+    :meth:`~fedlt.client_method.ClientMethod.round_metrics`, GBME's per-expert losses. Scalars only (a list, such
+    as Fed-GraB's balancer state, stays with the strategy), each as ``clients/<key>`` in the round's row of
+    metrics.jsonl so that no name of the client method's can shadow the test metrics."""
+    return {f"clients/{key}": float(value) for key, value in dict(train_metrics or {}).items()
+            if key not in REPLY_BOOKKEEPING and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
 
 def discover_nodes(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
     """Ask every node for its ``partition-id``; return partition id -> node id. Waits up to ``timeout`` seconds
@@ -171,7 +183,7 @@ class FederatedSteps:
         return {"train_loss": (train_metrics or {}).get("train_loss"), "clients": self.clients(record),
                 "failed": [{"partition": f.partition, "error": f.error} for f in record.failed],
                 "train_seconds": time.time() - t0, "client_fit_seconds": self.strategy.fit_seconds,
-                "train_images": self.strategy.train_images}
+                "train_images": self.strategy.train_images, **client_metrics(train_metrics)}
 
     def check_aggregate(self, arrays: ArrayRecord, server_round: int) -> None:
         """A one-line :class:`FedLTError` naming the strategy where the round's aggregate would not load into
