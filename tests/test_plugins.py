@@ -162,7 +162,8 @@ def tiny_federated(tmp_path: Path, name: str, *extra: str) -> tuple[dict, list[d
 
 def test_a_strategy_overriding_aggregate_train_gets_the_failure_policy(tmp_path):
     """Flower's ``aggregate_train`` in a plug-in used to receive the failed clients' empty replies (no failure
-    counted, no images trained, exit 0) where fedavg stopped at the first failure."""
+    counted, no images trained, exit 0) where fedavg stopped at the first failure; tolerated, the failed clients
+    were then listed among the round's aggregated ``clients``."""
     from fedlt.errors import ClientFailure
 
     failing = ["federation.failure_rate=0.5"]
@@ -179,6 +180,11 @@ def test_a_strategy_overriding_aggregate_train_gets_the_failure_policy(tmp_path)
                                                    "strategy.name=flower_aggregate_train")
     assert summary["failures"]["total"] > 0 and plug_in_summary["failures"] == summary["failures"]
     assert [r["failed"] for r in plug_in_rows[1:]] == [r["failed"] for r in rows[1:]]
+    # which clients each round aggregated: the failed ones are not among them (fedlt's aggregate_train, which the
+    # plug-in does not call, used to be the only one to record them: the row listed the whole cohort)
+    assert [r["clients"] for r in plug_in_rows[1:]] == [r["clients"] for r in rows[1:]]
+    assert all(not {f["partition"] for f in r["failed"]} & set(r["clients"]) for r in plug_in_rows[1:])
+    assert any(r["failed"] for r in plug_in_rows[1:])
     assert plug_in_summary["train_images"] == summary["train_images"] > 0
 
 

@@ -199,10 +199,12 @@ class FederatedSteps:
 
     def clients(self, record: RoundRecord) -> list[int] | list[list[int]]:
         """The partition ids whose updates the round aggregated: one list, or one per aggregation where the
-        round aggregated several times (GBME's experts); without failures, the round's cohort(s)."""
-        if len(record.aggregated) == 1:
-            return record.aggregated[0]
-        return record.aggregated or self.strategy.last_cohort
+        round aggregated several times (GBME's experts). A plug-in whose ``aggregate_train`` does not record them:
+        the clients whose train replies passed the failure policy; failing those, the round's cohort(s)."""
+        lists = record.aggregated or record.trained
+        if len(lists) == 1:
+            return lists[0]
+        return lists or self.strategy.last_cohort
 
     def evaluate(self, final: bool) -> dict:
         model = self.strategy.eval_model(self.model)

@@ -107,10 +107,13 @@ class FailedReply:
 @dataclass
 class RoundRecord:
     """What one round's replies were: the partition ids aggregated (one list per aggregation: GBME's expert
-    phase aggregates once per expert) and the failures, as metrics.jsonl records them."""
+    phase aggregates once per expert) and the failures, as metrics.jsonl records them; ``trained``, the partition
+    ids of the train replies that passed the failure policy (one list per batch of replies), stands in for
+    ``aggregated`` where a plug-in's ``aggregate_train`` does not call fedlt's, which records it."""
 
     number: int = 0
     aggregated: list[list[int]] = field(default_factory=list)
+    trained: list[list[int]] = field(default_factory=list)
     failed: list[FailedReply] = field(default_factory=list)
 
 
@@ -280,7 +283,11 @@ class FedLTStrategy(FedAvg):
                                 f"{', '.join(str(f.partition) for f in failed)}; first error: {failed[0].error}), "
                                 f"nothing to aggregate ({self.failures} failures so far, federation.max_failures="
                                 f"{self.max_failures})")
-        return CheckedReplies(sorted(ok, key=lambda m: reply_metrics(m)["partition-id"]))
+        ok = sorted(ok, key=lambda m: reply_metrics(m)["partition-id"])
+        trained = [int(reply_metrics(m)["partition-id"]) for m in ok if m.metadata.message_type == MessageType.TRAIN]
+        if trained:
+            record.trained.append(trained)
+        return CheckedReplies(ok)
 
     def query(self, grid: Grid, pids: list[int], arrays: ArrayRecord, action: str, config: dict | None = None,
               timeout: float = 3600, server_round: int = 0) -> list[Message]:
