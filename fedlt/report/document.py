@@ -163,7 +163,8 @@ def _write_report(runs: list[Run], out: Path, errors: list[str] | None, command:
         files = fig_reliability(rs, labels, out, f"reliability{sfx}")
         part.append(_figure(files, "Reliability diagrams",
                             "Accuracy of the test predictions in each of 15 confidence bins (pooled over seeds); "
-                            "dashed: perfect calibration; hatched: gap."
+                            "dashed: perfect calibration; hatched: gap. The ECE over each panel is the results table's: the "
+                            "mean of the seeds' ECEs (the pooled bins' own gap may differ slightly)."
                             if files else "No reliability bins in these runs' summary.json."))
         sections.append("\n".join(part))
 
