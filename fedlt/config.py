@@ -762,8 +762,23 @@ def key_rows(part: str | None = None) -> list[tuple[str, str, str, str]]:
                 own = [(k, t, repr(name), f"{name!r} selects it") if k == f"{section}.{name_key}" else (k, t, d, desc)
                        for k, t, d, desc in own]
                 rows += [(k, t, d, f"[{registry.kind} {name}] {desc}") for k, t, d, desc in own]
+    rows += loss_option_rows(part)
     if not rows:
         raise FedLTError(f"--keys {part}: no section or registered part of that name (see --list)")
+    return rows
+
+
+def loss_option_rows(part: str | None = None) -> list[tuple[str, str, str, str]]:
+    """The options of every zoo loss (or of the loss named ``part``), as a client method's loss takes them
+    (``client.loss=focal client.loss_options.gamma=3``). Losses are no config section of their own: a centralized
+    method names its loss's options as its own keys."""
+    from fedlt.registry import LOSSES
+
+    rows = []
+    for name in LOSSES:
+        if part in (None, name):
+            rows += [(k, t, d, f"[loss {name}] {desc} (with client.loss={name})")
+                     for k, t, d, desc in option_rows(LOSSES.options(name), "client.loss_options.")]
     return rows
 
 

@@ -607,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")
     parser.add_argument("--keys", nargs="?", const="", metavar="PART",
                         help="list every config key (name, type, default, description), or those of one section "
-                             "or registered part (--keys train, --keys fedprox, --keys ldam_drw)")
+                             "or registered part (--keys train, --keys fedprox, --keys ldam_drw; a loss: its "
+                             "client.loss_options, --keys ldam)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run directory that holds a run of another config (default: refuse)")
     parser.add_argument("--wait", action="store_true",

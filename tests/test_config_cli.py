@@ -103,6 +103,20 @@ def test_keys_come_from_the_schema(capsys):
         assert key in help_text
 
 
+def test_keys_of_a_loss_are_its_options_as_a_client_method_takes_them(capsys):
+    """A loss is no config section, so ``--keys ldam`` said "no section or registered part" although
+    ``client.loss=ldam`` takes options (``client.loss_options``) that nothing listed."""
+    code, out = run_cli(capsys, "--keys", "ldam")
+    assert code == 0
+    line = next(x for x in out.out.splitlines() if x.startswith("client.loss_options.max_margin "))
+    assert "float" in line and "0.5" in line and "[loss ldam]" in line and "client.loss=ldam" in line
+    cfg = load_config(None, ["mode=federated", "client.name=local_loss", "client.loss=ldam",
+                             "client.loss_options.max_margin=0.3"])  # the key as printed is a key the config takes
+    assert cfg.client.loss_options.max_margin == 0.3
+    code, out = run_cli(capsys, "--keys", "focal")  # also a centralized method: both parts' keys
+    assert code == 0 and "client.loss_options.gamma " in out.out and "centralized.gamma " in out.out
+
+
 def test_every_declared_key_has_a_description():
     from fedlt.config import FIXED_SECTIONS, Config
     from fedlt.registry import ALL
