@@ -33,6 +33,13 @@ class NCLClient(ClientMethod):
     def check_config(cls, cfg: Config) -> None:
         require_experts(cfg, "client method ncl")
 
+    @classmethod
+    def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:
+        """The model unchanged; where the number of classes is first known (server and clients alike), before
+        any training: ``client.hard_categories`` at most C."""
+        cfg.client.check_hard_categories(num_classes, "client")
+        return model
+
     def objective(self, model: nn.Module, data: TensorData, config: dict) -> Objective:
         """:func:`~fedlt.losses.ncl.nil_nbod_loss` of the experts' logits with the client's log n_c (a
         :class:`~fedlt.objectives.LossObjective`: the fused engine computes a round's in one call)."""

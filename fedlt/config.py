@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
-from fedlt.errors import FedLTError
+from fedlt.errors import FedLTError, did_you_mean
 from fedlt.options import (
     CentralizedOptions,
     ClientOptions,
@@ -62,7 +62,7 @@ class TrainConfig(Options):
     local_epochs: float = Field(1.0, gt=0, description="local epochs per round (unless local_steps)")
     local_steps: int | None = Field(None, gt=0, description="local SGD steps per round (replaces local_epochs)")
     lr: float = Field(0.05, gt=0, description="client learning rate (round 1 of federation.lr_schedule)")
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, in [0, 1)")
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
     nesterov: bool = Field(False, description="Nesterov momentum")
     batch_size: int = Field(64, ge=2, description="local batch size (≥ 2: a batch of one sample is dropped, BatchNorm)")
@@ -82,7 +82,7 @@ class FederationConfig(Options):
     lr_schedule: Literal["constant", "step", "cosine"] = Field("constant", description="clients' lr over rounds")
     lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list,
                                                              description="rounds at which a step schedule decays")
-    lr_gamma: float = Field(0.1, gt=0, description="decay factor of the step schedule")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="decay factor of the step schedule, in (0, 1]")
     max_failures: int = Field(0, ge=0, description="client failures tolerated over the run before it stops")
     failure_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client fails in a round "
                                 "(injected, for robustness studies), in [0, 1)")
@@ -169,6 +169,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise FedLTError(f"override {item!r} is not KEY=VALUE")
     key, raw = item.split("=", 1)
+    if any(not part.strip() for part in key.split(".")):
+        raise FedLTError(f"override {item!r}: the key {key.strip()!r} has an empty part (KEY is a dotted path such as "
+                         f"train.lr)")
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
@@ -309,6 +312,8 @@ def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
         base_path = path.parent / base
         if check_base is not None:
             check_base(base_path)
+        if base_path.is_dir():
+            raise FedLTError(f"config file {path}: base {base!r} is a folder, not a config file ({base_path})")
         if not base_path.is_file():
             raise FedLTError(f"config file {path}: base {base!r} not found (looked for {base_path})")
         if base_path.resolve() in chain:
@@ -463,7 +468,8 @@ def _unknown_key_message(section: str, key: str, owner: str) -> str:
     """``client.mu is not an option of client method 'fedavg'; fedprox takes it as strategy.mu``."""
     dotted = f"{section}.{key}" if section else key
     if not section or section in FIXED_SECTIONS:
-        return f"unknown config key {dotted!r}"
+        known = FIXED_SECTIONS[section].model_fields if section else Config.model_fields
+        return f"unknown config key {dotted!r}" + did_you_mean(key, known, f"{section}." if section else "")
     takers = []
     for other, (registry, _) in _part_sections().items():
         names = [name for name in registry if key.split(".")[0] in registry.options(name).model_fields]
@@ -474,7 +480,9 @@ def _unknown_key_message(section: str, key: str, owner: str) -> str:
     if owner in registry and "base_options" in registry.options(owner).model_fields and takers:
         takers.insert(0, f"{owner} wraps strategy.base, whose keys are {section}.base_options.*")
     where = f"; {'; '.join(takers)}" if takers else ""
-    return f"unknown config key {dotted!r}: not an option of {registry.kind} {owner!r}{where}"
+    close = did_you_mean(key, registry.options(owner).model_fields, f"{section}.") if (
+        owner in registry and "." not in section and not takers) else ""
+    return f"unknown config key {dotted!r}{close}: not an option of {registry.kind} {owner!r}{where}"
 
 
 def validate_section(section: str, raw: Any, options: type[Options], owner: str = "") -> Options:
@@ -500,7 +508,7 @@ def resolve(raw: dict) -> Config:
     for key, value in raw.items():
         if key not in Config.model_fields:
             inner = f".{next(iter(value))}" if isinstance(value, dict) and value else ""
-            raise FedLTError(f"unknown config key {key + inner!r}")
+            raise FedLTError(f"unknown config key {key + inner!r}{did_you_mean(key, Config.model_fields, '', inner)}")
     plain = {k: v for k, v in raw.items() if k not in parts and k not in FIXED_SECTIONS}
     try:
         top = Config.model_validate(plain)
@@ -516,6 +524,10 @@ def resolve(raw: dict) -> Config:
         if not isinstance(given[section], dict):
             raise FedLTError(f"config key {section!r} must be a mapping, got {given[section]!r}")
     # the names that select the parts, with the defaults that depend on other sections
+    for section, name_key in (("data", "name"), ("strategy", "name"), ("centralized", "method")):
+        if name_key in given[section] and given[section][name_key] is None:  # ``strategy.name=`` or ``name: null``
+            raise FedLTError(f"config key '{section}.{name_key}' needs a name, got an empty value (--list shows "
+                             f"the names)")
     data_name = given["data"].get("name", DataOptions.model_fields["name"].default)
     DATASETS.get(str(data_name))
     if given["model"].get("name") is None:
@@ -534,6 +546,7 @@ def resolve(raw: dict) -> Config:
                                              name)
     cfg = top.replace(**sections)
     _check_hosts(cfg)
+    _check_nesterov(cfg)
     check_parts(cfg)
     return cfg
 
@@ -547,6 +560,24 @@ def _check_hosts(cfg: Config) -> None:
     if fed.hosts and fed.engine == "fused":
         raise FedLTError(f"config key 'federation.hosts' ({fed.hosts}) applies to the flower and inprocess engines: "
                          f"federation.engine=fused is already one host training every client in this process")
+
+
+def _check_nesterov(cfg: Config) -> None:
+    """Nesterov momentum needs momentum: PyTorch's SGD refuses ``nesterov=True`` with momentum 0, and fedlt's
+    optimizer turned it off without a word. Checked for the training the run's ``mode`` does (the centralized
+    keys fall back to ``train``'s)."""
+    t, c = cfg.train, cfg.centralized
+    runs = [] if cfg.mode == "centralized" else [("clients'", t.nesterov, "train.nesterov", t.momentum,
+                                                   "train.momentum")]
+    if cfg.mode != "federated":
+        runs.append(("centralized", t.nesterov if c.nesterov is None else c.nesterov,
+                     "train.nesterov" if c.nesterov is None else "centralized.nesterov",
+                     t.momentum if c.momentum is None else c.momentum,
+                     "train.momentum" if c.momentum is None else "centralized.momentum"))
+    for what, nesterov, nesterov_key, momentum, momentum_key in runs:
+        if nesterov and momentum == 0:
+            raise FedLTError(f"config key {nesterov_key!r} asks for Nesterov momentum in the {what} training, whose "
+                             f"momentum is 0 ({momentum_key}): Nesterov needs momentum > 0")
 
 
 def check_parts(cfg: Config) -> None:

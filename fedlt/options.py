@@ -115,7 +115,7 @@ class CentralizedOptions(Options):
     epochs: float = Field(10.0, gt=0, description="training epochs (stage 1 of a two-stage method)")
     lr: float | None = Field(None, gt=0, description="learning rate (None: train.lr)")
     batch_size: int | None = Field(None, ge=2, description="batch size, ≥ 2 (None: train.batch_size)")
-    momentum: float | None = Field(None, ge=0, description="SGD momentum (None: train.momentum)")
+    momentum: float | None = Field(None, ge=0, lt=1, description="SGD momentum in [0, 1) (None: train.momentum)")
     weight_decay: float | None = Field(None, ge=0, description="weight decay (None: train.weight_decay)")
     nesterov: bool | None = Field(None, description="Nesterov momentum (None: train.nesterov)")
     warmup_epochs: WarmupEpochs = Field(0.0, ge=0, description="linear lr warm-up epochs")
@@ -128,7 +128,7 @@ class CentralizedOptions(Options):
                               "held for the epoch, as CosineAnnealingLR stepped once per epoch)")
     milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
                                                             description="epochs at which a step schedule decays")
-    gamma: float = Field(0.1, gt=0, description="decay factor of a step schedule")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a step schedule, in (0, 1]")
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(
         "instance", description="class-aware sampler of the training batches (fedlt/samplers.py)")
     autoaugment: bool = Field(False, description="add AutoAugment (CIFAR policy) + Cutout to crop/flip")
@@ -157,9 +157,13 @@ class CentralizedOptions(Options):
 
 def step_milestones(value: list, schedule: str | None, schedule_key: str, unit: str = "epoch") -> list:
     """Milestones of a step schedule: at least one (a step schedule without any is a constant lr that says
-    otherwise)."""
+    otherwise), none twice."""
     if schedule == "step" and not value:
         raise ValueError(f"must name at least one {unit} with {schedule_key}=step (without one the lr never decays)")
+    repeated = sorted({m for m in value if value.count(m) > 1})
+    if repeated:
+        raise ValueError(f"names {unit} {repeated[0]:g} more than once (the lr would decay twice there): give each "
+                         f"milestone once")
     return value
 
 
@@ -177,7 +181,7 @@ class Stage2Options(Options):
                           "cosine_epoch)")
     stage2_milestones: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, description="stage-2 epochs (from 0) at which a step schedule decays")
-    stage2_gamma: float = Field(0.1, gt=0, description="decay factor of a stage-2 step schedule")
+    stage2_gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a stage-2 step schedule, in (0, 1]")
 
     @field_validator("stage2_milestones")
     @classmethod

@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from fedlt.errors import FedLTError
+from fedlt.errors import FedLTError, did_you_mean
 from fedlt.options import CentralizedOptions, ClientOptions, DataOptions, HeadOptions, Options, StrategyOptions
 
 T = TypeVar("T")
@@ -203,8 +203,9 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         load_plugins()
         if name not in self._items:
-            raise FedLTError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} (a plug-in of "
-                             f"your own: name its module in plugins=[module])")
+            close = did_you_mean(name, self._items) if isinstance(name, str) else ""
+            raise FedLTError(f"unknown {self.kind} {name!r}{close}; known: {', '.join(sorted(self._items))} (a "
+                             f"plug-in of your own: name its module in plugins=[module])")
         return self._items[name]
 
     def options(self, name: str) -> type[Options]:

@@ -144,7 +144,7 @@ class CCVR(StrategyWrapper):
         ridge: float = Field(1e-4, ge=0, description="ridge added to each pooled covariance")
         epochs: int = Field(10, gt=0, description="classifier re-fitting epochs")
         lr: float = Field(0.01, gt=0, description="classifier re-fitting learning rate")
-        momentum: float = Field(0.9, ge=0, description="classifier re-fitting momentum")
+        momentum: float = Field(0.9, ge=0, lt=1, description="classifier re-fitting momentum, in [0, 1)")
         batch_size: int = Field(64, gt=0, description="classifier re-fitting batch size")
 
     @classmethod

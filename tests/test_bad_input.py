@@ -108,6 +108,42 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "config key 'centralized.resnet32_widths.0' must be > 0, got -1"),
     # server momentum 1 never forgets a step (the run diverged and was blamed on the learning rate)
     (["strategy.name=fedavgm", "strategy.momentum=1"], "config key 'strategy.momentum' must be < 1, got 1"),
+    # SGD momentum 1 never forgets a step (accepted: the run "finished" at chance, loss 97)
+    (["train.momentum=1"], "config key 'train.momentum' must be < 1, got 1"),
+    (["mode=centralized", "centralized.momentum=2"], "config key 'centralized.momentum' must be < 1, got 2"),
+    (["strategy.name=ccvr", "strategy.momentum=1"], "config key 'strategy.momentum' must be < 1, got 1"),
+    (["mode=centralized", "centralized.method=ncl", "model.name=small_cnn_experts", "centralized.key_momentum=1"],
+     "config key 'centralized.key_momentum' must be < 1, got 1"),
+    # Nesterov without momentum (fedlt's optimizer turned it off without a word; PyTorch refuses it)
+    (["train.nesterov=true", "train.momentum=0"], "config key 'train.nesterov' asks for Nesterov momentum in the "
+     "clients' training, whose momentum is 0 (train.momentum): Nesterov needs momentum > 0"),
+    (["mode=centralized", "train.nesterov=true", "centralized.momentum=0"], "config key 'train.nesterov' asks for "
+     "Nesterov momentum in the centralized training, whose momentum is 0 (centralized.momentum)"),
+    # a decay factor above 1 grows the lr; a milestone twice decays twice
+    (["federation.lr_schedule=step", "federation.lr_milestones=[2]", "federation.lr_gamma=5"],
+     "config key 'federation.lr_gamma' must be <= 1, got 5"),
+    (["mode=centralized", "centralized.gamma=5"], "config key 'centralized.gamma' must be <= 1, got 5"),
+    (["federation.lr_schedule=step", "federation.lr_milestones=[1, 1]"], "config key 'federation.lr_milestones' "
+     "names round 1 more than once (the lr would decay twice there): give each milestone once, got [1, 1]"),
+    # more GBME experts than clients: empty groups (accepted, expert_groups [[], [2], [1], [], [3], [0]])
+    (["strategy.name=gbme", "model.name=small_cnn_experts", "model.num_experts=6", "partition.num_clients=4"],
+     "config key 'model.num_experts' (6) exceeds partition.num_clients=4: strategy gbme cuts the clients into one "
+     "group per expert, so 2 groups would be empty"),
+    # more hard categories than classes (silently all of them)
+    (["mode=centralized", "centralized.method=ncl", "model.name=small_cnn_experts",
+      "centralized.hard_categories=11"], "config key 'centralized.hard_categories' must be at most the number of "
+     "classes (10), got 11"),
+    # an empty name fell back to the default method, or said "unknown strategy 'None'"
+    (["mode=centralized", "centralized.method="], "config key 'centralized.method' needs a name, got an empty value"),
+    (["strategy.name="], "config key 'strategy.name' needs a name, got an empty value"),
+    # a key with an empty part was pydantic's "Extra inputs are not permitted", naming no key
+    (["train.=5"], "override 'train.=5': the key 'train.' has an empty part"),
+    # a misspelt key or name: the closest one is suggested
+    (["train.batchsize=32"], "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+    (["trian.lr=0.1"], "unknown config key 'trian.lr' (did you mean 'train.lr'?)"),
+    (["strategy.name=fedprox", "strategy.muu=1"], "unknown config key 'strategy.muu' (did you mean 'strategy.mu'?): "
+     "not an option of strategy 'fedprox'"),
+    (["strategy.name=fedprx"], "unknown strategy 'fedprx' (did you mean 'fedprox'?); known: "),
     # a step schedule without a milestone (it ran at a constant lr)
     (["mode=centralized", "centralized.schedule=step"], "config key 'centralized.milestones' must name at least one "
      "epoch with centralized.schedule=step (without one the lr never decays), got []"),
@@ -766,7 +802,7 @@ def resumed_equals_uninterrupted(tmp_path, monkeypatch, run, cfg):
     return first, again
 
 
-@pytest.mark.parametrize("extra", [["strategy.name=gbme", "model.name=small_cnn_experts",
+@pytest.mark.parametrize("extra", [["strategy.name=gbme", "model.name=small_cnn_experts", "model.num_experts=2",
                                     "strategy.joint_fraction=0.5"],
                                    ["strategy.name=fedavgm", "strategy.momentum=0.9"]], ids=["gbme", "fedavgm"])
 def test_federated_resume_through_weights_only_checkpoints(tmp_path, monkeypatch, extra):

@@ -52,6 +52,7 @@ def test_bases_chain_and_overrides_win(tmp_path):
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "cycle (a.yaml -> b.yaml -> a.yaml)"),
     ({"a.yaml": "base: nowhere.yaml\n"}, "base 'nowhere.yaml' not found"),
     ({"a.yaml": "base: [x]\n"}, "'base' must name a config file"),
+    ({"a.yaml": "base: sub\n", "sub/b.yaml": ""}, "base 'sub' is a folder, not a config file"),  # was "not found"
 ])
 def test_a_bad_base_is_a_one_line_error(tmp_path, files, message):
     for name, text in files.items():

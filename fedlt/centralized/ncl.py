@@ -95,10 +95,11 @@ class NCL(ExpertMethod):
         moco_dim: int = Field(64, gt=0, description="width of the MoCo projection")
         queue_size: int = Field(1024, gt=0, description="K, keys in each expert's MoCo queue")
         moco_temperature: float = Field(0.2, gt=0, description="T of the MoCo logits")
-        key_momentum: float = Field(0.999, ge=0, le=1, description="m of the momentum key encoder")
+        key_momentum: float = Field(0.999, ge=0, lt=1, description="m of the momentum key encoder, in [0, 1)")
 
     def __init__(self, cfg, train_counts) -> None:
         super().__init__(cfg, train_counts)
+        self.opts.check_hard_categories(len(self.class_counts), "centralized")
         self.log_n = log_counts(self.class_counts)
         self.generator = torch_generator(cfg.seed, Stream.CENTRAL, Stream.METHOD)
         self.key_model: MultiExpertModel | None = None

@@ -105,7 +105,7 @@ class SBCL(DecoupledMethod):
         s: float = Field(30.0, gt=0, description="LDAM scale s of stage 2")
         max_margin: float = Field(0.5, gt=0, description="LDAM's largest margin of stage 2")
         queue_size: int = Field(0, ge=0, description="MoCo queue of past keys (0: in-batch, the CIFAR form)")
-        key_momentum: float = Field(0.999, ge=0, le=1, description="m of the momentum key encoder (queue)")
+        key_momentum: float = Field(0.999, ge=0, lt=1, description="m of the momentum key encoder (queue), in [0, 1)")
         ranking_temperature: float = Field(0.12, gt=0, description="τ_r of the class term with a queue")
         kcl_positives: int = Field(6, ge=0, description="KCL warm-up: positives drawn per anchor (queue)")
 

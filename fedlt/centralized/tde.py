@@ -83,7 +83,7 @@ class CausalNormOptions(Options):
     alpha: float = Field(1.0, ge=0, description="strength α of the removed effect at test (official: CIFAR-10 "
                                                  "1, CIFAR-100 1.5, else 3)")
     norm_gamma: float = Field(1 / 32, ge=0, description="γ of the weight norm w/(‖w‖ + γ)")
-    mu: float = Field(0.9, ge=0, le=1, description="momentum μ of the moving-average feature")
+    mu: float = Field(0.9, ge=0, lt=1, description="momentum μ of the moving-average feature, in [0, 1)")
     use_effect: bool = Field(True, description="counterfactual (TDE) inference at test; false: plain logits")
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from fedlt.errors import FedLTError
 from fedlt.losses.base import kl_div_sum
 from fedlt.options import Options
 from fedlt.train import at_least_float32
@@ -97,6 +98,13 @@ class NILNBODOptions(Options):
     def hard_k(self, num_classes: int) -> int:
         """k: ``hard_categories``, else round(0.3·C) (at least 1)."""
         return self.hard_categories or max(1, round(0.3 * num_classes))
+
+    def check_hard_categories(self, num_classes: int, section: str) -> None:
+        """Refuse k > C in one line: the top-k hard categories would be every class, NBOD's hard term the same
+        as its term on all categories (the official ``torch.topk`` raises)."""
+        if self.hard_categories is not None and self.hard_categories > num_classes:
+            raise FedLTError(f"config key '{section}.hard_categories' must be at most the number of classes "
+                             f"({num_classes}), got {self.hard_categories}")
 
     def nil_nbod(self, expert_logits: torch.Tensor, targets: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """:func:`nil_nbod_loss` with these keys."""

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from pydantic import Field, field_validator
 
 from fedlt.config import Config
+from fedlt.errors import FedLTError
 from fedlt.experiment import experiment_for, model_for
 from fedlt.federation.records import load_into
 from fedlt.federation.strategy import FedLTStrategy
@@ -60,7 +61,15 @@ class GBME(FedLTStrategy):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        """A multi-expert model with at most one expert per client: the clients are cut into one group per
+        expert (:func:`group_clients`), so more experts than clients leave groups empty, their experts trained
+        on clients of the other groups only."""
         require_experts(cfg, "strategy gbme")
+        experts, clients = cfg.model.num_experts, cfg.partition.num_clients
+        if experts > clients:
+            raise FedLTError(f"config key 'model.num_experts' ({experts}) exceeds partition.num_clients={clients}: "
+                             f"strategy gbme cuts the clients into one group per expert, so {experts - clients} "
+                             f"group{'s' if experts - clients > 1 else ''} would be empty")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
