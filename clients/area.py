@@ -27,6 +27,13 @@ class AREAClient(ClientMethod):
     class Options(ClientMethod.Options):
         area_from_round: int = Field(1, ge=1, description="first round that re-weights (CE before it)")
 
+        def unused(self, cfg, section: str) -> list[str]:
+            out = super().unused(cfg, section)
+            if self.area_from_round > cfg.federation.rounds:
+                out.append(f"{section}.area_from_round={self.area_from_round} > federation.rounds="
+                           f"{cfg.federation.rounds}: AREA never re-weights (plain CE in every round)")
+            return out
+
     weights: torch.Tensor | None = None
 
     def prepare(self, model: nn.Module, data: TensorData, config: dict, generator: torch.Generator,

@@ -39,6 +39,11 @@ from fedlt.options import (
     step_milestones,
 )
 
+# the partition keys each partition method reads (fedlt.experiment.partition_labels); the others' are unread
+PARTITION_READS = {"dirichlet": ("alpha", "min_size", "balance"), "creff_dirichlet": ("alpha", "min_size"),
+                   "multinomial_dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",), "iid": ()}
+PARTITION_KEYS = ("alpha", "min_size", "balance", "shards_per_client")
+
 
 class PartitionConfig(Options):
     """How the long-tailed training set is split across clients."""
@@ -54,6 +59,13 @@ class PartitionConfig(Options):
     balance: bool = Field(False, description="Dirichlet: NIID-Bench's balance trick (no class to clients holding "
                           "≥ N/K; GBME's protocol); false: the plain per-class Dirichlet")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client")
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        reads = PARTITION_READS[self.method]
+        return super().unused(cfg, section) + self.unread(
+            section, tuple(k for k in PARTITION_KEYS if k not in reads),
+            f"{section}.method={self.method} reads " + (", ".join(f"{section}.{k}" for k in reads) + " only" if reads
+                                                        else "none of alpha, min_size, balance, shards_per_client"))
 
 
 class TrainConfig(Options):
@@ -97,6 +109,13 @@ class FederationConfig(Options):
     @classmethod
     def _step_has_milestones(cls, value: list[int], info: ValidationInfo) -> list[int]:
         return step_milestones(value, info.data.get("lr_schedule"), "federation.lr_schedule", "round")
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if self.lr_schedule != "step":
+            out += self.unread(section, ("lr_gamma",), f"it decays a step schedule, and {section}.lr_schedule="
+                                                       f"{self.lr_schedule}")
+        return out
 
 
 class EvalConfig(Options):

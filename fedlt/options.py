@@ -17,7 +17,7 @@ keys are refused (:mod:`fedlt.config` says which part would take them). Code rea
 from __future__ import annotations
 
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -28,6 +28,22 @@ class Options(BaseModel):
     boolean given for a number (pydantic would read ``train.batch_size=true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True)
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        """Warning lines for keys of this section (``section``, its dotted name) that ``cfg``'s run does not read
+        although the config gives them a value other than their default: a Cutout size without AutoAugment, a
+        decay factor without a step schedule, a round past the last. Said before any run
+        (:func:`fedlt.simulate.unused_keys`), not refused: a base config's value swept against another is a usual
+        comparison. A part whose keys depend on others overrides it, calling ``super().unused(cfg, section)``."""
+        return []
+
+    def unread(self, section: str, keys: tuple[str, ...], why: str) -> list[str]:
+        """One line for those of ``keys`` set to another value than their default: ``{section}.k=v … {why}``."""
+        fields = type(self).model_fields
+        given = [f"{section}.{k}={getattr(self, k)}" for k in keys if getattr(self, k) != fields[k].default]
+        if not given:
+            return []
+        return [f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: {why}"]
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,6 +72,12 @@ class DataOptions(Options):
         "exp", description="long-tail profile: exp, step, or none (use the training set as it is)")
     crop_padding: int = Field(4, ge=0, description="random-crop padding of the training augmentation (0: none)")
     flip: bool = Field(True, description="random horizontal flip in the training augmentation")
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if self.profile == "none":
+            out += self.unread(section, ("imbalance_factor",), f"{section}.profile=none uses the training set as it is")
+        return out
 
 
 class FileListOptions(DataOptions):
@@ -154,6 +176,25 @@ class CentralizedOptions(Options):
     sam_flat_ratio: float = Field(0.3, ge=0, le=1, description="CC-SAM weight λ of the perturbed loss")
     sam_noise_ratio: float = Field(1e-6, ge=0, description="CC-SAM noise ratio r of the perturbation")
 
+    # False where a method's Options give ``gamma`` another meaning (SBCL's class-term weight γ)
+    gamma_is_decay: ClassVar[bool] = True
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if self.schedule != "step" and self.gamma_is_decay:
+            out += self.unread(section, ("gamma",), f"it decays a step schedule, and {section}.schedule="
+                                                    f"{self.schedule}")
+        if not self.warmup_epochs:
+            out += self.unread(section, ("warmup_factor",), f"it shapes a warm-up, and {section}.warmup_epochs=0")
+        elif self.warmup_epochs > self.epochs:
+            out.append(f"{section}.warmup_epochs={self.warmup_epochs:g} > {section}.epochs={self.epochs:g}: the lr "
+                       f"never reaches its full value within stage 1")
+        if not self.autoaugment:
+            out += self.unread(section, ("cutout", "augment_chunk"), f"{section}.autoaugment=false")
+        if self.sam == "none":
+            out += self.unread(section, ("sam_flat_ratio", "sam_noise_ratio"), f"{section}.sam=none")
+        return out
+
 
 def step_milestones(value: list, schedule: str | None, schedule_key: str, unit: str = "epoch") -> list:
     """Milestones of a step schedule: at least one (a step schedule without any is a constant lr that says
@@ -182,6 +223,18 @@ class Stage2Options(Options):
     stage2_milestones: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, description="stage-2 epochs (from 0) at which a step schedule decays")
     stage2_gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a stage-2 step schedule, in (0, 1]")
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if self.stage2_schedule != "step":
+            schedule = self.stage2_schedule or "None (the method's own, not a step one)"
+            out += self.unread(section, ("stage2_gamma",), f"it decays a stage-2 step schedule, and "
+                                                           f"{section}.stage2_schedule={schedule}")
+        stage2_epochs = getattr(self, "stage2_epochs", None)
+        if stage2_epochs is not None and self.stage2_warmup_epochs > stage2_epochs:
+            out.append(f"{section}.stage2_warmup_epochs={self.stage2_warmup_epochs:g} > {section}.stage2_epochs="
+                       f"{stage2_epochs:g}: the stage-2 lr never reaches its full value")
+        return out
 
     @field_validator("stage2_milestones")
     @classmethod

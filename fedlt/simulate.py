@@ -132,9 +132,16 @@ def _milestones_unused(key: str, milestones: list, schedule_key: str, schedule: 
 def unused_keys(cfg: Config) -> list[str]:
     """Keys the config gives that change nothing in its runs, each as a line: milestones without a step
     schedule or at/after its end (a step schedule decays after milestone m, so m ≥ the rounds / epochs never
-    does), fine-tuning epochs without a local evaluation, pretrain epochs without a pretrain stage. Said, not
-    refused: a base config's schedule swept against another is a usual comparison."""
+    does), fine-tuning epochs without a local evaluation, pretrain epochs without a pretrain stage, and what each
+    section the run's ``mode`` reads says of its own keys (:meth:`fedlt.options.Options.unused`: a partition
+    key of another partition method, β under ``data.profile=none``, a Cutout size without AutoAugment, a round
+    past the last …). Said, not refused: a base config's schedule swept against another is a usual comparison."""
+    from fedlt.sweep import other_mode_sections
+
     out, fed, cen = [], cfg.federation, cfg.centralized
+    for section in ("data", "partition", "model", "train", "federation", "strategy", "client", "centralized", "eval"):
+        if section not in other_mode_sections(cfg.mode):
+            out += getattr(cfg, section).unused(cfg, section)
     if cfg.mode in ("federated", "both"):
         out += _milestones_unused("federation.lr_milestones", fed.lr_milestones, "federation.lr_schedule",
                                   fed.lr_schedule, "federation.rounds", fed.rounds, "round m")

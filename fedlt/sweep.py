@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlt.config import Config, federated_method, load_config
+from fedlt.config import PARTITION_KEYS, PARTITION_READS, Config, federated_method, load_config
 from fedlt.errors import FedLTError
 
 FEDERATED_ONLY = ("partition", "federation", "strategy", "client")
@@ -35,10 +35,6 @@ CENTRALIZED_ONLY = ("centralized",)
 # keys of a shared section that only a federated run reads (a centralized run has no clients to evaluate or to
 # train locally: its schedule is centralized.epochs, its optimiser falls back to train.lr / momentum / …)
 FEDERATED_ONLY_KEYS = ("eval.local", "eval.finetune_epochs", "train.local_epochs", "train.local_steps")
-# the partition keys each partition method reads (fedlt.experiment.partition_labels); the others' are unread
-PARTITION_READS = {"dirichlet": ("alpha", "min_size", "balance"), "creff_dirichlet": ("alpha", "min_size"),
-                   "multinomial_dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",), "iid": ()}
-PARTITION_KEYS = ("alpha", "min_size", "balance", "shards_per_client")
 
 
 def other_mode_sections(mode: str) -> tuple[str, ...]:

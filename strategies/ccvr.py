@@ -147,6 +147,13 @@ class CCVR(StrategyWrapper):
         momentum: float = Field(0.9, ge=0, lt=1, description="classifier re-fitting momentum, in [0, 1)")
         batch_size: int = Field(64, gt=0, description="classifier re-fitting batch size")
 
+        def unused(self, cfg: Config, section: str) -> list[str]:
+            out = super().unused(cfg, section)
+            if self.every >= cfg.federation.rounds:
+                out.append(f"{section}.every={self.every} ≥ federation.rounds={cfg.federation.rounds}: CCVR "
+                           f"calibrates after the last round only, as with {section}.every=0")
+            return out
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """A multi-expert model has no one classifier to calibrate: refused before round 1, not after the last."""

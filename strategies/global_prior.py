@@ -54,6 +54,13 @@ class GlobalPriorOptions(Options):
     prior_epsilon: float = Field(1.0, gt=0, description="ε of the dp_counts release (per client, sample level)")
     prior_delta: float = Field(1e-5, gt=0, lt=1, description="δ of the dp_counts release")
 
+    def unused(self, cfg, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if not self.prior.startswith("dp_counts"):
+            out += self.unread(section, ("prior_epsilon", "prior_delta"), f"{section}.prior={self.prior} (the "
+                                                                           f"dp_counts priors read ε and δ)")
+        return out
+
 
 # --------------------------------------------------------------------------- DPA (Fed-GraB)
 def dpa_proportions(weight_cd: np.ndarray) -> np.ndarray:

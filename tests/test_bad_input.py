@@ -133,6 +133,10 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["mode=centralized", "centralized.method=ncl", "model.name=small_cnn_experts",
       "centralized.hard_categories=11"], "config key 'centralized.hard_categories' must be at most the number of "
      "classes (10), got 11"),
+    # one key, two meanings: SBCL's class-term weight γ was also a step schedule's lr decay
+    (["mode=centralized", "centralized.method=sbcl", "centralized.schedule=step", "centralized.milestones=[2]"],
+     "centralized.method=sbcl takes centralized.gamma as its class-term weight γ (0.25), which a step schedule "
+     "would also take as its lr decay: use centralized.schedule=cosine, cosine_epoch or constant"),
     # an empty name fell back to the default method, or said "unknown strategy 'None'"
     (["mode=centralized", "centralized.method="], "config key 'centralized.method' needs a name, got an empty value"),
     (["strategy.name="], "config key 'strategy.name' needs a name, got an empty value"),
@@ -377,8 +381,36 @@ def test_due_count_counts_the_due_steps(every):
     (["centralized.schedule=step", "centralized.milestones=[8]", "centralized.epochs=8"],
      "centralized.milestones [8.0] ≥ centralized.epochs=8: the lr decays after m epochs, so never within the run"),
     (["centralized.pretrain_epochs=5"], "centralized.pretrain_epochs=5 has no effect with centralized.pretrain=none"),
+    # each section's own (Options.unused): accepted without a word before
+    (["partition.method=iid", "partition.alpha=0.1"], "partition.alpha=0.1 has no effect: partition.method=iid reads "
+     "none of alpha, min_size, balance, shards_per_client"),
+    (["partition.method=shards", "partition.balance=true"], "partition.balance=True has no effect: "
+     "partition.method=shards reads partition.shards_per_client only"),
+    (["data.profile=none", "data.imbalance_factor=50"], "data.imbalance_factor=50.0 has no effect: data.profile=none "
+     "uses the training set as it is"),
+    (["federation.lr_gamma=0.5"], "federation.lr_gamma=0.5 has no effect: it decays a step schedule, and "
+     "federation.lr_schedule=constant"),
+    (["centralized.cutout=8", "centralized.augment_chunk=4"], "centralized.cutout=8, centralized.augment_chunk=4 have "
+     "no effect: centralized.autoaugment=false"),
+    (["centralized.warmup_factor=0.5"], "centralized.warmup_factor=0.5 has no effect: it shapes a warm-up, and "
+     "centralized.warmup_epochs=0"),
+    (["centralized.warmup_epochs=20"], "centralized.warmup_epochs=20 > centralized.epochs=10: the lr never reaches "
+     "its full value within stage 1"),
+    (["centralized.method=crt", "centralized.stage2_gamma=0.5"], "centralized.stage2_gamma=0.5 has no effect: it "
+     "decays a stage-2 step schedule, and centralized.stage2_schedule=None (the method's own, not a step one)"),
+    (["centralized.method=sbcl", "centralized.epochs=10"], "centralized.supcon_epochs=10 ≥ centralized.epochs=10: "
+     "stage 1 ends before the first clustering (plain SupCon throughout)"),
+    (["client.name=area", "client.area_from_round=30"], "client.area_from_round=30 > federation.rounds=20: AREA never "
+     "re-weights (plain CE in every round)"),
+    (["strategy.name=ccvr", "strategy.every=20"], "strategy.every=20 ≥ federation.rounds=20: CCVR calibrates after "
+     "the last round only, as with strategy.every=0"),
+    (["strategy.name=fedgrab", "strategy.prior=dpa", "strategy.prior_epsilon=5"], "strategy.prior_epsilon=5.0 has no "
+     "effect: strategy.prior=dpa (the dp_counts priors read ε and δ)"),
 ], ids=["fed milestones, no step", "fed milestone at the end", "finetune, no local eval", "cen milestone at the end",
-        "pretrain epochs, no pretrain"])
+        "pretrain epochs, no pretrain", "alpha of iid", "balance of shards", "beta of profile none",
+        "lr_gamma, no step", "cutout, no autoaugment", "warmup factor, no warm-up", "warm-up past the end",
+        "stage-2 gamma, no step", "sbcl clusters never", "area never re-weights", "ccvr every past the end",
+        "epsilon of dpa"])
 def test_a_key_that_changes_nothing_is_said(overrides, warning):
     from fedlt.simulate import unused_keys
 

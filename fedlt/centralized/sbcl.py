@@ -32,7 +32,7 @@ views are crop/flip (+ ``autoaugment``).
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -108,10 +108,22 @@ class SBCL(DecoupledMethod):
         key_momentum: float = Field(0.999, ge=0, lt=1, description="m of the momentum key encoder (queue), in [0, 1)")
         ranking_temperature: float = Field(0.12, gt=0, description="τ_r of the class term with a queue")
         kcl_positives: int = Field(6, ge=0, description="KCL warm-up: positives drawn per anchor (queue)")
+        gamma_is_decay: ClassVar[bool] = False  # centralized.gamma is SBCL's γ
+
+        def unused(self, cfg, section: str) -> list[str]:
+            out = super().unused(cfg, section)
+            if self.supcon_epochs >= self.epochs:
+                out.append(f"{section}.supcon_epochs={self.supcon_epochs} ≥ {section}.epochs={self.epochs:g}: "
+                           f"stage 1 ends before the first clustering (plain SupCon throughout)")
+            return out
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         require_single_network(cfg, "centralized.method=sbcl adds its projection to a single-head model")
+        if cfg.centralized.schedule == "step":  # the schedule's decay factor is centralized.gamma, here SBCL's γ
+            raise FedLTError(f"centralized.method=sbcl takes centralized.gamma as its class-term weight γ "
+                             f"({cfg.centralized.gamma:g}), which a step schedule would also take as its lr decay: "
+                             f"use centralized.schedule=cosine, cosine_epoch or constant")
         super().check_config(cfg)
 
     def __init__(self, cfg, train_counts) -> None:
