@@ -152,9 +152,9 @@ class Config(Options):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if v in ("", ".", "..") or "/" in v or "\\" in v or v.startswith("-"):
+        if v in ("", ".", "..") or "/" in v or "\\" in v or v.startswith("-") or not v.isprintable():
             raise ValueError("must be a plain name (the start of the run directory's name inside --out), without "
-                             "/ or \\, not . or .., not starting with -")
+                             "/ or \\ or control characters, not . or .., not starting with -")
         return v
 
     @field_validator("device")

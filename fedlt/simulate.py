@@ -97,6 +97,7 @@ def check_data(cfgs: list[Config]) -> None:
             check_resources(cfg)
         exp = experiment_for(cfg)
         check_steps(cfg, exp)
+        check_crop_padding(cfg, exp)
         if cfg.mode in ("centralized", "both"):  # a model key the method sets itself, given another value
             check_overridden_model_keys(cfg, CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
                                         .model_options())
@@ -174,6 +175,17 @@ def warn_missing_classes(train_counts: np.ndarray, test_counts: np.ndarray) -> N
     if len(no_test):
         print(f"warning: {len(no_test)} of {c} classes have no test image (class {_classes(no_test)}): they have "
               f"no accuracy; balanced accuracy and the many/medium/few means leave them out", flush=True)
+
+
+def check_crop_padding(cfg: Config, exp) -> None:
+    """A random-crop padding of at least the images' side is a one-line error: a crop could then hold padding
+    only, and most hold little of the image (``data.crop_padding=1000`` on 28-px images trained on blanks)."""
+    images = getattr(exp.train, "images", None)
+    pad = cfg.data.crop_padding
+    if images is not None and images.ndim == 4 and pad >= min(images.shape[-2:]):
+        raise FedLTError(f"config key 'data.crop_padding' ({pad}) is at least the side of the images "
+                         f"({min(images.shape[-2:])} px): a random crop could hold padding only; use a few pixels "
+                         f"(4 on CIFAR's 32)")
 
 
 def check_steps(cfg: Config, exp) -> None:

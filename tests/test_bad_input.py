@@ -99,7 +99,8 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["seed=false"], "config key 'seed' must be int, got False"),
     # a run name that would leave --out
     (["name=../../etc"], "config key 'name' must be a plain name (the start of the run directory's name inside "
-                         "--out), without / or \\, not . or .., not starting with -, got '../../etc'"),
+                         "--out), without / or \\ or control characters, not . or .., not starting with -, got "
+                         "'../../etc'"),
     (["name=/tmp/elsewhere"], "config key 'name' must be a plain name"),
     # a layer width of 0 or less (resnet32 would fail to build in the first round)
     (["strategy.name=fedavg", "client.name=glmc", "model.name=resnet32", "client.resnet32_widths=[64, 0, 256]"],
@@ -133,6 +134,11 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["mode=centralized", "centralized.method=ncl", "model.name=small_cnn_experts",
       "centralized.hard_categories=11"], "config key 'centralized.hard_categories' must be at most the number of "
      "classes (10), got 11"),
+    # a crop padding as large as the image: random crops of padding only (accepted, trained on blanks)
+    (["data.crop_padding=28"], "config key 'data.crop_padding' (28) is at least the side of the images (28 px)"),
+    # a run directory name with a newline in it
+    (['name="a\\nb"'], "config key 'name' must be a plain name (the start of the run directory's name inside --out), "
+     "without / or \\ or control characters"),
     # one key, two meanings: SBCL's class-term weight γ was also a step schedule's lr decay
     (["mode=centralized", "centralized.method=sbcl", "centralized.schedule=step", "centralized.milestones=[2]"],
      "centralized.method=sbcl takes centralized.gamma as its class-term weight γ (0.25), which a step schedule "
