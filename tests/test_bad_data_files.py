@@ -210,7 +210,7 @@ def test_image_size_too_small_for_the_model(capsys, tmp_path, size):
 
     write_pngs(tmp_path)
     line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", f"data.image_size={size}",
-                   "data.cache=false")
+                   "data.cache=false", "data.crop_padding=0")  # (a padding of the image's side is refused first)
     assert line.startswith(f"images of {size}×{size} pixels are too small for model small_cnn: ")
     assert line.endswith("Output size is too small; use larger images (a file list's data.image_size) or another "
                          "model.name")
