@@ -85,6 +85,8 @@ def _head(model: nn.Module) -> ETFProjectionHead:
 
 @CLIENTS.register("fedetf")
 class FedETFClient(ClientMethod):
+    replaced_head = "its fixed ETF projection head"
+
     class Options(ClientMethod.Options):
         projection_dim: int | None = Field(None, gt=0, description="projection width p (None: the number of "
                                            "classes, the official ResNets'); at least the number of classes")

@@ -146,6 +146,7 @@ def _head(model: nn.Module) -> FedLoGeHead:
 @CLIENTS.register("fedloge")
 class FedLoGeClient(ClientMethod):
     strategy = "fedloge"
+    replaced_head = "its fixed sparse ETF classifier (SSE-C) beside a linear auxiliary head"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

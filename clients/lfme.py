@@ -52,6 +52,7 @@ def group_thresholds_of(counts: np.ndarray, groups: list[torch.Tensor]) -> np.nd
 @CLIENTS.register("lfme")
 class LFMEClient(ClientMethod):
     strategy = "lfme"  # its phases
+    replaced_head = "an LFMEModel (experts and a student, whose classifier is student.classifier)"
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:

@@ -99,6 +99,8 @@ def cluster_client(model: SBCLModel, data: TensorData, view: Augment, cluster: i
 
 @CLIENTS.register("sbcl")
 class SBCLClient(ClientMethod):
+    replaced_head = "a normed linear classifier without bias"
+
     class Options(ClientMethod.Options, SBCLContrastOptions):
         supcon_fraction: float = Field(0.05, ge=0, le=1, description="fraction of the rounds of plain SupCon "
                                        "(official: 10 warm-up epochs of 200)")

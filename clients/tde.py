@@ -27,6 +27,8 @@ from fedlt.registry import CLIENTS
 
 @CLIENTS.register("tde")
 class TDEClient(ClientMethod):
+    replaced_head = "the causal-norm classifier"
+
     class Options(ClientMethod.Options, CausalNormOptions):
         pass
 

@@ -48,6 +48,9 @@ class ClientMethod:
     # keys, records) or sends replies only it aggregates; checked when the config is read. None: any strategy but
     # one whose method is all in its own client (FedLTStrategy.client_only: FedProx, FedLC, FedETF, FedROD)
     strategy: str | None = None
+    # what :meth:`adapt_model` makes of the model's nn.Linear ``classifier`` (words, for the config-time refusal
+    # of a strategy that re-trains that classifier, CReFF); None: the adapted model keeps it
+    replaced_head: str | None = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -37,7 +37,7 @@ from fedlt.federation.compose import StrategyWrapper, global_model_metrics, with
 from fedlt.federation.queries import QUERIES
 from fedlt.federation.records import to_arrays, to_state
 from fedlt.models.experts import require_single_network
-from fedlt.registry import STRATEGIES
+from fedlt.registry import CLIENTS, STRATEGIES
 from fedlt.streams import Stream, torch_generator
 from fedlt.train import Augment, TensorData, prepare_batch
 from strategies.ccvr import fit_classifier
@@ -155,6 +155,11 @@ class CReFF(StrategyWrapper):
         if getattr(cfg.model, "classifier", "linear") != "linear":
             raise FedLTError(f"strategy creff re-trains an nn.Linear classifier, and model.classifier="
                              f"{cfg.model.classifier}: set model.classifier=linear")
+        head = getattr(CLIENTS.get(cfg.client.name), "replaced_head", None) if cfg.client.name else None
+        if head is not None:
+            raise FedLTError(f"strategy creff re-trains an nn.Linear classifier (classifier.weight and "
+                             f"classifier.bias), and client.name={cfg.client.name} replaces it by {head}: use a "
+                             f"client method that keeps the model's linear classifier")
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)

@@ -427,15 +427,41 @@ def test_creff_simulation(creff_run):
     assert 0 <= summary["accuracy"] <= 1
 
 
-def test_creff_under_a_client_that_replaces_the_head_names_the_client(tiny_lists, tmp_path):
-    """TDE's causal-norm head has no classifier.weight / classifier.bias for CReFF to re-train: the one-line
-    error names the client method (it said ``model.classifier=linear``, which the config already set)."""
+@pytest.mark.parametrize("client", ["tde", "fedetf", "sbcl"])
+def test_creff_under_a_client_that_replaces_the_head_is_refused_when_read(client):
+    """TDE's causal-norm head (FedETF's projection, SBCL's normed classifier) has no classifier.weight /
+    classifier.bias for CReFF to re-train: refused when the config is read, naming the client method (it was
+    found at round 1, past --dry-run)."""
     from fedlt.errors import FedLTError
 
-    cfg = tiny_config(tiny_lists, "strategy.name=creff", "client.name=tde", "strategy.match_steps=1",
-                      "strategy.crt_epochs=1")
-    with pytest.raises(FedLTError, match="client.name=tde changes the model's head: use a client method that"):
-        simulate(cfg, tmp_path / "run")
+    with pytest.raises(FedLTError, match=f"and client.name={client} replaces it by .*: use a client method that "
+                                         f"keeps the model's linear classifier"):
+        load_config(None, ["mode=federated", "strategy.name=creff", f"client.name={client}"])
+
+
+def test_every_client_method_that_replaces_the_linear_classifier_says_so():
+    """``ClientMethod.replaced_head`` is what CReFF's config check reads: it must be set exactly for the client
+    methods whose adapted single-network model lacks an nn.Linear ``classifier`` (weight and bias)."""
+    from types import SimpleNamespace
+
+    from fedlt.errors import FedLTError
+    from fedlt.experiment import model_for
+    from fedlt.registry import CLIENTS
+
+    stand_in = SimpleNamespace(num_classes=10, in_channels=1, train=None)  # no images: no input-size check
+    checked = []
+    for name in CLIENTS:
+        method = CLIENTS.get(name)
+        try:
+            cfg = load_config(None, ["mode=federated", f"strategy.name={method.strategy or 'fedavg'}",
+                                     f"client.name={name}"])
+        except FedLTError:  # an expert method: CReFF refuses multi-expert models anyway
+            continue
+        state = model_for(cfg, stand_in).state_dict()
+        keeps = "classifier.weight" in state and "classifier.bias" in state
+        assert (method.replaced_head is None) == keeps, name
+        checked.append(name)
+    assert {"tde", "fedetf", "sbcl", "fedavg", "fedprox"} <= set(checked)
 
 
 # --------------------------------------------------------------------------- DP with client-side clipping
