@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +62,10 @@ def test_resumed_run_shows_each_step_once(tmp_path):
     first = RunDir(tmp_path)
     for t in (0, 1, 2, 3):  # round 0: the initial model
         first.append_metrics({"round": t, "accuracy": 0.1 * t})
+    # TensorBoard reads event files in name order, events.out.tfevents.<whole seconds>.<host>.<pid>.<uid>: a resume
+    # within the same second of the same process could sort before the first (uid 10 < uid 9 as text, under
+    # pytest-xdist where one process opens many writers), which a resumed run in a new process never does
+    time.sleep(1.01 - time.time() % 1)
     resumed = RunDir(tmp_path)
     resumed.truncate_metrics("round", 1)
     for t in (2, 3):
