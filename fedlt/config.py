@@ -35,6 +35,7 @@ from fedlt.options import (
     ModelOptions,
     Options,
     StrategyOptions,
+    milestones_unused,
     option_rows,
     step_milestones,
 )
@@ -115,7 +116,8 @@ class FederationConfig(Options):
         if self.lr_schedule != "step":
             out += self.unread(section, ("lr_gamma",), f"it decays a step schedule, and {section}.lr_schedule="
                                                        f"{self.lr_schedule}")
-        return out
+        return out + milestones_unused(f"{section}.lr_milestones", self.lr_milestones, f"{section}.lr_schedule",
+                                       self.lr_schedule, f"{section}.rounds", self.rounds, "round m")
 
 
 class EvalConfig(Options):
@@ -128,6 +130,13 @@ class EvalConfig(Options):
         "on its own local test set (fedlt/federation/local_eval.py), at the final evaluation or at every one")
     finetune_epochs: float = Field(0.0, ge=0, description="local evaluation: epochs of local cross-entropy "
                                    "fine-tuning of the global model before it is evaluated (FedAvg+FT; 0: none)")
+
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        out = super().unused(cfg, section)
+        if cfg.mode != "centralized" and self.finetune_epochs and self.local == "off":
+            out.append(f"{section}.finetune_epochs={self.finetune_epochs:g} has no effect with {section}.local=off "
+                       f"(it fine-tunes the model of the local evaluation)")
+        return out
 
 
 class Config(Options):

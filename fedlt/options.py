@@ -193,6 +193,10 @@ class CentralizedOptions(Options):
             out += self.unread(section, ("cutout", "augment_chunk"), f"{section}.autoaugment=false")
         if self.sam == "none":
             out += self.unread(section, ("sam_flat_ratio", "sam_noise_ratio"), f"{section}.sam=none")
+        out += milestones_unused(f"{section}.milestones", self.milestones, f"{section}.schedule", self.schedule,
+                                 f"{section}.epochs", self.epochs, "m epochs")
+        if self.pretrain_epochs and self.pretrain == "none":
+            out.append(f"{section}.pretrain_epochs={self.pretrain_epochs} has no effect with {section}.pretrain=none")
         return out
 
 
@@ -206,6 +210,18 @@ def step_milestones(value: list, schedule: str | None, schedule_key: str, unit: 
         raise ValueError(f"names {unit} {repeated[0]:g} more than once (the lr would decay twice there): give each "
                          f"milestone once")
     return value
+
+
+def milestones_unused(key: str, milestones: list, schedule_key: str, schedule: str, total_key: str,
+                      total: float, after: str) -> list[str]:
+    """The :meth:`Options.unused` line of a step schedule's milestones: given without a step schedule, or ≥ the
+    run's length (a step schedule decays after milestone m, ``after``, so m ≥ the rounds / epochs never does)."""
+    if milestones and schedule != "step":
+        return [f"{key} {milestones} have no effect with {schedule_key}={schedule}"]
+    late = [m for m in milestones if m >= total]
+    if not late:
+        return []
+    return [f"{key} {late} ≥ {total_key}={total:g}: the lr decays after {after}, so never within the run"]
 
 
 class Stage2Options(Options):

@@ -118,43 +118,18 @@ def check_data(cfgs: list[Config]) -> None:
                 print(f"warning: {warning}", flush=True)
 
 
-def _milestones_unused(key: str, milestones: list, schedule_key: str, schedule: str, total_key: str,
-                       total: float, after: str) -> list[str]:
-    """The :func:`unused_keys` line of a step schedule's milestones: given without a step schedule, or ≥ the
-    run's length (the lr decays after ``after``)."""
-    if milestones and schedule != "step":
-        return [f"{key} {milestones} have no effect with {schedule_key}={schedule}"]
-    late = [m for m in milestones if m >= total]
-    if not late:
-        return []
-    return [f"{key} {late} ≥ {total_key}={total:g}: the lr decays after {after}, so never within the run"]
-
-
 def unused_keys(cfg: Config) -> list[str]:
-    """Keys the config gives that change nothing in its runs, each as a line: milestones without a step
-    schedule or at/after its end (a step schedule decays after milestone m, so m ≥ the rounds / epochs never
-    does), fine-tuning epochs without a local evaluation, pretrain epochs without a pretrain stage, and what each
-    section the run's ``mode`` reads says of its own keys (:meth:`fedlt.options.Options.unused`: a partition
-    key of another partition method, β under ``data.profile=none``, a Cutout size without AutoAugment, a round
-    past the last …). Said, not refused: a base config's schedule swept against another is a usual comparison."""
+    """Keys the config gives that change nothing in its runs, each as a line: what each section the run's
+    ``mode`` reads says of its own keys (:meth:`fedlt.options.Options.unused`: milestones without a step schedule
+    or at/after its end, a partition key of another partition method, β under ``data.profile=none``, a Cutout
+    size without AutoAugment, fine-tuning epochs without a local evaluation, a round past the last …). Said, not
+    refused: a base config's schedule swept against another is a usual comparison."""
     from fedlt.sweep import other_mode_sections
 
-    out, fed, cen = [], cfg.federation, cfg.centralized
+    out = []
     for section in ("data", "partition", "model", "train", "federation", "strategy", "client", "centralized", "eval"):
         if section not in other_mode_sections(cfg.mode):
             out += getattr(cfg, section).unused(cfg, section)
-    if cfg.mode in ("federated", "both"):
-        out += _milestones_unused("federation.lr_milestones", fed.lr_milestones, "federation.lr_schedule",
-                                  fed.lr_schedule, "federation.rounds", fed.rounds, "round m")
-        if cfg.eval.finetune_epochs and cfg.eval.local == "off":
-            out.append(f"eval.finetune_epochs={cfg.eval.finetune_epochs:g} has no effect with eval.local=off (it "
-                       f"fine-tunes the model of the local evaluation)")
-    if cfg.mode in ("centralized", "both"):
-        out += _milestones_unused("centralized.milestones", cen.milestones, "centralized.schedule", cen.schedule,
-                                  "centralized.epochs", cen.epochs, "m epochs")
-        if cen.pretrain_epochs and cen.pretrain == "none":
-            out.append(f"centralized.pretrain_epochs={cen.pretrain_epochs} has no effect with centralized.pretrain="
-                       f"none")
     return out
 
 
