@@ -66,7 +66,7 @@ class PartitionConfig(Options):
         return super().unused(cfg, section) + self.unread(
             section, tuple(k for k in PARTITION_KEYS if k not in reads),
             f"{section}.method={self.method} reads " + (", ".join(f"{section}.{k}" for k in reads) + " only" if reads
-                                                        else "none of alpha, min_size, balance, shards_per_client"))
+                                                        else f"none of {', '.join(PARTITION_KEYS)}"))
 
 
 class TrainConfig(Options):
