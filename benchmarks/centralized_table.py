@@ -37,7 +37,11 @@ STAGE2 = {"crt": 1, "lws": 1, "mislas": 1, "sbcl": 1, "shike": 1, "cc_sam": 1}
 # SHIKE: its official per-epoch warm-up cosine without the warm-ups (W = 0), peak lr 0.1 (epochs at 0.1, 0.05),
 # then one classifier re-training epoch at its official peak 0.1.
 SHIKE = ["centralized.warmup_epochs=0", "centralized.warmup_lr=0.1", "centralized.stage2_warmup_epochs=0"]
+# cRT, LWS: their own stage-2 schedule (classifier-balancing's cosine stepped before each epoch) runs a single
+# epoch at lr 0, and is refused; the table's one classifier epoch keeps the cosine within the epoch.
+ONE_EPOCH = ["centralized.stage2_schedule=cosine"]
 EXTRA = {"ldam_drw": ["centralized.drw_fraction=0.5"], "mdcs": ["centralized.ramp_fraction=0.5"],
+         "crt": ONE_EPOCH, "lws": ONE_EPOCH,
          "sbcl": ["centralized.supcon_epochs=1", "centralized.cluster_step=1"],
          "eql": ["centralized.lam=0.02"], "seql": ["centralized.lam=0.02"], "area": ["centralized.area_fraction=0.5"],
          "tlc": ["centralized.drw_fraction=0.5"],
@@ -58,7 +62,9 @@ def run_dir(out: str, method: str, seed: int) -> Path:
 
 
 def start_from_ce(cfg: dict, out: str, seed: int) -> None:
-    """Seed the run directory of ``cfg`` with the finished ce run's checkpoint (stage 1 done)."""
+    """Seed the run directory of ``cfg`` with the finished ce run's checkpoint (stage 1 done). The checkpoint
+    records the digest of the config that wrote it, and a run refuses one of another config: the copy is
+    re-stamped with this run's (its stage 1 is ce's, bit for bit)."""
     import shutil
 
     from fedlt.rundir import RunDir
@@ -69,8 +75,10 @@ def start_from_ce(cfg: dict, out: str, seed: int) -> None:
         return
     run = RunDir(dest)
     run.write_config(cfg)
-    for name in ("env.json", "partition.json", "metrics.jsonl", "checkpoint.pt"):
+    for name in ("env.json", "partition.json", "metrics.jsonl"):
         shutil.copy(ce / name, dest / name)
+    ckpt = RunDir(ce).load_checkpoint()
+    run.save_checkpoint({**ckpt, "config": run.config_digest()})
 
 
 def run_all(methods: list[str], seeds: list[int], out: str, overrides: list[str]) -> dict[str, list[dict]]:

@@ -145,9 +145,11 @@ class CentralizedOptions(Options):
         "f: warm-up epoch e runs at lr·(f + (1 − f)(e + 1)/W); 0: lr·(e + 1)/W (LDAM-DRW); 1/3 with the "
         "milestones one epoch early: WarmupMultiStepLR (warmup_factor 1/3) stepped before each epoch (TDE, NCL, "
         "CC-SAM)"))
-    schedule: Literal["constant", "step", "cosine", "cosine_epoch"] = Field(
+    schedule: Literal["constant", "step", "cosine", "cosine_epoch", "cosine_epoch_end"] = Field(
         "cosine", description="lr schedule over the epochs (cosine_epoch: the cosine value at each epoch's start, "
-                              "held for the epoch, as CosineAnnealingLR stepped once per epoch)")
+                              "held for the epoch, as CosineAnnealingLR stepped after each epoch; "
+                              "cosine_epoch_end: the value at its end, as CosineAnnealingLR stepped before each "
+                              "epoch, the last epoch at lr 0)")
     milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
                                                             description="epochs at which a step schedule decays")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a step schedule, in (0, 1]")
@@ -233,9 +235,9 @@ class Stage2Options(Options):
     stage2_weight_decay: float | None = Field(None, ge=0, description="stage-2 weight decay (None: stage 1's)")
     stage2_warmup_epochs: WarmupEpochs = Field(0.0, ge=0, description="stage-2 linear lr warm-up epochs, "
                                                "lr·(e+1)/W")
-    stage2_schedule: Literal["constant", "step", "cosine", "cosine_epoch"] | None = Field(
-        None, description="stage-2 lr schedule (None: the method's own: cosine; cc_sam constant; mislas "
-                          "cosine_epoch)")
+    stage2_schedule: Literal["constant", "step", "cosine", "cosine_epoch", "cosine_epoch_end"] | None = Field(
+        None, description="stage-2 lr schedule (None: the method's own: crt, lws cosine_epoch_end; cc_sam "
+                          "constant; mislas cosine_epoch; others cosine)")
     stage2_milestones: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, description="stage-2 epochs (from 0) at which a step schedule decays")
     stage2_gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a stage-2 step schedule, in (0, 1]")

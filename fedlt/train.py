@@ -117,7 +117,7 @@ class OptimConfig:
     batch_size: int = 128
     warmup_epochs: float = 0.0
     warmup_factor: float = 0.0  # f: warm-up epoch e runs at lr·(f + (1 − f)·(e + 1)/W)
-    schedule: str = "constant"  # constant | step | cosine | cosine_epoch
+    schedule: str = "constant"  # constant | step | cosine | cosine_epoch | cosine_epoch_end
     milestones: list[float] = field(default_factory=list)  # epochs, for "step"
     gamma: float = 0.1
     sam: str = "none"  # none | cc_sam: the objective made class-conditionally sharpness-aware (fedlt.sharpness)
@@ -132,8 +132,9 @@ class OptimConfig:
             return self.lr * (f + (1 - f) * (math.floor(epoch) + 1) / math.ceil(self.warmup_epochs))
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
-        if self.schedule == "cosine_epoch":  # the lr of the epoch's start, held for the whole epoch
-            return 0.5 * self.lr * (1 + math.cos(math.pi * min(math.floor(epoch) / max(total_epochs, 1e-12), 1.0)))
+        if self.schedule in ("cosine_epoch", "cosine_epoch_end"):  # the lr of the epoch's start (end), held
+            e = math.floor(epoch) + (self.schedule == "cosine_epoch_end")
+            return 0.5 * self.lr * (1 + math.cos(math.pi * min(e / max(total_epochs, 1e-12), 1.0)))
         if self.schedule == "cosine":
             span = max(total_epochs - self.warmup_epochs, 1e-12)
             return 0.5 * self.lr * (1 + math.cos(math.pi * min((epoch - self.warmup_epochs) / span, 1.0)))

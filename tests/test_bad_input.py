@@ -173,6 +173,12 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "centralized.method=tau_norm needs a linear classifier (on a cosine classifier it changes nothing), got "
      "model.classifier=cosine: set model.classifier=linear"),
     # a stage 2 of no epochs: cRT's re-initialised classifier and LFME's student were reported untrained
+    (["mode=centralized", "centralized.method=crt", "centralized.stage2_epochs=1"],
+     "centralized.stage2_schedule=cosine_epoch_end (crt's own) runs the last epoch at lr 0 (the cosine stepped "
+     "before each epoch) and centralized.stage2_epochs=1 has no other: give at least 2 epochs, or "
+     "centralized.stage2_schedule=cosine"),
+    (["mode=centralized", "centralized.schedule=cosine_epoch_end", "centralized.epochs=1"],
+     "centralized.schedule=cosine_epoch_end runs the last epoch at lr 0"),
     (["mode=centralized", "centralized.method=crt", "centralized.stage2_epochs=0"],
      "centralized.method=crt re-initialises the classifier for stage 2: centralized.stage2_epochs=0 would report "
      "an untrained classifier; give at least 1"),
@@ -861,7 +867,8 @@ def test_centralized_resume_through_weights_only_checkpoints(tmp_path, monkeypat
 
     torch.set_num_threads(1)
     write_fashion(tmp_path)
-    stage2 = ["centralized.epochs=1", "centralized.stage2_epochs=1"] if method == "crt" else ["centralized.epochs=2"]
+    stage2 = (["centralized.epochs=1", "centralized.stage2_epochs=1", "centralized.stage2_schedule=cosine"]
+              if method == "crt" else ["centralized.epochs=2"])
     cfg = load_config(None, [f"data.root={tmp_path}", *TINY, "mode=centralized", f"centralized.method={method}",
                              *stage2])
     resumed_equals_uninterrupted(tmp_path, monkeypatch, lambda c, p: run_centralized(c, RunDir(p)), cfg)

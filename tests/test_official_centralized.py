@@ -191,6 +191,50 @@ def test_mislas_stage2_groups_lrs_and_bn(shift_bn):
     assert torch.allclose(model.classifier.scales, s0 - lr_scale * gs, atol=1e-6)
 
 
+def official_classifier_balancing_stage2_lrs(lr: float, epochs: int) -> list[float]:
+    """facebookresearch/classifier-balancing ``run_networks.py`` ``train``: ``CosineAnnealingLR(optimizer,
+    num_epochs, eta_min=endlr)`` (``coslr: true``, ``endlr: 0.0`` in ``config/*/cls_crt.yaml``), and
+    ``self.model_optimizer_scheduler.step()`` at the start of every epoch, before its batches."""
+    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, epochs, eta_min=0.0)
+    lrs = []
+    for _ in range(epochs):
+        scheduler.step()  # before the epoch's optimizer steps, as the official
+        lrs.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name", ["crt", "lws"])
+def test_crt_and_lws_stage2_as_classifier_balancing_trains_it(name):
+    """BatchNorm of the frozen backbone in train mode (the official puts every network in train mode each
+    epoch; ``fix: true`` only stops gradients), so stage 2 moves its running statistics and the test uses
+    them; the cosine stepped before each epoch (the last epoch at lr 0); class-aware batches of 4 per class."""
+    epochs = 10 if name == "crt" else 5
+    m = method(name, [30, 10, 4], f"centralized.stage2_epochs={epochs}", "centralized.lr=0.2")
+    opt2 = stage2_optim(m.cfg, m)
+    for epoch, official in enumerate(official_classifier_balancing_stage2_lrs(0.2, epochs)):
+        for frac in (0.0, 0.5, 0.99):
+            assert opt2.lr_at(epoch + frac, epochs) == pytest.approx(official, abs=1e-12), (epoch, frac)
+    assert opt2.lr_at(epochs - 1, epochs) == 0.0
+    torch.manual_seed(0)
+    model = Tiny()
+    m.start_stage2(model)
+    assert model.train().features.inner.training
+    mean_before = model.features.inner[2].running_mean.clone()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    data = TensorData(torch.randint(0, 255, (8, 1, 4, 4), dtype=torch.uint8), labels, torch.tensor([0.5]),
+                      torch.tensor([0.25]), 3)
+    train(model, data, m.stage2_objective(0), opt=opt2, steps=1, generator=torch.Generator().manual_seed(0),
+          sampler=m.stage2_sampler(), start_epoch=0, total_epochs=epochs)
+    assert not torch.equal(model.features.inner[2].running_mean, mean_before)
+    assert m.stage2_sampler().samples_per_class == 4
+    off = method(name, [30, 10, 4], "centralized.shift_bn=false")
+    model = Tiny()
+    off.start_stage2(model)
+    assert not model.train().features.inner.training
+
+
 def test_mislas_stage2_loss_of_the_shipped_config():
     cfg = load_config(MISLAS_CIFAR10_IF100)
     assert (cfg.centralized.eps_head, cfg.centralized.eps_tail, cfg.centralized.shift_bn,

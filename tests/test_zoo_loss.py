@@ -458,6 +458,7 @@ def test_cc_sam_method_runs_both_stages_and_resumes(tmp_path, monkeypatch):
     method = CENTRALIZED.get("cc_sam")(cfg, np.array([40, 16, 8, 4]))
     opt2 = R.stage2_optim(cfg, method)
     assert [opt2.lr_at(e, 30) for e in (0, 15.5, 29.9)] == [0.01] * 3 and opt2.sam == "none"
+    assert method.stage2_sampler().samples_per_class == 1  # train_cifar.py: ClassAwareSampler(train_dataset)
     data = tiny_experiment().tensor_data("train")
     strong = CENTRALIZED.get("cc_sam")(tiny_cfg("cc_sam", "centralized.autoaugment=true"), np.array([40, 16, 8, 4]))
     assert isinstance(strong.stage2_augment(data), StrongView)  # not the crop/flip of other methods' stage 2

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedlt.config import Config
 from fedlt.data.augment import strong_augment
+from fedlt.errors import FedLTError
 from fedlt.evaluation import evaluate_model
 from fedlt.experiment import Experiment, augment_for, model_for
 from fedlt.losses import log_prior, loss_objective
@@ -34,6 +35,24 @@ class StrongView:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return strong_augment(self.weak(x, generator), self.mean, self.std, generator, self.cutout, self.chunk)
+
+
+def check_lr_not_all_zero(cfg: Config, method: type[CentralizedMethod]) -> None:
+    """``cosine_epoch_end`` (the cosine stepped before each epoch, as classifier-balancing's stage 2) runs the
+    last epoch at lr 0: a stage of one epoch or less, without warm-up, would train at lr 0 throughout and report
+    an untrained stage as a finished run. Refused, for stage 1 and a two-stage method's stage 2."""
+    c = cfg.centralized
+    stages = [("centralized.schedule", c.schedule, "", "centralized.epochs", c.epochs, c.warmup_epochs)]
+    if method.two_stage:
+        stage2 = getattr(c, "stage2_schedule", None)
+        stages.append(("centralized.stage2_schedule", stage2 or method.default_stage2_schedule,
+                       "" if stage2 else f" ({c.method}'s own)", "centralized.stage2_epochs",
+                       getattr(c, "stage2_epochs", 0), getattr(c, "stage2_warmup_epochs", 0)))
+    for key, schedule, whose, epochs_key, epochs, warmup in stages:
+        if schedule == "cosine_epoch_end" and 0 < epochs <= 1 and not warmup:
+            raise FedLTError(f"{key}={schedule}{whose} runs the last epoch at lr 0 (the cosine stepped before each "
+                             f"epoch) and {epochs_key}={epochs:g} has no other: give at least 2 epochs, or "
+                             f"{key}=cosine")
 
 
 class CentralizedMethod:
@@ -61,6 +80,7 @@ class CentralizedMethod:
     def check_config(cls, cfg: Config) -> None:
         """Refuse, as a one-line :class:`~fedlt.errors.FedLTError`, a config this method cannot run (a check
         across sections; :func:`fedlt.config.check_parts` calls it when the config is read)."""
+        check_lr_not_all_zero(cfg, cls)
 
     # --- stage 1 ---
     def build_model(self, exp: Experiment) -> nn.Module:

@@ -112,6 +112,7 @@ class CCSAM(DecoupledMethod):
 
     default_stage2_schedule = "constant"
     shift_bn = True  # the official train_sample runs model.train(): the frozen backbone's BatchNorm follows
+    samples_per_class = 1  # train_cifar.py builds ClassAwareSampler(train_dataset): num_samples_cls=1
 
     def __init__(self, cfg: Config, train_counts: np.ndarray) -> None:
         super().__init__(cfg, train_counts)

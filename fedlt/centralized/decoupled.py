@@ -4,9 +4,18 @@ Classifier for Long-Tailed Recognition", ICLR 2020; facebookresearch/classifier-
 
 Stage 1 trains the whole model for ``centralized.epochs``; then the backbone is frozen
 (:class:`FrozenFeatures`), the classifier changed, and trained for ``centralized.stage2_epochs`` with its own
-optimizer (cosine lr from ``stage2_lr``; batch size, weight decay, warm-up and schedule of stage 2 are the
-``stage2_*`` keys of :class:`~fedlt.options.Stage2Options`). The run stays resumable across the switch:
+optimizer (lr ``stage2_lr`` on the method's schedule; batch size, weight decay, warm-up and schedule of stage 2
+are the ``stage2_*`` keys of :class:`~fedlt.options.Stage2Options`). The run stays resumable across the switch:
 checkpoints record the stage.
+
+cRT and LWS follow classifier-balancing's stage 2 (``run_networks.py`` ``train``, ``config/*/cls_crt.yaml``,
+``cls_lws.yaml``): every network is put in train mode each epoch, the frozen backbone too (``fix: true`` only
+turns its gradients off), so its BatchNorm statistics follow the class-balanced batches and the test uses
+them (``shift_bn``, on by default); ``CosineAnnealingLR(T_max=E, eta_min=0)`` is stepped before each epoch, so
+epoch e = 0, …, E − 1 runs at lr·½(1 + cos(π(e + 1)/E)) and the last one at lr 0 (schedule
+``cosine_epoch_end``); batches come from the class-aware sampler (:func:`fedlt.samplers.class_aware_order`,
+``num_samples_cls: 4``). Not copied: the official keeps the epoch whose validation accuracy is best (fedlt has no
+validation split and reports the last), and τ-norm's search of τ on that split (τ is fixed).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from fedlt.train import Objective, Sampler
 
 class FrozenFeatures(nn.Module):
     """A backbone frozen for stage 2: no gradients; BatchNorm statistics frozen (eval mode) unless
-    ``shift_bn`` (MiSLAS), in which case they keep following the stage-2 batches."""
+    ``shift_bn`` (classifier-balancing's cRT/LWS, MiSLAS's option), in which case they keep following the
+    stage-2 batches."""
 
     def __init__(self, inner: nn.Module, shift_bn: bool = False) -> None:
         super().__init__()
@@ -95,7 +105,12 @@ class DecoupledMethod(CentralizedMethod):
             "class_balanced", description="sampler of stage 2")
 
     two_stage = True
-    shift_bn = False
+    shift_bn = False  # the backbone's BatchNorm in train mode in stage 2 (a method's ``shift_bn`` option wins)
+    samples_per_class = 4  # a class_balanced stage 2's consecutive samples of one class (num_samples_cls)
+
+    def __init__(self, cfg: Config, train_counts) -> None:
+        super().__init__(cfg, train_counts)
+        self.shift_bn = getattr(self.opts, "shift_bn", type(self).shift_bn)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -107,7 +122,7 @@ class DecoupledMethod(CentralizedMethod):
         return self.opts.stage2_epochs
 
     def stage2_sampler(self) -> Sampler:
-        return make_sampler(self.opts.stage2_sampler, self.stage2_epochs())
+        return make_sampler(self.opts.stage2_sampler, self.stage2_epochs(), self.samples_per_class)
 
     def start_stage2(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "features", None), nn.Module) or isinstance(model.features, FrozenFeatures):
@@ -119,8 +134,19 @@ class DecoupledMethod(CentralizedMethod):
         raise NotImplementedError
 
 
+class ClassifierBalancing(DecoupledMethod):
+    """Stage 2 as classifier-balancing trains it (see the module docstring): the backbone's BatchNorm in train
+    mode, the cosine stepped before each epoch."""
+
+    class Options(DecoupledMethod.Options):
+        shift_bn: bool = Field(True, description="stage 2: backbone BatchNorm in train mode, its statistics "
+                                                 "following the class-balanced batches (official: on)")
+
+    default_stage2_schedule = "cosine_epoch_end"
+
+
 @CENTRALIZED.register("crt")
-class CRT(DecoupledMethod):
+class CRT(ClassifierBalancing):
     """Classifier re-training (Kang et al.): re-initialise the classifier, train it with CB sampling."""
 
     @classmethod
@@ -168,10 +194,10 @@ class TauNorm(DecoupledMethod):
 
 
 @CENTRALIZED.register("lws")
-class LWS(DecoupledMethod):
+class LWS(ClassifierBalancing):
     """Learnable weight scaling (Kang et al.): keep W and b, learn one scale per class with CB sampling."""
 
-    class Options(DecoupledMethod.Options):
+    class Options(ClassifierBalancing.Options):
         stage2_epochs: int = Field(5, ge=0, description="scale-learning epochs on the frozen backbone")
 
     def stage2_classifier(self, head: nn.Module) -> nn.Module:
@@ -206,10 +232,6 @@ class MiSLAS(DecoupledMethod):
                                                         "(the LWS scale gets the full lr)")
 
     default_stage2_schedule = "cosine_epoch"
-
-    def __init__(self, cfg, train_counts) -> None:
-        super().__init__(cfg, train_counts)
-        self.shift_bn = self.opts.shift_bn
 
     def objective(self, epoch: int) -> Objective:
         return mixup_objective(self, self.opts.mixup_alpha, cross_entropy_loss)
