@@ -75,7 +75,8 @@ def test_loss_methods_build_their_objective_from_the_registry():
     x, y = torch.tensor([[0.5, 0.2], [0.3, -0.1]]), torch.tensor([0, 1])
     z = model(x)
     cases = [("ce", "ce", {}), ("focal", "focal", {"gamma": 1.0}), ("reweight", "reweight", {}),
-             ("cb", "cb", {"beta": 0.9999}), ("la", "la", {"tau": 1.0}), ("balanced_softmax", "balanced_softmax", {}),
+             ("cb", "cb", {"beta": 0.9999, "reduction": "mean"}), ("la", "la", {"tau": 1.0}),
+             ("balanced_softmax", "balanced_softmax", {}),
              ("bal_bce", "bal_bce", {"smoothing": 0.1}), ("posthoc_la", "ce", {}), ("crt", "ce", {})]
     for method, loss, options in cases:
         m = CENTRALIZED.get(method)(load_config(None, ["mode=centralized", f"centralized.method={method}"]), counts)
@@ -148,7 +149,8 @@ def test_smoke_one_epoch(method, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(R, "experiment_for", lambda cfg: tiny_experiment())
     extra = ["centralized.stage2_epochs=1"] if method in ("crt", "lws", "mislas") else []
-    cfg = tiny_cfg(method, *extra)
+    one_epoch = ["centralized.stage2_schedule=cosine"] if method in ("crt", "lws") else []  # theirs: lr 0 in it
+    cfg = tiny_cfg(method, *extra, *one_epoch)
     summary = C.run_centralized(cfg, RunDir(tmp_path))
     for key in ("accuracy", "balanced_accuracy", "loss", "ece"):
         assert math.isfinite(summary[key]), key
@@ -198,7 +200,8 @@ def test_stage2_keys_reach_the_stage2_optimizer(monkeypatch):
     assert sgd2.param_groups[0]["lr"] == pytest.approx(0.1)  # the lr of stage 2's last step
 
 
-@pytest.mark.parametrize("method,schedule", [("crt", "cosine"), ("mislas", "cosine_epoch"), ("cc_sam", "constant")])
+@pytest.mark.parametrize("method,schedule", [("crt", "cosine_epoch_end"), ("lws", "cosine_epoch_end"),
+                                             ("mislas", "cosine_epoch"), ("cc_sam", "constant")])
 def test_stage2_keys_left_unset_keep_stage1s_values_and_the_methods_schedule(method, schedule):
     extra = ["centralized.sam=cc_sam"] if method == "cc_sam" else []
     cfg = tiny_cfg(method, "centralized.weight_decay=3e-4", *extra)

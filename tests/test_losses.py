@@ -57,7 +57,10 @@ def test_registered_factories_give_the_hand_computed_values():
     assert LOSSES.get("reweight")(counts3)(z2, y2).item() == pytest.approx(1.0901067, abs=1e-6)
     w = [0.2393292, 2.3932288]
     expected = (w[0] * 0.2395448 + w[1] * L3) / (w[0] + w[1])
-    assert LOSSES.get("cb")(counts3, beta=0.9)(z2, y2).item() == pytest.approx(expected, abs=1e-6)
+    assert LOSSES.get("cb")(counts3, beta=0.9, reduction="weighted_mean")(z2, y2).item() == pytest.approx(
+        expected, abs=1e-6)
+    assert LOSSES.get("cb")(counts3, beta=0.9)(z2, y2).item() == pytest.approx(
+        (w[0] * 0.2395448 + w[1] * L3) / 2, abs=1e-6)  # the official batch mean
     cos, yc = t([[0.5, 0.2], [0.5, 0.2]]), torch.tensor([0, 1])
     ldam = LOSSES.get("ldam")(torch.tensor([16, 1]))
     assert ldam(cos, yc).item() == pytest.approx((0.2014133 + 24.0) / 2, abs=1e-5)
@@ -107,7 +110,32 @@ def test_reweighting_uses_pytorch_weighted_mean():
     assert reweighted_loss(z, y, [100, 10, 1]).item() == pytest.approx(1.0901067, abs=1e-6)
     w = [0.2393292, 2.3932288]
     expected = (w[0] * 0.2395448 + w[1] * L3) / (w[0] + w[1])
-    assert class_balanced_loss(z, y, [100, 10, 1], beta=0.9).item() == pytest.approx(expected, abs=1e-6)
+    assert class_balanced_loss(z, y, [100, 10, 1], beta=0.9, reduction="weighted_mean").item() == pytest.approx(
+        expected, abs=1e-6)
+
+
+def official_class_balanced_softmax_loss(logits, labels, img_num_per_cls, beta):
+    """richardaecn/class-balanced-loss ``src/cifar_main.py``: weights (1 − β)/(1 − β^n) normalised to sum C; per
+    sample w_{y_i}; ``tf.losses.softmax_cross_entropy(onehot, logits, weights=w)``, whose default reduction
+    SUM_BY_NONZERO_WEIGHTS is Σ_i w_i·CE_i / #{i: w_i ≠ 0}."""
+    n = np.asarray(img_num_per_cls, dtype=np.float64)
+    weights = (1.0 - beta) / (1.0 - np.power(beta, n))
+    weights = weights / weights.sum() * len(n)
+    w = weights[labels.numpy()]
+    z = logits.double().numpy()
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), labels.numpy()]
+    return float((w * ce).sum() / np.count_nonzero(w))
+
+
+def test_class_balanced_loss_is_the_official_softmax_loss():
+    g = torch.Generator().manual_seed(0)
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10-LT, IF 100
+    z, y = torch.randn(64, 10, generator=g) * 3, torch.randint(0, 10, (64,), generator=g)
+    official = official_class_balanced_softmax_loss(z, y, counts, 0.9999)
+    assert class_balanced_loss(z, y, counts).item() == pytest.approx(official, rel=1e-5)
+    assert LOSSES.get("cb")(torch.tensor(counts))(z, y).item() == pytest.approx(official, rel=1e-5)
+    weighted = class_balanced_loss(z, y, counts, reduction="weighted_mean").item()
+    assert weighted == pytest.approx(official / class_weights(counts, 0.9999)[y].mean().item(), rel=1e-5)
 
 
 def test_ldam_margins_and_loss():

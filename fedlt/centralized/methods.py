@@ -22,6 +22,7 @@ from fedlt.losses import (
     mixup_cutmix_batch,
     posthoc_adjust,
 )
+from fedlt.losses.reweighting import ClassBalancedOptions
 from fedlt.options import CentralizedOptions
 from fedlt.registry import CENTRALIZED, LOSSES
 from fedlt.train import Objective
@@ -53,15 +54,17 @@ class Reweight(CentralizedMethod):
 @CENTRALIZED.register("cb")
 class ClassBalanced(CentralizedMethod):
     """Class-Balanced CE (Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019;
-    richardaecn/class-balanced-loss): w_c ∝ (1 − β)/(1 − β^{n_c}), β = 0.9999."""
+    richardaecn/class-balanced-loss ``src/cifar_main.py``, softmax loss): w_c ∝ (1 − β)/(1 − β^{n_c}),
+    β = 0.9999, L = (1/B)·Σ_i w_{y_i}·CE_i as the official TF loss reduces it (``centralized.reduction=weighted_mean``: the
+    PyTorch weighted mean of LDAM-DRW's CB re-weighting; :mod:`fedlt.losses.reweighting`)."""
 
-    class Options(CentralizedOptions):
-        beta: float = Field(0.9999, ge=0, lt=1, description="β of the effective number (1 − β^n)/(1 − β)")
+    class Options(CentralizedOptions, ClassBalancedOptions):
+        """``beta`` and ``reduction``, as the loss takes them."""
 
     loss = "cb"
 
     def loss_options(self, epoch: int) -> dict[str, Any]:
-        return {"beta": self.opts.beta}
+        return {"beta": self.opts.beta, "reduction": self.opts.reduction}
 
 
 @CENTRALIZED.register("ldam_drw")

@@ -5,13 +5,18 @@ kaidic/LDAM-DRW ``losses.py`` ``FocalLoss``). Class-balanced loss: Cui et al., "
 Effective Number of Samples", CVPR 2019 (richardaecn/class-balanced-loss).
 
 Mean convention of the weighted losses: **PyTorch weighted mean**, L = Σ_i w_{y_i}·ℓ_i / Σ_i w_{y_i}, which is
-what ``F.cross_entropy(weight=w)`` computes and what LDAM-DRW's DRW stage uses (not the batch mean
-(1/B)·Σ_i w_{y_i}·ℓ_i, which changes the effective learning rate).
+what ``F.cross_entropy(weight=w)`` computes and what LDAM-DRW's DRW stage uses; except the class-balanced
+loss, which by default takes the batch mean (1/B)·Σ_i w_{y_i}·ℓ_i of its official code (richardaecn
+``src/cifar_main.py``: ``tf.losses.softmax_cross_entropy(weights=w_y)``, whose default reduction
+SUM_BY_NONZERO_WEIGHTS divides by the B non-zero weights). The two differ by the batch's mean weight, on a
+long-tailed batch about 0.2 (a 4–6× smaller effective lr for the batch mean); ``reduction="weighted_mean"``
+gives the class-balanced weights under LDAM-DRW's convention (its ``train_rule=Reweight``).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +59,16 @@ def class_weights(counts, beta: float | None = None) -> torch.Tensor:
     return (w / w.sum() * len(n)).float()
 
 
-def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L = Σ_i w_{y_i}·CE_i / Σ_i w_{y_i} (PyTorch weighted mean; see the module docstring)."""
-    return F.cross_entropy(logits.float(), targets, weight=weights.to(logits.device))
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                           reduction: str = "weighted_mean") -> torch.Tensor:
+    """L = Σ_i w_{y_i}·CE_i / Σ_i w_{y_i} (``weighted_mean``, PyTorch's) or (1/B)·Σ_i w_{y_i}·CE_i (``mean``);
+    see the module docstring."""
+    weights = weights.to(logits.device)
+    if reduction == "mean":
+        return (weights[targets] * F.cross_entropy(logits.float(), targets, reduction="none")).mean()
+    if reduction != "weighted_mean":
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return F.cross_entropy(logits.float(), targets, weight=weights)
 
 
 def reweighted_loss(logits: torch.Tensor, targets: torch.Tensor, counts) -> torch.Tensor:
@@ -64,10 +76,12 @@ def reweighted_loss(logits: torch.Tensor, targets: torch.Tensor, counts) -> torc
     return weighted_cross_entropy(logits, targets, class_weights(counts))
 
 
-def class_balanced_loss(logits: torch.Tensor, targets: torch.Tensor, counts, beta: float = 0.9999) -> torch.Tensor:
-    """Class-Balanced CE (Cui et al., CVPR 2019): w_c = (1 − β)/(1 − β^{n_c}) normalised to Σ w = C,
-    PyTorch weighted mean. β = 0.9999 is the script default."""
-    return weighted_cross_entropy(logits, targets, class_weights(counts, beta))
+def class_balanced_loss(logits: torch.Tensor, targets: torch.Tensor, counts, beta: float = 0.9999,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Class-Balanced CE (Cui et al., CVPR 2019; richardaecn ``src/cifar_main.py``, softmax loss): w_c =
+    (1 − β)/(1 − β^{n_c}) normalised to Σ w = C; L = (1/B)·Σ_i w_{y_i}·CE_i (``mean``, the official) or the
+    PyTorch weighted mean (``weighted_mean``). β = 0.9999 is the script default."""
+    return weighted_cross_entropy(logits, targets, class_weights(counts, beta), reduction)
 
 
 # ---------------------------------------------------------------------------- registered factories
@@ -94,11 +108,14 @@ def make_reweighted_loss(class_counts: torch.Tensor) -> Loss:
 
 class ClassBalancedOptions(Options):
     beta: float = Field(0.9999, ge=0, lt=1, description="β of the effective number (1 − β^n)/(1 − β)")
+    reduction: Literal["mean", "weighted_mean"] = Field(
+        "mean", description="mean: (1/B)·Σ w_y·CE, the official TF loss; weighted_mean: Σ w_y·CE / Σ w_y, "
+                            "PyTorch's and LDAM-DRW's")
 
 
-def make_class_balanced_loss(class_counts: torch.Tensor, beta: float = 0.9999) -> Loss:
+def make_class_balanced_loss(class_counts: torch.Tensor, beta: float = 0.9999, reduction: str = "mean") -> Loss:
     """Class-balanced CE on ``class_counts`` with the effective-number β."""
-    return partial(weighted_cross_entropy, weights=class_weights(class_counts, beta))
+    return partial(weighted_cross_entropy, weights=class_weights(class_counts, beta), reduction=reduction)
 
 
 LOSSES.register("ce", make_cross_entropy_loss)
