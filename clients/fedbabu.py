@@ -1,20 +1,23 @@
 """FedBABU client (Oh, Kim & Yun, "FedBABU: Toward Enhanced Representation for Federated Image
 Classification", ICLR 2022): the body is trained on the client's cross-entropy under the head as it was
-initialised (never updated during federated training); for the personalised model the received global model's
-head (``client.finetune=head``, the paper's personalisation) or the whole model (``full``) is fine-tuned for
-``eval.finetune_epochs`` local epochs.
+initialised (never updated during federated training); for the personalised model the received global model is
+fine-tuned for ``eval.finetune_epochs`` local epochs, the whole model (``client.finetune=full``, the official)
+or the head alone (``head``).
 
 Official code (jhoon-oh/FedBABU): ``main_fed.py`` with ``--local_upt_part body --aggr_part body`` trains
 ``LocalUpdate.train(net, body_lr=lr, head_lr=0.)`` (``models/Update.py``: one SGD with the head's group at lr 0);
 here the head's parameters are frozen instead (no gradient: SGD skips them, so neither momentum nor weight
-decay moves them, as at lr 0). Fine-tuning (``--fine_tuning``, ``--ft_ep`` default 5) trains the same loss; for
-the head alone the body's lr is 0 (its BatchNorm statistics still follow the client's batches in train mode,
-as in the official loop). FedLoGe's ``baselines/fedbabu_ltspar.py`` evaluates the local test sets without
-fine-tuning; the paper's fine-tuned personalisation is what is built here.
+decay moves them, as at lr 0). The personalisation is in ``analysis.ipynb``: for each client, SGD over body and
+head at lr 1e-3 (``client.finetune_lr``; the official training lr 0.1 after its two ×0.1 decays) with the
+training momentum and no weight decay, ``personalization_epoch = 5`` epochs of cross-entropy at the local batch
+size, then the client's test set. With ``finetune=head`` the body is frozen (its BatchNorm statistics still
+follow the client's batches in train mode). FedLoGe's ``baselines/fedbabu_ltspar.py`` evaluates the local test
+sets without fine-tuning (``eval.finetune_epochs=0``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -37,8 +40,11 @@ def freeze(module: nn.Module) -> None:
 @CLIENTS.register("fedbabu")
 class FedBABUClient(ClientMethod):
     class Options(ClientMethod.Options):
-        finetune: Literal["head", "full"] = Field(
-            "head", description="personalisation: fine-tune the head alone (FedBABU) or the whole model")
+        finetune: Literal["full", "head"] = Field(
+            "full", description="personalisation: fine-tune the whole model (the official analysis.ipynb) or "
+                                "the head alone")
+        finetune_lr: float = Field(1e-3, gt=0, description="personalisation lr (official 1e-3; momentum "
+                                                           "train.momentum, no weight decay)")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -50,8 +56,9 @@ class FedBABUClient(ClientMethod):
         return cross_entropy_objective
 
     def personalise(self, model: nn.Module, data: TensorData, config: dict) -> nn.Module:
-        """The global model after ``eval.finetune_epochs`` epochs of local cross-entropy on the head alone
-        (body frozen) or on the whole model, batches from ``(seed, Stream.PERSONALISE, partition id)``."""
+        """The global model after ``eval.finetune_epochs`` epochs of local cross-entropy on the whole model or
+        on the head alone (body frozen), at ``finetune_lr`` without weight decay, batches from
+        ``(seed, Stream.PERSONALISE, partition id)``."""
         epochs = self.cfg.eval.finetune_epochs
         if epochs <= 0:
             return model
@@ -60,6 +67,7 @@ class FedBABUClient(ClientMethod):
         if self.opts.finetune == "head":
             freeze(model.features)
         gen = torch_generator(self.cfg.seed, Stream.PERSONALISE, int(config.get("partition-id", 0)))
-        train(model, data, cross_entropy_objective, opt=self.optim(config), generator=gen,
+        opt = replace(self.optim(config), lr=self.opts.finetune_lr, weight_decay=0.0)
+        train(model, data, cross_entropy_objective, opt=opt, generator=gen,
               augment=augment_for(self.cfg, data), epochs=epochs, sampler=instance_balanced_sampler)
         return model

@@ -152,6 +152,20 @@ def test_fedbabu_trains_the_body_under_the_initial_head_and_the_server_keeps_it(
     assert torch.allclose(avg["features.1.weight"], (out.state["features.1.weight"] + other["features.1.weight"]) / 2)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "examples"])
+def test_fedbabu_server_mean_is_the_official_plain_mean_or_weighted_by_examples(weighting, message_identity):
+    """jhoon-oh/FedBABU ``main_fed.py``: ``w_glob[k] += w_local[k]`` over the m clients, then ``/ m``, whatever
+    their sizes; ``strategy.weighting=examples`` weights by ``num-examples`` (10 and 30 here)."""
+    cfg = load_config(None, ["mode=federated", "strategy.name=fedbabu", f"strategy.weighting={weighting}"])
+    s = FedBABU(cfg, 3)
+    s.global_arrays = to_arrays(tiny_model().state_dict())
+    a, b = tiny_model(1).state_dict(), tiny_model(2).state_dict()
+    avg = to_state(s.aggregate_checked(1, [reply(0, a, None, n=10), reply(1, b, None, n=30)])[0])
+    share = 0.5 if weighting == "uniform" else 0.25
+    expected = share * a["features.1.weight"] + (1 - share) * b["features.1.weight"]
+    assert torch.allclose(avg["features.1.weight"], expected)
+
+
 @pytest.mark.parametrize("part", ["head", "full"])
 def test_fedbabu_personalisation_fine_tunes_the_head_or_the_whole_model(part):
     cfg = load_config(None, ["mode=federated", "strategy.name=fedbabu", f"client.finetune={part}",
@@ -162,6 +176,38 @@ def test_fedbabu_personalisation_fine_tunes_the_head_or_the_whole_model(part):
     after = personal.state_dict()
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
     assert torch.equal(after["features.1.weight"], before["features.1.weight"]) == (part == "head")
+
+
+def official_fedbabu_personalisation(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                                     momentum: float, epochs: int) -> nn.Module:
+    """jhoon-oh/FedBABU ``analysis.ipynb``: ``SGD([{'params': body_params, 'lr': args.lr}, {'params': head_params,
+    'lr': args.lr}], momentum=args.momentum)`` (no weight decay; body = names without 'linear'), then
+    ``personalization_epoch`` epochs of ``zero_grad``, cross-entropy, ``backward``, ``step`` in train mode. One
+    batch an epoch here (the whole local set), so the batch order cannot differ."""
+    body = [p for name, p in net.named_parameters() if not name.startswith("classifier")]
+    head = [p for name, p in net.named_parameters() if name.startswith("classifier")]
+    optimizer = torch.optim.SGD([{"params": body, "lr": lr}, {"params": head, "lr": lr}], momentum=momentum)
+    net.train()
+    for _ in range(epochs):
+        net.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+    return net
+
+
+def test_fedbabu_personalisation_is_the_official_fine_tuning():
+    """The default: the whole model at lr 1e-3 (not the round's lr), the training momentum, no weight decay
+    (train.weight_decay is set and must not act), 5 epochs."""
+    cfg = load_config(None, ["mode=federated", "strategy.name=fedbabu", "eval.finetune_epochs=5",
+                             "train.batch_size=12", "train.momentum=0.9", "train.weight_decay=0.1",
+                             "data.crop_padding=0", "data.flip=false"])
+    assert (cfg.client.finetune, cfg.client.finetune_lr) == ("full", 1e-3)
+    data = tiny_data()
+    personal = FedBABUClient(cfg).personalise(tiny_model(), data, {"lr": 0.1, "partition-id": 0})
+    x = (data.images.float() / 255 - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+    official = official_fedbabu_personalisation(tiny_model(), x, data.labels, 1e-3, 0.9, 5)
+    for key, value in official.state_dict().items():
+        assert torch.allclose(personal.state_dict()[key], value, atol=1e-6), key
 
 
 @needs_fashion

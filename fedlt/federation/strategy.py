@@ -64,13 +64,14 @@ CLIENT_ERROR = "fedlt client error: "
 """Marks the first line of a :class:`FedLTError` raised on a client (:func:`fedlt.federation.apps.client_errors`)."""
 
 
-def weighted_mean_arrays(records: list[RecordDict], weighted_by_key: str) -> ArrayRecord:
+def weighted_mean_arrays(records: list[RecordDict], weighted_by_key: str | None) -> ArrayRecord:
     """Flower's ``aggregate_arrayrecords`` (``flwr/serverapp/strategy/strategy_utils.py``), the same arithmetic in
     the same order — Σ_k (w_k / Σ_j w_j) · a_k over the replies in order, every ArrayRecord of a reply, w_k its
-    MetricRecord's ``weighted_by_key`` — with each array decoded and encoded through
-    :func:`~fedlt.federation.records.array_to_numpy` / :func:`~fedlt.federation.records.numpy_to_array`
+    MetricRecord's ``weighted_by_key`` (None: w_k = 1, the plain mean) — with each array decoded and encoded
+    through :func:`~fedlt.federation.records.array_to_numpy` / :func:`~fedlt.federation.records.numpy_to_array`
     (``np.load`` of each reply's ~200 arrays was most of a round's aggregation). Equal bytes (tested)."""
-    weights = [next(iter(r.metric_records.values()))[weighted_by_key] for r in records]
+    weights = [1 if weighted_by_key is None else next(iter(r.metric_records.values()))[weighted_by_key]
+               for r in records]
     total = sum(weights)
     out: dict[str, np.ndarray] = {}
     for record, weight in zip(records, (w / total for w in weights), strict=True):
@@ -321,6 +322,11 @@ class FedLTStrategy(FedAvg):
         self.round_record.aggregated.append([int(reply_metrics(m)["partition-id"]) for m in replies])
         return returned_pair(self.outer.aggregate_checked(server_round, replies), self.outer, "aggregate_checked")
 
+    def mean_weighted_by(self) -> str | None:
+        """The reply metric that weights each client's arrays in the FedAvg mean: ``num-examples``
+        (``weighted_by_key``); None for the plain mean over clients."""
+        return self.weighted_by_key
+
     def aggregate_checked(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate replies already checked (:meth:`check_replies`: no failed reply among them): Flower's rule of
@@ -332,7 +338,7 @@ class FedLTStrategy(FedAvg):
             arrays, metrics = None, None
             if valid:
                 contents = [m.content for m in valid]
-                arrays = weighted_mean_arrays(contents, self.weighted_by_key)
+                arrays = weighted_mean_arrays(contents, self.mean_weighted_by())
                 metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         else:
             arrays, metrics = super().aggregate_train(server_round, replies)
