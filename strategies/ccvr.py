@@ -9,6 +9,11 @@ pools them into the global per-class Gaussians (:func:`pool_class_stats`), adds 
 on them. That classifier is used for evaluation of the weights it was fitted on (the round number is kept and
 checkpointed, so a run resumed after its last round still reports the calibrated model); the base strategy's
 weights go on unchanged. summary.json gets the metrics before calibration (``ccvr_uncalibrated``).
+
+The authors released no code; fedlt follows the paper's algorithm (the pooling of Eq. 3–4 is tested against
+the covariance of the pooled features). Its constants are fedlt's own choices, not the paper's: the same
+``num_virtual`` = 200 for every class (a class-balanced re-fit, where the paper sets M_c per data set or in
+proportion to N_c), ``ridge`` = 1e-4, and the re-fit's 10 epochs, lr 0.01, momentum 0.9 and batch 64.
 """
 
 from __future__ import annotations
