@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedlt.compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory, or a folder of them")
     parser.add_argument("--out", required=True, help="folder for the report (created)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     command = "python -m fedlt.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
     return make_report(args.runs, args.out, command)
 

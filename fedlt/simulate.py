@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                              "several small runs share the card)")
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # --jobs' children: this one config into this dir
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2

@@ -254,8 +254,8 @@ def test_speed_columns_and_peak_memory(report):
     out, _ = report
     rows = read_csv(out / "summary.csv")
     fedavg, ce = rows["federated", "fedavg"], rows["centralized", "ce"]  # seeds 0 and 1
-    assert float(fedavg["seconds_per_step_mean"]) == pytest.approx(4.5)  # seconds_per_round 4, 5
-    assert float(ce["seconds_per_step_mean"]) == pytest.approx(4.5)  # seconds_per_epoch 4, 5
+    assert float(fedavg["seconds_per_round_or_epoch_mean"]) == pytest.approx(4.5)  # seconds_per_round 4, 5
+    assert float(ce["seconds_per_round_or_epoch_mean"]) == pytest.approx(4.5)  # seconds_per_epoch 4, 5
     assert float(fedavg["images_per_second_mean"]) == pytest.approx(150.0)
     md = (out / "table.md").read_text()
     assert md.splitlines()[0].rstrip(" |").endswith("s / round or epoch | img/s")

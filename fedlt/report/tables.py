@@ -30,13 +30,13 @@ HEADERS = {"accuracy": "Acc", "balanced_accuracy": "Bal. acc", "many": "Many", "
 # (fedlt/federation/local_eval.py; eval.local), beside the global model's accuracy; n/a where not evaluated.
 # Throughput (mean over seeds): wall-clock seconds per round (federated) or epoch (centralized), evaluation
 # included; training images per second of training time (images: epochs × examples of every trained client).
-SPEED = ("seconds_per_step", "images_per_second")
-SPEED_HEADERS = {"seconds_per_step": "s / round or epoch", "images_per_second": "img/s"}
+SPEED = ("seconds_per_round_or_epoch", "images_per_second")
+SPEED_HEADERS = {"seconds_per_round_or_epoch": "s / round or epoch", "images_per_second": "img/s"}
 
 
 def speed_value(summary: dict, key: str) -> float | None:
     """``key`` of :data:`SPEED` from a summary (None for runs written before fedlt recorded it)."""
-    if key == "seconds_per_step":
+    if key == "seconds_per_round_or_epoch":
         return summary.get("seconds_per_round", summary.get("seconds_per_epoch"))
     return summary.get(key)
 # Keys that the table shows in their own columns.
@@ -261,7 +261,8 @@ def markdown_table(rows: list[Row]) -> str:
                  r.column("alpha"), r.column("clients")] + ([r.other or "–"] if "Other" in head else []) + \
                 [str(len(r.runs))] + [cell(r.stats[m], r.counts.get(m), len(r.runs)) for m in metrics] + \
                 ["–" if r.gap is None else f"{100 * r.gap:+.1f}"] + \
-                [_speed(r.stats["seconds_per_step"][0], "{:.1f}"), _speed(r.stats["images_per_second"][0], "{:.0f}")]
+                [_speed(r.stats["seconds_per_round_or_epoch"][0], "{:.1f}"),
+                 _speed(r.stats["images_per_second"][0], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
