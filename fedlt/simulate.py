@@ -453,8 +453,9 @@ def time_model(cfg: Config, exp, model, batch_size: int, cache: dict | None = No
     return timing
 
 
-def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tuple[str, float]:
-    """(what the run does, its estimated seconds) from :func:`time_model`."""
+def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None, start: int = 0) -> tuple[str, float]:
+    """(what the run does, its estimated seconds) from :func:`time_model`; of the rounds / epochs after ``start``
+    where a checkpoint holds the first ``start`` of them (a resumed run)."""
     from fedlt.config import federated_method
     from fedlt.evaluation import due_count
     from fedlt.experiment import model_for
@@ -468,14 +469,15 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
         local = np.array([t.local_steps or epoch_steps(n, t.batch_size, t.local_epochs) for n in sizes])
         step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
         evals = 1 + due_count(fed.rounds, cfg.eval.every)  # the initial model's (round 0) and the due ones
-        seconds = fed.rounds * cohort * float(local.mean()) * step + evals * evaluation
+        left = fed.rounds - start, evals - (1 + due_count(start, cfg.eval.every) if start else 0)
+        seconds = left[0] * cohort * float(local.mean()) * step + left[1] * evaluation
         what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
                 f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
                 f"per client) = {fed.rounds * cohort * local.mean():,.0f} steps, {evals} evaluations")
         from fedlt.federation.fused import not_fused_note
 
         what += not_fused_note(cfg)
-        return what, seconds
+        return what + resume_note("round", start, fed.rounds), seconds
     from fedlt.centralized.run import centralized_optim, pretrain_epochs
     from fedlt.registry import CENTRALIZED
 
@@ -490,7 +492,13 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None) -> tupl
     shown = pretrain + cfg.centralized.epochs + method.stage2_epochs()  # 0.2: a fifth of an epoch's steps
     what = (f"centralized {cfg.centralized.method}: {shown:g} epochs × {per_epoch} steps (batch {bs}) = "
             f"{steps:,} steps, {evals} evaluations")
-    return what, steps * step + evals * evaluation
+    left = (epochs - start) / epochs, evals - (1 + due_count(start, cfg.eval.every) if start else 0)
+    return what + resume_note("epoch", start, epochs), left[0] * steps * step + left[1] * evaluation
+
+
+def resume_note(unit: str, start: int, total: int) -> str:
+    """``; resumes after <unit> <start> of <total>`` for a run whose checkpoint holds ``start`` steps."""
+    return f"; resumes after {unit} {start} of {total} (its checkpoint)" if start else ""
 
 
 def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = False,
@@ -501,6 +509,7 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     from fedlt.config import key_sources, load_config, set_given
     from fedlt.experiment import experiment_for
     from fedlt.report import check_report_dir
+    from fedlt.rundir import RunDir
     from fedlt.sweep import expand, split_overrides
 
     combos = expand(path, overrides)
@@ -521,13 +530,18 @@ def dry_run(path: str | None, overrides: list[str], out: str, overwrite: bool = 
     lines += ["config (key = value   (where it came from)):", *config_lines(first, key_sources(first, given)), ""]
     shown, timed, total = set(), {}, 0.0
     for r in runs:
+        run = RunDir(r.path)
+        if run.done and run.same_config(r.cfg):
+            lines.append(f"{r.path}: already finished; the command skips it")
+            continue
         exp = experiment_for(r.cfg)
         if r.mode == "federated":
             key = (r.cfg.data.model_dump_json(), r.cfg.partition.model_dump_json(), r.cfg.seed)
             if key not in shown:
                 shown.add(key)
                 lines += partition_lines(r.cfg, exp)
-        what, seconds = run_estimate(r.mode, r.cfg, exp, timed)
+        start = int(run.load_checkpoint()["step"]) if run.resumes(r.cfg) else 0
+        what, seconds = run_estimate(r.mode, r.cfg, exp, timed, start)
         total += seconds
         lines.append(f"{r.path}: {what}; estimate {duration(seconds)}")
     lines += ["", (f"estimated wall time: {duration(total)} in all (from 3 timed plain SGD steps and one test-set "

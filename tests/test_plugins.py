@@ -160,6 +160,25 @@ def tiny_federated(tmp_path: Path, name: str, *extra: str) -> tuple[dict, list[d
     return summary, rows
 
 
+def test_dry_run_says_which_runs_the_command_skips_or_resumes(tmp_path, capsys):
+    """After a sweep of two runs, one finished and one stopped after its last checkpoint (no summary.json yet),
+    the dry run names the finished one as skipped (no estimate) and the other as resuming after round 2 of 2:
+    its estimate is its last evaluation only (it listed all runs as still to do, with the whole cost)."""
+    from fedlt.simulate import main
+
+    args = ["--out", str(tmp_path), *TINY_FEDERATED, "federation.engine=inprocess", "sweep.seed=[0,1]"]
+    assert main(args) == 0
+    stopped = next(tmp_path.glob("*seed1*"))
+    (stopped / "summary.json").unlink()
+    (stopped / "done").unlink()
+    capsys.readouterr()
+    assert main(["--dry-run", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line == f"{next(tmp_path.glob('*seed0*'))}: already finished; the command skips it" for line in lines)
+    resumed = next(line for line in lines if line.startswith(f"{stopped}: "))
+    assert "; resumes after round 2 of 2 (its checkpoint); estimate" in resumed
+
+
 def test_a_strategy_overriding_aggregate_train_gets_the_failure_policy(tmp_path):
     """Flower's ``aggregate_train`` in a plug-in used to receive the failed clients' empty replies (no failure
     counted, no images trained, exit 0) where fedavg stopped at the first failure; tolerated, the failed clients
