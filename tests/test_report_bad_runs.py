@@ -112,6 +112,9 @@ DAMAGE = {
                            "metrics.jsonl has round 0 twice (rows 1 and 5)"),
     "metrics-no-step": (lambda d: (d / "metrics.jsonl").write_text('{"accuracy": 0.5}\n'),
                         "metrics.jsonl row 1 has no round"),
+    "metrics-cut-short": (lambda d: (_edit_json(d / "summary.json", rounds=3), (d / "metrics.jsonl").write_text(
+                              "".join((d / "metrics.jsonl").read_text().splitlines(True)[:2]))),
+                          "metrics.jsonl ends at round 1 of the run's 3 (cut short after the run): restore it"),
     "failures-negative": (lambda d: _edit_json(d / "summary.json", failures={"total": -1, "per_round": [0]}),
                           "summary.json failures.total is not a whole number ≥ 0 (-1)"),
     "failures-rounds": (lambda d: _edit_json(d / "summary.json", failures={"total": 1, "per_round": "1"}),

@@ -7,6 +7,7 @@ usually env.json); see :mod:`fedlt.rundir`, which writes them.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,20 @@ def _curve_error(rows: list[dict], unit: str) -> str | None:
     return None
 
 
+def _cut_short(rows: list[dict], unit: str, summary: dict) -> str | None:
+    """Where metrics.jsonl ends before the finished run's last round or epoch (summary.json's ``rounds``, or
+    ``pretrain_epochs`` + ⌈``epochs``⌉ + ``stage2_epochs`` as the run counts them): the file was cut or
+    damaged after the run, and the curve would stop there while the table showed the final numbers."""
+    try:
+        last = (int(summary["rounds"]) if unit == "round" else
+                int(summary.get("pretrain_epochs") or 0) + math.ceil(summary["epochs"])
+                + int(summary.get("stage2_epochs") or 0))
+    except (KeyError, TypeError, ValueError):
+        return None  # (a run written before fedlt recorded these)
+    end = max(row[unit] for row in rows)
+    return f"ends at {unit} {end} of the run's {last} (cut short after the run): restore it" if end < last else None
+
+
 def read_run(path: str | Path) -> Run:
     """Read one finished run directory; a missing or corrupt file, or a value of the wrong type or shape,
     raises :class:`RunError` naming the run and the file."""
@@ -327,7 +342,8 @@ def read_run(path: str | Path) -> Run:
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: cannot read metrics.jsonl ({exc.__class__.__name__})") from None
     metrics = [_metrics_row(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    if error := _curve_error(metrics, "round" if summary["mode"] == "federated" else "epoch"):
+    unit = "round" if summary["mode"] == "federated" else "epoch"
+    if error := _curve_error(metrics, unit) or _cut_short(metrics, unit, summary):
         raise RunError(f"{path}: metrics.jsonl {error}")
     partition = _read_json(path, "partition.json")
     if not isinstance(partition, dict) or "client_class_counts" not in partition:
