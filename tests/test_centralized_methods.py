@@ -124,6 +124,41 @@ def test_auto_augment_per_image_vs_per_batch():
     assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def official_cutout_then_normalize(img01: torch.Tensor, y: int, x: int, length: int, mean, std) -> torch.Tensor:
+    """NCL ``lib/dataset/autoaug.py`` ``Cutout`` (img * mask, the mask 0 on [y ± length/2) × [x ± length/2) clipped),
+    applied after ``ToTensor`` and before ``Normalize`` (``cui_cifar.py``; SHIKE, MDCS and CC-SAM order it so)."""
+    h, w = img01.shape[1:]
+    mask = torch.ones(h, w)
+    mask[max(y - length // 2, 0):min(y + length // 2, h), max(x - length // 2, 0):min(x + length // 2, w)] = 0
+    return (img01 * mask - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def test_the_strong_views_cutout_hole_is_black_and_autoaugment_fills_grey(monkeypatch):
+    """Cutout before normalisation, as the official pipelines: the hole is pixel 0, i.e. −mean/std once
+    normalised (it was 0, the mean colour); AutoAugment's shear/translate/rotate fill is DeepVoltaire's grey 128."""
+    import fedlt.data.augment as A
+
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+    img01 = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    normalised = (img01 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    monkeypatch.setattr(A, "auto_augment", lambda x01, generator, chunk: x01)  # Cutout alone
+    g = torch.Generator().manual_seed(3)
+    out = strong_augment(normalised, torch.tensor(mean), torch.tensor(std), g, cutout_size=4)
+    g = torch.Generator().manual_seed(3)
+    cy, cx = torch.randint(0, 12, (1,), generator=g).item(), torch.randint(0, 12, (1,), generator=g).item()
+    official = official_cutout_then_normalize(img01[0], cy, cx, 4, mean, std)
+    torch.testing.assert_close(out[0], official, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    from torchvision.transforms import v2
+
+    seen = []
+    real = v2.AutoAugment.__init__
+    monkeypatch.setattr(v2.AutoAugment, "__init__", lambda self, *a, **k: (seen.append(k.get("fill")),
+                                                                            real(self, *a, **k))[1])
+    auto_augment(torch.rand(2, 3, 8, 8), torch.Generator().manual_seed(0))
+    assert seen == [128 / 255]
+
+
 def tiny_experiment(num_classes=4, size=12):
     g = torch.Generator().manual_seed(0)
     counts = [40, 16, 8, 4][:num_classes]

@@ -69,10 +69,11 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return x.div_(255.0).sub_(mean.to(dtype)[None, :, None, None]).div_(std.to(dtype)[None, :, None, None])
 
 
-def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cutout (DeVries & Taylor, 2017), per image: zero a size×size square centred at a uniform pixel,
-    clipped at the border (so the square may be partly outside). Applied after normalisation, as in the
-    reference code, so the hole has the mean colour."""
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None,
+           fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Cutout (DeVries & Taylor, 2017), per image: set a size×size square centred at a uniform pixel to
+    ``fill`` (one value per channel, in the units of ``x``; default 0), clipped at the border (so the square may
+    be partly outside)."""
     n, _, h, w = x.shape
     if size <= 0:
         return x
@@ -83,12 +84,20 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     in_y = (ys[None, :] >= (cy - size // 2)[:, None]) & (ys[None, :] < (cy - size // 2 + size)[:, None])
     in_x = (xs[None, :] >= (cx - size // 2)[:, None]) & (xs[None, :] < (cx - size // 2 + size)[:, None])
     hole = in_y[:, :, None] & in_x[:, None, :]  # (n, h, w)
-    return x.masked_fill(hole[:, None], 0.0)
+    return torch.where(hole[:, None], torch.as_tensor(fill, dtype=x.dtype, device=dev), x)
+
+
+AUTOAUGMENT_FILL = 128 / 255  # DeepVoltaire's CIFAR10Policy fillcolor (128, 128, 128), on [0, 1] images
 
 
 def auto_augment(x01: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 1,
                  policy: str = "cifar10") -> torch.Tensor:
     """AutoAugment (Cubuk et al., CVPR 2019) on a float batch in [0, 1], with its own random policy per chunk.
+
+    Pixels that shear, translate or rotate bring in are grey 128/255, as the ``CIFAR10Policy(fillcolor=(128,
+    128, 128))`` (DeepVoltaire's) of the long-tail recipes fedlt follows (BalPoE, MDCS, NCL, SHIKE, CC-SAM);
+    torchvision's default fill is black. Their PIL shear and translate resample bicubic, torchvision's tensor
+    ops nearest (not copied: bicubic is not available for tensors).
 
     torchvision's ``v2.AutoAugment`` draws ONE sub-policy (and one magnitude sign, one probability draw)
     per call, i.e. per batch. Here the batch is cut into chunks of ``chunk`` images and each chunk is one
@@ -99,7 +108,7 @@ def auto_augment(x01: torch.Tensor, generator: torch.Generator | None = None, ch
     """
     from torchvision.transforms import v2
 
-    aa = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+    aa = v2.AutoAugment(v2.AutoAugmentPolicy(policy), fill=AUTOAUGMENT_FILL)
     seeds = torch.randint(0, 2**62, (max(1, -(-len(x01) // chunk)),), generator=generator, device="cpu")
     out = []
     with torch.random.fork_rng(devices=[]):
@@ -114,13 +123,16 @@ def strong_augment(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gener
     """The strong view of the long recipes: AutoAugment (CIFAR policy) + Cutout on a normalised batch.
 
     ``x`` is normalised (and usually already cropped/flipped); it is mapped back to [0, 1] for AutoAugment,
-    normalised again, then Cutout(``cutout_size``) is applied.
+    normalised again, then Cutout(``cutout_size``) is applied with a black hole: the official pipelines
+    (NCL ``cui_cifar.py``, SHIKE ``cifarTrain.py``, MDCS ``cifar_data_loaders.py``, CC-SAM ``Cifar.py``) run
+    ``ToTensor → Cutout → Normalize``, so the hole is pixel 0, not the mean colour that Cutout after
+    normalisation (DeVries' own code) gives.
     """
     m = mean.to(x.device, x.dtype)[None, :, None, None]
     s = std.to(x.device, x.dtype)[None, :, None, None]
     x01 = (x * s + m).clamp(0, 1)
     x = (auto_augment(x01, generator, chunk) - m) / s
-    return cutout(x, cutout_size, generator)
+    return cutout(x, cutout_size, generator, fill=(-m / s).view(1, -1, 1, 1))
 
 
 def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None,
