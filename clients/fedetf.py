@@ -17,7 +17,10 @@ on M alone (SGD lr ``proto_lr``, no momentum) and ``personal_epochs`` epochs on 
 lr ``projection_lr`` with train.momentum and train.weight_decay); temperature and backbone stay fixed.
 
 The global test logits keep T (the official ``validate`` drops it; the argmax is the same for T > 0, and
-fedlt's calibration metrics need the trained scale). Official widths: p = C for the ResNets, p = d for
+fedlt's calibration metrics need the trained scale). Not copied: the official client builds its optimizer once
+(``nodes.py``, ``utils.py``) and keeps its momentum buffer from the last round it trained (rounds earlier, on
+another global model) into the next round and the personalisation; a fedlt client keeps no state between
+rounds, and each round's SGD starts without momentum. Official widths: p = C for the ResNets, p = d for
 its CIFAR CNN (``client.projection_dim``); T starts at 1 (ResNets, LeNet) or 10 (CIFAR CNN).
 """
 

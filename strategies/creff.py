@@ -17,6 +17,11 @@ base's model (not the re-trained one) goes on to the next round. The official si
 100 matching steps and 300 re-training epochs. The re-trained classifier's round is kept and checkpointed,
 so a run resumed after its last round reports the re-trained model; summary.json also gets the base
 classifier's metrics (``creff_base_classifier``).
+
+Official behaviour not copied: the clients' local training (``main.py`` ``local_train``) applies
+``transforms.RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip()`` to the batch tensor, so one crop offset
+and one flip serve all 32 images of a batch, and the padding is 0 after normalisation (the mean colour).
+fedlt crops and flips each image (padding black), as a per-image transform is meant to act.
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def test_eql_matches_the_official_loss_and_silences_tail_negatives():
 
 
 def transcribed_seql(inputs, targets, num_class_list, lam, gamma, rand):
-    """SEQL.forward of zhangyongshun/BagofTricks-LT lib/loss/seql.py, transcribed (``rand`` replaces its
-    ``torch.rand(onehot_label.size())``)."""
+    """SEQL.forward of zhangyongshun/BagofTricks-LT lib/loss/loss_impl/equalization_loss.py, transcribed (``rand``
+    replaces its ``torch.rand(onehot_label.size())``)."""
     t_lambda = (num_class_list / num_class_list.sum()) < lam
     onehot = F.one_hot(targets, inputs.shape[1]).float()
     beta = rand < gamma

@@ -82,8 +82,9 @@ def softmax_equalization_loss(logits: torch.Tensor, targets: torch.Tensor, count
 
     batch mean, with w from :func:`seql_weights` (w_y = 1, so the sum is never empty). The official detection
     repository has no classification form; this follows the transcription in zhangyongshun/BagofTricks-LT
-    ``lib/loss/seql.py`` (same w and β), computed as a log-sum-exp: that code takes exp(z) without subtracting
-    the maximum, which overflows to inf/nan for logits above ~88 in float32 — a defect not copied."""
+    ``lib/loss/loss_impl/equalization_loss.py`` (same w and β), computed as a log-sum-exp: that code takes exp(z)
+    without subtracting the maximum, which overflows to inf/nan for logits above ~88 in float32 — a defect not
+    copied."""
     z = at_least_float32(logits)
     w = seql_weights(targets, z.shape[1], class_frequencies(counts), lam, gamma, generator).to(z.dtype)
     lse = torch.logsumexp(z + torch.log(w), dim=1)  # log 0 = −inf drops a term
