@@ -7,6 +7,7 @@ and on a second batch of as many images drawn with replacement with per-sample w
 (q = ``resample_weighting``; the official ``WeightedRandomSampler``), also two views, from the method's own
 random stream. The model (:class:`GLMCModel`) adds to the configured one a second linear head and the
 projection/predictor of the mixture-consistency loss; its ``forward`` (test) is the re-balanced head ``fc_cb``.
+Not copied: the official ``main.py`` reports the best test accuracy over the epochs; fedlt reports the last.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ the lr). At test (TDE), with ĉ_k = ē_k/‖ē_k‖ and cos_k = ⟨x̂_k, ĉ_k�
     z_c = Σ_k (τ/K)·⟨x̂_k − α·cos_k·ĉ_k, ŵ_{c,k}⟩                                                 (inference)
 
 K = 2, τ = 16, γ = 1/32, α = 1 (CIFAR; 3 elsewhere). Not copied: the official ē starts at 0 and the official code
-never evaluates before training (ĉ = 0/0); here a zero ē (no training batch yet) skips the removal.
+never evaluates before training (ĉ = 0/0); here a zero ē (no training batch yet) skips the removal. Nor the
+official model selection: ``run_networks.py`` tests the weights of the epoch with the best accuracy on its
+validation split, which on CIFAR is the test set; fedlt reports the last epoch (choosing on the test set
+inflates the number).
 """
 
 from __future__ import annotations
