@@ -4,7 +4,9 @@ on every expert of a multi-expert model (:class:`~fedlt.models.experts.MultiExpe
 
 - joint phase (config ``expert`` = -1): L = Σ_m CE(z_m + log π̂, y), all experts and the stem train;
 - expert phase (``expert`` = m): L = CE(z_m + log π̂, y); the other experts' branches are frozen (no
-  gradient, no weight decay, no BatchNorm statistics: they are not run), the shared stem trains.
+  gradient, no weight decay) but run without gradient, so that their BatchNorm statistics follow the batch as
+  in the release (``trainer.py`` ``_train_epoch``: ``model.train()`` and the whole model's forward, every
+  expert of ``use_experts``); the shared stem trains.
 The loss has no extra multiplier (the official release multiplies the expert-phase loss by 5, which the
 paper does not state). The server sends ``log-prior`` (C floats) and ``expert``.
 """
@@ -47,4 +49,5 @@ class GBMEClient(ClientMethod):
             model.train_only_expert(None)
             return LossObjective(partial(gbme_loss, log_pi=log_pi), output="expert_logits")
         model.train_only_expert(expert)
-        return LossObjective(partial(balanced_softmax_loss, log_pi=log_pi), output="expert_forward", args=(expert,))
+        return LossObjective(partial(balanced_softmax_loss, log_pi=log_pi), output="expert_forward",
+                             args=(expert, True))

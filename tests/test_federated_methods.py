@@ -113,7 +113,9 @@ def test_gbme_simulation(gbme_run):
     assert all(scores[a] >= scores[b] for a, b in zip(order, order[1:]))
     assert len(summary["expert_accuracy"]) == 3 and all(0 <= a <= 1 for a in summary["expert_accuracy"])
     assert isinstance(rows[0]["clients"][0], int)  # round 1: joint phase, one cohort
-    assert len(rows[1]["clients"]) == 3 and all(len(c) == len(set(c)) == 2 for c in rows[1]["clients"])  # expert phase
+    # expert phase: the release's cohorts of S = 2 a round, β_g = 0.8 (S·β = 1.6): a group of one is the cohort
+    # alone (int(1.6) − 1 = 0 others), a group of two int(1.6) = 1 of it and int(0.4) = 0 others (tests/test_prior.py)
+    assert [len(set(c)) for c in rows[1]["clients"]] == [len(g) if len(g) <= 1.6 else 1 for g in groups]
 
 
 # --------------------------------------------------------------------------- FedAvg aggregation

@@ -203,3 +203,35 @@ def test_fractional_epochs_round_half_a_step_up(epochs, steps):
                       torch.ones(1), 2)
     m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     assert train(m, data, opt=OptimConfig(batch_size=32), epochs=epochs, generator=torch.Generator()).steps == steps
+
+
+def test_gbme_expert_step_runs_the_frozen_experts_for_their_batchnorm_statistics():
+    """``expert_forward(x, m, run_others=True)`` in training mode, as the GBME release's expert phase (the whole
+    model's forward, one expert trained): the frozen experts' BatchNorm statistics follow the batch, their
+    weights get no gradient, and z_m and its gradients are those of expert m alone."""
+    import copy
+
+    from fedlt.models.experts import resnet8_experts
+
+    torch.manual_seed(0)
+    model = resnet8_experts(5, 3, num_experts=3).train()
+    model.train_only_expert(1)
+    plain = copy.deepcopy(model)
+    x = torch.randn(6, 3, 16, 16)
+
+    def running_means(m):
+        return {i: torch.cat([b.flatten() for n, b in m.experts[i].named_buffers() if n.endswith("running_mean")])
+                for i in range(3)}
+
+    before = running_means(model)
+    z, z_plain = model.expert_forward(x, 1, run_others=True), plain.expert_forward(x, 1)
+    torch.testing.assert_close(z, z_plain)
+    after, after_plain = running_means(model), running_means(plain)
+    assert all(not torch.equal(after[i], before[i]) for i in range(3))  # every expert's statistics moved
+    assert torch.equal(after_plain[0], before[0]) and torch.equal(after_plain[2], before[2])  # not run
+    z.sum().backward()
+    z_plain.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)

@@ -115,12 +115,22 @@ def test_prior_error():
     assert rep["prior_l1"] == pytest.approx(0) and rep["true_prior"] == [0.75, 0.25]
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_expert_cohort_exactly_s_distinct(seed):
-    rng = np.random.default_rng(seed)
-    group = list(range(10, 43))
-    cohort = sample_expert_cohort(rng, group, 100, 20, 0.8)
-    assert len(cohort) == len(set(cohort)) == 20
-    assert sum(k in group for k in cohort) >= 16  # ⌊0.8·20⌋ from the group, plus any drawn again from all K
-    small = sample_expert_cohort(rng, [0, 1], 4, 3, 0.8)  # group smaller than ⌊β·S⌋
-    assert len(set(small)) == 3 and {0, 1} <= set(small)
+def official_cohort_sizes(group: list[int], per_round: int, beta: float) -> tuple[int, int]:
+    """Spinozaaa/Federated-Long-tailed-Learning ``fedml_api/clsimb_fedavg/fedavg_api.py`` (``train``, the expert
+    loop): (clients of the group, other clients) of an expert's cohort, in its floating point."""
+    if per_round * beta >= len(group):
+        return len(group), int(per_round * beta - len(group))
+    return int(per_round * beta), int(per_round * (1 - beta))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("group,num_clients,per_round,beta", [
+    (list(range(10, 43)), 100, 20, 0.8),  # gbme_cifar100_lt.yaml: 16 + int(3.99…) = 19
+    ([0, 1, 2], 10, 5, 0.8), ([3, 4, 5, 6], 10, 5, 0.8),  # gbme_cifar10_lt.yaml's groups: the group + the rest of 4
+    ([0, 1], 4, 3, 0.8), (list(range(30)), 100, 10, 0.5)])
+def test_expert_cohort_has_the_releases_size_all_distinct(seed, group, num_clients, per_round, beta):
+    cohort = sample_expert_cohort(np.random.default_rng(seed), group, num_clients, per_round, beta)
+    in_group, others = official_cohort_sizes(group, per_round, beta)
+    assert len(cohort) == len(set(cohort)) == in_group + others
+    assert sum(k in group for k in cohort) >= in_group  # the others: any client not yet chosen, as the release
+    assert cohort == sorted(cohort)

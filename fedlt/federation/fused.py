@@ -209,8 +209,8 @@ class _ClientView:
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._output(x, "expert_logits")
 
-    def expert_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        return self._output(x, "expert_forward", (int(m),))
+    def expert_forward(self, x: torch.Tensor, m: int, run_others: bool = False) -> torch.Tensor:
+        return self._output(x, "expert_forward", (int(m), bool(run_others)))
 
     def parameters(self) -> Iterator[torch.Tensor]:
         return (self._group.params[n][self._j] for n in self._names)

@@ -82,9 +82,18 @@ class MultiExpertModel(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def expert_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        """z_m = expert_m(stem(x)): expert ``m``'s logits alone (the other experts are not run)."""
-        return self.experts[m](self.stem(x))
+    def expert_forward(self, x: torch.Tensor, m: int, run_others: bool = False) -> torch.Tensor:
+        """z_m = expert_m(stem(x)): expert ``m``'s logits. The other experts are not run, unless ``run_others``:
+        then they run on the same stem output without gradient, so that in training mode their BatchNorm
+        statistics follow the batch as in a forward of the whole model (GBME's release, whose expert phase
+        runs every expert and trains one)."""
+        s = self.stem(x)
+        if run_others:
+            with torch.no_grad():
+                for i, expert in enumerate(self.experts):
+                    if i != m:
+                        expert(s)
+        return self.experts[m](s)
 
     def expert_model(self, m: int) -> nn.Module:
         """Expert ``m`` alone as a model, x -> z_m (it shares this model's stem and expert parameters)."""

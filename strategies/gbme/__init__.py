@@ -9,8 +9,10 @@ ICCV 2023), following the official code Spinozaaa/Federated-Long-tailed-Learning
     ⌊K·m/M⌋ as the release (``strategy.group_rule=official``; ``array_split``: np.array_split's cut);
 (c) rounds t ≤ ⌈joint_fraction·T⌉ (0-based t < 0.6T): one FedAvg aggregation every round of all experts on
     Σ_m CE(z_m + log π̂, y) (the release's joint-phase rounds train the clients but never aggregate them);
-(d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with exactly S distinct clients, ⌊β_g·S⌋ of
-    them from group m (the release draws the rest from all K, so a client can be drawn twice), loss
+(d) later rounds: for m = 0..M−1 one FedAvg sub-round on expert m with the release's cohort: int(β_g·S) clients
+    of group m and int((1 − β_g)·S) others, or the whole group and the rest of int(β_g·S) where the group is
+    that small (:func:`~strategies.gbme.prior.sample_expert_cohort`; all distinct, where the release draws
+    the others from all K, so a client can be drawn twice), loss
     CE(z_m + log π̂, y) with no multiplier (the release multiplies it by 5, which the paper does not state);
 (e) prediction argmax z̄ (the model's mean output); no post-hoc adjustment.
 summary.json gets π̂, its L1/KL error, the groups and each expert's test accuracy.

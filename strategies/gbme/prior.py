@@ -115,14 +115,24 @@ def prior_error(pi: np.ndarray, pi_hat: np.ndarray) -> dict[str, float]:
 
 def sample_expert_cohort(rng: np.random.Generator, group: list[int], num_clients: int, size: int,
                          group_fraction: float) -> list[int]:
-    """GBME's cohort of an expert: ⌊β_g·S⌋ distinct clients of ``group`` (at most the group), the rest drawn
-    from the other clients of all K, so exactly min(S, K) distinct clients. Sorted. (The official release draws the
-    rest from all K, so a group client can be drawn twice.)"""
-    size = min(size, num_clients)
-    n_group = min(int(np.floor(group_fraction * size)), len(group))
-    chosen = rng.choice(np.asarray(group, dtype=np.int64), size=n_group, replace=False).tolist() if n_group else []
+    """GBME's cohort of an expert, sized as the release's ``fedavg_api.py`` (the expert loop of ``train``) sizes
+    it, with S = ``size`` and β = ``group_fraction``:
+
+    - S·β ≥ |group|: the whole group and int(S·β) − |group| other clients (int(S·β) in all: the release adds
+      no S·(1 − β) share here; CIFAR-10's 5 per round, β = 0.8, groups of 3 or 4: 4 clients);
+    - else int(S·β) clients of the group and int(S·(1 − β)) others, in floating point as the release computes
+      them (S = 20, β = 0.8: 16 + int(3.99…) = 3, so 19 clients).
+
+    At least one client (a group member). Not copied: the release draws the others from all K, so a group
+    client can be drawn twice; here they come from the clients not yet chosen, all distinct. Sorted."""
+    group = np.asarray(group, dtype=np.int64)
+    if size * group_fraction >= len(group):
+        chosen, others = group.tolist(), int(size * group_fraction) - len(group)
+    else:
+        n_group = max(1, int(size * group_fraction))
+        chosen, others = rng.choice(group, size=n_group, replace=False).tolist(), int(size * (1 - group_fraction))
     rest = np.asarray([k for k in range(num_clients) if k not in set(chosen)], dtype=np.int64)
-    chosen += rng.choice(rest, size=size - n_group, replace=False).tolist()
+    chosen += rng.choice(rest, size=min(others, len(rest)), replace=False).tolist()
     return sorted(int(k) for k in chosen)
 
 
