@@ -16,18 +16,23 @@ backbone, CE(g_aux(h.detach()), y) the global head and CE(l_k(h.detach()), y) th
 the sum: the three losses touch disjoint parameters, as the official three optimizers).
 
 Global model (GHA, readme step 2.2 and ``util/update_baseline.py``, ``globaltest_calibra``):
-w_c ← 1.7·w_c/‖w_c‖ on g_aux's rows, bias unchanged (strategies/fedloge.py). Personalised model (LHA,
-readme step 2.1): logits = (diag(‖l_{k,c}‖)·W_aux) h + b_l + g_aux(h), classes the client holds no
-training sample of masked out. The official masks the classes absent from the client's *test* set (its
+w_c ← 1.7·w_c/‖w_c‖ on g_aux's rows, bias unchanged (strategies/fedloge.py). Personalised model (LHA) as
+the release's ``realignment.py`` computes it: ``update_weights_norm_init`` (with ``epoch = 0``: no training)
+rescales g_aux's rows by the local head's, W_aux ← diag(‖l_{k,c}‖)·W_aux, then ``localtest`` evaluates
+l_k(h) + g_aux(h), i.e. logits = W_l h + b_l + (diag(‖l_{k,c}‖)·W_aux) h + b_aux (``client.lha=realignment``).
+The readme's step 2.1 writes another form, the local head's weights replaced by the rescaled W_aux:
+(diag(‖l_{k,c}‖)·W_aux) h + b_l + W_aux h + b_aux (``client.lha=readme``). Classes the client holds no
+training sample of are masked out. The official masks the classes absent from the client's *test* set (its
 ``class_distribution``), reading test labels; fedlt masks by the client's training counts instead
-(``client.mask_absent``). The official ``localtest`` (``p_mode = 1``) evaluates l_k(h) + g_aux(h) without the
-realignment; fedlt follows the readme's LHA.
+(``client.mask_absent``). The per-round ``localtest`` of ``fedloge.py`` (the logs' "local average test acc")
+evaluates l_k(h) + g_aux(h) without the rescaling.
 """
 
 from __future__ import annotations
 
 import copy
 from functools import lru_cache, partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -78,10 +83,17 @@ def _sse_c(feature_dim: int, num_classes: int, sparsity: float, steps: int, seed
     return sparse_etf(etf, zero, steps)
 
 
-def lha_logits(h: torch.Tensor, aux: nn.Linear, local: nn.Linear, absent: torch.Tensor | None = None) -> torch.Tensor:
-    """LHA: (diag(‖l_c‖)·W_aux) h + b_l + W_aux h + b_aux; ``absent`` (C bools) classes set to −inf."""
+def lha_logits(h: torch.Tensor, aux: nn.Linear, local: nn.Linear, absent: torch.Tensor | None = None,
+               form: str = "realignment") -> torch.Tensor:
+    """LHA with S = diag(‖l_c‖)·W_aux: ``realignment`` (the release's realignment.py) l(h) + S h + b_aux;
+    ``readme`` (its step 2.1) S h + b_l + W_aux h + b_aux. ``absent`` (C bools) classes set to −inf."""
     scaled = aux.weight * torch.norm(local.weight, p=2, dim=1).unsqueeze(1)
-    z = F.linear(h, scaled, local.bias) + aux(h)
+    if form == "realignment":
+        z = local(h) + F.linear(h, scaled, aux.bias)
+    elif form == "readme":
+        z = F.linear(h, scaled, local.bias) + aux(h)
+    else:
+        raise ValueError(f"unknown LHA form {form!r}")
     return z if absent is None else z.masked_fill(absent.to(z.device), float("-inf"))
 
 
@@ -156,6 +168,9 @@ class FedLoGeClient(ClientMethod):
         sparsity: float = Field(0.6, ge=0, lt=1, description="SSE-C: fraction β of the ETF's entries set to 0")
         sse_steps: int = Field(10000, ge=0, description="SSE-C: Adam steps (lr 1e-4) of the official optimisation")
         mask_absent: bool = Field(True, description="LHA: mask the classes the client has no training sample of")
+        lha: Literal["realignment", "readme"] = Field(
+            "realignment", description="LHA's form: the release's realignment.py, l_k(h) + rescaled g_aux(h), or "
+                                       "the readme's step 2.1, rescaled W_aux with b_l + g_aux(h)")
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: Config, num_classes: int) -> nn.Module:
@@ -209,4 +224,4 @@ class FedLoGeClient(ClientMethod):
         local = self.local_head(model, config)
         aux = copy.deepcopy(head.aux)
         absent = (data.class_counts == 0) if self.opts.mask_absent else None
-        return HeadModel(model.features, lambda h: lha_logits(h, aux, local, absent)).eval()
+        return HeadModel(model.features, lambda h: lha_logits(h, aux, local, absent, self.opts.lha)).eval()
