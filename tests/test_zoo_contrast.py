@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_centralized_methods import tiny_cfg, tiny_experiment
+from torch import nn
 
 import fedlt.centralized as C
 import fedlt.centralized.run as R
@@ -182,6 +183,18 @@ def test_rotation_batch_is_the_official_rotation(batch):
     if batch >= 4:  # a balanced mix of the four rotations, each image one of its own rotations
         assert set(ours[1].tolist()) == {0, 1, 2, 3}
     assert torch.equal(torch.rot90(ours[0][0], -int(ours[1][0]), [1, 2]), x[0])
+
+
+def test_rotation_head_is_kaiming_normal_as_the_official_resnet():
+    """YyzHarry/imbalanced-semi-self ``resnet32(num_classes=4)`` applies ``_weights_init`` (models/resnet_cifar.py):
+    ``kaiming_normal_`` on every Linear's weight, std √(2/64) = 0.177 (PyTorch's default gives about 0.07)."""
+    from fedlt.centralized.pretrain import rotation_model
+    from fedlt.models.base import SplitModel
+
+    backbone = SplitModel(nn.Sequential(nn.Flatten(), nn.Linear(8, 4096)), nn.Linear(4096, 3), 4096)
+    head = rotation_model(backbone, seed=5).classifier
+    assert head.weight.std().item() == pytest.approx((2 / 4096) ** 0.5, rel=0.05)
+    assert head.bias.abs().max().item() <= 1 / 4096 ** 0.5  # the bias keeps nn.Linear's U(±1/√d)
 
 
 def test_pretrain_needs_epochs_and_a_single_feature_extractor(tmp_path, monkeypatch):

@@ -215,7 +215,8 @@ class MiSLAS(DecoupledMethod):
     scale f at the full lr, both following the per-epoch cosine lr·½(1 + cos(π·e/E)) (e = 0, …, E − 1, held
     within the epoch); the frozen backbone's BatchNorm is in train mode (statistics shifted to the balanced
     batches) only with ``shift_bn``. The official stage 1 (``cos: False``) warms up over 5 epochs and decays
-    the lr ×0.1 at epoch 160 and ×0.01 at 180 (``milestones: [160, 180], gamma: 0.1`` in fedlt's configs).
+    the lr ×0.1 at epoch 160 and ×0.01 at 180 (``milestones: [160, 180], gamma: 0.1`` in fedlt's configs). Not
+    copied: the official keeps the epoch with the best test accuracy (of each stage); fedlt reports the last.
 
     The defaults are the official CIFAR-100-LT IF 100 values (ε 0.4/0.1, shift-BN on, lr_factor 0.2); the
     official values per data set and IF (configs/centralized/mislas/):

@@ -19,7 +19,8 @@ the groups are fedlt's (many > 100, few < 20; the official ≥ 100, ≤ 20). The
 (``stage2_lr``, the ``stage2_*`` keys of :class:`~fedlt.options.Stage2Options`; cosine by default). The official
 ImageNet-LT student (``config/ImageNet_LT/LFME.py``: 90 epochs, batch 256, MultiStepLR [50, 80] × 0.1, stepped at
 the top of each epoch from 1, so each decay lands one epoch early) is ``stage2_epochs=90 stage2_batch_size=256
-stage2_schedule=step stage2_milestones=[49,79]``.
+stage2_schedule=step stage2_milestones=[49,79]``. The official keeps each expert's and the student's best epoch
+(``state_dict_best``); fedlt the last.
 
 The evaluated model is the student: the rows of stage 1 repeat the initial model's metrics.
 """

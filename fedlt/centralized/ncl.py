@@ -29,8 +29,10 @@ colour jitter, grayscale, Gaussian blur; :func:`~fedlt.data.augment.simclr_augme
 
 Not followed: the single-device batch shuffle of the keys (``shuffle_BN``) is not done (on one device it
 leaves BatchNorm's batch statistics unchanged); a last batch shorter than the others wraps around the queue
-(the official code asserts K % B = 0); fedlt's linear warm-up goes (e + 1)/5·lr over the 5 warm-up epochs
-(official ``WarmupMultiStepLR``: from lr/3).
+(the official code asserts K % B = 0). The official ``WarmupMultiStepLR`` (warm-up from lr/3, stepped before
+each epoch) is ``centralized.warmup_factor=1/3`` with the milestones one epoch early, as the shipped config
+sets them. Nor the official model selection: the epoch with the best test accuracy is kept; fedlt reports the
+last.
 """
 
 from __future__ import annotations

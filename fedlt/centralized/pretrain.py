@@ -9,7 +9,8 @@ permutation of [0, 1, 2, 3]·(⌊B/4⌋ + 1) cut to B (a balanced mix per batch)
 Then the method's stage 1 starts from those features with its own, untouched classifier (the official
 ``train.py`` loads every key but ``fc``/``linear`` into a freshly initialised model) and a fresh optimizer.
 Stage 0 uses stage 1's optimizer settings and lr schedule over ``pretrain_epochs`` (the official CIFAR
-pre-training and training share ``adjust_learning_rate``: 5 warm-up epochs, ×0.01 at 160 and 180).
+pre-training and training share ``adjust_learning_rate``: 5 warm-up epochs, ×0.01 at 160 and 180). Not copied:
+the official ``train.py`` keeps the epoch with the best test accuracy; fedlt reports the last.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def rotation_batch(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Ten
 
 
 def rotation_model(model: nn.Module, seed: int) -> SplitModel:
-    """The model's ``features`` (shared, not copied) with a 4-way linear head (PyTorch's default initialisation,
-    drawn from ``seed``)."""
+    """The model's ``features`` (shared, not copied) with a 4-way linear head, drawn from ``seed``: weight
+    Kaiming-normal (the official ``resnet32(num_classes=4)``'s ``_weights_init``, models/resnet_cifar.py, std
+    √(2/d)), bias PyTorch's default."""
     features, dim = getattr(model, "features", None), getattr(model, "feature_dim", None)
     if not isinstance(features, nn.Module) or dim is None:
         raise FedLTError("centralized.pretrain=rotation needs a model with one feature extractor "
@@ -45,6 +47,7 @@ def rotation_model(model: nn.Module, seed: int) -> SplitModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(dim, NUM_ROTATIONS)
+        nn.init.kaiming_normal_(head.weight)
     return SplitModel(features, head, dim)
 
 

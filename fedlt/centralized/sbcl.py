@@ -26,7 +26,8 @@ single-device counterpart and is not done; a last batch shorter than the others 
 official code asserts that it never happens).
 
 Not followed: the official SimCLR augmentation (RandomResizedCrop(0.2–1), colour jitter, grayscale) — fedlt's
-views are crop/flip (+ ``autoaugment``).
+views are crop/flip (+ ``autoaugment``); the official model selection (the best test epoch) — fedlt reports the
+last.
 """
 
 from __future__ import annotations
