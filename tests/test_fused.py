@@ -465,7 +465,9 @@ def test_one_round_gives_the_same_weights_in_both_engines(method, tmp_path, monk
     run_fused(cfg, str(tmp_path / "fused"))
     dp = method == "dp_client_fixed"  # the mod's message is a copy: it sets records aside on it
     assert copied == {"message": 3 if dp else 0, "reply": 0} and len(clipped) == (3 if dp else 0)
-    expected = [3] if method != "gbme" else [3, 3, 3, 3]
+    # gbme: the joint round's 3 clients, then each expert's cohort as the release sizes it: S·β = 3·0.8 = 2.4, so
+    # int(2.4) = 2 clients (strategies/gbme/prior.py sample_expert_cohort)
+    expected = [3] if method != "gbme" else [3, 2, 2, 2]
     assert answered == expected  # every train message of the run went to the fused trainer
     a, b = checkpoint_state(tmp_path / "inprocess"), checkpoint_state(tmp_path / "fused")
     assert a.keys() == b.keys() and next(iter(a.values())).dtype == torch.float64  # the run really was float64
