@@ -55,8 +55,9 @@ class Reweight(CentralizedMethod):
 class ClassBalanced(CentralizedMethod):
     """Class-Balanced CE (Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019;
     richardaecn/class-balanced-loss ``src/cifar_main.py``, softmax loss): w_c ∝ (1 − β)/(1 − β^{n_c}),
-    β = 0.9999, L = (1/B)·Σ_i w_{y_i}·CE_i as the official TF loss reduces it (``centralized.reduction=weighted_mean``: the
-    PyTorch weighted mean of LDAM-DRW's CB re-weighting; :mod:`fedlt.losses.reweighting`)."""
+    β = 0.9999, L = (1/B)·Σ_i w_{y_i}·CE_i as the official TF loss reduces it
+    (``centralized.reduction=weighted_mean``: the PyTorch weighted mean of LDAM-DRW's CB re-weighting;
+    :mod:`fedlt.losses.reweighting`)."""
 
     class Options(CentralizedOptions, ClassBalancedOptions):
         """``beta`` and ``reduction``, as the loss takes them."""
