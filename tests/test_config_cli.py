@@ -152,7 +152,7 @@ def test_yaml_strings_that_are_numbers_are_accepted():
 def test_overrides_may_follow_an_option(capsys, tmp_path):
     """``... KEY=VALUE --report DIR KEY=VALUE``: the overrides after an option are read too (argparse's plain
     parse_args refused them: 'unrecognized arguments')."""
-    code, out = run_cli(capsys, "--dry-run", "federation.rounds=3", "--report", str(tmp_path / "report"),
-                        "partition.num_clients=4", "mode=federated")
+    code, out = run_cli(capsys, "--dry-run", "--out", str(tmp_path / "runs"), "federation.rounds=3", "--report",
+                        str(tmp_path / "report"), "partition.num_clients=4", "mode=federated")
     assert code == 0, out.err
     assert "federation.rounds = 3" in out.out and "partition.num_clients = 4" in out.out
