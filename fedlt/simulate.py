@@ -461,6 +461,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None, start: 
     from fedlt.experiment import model_for
     from fedlt.train import epoch_steps, steps_per_epoch
 
+    done_evals = 1 + due_count(start, cfg.eval.every) if start else 0  # the checkpoint's: step 0's and the due ones
     if mode == "federated":
         t, fed = cfg.train, cfg.federation
         k = cfg.partition.num_clients
@@ -469,8 +470,7 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None, start: 
         local = np.array([t.local_steps or epoch_steps(n, t.batch_size, t.local_epochs) for n in sizes])
         step, evaluation = time_model(cfg, exp, model_for(cfg, exp), t.batch_size, cache)
         evals = 1 + due_count(fed.rounds, cfg.eval.every)  # the initial model's (round 0) and the due ones
-        left = fed.rounds - start, evals - (1 + due_count(start, cfg.eval.every) if start else 0)
-        seconds = left[0] * cohort * float(local.mean()) * step + left[1] * evaluation
+        seconds = (fed.rounds - start) * cohort * float(local.mean()) * step + (evals - done_evals) * evaluation
         what = (f"federated {federated_method(cfg)}: {fed.rounds} rounds × {cohort} of {k} clients × "
                 f"{local.mean():.0f} local steps (batch {t.batch_size}; {int(local.min())}–{int(local.max())} "
                 f"per client) = {fed.rounds * cohort * local.mean():,.0f} steps, {evals} evaluations")
@@ -492,8 +492,8 @@ def run_estimate(mode: str, cfg: Config, exp, cache: dict | None = None, start: 
     shown = pretrain + cfg.centralized.epochs + method.stage2_epochs()  # 0.2: a fifth of an epoch's steps
     what = (f"centralized {cfg.centralized.method}: {shown:g} epochs × {per_epoch} steps (batch {bs}) = "
             f"{steps:,} steps, {evals} evaluations")
-    left = (epochs - start) / epochs, evals - (1 + due_count(start, cfg.eval.every) if start else 0)
-    return what + resume_note("epoch", start, epochs), left[0] * steps * step + left[1] * evaluation
+    seconds = (epochs - start) / epochs * steps * step + (evals - done_evals) * evaluation
+    return what + resume_note("epoch", start, epochs), seconds
 
 
 def resume_note(unit: str, start: int, total: int) -> str:

@@ -44,9 +44,8 @@ def check_lr_not_all_zero(cfg: Config, method: type[CentralizedMethod]) -> None:
     c = cfg.centralized
     stages = [("centralized.schedule", c.schedule, "", "centralized.epochs", c.epochs, c.warmup_epochs)]
     if method.two_stage:
-        stage2 = getattr(c, "stage2_schedule", None)
-        stages.append(("centralized.stage2_schedule", stage2 or method.default_stage2_schedule,
-                       "" if stage2 else f" ({c.method}'s own)", "centralized.stage2_epochs",
+        whose = "" if getattr(c, "stage2_schedule", None) else f" ({c.method}'s own)"
+        stages.append(("centralized.stage2_schedule", method.stage2_schedule(cfg), whose, "centralized.stage2_epochs",
                        getattr(c, "stage2_epochs", 0), getattr(c, "stage2_warmup_epochs", 0)))
     for key, schedule, whose, epochs_key, epochs, warmup in stages:
         if schedule == "cosine_epoch_end" and 0 < epochs <= 1 and not warmup:
@@ -152,6 +151,12 @@ class CentralizedMethod:
         return augment_for(self.cfg, data)
 
     default_stage2_schedule = "cosine"  # stage 2's lr schedule where centralized.stage2_schedule is None
+
+    @classmethod
+    def stage2_schedule(cls, cfg: Config) -> str:
+        """Stage 2's lr schedule: ``centralized.stage2_schedule``, or the method's own where that is None or the
+        method has no such key."""
+        return getattr(cfg.centralized, "stage2_schedule", None) or cls.default_stage2_schedule
 
     def stage2_param_groups(self, model: nn.Module) -> list[dict] | None:
         """Parameter groups of the stage-2 optimizer (``{"params", "lr_scale"}``); None: one group."""

@@ -54,12 +54,12 @@ def stage2_optim(cfg: Config, method: CentralizedMethod) -> OptimConfig:
     lr = getattr(o, "stage2_lr", None)
     stage2 = OptimConfig(lr=base.lr if lr is None else float(lr), momentum=base.momentum,
                          weight_decay=base.weight_decay, nesterov=base.nesterov, batch_size=base.batch_size,
-                         schedule=method.default_stage2_schedule)
+                         schedule=method.stage2_schedule(cfg))
     if not isinstance(o, Stage2Options):
         return stage2
     return replace(stage2, batch_size=o.stage2_batch_size or base.batch_size,
                    weight_decay=base.weight_decay if o.stage2_weight_decay is None else o.stage2_weight_decay,
-                   warmup_epochs=o.stage2_warmup_epochs, schedule=o.stage2_schedule or method.default_stage2_schedule,
+                   warmup_epochs=o.stage2_warmup_epochs, schedule=method.stage2_schedule(cfg),
                    milestones=list(o.stage2_milestones), gamma=o.stage2_gamma)
 
 

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedlt.centralized.base import check_lr_not_all_zero
 from fedlt.centralized.decoupled import DecoupledMethod, FrozenFeatures
 from fedlt.centralized.glmc import TwoCrops
 from fedlt.config import Config
@@ -121,7 +120,6 @@ class SBCL(DecoupledMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        check_lr_not_all_zero(cfg, cls)
         require_single_network(cfg, "centralized.method=sbcl adds its projection to a single-head model")
         if cfg.centralized.schedule == "step":  # the schedule's decay factor is centralized.gamma, here SBCL's γ
             raise FedLTError(f"centralized.method=sbcl takes centralized.gamma as its class-term weight γ "
