@@ -75,7 +75,9 @@ class LDAMDRW(CentralizedMethod):
     s in the loss).
 
     DRW: unweighted until epoch round(drw_fraction·epochs) (160 of 200 → 0.8), then class-balanced weights
-    with β = 0.9999. Test logits are s·cos (argmax unchanged; loss and ECE on the trained scale).
+    with β = 0.9999. Test logits are s·cos (argmax unchanged; loss and ECE on the trained scale; the official
+    test loss is the LDAM criterion itself, margins and DRW weights included). Not copied: the official reports
+    the best test accuracy over the epochs (``best_acc1``); fedlt reports the last epoch's.
     """
 
     class Options(CentralizedOptions):
