@@ -139,9 +139,21 @@ def build_experiment(cfg: Config) -> Experiment:
                          f"resize them)")
     parts = partition_labels(cfg, train.labels)
     channels = train.images.shape[1]
-    mean = torch.tensor(meta.get("mean", (0.5,) * channels), dtype=torch.float32)
-    std = torch.tensor(meta.get("std", (0.25,) * channels), dtype=torch.float32)
+    mean = torch.tensor(normalisation(data, "mean", meta.get("mean", (0.5,) * channels), channels))
+    std = torch.tensor(normalisation(data, "std", meta.get("std", (0.25,) * channels), channels))
     return Experiment(train, test, parts, mean, std, channels)
+
+
+def normalisation(data: DataOptions, key: str, default: tuple[float, ...], channels: int) -> list[float]:
+    """``data.mean`` / ``data.std`` as given (an official recipe's constants), else the data set's ``default``;
+    one value per image channel, or a one-line error."""
+    given = getattr(data, key)
+    if given is None:
+        return [float(v) for v in default]
+    if len(given) != channels:
+        raise FedLTError(f"data.{key} has {len(given)} values, {data.name}'s images have {channels} channel(s): "
+                         f"give one per channel")
+    return [float(v) for v in given]
 
 
 @lru_cache(maxsize=4)

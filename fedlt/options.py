@@ -72,6 +72,12 @@ class DataOptions(Options):
         "exp", description="long-tail profile: exp, step, or none (use the training set as it is)")
     crop_padding: int = Field(4, ge=0, description="random-crop padding of the training augmentation (0: none)")
     flip: bool = Field(True, description="random horizontal flip in the training augmentation")
+    mean: list[float] | None = Field(None, min_length=1, description="per-channel mean of the normalisation "
+                                     "(None: the data set's; an official recipe's constants, e.g. LDAM-DRW's CIFAR "
+                                     "[0.4914, 0.4822, 0.4465])")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="per-channel std of the normalisation (None: the data set's; e.g. "
+                                        "LDAM-DRW's CIFAR [0.2023, 0.1994, 0.2010])")
 
     def unused(self, cfg: Any, section: str) -> list[str]:
         out = super().unused(cfg, section)
