@@ -277,15 +277,17 @@ def test_balpoe_loss_and_full_width_experts():
             assert sum(c.kernel_size == (3, 3) for c in convs) == 2 * 2 * blocks  # layer2 + layer3, 2 convs/block
 
 
-def test_balpoe_long_recipe_configs():
-    for data in ("cifar10", "cifar100"):
-        cfg = load_config(f"configs/centralized/{data}_lt_balpoe.yaml")
-        c = cfg.centralized
-        # configs/mixup/long_training: warmup_epoch 10, randaugm (AutoAugment) without cutout
-        assert (c.warmup_epochs, c.autoaugment, c.cutout, c.reduce_dimension) == (10, True, 0, False)
-        aug = CENTRALIZED.get("balpoe")(cfg, CIFAR10_LT_100).augment(
-            SimpleNamespace(mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3)))
-        assert isinstance(aug, C.StrongView) and aug.cutout == 0
+@pytest.mark.parametrize("data, autoaugment", [("cifar10", False), ("cifar100", True)])
+def test_balpoe_long_recipe_configs(data, autoaugment):
+    """configs/mixup/long_training: warmup_epoch 10, "randaugm": true without cutout. The CIFAR-10 loader passes
+    that boolean to cifar_aug_plus, which adds AutoAugment only for autoaugm == 'auto' (crop/flip alone); the
+    CIFAR-100 loader passes 'auto'."""
+    cfg = load_config(f"configs/centralized/{data}_lt_balpoe.yaml")
+    c = cfg.centralized
+    assert (c.warmup_epochs, c.autoaugment, c.cutout, c.reduce_dimension) == (10, autoaugment, 0, False)
+    aug = CENTRALIZED.get("balpoe")(cfg, CIFAR10_LT_100).augment(
+        SimpleNamespace(mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3)))
+    assert isinstance(aug, C.StrongView) == autoaugment and getattr(aug, "cutout", 0) == 0
 
 
 # --------------------------------------------------------------------------------------------------- Bal-BCE

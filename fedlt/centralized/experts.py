@@ -82,7 +82,9 @@ class BalPoE(ExpertMethod):
     """Balanced product of experts (BalPoE, emasa/BalPoE-CalibratedLT ``model/loss.py`` ``BSExpertLoss``):
     (1/M)·Σ_k CE(z_k + τ_k·log π, y), τ = (0, 1, 2); optional mixup (the official CIFAR configs use α = 0.8 on
     CIFAR-10, 0.4 on CIFAR-100; 0 here by default). Experts are full width (32/64 channels): every official
-    CIFAR config sets ``reduce_dimension: false``."""
+    CIFAR config sets ``reduce_dimension: false``. The release's CIFAR-10 loader applies no AutoAugment although
+    its json asks for it (a boolean where ``cifar_aug_plus`` tests for 'auto'); its CIFAR-100 loader does:
+    configs/centralized/cifar10_lt_balpoe.yaml and cifar100_lt_balpoe.yaml follow each."""
 
     class Options(ExpertMethod.Options):
         reduce_dimension: bool = Field(False, description="resnet32_experts: experts of 24/48 channels (else 32/64)")
