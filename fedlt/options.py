@@ -72,6 +72,8 @@ class DataOptions(Options):
         "exp", description="long-tail profile: exp, step, or none (use the training set as it is)")
     crop_padding: int = Field(4, ge=0, description="random-crop padding of the training augmentation (0: none)")
     flip: bool = Field(True, description="random horizontal flip in the training augmentation")
+    cutout: int = Field(0, ge=0, description="Cutout size after crop/flip, the hole filled with 0 after "
+                                             "normalisation (the mean colour), as GBME's CIFAR-100 loader; 0: none")
     mean: list[float] | None = Field(None, min_length=1, description="per-channel mean of the normalisation "
                                      "(None: the data set's; an official recipe's constants, e.g. LDAM-DRW's CIFAR "
                                      "[0.4914, 0.4822, 0.4465])")

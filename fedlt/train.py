@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.data.augment import Draws, apply_crop_flip, crop_flip_draws, normalize
+from fedlt.data.augment import Draws, apply_crop_flip, apply_cutout, crop_flip_draws, cutout_draws, normalize
 from fedlt.device import host_to_device
 from fedlt.errors import FedLTError
 
@@ -52,12 +52,15 @@ class TensorData:
 class Augment:
     """Per-image random crop and horizontal flip, batched, of a batch normalised with ``mean``/``std``: the crop
     pads with black, (0 − mean)/std, as torchvision's ``RandomCrop(32, padding=4)`` on the raw image before
-    ``Normalize`` (without ``mean``/``std``: with 0)."""
+    ``Normalize`` (without ``mean``/``std``: with 0). Then, with ``cutout`` > 0, Cutout of that size filled
+    with 0 *after* normalisation (the mean colour), as GBME's CIFAR-100 loader appends ``Cutout(16)`` to its
+    normalised transform (:func:`fedlt.data.augment.cutout`)."""
 
     crop_padding: int = 4
     flip: bool = True
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    cutout: int = 0
 
     def black(self, x: torch.Tensor) -> torch.Tensor | None:
         """The value of a black pixel in the units of ``x``: (0 − mean)/std per channel, in x's dtype."""
@@ -65,19 +68,22 @@ class Augment:
             return None
         return (0.0 - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.apply(x, self.draw(len(x), generator))
+    def draw(self, n: int, generator: torch.Generator, size: tuple[int, int]) -> Draws:
+        """The random numbers of a call on ``n`` images of ``size`` (h, w) (:func:`~fedlt.data.augment.
+        crop_flip_draws`, then :func:`~fedlt.data.augment.cutout_draws`): drawn from ``generator`` as the call
+        draws them, to be applied later, e.g. to many clients' batches at once."""
+        offsets, flips = crop_flip_draws(n, self.crop_padding, self.flip, generator)
+        return offsets, flips, (cutout_draws(n, *size, generator) if self.cutout > 0 else None)
 
-    def draw(self, n: int, generator: torch.Generator) -> Draws:
-        """The random numbers of a call on ``n`` images (:func:`~fedlt.data.augment.crop_flip_draws`): drawn
-        from ``generator`` as the call draws them, to be applied later, e.g. to many clients' batches at once."""
-        return crop_flip_draws(n, self.crop_padding, self.flip, generator)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(x, self.draw(len(x), generator, tuple(x.shape[2:])))
 
     def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """Crop and flip ``x`` as ``draws`` (of :meth:`draw`) say."""
-        if draws[0] is None and draws[1] is None:
-            return x
-        return apply_crop_flip(x, self.crop_padding, *draws, fill=self.black(x))
+        """Crop, flip and cut out ``x`` as ``draws`` (of :meth:`draw`) say."""
+        offsets, flips, holes = draws
+        if offsets is not None or flips is not None:
+            x = apply_crop_flip(x, self.crop_padding, offsets, flips, fill=self.black(x))
+        return x if holes is None else apply_cutout(x, self.cutout, holes)
 
 
 class Objective(Protocol):

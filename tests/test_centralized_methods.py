@@ -293,3 +293,33 @@ def test_the_plan_line_says_a_fractional_epoch_count():
     line = plan_line(load_config(None, ["mode=centralized", "centralized.epochs=0.25"]), steps)
     assert line.startswith("1 epoch (centralized.epochs=0.25: its last epoch is a partial one);")
     assert "partial" not in plan_line(load_config(None, ["mode=centralized", "centralized.epochs=2"]), steps)
+
+
+def official_gbme_cutout(img: torch.Tensor, y: int, x: int, length: int = 16) -> torch.Tensor:
+    """Spinozaaa/Federated-Long-tailed-Learning fedml_api/data_preprocessing/cifar100/data_loader.py ``Cutout``
+    (appended after ``Normalize``): img * mask, the mask 0 on [clip(y − L//2), clip(y + L//2)) × the same in x."""
+    h, w = img.shape[1:]
+    mask = torch.ones(h, w)
+    mask[int(np.clip(y - length // 2, 0, h)):int(np.clip(y + length // 2, 0, h)),
+         int(np.clip(x - length // 2, 0, w)):int(np.clip(x + length // 2, 0, w))] = 0
+    return img * mask.expand_as(img)
+
+
+@pytest.mark.parametrize("length", [16, 5])
+def test_data_cutout_is_gbmes_cutout_after_normalisation(length):
+    """``data.cutout``: crop/flip as before (the same draws), then the official Cutout on the normalised batch at
+    the centres drawn next; an odd length leaves a hole of length − 1, as the official arithmetic does."""
+    from fedlt.data.augment import cutout_draws
+    from fedlt.train import Augment
+
+    mean, std = torch.tensor([0.5071, 0.4865, 0.4409]), torch.tensor([0.2673, 0.2564, 0.2762])
+    x = torch.randn(8, 3, 32, 32)
+    plain = Augment(4, True, mean, std)(x, torch.Generator().manual_seed(5))
+    out = Augment(4, True, mean, std, cutout=length)(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    Augment(4, True, mean, std).draw(8, g, (32, 32))  # the crop/flip draws come first
+    centres = cutout_draws(8, 32, 32, g)
+    for i in range(8):
+        torch.testing.assert_close(out[i], official_gbme_cutout(plain[i], *centres[:, i].tolist(), length))
+    holes = (out == 0).all(1).sum((1, 2))
+    assert holes.max().item() == (length - length % 2) ** 2  # a hole wholly inside: 16×16, or 4×4 for 5

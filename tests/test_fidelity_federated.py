@@ -225,3 +225,13 @@ def test_gbme_configs_build_cosine_heads_with_scale_30(name, model, width):
             assert expert.classifier.weight.shape == (width, 10)
     bare = load_config(None, ["mode=federated", "model.name=resnet32_experts", "strategy.name=gbme"])
     assert bare.model.classifier == "cosine" and bare.model.scale == 30.0
+
+
+@pytest.mark.parametrize("name, cutout", [("gbme_cifar10_lt", 0), ("gbme_cifar100_lt", 16)])
+def test_gbme_configs_cut_out_as_their_loaders(name, cutout):
+    """fedml_api/data_preprocessing/cifar100/data_loader.py appends Cutout(16) to the normalised training
+    transform; the CIFAR-10 loader has that line commented out."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "federated" / f"{name}.yaml"
+    assert load_config(str(path)).data.cutout == cutout

@@ -345,14 +345,15 @@ def test_submodules_of_a_client_view_are_its_own_slices():
             assert torch.allclose(logits, own(x.to(torch.float64)), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("padding,flip", [(4, True), (0, True), (2, False), (0, False)])
-def test_a_group_batch_is_each_clients_own_batch(padding, flip):
+@pytest.mark.parametrize("padding,flip,cutout", [(4, True, 0), (0, True, 0), (2, False, 0), (0, False, 0),
+                                                 (4, True, 3), (0, False, 4)])
+def test_a_group_batch_is_each_clients_own_batch(padding, flip, cutout):
     """The fused trainer draws each client's numbers apart (client_draws) and augments the group's batch at once
     (group_batch): client i's slice is exactly the batch train() would have drawn from the same generator (order,
     crop offsets, flips), step for step, including the steps where only some clients still have a batch."""
     datas = synthetic_clients()
     opt = OptimConfig(lr=0.1, batch_size=16, schedule="cosine")
-    cfg = load_config(None, [f"data.crop_padding={padding}", f"data.flip={flip}"])
+    cfg = load_config(None, [f"data.crop_padding={padding}", f"data.flip={flip}", f"data.cutout={cutout}"])
     augment = augment_for(cfg, datas[0])
     own = [list(batch_schedule(d, opt, epochs=2.0, steps=None, generator=torch_generator(1, j), augment=augment))
            for j, d in enumerate(datas)]

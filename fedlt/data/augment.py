@@ -9,9 +9,10 @@ import torch
 
 from fedlt.device import host_to_device
 
-Draws = tuple[torch.Tensor | None, torch.Tensor | None]
-"""The random numbers of :func:`random_crop_flip` for a batch: crop offsets (2, n) and flip flags (n,), each None
-where that part is off (:func:`crop_flip_draws`, :func:`apply_crop_flip`)."""
+Draws = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+"""The random numbers of :class:`fedlt.train.Augment` for a batch: crop offsets (2, n) and flip flags (n,)
+(:func:`crop_flip_draws`, :func:`apply_crop_flip`), then Cutout's hole centres (2, n) (:func:`cutout_draws`,
+:func:`apply_cutout`), each None where that part is off."""
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
@@ -28,7 +29,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     return apply_crop_flip(x, padding, offsets, flips, fill)
 
 
-def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator | None = None) -> Draws:
+def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The random numbers of :func:`random_crop_flip` for ``n`` images, on the CPU, in its order: crop offsets
     (2, n) in [0, 2·padding] (None without padding), then flip flags (n,) (None without flip). Drawn apart from
     the images so that the fused engine draws each client's numbers from the client's own generator and applies
@@ -71,18 +73,33 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None,
            fill: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Cutout (DeVries & Taylor, 2017), per image: set a size×size square centred at a uniform pixel to
-    ``fill`` (one value per channel, in the units of ``x``; default 0), clipped at the border (so the square may
-    be partly outside)."""
-    n, _, h, w = x.shape
+    """Cutout (DeVries & Taylor, 2017), per image: the square [y − ⌊size/2⌋, y + ⌊size/2⌋) × [x − ⌊size/2⌋,
+    x + ⌊size/2⌋) around a uniform pixel (y, x) set to ``fill`` (one value per channel, in the units of ``x``;
+    default 0), clipped at the border: the official ``Cutout`` (uoguelph-mlrg/Cutout, copied by the long-tail
+    releases), whose hole is size − 1 wide for an odd size. Draws :func:`cutout_draws`, applies
+    :func:`apply_cutout`."""
     if size <= 0:
         return x
+    n, _, h, w = x.shape
+    return apply_cutout(x, size, cutout_draws(n, h, w, generator), fill)
+
+
+def cutout_draws(n: int, h: int, w: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout's hole centres for ``n`` images of h×w, on the CPU: (2, n) rows then columns, each uniform."""
+    cy = torch.randint(0, h, (n,), generator=generator, device="cpu")
+    cx = torch.randint(0, w, (n,), generator=generator, device="cpu")
+    return torch.stack([cy, cx])
+
+
+def apply_cutout(x: torch.Tensor, size: int, centres: torch.Tensor, fill: torch.Tensor | float = 0.0
+                 ) -> torch.Tensor:
+    """Fill image i's square of side ``size`` around ``centres[:, i]`` (:func:`cutout`'s square) with ``fill``."""
+    n, _, h, w = x.shape
     dev = x.device
-    cy = host_to_device(torch.randint(0, h, (n,), generator=generator, device="cpu"), dev)
-    cx = host_to_device(torch.randint(0, w, (n,), generator=generator, device="cpu"), dev)
+    cy, cx = host_to_device(centres, dev)
     ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    in_y = (ys[None, :] >= (cy - size // 2)[:, None]) & (ys[None, :] < (cy - size // 2 + size)[:, None])
-    in_x = (xs[None, :] >= (cx - size // 2)[:, None]) & (xs[None, :] < (cx - size // 2 + size)[:, None])
+    in_y = (ys[None, :] >= (cy - size // 2)[:, None]) & (ys[None, :] < (cy + size // 2)[:, None])
+    in_x = (xs[None, :] >= (cx - size // 2)[:, None]) & (xs[None, :] < (cx + size // 2)[:, None])
     hole = in_y[:, :, None] & in_x[:, None, :]  # (n, h, w)
     return torch.where(hole[:, None], torch.as_tensor(fill, dtype=x.dtype, device=dev), x)
 

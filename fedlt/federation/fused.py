@@ -106,7 +106,7 @@ from torch.func import functional_call, vmap
 
 from fedlt.client_method import ClientMethod, FitResult
 from fedlt.config import Config
-from fedlt.data.augment import Draws, apply_crop_flip, normalize
+from fedlt.data.augment import Draws, apply_crop_flip, apply_cutout, normalize
 from fedlt.device import host_to_device, resolve_device
 from fedlt.experiment import augment_for, experiment_for, model_for
 from fedlt.federation.apps import _reply, injected_failure, make_client_app, message_config
@@ -321,7 +321,7 @@ def client_draws(data: TensorData, opt: OptimConfig, generator: torch.Generator,
     :func:`fedlt.train.batch_schedule` draws from ``generator`` — the epoch's order, then each batch's crop
     offsets and flips — in its order, without touching the images (:func:`group_batch` applies them)."""
     for idx, lr in batch_indices(data, opt, epochs=epochs, steps=steps, generator=generator):
-        yield idx, (None if augment is None else augment.draw(len(idx), generator)), lr
+        yield idx, (None if augment is None else augment.draw(len(idx), generator, tuple(data.images.shape[2:]))), lr
 
 
 def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws | None]], augment: Augment | None
@@ -338,17 +338,21 @@ def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws |
     first, (m, b) = datas[0], (len(picks), len(picks[0][0]))
     device = first.images.device
     n = m * b
-    draws = [d for _, d in picks] if augment is not None else [(None, None)]
-    has_offsets, has_flips = draws[0][0] is not None, draws[0][1] is not None
+    draws = [d for _, d in picks] if augment is not None else [(None, None, None)]
+    has_offsets, has_flips, has_holes = (draws[0][k] is not None for k in range(3))
     host = [idx for idx, _ in picks]  # the step's numbers in one int64 tensor: one copy to the device
     if has_offsets:
         host.append(torch.cat([d[0] for d in draws], dim=1).flatten())
     if has_flips:
         host.append(torch.cat([d[1] for d in draws]).long())
+    if has_holes:
+        host.append(torch.cat([d[2] for d in draws], dim=1).flatten())
     numbers = host_to_device(torch.cat(host), device)
     rows = numbers[:n].split(b)
-    offsets = numbers[n:3 * n].view(2, n) if has_offsets else None
-    flips = numbers[-n:].bool() if has_flips else None
+    at = n
+    offsets, at = (numbers[at:at + 2 * n].view(2, n), at + 2 * n) if has_offsets else (None, at)
+    flips, at = (numbers[at:at + n].bool(), at + n) if has_flips else (None, at)
+    holes = numbers[at:at + 2 * n].view(2, n) if has_holes else None
     images = torch.empty((n, *first.images.shape[1:]), dtype=first.images.dtype, device=device)
     labels = torch.empty(n, dtype=first.labels.dtype, device=device)
     for i, (data, r) in enumerate(zip(datas, rows)):
@@ -357,6 +361,8 @@ def group_batch(datas: list[TensorData], picks: list[tuple[torch.Tensor, Draws |
     if has_offsets or has_flips:
         images = apply_crop_flip(images, augment.crop_padding, offsets, flips)  # pads with pixel 0
     x = normalize(images, first.mean, first.std)  # one experiment: every shard has its mean and std
+    if has_holes:
+        x = apply_cutout(x, augment.cutout, holes)  # after normalising: fill 0, as Augment.apply
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.view(m, b, *x.shape[1:]), labels.view(m, b)
