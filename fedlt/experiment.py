@@ -242,5 +242,6 @@ def check_input_size(model: SplitModel, name: str, options: dict, exp: Experimen
 
 
 def augment_for(cfg: Config, data: TensorData | Experiment) -> Augment:
-    """The config's crop/flip for batches normalised with ``data``'s mean/std (the crop pads with black)."""
+    """The config's crop/flip (+ Cutout) for batches normalised with ``data``'s mean/std (the crop pads with
+    black)."""
     return Augment(cfg.data.crop_padding, cfg.data.flip, data.mean, data.std, cfg.data.cutout)

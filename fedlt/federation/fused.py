@@ -319,7 +319,8 @@ def client_draws(data: TensorData, opt: OptimConfig, generator: torch.Generator,
                  epochs: float | None, steps: int | None) -> Iterator[tuple[torch.Tensor, Draws | None, float]]:
     """(indices, augmentation draws, lr) of each of a client's steps: the random numbers
     :func:`fedlt.train.batch_schedule` draws from ``generator`` — the epoch's order, then each batch's crop
-    offsets and flips — in its order, without touching the images (:func:`group_batch` applies them)."""
+    offsets, flips and Cutout centres — in its order, without touching the images (:func:`group_batch` applies
+    them)."""
     for idx, lr in batch_indices(data, opt, epochs=epochs, steps=steps, generator=generator):
         yield idx, (None if augment is None else augment.draw(len(idx), generator, tuple(data.images.shape[2:]))), lr
 
