@@ -14,7 +14,8 @@ ENGINE=${ENGINE:-inprocess}
 COMMON=(mode=federated federation.rounds=10 sweep.seed=[0,1,2] partition.balance=true federation.engine=$ENGINE)
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist \
     "sweep.strategy.name=[fedavg,fedprox,fedavgm,fedlc,ccvr,posthoc_calibration,creff]"
-$PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-bslocal client.name=local_loss client.loss=balanced_softmax
+$PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-bslocal strategy.name=fedavg \
+    client.name=local_loss client.loss=balanced_softmax
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist strategy.name=gbme model.name=small_cnn_experts
 $PY -m fedlt.simulate --out "$OUT" mode=centralized centralized.epochs=8 sweep.seed=[0,1,2] name=fmnist \
     "sweep.centralized.method=[ce,balanced_softmax]"
