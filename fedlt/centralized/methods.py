@@ -46,7 +46,9 @@ class Focal(CentralizedMethod):
 
 @CENTRALIZED.register("reweight")
 class Reweight(CentralizedMethod):
-    """Inverse-frequency re-weighted CE (w_c ∝ 1/n_c, Σ w = C, PyTorch weighted mean)."""
+    """Inverse-frequency re-weighted CE (w_c ∝ 1/n_c, Σ w = C, PyTorch weighted mean): the textbook baseline,
+    fedlt's own (no official code). LDAM-DRW's ``--train_rule Reweight`` is not this one: it is class-balanced
+    (β = 0.9999) under the weighted mean, ``centralized.method=cb centralized.reduction=weighted_mean``."""
 
     loss = "reweight"
 
