@@ -19,9 +19,13 @@ def class_groups(train_counts: np.ndarray) -> tuple[np.ndarray, str]:
     """Group id per class (0 many, 1 medium, 2 few) and the rule used.
 
     Count rule: many > 100, few < 20, medium 20–100 (classifier-balancing's ``shot_acc``, Kang et al., ICLR 2020).
-    Where it leaves a group empty (10-class sets), thirds by size g(c) = ⌊3·r(c)/C⌋ instead, r(c) the class's rank
-    by training count (0: the largest; ties in class order). Classes in decreasing size (class 0 the head, as the
-    long-tailed profiles cut them) have r(c) = c: class-index thirds ⌊3c/C⌋; the rule's name says which.
+    Where it leaves a group empty, thirds by size g(c) = ⌊3·r(c)/C⌋ instead, r(c) the class's rank by training
+    count (0: the largest; ties in class order). Classes in decreasing size (class 0 the head, as the long-tailed
+    profiles cut them) have r(c) = c: class-index thirds ⌊3c/C⌋; the rule's name says which. That happens on
+    Fashion-MNIST-LT and CIFAR-10-LT at every shipped β (no class under 20) and on CIFAR-100-LT at β = 10; there
+    ``shot_acc`` reports 0 for the empty group (MDCS's and BalPoE's test.py: NaN), and MiSLAS averages fixed
+    class-index ranges instead (CIFAR-10 3/4/3 classes, CIFAR-100 36/35/29, at every β). Where the count rule
+    fills all three groups, the groups' accuracies are ``shot_acc``'s (tests/test_metrics.py).
     """
     counts = np.asarray(train_counts)
     by_count = np.where(counts > MANY_THRESHOLD, 0, np.where(counts < FEW_THRESHOLD, 2, 1))

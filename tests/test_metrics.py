@@ -71,3 +71,56 @@ def test_nan_or_inf_outputs_are_refused_and_a_minus_inf_mask_is_not():
         broken[1, 0] = bad
         with pytest.raises(FedLTError, match=r"^the model's outputs are NaN or infinite on 1 of 4 test images"):
             evaluate_logits(broken, labels, counts)
+
+
+# --------------------------------------------------------------- against transcriptions of the official metrics
+
+
+def official_shot_acc(preds, labels, train_labels, many_shot_thr=100, low_shot_thr=20):
+    """facebookresearch/classifier-balancing utils.py ``shot_acc`` (KaihuaTang's is the same): per test class its
+    recall; many > 100, few < 20 training samples, medium the rest; each group the mean of its classes' recalls."""
+    train_labels = np.asarray(train_labels)
+    many, medium, few = [], [], []
+    for c in np.unique(labels):
+        recall = (preds[labels == c] == c).sum() / (labels == c).sum()
+        n = (train_labels == c).sum()
+        (many if n > many_shot_thr else few if n < low_shot_thr else medium).append(recall)
+    return [np.mean(g) if g else 0.0 for g in (many, medium, few)]
+
+
+def official_calibration(true_labels, pred_labels, confidences, num_bins=15):
+    """dvlab-research/MiSLAS utils/metric.py ``calibration`` (eval.py calls it with 15 bins): np.digitize(...,
+    right=True) into (lo, hi] bins; ECE = Σ_b |acc_b − conf_b|·n_b / Σ_b n_b."""
+    bins = np.linspace(0.0, 1.0, num_bins + 1)
+    indices = np.digitize(confidences, bins, right=True)
+    gaps, counts = np.zeros(num_bins), np.zeros(num_bins)
+    for b in range(num_bins):
+        s = np.where(indices == b + 1)[0]
+        if len(s):
+            gaps[b] = abs(np.mean(true_labels[s] == pred_labels[s]) - np.mean(confidences[s]))
+            counts[b] = len(s)
+    return np.sum(gaps * counts) / np.sum(counts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_and_ece_equal_shot_acc_and_mislas_calibration(seed):
+    """Where the count rule fills all three groups: fedlt's many/medium/few are ``shot_acc``'s, on balanced and
+    unbalanced test sets (a class absent from the test set is left out by both); ECE is MiSLAS's (float32
+    confidences, as fedlt computes them), including confidences on a bin edge."""
+    rng = np.random.default_rng(seed)
+    c = 37
+    counts = rng.choice([5, 19, 20, 21, 99, 100, 101, 150, 600], c)
+    counts[:3] = [150, 50, 5]  # every group non-empty
+    labels = np.repeat(np.arange(c), 8) if seed % 2 else rng.integers(0, c, 300)
+    logits = torch.as_tensor(rng.normal(size=(len(labels), c)) * [0.5, 3, 10][seed % 3], dtype=torch.float32)
+    out = evaluate_logits(logits, labels, counts)
+    assert out["group_rule"].startswith("count")
+    probs = torch.softmax(logits, 1).numpy()
+    preds = probs.argmax(1)
+    official = official_shot_acc(preds, labels, np.repeat(np.arange(c), counts))
+    assert [out["many"], out["medium"], out["few"]] == pytest.approx(official, abs=1e-12)
+    assert out["ece"] == pytest.approx(official_calibration(labels, preds, probs.max(1)), abs=1e-12)
+    edge = np.array([[0.6, 0.4], [0.4, 0.6], [1.0, 0.0], [0.8, 0.2]], dtype=np.float64)  # 0.6, 1.0, 0.8: bin edges
+    y = np.array([0, 0, 0, 1])
+    assert expected_calibration_error(edge, y) == pytest.approx(
+        official_calibration(y, edge.argmax(1), edge.max(1)), abs=1e-15)
