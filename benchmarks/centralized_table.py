@@ -81,16 +81,23 @@ def start_from_ce(cfg: dict, out: str, seed: int) -> None:
     run.save_checkpoint({**ckpt, "config": run.config_digest()})
 
 
-def run_all(methods: list[str], seeds: list[int], out: str, overrides: list[str]) -> dict[str, list[dict]]:
+def config_for(method: str, seed: int, overrides: list[str]):
+    """The table's config of ``method`` and ``seed``: the budget, the method's own settings, then ``overrides``
+    (a one-line FedLTError where they are refused)."""
     from fedlt.config import load_config
+
+    extra = [f"centralized.stage2_epochs={STAGE2[method]}"] if method in STAGE2 else []
+    return load_config(None, [*BUDGET, f"centralized.method={method}", f"seed={seed}", "name=table", *extra,
+                              *EXTRA.get(method, []), *overrides])
+
+
+def run_all(methods: list[str], seeds: list[int], out: str, overrides: list[str]) -> dict[str, list[dict]]:
     from fedlt.simulate import run_config
 
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:  # seed-major: a partial run still covers every method
         for method in methods:
-            extra = [f"centralized.stage2_epochs={STAGE2[method]}"] if method in STAGE2 else []
-            cfg = load_config(None, [*BUDGET, f"centralized.method={method}", f"seed={seed}",
-                                     "name=table", *extra, *EXTRA.get(method, []), *overrides])
+            cfg = config_for(method, seed, overrides)
             if method in FROM_CE:
                 start_from_ce(cfg, out, seed)
             t0 = time.time()
@@ -124,7 +131,7 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/centralized_table")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -132,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--collect", action="store_true", help="only tabulate the finished runs under --out")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     results = collect(methods, seeds, args.out) if args.collect else run_all(methods, seeds, args.out, args.overrides)

@@ -408,8 +408,8 @@ def partition_lines(cfg: Config, exp) -> list[str]:
 
     lines = [(f"partition: {len(sizes)} clients ({cfg.partition.method}); samples per client min / median / max "
               f"{spread(sizes)}; classes per client {spread(classes)} of {exp.num_classes}")]
-    lines += [f"  client {k}: {int(n)} samples, {int(c)} class{'es' if c != 1 else ''}" for k, (n, c) in enumerate(zip(sizes, classes))
-              if k < 20]
+    lines += [f"  client {k}: {int(n)} samples, {int(c)} class{'es' if c != 1 else ''}"
+              for k, (n, c) in enumerate(zip(sizes, classes)) if k < 20]
     if len(sizes) > 20:
         lines.append(f"  … {len(sizes) - 20} more clients")
     return lines
@@ -606,7 +606,9 @@ def help_epilog() -> str:
             "too).\n\n" + keys)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fedlt.simulate`` (also read by the test that checks the benchmark scripts'
+    commands)."""
     parser = argparse.ArgumentParser(prog="python -m fedlt.simulate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=help_epilog())
@@ -633,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
                              "several small runs share the card)")
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # --jobs' children: this one config into this dir
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     if args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
