@@ -27,7 +27,7 @@ PYTHONPATH="$PWD/docs/examples${PYTHONPATH:+:$PYTHONPATH}" $PY -m fedlt.simulate
 # and of GBME's heads: linear instead of small_cnn_experts' default cosine s = 30 (GBME's layout), with π̂ and
 # with the true prior; the head the older table's GBME rows trained with (docs/results.md)
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-linear strategy.name=gbme model.name=small_cnn_experts \
-    model.classifier=linear model.scale=1.0 "sweep.strategy.prior=[gbme,oracle]"
+    model.classifier=linear "sweep.strategy.prior=[gbme,oracle]"
 # and of CReFF: 10x the gradient-matching steps per round (see benchmarks/creff_features.py)
 $PY -m fedlt.simulate --out "$OUT" "${COMMON[@]}" name=fmnist-match1000 strategy.name=creff strategy.match_steps=1000
 $PY -m fedlt.compare "$OUT" --out "$OUT/report"

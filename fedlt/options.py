@@ -113,6 +113,14 @@ class HeadOptions(ModelOptions):
     classifier: Literal["linear", "cosine"] = Field("linear", description="classifier head: linear or cosine")
     scale: float = Field(1.0, gt=0, description="scale s of a cosine head (z = s·cos)")
 
+    def unused(self, cfg: Any, section: str) -> list[str]:
+        """A scale given to linear heads, in a federated run (a centralized method may set the heads itself:
+        LDAM's, the expert methods' cosine heads)."""
+        out = super().unused(cfg, section)
+        if self.classifier == "linear" and cfg.mode == "federated":
+            out += self.unread(section, ("scale",), f"it scales cosine heads, and {section}.classifier=linear")
+        return out
+
 
 class StrategyOptions(Options):
     """The ``strategy`` section: the server strategy and its own keys."""

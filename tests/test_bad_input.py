@@ -433,6 +433,22 @@ def test_a_key_that_changes_nothing_is_said(overrides, warning):
         assert unused_keys(load_config(None, ["mode=both", *[fixed.get(o, o) for o in overrides]])) == []
 
 
+def test_a_scale_for_linear_heads_is_said_in_a_federated_run():
+    """model.scale is read by cosine heads only; the GBME runs of docs/results.md set the heads with
+    model.classifier=linear and no scale. Centralized runs stay silent: LDAM's and the expert methods set cosine
+    heads and their scale themselves (a model.scale against theirs is refused, a test above)."""
+    from fedlt.simulate import unused_keys
+
+    fed = ["mode=federated", "strategy.name=gbme", "model.name=small_cnn_experts"]
+    assert unused_keys(load_config(None, [*fed, "model.classifier=linear", "model.scale=10"])) == [
+        "model.scale=10.0 has no effect: it scales cosine heads, and model.classifier=linear"]
+    assert unused_keys(load_config(None, [*fed, "model.classifier=linear"])) == []  # the default 30, not given
+    assert unused_keys(load_config(None, [*fed, "model.scale=10"])) == []  # cosine heads read it
+    assert unused_keys(load_config(None, ["mode=federated", "model.scale=10"])) == [  # small_cnn: linear default
+        "model.scale=10.0 has no effect: it scales cosine heads, and model.classifier=linear"]
+    assert unused_keys(load_config(None, ["mode=centralized", "model.scale=10"])) == []
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["strategy.name=ccvr", "model.name=small_cnn_experts"], "strategy ccvr re-fits the one classifier on virtual "
      "features, and model.name='small_cnn_experts' is a multi-expert model"),
