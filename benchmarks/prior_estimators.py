@@ -4,7 +4,7 @@ Config: fedlt's defaults (Fashion-MNIST-LT IF = 100, small_cnn, SGD lr 0.05 m 0.
 every round) with partition.alpha and partition.num_clients set. Run by hand (not in CI), from the repository root:
 
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py [--seeds 0 1 2] [--settings 0.5:10 ...]
-        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--min-size N] [--out DIR]
+        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--gbme-keys KEY=VALUE ...] [--min-size N] [--out DIR]
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py --noise-only 300   # dp_counts vs dp_counts_agm
 
 (1) error of each estimate (``strategy.prior`` = gbme, dpa, dp_counts and dp_counts_agm at ε = 1, δ = 1e-5;
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clients  # noqa: E402,F401  (registers the client methods)
 import strategies  # noqa: E402,F401  (registers the strategies and queries)
 from fedlt.config import load_config  # noqa: E402
+from fedlt.errors import FedLTError  # noqa: E402
 from fedlt.experiment import augment_for, experiment_for, model_for  # noqa: E402
 from fedlt.federation.inprocess import run_inprocess  # noqa: E402
 from fedlt.federation.queries import QUERIES  # noqa: E402
@@ -114,11 +115,13 @@ def posthoc_row(alpha: float, k: int, seed: int, rounds: int, pis: dict) -> dict
     return {n: {"accuracy": m["accuracy"], "few": m["few"]} for n, m in row.items()}
 
 
-def gbme_row(alpha: float, k: int, seed: int, rounds: int) -> dict:
+def gbme_row(alpha: float, k: int, seed: int, rounds: int, keys: tuple[str, ...] = ()) -> dict:
+    """GBME's accuracy with each estimator's prior; ``keys``: config overrides of these runs (e.g.
+    model.classifier=linear)."""
     row = {}
     for e in ESTIMATORS:
         cfg = config(alpha, k, seed, rounds, "strategy.name=gbme", "model.name=small_cnn_experts",
-                     f"strategy.prior={e}")
+                     f"strategy.prior={e}", *keys)
         with tempfile.TemporaryDirectory() as tmp:
             s = run_inprocess(cfg, tmp)
         row[e] = {"accuracy": s["accuracy"], "few": s["few"], "prior_l1": s["prior_l1"]}
@@ -159,6 +162,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16, help="rounds of the accuracy runs")
     ap.add_argument("--posthoc-settings", nargs="*", default=None, help="α:K for post-hoc accuracy (default: all)")
     ap.add_argument("--gbme-settings", nargs="*", default=["0.5:10"], help="α:K for GBME accuracy")
+    ap.add_argument("--gbme-keys", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides of the GBME runs (e.g. model.classifier=linear)")
     ap.add_argument("--min-size", type=int, default=None,
                     help="partition.min_size (α=0.1 with 100 clients has no draw with the default 10 per client)")
     ap.add_argument("--noise-only", type=int, default=0, metavar="DRAWS",
@@ -167,6 +172,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.min_size is not None:
         MIN_SIZE.append(f"partition.min_size={args.min_size}")
+    if args.gbme_keys:  # a bad key fails now, in one line, not after the estimates
+        try:
+            config(0.5, 10, 0, 1, "strategy.name=gbme", "model.name=small_cnn_experts", *args.gbme_keys)
+        except FedLTError as exc:
+            sys.exit(f"error: --gbme-keys: {exc}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +228,7 @@ def main() -> None:
             write()
         if setting in args.gbme_settings:
             t0 = time.time()
-            row = raw["gbme"][setting] = gbme_row(alpha, k, seed0, args.rounds)
+            row = raw["gbme"][setting] = gbme_row(alpha, k, seed0, args.rounds, tuple(args.gbme_keys))
             gb.append(f"| {alpha} | {k} | " + " | ".join(cell(row[e]) for e in ESTIMATORS) + " |")
             print(gb[-1], f"{time.time() - t0:.0f}s", flush=True)
             write()
