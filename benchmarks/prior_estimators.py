@@ -4,7 +4,8 @@ Config: fedlt's defaults (Fashion-MNIST-LT IF = 100, small_cnn, SGD lr 0.05 m 0.
 every round) with partition.alpha and partition.num_clients set. Run by hand (not in CI), from the repository root:
 
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py [--seeds 0 1 2] [--settings 0.5:10 ...]
-        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--gbme-keys KEY=VALUE ...] [--min-size N] [--out DIR]
+        [--rounds 16] [--posthoc-settings α:K ...] [--gbme-settings α:K ...] [--gbme-keys KEY=VALUE ...]
+        [--min-size N] [--out DIR]
     nice -n 10 .venv/bin/python benchmarks/prior_estimators.py --noise-only 300   # dp_counts vs dp_counts_agm
 
 (1) error of each estimate (``strategy.prior`` = gbme, dpa, dp_counts and dp_counts_agm at ε = 1, δ = 1e-5;

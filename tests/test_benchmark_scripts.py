@@ -1,6 +1,6 @@
 """The shell scripts that regenerate docs/results.md and the example report run for an hour and are run by
 hand, so a config they give that fedlt has come to refuse goes unnoticed until someone needs the table
-(benchmarks/federated_table.sh was broken that way for a week). Each script runs here with ``PY`` a stub that
+(benchmarks/federated_table.sh was broken that way from adb5436 to ca86c4b, unseen). Each script runs here with ``PY`` a stub that
 records its commands, and every ``python -m fedlt.simulate`` and ``benchmarks/centralized_table.py`` command
 is checked as the real one checks it before training: every sweep combination resolved and validated, plug-ins
 imported from the ``PYTHONPATH`` the script gives. Nothing is trained; data files are not needed."""
