@@ -66,6 +66,12 @@ ESTIMATORS = ("gbme", "dpa", "dp_counts", "dp_counts_agm", "oracle")
 MIN_SIZE: list[str] = []  # ["partition.min_size=N"] from --min-size
 
 
+def parse_setting(setting: str) -> tuple[float, int]:
+    """``α:K`` (e.g. ``0.5:10``) as (α, K)."""
+    alpha, k = setting.split(":")
+    return float(alpha), int(k)
+
+
 def config(alpha: float, k: int, seed: int, rounds: int, *extra: str):
     return load_config(None, [f"seed={seed}", "mode=federated", f"partition.alpha={alpha}",
                               f"partition.num_clients={k}", f"federation.rounds={rounds}",
@@ -116,13 +122,17 @@ def posthoc_row(alpha: float, k: int, seed: int, rounds: int, pis: dict) -> dict
     return {n: {"accuracy": m["accuracy"], "few": m["few"]} for n, m in row.items()}
 
 
-def gbme_row(alpha: float, k: int, seed: int, rounds: int, keys: tuple[str, ...] = ()) -> dict:
-    """GBME's accuracy with each estimator's prior; ``keys``: config overrides of these runs (e.g.
+def gbme_configs(alpha: float, k: int, seed: int, rounds: int, keys: tuple[str, ...] = ()) -> dict:
+    """GBME's run config with each estimator's prior; ``keys``: config overrides of these runs (e.g.
     model.classifier=linear)."""
+    return {e: config(alpha, k, seed, rounds, "strategy.name=gbme", "model.name=small_cnn_experts",
+                      f"strategy.prior={e}", *keys) for e in ESTIMATORS}
+
+
+def gbme_row(alpha: float, k: int, seed: int, rounds: int, keys: tuple[str, ...] = ()) -> dict:
+    """GBME's accuracy with each estimator's prior (:func:`gbme_configs`)."""
     row = {}
-    for e in ESTIMATORS:
-        cfg = config(alpha, k, seed, rounds, "strategy.name=gbme", "model.name=small_cnn_experts",
-                     f"strategy.prior={e}", *keys)
+    for e, cfg in gbme_configs(alpha, k, seed, rounds, keys).items():
         with tempfile.TemporaryDirectory() as tmp:
             s = run_inprocess(cfg, tmp)
         row[e] = {"accuracy": s["accuracy"], "few": s["few"], "prior_l1": s["prior_l1"]}
@@ -135,7 +145,7 @@ def noise_only(settings: list[str], draws: int, min_size_01_100: int = 2) -> lis
     lines = ["| α | K | estimator | σ | L1 | KL(π‖π̂) | few-shot rel. err |", "|---|---|---|---|---|---|---|"]
     sigmas = {"dp_counts": gaussian_sigma(1.0, 1e-5), "dp_counts_agm": analytic_gaussian_sigma(1.0, 1e-5)}
     for setting in settings:
-        alpha, k = float(setting.split(":")[0]), int(setting.split(":")[1])
+        alpha, k = parse_setting(setting)
         extra = [f"partition.min_size={min_size_01_100}"] if (alpha, k) == (0.1, 100) else []
         cfg = load_config(None, ["mode=federated", f"partition.alpha={alpha}", f"partition.num_clients={k}", *extra])
         exp = experiment_for(cfg)
@@ -173,11 +183,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.min_size is not None:
         MIN_SIZE.append(f"partition.min_size={args.min_size}")
-    if args.gbme_keys:  # a bad key fails now, in one line, not after the estimates
-        try:
-            config(0.5, 10, 0, 1, "strategy.name=gbme", "model.name=small_cnn_experts", *args.gbme_keys)
-        except FedLTError as exc:
-            sys.exit(f"error: --gbme-keys: {exc}")
+    try:  # the GBME runs' configs, checked now: a bad --gbme-keys fails in one line, not after the estimates
+        for setting in args.gbme_settings:
+            gbme_configs(*parse_setting(setting), args.seeds[0], args.rounds, tuple(args.gbme_keys))
+    except FedLTError as exc:
+        sys.exit(f"error: {exc}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +213,7 @@ def main() -> None:
         (out / "prior_estimators.json").write_text(json.dumps(raw, indent=1))
 
     for setting in args.settings:
-        alpha, k = float(setting.split(":")[0]), int(setting.split(":")[1])
+        alpha, k = parse_setting(setting)
         errs, pis = {e: [] for e in ESTIMATORS}, None
         for seed in args.seeds:
             t0 = time.time()
