@@ -97,7 +97,7 @@ class FileListOptions(DataOptions):
     cache: bool = Field(True, description="decode the images once into an on-disk uint8 cache that every process "
                                           "maps read-only (fedlt.data.image_cache); false: decode in each process")
     cache_dir: str | None = Field(None, description="folder of the image cache (None: $FEDLT_CACHE_DIR, else "
-                                                    "~/.cache/fedlt/images)")
+                                                    "$XDG_CACHE_HOME/fedlt/images, else ~/.cache/fedlt/images)")
     decode_device: Literal["cpu", "cuda"] = Field("cpu", description="where JPEGs are decoded (cuda: nvJPEG on the GPU)")
 
 

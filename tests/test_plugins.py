@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fedlt.registry as registry
+from conftest import needs_fashion
 from fedlt.config import load_config
 from fedlt.errors import FedLTError
 from fedlt.registry import CLIENTS, STRATEGIES
@@ -106,15 +107,18 @@ def example_installed(tmp_path, monkeypatch):
     sys.modules.pop("global_prior_bs", None)
 
 
-def test_docs_example_runs_in_a_simulation(example_installed, tmp_path):
-    from test_federated_methods import CIFAR_JPEG, simulate, tiny_config, write_tiny_lists
+@needs_fashion
+@pytest.mark.slow
+def test_docs_example_runs_in_a_flower_simulation(example_installed, tmp_path):
+    """The guide's example, found through its entry point by the server and by every Ray client actor, runs
+    a Flower simulation (Fashion-MNIST-LT, so that CI runs it too)."""
+    from test_federated_methods import simulate
 
-    if not (CIFAR_JPEG / "train.txt").is_file():
-        pytest.skip("no CIFAR-10 JPEG copy")
-    lists = write_tiny_lists(tmp_path / "lists")
-    cfg = tiny_config(lists, "strategy.name=global_prior_bs", "strategy.tau=0.5")
-    assert cfg.client.name == "global_prior_bs" and "global_prior_bs" in CLIENTS
-    summary, rows = simulate(cfg, tmp_path / "run")
+    cfg = load_config(None, ["mode=federated", "partition.num_clients=4", "federation.rounds=2",
+                             "federation.fraction=0.5", "train.local_steps=2", "model.name=small_cnn",
+                             "eval.batch_size=1000", "strategy.name=global_prior_bs", "strategy.tau=0.5"])
+    assert cfg.data.name == "fashion_mnist" and cfg.client.name == "global_prior_bs" and "global_prior_bs" in CLIENTS
+    summary, rows = simulate(cfg, tmp_path / "run", flower=True)
     assert summary["method"] == "global_prior_bs" and summary["client"] == "global_prior_bs" and len(rows) == 2
     assert len(summary["pi_hat"]) == 10 and summary["prior_l1"] >= 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["prior_kl"] == summary["prior_kl"]
@@ -271,3 +275,28 @@ def test_the_aggregation_example_of_the_plugin_guide_runs(message_identity):
     median = to_state(arrays)
     assert median["w"].tolist() == [4.0, 2.0] and median["n"].item() == 3 and median["n"].dtype == torch.int64
     assert metrics is not None  # the base's aggregated metrics, passed on
+
+
+def test_the_hook_table_of_the_plugin_guide_names_every_builtin_strategy_that_overrides_a_hook():
+    """docs/plugins.md's hook table: its "used by" column names each built-in strategy whose own class (not
+    :class:`StrategyWrapper`'s delegation) overrides the hook, so that a reader looking for an example finds
+    them all."""
+    from fedlt.federation.compose import StrategyWrapper
+    from fedlt.federation.strategy import FedLTStrategy
+
+    guide = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)\(.*?\)` \| .*? \| (.*) \|$", guide, re.M)}
+    hooks = ("setup", "train_config", "client_records", "run_round", "eval_model", "transform_logits")
+    assert set(hooks) <= set(rows)
+
+    def squash(text: str) -> str:
+        return re.sub(r"[^a-z]", "", text.lower())
+
+    missing = []
+    for name in STRATEGIES:
+        cls = STRATEGIES.get(name)
+        own = [k for k in cls.__mro__[:cls.__mro__.index(FedLTStrategy)] if k is not StrategyWrapper]
+        for hook in hooks:
+            if any(hook in vars(k) for k in own) and squash(name) not in squash(rows[hook]):
+                missing.append(f"{hook}: {name}")
+    assert not missing, missing
