@@ -26,6 +26,10 @@ federated "sweep.strategy.name=[ccvr,creff]"  # CReFF on ResNet-8 (its official 
 centralized mislas
 centralized balpoe  # model.name=resnet8 -> resnet8_experts (BalPoE's full-width 32/64 experts, cosine s = 30)
 federated strategy.name=gbme model.name=resnet8_experts  # GBME's layout (24/48 experts, cosine heads, s = 30)
+# GBME's heads and prior (docs/results.md): the true prior; linear heads with GBME's estimate and with the true prior
+federated name=c10jpeg-cpu-gbme-oracle strategy.name=gbme model.name=resnet8_experts strategy.prior=oracle
+federated name=c10jpeg-cpu-gbme-linear strategy.name=gbme model.name=resnet8_experts model.classifier=linear \
+    "sweep.strategy.prior=[gbme,oracle]"
 # issue 14's single-network methods (their table EXTRA keys; CC-SAM adds 1 classifier epoch); LFME's student
 # gets CE's 5 epochs after its 5 expert epochs
 centralized seql,area,tde,cc_sam,glmc
