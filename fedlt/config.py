@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -193,15 +194,21 @@ def _part_sections() -> dict[str, tuple[Any, str]]:
 # ------------------------------------------------------------------------------------------ reading
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", YAML-parsed value)."""
+    """``a.b=value`` -> ("a.b", YAML-parsed value; numbers decimal only, see :class:`_ConfigLoader`); an empty value
+    is an error."""
     if "=" not in item:
         raise FedLTError(f"override {item!r} is not KEY=VALUE")
     key, raw = item.split("=", 1)
     if any(not part.strip() for part in key.split(".")):
         raise FedLTError(f"override {item!r}: the key {key.strip()!r} has an empty part (KEY is a dotted path such as "
                          f"train.lr)")
+    if not raw.strip():  # `data.root=$ROOT` with ROOT unset read the data set's default folder without a word
+        raise FedLTError(f"override {item!r} has no value (an unset shell variable?): give one, or {key.strip()}=null "
+                         f"for none")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.load(raw, Loader=_ConfigLoader)
+    except _BadKey as exc:
+        raise FedLTError(f"override {item!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -230,12 +237,24 @@ class _BadKey(Exception):
 class _ConfigLoader(yaml.SafeLoader):
     """``yaml.safe_load``'s loader (YAML 1.1 as before: ``1e-3`` stays a string that the float keys read as a
     number) whose mappings refuse a key given twice (YAML would keep the last one silently) and a key that is
-    not a name (``1: 2``, ``null: x``, ``yes: 1``)."""
+    not a name (``1: 2``, ``null: x``, ``yes: 1``), and whose numbers are decimal only: YAML 1.1 reads ``010`` as
+    8 (octal), ``0x10`` as 16 and ``1:30`` as 90 (base 60), so ``seed=010`` ran seed 8; here they stay strings,
+    which a number key refuses in one line (a name key takes them as written)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             _check_keys(self, node)
         return super().construct_mapping(node, deep)
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 def _check_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
@@ -268,6 +287,15 @@ def _key_given_twice(mapping: dict) -> str | None:
     return None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what: "line 5, column 1: found character '\\t' that cannot start any token" (a tab), not only
+    the parser's first line ("while scanning for the next token")."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -284,7 +312,7 @@ def read_yaml(path: str | Path) -> dict:
     except _BadKey as exc:
         raise FedLTError(f"config file {path} line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise FedLTError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise FedLTError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if raw is None:  # a truncated or unsaved file would run every default under its name
         raise FedLTError(f"config file {path} is empty (no key, or only comments): give its keys, or leave out "
                          f"--config to run the defaults")
@@ -301,9 +329,13 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def deep_merge(base: dict, child: dict) -> dict:
-    """``child`` over ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    """``child`` over ``base``: mappings merge key by key, anything else (lists included) is replaced; an empty
+    section (``train:`` with every key commented out: null) over a mapping changes nothing (it replaced the base's
+    section by the defaults without a word)."""
     out = copy.deepcopy(base)
     for key, value in child.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
@@ -351,7 +383,26 @@ def read_config_file(path: str | Path, provenance: dict[str, str] | None = None,
     if provenance is not None:
         for key in given_keys("", raw):  # a value of the base replaced by the file's (mappings merge key by key)
             set_source(provenance, key, f"file {path.name}")
-    return deep_merge(merged, raw)
+    return deep_merge(_unswept(merged, raw), raw)
+
+
+def _unswept(base: dict, child: dict) -> dict:
+    """``base`` without the sweep axes over a key that ``child`` sets (and does not sweep itself): a file's plain
+    value fixes what its base sweeps, as a plain override on the command line does (a child of
+    configs/default.yaml with ``strategy: {name: fedprox}`` ran the base's FedAvg and FedLC and never FedProx).
+    Within one file, a plain value beside a sweep of the same key is the sweep's default (configs/default.yaml's
+    ``strategy.name``) and the sweep runs."""
+    from fedlt.sweep import flatten
+
+    axes = flatten(base["sweep"]) if isinstance(base.get("sweep"), dict) else {}
+    own_axes = flatten(child["sweep"]) if isinstance(child.get("sweep"), dict) else {}
+    fixed = _leaves({k: v for k, v in child.items()
+                     if k != "sweep" and not (v is None and isinstance(base.get(k), dict))})  # see deep_merge
+    drop = [a for a in axes if a not in own_axes
+            and any(a == f or a.startswith(f + ".") or f.startswith(a + ".") for f in fixed)]
+    if not drop:
+        return base
+    return {**base, "sweep": {a: v for a, v in axes.items() if a not in drop}}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -418,8 +469,9 @@ def _check_section_override(raw: dict, key: str, value: Any) -> None:
     """Refuse an override that gives a section a mapping (``data={flip: false}``) where that would drop keys the
     config already sets in it: an override replaces what it names, so the run would take those keys' defaults
     where the user most likely meant to change the keys written (a ``base:`` file merges mappings key by key).
-    ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say."""
-    if not isinstance(value, dict) or not value or key == "sweep" or key.startswith("sweep."):
+    ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say; ``KEY=`` (no value: null) where the config
+    sets keys in section KEY would drop them all, and is refused the same way."""
+    if key == "sweep" or key.startswith("sweep.") or (value is not None and (not isinstance(value, dict) or not value)):
         return
     from fedlt.sweep import flatten
 
@@ -427,6 +479,12 @@ def _check_section_override(raw: dict, key: str, value: Any) -> None:
     for piece in key.split("."):
         node = node.get(piece) if isinstance(node, dict) else None
     if not isinstance(node, dict):
+        return
+    if value is None:
+        if node:
+            raise FedLTError(f"override {key}= gives the section {key!r} no value, which would drop what the config "
+                             f"sets in it ({', '.join(f'{key}.{k}' for k in flatten(node))}): give its keys as "
+                             f"{key}.KEY=VALUE, or {key}={{}} to clear it")
         return
     given = flatten(value)
     dropped = [k for k in flatten(node) if k not in given and not any(k.startswith(g + ".") for g in given)]

@@ -81,6 +81,14 @@ class DataOptions(Options):
         None, min_length=1, description="per-channel std of the normalisation (None: the data set's; e.g. "
                                         "LDAM-DRW's CIFAR [0.2023, 0.1994, 0.2010])")
 
+    @field_validator("root")
+    @classmethod
+    def _root_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # `data.root=$ROOT` with ROOT unset read the default data
+            raise ValueError("is empty (an unset shell variable?): give the data set's folder, or leave the key out "
+                             "for its default place")
+        return value
+
     def unused(self, cfg: Any, section: str) -> list[str]:
         out = super().unused(cfg, section)
         if self.profile == "none":
@@ -166,7 +174,7 @@ class CentralizedOptions(Options):
                               "held for the epoch, as CosineAnnealingLR stepped after each epoch; "
                               "cosine_epoch_end: the value at its end, as CosineAnnealingLR stepped before each "
                               "epoch, the last epoch at lr 0)")
-    milestones: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list,
+    milestones: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list,
                                                             description="epochs at which a step schedule decays")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor of a step schedule, in (0, 1]")
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = Field(

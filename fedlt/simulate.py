@@ -98,6 +98,7 @@ def check_data(cfgs: list[Config]) -> None:
         exp = experiment_for(cfg)
         check_steps(cfg, exp)
         check_crop_padding(cfg, exp)
+        check_cutout(cfg, exp)
         if cfg.mode in ("centralized", "both"):  # a model key the method sets itself, given another value
             check_overridden_model_keys(cfg, CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
                                         .model_options())
@@ -161,6 +162,20 @@ def check_crop_padding(cfg: Config, exp) -> None:
         raise FedLTError(f"config key 'data.crop_padding' ({pad}) is at least the side of the images "
                          f"({min(images.shape[-2:])} px): a random crop could hold padding only; use a few pixels "
                          f"(4 on CIFAR's 32)")
+
+
+def check_cutout(cfg: Config, exp) -> None:
+    """A Cutout hole at least the images' side is a one-line error: a hole centred mid-image then blanks the
+    whole image (``data.cutout=100`` on 28-px images trained on zeros only)."""
+    images = getattr(exp.train, "images", None)
+    side = min(images.shape[-2:]) if images is not None and images.ndim == 4 else None
+    holes = [("data.cutout", cfg.data.cutout)]
+    if cfg.mode in ("centralized", "both") and getattr(cfg.centralized, "autoaugment", False):
+        holes.append(("centralized.cutout", cfg.centralized.cutout))
+    for key, size in holes:
+        if side is not None and size >= side:
+            raise FedLTError(f"config key {key!r} ({size}) is at least the side of the images ({side} px): its hole "
+                             f"could blank whole images; use about half the side (16 on CIFAR's 32)")
 
 
 def check_steps(cfg: Config, exp) -> None:
@@ -281,6 +296,10 @@ def check_plan(combos: list[tuple[Config, dict]], out: str, overwrite: bool = Fa
     from fedlt.sweep import plan
 
     runs = plan(combos, out)
+    for r in runs:  # a file there: mkdir failed with a traceback after the data were loaded
+        if (r.path.exists() or r.path.is_symlink()) and not r.path.is_dir():
+            raise FedLTError(f"run directory {r.path} is a file (or a broken link), not a folder: move it, or give "
+                             f"another --out or name=")
     if not overwrite:
         for r in runs:
             if r.path.is_dir():
@@ -606,14 +625,25 @@ def help_epilog() -> str:
             "too).\n\n" + keys)
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: ``--config a.yaml --config b.yaml`` kept the last file without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give it once")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m fedlt.simulate`` (also read by the test that checks the benchmark scripts'
     commands)."""
     parser = argparse.ArgumentParser(prog="python -m fedlt.simulate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=help_epilog())
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml when it exists)")
-    parser.add_argument("--out", default="runs", help="folder for the run directories (default: runs)")
+    parser.add_argument("--config", action=_Once, help="YAML config (default: configs/default.yaml when it exists)")
+    parser.add_argument("--out", default="runs", action=_Once, help="folder for the run directories (default: runs)")
     parser.add_argument("--list", action="store_true", help="list registered data sets, models, methods")
     parser.add_argument("--keys", nargs="?", const="", metavar="PART",
                         help="list every config key (name, type, default, description), or those of one section "
@@ -628,9 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config (with where each value came from), the partition, the "
                              "rounds / epochs and local steps and an estimate of the wall time; run nothing")
-    parser.add_argument("--report", metavar="DIR", help="at the end, write the comparison report of these runs "
-                                                         "into DIR (as python -m fedlt.compare does)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+    parser.add_argument("--report", metavar="DIR", action=_Once,
+                        help="at the end, write the comparison report of these runs into DIR (as python -m "
+                             "fedlt.compare does)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", action=_Once,
                         help="run N runs of a sweep at once, each in its own process (default 1; on a GPU "
                              "several small runs share the card)")
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # --jobs' children: this one config into this dir

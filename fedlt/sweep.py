@@ -60,8 +60,17 @@ def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, A
     """``sweep.KEY=[..]`` items (KEY may be dotted) apart from the plain overrides."""
     from fedlt.config import parse_override
 
-    plain, sweep = [], {}
+    plain, sweep, given = [], {}, {}
     for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if "=" in item:  # one key twice (or a key and its section): the last would win without a word
+            twice = next((g for g in given if g == key or g.startswith(key + ".")
+                          or (key.startswith(g + ".") and given[g].partition("=")[2].strip() != "{}")), None)
+            if twice is not None:  # (`sweep={} sweep.seed=[0,1]` clears a section, then sets in it: what it says)
+                same = "given twice" if twice == key else f"given with {twice!r}"
+                raise FedLTError(f"config key {key!r} is {same} on the command line ({given[twice]!r} and {item!r}): "
+                                 f"give it once")
+            given[key] = item
         if item.startswith("sweep.") and "=" in item:
             key, value = parse_override(item)
             sweep[key[len("sweep."):]] = value

@@ -193,8 +193,7 @@ def test_file_list_splits_of_two_image_sizes(capsys, tmp_path):
     for i in range(4):
         write_png(torch.full((3, 16, 16), 9, dtype=torch.uint8), str(tmp_path / f"big{i}.png"))
     write_list(tmp_path / "test.txt", [f"big{i}.png {i}" for i in range(4)])
-    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.cache=false",
-                   "data.profile=none", "partition.num_clients=2", "partition.min_size=1")
+    line = refused(capsys, tmp_path, "data.name=cifar10_files", f"data.root={tmp_path}", "data.cache=false")
     assert line == ("data set cifar10_files: the training images are 3×8×8, the test images 3×16×16; both splits "
                     "must have one size (for a file list, set data.image_size to resize them)")
     assert main(["--dry-run", "--config", DEFAULT, "--out", str(tmp_path / "runs"), *TINY, "data.name=cifar10_files",

@@ -30,7 +30,7 @@ TINY_CENTRAL = ["mode=centralized", "centralized.epochs=2", *TINY]
 def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     """Run the CLI; assert exit status 2, one line on stderr, no traceback, no summary.json; return the line."""
     out = tmp_path / "runs"
-    code = main([*(["--config", config] if config else []), "--out", str(out), *args])
+    code = main([*(["--config", config] if config else []), *([] if "--out" in args else ["--out", str(out)]), *args])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -144,8 +144,33 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
      "centralized.method=sbcl takes centralized.gamma as its class-term weight γ (0.25), which a step schedule "
      "would also take as its lr decay: use centralized.schedule=cosine, cosine_epoch or constant"),
     # an empty name fell back to the default method, or said "unknown strategy 'None'"
-    (["mode=centralized", "centralized.method="], "config key 'centralized.method' needs a name, got an empty value"),
-    (["strategy.name="], "config key 'strategy.name' needs a name, got an empty value"),
+    (["mode=centralized", "centralized.method=null"], "config key 'centralized.method' needs a name, got an empty "
+     "value"),
+    (["strategy.name=null"], "config key 'strategy.name' needs a name, got an empty value"),
+    # an empty value on the command line (an unset shell variable): data.root= read the default data set
+    (["data.root="], "override 'data.root=' has no value (an unset shell variable?): give one, or data.root=null for "
+     "none"),
+    (["strategy.name="], "override 'strategy.name=' has no value"),
+    (["data.root=' '"], "config key 'data.root' is empty (an unset shell variable?): give the data set's folder"),
+    # YAML 1.1's other bases: seed=010 ran seed 8, rounds=1:30 ran 90 rounds, lr=0x10 trained at 16
+    (["federation.rounds=1:30"], "config key 'federation.rounds' must be int, got '1:30'"),
+    (["train.lr=0x10"], "config key 'train.lr' must be float, got '0x10'"),
+    # one key twice on the command line: the last one won without a word
+    (["train.lr=0.1", "train.lr=0.2"], "config key 'train.lr' is given twice on the command line ('train.lr=0.1' "
+     "and 'train.lr=0.2'): give it once"),
+    (["sweep.seed=[0,1]", "sweep.seed=[2,3]"], "config key 'sweep.seed' is given twice on the command line"),
+    (["train={lr: 0.1}", "train.lr=0.2"], "config key 'train.lr' is given with 'train' on the command line"),
+    # a section given no value dropped what the config sets in it (centralized.epochs 8 -> 10)
+    (["centralized=null"], "override centralized= gives the section 'centralized' no value, which would drop what "
+     "the config sets in it (centralized.method, centralized.epochs, centralized.schedule): give its keys as "
+     "centralized.KEY=VALUE, or centralized={} to clear it"),
+    # a Cutout hole the size of the image blanked every training image; a milestone at epoch 0 decayed at once
+    (["data.cutout=28"], "config key 'data.cutout' (28) is at least the side of the images (28 px): its hole could "
+     "blank whole images"),
+    (["mode=centralized", "centralized.autoaugment=true", "centralized.cutout=40"], "config key "
+     "'centralized.cutout' (40) is at least the side of the images (28 px)"),
+    (["mode=centralized", "centralized.schedule=step", "centralized.milestones=[0]"], "config key "
+     "'centralized.milestones.0' must be > 0, got 0"),
     # a key with an empty part was pydantic's "Extra inputs are not permitted", naming no key
     (["train.=5"], "override 'train.=5': the key 'train.' has an empty part"),
     # a misspelt key or name: the closest one is suggested
@@ -229,7 +254,8 @@ def test_a_report_folder_that_is_a_file_is_refused_before_training(capsys, tmp_p
 
 def test_a_report_folder_where_nothing_can_be_written_is_refused_before_training(capsys, tmp_path):
     """/proc passes os.access for root: the runs trained, then writing the report ended in a traceback."""
-    line = refused(capsys, tmp_path, "--report", "/proc/fedlt-report", *TINY_CENTRAL, "centralized.epochs=0.01")
+    line = refused(capsys, tmp_path, "--report", "/proc/fedlt-report", "mode=centralized", "centralized.epochs=0.01",
+                   *TINY)
     assert line.startswith("error: report folder /proc/fedlt-report cannot be written: /proc is not writable (")
     assert not (tmp_path / "runs").exists()
 
@@ -471,7 +497,7 @@ def test_a_calibration_wrapper_without_its_one_classifier_is_refused_when_read(o
 def test_the_dry_run_counts_a_fraction_of_an_epoch_and_the_initial_evaluation(capsys, tmp_path):
     """0.2 epochs trains a fifth of an epoch's steps (it said all of them), and every run evaluates its initial
     model besides the due evaluations (it said one fewer)."""
-    assert main(["--out", str(tmp_path), "--dry-run", *TINY_CENTRAL, "mode=both", "centralized.epochs=0.2",
+    assert main(["--out", str(tmp_path), "--dry-run", *TINY, "mode=both", "centralized.epochs=0.2",
                  "federation.rounds=3", "eval.every=4"]) == 0
     out = capsys.readouterr().out
     per_epoch = int(re.search(r"centralized ce: 0.2 epochs × (\d+) steps", out).group(1))
@@ -973,7 +999,7 @@ def test_deploy_run_refuses_bad_arguments_before_starting_anything(capsys, tmp_p
 
 
 def test_a_negative_milestone_is_refused():
-    with pytest.raises(FedLTError, match=r"config key 'centralized.milestones.0' must be >= 0, got -1"):
+    with pytest.raises(FedLTError, match=r"config key 'centralized.milestones.0' must be > 0, got -1"):
         load_config(None, ["centralized.milestones=[-1]"])
     with pytest.raises(FedLTError, match=r"config key 'federation.lr_milestones.1' must be >= 1, got -5"):
         load_config(None, ["federation.lr_milestones=[3, -5]"])
@@ -1061,3 +1087,58 @@ def test_a_sweep_value_listed_twice_is_refused(capsys, tmp_path, monkeypatch, it
     assert str(e.value).startswith(message)
     monkeypatch.setattr(simulate, "run_sweep", lambda *a, **k: pytest.fail("ran a sweep it should refuse"))
     assert refused(capsys, tmp_path, *TINY, item).startswith("error: " + message)
+
+
+# ------------------------------------------------------------------------------------------ the command line (audit)
+def test_decimal_numbers_are_read_as_written():
+    """YAML 1.1 read seed=010 as 8 (octal) into a run named seed8; a name of digits was refused as a number."""
+    assert load_config(None, ["seed=010"]).seed == 10
+    assert load_config(None, ["name=007"]).name == "007"
+    assert load_config(None, ["train.lr=1e-3", "train.batch_size=+32"]).train.lr == 1e-3
+
+
+@pytest.mark.parametrize("option", ["--config", "--out", "--report", "--jobs"])
+def test_an_option_given_twice_is_refused(capsys, option):
+    values = {"--config": ("configs/default.yaml",) * 2, "--jobs": ("1", "2")}.get(option, ("a", "b"))
+    with pytest.raises(SystemExit) as exit_:
+        main([option, values[0], option, values[1], "--dry-run"])
+    assert exit_.value.code == 2
+    assert f"{option} given twice ({values[0]} and {values[1]}): give it once" in capsys.readouterr().err
+
+
+@needs_fashion
+def test_a_file_where_a_run_directory_goes_is_refused_before_any_run(capsys, tmp_path):
+    """mkdir raised FileExistsError (a traceback) after the data had been loaded; a dry run said nothing."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a-seed0-cen-ce").write_text("x")
+    for dry in ([], ["--dry-run"]):
+        line = refused(capsys, tmp_path, *dry, "name=a", "mode=centralized", "centralized.epochs=0.02")
+        assert line == (f"error: run directory {tmp_path / 'runs' / 'a-seed0-cen-ce'} is a file (or a broken link), "
+                        f"not a folder: move it, or give another --out or name=")
+    assert (tmp_path / "runs" / "a-seed0-cen-ce").read_text() == "x"
+
+
+def test_a_childs_value_fixes_what_its_base_sweeps(tmp_path):
+    """A child of configs/default.yaml that sets strategy.name: fedprox ran the base's sweep (FedAvg and FedLC)
+    and never FedProx; an empty section in a child dropped its base's keys of that section."""
+    from fedlt.sweep import expand
+
+    (tmp_path / "child.yaml").write_text(f"base: {ROOT / 'configs' / 'default.yaml'}\nstrategy: {{name: fedprox}}\n"
+                                         f"train:\n  # lr: 0.2\n")
+    combos = expand(tmp_path / "child.yaml")
+    assert [c.strategy.name for c, _ in combos] == ["fedprox"]
+    assert combos[0][0].train.lr == 0.05 and combos[0][0].train.batch_size == 64  # the base's, not the defaults
+    # the same key swept by the child too: the child's sweep
+    (tmp_path / "sweeps.yaml").write_text(f"base: {ROOT / 'configs' / 'default.yaml'}\nstrategy: {{name: fedprox}}\n"
+                                          f"sweep: {{strategy.name: [fedprox, fedavgm]}}\n")
+    assert [c.strategy.name for c, _ in expand(tmp_path / "sweeps.yaml")] == ["fedprox", "fedavgm"]
+    # within one file a plain value beside its sweep is the sweep's default: default.yaml runs both methods
+    assert [c.strategy.name for c, _ in expand(ROOT / "configs" / "default.yaml")] == ["fedavg", "fedlc"]
+
+
+def test_a_yaml_syntax_error_says_where(tmp_path):
+    (tmp_path / "tab.yaml").write_text("seed: 0\ntrain:\n\tlr: 0.1\n")
+    with pytest.raises(FedLTError) as err:
+        load_config(tmp_path / "tab.yaml")
+    assert str(err.value) == (f"config file {tmp_path / 'tab.yaml'} is not valid YAML: line 3, column 1: found "
+                              f"character '\\t' that cannot start any token")
