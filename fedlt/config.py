@@ -298,6 +298,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise FedLTError(f"config file {path} is a folder: give one of its .yaml files")
     if not path.is_file():
         raise FedLTError(f"config file not found: {path}")
     try:

@@ -1142,3 +1142,9 @@ def test_a_yaml_syntax_error_says_where(tmp_path):
         load_config(tmp_path / "tab.yaml")
     assert str(err.value) == (f"config file {tmp_path / 'tab.yaml'} is not valid YAML: line 3, column 1: found "
                               f"character '\\t' that cannot start any token")
+
+
+def test_a_config_folder_is_named_as_a_folder(capsys, tmp_path):
+    """``--config configs`` said "config file not found" of a folder that exists."""
+    assert refused(capsys, tmp_path, config=str(ROOT / "configs")) == \
+        f"error: config file {ROOT / 'configs'} is a folder: give one of its .yaml files"
