@@ -471,7 +471,7 @@ def _check_section_override(raw: dict, key: str, value: Any) -> None:
     """Refuse an override that gives a section a mapping (``data={flip: false}``) where that would drop keys the
     config already sets in it: an override replaces what it names, so the run would take those keys' defaults
     where the user most likely meant to change the keys written (a ``base:`` file merges mappings key by key).
-    ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say; ``KEY=`` (no value: null) where the config
+    ``KEY={}`` (clear it) and the ``sweep`` mapping are what they say; ``KEY=null`` (no value) where the config
     sets keys in section KEY would drop them all, and is refused the same way."""
     if key == "sweep" or key.startswith("sweep.") or (value is not None and (not isinstance(value, dict) or not value)):
         return
@@ -484,7 +484,7 @@ def _check_section_override(raw: dict, key: str, value: Any) -> None:
         return
     if value is None:
         if node:
-            raise FedLTError(f"override {key}= gives the section {key!r} no value, which would drop what the config "
+            raise FedLTError(f"override {key}=null gives the section {key!r} no value, which would drop what the config "
                              f"sets in it ({', '.join(f'{key}.{k}' for k in flatten(node))}): give its keys as "
                              f"{key}.KEY=VALUE, or {key}={{}} to clear it")
         return

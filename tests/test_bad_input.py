@@ -161,7 +161,7 @@ def refused(capsys, tmp_path, *args: str, config: str | None = DEFAULT) -> str:
     (["sweep.seed=[0,1]", "sweep.seed=[2,3]"], "config key 'sweep.seed' is given twice on the command line"),
     (["train={lr: 0.1}", "train.lr=0.2"], "config key 'train.lr' is given with 'train' on the command line"),
     # a section given no value dropped what the config sets in it (centralized.epochs 8 -> 10)
-    (["centralized=null"], "override centralized= gives the section 'centralized' no value, which would drop what "
+    (["centralized=null"], "override centralized=null gives the section 'centralized' no value, which would drop what "
      "the config sets in it (centralized.method, centralized.epochs, centralized.schedule): give its keys as "
      "centralized.KEY=VALUE, or centralized={} to clear it"),
     # a Cutout hole the size of the image blanked every training image; a milestone at epoch 0 decayed at once
