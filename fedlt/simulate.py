@@ -71,6 +71,11 @@ def check_out(out: str, create: bool = True) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FedLTError(f"--out {out} is a file, not a folder for run directories")
+    from fedlt.rundir import enclosing_run
+
+    if (run := enclosing_run(path)) is not None:
+        raise FedLTError(f"--out {out} is inside the run directory {run}: give a folder outside it (run directories "
+                         f"go side by side, e.g. its parent {run.parent})")
     if not create:
         return
     try:

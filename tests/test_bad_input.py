@@ -1148,3 +1148,20 @@ def test_a_config_folder_is_named_as_a_folder(capsys, tmp_path):
     """``--config configs`` said "config file not found" of a folder that exists."""
     assert refused(capsys, tmp_path, config=str(ROOT / "configs")) == \
         f"error: config file {ROOT / 'configs'} is a folder: give one of its .yaml files"
+
+
+@needs_fashion
+def test_out_or_a_report_inside_a_run_directory_is_refused(capsys, tmp_path):
+    """--out inside a finished run trained a nested run there; --report inside one wrote among its files."""
+    run = tmp_path / "runs" / "a-seed0-cen-ce"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "env.json").write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    assert refused(capsys, tmp_path, "--out", str(run / "more"), *TINY_CENTRAL) == (
+        f"error: --out {run / 'more'} is inside the run directory {run}: give a folder outside it (run "
+        f"directories go side by side, e.g. its parent {run.parent})")
+    assert refused(capsys, tmp_path, "--report", str(run / "report"), *TINY_CENTRAL) == (
+        f"error: report folder {run / 'report'} is inside the run directory {run}: give a folder outside it, so "
+        f"that the report's files do not mix with the run's")
+    assert sorted(p.name for p in run.iterdir()) == before

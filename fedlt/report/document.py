@@ -48,6 +48,11 @@ def check_report_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FedLTError(f"report folder {out} is an existing file, not a folder")
+    from fedlt.rundir import enclosing_run
+
+    if (run := enclosing_run(out)) is not None:
+        raise FedLTError(f"report folder {out} is inside the run directory {run}: give a folder outside it, so that "
+                         f"the report's files do not mix with the run's")
     base = out
     while not base.exists() and base != base.parent:
         base = base.parent
