@@ -394,14 +394,13 @@ def _unswept(base: dict, child: dict) -> dict:
     configs/default.yaml with ``strategy: {name: fedprox}`` ran the base's FedAvg and FedLC and never FedProx).
     Within one file, a plain value beside a sweep of the same key is the sweep's default (configs/default.yaml's
     ``strategy.name``) and the sweep runs."""
-    from fedlt.sweep import flatten
+    from fedlt.sweep import flatten, keys_overlap
 
     axes = flatten(base["sweep"]) if isinstance(base.get("sweep"), dict) else {}
     own_axes = flatten(child["sweep"]) if isinstance(child.get("sweep"), dict) else {}
     fixed = _leaves({k: v for k, v in child.items()
                      if k != "sweep" and not (v is None and isinstance(base.get(k), dict))})  # see deep_merge
-    drop = [a for a in axes if a not in own_axes
-            and any(a == f or a.startswith(f + ".") or f.startswith(a + ".") for f in fixed)]
+    drop = [a for a in axes if a not in own_axes and any(keys_overlap(a, f) for f in fixed)]
     if not drop:
         return base
     return {**base, "sweep": {a: v for a, v in axes.items() if a not in drop}}

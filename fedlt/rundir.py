@@ -51,16 +51,6 @@ SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "ec
 _held: dict[str, list] = {}  # run directory (resolved) -> [open lock file, depth]: the locks this process holds
 
 
-def enclosing_run(path: str | Path) -> Path | None:
-    """The run directory that ``path`` is or lies in (a folder holding config.yaml beside env.json or
-    metrics.jsonl), or None: where ``--out`` or a report folder must not go (run directories inside a run, or a
-    report among a run's own files)."""
-    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
-        if (folder / "config.yaml").is_file() and any((folder / f).is_file() for f in ("env.json", "metrics.jsonl")):
-            return folder
-    return None
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)

@@ -71,7 +71,7 @@ def check_out(out: str, create: bool = True) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FedLTError(f"--out {out} is a file, not a folder for run directories")
-    from fedlt.rundir import enclosing_run
+    from fedlt.report.runs import enclosing_run
 
     if (run := enclosing_run(path)) is not None:
         raise FedLTError(f"--out {out} is inside the run directory {run}: give a folder outside it (run directories "
@@ -102,8 +102,7 @@ def check_data(cfgs: list[Config]) -> None:
             check_resources(cfg)
         exp = experiment_for(cfg)
         check_steps(cfg, exp)
-        check_crop_padding(cfg, exp)
-        check_cutout(cfg, exp)
+        check_augment_sizes(cfg, exp)
         if cfg.mode in ("centralized", "both"):  # a model key the method sets itself, given another value
             check_overridden_model_keys(cfg, CENTRALIZED.get(cfg.centralized.method)(cfg, exp.train_counts)
                                         .model_options())
@@ -158,27 +157,22 @@ def warn_missing_classes(train_counts: np.ndarray, test_counts: np.ndarray) -> N
               f"no accuracy; balanced accuracy and the many/medium/few means leave them out", flush=True)
 
 
-def check_crop_padding(cfg: Config, exp) -> None:
-    """A random-crop padding of at least the images' side is a one-line error: a crop could then hold padding
-    only, and most hold little of the image (``data.crop_padding=1000`` on 28-px images trained on blanks)."""
+def check_augment_sizes(cfg: Config, exp) -> None:
+    """A random-crop padding or a Cutout hole of at least the images' side is a one-line error: a crop could then
+    hold padding only, and most hold little of the image (``data.crop_padding=1000`` on 28-px images trained on
+    blanks); a hole centred mid-image blanks the whole image (``data.cutout=100``: zeros only)."""
     images = getattr(exp.train, "images", None)
-    pad = cfg.data.crop_padding
-    if images is not None and images.ndim == 4 and pad >= min(images.shape[-2:]):
-        raise FedLTError(f"config key 'data.crop_padding' ({pad}) is at least the side of the images "
-                         f"({min(images.shape[-2:])} px): a random crop could hold padding only; use a few pixels "
-                         f"(4 on CIFAR's 32)")
-
-
-def check_cutout(cfg: Config, exp) -> None:
-    """A Cutout hole at least the images' side is a one-line error: a hole centred mid-image then blanks the
-    whole image (``data.cutout=100`` on 28-px images trained on zeros only)."""
-    images = getattr(exp.train, "images", None)
-    side = min(images.shape[-2:]) if images is not None and images.ndim == 4 else None
+    if images is None or images.ndim != 4:
+        return
+    side, pad = min(images.shape[-2:]), cfg.data.crop_padding
+    if pad >= side:
+        raise FedLTError(f"config key 'data.crop_padding' ({pad}) is at least the side of the images ({side} px): a "
+                         f"random crop could hold padding only; use a few pixels (4 on CIFAR's 32)")
     holes = [("data.cutout", cfg.data.cutout)]
     if cfg.mode in ("centralized", "both") and getattr(cfg.centralized, "autoaugment", False):
         holes.append(("centralized.cutout", cfg.centralized.cutout))
     for key, size in holes:
-        if side is not None and size >= side:
+        if size >= side:
             raise FedLTError(f"config key {key!r} ({size}) is at least the side of the images ({side} px): its hole "
                              f"could blank whole images; use about half the side (16 on CIFAR's 32)")
 
@@ -301,14 +295,12 @@ def check_plan(combos: list[tuple[Config, dict]], out: str, overwrite: bool = Fa
     from fedlt.sweep import plan
 
     runs = plan(combos, out)
-    for r in runs:  # a file there: mkdir failed with a traceback after the data were loaded
-        if (r.path.exists() or r.path.is_symlink()) and not r.path.is_dir():
+    for r in runs:
+        if (r.path.exists() or r.path.is_symlink()) and not r.path.is_dir():  # mkdir raised after the data loaded
             raise FedLTError(f"run directory {r.path} is a file (or a broken link), not a folder: move it, or give "
                              f"another --out or name=")
-    if not overwrite:
-        for r in runs:
-            if r.path.is_dir():
-                RunDir(r.path).check_config(r.cfg)
+        if not overwrite and r.path.is_dir():
+            RunDir(r.path).check_config(r.cfg)
     check_data([c for c, _ in combos])
     return runs
 

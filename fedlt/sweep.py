@@ -64,9 +64,10 @@ def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, A
     for item in overrides or []:
         key = item.partition("=")[0].strip()
         if "=" in item:  # one key twice (or a key and its section): the last would win without a word
-            twice = next((g for g in given if g == key or g.startswith(key + ".")
-                          or (key.startswith(g + ".") and given[g].partition("=")[2].strip() != "{}")), None)
-            if twice is not None:  # (`sweep={} sweep.seed=[0,1]` clears a section, then sets in it: what it says)
+            # (`sweep={} sweep.seed=[0,1]` clears a section, then sets in it: what it says)
+            twice = next((g for g in given if keys_overlap(g, key)
+                          and not (key.startswith(g + ".") and given[g].partition("=")[2].strip() == "{}")), None)
+            if twice is not None:
                 same = "given twice" if twice == key else f"given with {twice!r}"
                 raise FedLTError(f"config key {key!r} is {same} on the command line ({given[twice]!r} and {item!r}): "
                                  f"give it once")
@@ -77,6 +78,11 @@ def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, A
         else:
             plain.append(item)
     return plain, sweep
+
+
+def keys_overlap(a: str, b: str) -> bool:
+    """Whether dotted keys ``a`` and ``b`` name the same value, or one a section holding the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:

@@ -1156,7 +1156,7 @@ def test_out_or_a_report_inside_a_run_directory_is_refused(capsys, tmp_path):
     run = tmp_path / "runs" / "a-seed0-cen-ce"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 0\n")
-    (run / "env.json").write_text("{}")
+    (run / "partition.json").write_text("{}")  # written as a run starts: a run directory to fedlt.compare too
     before = sorted(p.name for p in run.iterdir())
     assert refused(capsys, tmp_path, "--out", str(run / "more"), *TINY_CENTRAL) == (
         f"error: --out {run / 'more'} is inside the run directory {run}: give a folder outside it (run "

@@ -18,7 +18,7 @@ from fedlt.report.figures import (
     fig_prior,
     fig_reliability,
 )
-from fedlt.report.runs import Run
+from fedlt.report.runs import Run, enclosing_run
 from fedlt.report.tables import (
     Row,
     build_rows,
@@ -48,8 +48,6 @@ def check_report_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FedLTError(f"report folder {out} is an existing file, not a folder")
-    from fedlt.rundir import enclosing_run
-
     if (run := enclosing_run(out)) is not None:
         raise FedLTError(f"report folder {out} is inside the run directory {run}: give a folder outside it, so that "
                          f"the report's files do not mix with the run's")

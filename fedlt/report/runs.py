@@ -383,6 +383,12 @@ def _holds_a_run(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
 
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory (as :func:`find_run_dirs` tells one) that ``path`` is or lies in, or None: where ``--out``
+    or a report folder must not go (run directories inside a run, or a report among a run's own files)."""
+    return next((p for p in (Path(path).absolute(), *Path(path).absolute().parents) if _holds_a_run(p)), None)
+
+
 def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
     """All readable runs under ``paths`` and a one-line error for each unreadable one."""
     runs, errors, seen = [], [], set()
